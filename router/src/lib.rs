@@ -1,0 +1,2 @@
+//! roost-router: the subscription trie (being written).
+#![deny(missing_docs)]
