@@ -12,12 +12,14 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+pub mod message;
 pub mod packet;
 pub mod properties;
 pub mod reason;
 pub mod topic;
 
 pub use codec::{DecodeError, EncodeError};
+pub use message::Message;
 pub use packet::*;
 pub use properties::Properties;
 pub use reason::ReasonCode;

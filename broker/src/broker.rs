@@ -1,0 +1,557 @@
+//! The broker's shared state: sessions, subscriptions, retained messages, routing.
+//!
+//! Locking: the session map is sharded; a shard lock is held only to look at or swap a
+//! slot, never across an await or while routing (routing takes shard locks itself, so
+//! holding one while routing could deadlock). The router has its own fine-grained locks
+//! and the retained store its own `RwLock`.
+//!
+//! A session is either attached to a live connection (its state is owned by that
+//! connection's task; deliveries go through a bounded channel) or detached (its state
+//! sits in the map; deliveries are queued into it directly).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use roost_core::topic;
+use roost_core::{LastWill, Message, QoS, RetainHandling};
+use roost_router::{Matches, Router, Subscription};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::protocol::Limits;
+use crate::session::{Delivery, Session, ShareRef};
+
+const SHARDS: usize = 64;
+
+/// Requests from the broker to a connection task.
+#[derive(Debug)]
+pub enum Control {
+    /// Another connection took the client id: close (v5 DISCONNECT 0x8E) and hand the
+    /// session over through `reply`.
+    TakeOver {
+        /// Receives the session and the will decision of the old connection.
+        reply: oneshot::Sender<Handover>,
+    },
+}
+
+/// What a connection that was taken over gives to its successor.
+#[derive(Debug)]
+pub struct Handover {
+    /// The session state.
+    pub session: Session,
+    /// The old connection's will, if it still stands and has a delay (a will without
+    /// delay is published by the old connection itself).
+    pub delayed_will: Option<LastWill>,
+}
+
+/// The sending ends a live connection is reached by.
+#[derive(Debug, Clone)]
+pub struct ConnectionHandle {
+    /// Unique per connection, to tell a successor from a predecessor.
+    pub id: u64,
+    /// Deliveries; bounded so a stalled client cannot grow memory without limit.
+    pub deliveries: mpsc::Sender<Delivery>,
+    /// Control requests.
+    pub control: mpsc::UnboundedSender<Control>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    Online(ConnectionHandle),
+    Offline {
+        session: Box<Session>,
+        /// Bumped on every detach so stale expiry/will timers do nothing.
+        generation: u64,
+    },
+}
+
+/// How a new connection found its session.
+#[derive(Debug)]
+pub enum Attach {
+    /// A stored session, ready to resume.
+    Resumed(Session),
+    /// A session still attached elsewhere: await the handover, then resume or clean.
+    TakingOver(oneshot::Receiver<Handover>),
+    /// No session existed (or it was discarded): start fresh.
+    Fresh,
+}
+
+/// Shared broker state; one per process, behind an `Arc`.
+pub struct Broker {
+    /// Limits every connection enforces.
+    pub limits: Arc<Limits>,
+    /// The configuration the broker runs with.
+    pub config: Config,
+    router: Router,
+    shards: Vec<Mutex<HashMap<Arc<str>, Slot>>>,
+    hasher: std::collections::hash_map::RandomState,
+    retained: RwLock<HashMap<String, Arc<Message>>>,
+    next_id: AtomicU64,
+    connections: AtomicUsize,
+}
+
+impl Broker {
+    /// A broker with empty state.
+    pub fn new(config: Config) -> Arc<Broker> {
+        Arc::new(Broker {
+            limits: Arc::new(Limits::from_config(&config)),
+            config,
+            router: Router::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            retained: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+        })
+    }
+
+    /// A fresh unique number (connection ids, generations, assigned client ids).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a new connection; false (and nothing counted) when at the limit.
+    pub fn try_add_connection(&self) -> bool {
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Uncounts a connection counted by [`Broker::try_add_connection`].
+    pub fn remove_connection(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Number of sessions, live and stored.
+    pub fn session_count(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    fn shard(&self, client_id: &str) -> &Mutex<HashMap<Arc<str>, Slot>> {
+        let mut h = self.hasher.build_hasher();
+        client_id.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Registers `handle` as the live connection of `client_id` and says what became
+    /// of the previous session. With `clean_start` a stored session is discarded here
+    /// (its subscriptions leave the router and a pending will is published).
+    pub fn attach(
+        self: &Arc<Self>,
+        client_id: &Arc<str>,
+        clean_start: bool,
+        handle: ConnectionHandle,
+    ) -> Attach {
+        let previous = self
+            .shard(client_id)
+            .lock()
+            .insert(client_id.clone(), Slot::Online(handle));
+        match previous {
+            None => Attach::Fresh,
+            Some(Slot::Online(old)) => {
+                let (tx, rx) = oneshot::channel();
+                if old.control.send(Control::TakeOver { reply: tx }).is_err() {
+                    // The old task is gone without detaching: nothing to hand over.
+                    return Attach::Fresh;
+                }
+                Attach::TakingOver(rx)
+            }
+            Some(Slot::Offline { session, .. }) => {
+                if clean_start {
+                    self.discard_session(*session);
+                    Attach::Fresh
+                } else {
+                    Attach::Resumed(*session)
+                }
+            }
+        }
+    }
+
+    /// Ends a session for good: its subscriptions leave the router, a will still
+    /// waiting for its delay is published now (the session's end ends the delay).
+    pub fn discard_session(self: &Arc<Self>, mut session: Session) {
+        for filter in session.subscriptions.keys() {
+            self.unsubscribe(filter, &session.client_id);
+        }
+        let client_id = session.client_id.clone();
+        for d in session.take_shared() {
+            self.redeliver_shared(d, &client_id);
+        }
+        if let Some(will) = session.pending_will.take() {
+            self.publish_will_now(&client_id, will);
+        }
+    }
+
+    /// Called when a connection task ends (not by takeover). Keeps the session if it
+    /// has a non-zero expiry, else discards it; publishes or schedules the will.
+    ///
+    /// If another connection has meanwhile taken the client id, the session and will
+    /// are given back: the caller hands them over (see [`Control::TakeOver`]).
+    pub fn detach(
+        self: &Arc<Self>,
+        conn_id: u64,
+        mut session: Session,
+        will: Option<LastWill>,
+        deliveries: &mut mpsc::Receiver<Delivery>,
+    ) -> Option<(Session, Option<LastWill>)> {
+        let client_id = session.client_id.clone();
+        // Messages that came through a shared subscription go to another member now.
+        let shared = session.take_shared();
+        let mut will_now = None;
+        let mut timers = None;
+        {
+            let mut shard = self.shard(&client_id).lock();
+            let ours = matches!(shard.get(&client_id), Some(Slot::Online(h)) if h.id == conn_id);
+            if !ours && matches!(shard.get(&client_id), Some(Slot::Online(_))) {
+                drop(shard);
+                session.pending.extend(shared);
+                return Some((session, will));
+            }
+            // Under the shard lock nobody can route into our channel any more: what
+            // is in it now is all there will be.
+            while let Ok(d) = deliveries.try_recv() {
+                if d.share.is_some() {
+                    // Handled below with the others, outside the lock.
+                    session.pending.push_back(d);
+                } else {
+                    session.enqueue_offline(d, self.limits.max_queued);
+                }
+            }
+            if ours && session.expiry_interval > 0 {
+                let will_delay = will
+                    .as_ref()
+                    .and_then(|w| w.properties.will_delay_interval)
+                    .unwrap_or(0);
+                if will_delay == 0 {
+                    will_now = will;
+                } else {
+                    session.pending_will = will;
+                }
+                let generation = self.next_id();
+                timers = Some((generation, will_delay, session.expiry_interval));
+                let late_shared = session.take_shared();
+                shard.insert(
+                    client_id.clone(),
+                    Slot::Offline {
+                        session: Box::new(session),
+                        generation,
+                    },
+                );
+                drop(shard);
+                for d in shared.into_iter().chain(late_shared) {
+                    self.redeliver_shared(d, &client_id);
+                }
+            } else {
+                if ours {
+                    shard.remove(&client_id);
+                }
+                drop(shard);
+                for d in shared {
+                    self.redeliver_shared(d, &client_id);
+                }
+                // Zero expiry (or a stale slot): the session ends with the connection,
+                // so any will delay is cut short.
+                will_now = will;
+                self.discard_session(session);
+            }
+        }
+        if let Some(w) = will_now {
+            self.publish_will_now(&client_id, w);
+        }
+        if let Some((generation, will_delay, expiry)) = timers {
+            self.schedule_offline_timers(client_id, generation, will_delay, expiry);
+        }
+        None
+    }
+
+    fn schedule_offline_timers(
+        self: &Arc<Self>,
+        client_id: Arc<str>,
+        generation: u64,
+        will_delay: u32,
+        expiry: u32,
+    ) {
+        if will_delay > 0 && will_delay < expiry {
+            let broker = Arc::clone(self);
+            let id = client_id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(will_delay))).await;
+                let will = match broker.shard(&id).lock().get_mut(&id) {
+                    Some(Slot::Offline {
+                        session,
+                        generation: g,
+                    }) if *g == generation => session.pending_will.take(),
+                    _ => None,
+                };
+                if let Some(w) = will {
+                    broker.publish_will_now(&id, w);
+                }
+            });
+        }
+        if expiry != u32::MAX {
+            let broker = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+                let expired = {
+                    let mut shard = broker.shard(&client_id).lock();
+                    match shard.get(&client_id) {
+                        Some(Slot::Offline { generation: g, .. }) if *g == generation => {
+                            match shard.remove(&client_id) {
+                                Some(Slot::Offline { session, .. }) => Some(session),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(session) = expired {
+                    tracing::debug!(client_id = %client_id, "session expired");
+                    broker.discard_session(*session);
+                }
+            });
+        }
+    }
+
+    /// Publishes a will message now, as from `client_id`.
+    pub fn publish_will_now(&self, client_id: &Arc<str>, will: LastWill) {
+        tracing::debug!(client_id = %client_id, topic = %will.topic, "publishing will");
+        let mut properties = will.properties;
+        properties.will_delay_interval = None;
+        let msg = Arc::new(Message {
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            publisher: Some(client_id.clone()),
+            received_at: Instant::now(),
+        });
+        self.publish(msg);
+    }
+
+    /// Adds a subscription of `client_id` to the router. `raw` may be `$share/...`.
+    pub fn subscribe(
+        &self,
+        raw: &str,
+        client_id: &Arc<str>,
+        options: roost_core::SubscriptionOptions,
+        identifier: Option<u32>,
+    ) {
+        let Ok(f) = topic::parse_filter(raw) else {
+            return;
+        };
+        self.router.subscribe(
+            f.share_group,
+            f.filter,
+            Subscription {
+                client_id: client_id.clone(),
+                options,
+                identifier,
+            },
+        );
+    }
+
+    /// Removes a subscription of `client_id` from the router.
+    pub fn unsubscribe(&self, raw: &str, client_id: &str) {
+        if let Ok(f) = topic::parse_filter(raw) {
+            self.router.unsubscribe(f.share_group, f.filter, client_id);
+        }
+    }
+
+    /// The retained messages a new subscription should receive, as deliveries.
+    pub fn retained_for(
+        &self,
+        raw: &str,
+        options: roost_core::SubscriptionOptions,
+        identifier: Option<u32>,
+        existed: bool,
+        now: Instant,
+    ) -> Vec<Delivery> {
+        let Ok(f) = topic::parse_filter(raw) else {
+            return Vec::new();
+        };
+        // Shared subscriptions never get retained messages on subscribe.
+        let wanted = match options.retain_handling {
+            RetainHandling::SendAtSubscribe => true,
+            RetainHandling::SendIfNew => !existed,
+            RetainHandling::DoNotSend => false,
+        };
+        if f.share_group.is_some() || !wanted {
+            return Vec::new();
+        }
+        let retained = self.retained.read();
+        let matching = |(name, msg): (&String, &Arc<Message>)| {
+            (topic::matches(f.filter, name) && !msg.is_expired(now)).then(|| Delivery {
+                msg: msg.clone(),
+                qos: msg.qos.min(options.qos),
+                retain: true,
+                subscription_ids: identifier.into_iter().collect(),
+                share: None,
+            })
+        };
+        if topic::has_wildcard(f.filter) {
+            retained.iter().filter_map(matching).collect()
+        } else {
+            retained
+                .get_key_value(f.filter)
+                .and_then(matching)
+                .into_iter()
+                .collect()
+        }
+    }
+
+    /// Number of retained messages.
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().len()
+    }
+
+    /// Routes a message to every matching subscription; stores it first if retained.
+    pub fn publish(&self, msg: Arc<Message>) {
+        if msg.retain {
+            let mut retained = self.retained.write();
+            if msg.payload.is_empty() {
+                retained.remove(&msg.topic);
+            } else {
+                retained.insert(msg.topic.clone(), msg.clone());
+            }
+        }
+        let mut matches = Matches::default();
+        self.router.matches(&msg.topic, &mut matches);
+        self.deliver_direct(&msg, &mut matches.direct);
+        for group in &matches.shared {
+            let share = ShareRef {
+                group: group.group.clone(),
+                filter: group.filter.clone(),
+            };
+            self.deliver_shared(&msg, group, share, None);
+        }
+    }
+
+    /// One delivery per client: a client with overlapping subscriptions gets the
+    /// message once, at the highest QoS, with all their subscription identifiers.
+    fn deliver_direct(&self, msg: &Arc<Message>, subs: &mut [Subscription]) {
+        subs.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        let mut i = 0;
+        while i < subs.len() {
+            let client = subs[i].client_id.clone();
+            let mut qos = None::<QoS>;
+            let mut retain = false;
+            let mut ids = Vec::new();
+            while i < subs.len() && subs[i].client_id == client {
+                let s = &subs[i];
+                i += 1;
+                if s.options.no_local && msg.publisher.as_deref() == Some(&*client) {
+                    continue;
+                }
+                qos = Some(qos.map_or(s.options.qos, |q| q.max(s.options.qos)));
+                retain |= s.options.retain_as_published && msg.retain;
+                ids.extend(s.identifier);
+            }
+            let Some(qos) = qos else { continue };
+            self.deliver_to(
+                &client,
+                Delivery {
+                    msg: msg.clone(),
+                    qos: msg.qos.min(qos),
+                    retain,
+                    subscription_ids: ids,
+                    share: None,
+                },
+            );
+        }
+    }
+
+    /// Picks one member of a share group, round-robin over those online; if none is
+    /// online, the next one in turn queues it. `except` is a member that just left.
+    fn deliver_shared(
+        &self,
+        msg: &Arc<Message>,
+        group: &roost_router::SharedMatch,
+        share: ShareRef,
+        except: Option<&str>,
+    ) -> bool {
+        let candidates: Vec<usize> = group
+            .rotation()
+            .filter(|&i| Some(&*group.members[i].client_id) != except)
+            .collect();
+        let make = |s: &Subscription| Delivery {
+            msg: msg.clone(),
+            qos: msg.qos.min(s.options.qos),
+            retain: s.options.retain_as_published && msg.retain,
+            subscription_ids: s.identifier.into_iter().collect(),
+            share: Some(share.clone()),
+        };
+        for &i in &candidates {
+            let s = &group.members[i];
+            if self.try_deliver_online(&s.client_id, make(s)) {
+                return true;
+            }
+        }
+        if let Some(&i) = candidates.first() {
+            let s = &group.members[i];
+            return self.deliver_to(&s.client_id, make(s));
+        }
+        false
+    }
+
+    /// Gives a delivery that a leaving member had to another member of its group.
+    /// Without another member the message stays... nowhere to go: it is kept by
+    /// queueing it back to the leaving client's stored session, if it has one.
+    fn redeliver_shared(&self, d: Delivery, leaving: &Arc<str>) {
+        let Some(share) = d.share.clone() else {
+            self.deliver_to(leaving, d);
+            return;
+        };
+        let mut matches = Matches::default();
+        self.router.matches(&d.msg.topic, &mut matches);
+        let group = matches
+            .shared
+            .iter()
+            .find(|g| g.group == share.group && g.filter == share.filter);
+        if let Some(group) = group
+            && self.deliver_shared(&d.msg, group, share, Some(leaving))
+        {
+            return;
+        }
+        self.deliver_to(leaving, d);
+    }
+
+    /// Delivers only if the client is online; false otherwise (or if its channel is full).
+    fn try_deliver_online(&self, client_id: &str, d: Delivery) -> bool {
+        let shard = self.shard(client_id).lock();
+        match shard.get(client_id) {
+            Some(Slot::Online(h)) => h.deliveries.try_send(d).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Hands a delivery to a live connection or queues it in a stored session.
+    fn deliver_to(&self, client_id: &str, d: Delivery) -> bool {
+        let mut shard = self.shard(client_id).lock();
+        match shard.get_mut(client_id) {
+            Some(Slot::Online(h)) => match h.deliveries.try_send(d) {
+                Ok(()) => true,
+                Err(_) => {
+                    tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
+                    false
+                }
+            },
+            Some(Slot::Offline { session, .. }) => {
+                session.enqueue_offline(d, self.limits.max_queued)
+            }
+            None => false,
+        }
+    }
+
+    /// Capacity of a connection's delivery channel.
+    pub fn delivery_capacity(&self) -> usize {
+        self.limits.max_queued.max(16)
+    }
+}

@@ -1,0 +1,340 @@
+//! One task per client connection: the thin I/O shell around [`protocol::Connection`].
+//!
+//! The task owns the socket, a reused read buffer and the session state while the
+//! client is connected. It reads and decodes packets, feeds them to the state machine,
+//! carries out the machine's [`Event`]s on the shared [`Broker`], takes deliveries from
+//! its bounded channel, and writes what the machine produced in one syscall per batch.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use roost_core::codec;
+use roost_core::{Connect, DecodeError, Packet, ReasonCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use crate::broker::{Attach, Broker, ConnectionHandle, Control, Handover};
+use crate::protocol::{self, ConnectRefusal, Connection, Event};
+use crate::session::{Delivery, Session};
+
+/// Most deliveries taken from the channel before the output is flushed, so a busy
+/// subscriber still reads its socket and answers pings.
+const DELIVERY_BATCH: usize = 256;
+
+/// Serves one accepted socket until it closes.
+pub async fn serve<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut io = Io {
+        stream,
+        read_buf: BytesMut::with_capacity(1024),
+    };
+    if !broker.try_add_connection() {
+        refuse_over_limit(&broker, &mut io).await;
+        return;
+    }
+    if let Err(why) = run(&broker, &mut io, peer, shutdown).await {
+        debug!(%peer, "connection ended: {why}");
+    }
+    broker.remove_connection();
+}
+
+struct Io<S> {
+    stream: S,
+    read_buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    /// Reads until one packet decodes. `Ok(None)` is a clean end of stream.
+    async fn read_packet(
+        &mut self,
+        broker: &Broker,
+        version: Option<roost_core::ProtocolVersion>,
+    ) -> Result<Option<Packet>, ReadError> {
+        loop {
+            let max = broker.limits.max_packet_size as usize;
+            if let Some(p) =
+                codec::decode(&mut self.read_buf, version, max).map_err(ReadError::Decode)?
+            {
+                return Ok(Some(p));
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < 512 {
+                self.read_buf.reserve(4096);
+            }
+            match self.stream.read_buf(&mut self.read_buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+}
+
+enum ReadError {
+    Decode(DecodeError),
+    Io(std::io::Error),
+}
+
+/// Reads the CONNECT of a connection over the limit and refuses it.
+async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, io: &mut Io<S>) {
+    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    if let Ok(Ok(Some(Packet::Connect(c)))) =
+        tokio::time::timeout(timeout, io.read_packet(broker, None)).await
+    {
+        let mut out = BytesMut::new();
+        protocol::write_refusal(
+            c.protocol,
+            ReasonCode::QuotaExceeded,
+            "too many connections",
+            &mut out,
+        );
+        let _ = io.write(&out).await;
+    }
+    debug!("connection refused: max_connections reached");
+}
+
+async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Arc<Broker>,
+    io: &mut Io<S>,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    let first = tokio::time::timeout(timeout, io.read_packet(broker, None))
+        .await
+        .map_err(|_| "no CONNECT in time".to_string())?;
+    let connect: Box<Connect> = match first {
+        Ok(Some(Packet::Connect(c))) => c,
+        Ok(Some(_)) => return Err("first packet was not CONNECT".into()),
+        Ok(None) => return Err("closed before CONNECT".into()),
+        Err(ReadError::Io(e)) => return Err(format!("read error: {e}")),
+        Err(ReadError::Decode(e)) => {
+            // Only an unsupported protocol level is answered (3.1.1 return code 1);
+            // anything else malformed in a CONNECT is closed on silently.
+            if let DecodeError::UnsupportedProtocolVersion(_) = e {
+                let mut out = BytesMut::new();
+                protocol::write_refusal(
+                    roost_core::ProtocolVersion::V3_1_1,
+                    ReasonCode::UnsupportedProtocolVersion,
+                    "",
+                    &mut out,
+                );
+                let _ = io.write(&out).await;
+            }
+            return Err(format!("bad CONNECT: {e}"));
+        }
+    };
+    let plan = protocol::plan_connect(&connect, &broker.limits, || {
+        format!("roost-{:016x}", broker.next_id())
+    });
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(ConnectRefusal::Code(code, why)) => {
+            let mut out = BytesMut::new();
+            protocol::write_refusal(connect.protocol, code, why, &mut out);
+            let _ = io.write(&out).await;
+            return Err(format!("CONNECT refused ({code:?}): {why}"));
+        }
+        Err(ConnectRefusal::Close(why)) => return Err(format!("CONNECT refused: {why}")),
+    };
+    let client_id = plan.client_id.clone();
+    let (delivery_tx, mut deliveries) = mpsc::channel::<Delivery>(broker.delivery_capacity());
+    let (control_tx, mut control) = mpsc::unbounded_channel();
+    let conn_id = broker.next_id();
+    let handle = ConnectionHandle {
+        id: conn_id,
+        deliveries: delivery_tx,
+        control: control_tx,
+    };
+    let previous = match broker.attach(&client_id, plan.clean_start, handle) {
+        Attach::Fresh => None,
+        Attach::Resumed(s) => Some(s),
+        Attach::TakingOver(rx) => match rx.await {
+            Ok(Handover {
+                mut session,
+                delayed_will,
+            }) => {
+                if plan.clean_start {
+                    session.pending_will = delayed_will;
+                    broker.discard_session(session);
+                    None
+                } else {
+                    // Reconnecting before the will delay passed cancels the will.
+                    Some(session)
+                }
+            }
+            Err(_) => None,
+        },
+    };
+    let session_present = previous.is_some();
+    let session = previous.unwrap_or_else(|| Session::new(client_id.clone()));
+    let mut conn = Connection::accept(
+        *connect,
+        &plan,
+        session,
+        session_present,
+        broker.limits.clone(),
+        Instant::now(),
+    );
+    debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
+
+    let mut taken_over = None;
+    let outcome = loop {
+        run_events(broker, &mut conn);
+        if conn.has_output() {
+            let out = conn.take_output();
+            if let Err(e) = io.write(&out).await {
+                break format!("write error: {e}");
+            }
+        }
+        if let Some(close) = conn.close_reason() {
+            break close.why.clone();
+        }
+        let deadline = conn.next_deadline();
+        tokio::select! {
+            read = io.read_packet(broker, Some(conn.version())) => match read {
+                Ok(Some(packet)) => {
+                    let now = Instant::now();
+                    conn.handle(packet, now);
+                    // Decode what else is already buffered before writing back.
+                    while conn.close_reason().is_none() {
+                        match codec::decode(&mut io.read_buf, Some(conn.version()), broker.limits.max_packet_size as usize) {
+                            Ok(Some(p)) => {
+                                run_events(broker, &mut conn);
+                                conn.handle(p, now);
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                run_events(broker, &mut conn);
+                                conn.decode_error(&e);
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break "socket closed by client".into(),
+                Err(ReadError::Io(e)) => break format!("read error: {e}"),
+                Err(ReadError::Decode(e)) => conn.decode_error(&e),
+            },
+            Some(d) = deliveries.recv() => {
+                let now = Instant::now();
+                conn.deliver(d, now);
+                for _ in 1..DELIVERY_BATCH {
+                    match deliveries.try_recv() {
+                        Ok(d) => conn.deliver(d, now),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Some(Control::TakeOver { reply }) = control.recv() => {
+                conn.disconnect(ReasonCode::SessionTakenOver, "session taken over", true);
+                taken_over = Some(reply);
+            }
+            _ = sleep_until(deadline) => conn.tick(Instant::now()),
+            _ = shutdown.changed() => {
+                conn.disconnect(ReasonCode::ServerShuttingDown, "server shutting down", false);
+            }
+        }
+    };
+    run_events(broker, &mut conn);
+    if conn.has_output() {
+        let out = conn.take_output();
+        let _ = io.write(&out).await;
+    }
+    let _ = io.stream.shutdown().await;
+    debug!(client_id = %client_id, "disconnected: {outcome}");
+
+    let (session, will) = conn.finish();
+    let handover = match taken_over {
+        Some(reply) => (session, will, reply),
+        None => match broker.detach(conn_id, session, will, &mut deliveries) {
+            None => return Ok(()),
+            // Taken over while we were ending: the successor waits for the session.
+            Some((session, will)) => match control.recv().await {
+                Some(Control::TakeOver { reply }) => (session, will, reply),
+                None => {
+                    broker.discard_session(session);
+                    return Ok(());
+                }
+            },
+        },
+    };
+    {
+        let (mut session, will, reply) = handover;
+        // The map no longer holds our sender: drain what was routed to us before.
+        deliveries.close();
+        while let Some(d) = deliveries.recv().await {
+            session.enqueue_offline(d, broker.limits.max_queued);
+        }
+        let delay = will
+            .as_ref()
+            .and_then(|w| w.properties.will_delay_interval)
+            .unwrap_or(0);
+        let delayed_will = if delay == 0 {
+            if let Some(w) = will {
+                broker.publish_will_now(&client_id, w);
+            }
+            None
+        } else {
+            will
+        };
+        if let Err(Handover {
+            session,
+            delayed_will,
+        }) = reply.send(Handover {
+            session,
+            delayed_will,
+        }) {
+            // The successor gave up waiting: end the session as if it had none.
+            let mut session = session;
+            session.pending_will = delayed_will;
+            broker.discard_session(session);
+        }
+    }
+    Ok(())
+}
+
+/// Carries out what the protocol asked of the broker.
+fn run_events(broker: &Arc<Broker>, conn: &mut Connection) {
+    let events: Vec<Event> = conn.take_events().collect();
+    if events.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    for event in events {
+        match event {
+            Event::Publish(msg) => broker.publish(msg),
+            Event::Subscribe {
+                filter,
+                options,
+                identifier,
+                existed,
+            } => {
+                broker.subscribe(&filter, conn.client_id(), options, identifier);
+                for d in broker.retained_for(&filter, options, identifier, existed, now) {
+                    conn.deliver(d, now);
+                }
+            }
+            Event::Unsubscribe { filter } => broker.unsubscribe(&filter, conn.client_id()),
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

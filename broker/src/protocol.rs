@@ -1,0 +1,1463 @@
+//! The per-connection MQTT protocol as a sans-I/O state machine.
+//!
+//! [`Connection`] takes decoded packets, deliveries and clock readings in, and gives
+//! encoded bytes ([`Connection::take_output`]) and [`Event`]s for the broker out. It
+//! never touches a socket, a timer or another session, so every QoS flow, window,
+//! alias and keep-alive rule is unit-tested below without tokio.
+//!
+//! The CONNECT handshake is split in two because it needs the session map in between:
+//! [`plan_connect`] checks the CONNECT and decides the client id, expiry and keep-alive;
+//! the broker then finds or creates the session; [`Connection::accept`] writes CONNACK
+//! and resumes the session (DUP resend of in-flight messages, then the queue).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use roost_core::codec::{self, PublishView};
+use roost_core::topic::{self, TopicError};
+use roost_core::{
+    ConnAck, Connect, DecodeError, Disconnect, LastWill, Message, Packet, PacketId,
+    ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
+    UnsubAck, Unsubscribe,
+};
+
+use crate::config::Config;
+use crate::session::{Delivery, Inflight, InflightState, Session, SubscriptionRecord};
+
+/// The limits a connection enforces, taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest inbound packet, fixed header included.
+    pub max_packet_size: u32,
+    /// Receive Maximum announced to clients; also caps the outbound window.
+    pub max_inflight: u16,
+    /// Per-session queue bound.
+    pub max_queued: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Topic aliases accepted from a v5 client.
+    pub topic_alias_maximum: u16,
+    /// Longest keep-alive granted (0: no limit).
+    pub max_keep_alive: u16,
+    /// Longest session expiry granted.
+    pub session_expiry_max: u32,
+}
+
+impl Limits {
+    /// The limits of a configuration.
+    pub fn from_config(c: &Config) -> Self {
+        Limits {
+            max_packet_size: c.max_packet_size,
+            max_inflight: c.max_inflight,
+            max_queued: c.max_queued_messages,
+            max_topic_levels: c.max_topic_levels,
+            topic_alias_maximum: c.topic_alias_maximum,
+            max_keep_alive: c.max_keep_alive,
+            session_expiry_max: c.session_expiry_max,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::from_config(&Config::default())
+    }
+}
+
+/// What the broker must do on behalf of a connection.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Route this message to subscribers (and store it if retained).
+    Publish(Arc<Message>),
+    /// Add (or replace) this subscription in the router, then send retained messages
+    /// as its options say.
+    Subscribe {
+        /// Raw filter, with any `$share/<group>/` prefix.
+        filter: String,
+        /// Subscription options.
+        options: SubscriptionOptions,
+        /// Subscription identifier.
+        identifier: Option<u32>,
+        /// True when the session already had this subscription (retain handling 1).
+        existed: bool,
+    },
+    /// Remove this subscription from the router.
+    Unsubscribe {
+        /// Raw filter, as subscribed.
+        filter: String,
+    },
+}
+
+/// The outcome of [`plan_connect`] for an acceptable CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectPlan {
+    /// Client id to use (the client's, or one assigned by the broker).
+    pub client_id: Arc<str>,
+    /// True when the broker assigned the id (a v5 CONNACK then carries it).
+    pub assigned: bool,
+    /// Clean session / clean start.
+    pub clean_start: bool,
+    /// Session expiry in seconds after the connection ends (`u32::MAX`: never).
+    pub session_expiry: u32,
+    /// True when `session_expiry` was capped below what the client asked (v5 tells it).
+    pub expiry_capped: bool,
+    /// Keep-alive in force, in seconds (0: none).
+    pub keep_alive: u16,
+    /// Set when the broker overrides the client's keep-alive (v5 Server Keep Alive).
+    pub server_keep_alive: Option<u16>,
+}
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// Send CONNACK with this code, then close.
+    Code(ReasonCode, &'static str),
+    /// Close without CONNACK (MQTT 3.x malformed content).
+    Close(&'static str),
+}
+
+/// Checks a CONNECT and decides the session parameters. `assign_id` makes a client id
+/// when the client sent none and may have one.
+pub fn plan_connect(
+    c: &Connect,
+    limits: &Limits,
+    assign_id: impl FnOnce() -> String,
+) -> Result<ConnectPlan, ConnectRefusal> {
+    let v5 = c.protocol.is_v5();
+    if v5 && c.properties.authentication_method.is_some() {
+        return Err(ConnectRefusal::Code(
+            ReasonCode::BadAuthenticationMethod,
+            "no enhanced authentication method is supported",
+        ));
+    }
+    if let Some(will) = &c.will {
+        let bad = topic::validate_name(&will.topic).is_err()
+            || topic::level_count(&will.topic) > limits.max_topic_levels;
+        if bad {
+            return Err(if v5 {
+                ConnectRefusal::Code(ReasonCode::TopicNameInvalid, "invalid will topic")
+            } else {
+                ConnectRefusal::Close("invalid will topic")
+            });
+        }
+    }
+    let (client_id, assigned) = if c.client_id.is_empty() {
+        let allowed = match c.protocol {
+            ProtocolVersion::V5 => true,
+            ProtocolVersion::V3_1_1 => c.clean_start,
+            ProtocolVersion::V3_1 => false,
+        };
+        if !allowed {
+            return Err(ConnectRefusal::Code(
+                ReasonCode::ClientIdentifierNotValid,
+                "an empty client id needs clean session",
+            ));
+        }
+        (Arc::<str>::from(assign_id()), true)
+    } else {
+        (Arc::<str>::from(c.client_id.as_str()), false)
+    };
+    let asked_expiry = if v5 {
+        c.properties.session_expiry_interval.unwrap_or(0)
+    } else if c.clean_start {
+        0
+    } else {
+        u32::MAX
+    };
+    let session_expiry = asked_expiry.min(limits.session_expiry_max);
+    let max_ka = limits.max_keep_alive;
+    let (keep_alive, server_keep_alive) =
+        if v5 && max_ka > 0 && (c.keep_alive == 0 || c.keep_alive > max_ka) {
+            (max_ka, Some(max_ka))
+        } else {
+            (c.keep_alive, None)
+        };
+    Ok(ConnectPlan {
+        client_id,
+        assigned: assigned && v5,
+        clean_start: c.clean_start,
+        session_expiry,
+        expiry_capped: session_expiry != asked_expiry,
+        keep_alive,
+        server_keep_alive,
+    })
+}
+
+/// Appends the CONNACK refusing a CONNECT of `version` with `code` to `out`.
+pub fn write_refusal(version: ProtocolVersion, code: ReasonCode, why: &str, out: &mut BytesMut) {
+    let mut ack = ConnAck {
+        session_present: false,
+        code,
+        ..ConnAck::default()
+    };
+    if version.is_v5() {
+        ack.properties.reason_string = Some(why.to_owned());
+    }
+    // Our own CONNACKs always encode: fields are short and the version is known.
+    let _ = codec::encode(&Packet::ConnAck(ack), version, out);
+}
+
+/// Why the connection is ending, as decided by the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// Short description for the log.
+    pub why: String,
+    /// The reason code sent in DISCONNECT, or received from the client.
+    pub reason: ReasonCode,
+}
+
+/// One client connection's protocol state, wrapped around its [`Session`].
+#[derive(Debug)]
+pub struct Connection {
+    version: ProtocolVersion,
+    session: Session,
+    limits: Arc<Limits>,
+    keep_alive: Duration,
+    last_received: Instant,
+    /// Most QoS 1/2 messages in flight towards the client.
+    send_window: usize,
+    /// Largest packet the client accepts.
+    client_max_packet: usize,
+    /// v5 Request Problem Information: may we send reason strings on acks?
+    problem_information: bool,
+    /// Inbound topic aliases, indexed by alias - 1.
+    aliases: Vec<Option<String>>,
+    /// The will, cleared by a normal DISCONNECT or a server shutdown.
+    will: Option<LastWill>,
+    /// CONNECT asked for session expiry 0 (then DISCONNECT may not raise it).
+    connect_expiry_zero: bool,
+    out: BytesMut,
+    events: Vec<Event>,
+    close: Option<Close>,
+}
+
+impl Connection {
+    /// Accepts a planned CONNECT: writes CONNACK, resends what the resumed session had
+    /// in flight (PUBLISH with DUP, or PUBREL), then sends what it had queued.
+    pub fn accept(
+        connect: Connect,
+        plan: &ConnectPlan,
+        mut session: Session,
+        session_present: bool,
+        limits: Arc<Limits>,
+        now: Instant,
+    ) -> Connection {
+        let version = connect.protocol;
+        let props = &connect.properties;
+        session.expiry_interval = plan.session_expiry;
+        session.pending_will = None;
+        let send_window = if version.is_v5() {
+            props
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(limits.max_inflight)
+        } else {
+            limits.max_inflight
+        };
+        let client_max_packet = if version.is_v5() {
+            props.maximum_packet_size.map_or(usize::MAX, |m| m as usize)
+        } else {
+            usize::MAX
+        };
+        let mut conn = Connection {
+            version,
+            session,
+            keep_alive: Duration::from_secs(u64::from(plan.keep_alive)),
+            last_received: now,
+            send_window: usize::from(send_window),
+            client_max_packet,
+            problem_information: props.request_problem_information != Some(0),
+            aliases: vec![None; usize::from(limits.topic_alias_maximum)],
+            will: connect.will,
+            connect_expiry_zero: plan.session_expiry == 0,
+            limits,
+            out: BytesMut::new(),
+            events: Vec::new(),
+            close: None,
+        };
+        let mut ack = ConnAck {
+            session_present,
+            code: ReasonCode::Success,
+            ..ConnAck::default()
+        };
+        if version.is_v5() {
+            let p = &mut ack.properties;
+            p.receive_maximum = Some(conn.limits.max_inflight);
+            p.maximum_packet_size = Some(conn.limits.max_packet_size);
+            p.topic_alias_maximum = Some(conn.limits.topic_alias_maximum);
+            p.server_keep_alive = plan.server_keep_alive;
+            if plan.assigned {
+                p.assigned_client_identifier = Some(plan.client_id.to_string());
+            }
+            if plan.expiry_capped {
+                p.session_expiry_interval = Some(plan.session_expiry);
+            }
+        }
+        conn.send(Packet::ConnAck(ack));
+        if session_present {
+            conn.resend_inflight(now);
+        }
+        conn.session.expire_pending(now);
+        conn.drain_pending(now);
+        conn
+    }
+
+    /// The protocol version of this connection.
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// The client id.
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.session.client_id
+    }
+
+    /// Bytes to write to the socket, in order.
+    pub fn take_output(&mut self) -> BytesMut {
+        self.out.split()
+    }
+
+    /// True when there are bytes waiting to be written.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Events for the broker, in order.
+    pub fn take_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
+    /// Set once the connection must close (after the output is flushed).
+    pub fn close_reason(&self) -> Option<&Close> {
+        self.close.as_ref()
+    }
+
+    /// When [`Connection::tick`] must run next (the keep-alive deadline).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.keep_alive.is_zero() || self.close.is_some() {
+            return None;
+        }
+        // MQTT: the server closes after one and a half keep-alive periods of silence.
+        Some(self.last_received + self.keep_alive + self.keep_alive / 2)
+    }
+
+    /// Advances the clock: enforces the keep-alive.
+    pub fn tick(&mut self, now: Instant) {
+        if let Some(deadline) = self.next_deadline()
+            && now >= deadline
+        {
+            self.fail(ReasonCode::KeepAliveTimeout, "keep-alive timeout");
+        }
+    }
+
+    /// Ends the connection by the server's decision (takeover, shutdown). A v5 client
+    /// is told why. `keep_will` says whether the will is still published.
+    pub fn disconnect(&mut self, reason: ReasonCode, why: &str, keep_will: bool) {
+        if self.close.is_some() {
+            return;
+        }
+        if !keep_will {
+            self.will = None;
+        }
+        self.server_disconnect(reason, why);
+    }
+
+    /// Ends the connection because the bytes could not be decoded.
+    pub fn decode_error(&mut self, e: &DecodeError) {
+        self.fail(e.reason_code(), &e.to_string());
+    }
+
+    /// Consumes the connection when it has ended: the session to keep (or drop) and
+    /// the will to publish, if any.
+    pub fn finish(self) -> (Session, Option<LastWill>) {
+        (self.session, self.will)
+    }
+
+    /// Handles one packet from the client.
+    pub fn handle(&mut self, packet: Packet, now: Instant) {
+        if self.close.is_some() {
+            return;
+        }
+        self.last_received = now;
+        match packet {
+            Packet::Publish(p) => self.on_publish(p, now),
+            Packet::PubAck(r) => self.on_puback(r, now),
+            Packet::PubRec(r) => self.on_pubrec(r, now),
+            Packet::PubRel(r) => self.on_pubrel(r),
+            Packet::PubComp(r) => self.on_pubcomp(r, now),
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.send(Packet::PingResp),
+            Packet::Disconnect(d) => self.on_disconnect(d),
+            Packet::Connect(_) => self.fail(ReasonCode::ProtocolError, "second CONNECT"),
+            Packet::Auth(_) => self.fail(
+                ReasonCode::ProtocolError,
+                "AUTH without an authentication method",
+            ),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.fail(ReasonCode::ProtocolError, "packet only a server may send")
+            }
+        }
+    }
+
+    /// Offers a message to the client: sent now if the window allows, else queued.
+    pub fn deliver(&mut self, d: Delivery, now: Instant) {
+        if self.close.is_some() {
+            // Keep QoS 1/2 with the session; it outlives this connection.
+            self.session.enqueue_offline(d, self.limits.max_queued);
+            return;
+        }
+        if d.msg.is_expired(now) {
+            return;
+        }
+        if d.qos == QoS::AtMostOnce {
+            self.write_publish(&d, 0, false, now);
+            return;
+        }
+        if self.session.pending.is_empty() && self.session.inflight.len() < self.send_window {
+            self.send_new(d, now);
+        } else if !self.session.enqueue(d, self.limits.max_queued) {
+            tracing::debug!(client_id = %self.session.client_id, "session queue full, message dropped");
+        }
+    }
+
+    // ----- inbound -----
+
+    fn on_publish(&mut self, mut p: Publish, now: Instant) {
+        if let Some(alias) = p.properties.topic_alias.take() {
+            let slot = usize::from(alias).checked_sub(1);
+            let Some(slot) = slot.filter(|s| *s < self.aliases.len()) else {
+                return self.fail(ReasonCode::TopicAliasInvalid, "topic alias out of range");
+            };
+            if p.topic.is_empty() {
+                match &self.aliases[slot] {
+                    Some(t) => p.topic = t.clone(),
+                    None => return self.fail(ReasonCode::ProtocolError, "unknown topic alias"),
+                }
+            } else {
+                self.aliases[slot] = Some(p.topic.clone());
+            }
+        }
+        match topic::validate_name(&p.topic) {
+            Ok(()) => {}
+            Err(TopicError::Empty) => {
+                return self.fail(ReasonCode::ProtocolError, "empty topic without alias");
+            }
+            Err(_) => return self.fail(ReasonCode::TopicNameInvalid, "wildcard in topic name"),
+        }
+        if topic::level_count(&p.topic) > self.limits.max_topic_levels {
+            if p.qos != QoS::AtMostOnce && self.version.is_v5() {
+                return self.reject_publish(
+                    &p,
+                    ReasonCode::TopicNameInvalid,
+                    "too many topic levels",
+                );
+            }
+            return self.fail(ReasonCode::TopicNameInvalid, "too many topic levels");
+        }
+        if p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
+            if p.qos != QoS::AtMostOnce {
+                return self.reject_publish(
+                    &p,
+                    ReasonCode::PayloadFormatInvalid,
+                    "payload is not UTF-8",
+                );
+            }
+            return self.fail(ReasonCode::PayloadFormatInvalid, "payload is not UTF-8");
+        }
+        if p.qos == QoS::ExactlyOnce {
+            if self.session.incoming_qos2.contains(&p.packet_id) {
+                // A resend before PUBREL: acknowledge again, deliver once.
+                return self.send(Packet::PubRec(PubResponse::new(p.packet_id)));
+            }
+            if self.session.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
+                return self.fail(
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "more QoS 2 publishes than receive maximum",
+                );
+            }
+        }
+        let packet_id = p.packet_id;
+        let qos = p.qos;
+        p.properties.subscription_identifiers.clear();
+        let msg = Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain,
+            properties: p.properties,
+            publisher: Some(self.session.client_id.clone()),
+            received_at: now,
+        });
+        self.events.push(Event::Publish(msg));
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(PubResponse::new(packet_id))),
+            QoS::ExactlyOnce => {
+                self.session.incoming_qos2.insert(packet_id);
+                self.send(Packet::PubRec(PubResponse::new(packet_id)));
+            }
+        }
+    }
+
+    /// Answers a QoS 1/2 publish that is not routed with an error reason code.
+    fn reject_publish(&mut self, p: &Publish, reason: ReasonCode, why: &str) {
+        let r = self.response(p.packet_id, reason, why);
+        self.send(match p.qos {
+            QoS::ExactlyOnce => Packet::PubRec(r),
+            _ => Packet::PubAck(r),
+        });
+    }
+
+    fn on_puback(&mut self, r: PubResponse, now: Instant) {
+        match self.find_inflight(r.packet_id) {
+            Some(i) if self.session.inflight[i].delivery.qos == QoS::AtLeastOnce => {
+                self.session.inflight.remove(i);
+                self.drain_pending(now);
+            }
+            _ => {
+                tracing::debug!(client_id = %self.session.client_id, packet_id = r.packet_id, "PUBACK for unknown packet id")
+            }
+        }
+    }
+
+    fn on_pubrec(&mut self, r: PubResponse, now: Instant) {
+        let Some(i) = self
+            .find_inflight(r.packet_id)
+            .filter(|&i| self.session.inflight[i].delivery.qos == QoS::ExactlyOnce)
+        else {
+            let reply = self.response(
+                r.packet_id,
+                ReasonCode::PacketIdentifierNotFound,
+                "unknown packet id",
+            );
+            return self.send(Packet::PubRel(reply));
+        };
+        if r.reason.is_error() {
+            // The receiver refused the message: the flow ends here.
+            self.session.inflight.remove(i);
+            return self.drain_pending(now);
+        }
+        self.session.inflight[i].state = InflightState::Released;
+        self.send(Packet::PubRel(PubResponse::new(r.packet_id)));
+    }
+
+    fn on_pubrel(&mut self, r: PubResponse) {
+        let reply = if self.session.incoming_qos2.remove(&r.packet_id) {
+            PubResponse::new(r.packet_id)
+        } else {
+            self.response(
+                r.packet_id,
+                ReasonCode::PacketIdentifierNotFound,
+                "unknown packet id",
+            )
+        };
+        self.send(Packet::PubComp(reply));
+    }
+
+    fn on_pubcomp(&mut self, r: PubResponse, now: Instant) {
+        match self.find_inflight(r.packet_id) {
+            Some(i) if self.session.inflight[i].state == InflightState::Released => {
+                self.session.inflight.remove(i);
+                self.drain_pending(now);
+            }
+            _ => {
+                tracing::debug!(client_id = %self.session.client_id, packet_id = r.packet_id, "PUBCOMP for unknown packet id")
+            }
+        }
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) {
+        let identifier = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        for (raw, options) in s.filters {
+            let parsed = match topic::parse_filter(&raw) {
+                Ok(f) if topic::level_count(f.filter) <= self.limits.max_topic_levels => f,
+                _ => {
+                    reasons.push(ReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            if parsed.share_group.is_some() && options.no_local {
+                return self.fail(
+                    ReasonCode::ProtocolError,
+                    "no-local on a shared subscription",
+                );
+            }
+            let record = SubscriptionRecord {
+                options,
+                identifier,
+            };
+            let existed = self
+                .session
+                .subscriptions
+                .insert(raw.clone(), record)
+                .is_some();
+            self.events.push(Event::Subscribe {
+                filter: raw,
+                options,
+                identifier,
+                existed,
+            });
+            reasons.push(ReasonCode::granted(options.qos));
+        }
+        let properties =
+            self.problem_properties(reasons.iter().any(|r| r.is_error()), "invalid topic filter");
+        self.send(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties,
+        }));
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for raw in u.filters {
+            if self.session.subscriptions.remove(&raw).is_some() {
+                self.events.push(Event::Unsubscribe { filter: raw });
+                reasons.push(ReasonCode::Success);
+            } else {
+                reasons.push(ReasonCode::NoSubscriptionExisted);
+            }
+        }
+        self.send(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: Default::default(),
+        }));
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.connect_expiry_zero && expiry != 0 {
+                return self.fail(
+                    ReasonCode::ProtocolError,
+                    "session expiry set on DISCONNECT after 0 on CONNECT",
+                );
+            }
+            self.session.expiry_interval = expiry.min(self.limits.session_expiry_max);
+        }
+        // Only a normal disconnection (0x00) discards the will; 0x04 and errors keep it.
+        if d.reason == ReasonCode::NORMAL_DISCONNECTION {
+            self.will = None;
+        }
+        self.close = Some(Close {
+            why: format!("client sent DISCONNECT ({:?})", d.reason),
+            reason: d.reason,
+        });
+    }
+
+    // ----- outbound -----
+
+    fn send_new(&mut self, d: Delivery, now: Instant) {
+        if !self.fits(&d, now) {
+            return;
+        }
+        let Some(packet_id) = self.session.allocate_packet_id() else {
+            self.session.enqueue(d, self.limits.max_queued);
+            return;
+        };
+        if self.write_publish(&d, packet_id, false, now) {
+            self.session.inflight.push_back(Inflight {
+                packet_id,
+                delivery: d,
+                state: InflightState::Published,
+            });
+        }
+    }
+
+    fn drain_pending(&mut self, now: Instant) {
+        while self.session.inflight.len() < self.send_window {
+            let Some(d) = self.session.pending.pop_front() else {
+                break;
+            };
+            if d.msg.is_expired(now) {
+                continue;
+            }
+            if d.qos == QoS::AtMostOnce {
+                self.write_publish(&d, 0, false, now);
+            } else {
+                self.send_new(d, now);
+            }
+        }
+    }
+
+    fn resend_inflight(&mut self, now: Instant) {
+        let inflight = std::mem::take(&mut self.session.inflight);
+        for f in &inflight {
+            match f.state {
+                InflightState::Published => {
+                    self.write_publish(&f.delivery, f.packet_id, true, now);
+                }
+                InflightState::Released => {
+                    self.send(Packet::PubRel(PubResponse::new(f.packet_id)));
+                }
+            }
+        }
+        self.session.inflight = inflight;
+    }
+
+    /// Encodes a PUBLISH unless it is larger than the client accepts (then the message
+    /// is dropped for this client, as the spec says). Returns whether it was written.
+    fn write_publish(
+        &mut self,
+        d: &Delivery,
+        packet_id: PacketId,
+        dup: bool,
+        now: Instant,
+    ) -> bool {
+        if !self.fits(d, now) {
+            return false;
+        }
+        let view = publish_view(d, packet_id, dup, now);
+        match codec::encode_publish(&view, self.version, &mut self.out) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(client_id = %self.session.client_id, error = %e, "cannot encode PUBLISH, dropped");
+                false
+            }
+        }
+    }
+
+    /// True when the PUBLISH for `d` is within the client's Maximum Packet Size (the
+    /// packet id's value does not change the size).
+    fn fits(&self, d: &Delivery, now: Instant) -> bool {
+        let fits = codec::publish_len(&publish_view(d, 1, false, now), self.version)
+            <= self.client_max_packet;
+        if !fits {
+            tracing::debug!(client_id = %self.session.client_id, topic = %d.msg.topic, "message larger than the client's maximum packet size, dropped");
+        }
+        fits
+    }
+
+    fn find_inflight(&self, packet_id: PacketId) -> Option<usize> {
+        self.session
+            .inflight
+            .iter()
+            .position(|f| f.packet_id == packet_id)
+    }
+
+    /// A response with an error reason code and, when the client allows it, a reason string.
+    fn response(&self, packet_id: PacketId, reason: ReasonCode, why: &str) -> PubResponse {
+        PubResponse {
+            packet_id,
+            reason,
+            properties: self.problem_properties(true, why),
+        }
+    }
+
+    fn problem_properties(&self, failed: bool, why: &str) -> roost_core::Properties {
+        let mut p = roost_core::Properties::default();
+        if failed && self.version.is_v5() && self.problem_information {
+            p.reason_string = Some(why.to_owned());
+        }
+        p
+    }
+
+    /// Protocol violation or limit breach: tell a v5 client why, then close; the will
+    /// is published.
+    fn fail(&mut self, reason: ReasonCode, why: &str) {
+        if self.close.is_none() {
+            self.server_disconnect(reason, why);
+        }
+    }
+
+    fn server_disconnect(&mut self, reason: ReasonCode, why: &str) {
+        if self.version.is_v5() {
+            let mut d = Disconnect {
+                reason,
+                properties: Default::default(),
+            };
+            // DISCONNECT may always carry a reason string (Request Problem Information
+            // does not cover it); it is dropped if the client's size limit forbids it.
+            d.properties.reason_string = Some(why.to_owned());
+            self.send(Packet::Disconnect(d));
+        }
+        self.close = Some(Close {
+            why: why.to_owned(),
+            reason,
+        });
+    }
+
+    /// Encodes a non-PUBLISH packet. If it is larger than the client allows, the
+    /// reason string and user properties go first (the spec's own remedy).
+    fn send(&mut self, mut packet: Packet) {
+        if codec::encoded_len(&packet, self.version) > self.client_max_packet {
+            strip_problem_properties(&mut packet);
+        }
+        if let Err(e) = codec::encode(&packet, self.version, &mut self.out) {
+            tracing::debug!(client_id = %self.session.client_id, error = %e, "cannot encode {:?}", packet.packet_type());
+        }
+    }
+}
+
+fn publish_view(d: &Delivery, packet_id: PacketId, dup: bool, now: Instant) -> PublishView<'_> {
+    PublishView {
+        dup,
+        qos: d.qos,
+        retain: d.retain,
+        topic: &d.msg.topic,
+        packet_id,
+        properties: &d.msg.properties,
+        subscription_identifiers: &d.subscription_ids,
+        message_expiry_interval: d.msg.remaining_expiry(now),
+        topic_alias: None,
+        payload: &d.msg.payload,
+    }
+}
+
+fn strip_problem_properties(packet: &mut Packet) {
+    let props = match packet {
+        Packet::ConnAck(p) => &mut p.properties,
+        Packet::PubAck(p) | Packet::PubRec(p) | Packet::PubRel(p) | Packet::PubComp(p) => {
+            &mut p.properties
+        }
+        Packet::SubAck(p) => &mut p.properties,
+        Packet::UnsubAck(p) => &mut p.properties,
+        Packet::Disconnect(p) => &mut p.properties,
+        Packet::Auth(p) => &mut p.properties,
+        _ => return,
+    };
+    props.reason_string = None;
+    props.user_properties.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use roost_core::{Properties, RetainHandling};
+
+    const V5: ProtocolVersion = ProtocolVersion::V5;
+    const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
+
+    fn limits() -> Arc<Limits> {
+        Arc::new(Limits {
+            max_inflight: 4,
+            max_queued: 8,
+            topic_alias_maximum: 3,
+            max_keep_alive: 60,
+            ..Limits::default()
+        })
+    }
+
+    fn connect_packet(version: ProtocolVersion) -> Connect {
+        Connect {
+            protocol: version,
+            clean_start: true,
+            keep_alive: 10,
+            client_id: "c1".into(),
+            ..Connect::default()
+        }
+    }
+
+    /// Connects a client and returns the machine and the CONNACK it wrote.
+    fn open(connect: Connect, session: Option<Session>, now: Instant) -> (Connection, ConnAck) {
+        let limits = limits();
+        let plan = plan_connect(&connect, &limits, || "assigned".into()).expect("accepted");
+        let present = session.is_some();
+        let session = session.unwrap_or_else(|| Session::new(plan.client_id.clone()));
+        let version = connect.protocol;
+        let mut conn = Connection::accept(connect, &plan, session, present, limits, now);
+        let mut packets = output(&mut conn, version);
+        let Packet::ConnAck(ack) = packets.remove(0) else {
+            panic!("CONNACK first");
+        };
+        // Anything after CONNACK (resends) is put back for the test to read.
+        for p in packets {
+            codec::encode(&p, version, &mut conn.out).expect("re-encode");
+        }
+        (conn, ack)
+    }
+
+    fn output(conn: &mut Connection, version: ProtocolVersion) -> Vec<Packet> {
+        let mut buf = conn.take_output();
+        let mut packets = Vec::new();
+        while let Some(p) =
+            codec::decode(&mut buf, Some(version), usize::MAX).expect("valid output")
+        {
+            packets.push(p);
+        }
+        assert!(buf.is_empty(), "trailing bytes in output");
+        packets
+    }
+
+    fn publish(qos: QoS, packet_id: PacketId, topic: &str) -> Publish {
+        Publish {
+            qos,
+            packet_id,
+            topic: topic.into(),
+            payload: Bytes::from_static(b"hello"),
+            ..Publish::default()
+        }
+    }
+
+    fn delivery(qos: QoS, payload: &'static [u8], now: Instant) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: "t/1".into(),
+                payload: Bytes::from_static(payload),
+                qos,
+                retain: false,
+                properties: Properties::default(),
+                publisher: None,
+                received_at: now,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: vec![],
+            share: None,
+        }
+    }
+
+    fn published_events(conn: &mut Connection) -> usize {
+        conn.take_events()
+            .filter(|e| matches!(e, Event::Publish(_)))
+            .count()
+    }
+
+    fn disconnect_reason(packets: &[Packet]) -> Option<ReasonCode> {
+        packets.iter().find_map(|p| match p {
+            Packet::Disconnect(d) => Some(d.reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn v5_connack_announces_limits_and_assigned_id() {
+        let now = Instant::now();
+        let mut c = connect_packet(V5);
+        c.client_id.clear();
+        let (conn, ack) = open(c, None, now);
+        assert_eq!(ack.code, ReasonCode::Success);
+        assert!(!ack.session_present);
+        assert_eq!(
+            ack.properties.assigned_client_identifier.as_deref(),
+            Some("assigned")
+        );
+        assert_eq!(ack.properties.receive_maximum, Some(4));
+        assert_eq!(ack.properties.topic_alias_maximum, Some(3));
+        assert_eq!(&**conn.client_id(), "assigned");
+    }
+
+    #[test]
+    fn connect_refusals() {
+        let l = limits();
+        let mut c = connect_packet(V311);
+        c.client_id.clear();
+        c.clean_start = false;
+        assert!(matches!(
+            plan_connect(&c, &l, || "x".into()),
+            Err(ConnectRefusal::Code(
+                ReasonCode::ClientIdentifierNotValid,
+                _
+            ))
+        ));
+        c.clean_start = true;
+        let plan = plan_connect(&c, &l, || "x".into()).expect("3.1.1 empty id with clean session");
+        assert!(!plan.assigned, "3.1.1 has no way to tell the client its id");
+        let mut c = connect_packet(ProtocolVersion::V3_1);
+        c.client_id.clear();
+        assert!(plan_connect(&c, &l, || "x".into()).is_err());
+        let mut c = connect_packet(V5);
+        c.properties.authentication_method = Some("SCRAM-SHA-1".into());
+        assert!(matches!(
+            plan_connect(&c, &l, || "x".into()),
+            Err(ConnectRefusal::Code(ReasonCode::BadAuthenticationMethod, _))
+        ));
+        let mut c = connect_packet(V5);
+        c.will = Some(LastWill {
+            topic: "a/#".into(),
+            ..LastWill::default()
+        });
+        assert!(matches!(
+            plan_connect(&c, &l, || "x".into()),
+            Err(ConnectRefusal::Code(ReasonCode::TopicNameInvalid, _))
+        ));
+    }
+
+    #[test]
+    fn server_keep_alive_caps_v5_only() {
+        let l = limits();
+        let mut c = connect_packet(V5);
+        c.keep_alive = 600;
+        let plan = plan_connect(&c, &l, String::new).expect("ok");
+        assert_eq!((plan.keep_alive, plan.server_keep_alive), (60, Some(60)));
+        c.keep_alive = 0;
+        assert_eq!(
+            plan_connect(&c, &l, String::new)
+                .expect("ok")
+                .server_keep_alive,
+            Some(60)
+        );
+        let mut c = connect_packet(V311);
+        c.keep_alive = 600;
+        let plan = plan_connect(&c, &l, String::new).expect("ok");
+        assert_eq!((plan.keep_alive, plan.server_keep_alive), (600, None));
+    }
+
+    #[test]
+    fn session_expiry_by_version() {
+        let l = limits();
+        let mut c = connect_packet(V311);
+        c.clean_start = false;
+        assert_eq!(
+            plan_connect(&c, &l, String::new)
+                .expect("ok")
+                .session_expiry,
+            u32::MAX
+        );
+        c.clean_start = true;
+        assert_eq!(
+            plan_connect(&c, &l, String::new)
+                .expect("ok")
+                .session_expiry,
+            0
+        );
+        let mut c = connect_packet(V5);
+        c.properties.session_expiry_interval = Some(30);
+        assert_eq!(
+            plan_connect(&c, &l, String::new)
+                .expect("ok")
+                .session_expiry,
+            30
+        );
+    }
+
+    #[test]
+    fn qos1_inbound_routes_then_acks() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V311), None, now);
+        conn.handle(Packet::Publish(publish(QoS::AtLeastOnce, 7, "a/b")), now);
+        assert_eq!(published_events(&mut conn), 1);
+        assert_eq!(
+            output(&mut conn, V311),
+            vec![Packet::PubAck(PubResponse::new(7))]
+        );
+    }
+
+    #[test]
+    fn qos2_inbound_is_delivered_once() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        conn.handle(Packet::Publish(publish(QoS::ExactlyOnce, 9, "a")), now);
+        let mut dup = publish(QoS::ExactlyOnce, 9, "a");
+        dup.dup = true;
+        conn.handle(Packet::Publish(dup), now);
+        assert_eq!(
+            published_events(&mut conn),
+            1,
+            "a resent QoS 2 publish is routed once"
+        );
+        assert_eq!(
+            output(&mut conn, V5),
+            vec![
+                Packet::PubRec(PubResponse::new(9)),
+                Packet::PubRec(PubResponse::new(9))
+            ]
+        );
+        conn.handle(Packet::PubRel(PubResponse::new(9)), now);
+        assert_eq!(
+            output(&mut conn, V5),
+            vec![Packet::PubComp(PubResponse::new(9))]
+        );
+        conn.handle(Packet::PubRel(PubResponse::new(9)), now);
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::PubComp(r)] if r.reason == ReasonCode::PacketIdentifierNotFound),
+            "{out:?}"
+        );
+        // After PUBCOMP the id is free: the same id is a new message.
+        conn.handle(Packet::Publish(publish(QoS::ExactlyOnce, 9, "a")), now);
+        assert_eq!(published_events(&mut conn), 1);
+    }
+
+    #[test]
+    fn qos2_inbound_over_receive_maximum_disconnects() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        for id in 1..=4 {
+            conn.handle(Packet::Publish(publish(QoS::ExactlyOnce, id, "a")), now);
+        }
+        assert!(conn.close_reason().is_none());
+        conn.handle(Packet::Publish(publish(QoS::ExactlyOnce, 5, "a")), now);
+        let out = output(&mut conn, V5);
+        assert_eq!(
+            disconnect_reason(&out),
+            Some(ReasonCode::ReceiveMaximumExceeded)
+        );
+        assert!(conn.close_reason().is_some());
+    }
+
+    #[test]
+    fn outbound_window_follows_client_receive_maximum() {
+        let now = Instant::now();
+        let mut c = connect_packet(V5);
+        c.properties.receive_maximum = Some(2);
+        let (mut conn, _) = open(c, None, now);
+        for _ in 0..5 {
+            conn.deliver(delivery(QoS::AtLeastOnce, b"m", now), now);
+        }
+        let out = output(&mut conn, V5);
+        let ids: Vec<_> = out
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.packet_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![1, 2], "only receive-maximum messages in flight");
+        conn.handle(Packet::PubAck(PubResponse::new(1)), now);
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::Publish(p)] if p.packet_id == 3),
+            "{out:?}"
+        );
+        // QoS 0 is not subject to the window.
+        conn.deliver(delivery(QoS::AtMostOnce, b"q0", now), now);
+        assert_eq!(output(&mut conn, V5).len(), 1);
+    }
+
+    #[test]
+    fn outbound_qos2_flow() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V311), None, now);
+        conn.deliver(delivery(QoS::ExactlyOnce, b"m", now), now);
+        let out = output(&mut conn, V311);
+        assert!(
+            matches!(&out[..], [Packet::Publish(p)] if p.qos == QoS::ExactlyOnce && p.packet_id == 1 && !p.dup)
+        );
+        conn.handle(Packet::PubRec(PubResponse::new(1)), now);
+        assert_eq!(
+            output(&mut conn, V311),
+            vec![Packet::PubRel(PubResponse::new(1))]
+        );
+        conn.handle(Packet::PubComp(PubResponse::new(1)), now);
+        let (session, _) = conn.finish();
+        assert!(session.inflight.is_empty());
+    }
+
+    #[test]
+    fn resumed_session_resends_with_dup_and_same_ids() {
+        let now = Instant::now();
+        let mut c = connect_packet(V311);
+        c.clean_start = false;
+        let (mut conn, _) = open(c.clone(), None, now);
+        conn.deliver(delivery(QoS::AtLeastOnce, b"one", now), now);
+        conn.deliver(delivery(QoS::ExactlyOnce, b"two", now), now);
+        let _ = output(&mut conn, V311);
+        conn.handle(Packet::PubRec(PubResponse::new(2)), now);
+        let _ = output(&mut conn, V311);
+        let (session, _) = conn.finish();
+
+        let (mut conn, ack) = open(c, Some(session), now);
+        assert!(ack.session_present);
+        let out = output(&mut conn, V311);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            matches!(&out[0], Packet::Publish(p) if p.dup && p.packet_id == 1 && p.payload == "one")
+        );
+        assert_eq!(out[1], Packet::PubRel(PubResponse::new(2)));
+        // New messages do not reuse ids still in flight.
+        conn.deliver(delivery(QoS::AtLeastOnce, b"three", now), now);
+        let out = output(&mut conn, V311);
+        assert!(matches!(&out[..], [Packet::Publish(p)] if p.packet_id == 3 && !p.dup));
+    }
+
+    #[test]
+    fn queued_messages_are_sent_on_resume() {
+        let now = Instant::now();
+        let mut session = Session::new("c1".into());
+        session.enqueue_offline(delivery(QoS::AtLeastOnce, b"q", now), 8);
+        let mut c = connect_packet(V5);
+        c.clean_start = false;
+        let (mut conn, _) = open(c, Some(session), now);
+        let out = output(&mut conn, V5);
+        assert!(matches!(&out[..], [Packet::Publish(p)] if p.payload == "q" && !p.dup));
+    }
+
+    #[test]
+    fn topic_aliases() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        let mut p = publish(QoS::AtMostOnce, 0, "long/topic/name");
+        p.properties.topic_alias = Some(2);
+        conn.handle(Packet::Publish(p), now);
+        let mut p = publish(QoS::AtMostOnce, 0, "");
+        p.properties.topic_alias = Some(2);
+        conn.handle(Packet::Publish(p), now);
+        let topics: Vec<String> = conn
+            .take_events()
+            .filter_map(|e| match e {
+                Event::Publish(m) => Some(m.topic.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(topics, ["long/topic/name", "long/topic/name"]);
+        let mut p = publish(QoS::AtMostOnce, 0, "");
+        p.properties.topic_alias = Some(3);
+        conn.handle(Packet::Publish(p), now);
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::ProtocolError)
+        );
+
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        let mut p = publish(QoS::AtMostOnce, 0, "x");
+        p.properties.topic_alias = Some(4);
+        conn.handle(Packet::Publish(p), now);
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::TopicAliasInvalid)
+        );
+    }
+
+    #[test]
+    fn keep_alive_is_one_and_a_half_periods() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        conn.tick(now + Duration::from_millis(14_900));
+        assert!(conn.close_reason().is_none());
+        conn.handle(Packet::PingReq, now + Duration::from_secs(14));
+        assert_eq!(output(&mut conn, V5), vec![Packet::PingResp]);
+        conn.tick(now + Duration::from_secs(28));
+        assert!(conn.close_reason().is_none(), "PINGREQ restarted the clock");
+        conn.tick(now + Duration::from_secs(29));
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::KeepAliveTimeout)
+        );
+        let (_, will) = conn.finish();
+        assert!(will.is_none(), "no will was set");
+    }
+
+    #[test]
+    fn messages_over_client_maximum_packet_size_are_dropped() {
+        let now = Instant::now();
+        let mut c = connect_packet(V5);
+        c.properties.maximum_packet_size = Some(40);
+        let (mut conn, _) = open(c, None, now);
+        conn.deliver(delivery(QoS::AtLeastOnce, &[b'x'; 100], now), now);
+        assert!(output(&mut conn, V5).is_empty());
+        conn.deliver(delivery(QoS::AtLeastOnce, b"small", now), now);
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::Publish(p)] if p.packet_id == 1),
+            "the dropped message used no packet id"
+        );
+    }
+
+    #[test]
+    fn message_expiry_counts_down_and_expired_messages_are_not_sent() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        let mut d = delivery(QoS::AtMostOnce, b"e", now);
+        Arc::make_mut(&mut d.msg).properties.message_expiry_interval = Some(10);
+        conn.deliver(d.clone(), now + Duration::from_secs(4));
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::Publish(p)] if p.properties.message_expiry_interval == Some(6)),
+            "{out:?}"
+        );
+        conn.deliver(d, now + Duration::from_secs(11));
+        assert!(output(&mut conn, V5).is_empty());
+    }
+
+    #[test]
+    fn subscribe_reason_codes_and_events() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        let opts = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            retain_handling: RetainHandling::SendIfNew,
+            ..Default::default()
+        };
+        let mut sub = Subscribe {
+            packet_id: 3,
+            filters: vec![
+                ("a/+".into(), opts),
+                ("a/#/b".into(), opts),
+                ("$share/g/x".into(), opts),
+            ],
+            properties: Properties::default(),
+        };
+        sub.properties.subscription_identifiers = vec![42];
+        conn.handle(Packet::Subscribe(sub.clone()), now);
+        let out = output(&mut conn, V5);
+        let Packet::SubAck(ack) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            ack.reasons,
+            [
+                ReasonCode::GrantedQoS1,
+                ReasonCode::TopicFilterInvalid,
+                ReasonCode::GrantedQoS1
+            ]
+        );
+        let existed: Vec<bool> = conn
+            .take_events()
+            .map(|e| match e {
+                Event::Subscribe {
+                    existed,
+                    identifier,
+                    ..
+                } => {
+                    assert_eq!(identifier, Some(42));
+                    existed
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(existed, [false, false]);
+        conn.handle(Packet::Subscribe(sub), now);
+        let existed = conn
+            .take_events()
+            .all(|e| matches!(e, Event::Subscribe { existed: true, .. }));
+        assert!(existed, "second subscribe replaces");
+
+        let bad = Subscribe {
+            packet_id: 4,
+            filters: vec![(
+                "$share/g/y".into(),
+                SubscriptionOptions {
+                    no_local: true,
+                    ..opts
+                },
+            )],
+            properties: Properties::default(),
+        };
+        let _ = output(&mut conn, V5);
+        conn.handle(Packet::Subscribe(bad), now);
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::ProtocolError)
+        );
+    }
+
+    #[test]
+    fn unsubscribe_reports_missing_filters() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        conn.handle(
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                filters: vec![("a".into(), SubscriptionOptions::default())],
+                properties: Properties::default(),
+            }),
+            now,
+        );
+        let _ = output(&mut conn, V5);
+        let _ = conn.take_events().count();
+        conn.handle(
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: 2,
+                filters: vec!["a".into(), "b".into()],
+                properties: Properties::default(),
+            }),
+            now,
+        );
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::UnsubAck(a)] if a.reasons == [ReasonCode::Success, ReasonCode::NoSubscriptionExisted])
+        );
+        assert_eq!(conn.take_events().count(), 1);
+    }
+
+    fn with_will(version: ProtocolVersion) -> Connect {
+        let mut c = connect_packet(version);
+        c.will = Some(LastWill {
+            topic: "will/t".into(),
+            payload: Bytes::from_static(b"gone"),
+            ..LastWill::default()
+        });
+        c
+    }
+
+    #[test]
+    fn will_is_kept_unless_normal_disconnect() {
+        let now = Instant::now();
+        let (mut conn, _) = open(with_will(V5), None, now);
+        conn.handle(Packet::Disconnect(Disconnect::default()), now);
+        assert!(
+            output(&mut conn, V5).is_empty(),
+            "the server does not answer DISCONNECT"
+        );
+        assert!(conn.close_reason().is_some());
+        assert!(
+            conn.finish().1.is_none(),
+            "normal disconnect discards the will"
+        );
+
+        let (mut conn, _) = open(with_will(V5), None, now);
+        conn.handle(
+            Packet::Disconnect(Disconnect {
+                reason: ReasonCode::DisconnectWithWillMessage,
+                ..Disconnect::default()
+            }),
+            now,
+        );
+        assert!(conn.finish().1.is_some(), "0x04 keeps the will");
+
+        let (mut conn, _) = open(with_will(V311), None, now);
+        conn.handle(Packet::ConnAck(ConnAck::default()), now);
+        assert!(conn.close_reason().is_some());
+        assert!(
+            output(&mut conn, V311).is_empty(),
+            "3.1.1 gets no DISCONNECT"
+        );
+        assert!(conn.finish().1.is_some(), "protocol error keeps the will");
+
+        let (mut conn, _) = open(with_will(V5), None, now);
+        conn.disconnect(ReasonCode::ServerShuttingDown, "bye", false);
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::ServerShuttingDown)
+        );
+        assert!(conn.finish().1.is_none());
+    }
+
+    #[test]
+    fn disconnect_may_not_raise_zero_session_expiry() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        let mut d = Disconnect::default();
+        d.properties.session_expiry_interval = Some(100);
+        conn.handle(Packet::Disconnect(d), now);
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::ProtocolError)
+        );
+
+        let mut c = connect_packet(V5);
+        c.properties.session_expiry_interval = Some(10);
+        let (mut conn, _) = open(c, None, now);
+        let mut d = Disconnect::default();
+        d.properties.session_expiry_interval = Some(0);
+        conn.handle(Packet::Disconnect(d), now);
+        assert_eq!(conn.finish().0.expiry_interval, 0);
+    }
+
+    #[test]
+    fn wildcard_topic_and_bad_payload_format() {
+        let now = Instant::now();
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        let mut p = publish(QoS::AtLeastOnce, 1, "a");
+        p.properties.payload_format_indicator = Some(1);
+        p.payload = Bytes::from_static(&[0xff, 0xfe]);
+        conn.handle(Packet::Publish(p), now);
+        assert_eq!(published_events(&mut conn), 0);
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::PubAck(r)] if r.reason == ReasonCode::PayloadFormatInvalid)
+        );
+        conn.handle(Packet::Publish(publish(QoS::AtMostOnce, 0, "a/+")), now);
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::TopicNameInvalid)
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! Listeners, the data directory, and orderly shutdown.
+//!
+//! On SIGINT or SIGTERM the listeners stop accepting, every connection is told to end
+//! (v5 clients get DISCONNECT 0x8B, server shutting down), and the process exits 0
+//! once they are closed or a grace period has passed.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::connection;
+
+/// How long connections get to close after shutdown is signalled.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the broker until SIGINT/SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let mut listeners = Vec::new();
+    for addr in &config.bind {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        info!(
+            "listening for MQTT on {}",
+            listener.local_addr().unwrap_or(*addr)
+        );
+        listeners.push(listener);
+    }
+    let broker = Broker::new(config);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut acceptors = JoinSet::new();
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
+    for listener in listeners {
+        let conn_tx = conn_tx.clone();
+        let mut stop = shutdown_rx.clone();
+        acceptors.spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => { let _ = conn_tx.send(pair); }
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
+    drop(conn_tx);
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            Some((stream, peer)) = conn_rx.recv() => {
+                let _ = stream.set_nodelay(true);
+                connections.spawn(connection::serve(broker.clone(), stream, peer, shutdown_rx.clone()));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            name = &mut signal => {
+                info!("{name} received, shutting down");
+                break;
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    acceptors.shutdown().await;
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("{} connections did not close in time", connections.len());
+        connections.shutdown().await;
+    }
+    debug!(
+        sessions = broker.session_count(),
+        retained = broker.retained_count(),
+        "broker stopped"
+    );
+    info!("stopped");
+    Ok(())
+}
+
+/// Creates the data directory and takes an exclusive lock on it, so two brokers
+/// never share one directory.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let path = dir.join("roost.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "data directory {} is in use by another roost process",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

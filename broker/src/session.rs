@@ -1,0 +1,223 @@
+//! A client's session: the state that outlives one network connection.
+//!
+//! Invariants:
+//! - a packet identifier is in `inflight` at most once, and is not handed out again
+//!   until its flow completes (PUBACK, PUBCOMP, or a PUBREC with an error code);
+//! - `inflight` keeps send order, so a resumed session resends in the original order;
+//! - `pending` never holds more than the configured `max_queued_messages`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use roost_core::{LastWill, Message, PacketId, QoS, SubscriptionOptions};
+
+/// The share group and filter a delivery came through, so that it can go to another
+/// member if this one leaves with it unacknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareRef {
+    /// `<group>` of `$share/<group>/<filter>`.
+    pub group: Arc<str>,
+    /// The filter proper.
+    pub filter: Arc<str>,
+}
+
+/// One message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The shared message.
+    pub msg: Arc<Message>,
+    /// QoS for this subscriber: min(message QoS, subscription QoS).
+    pub qos: QoS,
+    /// RETAIN flag as this subscriber sees it.
+    pub retain: bool,
+    /// Identifiers of the matching subscriptions (5.0).
+    pub subscription_ids: Vec<u32>,
+    /// Set when the message came through a shared subscription.
+    pub share: Option<ShareRef>,
+}
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+/// An outgoing QoS 1/2 message that is not acknowledged yet.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    /// Its packet identifier.
+    pub packet_id: PacketId,
+    /// The message and per-subscriber fields.
+    pub delivery: Delivery,
+    /// Stage of the QoS flow.
+    pub state: InflightState,
+}
+
+/// A subscription as the session remembers it (the router holds the matching copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionRecord {
+    /// Options from SUBSCRIBE.
+    pub options: SubscriptionOptions,
+    /// Subscription identifier (5.0).
+    pub identifier: Option<u32>,
+}
+
+/// The session state of one client id.
+#[derive(Debug)]
+pub struct Session {
+    /// Client identifier (possibly assigned by the broker).
+    pub client_id: Arc<str>,
+    /// Subscriptions by raw filter (with any `$share/<group>/` prefix).
+    pub subscriptions: HashMap<String, SubscriptionRecord>,
+    /// Outgoing QoS 1/2 messages in send order.
+    pub inflight: VecDeque<Inflight>,
+    /// Messages waiting for a free slot in the window or for the client to return.
+    pub pending: VecDeque<Delivery>,
+    /// Incoming QoS 2 packet ids for which PUBREC was sent and PUBREL not yet seen.
+    pub incoming_qos2: HashSet<PacketId>,
+    /// Seconds the session lives after its connection ends (`u32::MAX`: forever).
+    pub expiry_interval: u32,
+    /// A will waiting for its delay to pass (set when the connection ended).
+    pub pending_will: Option<LastWill>,
+    /// Messages dropped because `pending` was full.
+    pub dropped: u64,
+    next_packet_id: PacketId,
+}
+
+impl Session {
+    /// A fresh, empty session.
+    pub fn new(client_id: Arc<str>) -> Self {
+        Session {
+            client_id,
+            subscriptions: HashMap::new(),
+            inflight: VecDeque::new(),
+            pending: VecDeque::new(),
+            incoming_qos2: HashSet::new(),
+            expiry_interval: 0,
+            pending_will: None,
+            dropped: 0,
+            next_packet_id: 1,
+        }
+    }
+
+    /// Queues a delivery while no connection is attached. QoS 0 messages are not
+    /// kept for offline sessions (the spec allows dropping them); QoS 1/2 are kept up
+    /// to `max_queued`. Returns false when the delivery was dropped.
+    pub fn enqueue_offline(&mut self, d: Delivery, max_queued: usize) -> bool {
+        if d.qos == QoS::AtMostOnce {
+            return false;
+        }
+        self.enqueue(d, max_queued)
+    }
+
+    /// Appends to `pending` unless it is full (then counts a drop).
+    pub fn enqueue(&mut self, d: Delivery, max_queued: usize) -> bool {
+        if self.pending.len() >= max_queued {
+            self.dropped += 1;
+            return false;
+        }
+        self.pending.push_back(d);
+        true
+    }
+
+    /// The next free packet identifier, skipping those still in flight.
+    /// `None` only if all 65,535 are in use, which the window size prevents.
+    pub fn allocate_packet_id(&mut self) -> Option<PacketId> {
+        for _ in 0..u16::MAX {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|f| f.packet_id == id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Removes and returns every delivery (in flight or pending) that came through a
+    /// shared subscription, so the broker can hand it to another group member.
+    pub fn take_shared(&mut self) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        self.inflight.retain(|f| {
+            // A QoS 2 message whose PUBREC arrived was received by the client: moving
+            // it would deliver it twice, so only unreceived ones move.
+            if f.delivery.share.is_some() && f.state == InflightState::Published {
+                out.push(f.delivery.clone());
+                false
+            } else {
+                true
+            }
+        });
+        self.pending.retain(|d| {
+            if d.share.is_some() {
+                out.push(d.clone());
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// Drops pending messages whose expiry has passed (in-flight ones are kept: their
+    /// delivery has started, and the spec only expires messages not yet sent).
+    pub fn expire_pending(&mut self, now: Instant) {
+        self.pending.retain(|d| !d.msg.is_expired(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use roost_core::Properties;
+
+    pub(crate) fn delivery(qos: QoS) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: "t".into(),
+                payload: Bytes::from_static(b"x"),
+                qos,
+                retain: false,
+                properties: Properties::default(),
+                publisher: None,
+                received_at: Instant::now(),
+            }),
+            qos,
+            retain: false,
+            subscription_ids: vec![],
+            share: None,
+        }
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_wrap() {
+        let mut s = Session::new("c".into());
+        s.next_packet_id = u16::MAX;
+        assert_eq!(s.allocate_packet_id(), Some(u16::MAX));
+        s.inflight.push_back(Inflight {
+            packet_id: 1,
+            delivery: delivery(QoS::AtLeastOnce),
+            state: InflightState::Published,
+        });
+        assert_eq!(
+            s.allocate_packet_id(),
+            Some(2),
+            "1 is in flight, 0 is never used"
+        );
+    }
+
+    #[test]
+    fn offline_queue_is_bounded_and_skips_qos0() {
+        let mut s = Session::new("c".into());
+        assert!(!s.enqueue_offline(delivery(QoS::AtMostOnce), 2));
+        assert!(s.enqueue_offline(delivery(QoS::AtLeastOnce), 2));
+        assert!(s.enqueue_offline(delivery(QoS::ExactlyOnce), 2));
+        assert!(!s.enqueue_offline(delivery(QoS::AtLeastOnce), 2));
+        assert_eq!(s.pending.len(), 2);
+        assert_eq!(s.dropped, 1);
+    }
+}
