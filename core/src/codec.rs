@@ -15,6 +15,16 @@ use crate::packet::*;
 use crate::properties::Properties;
 use crate::reason::ReasonCode;
 
+mod decoder;
+mod encoder;
+mod props;
+mod wire;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
 /// Why bytes could not be decoded into a packet.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
@@ -104,35 +114,61 @@ pub struct PublishView<'a> {
 /// its own protocol level decides how it is parsed. Returns `Ok(None)` when `buf` holds
 /// no complete packet yet. `max_packet_size` bounds the whole packet (fixed header
 /// included) and is checked as soon as the fixed header is readable.
+///
+/// A CONNECT is decoded whatever `version` says (a second CONNECT is the caller's
+/// protocol error to report). On `Ok(None)` nothing is consumed; after an error the
+/// offending packet may or may not have been consumed, and the connection is expected
+/// to be closed. Topic name/filter rules (wildcards, empty names, `$share/`) are not
+/// checked here: see [`crate::topic`].
 pub fn decode(
     buf: &mut BytesMut,
     version: Option<ProtocolVersion>,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
-    let _ = (buf, version, max_packet_size);
-    Err(DecodeError::MalformedPacket("decoder not written yet"))
+    decoder::decode(buf, version, max_packet_size)
 }
 
 /// Appends `packet` encoded for `version` to `buf`.
-pub fn encode(packet: &Packet, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
-    let _ = (packet, version, buf);
-    Err(EncodeError::NotInVersion)
+///
+/// 3.x drops every property and ack reason code; 5.0 writes only the properties the
+/// spec allows in that packet, and uses the short forms of acks, DISCONNECT and AUTH
+/// whenever the content allows. CONNECT is written with the name and level of
+/// `version` (not of its `protocol` field). A PUBLISH at QoS 0 is written without DUP.
+/// Nothing is appended when an error is returned. A subscription identifier above
+/// 268,435,455 is reported as [`EncodeError::FieldTooLong`].
+pub fn encode(
+    packet: &Packet,
+    version: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    encoder::encode(packet, version, buf)
 }
 
 /// The encoded size of `packet` for `version`, fixed header included.
+///
+/// Equals the bytes [`encode`] appends when it succeeds; 0 for AUTH in 3.x.
 pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
-    let _ = (packet, version);
-    0
+    encoder::encoded_len(packet, version)
 }
 
 /// Appends a PUBLISH built from borrowed parts to `buf`.
-pub fn encode_publish(view: &PublishView<'_>, version: ProtocolVersion, buf: &mut BytesMut) -> Result<(), EncodeError> {
-    let _ = (view, version, buf);
-    Err(EncodeError::NotInVersion)
+pub fn encode_publish(
+    view: &PublishView<'_>,
+    version: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    encoder::encode_publish(view, version, buf)
 }
 
 /// The encoded size of a PUBLISH built from borrowed parts, fixed header included.
 pub fn publish_len(view: &PublishView<'_>, version: ProtocolVersion) -> usize {
-    let _ = (view, version);
-    0
+    encoder::publish_len(view, version)
+}
+
+impl<'a> PublishView<'a> {
+    /// A view of an owned PUBLISH whose own properties supply the subscription
+    /// identifiers, message expiry and topic alias.
+    pub fn of(publish: &'a Publish) -> Self {
+        encoder::view_of(publish)
+    }
 }

@@ -10,11 +10,12 @@ use crate::properties::Properties;
 use crate::reason::ReasonCode;
 
 /// The protocol level a client announced in its CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum ProtocolVersion {
     /// MQTT 3.1, protocol name `MQIsdp`, level 3.
     V3_1,
     /// MQTT 3.1.1, protocol name `MQTT`, level 4.
+    #[default]
     V3_1_1,
     /// MQTT 5.0, protocol name `MQTT`, level 5.
     V5,
@@ -175,12 +176,6 @@ pub struct Connect {
     pub password: Option<Bytes>,
     /// CONNECT properties (5.0).
     pub properties: Properties,
-}
-
-impl Default for ProtocolVersion {
-    fn default() -> Self {
-        ProtocolVersion::V3_1_1
-    }
 }
 
 /// The will message of a CONNECT.
