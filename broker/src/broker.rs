@@ -10,7 +10,7 @@
 //! sits in the map; deliveries are queued into it directly).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -73,7 +73,7 @@ enum Slot {
 #[derive(Debug)]
 pub enum Attach {
     /// A stored session, ready to resume.
-    Resumed(Session),
+    Resumed(Box<Session>),
     /// A session still attached elsewhere: await the handover, then resume or clean.
     TakingOver(oneshot::Receiver<Handover>),
     /// No session existed (or it was discarded): start fresh.
@@ -135,9 +135,7 @@ impl Broker {
     }
 
     fn shard(&self, client_id: &str) -> &Mutex<HashMap<Arc<str>, Slot>> {
-        let mut h = self.hasher.build_hasher();
-        client_id.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(client_id) as usize) % SHARDS]
     }
 
     /// Registers `handle` as the live connection of `client_id` and says what became
@@ -168,7 +166,7 @@ impl Broker {
                     self.discard_session(*session);
                     Attach::Fresh
                 } else {
-                    Attach::Resumed(*session)
+                    Attach::Resumed(session)
                 }
             }
         }

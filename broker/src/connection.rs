@@ -161,7 +161,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let previous = match broker.attach(&client_id, plan.clean_start, handle) {
         Attach::Fresh => None,
-        Attach::Resumed(s) => Some(s),
+        Attach::Resumed(s) => Some(*s),
         Attach::TakingOver(rx) => match rx.await {
             Ok(Handover {
                 mut session,
