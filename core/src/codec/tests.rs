@@ -1173,6 +1173,6 @@ fn write_fuzz_seed_corpus() {
         ),
     ];
     for (name, bytes) in seeds {
-        std::fs::write(dir.join(name), bytes).expect("write seed");
+        std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
     }
 }
