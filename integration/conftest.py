@@ -1,0 +1,220 @@
+"""Fixtures: the broker under test, client factories, and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+
+import pytest
+
+import mqttraw
+from broker import IS_MOSQUITTO, KIND, Broker
+from pahoclient import Client
+
+# Extra seconds allowed past a protocol deadline (keep-alive 1.5x, will delay, expiry).
+# mosquitto 2.0 checks keep-alive only every few seconds, so it gets a wider margin.
+TIMER_SLACK = 7.0 if IS_MOSQUITTO else 1.5
+
+VERSIONS = [pytest.param(4, id="v311"), pytest.param(5, id="v5")]
+
+
+def pytest_report_header(config):
+    return f"broker under test: {KIND} (ROOST_TEST_BROKER)"
+
+
+def mosquitto_skip(reason):
+    """Skip a test only when the suite runs against mosquitto (for mosquitto's own gaps)."""
+    return pytest.mark.skipif(IS_MOSQUITTO, reason=f"mosquitto 2.0: {reason}")
+
+
+# -- brokers ---------------------------------------------------------------------------------
+
+class _Shared:
+    broker: Broker | None = None
+
+
+def _start(config=None):
+    return Broker(config).start()
+
+
+@pytest.fixture(scope="session")
+def _shared_holder():
+    yield _Shared
+    b = _Shared.broker
+    if b is not None:
+        rc = b.terminate()
+        log = b.log_tail()
+        b.cleanup()
+        assert rc == 0, f"shared broker exited with {rc} on SIGTERM:\n{log}"
+
+
+@pytest.fixture
+def broker(_shared_holder, request):
+    """The shared broker with default limits (restarted if an earlier test killed it).
+
+    After the test, the broker must still be running: a panic or crash fails the test that
+    caused it, with the broker's log in the failure."""
+    b = _shared_holder.broker
+    if b is None or not b.alive():
+        if b is not None:
+            b.cleanup()
+        b = _shared_holder.broker = _start()
+    yield b
+    if not b.alive():
+        log = b.log_tail()
+        pytest.fail(f"broker died during the test (exit {b.proc.returncode}):\n{log}")
+
+
+@pytest.fixture
+def broker_with():
+    """Factory: a dedicated broker with extra config keys, e.g. broker_with(max_packet_size=1024).
+
+    Stopped with SIGTERM after the test; it must exit 0."""
+    started = []
+
+    def make(**config):
+        b = _start(config)
+        started.append(b)
+        return b
+
+    yield make
+    problems = []
+    for b in started:
+        alive = b.alive() or b.stopped
+        rc = b.terminate()
+        if not alive or rc != 0:
+            problems.append(f"{b!r} {'died during the test' if not alive else 'exited'} "
+                            f"with {rc}:\n{b.log_tail()}")
+        b.cleanup()
+    if problems:
+        pytest.fail("\n".join(problems))
+
+
+@pytest.fixture(autouse=True)
+def _show_broker_log(request):
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and _Shared.broker is not None:
+        print(f"--- broker log tail ({_Shared.broker!r}) ---\n{_Shared.broker.log_tail(40)}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+# -- names and clients ------------------------------------------------------------------------
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def uid(request):
+    """A short unique string for client ids and topics of this test."""
+    return f"{request.node.name[:24].replace('[', '-').replace(']', '')}-{next(_counter)}-" \
+           f"{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def topic(uid):
+    return f"it/{uid}"
+
+
+@pytest.fixture
+def clients():
+    """Factory for paho clients: clients(broker, version, client_id, **kw). Closed after the test."""
+    made = []
+
+    def make(broker, version=4, client_id=None, **kw):
+        cid = client_id if client_id is not None else f"p-{uuid.uuid4().hex[:10]}"
+        c = Client(broker, version, cid, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        try:
+            c.disconnect()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def raw():
+    """Factory for raw wire clients: raw(broker, version). Closed after the test."""
+    made = []
+
+    def make(broker, version=4, timeout=10.0):
+        c = mqttraw.RawClient(broker.host, broker.port, version, timeout)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def assert_broker_serves(broker, version=4):
+    """The broker is alive and routes a QoS 1 message between two fresh clients."""
+    assert broker.alive(), f"broker process is gone:\n{broker.log_tail()}"
+    t = f"it/alive/{uuid.uuid4().hex[:8]}"
+    sub = mqttraw.RawClient(broker.host, broker.port, version)
+    pub = mqttraw.RawClient(broker.host, broker.port, version)
+    try:
+        sub.connect(f"alive-s-{uuid.uuid4().hex[:8]}")
+        assert sub.subscribe(t, qos=1).rcs == [1]
+        pub.connect(f"alive-p-{uuid.uuid4().hex[:8]}")
+        pub.publish(t, b"still here", qos=1, pid=1)
+        pub.expect(mqttraw.PUBACK)
+        msg = sub.expect(mqttraw.PUBLISH)
+        assert msg.topic == t and msg.payload == b"still here"
+        sub.puback(msg.pid)
+        pub.disconnect()
+        sub.disconnect()
+    finally:
+        sub.close()
+        pub.close()
+
+
+# A v5 server SHOULD send DISCONNECT with the reason code before closing on a malformed
+# packet or protocol error [MQTT-4.13.1]; roost promises to. mosquitto often just closes.
+REQUIRE_V5_DISCONNECT = not IS_MOSQUITTO
+
+
+def expect_error_close(c, codes, timeout=5.0):
+    """The broker closes `c` because of what it just sent.
+
+    v5: a DISCONNECT before the close, if any, carries one of `codes` (and one is required
+    unless running against mosquitto). 3.1.1: the connection is simply closed (a 3.1.1
+    server has no DISCONNECT to send). Returns the packets received before the close."""
+    closed, got = c.wait_closed(timeout)
+    assert closed, f"connection left open after bad input; received {got}"
+    discs = [p for p in got if p.type == mqttraw.DISCONNECT]
+    if c.version == 5:
+        if discs:
+            assert discs[-1].rc in codes, (
+                f"DISCONNECT {discs[-1].rc:#x}, expected one of {[hex(x) for x in codes]}")
+            assert discs[-1] is got[-1], f"packets after DISCONNECT: {got}"
+        else:
+            assert not REQUIRE_V5_DISCONNECT, (
+                f"closed without DISCONNECT; expected reason {[hex(x) for x in codes]}")
+    else:
+        assert not discs, f"3.1.1 server sent DISCONNECT: {got}"
+    return got
+
+
+def wait_for(pred, timeout=5.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes several seconds (timers)")
