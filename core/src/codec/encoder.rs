@@ -46,7 +46,7 @@ pub(super) fn encode(
     let mut counter = Counter::default();
     body(packet, version, &mut counter);
     let header = first_byte(packet);
-    write_frame(header, counter, buf, |w| body(packet, version, w))
+    write_frame(header, &counter, buf, |w| body(packet, version, w))
 }
 
 pub(super) fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
@@ -68,7 +68,7 @@ pub(super) fn encode_publish(
 ) -> Result<(), EncodeError> {
     let mut counter = Counter::default();
     publish_body(view, version, &mut counter);
-    write_frame(publish_first_byte(view), counter, buf, |w| {
+    write_frame(publish_first_byte(view), &counter, buf, |w| {
         publish_body(view, version, w)
     })
 }
@@ -86,7 +86,7 @@ fn frame_len(body: usize) -> usize {
 /// Checks the counting pass, then writes the fixed header and the body in one go.
 fn write_frame(
     first: u8,
-    counter: Counter,
+    counter: &Counter,
     buf: &mut BytesMut,
     write_body: impl FnOnce(&mut Writer<'_>),
 ) -> Result<(), EncodeError> {
@@ -100,7 +100,7 @@ fn write_frame(
     buf.put_u8(first);
     put_varint(buf, counter.len);
     let start = buf.len();
-    write_body(&mut Writer(buf));
+    write_body(&mut counter.writer(buf));
     debug_assert_eq!(
         buf.len() - start,
         counter.len,

@@ -274,11 +274,11 @@ impl<'a> PropsOut<'a> {
 
     /// Property length prefix and the properties.
     pub(super) fn write<S: Sink>(&self, s: &mut S) {
-        s.varint(self.content_len());
-        self.content(s);
+        s.properties(self);
     }
 
-    fn content<S: Sink>(&self, s: &mut S) {
+    /// The properties without their length prefix.
+    pub(super) fn content<S: Sink>(&self, s: &mut S) {
         let p = self.props;
         let on = |ident: u8| self.allowed & bit(ident) != 0;
         fn byte<S: Sink>(s: &mut S, ident: u8, v: Option<u8>) {

@@ -12,6 +12,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::DecodeError;
+use super::props::PropsOut;
 
 /// Largest value of a Variable Byte Integer (four bytes), hence of a remaining length.
 pub(super) const MAX_VARINT: usize = 268_435_455;
@@ -170,7 +171,12 @@ pub(super) trait Sink {
     fn string(&mut self, s: &str) {
         self.binary(s.as_bytes());
     }
+    /// A 5.0 property block: property length, then the properties.
+    fn properties(&mut self, p: &PropsOut<'_>);
 }
+
+/// Property blocks one packet can hold: CONNECT has two, its own and the will's.
+const PROPERTY_BLOCKS: usize = 2;
 
 /// First encoder pass: adds up sizes and notes fields that cannot be encoded.
 #[derive(Default)]
@@ -179,6 +185,21 @@ pub(super) struct Counter {
     pub(super) len: usize,
     /// A string/binary field over 65,535 bytes, or a varint value over the maximum.
     pub(super) field_too_long: bool,
+    /// Lengths of the property blocks in body order, so the writing pass need not
+    /// size them again.
+    property_lens: [usize; PROPERTY_BLOCKS],
+    blocks: usize,
+}
+
+impl Counter {
+    /// The writing pass for the body this counter has sized.
+    pub(super) fn writer<'a>(&self, buf: &'a mut BytesMut) -> Writer<'a> {
+        Writer {
+            buf,
+            property_lens: self.property_lens,
+            next: 0,
+        }
+    }
 }
 
 impl Sink for Counter {
@@ -202,31 +223,55 @@ impl Sink for Counter {
     fn raw(&mut self, b: &[u8]) {
         self.len += b.len();
     }
+    fn properties(&mut self, p: &PropsOut<'_>) {
+        let mut inner = Counter::default();
+        p.content(&mut inner);
+        if let Some(slot) = self.property_lens.get_mut(self.blocks) {
+            *slot = inner.len;
+        }
+        self.blocks += 1;
+        self.varint(inner.len);
+        self.len += inner.len;
+        self.field_too_long |= inner.field_too_long;
+    }
 }
 
 /// Second encoder pass: writes into a buffer reserved by the caller to the exact size,
 /// after the [`Counter`] pass found every field encodable.
-pub(super) struct Writer<'a>(pub(super) &'a mut BytesMut);
+pub(super) struct Writer<'a> {
+    buf: &'a mut BytesMut,
+    property_lens: [usize; PROPERTY_BLOCKS],
+    next: usize,
+}
 
 impl Sink for Writer<'_> {
     fn u8(&mut self, v: u8) {
-        self.0.put_u8(v);
+        self.buf.put_u8(v);
     }
     fn u16(&mut self, v: u16) {
-        self.0.put_u16(v);
+        self.buf.put_u16(v);
     }
     fn u32(&mut self, v: u32) {
-        self.0.put_u32(v);
+        self.buf.put_u32(v);
     }
     fn varint(&mut self, v: usize) {
-        put_varint(self.0, v);
+        put_varint(self.buf, v);
     }
     fn binary(&mut self, b: &[u8]) {
         // The Counter pass rejected anything longer, so the cast cannot truncate.
-        self.0.put_u16(b.len() as u16);
-        self.0.put_slice(b);
+        self.buf.put_u16(b.len() as u16);
+        self.buf.put_slice(b);
     }
     fn raw(&mut self, b: &[u8]) {
-        self.0.put_slice(b);
+        self.buf.put_slice(b);
+    }
+    fn properties(&mut self, p: &PropsOut<'_>) {
+        let len = match self.property_lens.get(self.next) {
+            Some(&len) => len,
+            None => p.content_len(),
+        };
+        self.next += 1;
+        put_varint(self.buf, len);
+        p.content(self);
     }
 }
