@@ -425,6 +425,12 @@ impl Connection {
     // ----- inbound -----
 
     fn on_publish(&mut self, mut p: Publish, now: Instant) {
+        if !p.properties.subscription_identifiers.is_empty() {
+            return self.fail(
+                ReasonCode::ProtocolError,
+                "subscription identifier in a client's PUBLISH",
+            );
+        }
         if let Some(alias) = p.properties.topic_alias.take() {
             let slot = usize::from(alias).checked_sub(1);
             let Some(slot) = slot.filter(|s| *s < self.aliases.len()) else {
@@ -482,7 +488,6 @@ impl Connection {
         }
         let packet_id = p.packet_id;
         let qos = p.qos;
-        p.properties.subscription_identifiers.clear();
         let msg = Arc::new(Message {
             topic: p.topic,
             payload: p.payload,
