@@ -267,3 +267,55 @@ def test_slow_garbage_does_not_stall_other_clients(broker, raw, clients, uid, to
     sub.subscribe(topic, qos=1)
     clients(broker, version).publish(topic, b"unaffected", qos=1)
     assert sub.get().payload == b"unaffected"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("case", ["will_qos_without_will", "will_qos_3", "password_no_username",
+                                  "bad_utf8_client_id"])
+def test_invalid_connect_fields(broker, raw, uid, version, case):
+    c = raw(broker, version)
+    pkt = bytearray(w.connect_packet(uid, version, will=(
+        {"topic": "it/w", "payload": b"x", "qos": 3} if case == "will_qos_3" else None),
+        password=("pw" if case == "password_no_username" else None)))
+    flags_at = 2 + 2 + 4 + 1  # fixed header(2) + name length(2) + "MQTT"(4) + level(1)
+    if case == "will_qos_without_will":
+        pkt[flags_at] |= 0x08  # will QoS 1 but will flag 0 [MQTT-3.1.2-11]
+    if case == "bad_utf8_client_id":
+        pkt = bytearray(w.connect_packet("", version))
+        body = bytes(pkt[2:-2]) + w.string(b"id\xff\xfe")
+        pkt = bytearray(bytes([0x10]) + w.vbi(len(body)) + body)
+    if case == "password_no_username" and version == 5:
+        pytest.skip("5.0 allows a password without a user name")
+    c.send(bytes(pkt))
+    closed, got = c.wait_closed(5)
+    assert closed, f"{case}: connection accepted"
+    assert all(p.type == w.CONNACK and p.rc != 0 for p in got), got
+    assert_broker_serves(broker, version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_puback_for_unknown_packet_id_is_harmless(broker, raw, uid, version):
+    c = _connected(broker, raw, uid, version)
+    c.puback(999)
+    c.ack(w.PUBCOMP, 998)
+    c.pingreq()
+    # ignored (or a v5 protocol error close); either way the broker lives on
+    try:
+        c.recv_all(0.5)
+    except w.Closed:
+        pass
+    assert_broker_serves(broker, version)
+
+
+def test_v5_auth_without_authentication_method_is_protocol_error(broker, raw, uid):
+    c = _connected(broker, raw, uid, 5)
+    c.send(w.packet(w.AUTH, 0, bytes([0x19]) + w.props(None)))  # re-authenticate, no method
+    expect_error_close(c, [PROTOCOL_ERROR])
+    assert_broker_serves(broker, 5)
+
+
+def test_v311_packet_type_15_is_reserved(broker, raw, uid):
+    c = _connected(broker, raw, uid, 4)
+    c.send(b"\xf0\x00")  # AUTH does not exist in 3.1.1
+    expect_error_close(c, [])
+    assert_broker_serves(broker, 4)

@@ -180,3 +180,34 @@ def test_resubscribe_replaces_subscription_qos(broker, clients, topic, version):
     m = sub.get()
     assert m.qos == 0  # one subscription, replaced, not two copies
     sub.assert_nothing(0.4)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fan_out_to_many_subscribers_in_order(broker, raw, clients, uid, version):
+    t = "it/" + uid
+    subs = []
+    for i in range(20):
+        s = raw(broker, version)
+        s.connect(f"{uid}-{i}")
+        s.subscribe(t, qos=1)
+        subs.append(s)
+    pub = clients(broker, version)
+    n = 50
+    for i in range(n):
+        pub.publish(t, b"%d" % i, qos=1, wait=False)
+    for s in subs:
+        got = []
+        while len(got) < n:
+            p = s.expect(w.PUBLISH)
+            s.puback(p.pid)
+            got.append(int(p.payload))
+        assert got == list(range(n))  # every subscriber, every message, in order
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_large_payload_intact(broker, clients, topic, version):
+    sub = clients(broker, version)
+    sub.subscribe(topic, qos=1)
+    payload = bytes(range(256)) * 1024  # 256 KiB, every byte value
+    clients(broker, version).publish(topic, payload, qos=1)
+    assert sub.get(timeout=10).payload == payload

@@ -24,7 +24,7 @@ def test_shared_subscription_splits_messages_between_members(broker, clients, ui
     got_b = [int(m.payload) for m in b.drain(0.2)]
     assert sorted(got_a + got_b) == list(range(n)), "each message exactly once to the group"
     # round robin across online members: roughly half each
-    assert n // 4 <= len(got_a) <= 3 * n // 4, (got_a, got_b)
+    assert n // 2 - 3 <= len(got_a) <= n // 2 + 3, (got_a, got_b)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -188,3 +188,45 @@ def test_pubrel_for_unknown_packet_id(broker, raw, uid):
     comp = c.expect(w.PUBCOMP)
     # 0x92 (packet identifier not found) is the precise answer; 0x00 is tolerated
     assert comp.pid == 4242 and comp.rc in (0x00, 0x92)
+
+
+def test_request_problem_information_0_suppresses_reason_strings(broker, raw, uid):
+    c = raw(broker, 5)
+    c.connect(uid, properties={w.REQUEST_PROBLEM_INFO: 0})
+    ack = c.unsubscribe(["it/" + uid + "/never"], pid=2)
+    assert ack.rcs == [0x11]
+    # [MQTT-3.1.2-29]: no Reason String / User Property on anything but PUBLISH, CONNACK,
+    # DISCONNECT when the client asked for none
+    assert w.REASON_STRING not in ack.props and w.USER_PROPERTY not in ack.props
+    c.publish("it/" + uid + "/nobody", b"x", qos=1, pid=3)
+    pa = c.expect(w.PUBACK)
+    assert w.REASON_STRING not in pa.props and w.USER_PROPERTY not in pa.props
+
+
+def test_v5_puback_reason_string_is_optional_but_well_formed(broker, raw, uid):
+    c = raw(broker, 5)
+    c.connect(uid)
+    c.publish("it/" + uid + "/nobody", b"x", qos=1, pid=3)
+    pa = c.expect(w.PUBACK)  # the decoder checks any properties are well formed
+    assert isinstance(pa.props.get(w.REASON_STRING, ""), str)
+
+
+def test_subscription_identifier_on_retained_delivery(broker, raw, clients, uid):
+    t = "it/" + uid
+    clients(broker, 5).publish(t, b"r", qos=1, retain=True)
+    c = raw(broker, 5)
+    c.connect(uid)
+    c.send(w.subscribe_packet(1, [(t, 1)], 5, properties={w.SUBSCRIPTION_ID: 5}))
+    pubs = [p for p in c.recv_all(0.6) if p.type == w.PUBLISH]
+    assert len(pubs) == 1 and pubs[0].props.get(w.SUBSCRIPTION_ID) == [5], pubs
+
+
+def test_resubscribe_replaces_subscription_identifier(broker, raw, clients, uid):
+    t = "it/" + uid
+    c = raw(broker, 5)
+    c.connect(uid)
+    c.subscribe([(t, 1)], pid=1, properties={w.SUBSCRIPTION_ID: 1})
+    c.subscribe([(t, 1)], pid=2, properties={w.SUBSCRIPTION_ID: 2})
+    clients(broker, 5).publish(t, b"x", qos=1)
+    pubs = [p for p in c.recv_all(0.6) if p.type == w.PUBLISH]
+    assert len(pubs) == 1 and pubs[0].props.get(w.SUBSCRIPTION_ID) == [2], pubs
