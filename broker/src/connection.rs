@@ -77,6 +77,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         }
     }
 
+    /// Half-closes and lingers briefly so the last bytes written reach the client.
+    async fn close_gracefully(&mut self) {
+        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(LINGER, self.discard_until_eof()).await;
+    }
+
+    /// Reads and drops input until the peer closes (bounded by the caller's timeout).
+    async fn discard_until_eof(&mut self) {
+        let mut scrap = [0u8; 1024];
+        while let Ok(n) = self.stream.read(&mut scrap).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
     async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await?;
         self.stream.flush().await
@@ -102,6 +118,7 @@ async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, i
             &mut out,
         );
         let _ = io.write(&out).await;
+        io.close_gracefully().await;
     }
     debug!("connection refused: max_connections reached");
 }
@@ -133,6 +150,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     &mut out,
                 );
                 let _ = io.write(&out).await;
+                io.close_gracefully().await;
             }
             return Err(format!("bad CONNECT: {e}"));
         }
@@ -146,6 +164,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             let mut out = BytesMut::new();
             protocol::write_refusal(connect.protocol, code, why, &mut out);
             let _ = io.write(&out).await;
+            io.close_gracefully().await;
             return Err(format!("CONNECT refused ({code:?}): {why}"));
         }
         Err(ConnectRefusal::Close(why)) => return Err(format!("CONNECT refused: {why}")),
@@ -253,57 +272,82 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         let out = conn.take_output();
         let _ = io.write(&out).await;
     }
+    // Closing with unread input makes the kernel send RST, which can destroy the
+    // DISCONNECT we just wrote before the client reads it. So when roost ends the
+    // connection, it half-closes, settles the session, then reads and discards what
+    // the client still sends, for a short while.
+    let linger = conn.close_reason().is_some_and(|c| !c.by_client);
     let _ = io.stream.shutdown().await;
     debug!(client_id = %client_id, "disconnected: {outcome}");
-
     let (session, will) = conn.finish();
-    let handover = match taken_over {
+    end_session(
+        broker, &client_id, conn_id, session, will, taken_over, deliveries, control,
+    )
+    .await;
+    if linger {
+        let _ = tokio::time::timeout(LINGER, io.discard_until_eof()).await;
+    }
+    Ok(())
+}
+
+/// How long a connection that roost closed keeps reading (and discarding) input.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Hands the session to the broker (stored or ended) or to the connection that took
+/// the client id over.
+#[allow(clippy::too_many_arguments)]
+async fn end_session(
+    broker: &Arc<Broker>,
+    client_id: &Arc<str>,
+    conn_id: u64,
+    session: Session,
+    will: Option<roost_core::LastWill>,
+    taken_over: Option<tokio::sync::oneshot::Sender<Handover>>,
+    mut deliveries: mpsc::Receiver<Delivery>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) {
+    let (mut session, will, reply) = match taken_over {
         Some(reply) => (session, will, reply),
         None => match broker.detach(conn_id, session, will, &mut deliveries) {
-            None => return Ok(()),
+            None => return,
             // Taken over while we were ending: the successor waits for the session.
             Some((session, will)) => match control.recv().await {
                 Some(Control::TakeOver { reply }) => (session, will, reply),
                 None => {
                     broker.discard_session(session);
-                    return Ok(());
+                    return;
                 }
             },
         },
     };
-    {
-        let (mut session, will, reply) = handover;
-        // The map no longer holds our sender: drain what was routed to us before.
-        deliveries.close();
-        while let Some(d) = deliveries.recv().await {
-            session.enqueue_offline(d, broker.limits.max_queued);
-        }
-        let delay = will
-            .as_ref()
-            .and_then(|w| w.properties.will_delay_interval)
-            .unwrap_or(0);
-        let delayed_will = if delay == 0 {
-            if let Some(w) = will {
-                broker.publish_will_now(&client_id, w);
-            }
-            None
-        } else {
-            will
-        };
-        if let Err(Handover {
-            session,
-            delayed_will,
-        }) = reply.send(Handover {
-            session,
-            delayed_will,
-        }) {
-            // The successor gave up waiting: end the session as if it had none.
-            let mut session = session;
-            session.pending_will = delayed_will;
-            broker.discard_session(session);
-        }
+    // The map no longer holds our sender: drain what was routed to us before.
+    deliveries.close();
+    while let Some(d) = deliveries.recv().await {
+        session.enqueue_offline(d, broker.limits.max_queued);
     }
-    Ok(())
+    let delay = will
+        .as_ref()
+        .and_then(|w| w.properties.will_delay_interval)
+        .unwrap_or(0);
+    let delayed_will = if delay == 0 {
+        if let Some(w) = will {
+            broker.publish_will_now(client_id, w);
+        }
+        None
+    } else {
+        will
+    };
+    if let Err(Handover {
+        mut session,
+        delayed_will,
+    }) = reply.send(Handover {
+        session,
+        delayed_will,
+    }) {
+        // The successor gave up waiting: end the session as if it had none.
+        session.pending_will = delayed_will;
+        broker.discard_session(session);
+    }
 }
 
 /// Carries out what the protocol asked of the broker.

@@ -205,6 +205,8 @@ pub struct Close {
     pub why: String,
     /// The reason code sent in DISCONNECT, or received from the client.
     pub reason: ReasonCode,
+    /// True when the client ended the connection with DISCONNECT.
+    pub by_client: bool,
 }
 
 /// One client connection's protocol state, wrapped around its [`Session`].
@@ -223,6 +225,11 @@ pub struct Connection {
     problem_information: bool,
     /// Inbound topic aliases, indexed by alias - 1.
     aliases: Vec<Option<String>>,
+    /// Outbound topic aliases in use on this connection (at most the client's Topic
+    /// Alias Maximum; handed out first come, first served, never reassigned).
+    outbound_aliases: std::collections::HashMap<String, u16>,
+    /// The client's Topic Alias Maximum (0: the client takes no aliases).
+    client_alias_maximum: u16,
     /// The will, cleared by a normal DISCONNECT or a server shutdown.
     will: Option<LastWill>,
     /// CONNECT asked for session expiry 0 (then DISCONNECT may not raise it).
@@ -269,6 +276,12 @@ impl Connection {
             client_max_packet,
             problem_information: props.request_problem_information != Some(0),
             aliases: vec![None; usize::from(limits.topic_alias_maximum)],
+            outbound_aliases: std::collections::HashMap::new(),
+            client_alias_maximum: if version.is_v5() {
+                props.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
             will: connect.will,
             connect_expiry_zero: plan.session_expiry == 0,
             limits,
@@ -652,6 +665,7 @@ impl Connection {
         self.close = Some(Close {
             why: format!("client sent DISCONNECT ({:?})", d.reason),
             reason: d.reason,
+            by_client: true,
         });
     }
 
@@ -717,7 +731,20 @@ impl Connection {
         if !self.fits(d, now) {
             return false;
         }
-        let view = publish_view(d, packet_id, dup, now);
+        let mut view = publish_view(d, packet_id, dup, now);
+        // Outbound topic aliases: the first PUBLISH on a topic carries topic + alias,
+        // later ones the alias alone (MQTT 5.0 §3.3.2.3.4); aliases live as long as
+        // this network connection, so a resumed session starts afresh.
+        if self.client_alias_maximum > 0 {
+            if let Some(&alias) = self.outbound_aliases.get(&d.msg.topic) {
+                view.topic = "";
+                view.topic_alias = Some(alias);
+            } else if self.outbound_aliases.len() < usize::from(self.client_alias_maximum) {
+                let alias = self.outbound_aliases.len() as u16 + 1;
+                self.outbound_aliases.insert(d.msg.topic.clone(), alias);
+                view.topic_alias = Some(alias);
+            }
+        }
         match codec::encode_publish(&view, self.version, &mut self.out) {
             Ok(()) => true,
             Err(e) => {
@@ -784,6 +811,7 @@ impl Connection {
         self.close = Some(Close {
             why: why.to_owned(),
             reason,
+            by_client: false,
         });
     }
 
@@ -1218,6 +1246,44 @@ mod tests {
             disconnect_reason(&output(&mut conn, V5)),
             Some(ReasonCode::TopicAliasInvalid)
         );
+    }
+
+    #[test]
+    fn outbound_topic_aliases_within_the_client_maximum() {
+        let now = Instant::now();
+        let mut c = connect_packet(V5);
+        c.properties.topic_alias_maximum = Some(1);
+        let (mut conn, _) = open(c, None, now);
+        let mut other = delivery(QoS::AtMostOnce, b"o", now);
+        Arc::make_mut(&mut other.msg).topic = "other".into();
+        for d in [
+            delivery(QoS::AtMostOnce, b"1", now),
+            delivery(QoS::AtLeastOnce, b"2", now),
+            other,
+        ] {
+            conn.deliver(d, now);
+        }
+        let sent: Vec<(String, Option<u16>)> = output(&mut conn, V5)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => (p.topic, p.properties.topic_alias),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                ("t/1".into(), Some(1)),
+                (String::new(), Some(1)),
+                ("other".into(), None)
+            ]
+        );
+        // Without a Topic Alias Maximum from the client, no aliases.
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        conn.deliver(delivery(QoS::AtMostOnce, b"1", now), now);
+        conn.deliver(delivery(QoS::AtMostOnce, b"1", now), now);
+        let out = output(&mut conn, V5);
+        assert!(out.iter().all(|p| matches!(p, Packet::Publish(p) if p.topic == "t/1" && p.properties.topic_alias.is_none())));
     }
 
     #[test]
