@@ -26,7 +26,8 @@ def pytest_report_header(config):
 
 def mosquitto_skip(reason):
     """Skip a test only when the suite runs against mosquitto (for mosquitto's own gaps)."""
-    return pytest.mark.skipif(IS_MOSQUITTO, reason=f"mosquitto 2.0: {reason}")
+    skip = IS_MOSQUITTO and os.environ.get("ROOST_TEST_NO_SKIP") != "1"
+    return pytest.mark.skipif(skip, reason=f"mosquitto 2.0: {reason}")
 
 
 # -- brokers ---------------------------------------------------------------------------------

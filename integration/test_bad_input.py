@@ -319,3 +319,24 @@ def test_v311_packet_type_15_is_reserved(broker, raw, uid):
     c.send(b"\xf0\x00")  # AUTH does not exist in 3.1.1
     expect_error_close(c, [])
     assert_broker_serves(broker, 4)
+
+
+@pytest.mark.parametrize("prop", [(w.RECEIVE_MAXIMUM, 0), (w.MAXIMUM_PACKET_SIZE, 0)],
+                         ids=["receive_maximum_0", "maximum_packet_size_0"])
+def test_v5_connect_property_value_zero_is_protocol_error(broker, raw, uid, prop):
+    c = raw(broker, 5)
+    c.send(w.connect_packet(uid, 5, properties=[prop]))  # "It is a Protocol Error ... 0"
+    closed, got = c.wait_closed(5)
+    assert closed
+    assert all(p.type == w.CONNACK for p in got), got
+    if got:
+        assert got[0].rc in (PROTOCOL_ERROR, MALFORMED), got
+    assert_broker_serves(broker, 5)
+
+
+@mosquitto_skip("accepts a client PUBLISH carrying a Subscription Identifier")
+def test_v5_publish_with_subscription_identifier_is_protocol_error(broker, raw, uid):
+    c = _connected(broker, raw, uid, 5)
+    c.publish("it/" + uid, b"x", qos=0, properties=[(w.SUBSCRIPTION_ID, 3)])  # [MQTT-3.3.4-6]
+    expect_error_close(c, [PROTOCOL_ERROR, MALFORMED])
+    assert_broker_serves(broker, 5)

@@ -220,7 +220,6 @@ def test_max_topic_levels(broker_with, raw, clients, uid, version):
     assert_broker_serves(b, version)
 
 
-@mosquitto_skip("2.0.11 refills more than the freed slots (3 in flight with receive maximum 2)")
 def test_v5_receive_maximum_counts_qos2_until_pubcomp(broker, raw, clients, uid):
     t = "it/" + uid
     c = raw(broker, 5)
