@@ -1,0 +1,194 @@
+//! Group commit: one thread writes for every log in a `Storage`.
+//!
+//! Appenders queue records on their log and put the log on the ready queue (once per
+//! batch, not per append). The committer loop then repeats:
+//!
+//! 1. take every ready log;
+//! 2. for each, encode all its queued appends into one reused buffer and write them
+//!    with one write(2) (more only when a segment rolls); `Buffered` logs resolve
+//!    their appenders right here;
+//! 3. fdatasync each written `Fsync` log once and resolve its appenders;
+//! 4. fdatasync `Buffered` logs whose sync interval has passed.
+//!
+//! While step 3 waits on the disk, new appends pile up in the logs' queues, so the next
+//! round writes and syncs them together: the batch grows with the load, and a sync costs
+//! one fdatasync per log per round however many appenders it serves.
+//!
+//! Any write or sync error makes that log read-only ([`crate::Error::ReadOnly`]) and
+//! fails every append of the round; it never touches other logs.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::Offset;
+use crate::error::Result;
+use crate::log::{Completion, LogInner, PendingAppend};
+
+/// The ready queue shared between appenders and the committer thread.
+pub(crate) struct CommitShared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: Vec<Arc<LogInner>>,
+    stopping: bool,
+    stopped: bool,
+}
+
+impl CommitShared {
+    /// Puts `log` on the ready queue; false once the committer has stopped.
+    pub(crate) fn schedule(&self, log: Arc<LogInner>) -> bool {
+        let mut q = self.queue.lock();
+        if q.stopped {
+            return false;
+        }
+        q.ready.push(log);
+        drop(q);
+        self.wake.notify_one();
+        true
+    }
+}
+
+/// Owns the committer thread; dropping it drains queued appends, syncs, and joins.
+pub(crate) struct Committer {
+    shared: Arc<CommitShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Committer {
+    pub(crate) fn start() -> std::io::Result<Committer> {
+        let shared = Arc::new(CommitShared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("roost-commit".into())
+            .spawn(move || run(&s))?;
+        Ok(Committer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<CommitShared> {
+        &self.shared
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.shared.queue.lock().stopping = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn resolve(done: &mut Vec<Completion>, result: impl Fn(Offset) -> Result<Offset>) {
+    for (tx, offset) in done.drain(..) {
+        let _ = tx.send(result(offset));
+    }
+}
+
+fn fail_all(log: &LogInner, done: &mut Vec<Completion>, rest: &mut Vec<PendingAppend>) {
+    for (tx, _) in done.drain(..) {
+        let _ = tx.send(Err(log.write_error()));
+    }
+    for a in rest.drain(..) {
+        let _ = a.tx.send(Err(log.write_error()));
+    }
+}
+
+fn run(shared: &CommitShared) {
+    let mut batch: Vec<Arc<LogInner>> = Vec::new();
+    let mut appends: Vec<PendingAppend> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut to_sync: Vec<(Arc<LogInner>, Vec<Completion>)> = Vec::new();
+    let mut spare: Vec<Vec<Completion>> = Vec::new();
+    // Buffered logs written since their last sync, with when that sync is due.
+    let mut dirty: Vec<(Arc<LogInner>, Instant)> = Vec::new();
+    loop {
+        {
+            let mut q = shared.queue.lock();
+            loop {
+                if !q.ready.is_empty() {
+                    std::mem::swap(&mut q.ready, &mut batch);
+                    break;
+                }
+                if q.stopping {
+                    q.stopped = true;
+                    drop(q);
+                    for (log, _) in dirty.drain(..) {
+                        if let Err(e) = log.background_sync() {
+                            log.fail(e);
+                        }
+                    }
+                    return;
+                }
+                match dirty.iter().map(|d| d.1).min() {
+                    Some(due) if due <= Instant::now() => break,
+                    Some(due) => {
+                        shared.wake.wait_until(&mut q, due);
+                    }
+                    None => shared.wake.wait(&mut q),
+                }
+            }
+        }
+
+        for log in batch.drain(..) {
+            log.take_pending(&mut appends);
+            let mut done = spare.pop().unwrap_or_default();
+            match log.write_appends(&mut appends, &mut buf, &mut done) {
+                Ok(newly_dirty) => {
+                    if log.config.durability == crate::Durability::Buffered {
+                        resolve(&mut done, Ok);
+                        spare.push(done);
+                        if newly_dirty {
+                            let due = Instant::now() + log.config.sync_interval;
+                            dirty.push((log, due));
+                        }
+                    } else {
+                        to_sync.push((log, done));
+                    }
+                }
+                Err(e) => {
+                    buf.clear();
+                    let _ = log.on_error(e);
+                    fail_all(&log, &mut done, &mut appends);
+                    spare.push(done);
+                }
+            }
+        }
+
+        for (log, mut done) in to_sync.drain(..) {
+            match log.sync_and_publish() {
+                Ok(()) => resolve(&mut done, Ok),
+                Err(e) => {
+                    let _ = log.on_error(e);
+                    fail_all(&log, &mut done, &mut Vec::new());
+                }
+            }
+            spare.push(done);
+        }
+
+        if !dirty.is_empty() {
+            let now = Instant::now();
+            dirty.retain(|(log, due)| {
+                if *due > now {
+                    return true;
+                }
+                if let Err(e) = log.background_sync() {
+                    let _ = log.on_error(e);
+                }
+                false
+            });
+        }
+    }
+}

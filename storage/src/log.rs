@@ -1,0 +1,1266 @@
+//! A log: a directory of segments with dense offsets, appended to by the shared
+//! committer and read by anyone.
+//!
+//! Invariants:
+//! - offsets are dense: the records of a log are `start_offset()..next_offset()`
+//!   with no gaps, and the first record ever appended has offset 0;
+//! - timestamps never decrease along a log: a record stamped earlier than its
+//!   predecessor is stored with its predecessor's timestamp;
+//! - readers see a record only once its append has resolved (after write(2) in
+//!   `Buffered` mode, after fdatasync in `Fsync` mode), so a reader never sees a
+//!   record that a crash could still take back in `Fsync` mode;
+//! - only the committer thread writes; the last segment is the active one and is the
+//!   only one ever written or truncated; retention deletes whole sealed segments only.
+//!
+//! Locks, always taken in this order when nested: `writer` (committer, open, delete)
+//! then `state` (readers, retention, publication). `pending` is never held with either.
+
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::Offset;
+use crate::commit::CommitShared;
+use crate::error::{Error, Result, io_err};
+use crate::format::{self, IndexEntry, MAX_FRAME, RECORD_OVERHEAD, TimeEntry};
+use crate::segment::{
+    self, DATA_EXT, INDEX_EXT, Indexer, ReadStep, Segment, SegmentPaths, TIME_EXT,
+};
+
+/// When an append counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Resolve after the batch was written and `fdatasync`ed: survives power loss.
+    #[default]
+    Fsync,
+    /// Resolve after write(2): survives `kill -9` of the process; power loss may cost up
+    /// to [`LogConfig::sync_interval`] of acknowledged records.
+    Buffered,
+}
+
+/// How much a log keeps. Deletion is by whole sealed segments; the active segment
+/// is never deleted, so a log may hold somewhat more than these limits say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Delete a sealed segment once its newest record is older than this.
+    pub max_age: Option<Duration>,
+    /// Delete the oldest sealed segments while the log's bytes exceed this.
+    pub max_bytes: Option<u64>,
+}
+
+/// Per-log settings, fixed when the log is opened (retention can change later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// When appends resolve.
+    pub durability: Durability,
+    /// How often a `Buffered` log is fdatasynced in the background.
+    pub sync_interval: Duration,
+    /// Roll to a new segment once the active one would grow past this many bytes
+    /// (clamped to 4 KiB..=1 GiB). A record larger than this gets a segment of its own.
+    pub segment_bytes: u64,
+    /// Bytes between sparse index entries (at least 1).
+    pub index_interval_bytes: u32,
+    /// Retention limits, applied by [`Log::enforce_retention`].
+    pub retention: Retention,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            durability: Durability::Fsync,
+            sync_interval: Duration::from_secs(1),
+            segment_bytes: 64 * 1024 * 1024,
+            index_interval_bytes: 4096,
+            retention: Retention::default(),
+        }
+    }
+}
+
+impl LogConfig {
+    fn segment_bytes(&self) -> u64 {
+        self.segment_bytes.clamp(4096, 1 << 30)
+    }
+}
+
+/// A record to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Milliseconds since the Unix epoch (see the module docs on monotonicity).
+    pub timestamp: u64,
+    /// Opaque to the log; the queue layer keeps MQTT properties here.
+    pub headers: Bytes,
+    /// The message body.
+    pub payload: Bytes,
+}
+
+impl Record {
+    /// A record stamped with the current time.
+    pub fn now(headers: Bytes, payload: Bytes) -> Record {
+        Record {
+            timestamp: now_ms(),
+            headers,
+            payload,
+        }
+    }
+}
+
+/// A record read back from a log. `headers` and `payload` share one read buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Position of the record in its log.
+    pub offset: Offset,
+    /// Milliseconds since the Unix epoch, as stored.
+    pub timestamp: u64,
+    /// As appended.
+    pub headers: Bytes,
+    /// As appended.
+    pub payload: Bytes,
+}
+
+/// Bounds on one [`Log::read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// At most this many records.
+    pub max_records: usize,
+    /// At most this many bytes of framed records, except that a read returns at least one
+    /// record when one is available, however large.
+    pub max_bytes: usize,
+}
+
+impl ReadLimit {
+    /// Up to `max_bytes` bytes, any number of records.
+    pub fn bytes(max_bytes: usize) -> ReadLimit {
+        ReadLimit {
+            max_records: usize::MAX,
+            max_bytes,
+        }
+    }
+}
+
+/// What opening a log repaired. Empty ([`Recovery::is_clean`]) after a clean shutdown;
+/// the caller should log anything else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// The active segment's tail that was cut off because it was torn or corrupt.
+    pub truncated: Option<TruncatedTail>,
+    /// Base offsets of segments whose index files were missing or malformed and were
+    /// rebuilt from the data.
+    pub rebuilt_indexes: Vec<Offset>,
+    /// Sealed segments with damage inside. They are kept (cutting them would leave a gap
+    /// in the offsets); reading the damaged records fails with [`Error::Corrupt`].
+    pub damaged_segments: Vec<DamagedSegment>,
+    /// Stray index files without a data file, deleted.
+    pub removed_files: Vec<PathBuf>,
+}
+
+impl Recovery {
+    /// Nothing was repaired or dropped.
+    pub fn is_clean(&self) -> bool {
+        *self == Recovery::default()
+    }
+}
+
+/// Bytes dropped from the end of the active segment during recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TruncatedTail {
+    /// Base offset of the segment.
+    pub segment: Offset,
+    /// Byte position the segment was cut at (the end of the last good record).
+    pub position: u64,
+    /// Number of bytes dropped.
+    pub bytes: u64,
+    /// Records (complete or partial) in the dropped bytes, if their framing could be
+    /// followed to the end of the file.
+    pub records: Option<u64>,
+    /// The offset the first dropped record would have had.
+    pub first_dropped_offset: Offset,
+    /// Why the first dropped record was rejected.
+    pub reason: String,
+}
+
+/// Damage found inside a sealed segment while rebuilding its indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedSegment {
+    /// Base offset of the segment.
+    pub segment: Offset,
+    /// Byte position of the first damaged record.
+    pub position: u64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// What one retention pass or [`Log::truncate_before`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// Whole segments deleted.
+    pub segments: usize,
+    /// Their data bytes.
+    pub bytes: u64,
+    /// The log's first offset afterwards.
+    pub start_offset: Offset,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Records appended since open.
+    pub records: u64,
+    /// Data bytes written since open.
+    pub bytes: u64,
+    /// write(2) calls on data files.
+    pub writes: u64,
+    /// fdatasync calls on data files.
+    pub syncs: u64,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A handle to one log. Cheap to clone; all clones share the log.
+#[derive(Clone)]
+pub struct Log {
+    pub(crate) inner: Arc<LogInner>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+/// The future returned by [`Log::append`]: the offset of the batch's first record,
+/// once the batch is durable under the log's [`Durability`].
+///
+/// The records are queued when `append` is called, not when this is first polled,
+/// so appends issued one after another keep their order even if awaited later.
+#[derive(Debug)]
+#[must_use = "the append is queued already; await this to learn whether it became durable"]
+pub struct Append {
+    state: AppendState,
+}
+
+#[derive(Debug)]
+enum AppendState {
+    Done(Option<Result<Offset>>),
+    Waiting(oneshot::Receiver<Result<Offset>>),
+}
+
+impl Future for Append {
+    type Output = Result<Offset>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            AppendState::Done(r) => Poll::Ready(r.take().unwrap_or(Err(Error::Closed))),
+            AppendState::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(Error::Closed))),
+        }
+    }
+}
+
+impl Log {
+    /// The log's name (its directory name under the storage directory).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Queues `records` for the shared committer and returns a future for the offset of
+    /// the first of them (the rest follow densely). One call is one unit of group commit:
+    /// batching many records per call is what makes high throughput cheap.
+    ///
+    /// Fails at once if the log is read-only or closed, or if a record is larger than
+    /// 512 MiB framed.
+    pub fn append(&self, records: Vec<Record>) -> Append {
+        let done = |r| Append {
+            state: AppendState::Done(Some(r)),
+        };
+        if let Err(e) = self.inner.check_writable() {
+            return done(Err(e));
+        }
+        for r in &records {
+            let size = format::frame_len(r.headers.len(), r.payload.len());
+            if size > MAX_FRAME {
+                return done(Err(Error::RecordTooLarge {
+                    size,
+                    max: MAX_FRAME,
+                }));
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let schedule = {
+            let mut p = self.inner.pending.lock();
+            p.appends.push(PendingAppend { records, tx });
+            !std::mem::replace(&mut p.scheduled, true)
+        };
+        if schedule && !self.inner.committer.schedule(self.inner.clone()) {
+            let stranded = {
+                let mut p = self.inner.pending.lock();
+                p.scheduled = false;
+                std::mem::take(&mut p.appends)
+            };
+            for a in stranded {
+                let _ = a.tx.send(Err(Error::Closed));
+            }
+        }
+        Append {
+            state: AppendState::Waiting(rx),
+        }
+    }
+
+    /// Reads records from offset `from` on, within `limit`. Returns an empty batch only
+    /// when `from == next_offset()`. Fails with [`Error::OffsetOutOfRange`] outside
+    /// `start_offset()..=next_offset()` and with [`Error::Corrupt`] on damaged data.
+    ///
+    /// This does blocking `pread`s (normally served from the page cache).
+    pub fn read(&self, from: Offset, limit: ReadLimit) -> Result<Vec<LogRecord>> {
+        self.inner.read(from, limit)
+    }
+
+    /// The first offset whose record has a timestamp at or after `timestamp`, or
+    /// `next_offset()` if every record is older.
+    pub fn offset_for_timestamp(&self, timestamp: u64) -> Result<Offset> {
+        let (mut from, end) = {
+            let st = self.inner.state.lock();
+            let end = st.next_offset();
+            match st
+                .segments
+                .iter()
+                .find(|s| s.max_timestamp.is_some_and(|t| t >= timestamp))
+            {
+                Some(seg) => (seg.time_start(timestamp), end),
+                None => return Ok(end),
+            }
+        };
+        loop {
+            let batch = self.read(
+                from,
+                ReadLimit {
+                    max_records: 1024,
+                    max_bytes: 256 * 1024,
+                },
+            )?;
+            let Some(last) = batch.last() else {
+                return Ok(end.max(from));
+            };
+            if let Some(r) = batch.iter().find(|r| r.timestamp >= timestamp) {
+                return Ok(r.offset);
+            }
+            from = last.offset + 1;
+        }
+    }
+
+    /// One past the last readable record: the offset the next record will get once
+    /// everything queued so far has resolved.
+    pub fn next_offset(&self) -> Offset {
+        self.inner.state.lock().next_offset()
+    }
+
+    /// The first offset still held.
+    pub fn start_offset(&self) -> Offset {
+        self.inner.state.lock().start_offset()
+    }
+
+    /// Bytes of data held in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.state.lock().segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Number of segments (the active one included).
+    pub fn segment_count(&self) -> usize {
+        self.inner.state.lock().segments.len()
+    }
+
+    /// Replaces the retention limits.
+    pub fn set_retention(&self, retention: Retention) {
+        *self.inner.retention.lock() = retention;
+    }
+
+    /// Deletes sealed segments that the retention limits exclude, judging age against
+    /// `now_ms` (milliseconds since the epoch).
+    pub fn enforce_retention(&self, now_ms: u64) -> Result<Deleted> {
+        let retention = *self.inner.retention.lock();
+        let cutoff = retention
+            .max_age
+            .map(|age| now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)));
+        self.inner.delete_segments(|seg, total| {
+            let too_old = cutoff.is_some_and(|c| seg.max_timestamp.is_none_or(|t| t < c));
+            let too_big = retention.max_bytes.is_some_and(|max| total > max);
+            too_old || too_big
+        })
+    }
+
+    /// Deletes every sealed segment whose records all lie before `offset`, for a caller
+    /// (the queue layer) that knows every consumer has passed them.
+    pub fn truncate_before(&self, offset: Offset) -> Result<Deleted> {
+        self.inner
+            .delete_segments(|seg, _| seg.next_offset <= offset)
+    }
+
+    /// The I/O error that made this log read-only, if one did.
+    pub fn failure(&self) -> Option<Arc<io::Error>> {
+        self.inner.failure.lock().clone()
+    }
+
+    /// Counters since the log was opened.
+    pub fn stats(&self) -> LogStats {
+        let s = &self.inner.stats;
+        LogStats {
+            records: s.records.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            syncs: s.syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Test hook: make the next data-file write or fdatasync of this log fail.
+    #[cfg(test)]
+    pub(crate) fn inject_fault(&self, write: bool, sync: bool) {
+        self.inner.faults.fail_write.store(write, Ordering::SeqCst);
+        self.inner.faults.fail_sync.store(sync, Ordering::SeqCst);
+    }
+}
+
+/// An append waiting for the committer.
+pub(crate) struct PendingAppend {
+    records: Vec<Record>,
+    pub(crate) tx: oneshot::Sender<Result<Offset>>,
+}
+
+/// An append written by the committer, waiting to be resolved with its first offset.
+pub(crate) type Completion = (oneshot::Sender<Result<Offset>>, Offset);
+
+#[derive(Default)]
+pub(crate) struct Pending {
+    appends: Vec<PendingAppend>,
+    /// The log is in the committer's ready queue (or being taken from it).
+    scheduled: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    records: AtomicU64,
+    bytes: AtomicU64,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+}
+
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Faults {
+    fail_write: AtomicBool,
+    fail_sync: AtomicBool,
+}
+
+/// What readers see: the segments, oldest first; the last is active.
+pub(crate) struct LogState {
+    segments: Vec<Segment>,
+}
+
+impl LogState {
+    fn next_offset(&self) -> Offset {
+        self.segments.last().map_or(0, |s| s.next_offset)
+    }
+
+    fn start_offset(&self) -> Offset {
+        self.segments.first().map_or(0, |s| s.base)
+    }
+}
+
+/// The committer's view of the active segment, including bytes written but not yet
+/// published to readers.
+pub(crate) struct Writer {
+    base: Offset,
+    data: Arc<File>,
+    index_file: File,
+    time_file: File,
+    index_file_len: u64,
+    time_file_len: u64,
+    write_pos: u64,
+    next_offset: Offset,
+    last_timestamp: Option<u64>,
+    indexer: Indexer,
+    /// Entries not yet published to readers; the first `index_written`/`time_written`
+    /// of them are already in the index files.
+    new_index: Vec<IndexEntry>,
+    new_time: Vec<TimeEntry>,
+    index_written: usize,
+    time_written: usize,
+    /// Last time-index entry's relative offset (published or not).
+    last_time_rel: Option<u32>,
+    /// Written since the last sync (Buffered logs).
+    dirty: bool,
+    closed: bool,
+}
+
+pub(crate) struct LogInner {
+    pub(crate) name: String,
+    dir: PathBuf,
+    pub(crate) config: LogConfig,
+    retention: Mutex<Retention>,
+    state: Mutex<LogState>,
+    writer: Mutex<Writer>,
+    pending: Mutex<Pending>,
+    failed: AtomicBool,
+    failure: Mutex<Option<Arc<io::Error>>>,
+    closed: AtomicBool,
+    committer: Arc<CommitShared>,
+    stats: Stats,
+    #[cfg(test)]
+    faults: Faults,
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn open_index_writer(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+/// Reads the record at `pos` and checks that it is a valid record with `offset`.
+fn record_at(file: &File, pos: u64, file_len: u64, offset: Offset) -> bool {
+    let avail = file_len.saturating_sub(pos);
+    let mut len = avail.min(64 * 1024);
+    for _ in 0..2 {
+        let Ok(b) = segment::read_bytes(file, pos, usize::try_from(len).unwrap_or(0)) else {
+            return false;
+        };
+        match format::decode_record(&b) {
+            format::Decoded::Record(r) => return r.offset == offset,
+            format::Decoded::Incomplete { frame_len } if (frame_len as u64) <= avail => {
+                len = frame_len as u64;
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+impl LogInner {
+    /// Opens (creating if needed) the log in `dir`, recovering as described in the crate
+    /// docs.
+    pub(crate) fn open(
+        name: String,
+        dir: PathBuf,
+        config: LogConfig,
+        committer: Arc<CommitShared>,
+    ) -> Result<(Arc<LogInner>, Recovery)> {
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        let mut recovery = Recovery::default();
+        let mut bases = Vec::new();
+        let mut index_only = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let file_name = entry.file_name();
+            let Some((base, ext)) = file_name.to_str().and_then(segment::parse_file_name) else {
+                continue;
+            };
+            match ext {
+                DATA_EXT => bases.push(base),
+                INDEX_EXT | TIME_EXT => index_only.push((base, entry.path())),
+                _ => {}
+            }
+        }
+        bases.sort_unstable();
+        let mut removed = false;
+        for (base, path) in index_only {
+            if bases.binary_search(&base).is_err() {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                recovery.removed_files.push(path);
+                removed = true;
+            }
+        }
+        recovery.removed_files.sort();
+        if bases.is_empty() {
+            let paths = SegmentPaths::new(&dir, 0);
+            segment::open_data(&paths.data, true).map_err(io_err(&paths.data))?;
+            bases.push(0);
+            removed = true;
+        }
+        if removed {
+            sync_dir(&dir)?;
+        }
+        let interval = u64::from(config.index_interval_bytes.max(1));
+        let mut segments = Vec::with_capacity(bases.len());
+        for pair in bases.windows(2) {
+            segments.push(open_sealed(
+                &dir,
+                pair[0],
+                pair[1],
+                interval,
+                &mut recovery,
+            )?);
+        }
+        let active_base = bases.last().copied().unwrap_or(0);
+        let (active, mut writer) = open_active(&dir, active_base, interval, &mut recovery)?;
+        if writer.last_timestamp.is_none() {
+            writer.last_timestamp = segments.last().and_then(|s: &Segment| s.max_timestamp);
+        }
+        segments.push(active);
+        let inner = Arc::new(LogInner {
+            name,
+            dir,
+            config,
+            retention: Mutex::new(config.retention),
+            state: Mutex::new(LogState { segments }),
+            writer: Mutex::new(writer),
+            pending: Mutex::new(Pending::default()),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            committer,
+            stats: Stats::default(),
+            #[cfg(test)]
+            faults: Faults::default(),
+        });
+        Ok((inner, recovery))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if self.failed.load(Ordering::Acquire)
+            && let Some(cause) = self.failure.lock().clone()
+        {
+            return Err(Error::ReadOnly {
+                log: self.name.clone(),
+                cause,
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the log read-only because of `e`; keeps the first error.
+    pub(crate) fn fail(&self, e: io::Error) -> Arc<io::Error> {
+        let mut f = self.failure.lock();
+        let cause = f.get_or_insert_with(|| Arc::new(e)).clone();
+        self.failed.store(true, Ordering::Release);
+        cause
+    }
+
+    /// Turns a committer-side I/O error into the error appenders see, failing the log
+    /// unless the error came from it being closed.
+    pub(crate) fn on_error(&self, e: io::Error) -> Error {
+        if !self.closed.load(Ordering::Acquire) {
+            self.fail(e);
+        }
+        self.write_error()
+    }
+
+    pub(crate) fn write_error(&self) -> Error {
+        if self.closed.load(Ordering::Acquire) {
+            return Error::Closed;
+        }
+        match self.failure.lock().clone() {
+            Some(cause) => Error::ReadOnly {
+                log: self.name.clone(),
+                cause,
+            },
+            None => Error::Closed,
+        }
+    }
+
+    /// Stops further appends, fails queued ones, and waits for the committer to be
+    /// done with this log.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut w = self.writer.lock();
+        w.closed = true;
+        drop(w);
+        let stranded = std::mem::take(&mut self.pending.lock().appends);
+        for a in stranded {
+            let _ = a.tx.send(Err(Error::Closed));
+        }
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves this log's queued appends into `into` (which must be empty).
+    pub(crate) fn take_pending(&self, into: &mut Vec<PendingAppend>) {
+        let mut p = self.pending.lock();
+        p.scheduled = false;
+        std::mem::swap(&mut p.appends, into);
+    }
+
+    /// Encodes `appends` into `buf` and writes them to the active segment (rolling as
+    /// needed), pushing one completion per append onto `done`. On error the log has
+    /// failed; `done` and what remains of `appends` must be failed by the caller.
+    ///
+    /// Returns whether a `Buffered` log just became dirty.
+    pub(crate) fn write_appends(
+        &self,
+        appends: &mut Vec<PendingAppend>,
+        buf: &mut Vec<u8>,
+        done: &mut Vec<Completion>,
+    ) -> io::Result<bool> {
+        let mut w = self.writer.lock();
+        if w.closed || self.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other("log closed or read-only"));
+        }
+        let segment_bytes = self.config.segment_bytes();
+        let mut records = 0u64;
+        for a in appends.drain(..) {
+            let first = w.next_offset;
+            for r in &a.records {
+                let frame = format::frame_len(r.headers.len(), r.payload.len()) as u64;
+                let mut pos = w.write_pos + buf.len() as u64;
+                if pos > 0 && pos + frame > segment_bytes {
+                    if let Err(e) = self.roll(&mut w, buf) {
+                        done.push((a.tx, first));
+                        return Err(e);
+                    }
+                    pos = 0;
+                }
+                let offset = w.next_offset;
+                let timestamp = r.timestamp.max(w.last_timestamp.unwrap_or(0));
+                let base = w.base;
+                let Writer {
+                    indexer,
+                    new_index,
+                    new_time,
+                    ..
+                } = &mut *w;
+                let before = new_time.len();
+                indexer.observe(base, pos, offset, timestamp, new_index, new_time);
+                if new_time.len() > before {
+                    w.last_time_rel = new_time.last().map(|e| e.rel);
+                }
+                format::encode_record(buf, offset, timestamp, &r.headers, &r.payload);
+                w.next_offset += 1;
+                w.last_timestamp = Some(timestamp);
+                records += 1;
+            }
+            done.push((a.tx, first));
+        }
+        self.flush(&mut w, buf)?;
+        self.stats.records.fetch_add(records, Ordering::Relaxed);
+        let newly_dirty = self.config.durability == Durability::Buffered && !w.dirty;
+        if self.config.durability == Durability::Buffered {
+            w.dirty = true;
+            self.publish(&mut w);
+        }
+        Ok(newly_dirty)
+    }
+
+    /// Writes `buf` and any unwritten index entries.
+    fn flush(&self, w: &mut Writer, buf: &mut Vec<u8>) -> io::Result<()> {
+        if !buf.is_empty() {
+            #[cfg(test)]
+            if self.faults.fail_write.swap(false, Ordering::SeqCst) {
+                buf.clear();
+                return Err(io::Error::other("injected write failure"));
+            }
+            let r = w.data.write_all_at(buf, w.write_pos);
+            let len = buf.len() as u64;
+            buf.clear();
+            r?;
+            w.write_pos += len;
+            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        if w.index_written < w.new_index.len() {
+            let mut b = Vec::new();
+            format::encode_index(&mut b, &w.new_index[w.index_written..]);
+            w.index_file.write_all_at(&b, w.index_file_len)?;
+            w.index_file_len += b.len() as u64;
+            w.index_written = w.new_index.len();
+        }
+        if w.time_written < w.new_time.len() {
+            let mut b = Vec::new();
+            format::encode_time_index(&mut b, &w.new_time[w.time_written..]);
+            w.time_file.write_all_at(&b, w.time_file_len)?;
+            w.time_file_len += b.len() as u64;
+            w.time_written = w.new_time.len();
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self, w: &Writer) -> io::Result<()> {
+        #[cfg(test)]
+        if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("injected fdatasync failure"));
+        }
+        w.data.sync_data()?;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes everything written so far visible to readers.
+    fn publish(&self, w: &mut Writer) {
+        let mut st = self.state.lock();
+        if let Some(seg) = st.segments.last_mut().filter(|s| s.base == w.base) {
+            seg.len = w.write_pos;
+            seg.next_offset = w.next_offset;
+            if w.next_offset > w.base {
+                seg.max_timestamp = w.last_timestamp;
+            }
+            seg.index.append(&mut w.new_index);
+            seg.time_index.append(&mut w.new_time);
+        }
+        w.index_written = 0;
+        w.time_written = 0;
+    }
+
+    /// fdatasyncs the active segment and publishes it (Fsync logs, after a batch).
+    pub(crate) fn sync_and_publish(&self) -> io::Result<()> {
+        let mut w = self.writer.lock();
+        if w.closed {
+            return Err(io::Error::other("log closed"));
+        }
+        self.sync_data(&w)?;
+        self.publish(&mut w);
+        Ok(())
+    }
+
+    /// The background sync of a `Buffered` log.
+    pub(crate) fn background_sync(&self) -> io::Result<()> {
+        let mut w = self.writer.lock();
+        if w.closed || !w.dirty {
+            return Ok(());
+        }
+        w.dirty = false;
+        self.sync_data(&w)
+    }
+
+    /// Seals the active segment (flushed, final time entry, all three files synced)
+    /// and starts a new one at the next offset.
+    fn roll(&self, w: &mut Writer, buf: &mut Vec<u8>) -> io::Result<()> {
+        if let Some(ts) = w.last_timestamp {
+            let last_rel = u32::try_from(w.next_offset - 1 - w.base).unwrap_or(u32::MAX);
+            if w.last_time_rel != Some(last_rel) {
+                w.new_time.push(TimeEntry {
+                    timestamp: ts,
+                    rel: last_rel,
+                });
+                w.last_time_rel = Some(last_rel);
+            }
+        }
+        self.flush(w, buf)?;
+        self.sync_data(w)?;
+        w.index_file.sync_data()?;
+        w.time_file.sync_data()?;
+        let base = w.next_offset;
+        let paths = SegmentPaths::new(&self.dir, base);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&paths.data)?;
+        let index_file = File::create(&paths.index)?;
+        let time_file = File::create(&paths.time)?;
+        File::open(&self.dir)?.sync_all()?;
+        self.publish(w);
+        let data = Arc::new(data);
+        self.state.lock().segments.push(Segment {
+            base,
+            paths,
+            data: data.clone(),
+            len: 0,
+            next_offset: base,
+            max_timestamp: None,
+            index: Vec::new(),
+            time_index: Vec::new(),
+        });
+        w.base = base;
+        w.data = data;
+        w.index_file = index_file;
+        w.time_file = time_file;
+        w.index_file_len = 0;
+        w.time_file_len = 0;
+        w.write_pos = 0;
+        w.indexer.last_index_pos = 0;
+        w.last_time_rel = None;
+        w.dirty = false;
+        Ok(())
+    }
+
+    /// Removes sealed segments, oldest first, while `doomed(segment, bytes held)` says so.
+    fn delete_segments(&self, doomed: impl Fn(&Segment, u64) -> bool) -> Result<Deleted> {
+        let (gone, start_offset) = {
+            let mut st = self.state.lock();
+            let mut total: u64 = st.segments.iter().map(|s| s.len).sum();
+            let mut n = 0;
+            while n + 1 < st.segments.len() && doomed(&st.segments[n], total) {
+                total -= st.segments[n].len;
+                n += 1;
+            }
+            let gone: Vec<Segment> = st.segments.drain(..n).collect();
+            (gone, st.start_offset())
+        };
+        let mut deleted = Deleted {
+            segments: gone.len(),
+            bytes: 0,
+            start_offset,
+        };
+        if gone.is_empty() {
+            return Ok(deleted);
+        }
+        for seg in &gone {
+            deleted.bytes += seg.len;
+            for path in [&seg.paths.data, &seg.paths.index, &seg.paths.time] {
+                match fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(Error::Io {
+                            path: path.clone(),
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
+        sync_dir(&self.dir)?;
+        Ok(deleted)
+    }
+
+    fn read(&self, mut from: Offset, limit: ReadLimit) -> Result<Vec<LogRecord>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        loop {
+            let snap = {
+                let st = self.state.lock();
+                let (start, end) = (st.start_offset(), st.next_offset());
+                if from < start || from > end {
+                    if out.is_empty() {
+                        return Err(Error::OffsetOutOfRange {
+                            log: self.name.clone(),
+                            requested: from,
+                            start,
+                            end,
+                        });
+                    }
+                    return Ok(out);
+                }
+                if from == end {
+                    return Ok(out);
+                }
+                let i = st.segments.partition_point(|s| s.base <= from);
+                let Some(seg) = i.checked_sub(1).and_then(|i| st.segments.get(i)) else {
+                    return Ok(out);
+                };
+                let (pos, offset) = seg.start_for(from);
+                Snapshot {
+                    base: seg.base,
+                    file: seg.data.clone(),
+                    len: seg.len,
+                    next_offset: seg.next_offset,
+                    pos,
+                    offset,
+                }
+            };
+            let next = self.read_segment(&snap, from, limit, &mut out, &mut bytes)?;
+            if out.len() >= limit.max_records || bytes >= limit.max_bytes || next == from {
+                return Ok(out);
+            }
+            from = next;
+        }
+    }
+
+    /// Appends records `from..` of one segment to `out`; returns the offset after the last
+    /// record looked at.
+    fn read_segment(
+        &self,
+        snap: &Snapshot,
+        from: Offset,
+        limit: ReadLimit,
+        out: &mut Vec<LogRecord>,
+        bytes: &mut usize,
+    ) -> Result<Offset> {
+        let corrupt = |position: u64, reason: String| Error::Corrupt {
+            log: self.name.clone(),
+            segment: snap.base,
+            position,
+            reason,
+        };
+        let mut pos = snap.pos;
+        let mut expected = snap.offset;
+        let skip = from.saturating_sub(snap.offset) > 0;
+        let interval = self.config.index_interval_bytes as usize;
+        // Read in chunks of at most 1 MiB: a huge byte limit with a small record limit
+        // must not read a whole segment.
+        let chunk_for = |budget: usize| budget.clamp(16 * 1024, 1 << 20);
+        let mut want = chunk_for(limit.max_bytes.saturating_sub(*bytes))
+            + if skip { interval + RECORD_OVERHEAD } else { 0 };
+        while pos < snap.len && expected < snap.next_offset {
+            let n = (snap.len - pos).min(want as u64);
+            let chunk = segment::read_bytes(&snap.file, pos, usize::try_from(n).unwrap_or(0))
+                .map_err(io_err(&self.dir))?;
+            let mut at = 0usize;
+            let mut need = 0usize;
+            while at < chunk.len() {
+                match segment::read_step(&chunk, at, expected) {
+                    ReadStep::Record(r) => {
+                        if r.offset >= from {
+                            if !out.is_empty()
+                                && bytes.saturating_add(r.frame_len) > limit.max_bytes
+                            {
+                                return Ok(expected);
+                            }
+                            out.push(LogRecord {
+                                offset: r.offset,
+                                timestamp: r.timestamp,
+                                headers: chunk.slice(at + r.headers.0..at + r.headers.1),
+                                payload: chunk.slice(at + r.payload.0..at + r.payload.1),
+                            });
+                            *bytes += r.frame_len;
+                        }
+                        at += r.frame_len;
+                        expected += 1;
+                        if out.len() >= limit.max_records || *bytes >= limit.max_bytes {
+                            return Ok(expected);
+                        }
+                    }
+                    ReadStep::Need(frame) => {
+                        if pos + at as u64 + frame as u64 > snap.len {
+                            return Err(corrupt(
+                                pos + at as u64,
+                                format!("record of {frame} bytes runs past the segment end"),
+                            ));
+                        }
+                        need = frame;
+                        break;
+                    }
+                    ReadStep::Damaged(reason) => {
+                        return Err(corrupt(pos + at as u64, reason.to_string()));
+                    }
+                }
+            }
+            pos += at as u64;
+            want = need.max(chunk_for(limit.max_bytes.saturating_sub(*bytes)));
+        }
+        if expected < snap.next_offset {
+            return Err(corrupt(
+                pos,
+                format!(
+                    "segment data ends at offset {expected}, expected {}",
+                    snap.next_offset
+                ),
+            ));
+        }
+        Ok(expected)
+    }
+}
+
+struct Snapshot {
+    base: Offset,
+    file: Arc<File>,
+    len: u64,
+    next_offset: Offset,
+    pos: u64,
+    offset: Offset,
+}
+
+fn open_sealed(
+    dir: &Path,
+    base: Offset,
+    next_base: Offset,
+    interval: u64,
+    recovery: &mut Recovery,
+) -> Result<Segment> {
+    let paths = SegmentPaths::new(dir, base);
+    let file = segment::open_data(&paths.data, false).map_err(io_err(&paths.data))?;
+    let len = file.metadata().map_err(io_err(&paths.data))?.len();
+    let records = next_base.saturating_sub(base);
+    let index = segment::read_file_if_exists(&paths.index)
+        .map_err(io_err(&paths.index))?
+        .and_then(|b| format::parse_index(&b));
+    let time = segment::read_file_if_exists(&paths.time)
+        .map_err(io_err(&paths.time))?
+        .and_then(|b| format::parse_time_index(&b));
+    if let (Some(index), Some(time)) = (index, time) {
+        let sealed_entry_ok = if len == 0 {
+            time.is_empty()
+        } else {
+            time.last().is_some_and(|e| u64::from(e.rel) + 1 == records)
+        };
+        if sealed_entry_ok && segment::indexes_fit(&index, &time, len, records) {
+            return Ok(Segment {
+                base,
+                max_timestamp: time.last().map(|e| e.timestamp),
+                paths,
+                data: Arc::new(file),
+                len,
+                next_offset: next_base,
+                index,
+                time_index: time,
+            });
+        }
+    }
+    // Rebuild both indexes from the data.
+    let mut indexer = Indexer {
+        interval,
+        last_index_pos: 0,
+    };
+    let scan =
+        segment::scan(&file, len, base, (0, base), &mut indexer).map_err(io_err(&paths.data))?;
+    if let Some(stop) = &scan.stop {
+        recovery.damaged_segments.push(DamagedSegment {
+            segment: base,
+            position: scan.end,
+            reason: stop.to_string(),
+        });
+    } else if scan.next_offset != next_base {
+        recovery.damaged_segments.push(DamagedSegment {
+            segment: base,
+            position: scan.end,
+            reason: format!(
+                "segment holds offsets up to {}, next segment starts at {next_base}",
+                scan.next_offset
+            ),
+        });
+    }
+    let mut time_index = scan.time_index;
+    if let Some(ts) = scan.max_timestamp {
+        let rel = u32::try_from(scan.next_offset - 1 - base).unwrap_or(u32::MAX);
+        if time_index.last().map(|e| e.rel) != Some(rel) {
+            time_index.push(TimeEntry { timestamp: ts, rel });
+        }
+    }
+    segment::write_index_file(&paths.index, &segment::index_bytes(&scan.index))
+        .map_err(io_err(&paths.index))?;
+    segment::write_index_file(&paths.time, &segment::time_bytes(&time_index))
+        .map_err(io_err(&paths.time))?;
+    recovery.rebuilt_indexes.push(base);
+    Ok(Segment {
+        base,
+        paths,
+        data: Arc::new(file),
+        len,
+        next_offset: next_base,
+        max_timestamp: scan.max_timestamp,
+        index: scan.index,
+        time_index,
+    })
+}
+
+fn open_active(
+    dir: &Path,
+    base: Offset,
+    interval: u64,
+    recovery: &mut Recovery,
+) -> Result<(Segment, Writer)> {
+    let paths = SegmentPaths::new(dir, base);
+    let file = segment::open_data(&paths.data, false).map_err(io_err(&paths.data))?;
+    let file_len = file.metadata().map_err(io_err(&paths.data))?.len();
+    let index_raw = segment::read_file_if_exists(&paths.index).map_err(io_err(&paths.index))?;
+    let time_raw = segment::read_file_if_exists(&paths.time).map_err(io_err(&paths.time))?;
+    let parsed_index = index_raw.as_deref().and_then(format::parse_index);
+    let parsed_time = time_raw.as_deref().and_then(format::parse_time_index);
+    let malformed = file_len > 0 && (parsed_index.is_none() || parsed_time.is_none());
+
+    // Start from the last index entry that points at the record it claims to.
+    let mut index = parsed_index.unwrap_or_default();
+    index.retain(|e| u64::from(e.position) < file_len);
+    let mut start = (0, base);
+    while let Some(e) = index.last() {
+        let pos = u64::from(e.position);
+        let offset = base + u64::from(e.rel);
+        if record_at(&file, pos, file_len, offset) {
+            start = (pos, offset);
+            break;
+        }
+        index.pop();
+    }
+    let start_rel = index.last().map(|e| e.rel);
+    let mut time = parsed_time.unwrap_or_default();
+    time.retain(|t| start_rel.is_some_and(|r| t.rel <= r));
+
+    let mut indexer = Indexer {
+        interval,
+        last_index_pos: start.0,
+    };
+    let scan =
+        segment::scan(&file, file_len, base, start, &mut indexer).map_err(io_err(&paths.data))?;
+    if scan.end < file_len {
+        recovery.truncated = Some(TruncatedTail {
+            segment: base,
+            position: scan.end,
+            bytes: file_len - scan.end,
+            records: segment::count_frames(&file, scan.end, file_len),
+            first_dropped_offset: scan.next_offset,
+            reason: scan
+                .stop
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string),
+        });
+        file.set_len(scan.end).map_err(io_err(&paths.data))?;
+        file.sync_all().map_err(io_err(&paths.data))?;
+    }
+    index.extend_from_slice(&scan.index);
+    time.extend_from_slice(&scan.time_index);
+    let index_bytes = segment::index_bytes(&index);
+    if index_raw.as_deref() != Some(index_bytes.as_slice()) {
+        segment::write_index_file(&paths.index, &index_bytes).map_err(io_err(&paths.index))?;
+    }
+    let time_bytes = segment::time_bytes(&time);
+    if time_raw.as_deref() != Some(time_bytes.as_slice()) {
+        segment::write_index_file(&paths.time, &time_bytes).map_err(io_err(&paths.time))?;
+    }
+    if malformed {
+        recovery.rebuilt_indexes.push(base);
+    }
+    let data = Arc::new(file);
+    let writer = Writer {
+        base,
+        data: data.clone(),
+        index_file: open_index_writer(&paths.index)?,
+        time_file: open_index_writer(&paths.time)?,
+        index_file_len: index_bytes.len() as u64,
+        time_file_len: time_bytes.len() as u64,
+        write_pos: scan.end,
+        next_offset: scan.next_offset,
+        last_timestamp: scan.max_timestamp,
+        indexer,
+        new_index: Vec::new(),
+        new_time: Vec::new(),
+        index_written: 0,
+        time_written: 0,
+        last_time_rel: time.last().map(|t| t.rel),
+        dirty: false,
+        closed: false,
+    };
+    let segment = Segment {
+        base,
+        paths,
+        data,
+        len: scan.end,
+        next_offset: scan.next_offset,
+        max_timestamp: scan.max_timestamp,
+        index,
+        time_index: time,
+    };
+    Ok((segment, writer))
+}

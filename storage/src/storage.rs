@@ -1,0 +1,156 @@
+//! `Storage`: a directory of named logs sharing one committer.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::commit::Committer;
+use crate::error::{Error, Result, io_err};
+use crate::log::{Log, LogConfig, LogInner, Recovery};
+
+/// A storage directory: one subdirectory per log, all logs written by one shared
+/// group-commit thread.
+///
+/// Dropping the `Storage` writes and syncs everything queued, then stops the committer;
+/// appends on surviving [`Log`] handles fail with [`Error::Closed`] from then on.
+pub struct Storage {
+    dir: PathBuf,
+    logs: Mutex<HashMap<String, Log>>,
+    // Declared last: dropped after the map, joining the thread that holds log references.
+    committer: Committer,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("dir", &self.dir).finish()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Storage {
+    /// Opens (creating if needed) the storage directory and starts the committer.
+    /// Logs are opened one by one with [`Storage::open_log`].
+    pub fn open(dir: impl AsRef<Path>) -> Result<Storage> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let committer = Committer::start().map_err(io_err(&dir))?;
+        Ok(Storage {
+            dir,
+            logs: Mutex::new(HashMap::new()),
+            committer,
+        })
+    }
+
+    /// The storage directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Names of the logs on disk, open or not, sorted.
+    pub fn log_names(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            let is_dir = entry.file_type().map_err(io_err(entry.path()))?.is_dir();
+            if let Some(name) = entry.file_name().to_str().filter(|n| valid_name(n))
+                && is_dir
+            {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Opens the log `name`, creating it if it does not exist, and recovers it: a torn
+    /// or corrupt tail of the active segment is cut off and missing or malformed index
+    /// files are rebuilt. The returned [`Recovery`] says exactly what was dropped or
+    /// repaired, for the caller to log. Blocks on disk I/O.
+    pub fn open_log(&self, name: &str, config: LogConfig) -> Result<(Log, Recovery)> {
+        if !valid_name(name) {
+            return Err(Error::InvalidName(name.to_owned()));
+        }
+        let mut logs = self.logs.lock();
+        if logs.contains_key(name) {
+            return Err(Error::AlreadyOpen(name.to_owned()));
+        }
+        let (inner, recovery) = LogInner::open(
+            name.to_owned(),
+            self.dir.join(name),
+            config,
+            self.committer.shared().clone(),
+        )?;
+        let log = Log { inner };
+        logs.insert(name.to_owned(), log.clone());
+        Ok((log, recovery))
+    }
+
+    /// The open log `name`, if any.
+    pub fn log(&self, name: &str) -> Option<Log> {
+        self.logs.lock().get(name).cloned()
+    }
+
+    /// Closes the log `name` (its queued appends fail with [`Error::Closed`]) and deletes
+    /// its directory. Deleting a log that is not open deletes it from disk.
+    pub fn delete_log(&self, name: &str) -> Result<()> {
+        if !valid_name(name) {
+            return Err(Error::InvalidName(name.to_owned()));
+        }
+        let log = self.logs.lock().remove(name);
+        let dir = match &log {
+            Some(log) => {
+                log.inner.close();
+                log.inner.dir().to_path_buf()
+            }
+            None => self.dir.join(name),
+        };
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(Error::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
+        }
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
+    }
+
+    /// Logs that went read-only after an I/O error, with that error: the health check.
+    pub fn failed_logs(&self) -> Vec<(String, Arc<io::Error>)> {
+        let mut failed: Vec<_> = self
+            .logs
+            .lock()
+            .values()
+            .filter_map(|l| l.failure().map(|e| (l.name().to_owned(), e)))
+            .collect();
+        failed.sort_by(|a, b| a.0.cmp(&b.0));
+        failed
+    }
+
+    /// Applies every open log's retention limits (see [`Log::enforce_retention`]).
+    /// Returns the number of segments deleted.
+    pub fn enforce_retention(&self, now_ms: u64) -> Result<usize> {
+        let logs: Vec<Log> = self.logs.lock().values().cloned().collect();
+        let mut n = 0;
+        for log in logs {
+            n += log.enforce_retention(now_ms)?.segments;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,825 @@
+//! Behaviour of logs as the queue layer will rely on it: round trips, crash recovery,
+//! corruption, indexes, rolling, retention, timestamps, group commit, durability.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::segment::{self, SegmentPaths};
+use crate::*;
+
+fn rec(i: u64) -> Record {
+    Record {
+        timestamp: 1_000 + i,
+        headers: Bytes::from(format!("h{i}")),
+        payload: Bytes::from(vec![(i % 251) as u8; (i % 97) as usize + 1]),
+    }
+}
+
+/// 4 KiB segments (the minimum) and an index entry every 256 bytes.
+fn small() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 256,
+        ..LogConfig::default()
+    }
+}
+
+fn temp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("roost-storage-test")
+        .tempdir_in(std::env::temp_dir())
+        .expect("temp dir")
+}
+
+async fn append_n(log: &Log, range: std::ops::Range<u64>, batch: usize) {
+    let all: Vec<u64> = range.collect();
+    for chunk in all.chunks(batch.max(1)) {
+        let first = log
+            .append(chunk.iter().map(|&i| rec(i)).collect())
+            .await
+            .expect("append");
+        assert_eq!(first, chunk[0], "offsets are dense and start at 0");
+    }
+}
+
+fn read_all(log: &Log) -> Vec<LogRecord> {
+    let mut out = Vec::new();
+    let mut from = log.start_offset();
+    loop {
+        let batch = log.read(from, ReadLimit::bytes(1000)).expect("read");
+        let Some(last) = batch.last() else {
+            return out;
+        };
+        from = last.offset + 1;
+        out.extend(batch);
+    }
+}
+
+fn assert_records(records: &[LogRecord], range: std::ops::Range<u64>) {
+    let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, range.clone().collect::<Vec<_>>());
+    for r in records {
+        let want = rec(r.offset);
+        assert_eq!(r.headers, want.headers, "headers of {}", r.offset);
+        assert_eq!(r.payload, want.payload, "payload of {}", r.offset);
+        assert_eq!(r.timestamp, want.timestamp, "timestamp of {}", r.offset);
+    }
+}
+
+fn frame_of(r: &LogRecord) -> u64 {
+    crate::format::frame_len(r.headers.len(), r.payload.len()) as u64
+}
+
+fn segment_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_read_round_trip() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q-0", small()).expect("open log");
+    assert!(recovery.is_clean());
+    assert_eq!((log.start_offset(), log.next_offset()), (0, 0));
+    assert!(log.read(0, ReadLimit::bytes(100)).expect("read").is_empty());
+    append_n(&log, 0..500, 7).await;
+    assert_eq!(log.next_offset(), 500);
+    assert_records(&read_all(&log), 0..500);
+    // Any starting offset, any record limit.
+    for from in [0, 1, 17, 250, 333, 499] {
+        let got = log
+            .read(
+                from,
+                ReadLimit {
+                    max_records: 5,
+                    max_bytes: usize::MAX,
+                },
+            )
+            .expect("read");
+        assert_records(&got, from..(from + 5).min(500));
+    }
+    // A byte limit smaller than one record still returns that record.
+    assert_eq!(log.read(10, ReadLimit::bytes(1)).expect("read").len(), 1);
+    assert!(
+        log.read(500, ReadLimit::bytes(100))
+            .expect("read")
+            .is_empty()
+    );
+    assert!(matches!(
+        log.read(501, ReadLimit::bytes(100)),
+        Err(Error::OffsetOutOfRange { end: 500, .. })
+    ));
+    // An empty append is a no-op that reports the next offset.
+    assert_eq!(log.append(Vec::new()).await.expect("empty"), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_continues_with_the_next_offset() {
+    let dir = temp();
+    {
+        let storage = Storage::open(dir.path()).expect("open");
+        let (log, _) = storage.open_log("q", small()).expect("open log");
+        append_n(&log, 0..300, 10).await;
+    }
+    let storage = Storage::open(dir.path()).expect("reopen");
+    assert_eq!(storage.log_names().expect("names"), vec!["q".to_owned()]);
+    let (log, recovery) = storage.open_log("q", small()).expect("reopen log");
+    assert!(recovery.is_clean(), "{recovery:?}");
+    assert_eq!(log.next_offset(), 300);
+    append_n(&log, 300..320, 3).await;
+    assert_records(&read_all(&log), 0..320);
+}
+
+/// Writes `n` records into a fresh log and returns the active segment's path and the
+/// byte position where its last record starts.
+async fn log_with_records(dir: &Path, n: u64) -> (PathBuf, u64) {
+    let storage = Storage::open(dir).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    append_n(&log, 0..n, 5).await;
+    let active = segment_files(&dir.join("q"), "log")
+        .pop()
+        .expect("a segment");
+    let records = read_all(&log);
+    let len = fs::metadata(&active).expect("meta").len();
+    let last_len = frame_of(&records[records.len() - 1]);
+    (active, len - last_len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_a_cut_at_every_byte_of_the_last_record() {
+    let dir = temp();
+    let n = 200;
+    let (active, last_start) = log_with_records(dir.path(), n).await;
+    let log_dir = dir.path().join("q");
+    assert!(
+        segment_files(&log_dir, "log").len() > 2,
+        "the test spans segments"
+    );
+    let saved: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(&log_dir)
+        .expect("dir")
+        .map(|e| {
+            let p = e.expect("entry").path();
+            let b = fs::read(&p).expect("read");
+            (p, b)
+        })
+        .collect();
+    let full_len = fs::metadata(&active).expect("meta").len();
+    for cut in last_start..full_len {
+        for (p, b) in &saved {
+            fs::write(p, b).expect("restore");
+        }
+        OpenOptions::new()
+            .write(true)
+            .open(&active)
+            .and_then(|f| f.set_len(cut))
+            .expect("cut");
+        let storage = Storage::open(dir.path()).expect("open");
+        let (log, recovery) = storage.open_log("q", small()).expect("open log");
+        let tail = recovery.truncated.as_ref();
+        if cut == last_start {
+            assert!(recovery.is_clean(), "cut {cut}: {recovery:?}");
+        } else {
+            let tail = tail.expect("a truncated tail is reported");
+            assert_eq!(tail.bytes, cut - last_start, "cut {cut}");
+            assert_eq!(tail.position, last_start);
+            assert_eq!(tail.first_dropped_offset, n - 1);
+            assert_eq!(tail.records, Some(1), "cut {cut}");
+        }
+        assert_eq!(log.next_offset(), n - 1, "cut {cut}");
+        assert_eq!(fs::metadata(&active).expect("meta").len(), last_start);
+        let first = log.append(vec![rec(n - 1)]).await.expect("append");
+        assert_eq!(first, n - 1);
+        assert_records(&read_all(&log), 0..n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_tail_record_is_cut_and_counted() {
+    let dir = temp();
+    let (active, last_start) = log_with_records(dir.path(), 50).await;
+    // Damage the second-to-last record: both it and the good one after it go.
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    let prev = log.read(48, ReadLimit::bytes(1)).expect("read");
+    let prev_len = frame_of(&prev[0]);
+    drop(log);
+    drop(storage);
+    let f = OpenOptions::new().write(true).open(&active).expect("open");
+    f.write_all_at(&[0xFF], last_start - 3).expect("flip");
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    let tail = recovery.truncated.expect("truncated");
+    assert_eq!(tail.position, last_start - prev_len);
+    assert_eq!(tail.records, Some(2));
+    assert_eq!(tail.reason, "CRC32C mismatch");
+    assert_eq!(log.next_offset(), 48);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crc_corruption_in_a_sealed_segment_is_an_error_not_data() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    append_n(&log, 0..300, 10).await;
+    let first_segment = segment_files(&dir.path().join("q"), "log")[0].clone();
+    // Find record 20 and flip one payload byte of it.
+    let r20 = log.read(20, ReadLimit::bytes(1)).expect("read")[0].clone();
+    let bytes = fs::read(&first_segment).expect("read");
+    let at = bytes
+        .windows(r20.payload.len())
+        .position(|w| w == &r20.payload[..])
+        .expect("payload on disk") as u64;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&first_segment)
+        .expect("open");
+    f.write_all_at(&[r20.payload[0] ^ 0x01], at).expect("flip");
+
+    match log.read(0, ReadLimit::bytes(1 << 20)) {
+        Err(Error::Corrupt { segment: 0, .. }) => {}
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    match log.read(20, ReadLimit::bytes(1)) {
+        Err(Error::Corrupt { reason, .. }) => assert_eq!(reason, "CRC32C mismatch"),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    // Records before the damage are still served.
+    let before = log
+        .read(
+            0,
+            ReadLimit {
+                max_records: 20,
+                max_bytes: usize::MAX,
+            },
+        )
+        .expect("read before damage");
+    assert_records(&before, 0..20);
+    // Reopening keeps the sealed segment (cutting it would leave a gap) and the error.
+    drop(log);
+    drop(storage);
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    assert!(recovery.truncated.is_none());
+    assert_eq!(log.next_offset(), 300);
+    assert!(matches!(
+        log.read(20, ReadLimit::bytes(1)),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_garbage_index_files_are_rebuilt_identically() {
+    let dir = temp();
+    let log_dir = dir.path().join("q");
+    {
+        let storage = Storage::open(dir.path()).expect("open");
+        let (log, _) = storage.open_log("q", small()).expect("open log");
+        append_n(&log, 0..400, 9).await;
+    }
+    let mut originals = Vec::new();
+    for ext in ["index", "timeindex"] {
+        for p in segment_files(&log_dir, ext) {
+            originals.push((p.clone(), fs::read(&p).expect("read")));
+        }
+    }
+    let indexes = segment_files(&log_dir, "index");
+    let times = segment_files(&log_dir, "timeindex");
+    assert!(indexes.len() >= 3);
+    fs::remove_file(&indexes[0]).expect("rm");
+    fs::write(&indexes[1], b"garbage!garbage!junk").expect("garbage");
+    fs::write(&times[2], [0xAB; 24]).expect("garbage");
+    let active = indexes.len() - 1;
+    fs::remove_file(&indexes[active]).expect("rm active index");
+    fs::remove_file(&times[active]).expect("rm active time index");
+    // A stray index file without data is removed.
+    let stray = log_dir.join(segment::file_name(99_999, "index"));
+    fs::write(&stray, b"x").expect("stray");
+
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    assert!(recovery.truncated.is_none());
+    assert_eq!(recovery.removed_files, vec![stray.clone()]);
+    let bases: Vec<u64> = indexes
+        .iter()
+        .map(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).expect("name");
+            segment::parse_file_name(name).expect("segment name").0
+        })
+        .collect();
+    let mut rebuilt = recovery.rebuilt_indexes.clone();
+    rebuilt.sort_unstable();
+    assert_eq!(rebuilt, vec![bases[0], bases[1], bases[2], bases[active]]);
+    for (p, want) in &originals {
+        assert_eq!(&fs::read(p).expect("read"), want, "{} rebuilt", p.display());
+    }
+    assert!(!stray.exists());
+    assert_records(&read_all(&log), 0..400);
+    assert_eq!(log.offset_for_timestamp(1_000 + 123).expect("ts"), 123);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_roll_at_the_configured_size() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    append_n(&log, 0..300, 10).await;
+    let log_dir = dir.path().join("q");
+    let data = segment_files(&log_dir, "log");
+    assert_eq!(data.len(), log.segment_count());
+    assert!(data.len() > 3);
+    let mut expect_base = 0;
+    for p in &data {
+        let name = p.file_name().and_then(|n| n.to_str()).expect("name");
+        let (base, _) = segment::parse_file_name(name).expect("named by base offset");
+        assert_eq!(base, expect_base, "segments are contiguous");
+        let len = fs::metadata(p).expect("meta").len();
+        assert!(len <= 4096, "{name} has {len} bytes");
+        let f = fs::File::open(p).expect("open");
+        let mut idx = segment::Indexer {
+            interval: 256,
+            last_index_pos: 0,
+        };
+        let scan = segment::scan(&f, len, base, (0, base), &mut idx).expect("scan");
+        assert!(scan.stop.is_none());
+        expect_base = scan.next_offset;
+        assert!(SegmentPaths::new(&log_dir, base).index.exists());
+    }
+    assert_eq!(expect_base, 300);
+    // A record larger than a segment gets a segment of its own.
+    let big = Record {
+        timestamp: 5_000,
+        headers: Bytes::new(),
+        payload: Bytes::from(vec![7u8; 10_000]),
+    };
+    let before = log.segment_count();
+    let at = log.append(vec![big.clone()]).await.expect("big");
+    assert_eq!(at, 300);
+    log.append(vec![rec(301)]).await.expect("after big");
+    assert_eq!(log.segment_count(), before + 2);
+    let back = log.read(300, ReadLimit::bytes(1)).expect("read big");
+    assert_eq!(back[0].payload, big.payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_size_deletes_only_whole_sealed_segments() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    append_n(&log, 0..400, 10).await;
+    let segments = log.segment_count();
+    let size = log.size_bytes();
+    log.set_retention(Retention {
+        max_age: None,
+        max_bytes: Some(size / 2),
+    });
+    let deleted = log.enforce_retention(u64::MAX).expect("retention");
+    assert!(deleted.segments > 0);
+    assert_eq!(log.segment_count(), segments - deleted.segments);
+    assert!(log.size_bytes() <= size / 2);
+    assert_eq!(log.size_bytes() + deleted.bytes, size);
+    let start = log.start_offset();
+    assert_eq!(deleted.start_offset, start);
+    assert_eq!(
+        segment_files(&dir.path().join("q"), "log").len(),
+        log.segment_count()
+    );
+    assert_records(&read_all(&log), start..400);
+    assert!(matches!(
+        log.read(start - 1, ReadLimit::bytes(10)),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    // Even a limit of zero keeps the active segment.
+    log.set_retention(Retention {
+        max_age: None,
+        max_bytes: Some(0),
+    });
+    log.enforce_retention(u64::MAX).expect("retention");
+    assert_eq!(log.segment_count(), 1);
+    assert_eq!(log.next_offset(), 400);
+    append_n(&log, 400..410, 5).await;
+    // After a reopen the log still starts where retention left it.
+    let start = log.start_offset();
+    drop(log);
+    drop(storage);
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    assert!(recovery.is_clean());
+    assert_eq!((log.start_offset(), log.next_offset()), (start, 410));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_and_truncate_before() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    append_n(&log, 0..400, 10).await;
+    // Record i has timestamp 1000 + i. With max_age 100 ms at now = 1300, a segment
+    // goes when its newest record is older than 1200, i.e. all its offsets < 200.
+    log.set_retention(Retention {
+        max_age: Some(Duration::from_millis(100)),
+        max_bytes: None,
+    });
+    let deleted = log.enforce_retention(1_300).expect("age");
+    assert!(deleted.segments > 0);
+    let start = log.start_offset();
+    assert!(start <= 200, "start {start}");
+    let first = log.read(start, ReadLimit::bytes(1)).expect("read");
+    assert_eq!(first[0].offset, start);
+    // The segment before `start` ended before 200; the one at `start` reaches 200.
+    let seg_end = log
+        .read(start, ReadLimit::bytes(usize::MAX))
+        .expect("read")
+        .len() as u64;
+    assert!(start + seg_end > 199);
+    // Everything old, yet the active segment stays.
+    log.enforce_retention(u64::MAX).expect("age");
+    assert_eq!(log.segment_count(), 1);
+
+    let (log2, _) = storage.open_log("r", small()).expect("open log");
+    append_n(&log2, 0..400, 10).await;
+    let deleted = log2.truncate_before(150).expect("truncate");
+    assert!(deleted.segments > 0);
+    assert!(log2.start_offset() <= 150);
+    assert!(log2.read(150, ReadLimit::bytes(1)).is_ok());
+    assert_eq!(log2.truncate_before(0).expect("noop").segments, 0);
+    log2.truncate_before(u64::MAX).expect("all sealed");
+    assert_eq!(log2.segment_count(), 1);
+    assert_eq!(log2.next_offset(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    assert_eq!(log.offset_for_timestamp(0).expect("empty"), 0);
+    // Timestamps 10, 10, 10, 20, 20, 20, ... with one stamped in the past (clamped).
+    let mut records = Vec::new();
+    for i in 0..600u64 {
+        let mut r = rec(i);
+        r.timestamp = 10 * (i / 3 + 1);
+        if i == 301 {
+            r.timestamp = 5;
+        }
+        records.push(r);
+    }
+    for chunk in records.chunks(13) {
+        log.append(chunk.to_vec()).await.expect("append");
+    }
+    let stored: Vec<u64> = read_all(&log).iter().map(|r| r.timestamp).collect();
+    assert_eq!(
+        stored[301], stored[300],
+        "a timestamp from the past is clamped"
+    );
+    assert!(stored.windows(2).all(|w| w[0] <= w[1]));
+    for ts in (0..2_100).step_by(7) {
+        let want = stored
+            .iter()
+            .position(|&t| t >= ts)
+            .map_or(600, |p| p as u64);
+        assert_eq!(
+            log.offset_for_timestamp(ts).expect("lookup"),
+            want,
+            "ts {ts}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_logs_share_the_committer() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let mut logs = Vec::new();
+    for i in 0..40 {
+        let durability = if i % 2 == 0 {
+            Durability::Fsync
+        } else {
+            Durability::Buffered
+        };
+        let config = LogConfig {
+            durability,
+            ..small()
+        };
+        logs.push(storage.open_log(&format!("p-{i}"), config).expect("open").0);
+    }
+    let mut tasks = Vec::new();
+    for log in &logs {
+        for t in 0..8u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for k in 0..25u64 {
+                    let n = ((t + k) % 3 + 1) as usize;
+                    let batch = (0..n).map(|j| rec(t * 1000 + k * 10 + j as u64)).collect();
+                    offsets.push((log.append(batch).await.expect("append"), n as u64));
+                }
+                offsets
+            }));
+        }
+    }
+    let mut per_log: Vec<Vec<(u64, u64)>> = vec![Vec::new(); logs.len()];
+    for (i, task) in tasks.into_iter().enumerate() {
+        per_log[i / 8].extend(task.await.expect("task"));
+    }
+    for (log, mut batches) in logs.iter().zip(per_log) {
+        batches.sort_unstable();
+        let mut next = 0;
+        for (first, n) in batches {
+            assert_eq!(first, next, "batches tile the offsets of {}", log.name());
+            next += n;
+        }
+        assert_eq!(log.next_offset(), next);
+        assert_eq!(read_all(log).len() as u64, next);
+        let stats = log.stats();
+        assert_eq!(stats.records, next);
+        assert!(stats.writes <= 200, "at most one write per append");
+    }
+    assert!(storage.failed_logs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_appends_resolve_after_a_sync() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", LogConfig::default()).expect("open");
+    for i in 0..5 {
+        log.append(vec![rec(i)]).await.expect("append");
+        let s = log.stats();
+        assert!(s.syncs > i, "append {i} resolved after {} syncs", s.syncs);
+        assert_eq!(log.next_offset(), i + 1, "readable once resolved");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_appends_reach_the_kernel_before_resolving_and_sync_on_interval() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let config = LogConfig {
+        durability: Durability::Buffered,
+        sync_interval: Duration::from_millis(200),
+        ..LogConfig::default()
+    };
+    let (log, _) = storage.open_log("q", config).expect("open");
+    let payload = Bytes::from_static(b"visible-to-another-process");
+    log.append(vec![Record::now(Bytes::new(), payload.clone())])
+        .await
+        .expect("append");
+    assert_eq!(log.stats().syncs, 0, "buffered does not wait for a sync");
+    // Another reader of the file (as after kill -9) sees the record already.
+    let on_disk = fs::read(dir.path().join("q").join(segment::file_name(0, "log"))).expect("read");
+    assert!(on_disk.windows(payload.len()).any(|w| w == &payload[..]));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        log.stats().syncs,
+        1,
+        "one background sync for the dirty log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_makes_the_log_read_only() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", LogConfig::default()).expect("open");
+    let (other, _) = storage
+        .open_log("other", LogConfig::default())
+        .expect("open");
+    log.append(vec![rec(0)]).await.expect("healthy");
+    log.inject_fault(false, true);
+    let failed = log.append(vec![rec(1)]).await;
+    assert!(
+        matches!(&failed, Err(Error::ReadOnly { log, .. }) if log == "q"),
+        "{failed:?}"
+    );
+    assert!(matches!(
+        log.append(vec![rec(2)]).await,
+        Err(Error::ReadOnly { .. })
+    ));
+    assert!(log.failure().is_some());
+    let failed_logs = storage.failed_logs();
+    assert_eq!(failed_logs.len(), 1);
+    assert_eq!(failed_logs[0].0, "q");
+    assert!(failed_logs[0].1.to_string().contains("fdatasync"));
+    // The failed batch is not readable; what was durable before still is.
+    assert_eq!(log.next_offset(), 1);
+    assert_eq!(log.read(0, ReadLimit::bytes(100)).expect("read").len(), 1);
+    // Other logs keep working.
+    assert_eq!(other.append(vec![rec(0)]).await.expect("other"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_makes_the_log_read_only_in_both_modes() {
+    for durability in [Durability::Fsync, Durability::Buffered] {
+        let dir = temp();
+        let storage = Storage::open(dir.path()).expect("open");
+        let config = LogConfig {
+            durability,
+            ..LogConfig::default()
+        };
+        let (log, _) = storage.open_log("q", config).expect("open");
+        log.inject_fault(true, false);
+        assert!(matches!(
+            log.append(vec![rec(0)]).await,
+            Err(Error::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            log.append(vec![rec(0)]).await,
+            Err(Error::ReadOnly { .. })
+        ));
+        assert_eq!(storage.failed_logs().len(), 1);
+        // Reopening (a restart) recovers a writable log.
+        drop(log);
+        drop(storage);
+        let storage = Storage::open(dir.path()).expect("open");
+        let (log, _) = storage.open_log("q", config).expect("open");
+        assert_eq!(log.append(vec![rec(0)]).await.expect("append"), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_background_sync_is_reported() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let config = LogConfig {
+        durability: Durability::Buffered,
+        sync_interval: Duration::from_millis(50),
+        ..LogConfig::default()
+    };
+    let (log, _) = storage.open_log("q", config).expect("open");
+    log.inject_fault(false, true);
+    log.append(vec![rec(0)])
+        .await
+        .expect("buffered resolves after write");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(log.failure().is_some());
+    assert!(matches!(
+        log.append(vec![rec(1)]).await,
+        Err(Error::ReadOnly { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_storage_completes_queued_appends() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open");
+    let pending: Vec<Append> = (0..50).map(|i| log.append(vec![rec(i)])).collect();
+    drop(storage);
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.await.expect("queued append completes"), i as u64);
+    }
+    assert!(matches!(
+        log.append(vec![rec(50)]).await,
+        Err(Error::Closed)
+    ));
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open");
+    assert_records(&read_all(&log), 0..50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_names_are_checked_and_logs_can_be_deleted() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    for bad in ["", ".", "..", "a/b", ".hidden", "sp ace"] {
+        assert!(matches!(
+            storage.open_log(bad, small()),
+            Err(Error::InvalidName(_))
+        ));
+    }
+    let (log, _) = storage.open_log("q", small()).expect("open");
+    assert!(matches!(
+        storage.open_log("q", small()),
+        Err(Error::AlreadyOpen(_))
+    ));
+    log.append(vec![rec(0)]).await.expect("append");
+    assert!(storage.log("q").is_some());
+    storage.delete_log("q").expect("delete");
+    assert!(storage.log("q").is_none());
+    assert!(!dir.path().join("q").exists());
+    assert!(matches!(log.append(vec![rec(1)]).await, Err(Error::Closed)));
+    assert!(storage.log_names().expect("names").is_empty());
+}
+
+mod model {
+    //! Random append / read / reopen / truncate sequences against an in-memory model.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(Vec<(u64, usize, usize)>),
+        Read {
+            from: u64,
+            max_records: usize,
+            max_bytes: usize,
+        },
+        Reopen,
+        TruncateBefore(u64),
+        Timestamp(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => prop::collection::vec((0u64..50, 0usize..20, 0usize..600), 0..12).prop_map(Op::Append),
+            3 => (0u64..300, 1usize..50, 1usize..5000)
+                .prop_map(|(from, max_records, max_bytes)| Op::Read { from, max_records, max_bytes }),
+            1 => Just(Op::Reopen),
+            1 => (0u64..300).prop_map(Op::TruncateBefore),
+            1 => (0u64..3000).prop_map(Op::Timestamp),
+        ]
+    }
+
+    fn record(seed: u64, ts: u64, h: usize, p: usize) -> Record {
+        Record {
+            timestamp: ts,
+            headers: Bytes::from(vec![(seed % 7) as u8; h]),
+            payload: Bytes::from(vec![(seed % 251) as u8; p]),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn log_matches_model(ops in prop::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            let dir = temp();
+            let config = LogConfig { index_interval_bytes: 100, ..small() };
+            let mut storage = Storage::open(dir.path()).expect("open");
+            let mut log = storage.open_log("m", config).expect("open").0;
+            // The model: every record ever appended, and the first one still held.
+            let mut model: Vec<LogRecord> = Vec::new();
+            let mut last_ts = 0u64;
+            for op in ops {
+                match op {
+                    Op::Append(batch) => {
+                        let records: Vec<Record> = batch
+                            .iter()
+                            .map(|&(dt, h, p)| record(model.len() as u64, 1_000 + dt * 10 + model.len() as u64 / 3, h, p))
+                            .collect();
+                        let first = rt.block_on(log.append(records.clone())).expect("append");
+                        prop_assert_eq!(first, model.len() as u64);
+                        for r in records {
+                            last_ts = last_ts.max(r.timestamp);
+                            model.push(LogRecord { offset: model.len() as u64, timestamp: last_ts, headers: r.headers, payload: r.payload });
+                        }
+                    }
+                    Op::Read { from, max_records, max_bytes } => {
+                        let start = log.start_offset();
+                        let end = model.len() as u64;
+                        let got = log.read(from, ReadLimit { max_records, max_bytes });
+                        if from < start || from > end {
+                            prop_assert!(matches!(got, Err(Error::OffsetOutOfRange { .. })), "{:?}", got);
+                        } else {
+                            let got = got.expect("read");
+                            prop_assert_eq!(got.is_empty(), from == end);
+                            prop_assert!(got.len() <= max_records);
+                            let bytes: usize = got.iter().map(|r| crate::format::frame_len(r.headers.len(), r.payload.len())).sum();
+                            prop_assert!(got.len() <= 1 || bytes <= max_bytes);
+                            for (k, r) in got.iter().enumerate() {
+                                prop_assert_eq!(r, &model[(from as usize) + k]);
+                            }
+                        }
+                    }
+                    Op::Reopen => {
+                        drop(log);
+                        drop(storage);
+                        storage = Storage::open(dir.path()).expect("reopen");
+                        let (l, recovery) = storage.open_log("m", config).expect("reopen");
+                        prop_assert!(recovery.is_clean(), "{:?}", recovery);
+                        log = l;
+                        prop_assert_eq!(log.next_offset(), model.len() as u64);
+                    }
+                    Op::TruncateBefore(offset) => {
+                        let before = log.start_offset();
+                        let d = log.truncate_before(offset).expect("truncate");
+                        prop_assert!(d.start_offset <= offset.max(before));
+                        prop_assert_eq!(d.start_offset, log.start_offset());
+                        prop_assert_eq!(log.next_offset(), model.len() as u64);
+                    }
+                    Op::Timestamp(ts) => {
+                        let start = log.start_offset() as usize;
+                        let want = model[start..]
+                            .iter()
+                            .find(|r| r.timestamp >= ts)
+                            .map_or(model.len() as u64, |r| r.offset);
+                        prop_assert_eq!(log.offset_for_timestamp(ts).expect("ts"), want);
+                    }
+                }
+            }
+        }
+    }
+}
