@@ -20,6 +20,16 @@ TIMER_SLACK = 7.0 if IS_MOSQUITTO else 1.5
 VERSIONS = [pytest.param(4, id="v311"), pytest.param(5, id="v5")]
 
 
+def pytest_sessionstart(session):
+    # Build before any test runs, so the build is not charged to a test's timeout.
+    if not IS_MOSQUITTO and not session.config.option.collectonly:
+        from broker import roost_binary
+        try:
+            roost_binary()
+        except RuntimeError as e:
+            pytest.exit(str(e), returncode=2)
+
+
 def pytest_report_header(config):
     return f"broker under test: {KIND} (ROOST_TEST_BROKER)"
 

@@ -1,6 +1,5 @@
 """The Debian mosquitto_pub / mosquitto_sub command-line clients as a second real client."""
 
-import os
 import queue
 import shutil
 import signal

@@ -1,6 +1,5 @@
 """The roost command line and config file as a user meets them (roost only)."""
 
-import socket
 import subprocess
 
 import pytest

@@ -1,6 +1,5 @@
 """Retained messages: store, replace, clear, delivery on subscribe, v5 retain options."""
 
-import time
 
 import pytest
 
