@@ -22,6 +22,7 @@ use roost_router::{Matches, Router, Subscription};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
 use crate::session::{Delivery, Session, ShareRef};
 
@@ -57,6 +58,8 @@ pub struct ConnectionHandle {
     pub deliveries: mpsc::Sender<Delivery>,
     /// Control requests.
     pub control: mpsc::UnboundedSender<Control>,
+    /// The session outlives the connection, so QoS 1/2 deliveries to it are stored.
+    pub persistent: bool,
 }
 
 #[derive(Debug)]
@@ -92,11 +95,15 @@ pub struct Broker {
     retained: RwLock<HashMap<String, Arc<Message>>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
+    store: Store,
+    /// Next key for a stored delivery; keys only grow, so a session's stored queue
+    /// reads back in order.
+    next_seq: AtomicU64,
 }
 
 impl Broker {
-    /// A broker with empty state.
-    pub fn new(config: Config) -> Arc<Broker> {
+    /// A broker over `store`; call [`Broker::restore`] with what the store loaded.
+    pub fn new(config: Config, store: Store) -> Arc<Broker> {
         Arc::new(Broker {
             limits: Arc::new(Limits::from_config(&config)),
             config,
@@ -106,7 +113,88 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            store,
+            next_seq: AtomicU64::new(1),
         })
+    }
+
+    /// The durable store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Brings back what the store loaded at startup: retained messages and sessions
+    /// (offline, with their subscriptions, queues and in-flight messages). Time spent
+    /// down counts against session expiry and will delay; a client that was connected
+    /// when roost stopped lost its connection then, so its will applies.
+    pub fn restore(self: &Arc<Self>, loaded: Loaded) {
+        self.next_seq.store(loaded.next_seq, Ordering::Relaxed);
+        {
+            let mut retained = self.retained.write();
+            for m in loaded.retained {
+                retained.insert(m.topic.clone(), Arc::new(m));
+            }
+        }
+        let now_ms = persist::instant_to_unix_ms(Instant::now());
+        let mut ops = Vec::new();
+        let mut ended = Vec::new();
+        let mut wills = Vec::new();
+        for stored in loaded.sessions {
+            let mut session = stored.session;
+            session.stored = true;
+            let client = session.client_id.clone();
+            let down_for = if stored.connected {
+                0
+            } else {
+                u32::try_from(now_ms.saturating_sub(stored.disconnected_at_ms) / 1000)
+                    .unwrap_or(u32::MAX)
+            };
+            let expiry_left = match session.expiry_interval {
+                u32::MAX => u32::MAX,
+                e => e.saturating_sub(down_for),
+            };
+            let mut will = stored.will;
+            let will_delay_left = will
+                .as_ref()
+                .and_then(|w| w.properties.will_delay_interval)
+                .map_or(0, |d| d.saturating_sub(down_for));
+            if expiry_left == 0 {
+                session.pending_will = will;
+                ended.push(session);
+                continue;
+            }
+            if will_delay_left == 0
+                && let Some(w) = will.take()
+            {
+                wills.push((client.clone(), w));
+            }
+            session.pending_will = will;
+            for (filter, record) in &session.subscriptions {
+                self.subscribe(filter, &client, record.options, record.identifier);
+            }
+            if stored.connected || will_delay_left == 0 {
+                // Now it is disconnected as of this start (and any will is gone).
+                let record =
+                    persist::encode_session(&session, false, session.pending_will.as_ref());
+                ops.push(Op::PutSession(client.clone(), record));
+            }
+            let generation = self.next_id();
+            self.shard(&client).lock().insert(
+                client.clone(),
+                Slot::Offline {
+                    session: Box::new(session),
+                    generation,
+                },
+            );
+            self.schedule_offline_timers(client, generation, will_delay_left, expiry_left);
+        }
+        self.store.submit_detached(ops);
+        for session in ended {
+            self.discard_session(session);
+        }
+        for (client, will) in wills {
+            self.publish_will_now(&client, will);
+        }
     }
 
     /// A fresh unique number (connection ids, generations, assigned client ids).
@@ -179,12 +267,18 @@ impl Broker {
             self.unsubscribe(filter, &session.client_id);
         }
         let client_id = session.client_id.clone();
-        for d in session.take_shared() {
-            self.redeliver_shared(d, &client_id);
+        let shared = session.take_shared();
+        let mut ops = std::mem::take(&mut session.journal);
+        for d in shared {
+            self.redeliver_shared(d, &client_id, &mut ops);
+        }
+        if session.stored {
+            ops.push(Op::DeleteSession(client_id.clone()));
         }
         if let Some(will) = session.pending_will.take() {
-            self.publish_will_now(&client_id, will);
+            self.publish_will(&client_id, will, &mut ops);
         }
+        self.store.submit_detached(ops);
     }
 
     /// Called when a connection task ends (not by takeover). Keeps the session if it
@@ -204,12 +298,16 @@ impl Broker {
         let shared = session.take_shared();
         let mut will_now = None;
         let mut timers = None;
+        let mut ops = Vec::new();
         {
             let mut shard = self.shard(&client_id).lock();
             let ours = matches!(shard.get(&client_id), Some(Slot::Online(h)) if h.id == conn_id);
             if !ours && matches!(shard.get(&client_id), Some(Slot::Online(_))) {
                 drop(shard);
-                session.pending.extend(shared);
+                for d in shared {
+                    self.redeliver_shared(d, &client_id, &mut ops);
+                }
+                self.store.submit_detached(ops);
                 return Some((session, will));
             }
             // Under the shard lock nobody can route into our channel any more: what
@@ -222,7 +320,7 @@ impl Broker {
                     session.enqueue_offline(d, self.limits.max_queued);
                 }
             }
-            if ours && session.expiry_interval > 0 {
+            if ours && session.is_persistent() {
                 let will_delay = will
                     .as_ref()
                     .and_then(|w| w.properties.will_delay_interval)
@@ -235,6 +333,11 @@ impl Broker {
                 let generation = self.next_id();
                 timers = Some((generation, will_delay, session.expiry_interval));
                 let late_shared = session.take_shared();
+                ops.append(&mut session.journal);
+                session.stored = true;
+                let record =
+                    persist::encode_session(&session, false, session.pending_will.as_ref());
+                ops.push(Op::PutSession(client_id.clone(), record));
                 shard.insert(
                     client_id.clone(),
                     Slot::Offline {
@@ -244,7 +347,7 @@ impl Broker {
                 );
                 drop(shard);
                 for d in shared.into_iter().chain(late_shared) {
-                    self.redeliver_shared(d, &client_id);
+                    self.redeliver_shared(d, &client_id, &mut ops);
                 }
             } else {
                 if ours {
@@ -252,17 +355,19 @@ impl Broker {
                 }
                 drop(shard);
                 for d in shared {
-                    self.redeliver_shared(d, &client_id);
+                    self.redeliver_shared(d, &client_id, &mut ops);
                 }
                 // Zero expiry (or a stale slot): the session ends with the connection,
                 // so any will delay is cut short.
                 will_now = will;
+                self.store.submit_detached(std::mem::take(&mut ops));
                 self.discard_session(session);
             }
         }
         if let Some(w) = will_now {
-            self.publish_will_now(&client_id, w);
+            self.publish_will(&client_id, w, &mut ops);
         }
+        self.store.submit_detached(ops);
         if let Some((generation, will_delay, expiry)) = timers {
             self.schedule_offline_timers(client_id, generation, will_delay, expiry);
         }
@@ -281,16 +386,25 @@ impl Broker {
             let id = client_id.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(will_delay))).await;
+                let mut ops = Vec::new();
                 let will = match broker.shard(&id).lock().get_mut(&id) {
                     Some(Slot::Offline {
                         session,
                         generation: g,
-                    }) if *g == generation => session.pending_will.take(),
+                    }) if *g == generation => {
+                        let will = session.pending_will.take();
+                        if will.is_some() && session.stored {
+                            let record = persist::encode_session(session, false, None);
+                            ops.push(Op::PutSession(id.clone(), record));
+                        }
+                        will
+                    }
                     _ => None,
                 };
                 if let Some(w) = will {
-                    broker.publish_will_now(&id, w);
+                    broker.publish_will(&id, w, &mut ops);
                 }
+                broker.store.submit_detached(ops);
             });
         }
         if expiry != u32::MAX {
@@ -317,8 +431,14 @@ impl Broker {
         }
     }
 
-    /// Publishes a will message now, as from `client_id`.
+    /// Publishes a will message now, as from `client_id`, storing what it queues.
     pub fn publish_will_now(&self, client_id: &Arc<str>, will: LastWill) {
+        let mut ops = Vec::new();
+        self.publish_will(client_id, will, &mut ops);
+        self.store.submit_detached(ops);
+    }
+
+    fn publish_will(&self, client_id: &Arc<str>, will: LastWill, ops: &mut Vec<Op>) {
         tracing::debug!(client_id = %client_id, topic = %will.topic, "publishing will");
         let mut properties = will.properties;
         properties.will_delay_interval = None;
@@ -331,7 +451,7 @@ impl Broker {
             publisher: Some(client_id.clone()),
             received_at: Instant::now(),
         });
-        self.publish(msg);
+        self.publish(msg, ops);
     }
 
     /// Adds a subscription of `client_id` to the router. `raw` may be `$share/...`.
@@ -392,6 +512,7 @@ impl Broker {
                 retain: true,
                 subscription_ids: identifier.into_iter().collect(),
                 share: None,
+                seq: None,
             })
         };
         if topic::has_wildcard(f.filter) {
@@ -410,31 +531,38 @@ impl Broker {
         self.retained.read().len()
     }
 
-    /// Routes a message to every matching subscription; stores it first if retained.
-    pub fn publish(&self, msg: Arc<Message>) {
+    /// Routes a message to every matching subscription; keeps it first if retained.
+    /// What must be stored before the publish is acknowledged is appended to `ops`.
+    pub fn publish(&self, msg: Arc<Message>, ops: &mut Vec<Op>) {
         if msg.retain {
             let mut retained = self.retained.write();
             if msg.payload.is_empty() {
-                retained.remove(&msg.topic);
+                if retained.remove(&msg.topic).is_some() {
+                    ops.push(Op::DeleteRetained(msg.topic.clone()));
+                }
             } else {
                 retained.insert(msg.topic.clone(), msg.clone());
+                ops.push(Op::PutRetained(
+                    msg.topic.clone(),
+                    persist::encode_retained(&msg),
+                ));
             }
         }
         let mut matches = Matches::default();
         self.router.matches(&msg.topic, &mut matches);
-        self.deliver_direct(&msg, &mut matches.direct);
+        self.deliver_direct(&msg, &mut matches.direct, ops);
         for group in &matches.shared {
             let share = ShareRef {
                 group: group.group.clone(),
                 filter: group.filter.clone(),
             };
-            self.deliver_shared(&msg, group, share, None);
+            self.deliver_shared(&msg, group, share, None, ops);
         }
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the
     /// message once, at the highest QoS, with all their subscription identifiers.
-    fn deliver_direct(&self, msg: &Arc<Message>, subs: &mut [Subscription]) {
+    fn deliver_direct(&self, msg: &Arc<Message>, subs: &mut [Subscription], ops: &mut Vec<Op>) {
         subs.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         let mut i = 0;
         while i < subs.len() {
@@ -453,7 +581,7 @@ impl Broker {
                 ids.extend(s.identifier);
             }
             let Some(qos) = qos else { continue };
-            self.deliver_to(
+            self.deliver(
                 &client,
                 Delivery {
                     msg: msg.clone(),
@@ -461,7 +589,10 @@ impl Broker {
                     retain,
                     subscription_ids: ids,
                     share: None,
+                    seq: None,
                 },
+                false,
+                ops,
             );
         }
     }
@@ -474,6 +605,7 @@ impl Broker {
         group: &roost_router::SharedMatch,
         share: ShareRef,
         except: Option<&str>,
+        ops: &mut Vec<Op>,
     ) -> bool {
         let candidates: Vec<usize> = group
             .rotation()
@@ -485,26 +617,27 @@ impl Broker {
             retain: s.options.retain_as_published && msg.retain,
             subscription_ids: s.identifier.into_iter().collect(),
             share: Some(share.clone()),
+            seq: None,
         };
         for &i in &candidates {
             let s = &group.members[i];
-            if self.try_deliver_online(&s.client_id, make(s)) {
+            if self.deliver(&s.client_id, make(s), true, ops) {
                 return true;
             }
         }
         if let Some(&i) = candidates.first() {
             let s = &group.members[i];
-            return self.deliver_to(&s.client_id, make(s));
+            return self.deliver(&s.client_id, make(s), false, ops);
         }
         false
     }
 
     /// Gives a delivery that a leaving member had to another member of its group.
-    /// Without another member the message stays... nowhere to go: it is kept by
-    /// queueing it back to the leaving client's stored session, if it has one.
-    fn redeliver_shared(&self, d: Delivery, leaving: &Arc<str>) {
+    /// Without another member it goes back to the leaving client's session, which
+    /// keeps it if it is stored (persistent).
+    fn redeliver_shared(&self, d: Delivery, leaving: &Arc<str>, ops: &mut Vec<Op>) {
         let Some(share) = d.share.clone() else {
-            self.deliver_to(leaving, d);
+            self.deliver(leaving, d, false, ops);
             return;
         };
         let mut matches = Matches::default();
@@ -514,38 +647,61 @@ impl Broker {
             .iter()
             .find(|g| g.group == share.group && g.filter == share.filter);
         if let Some(group) = group
-            && self.deliver_shared(&d.msg, group, share, Some(leaving))
+            && self.deliver_shared(&d.msg, group, share, Some(leaving), ops)
         {
             return;
         }
-        self.deliver_to(leaving, d);
+        self.deliver(leaving, d, false, ops);
     }
 
-    /// Delivers only if the client is online; false otherwise (or if its channel is full).
-    fn try_deliver_online(&self, client_id: &str, d: Delivery) -> bool {
-        let shard = self.shard(client_id).lock();
-        match shard.get(client_id) {
-            Some(Slot::Online(h)) => h.deliveries.try_send(d).is_ok(),
+    /// Hands a delivery to a live connection or queues it in a stored session (not
+    /// with `online_only`). A QoS 1/2 delivery to a persistent session is stored: its
+    /// write is appended to `ops`. Returns false when it was not taken.
+    fn deliver(
+        &self,
+        client_id: &Arc<str>,
+        mut d: Delivery,
+        online_only: bool,
+        ops: &mut Vec<Op>,
+    ) -> bool {
+        let mut shard = self.shard(client_id).lock();
+        match shard.get_mut(client_id) {
+            Some(Slot::Online(h)) => {
+                let Ok(permit) = h.deliveries.try_reserve() else {
+                    tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
+                    return false;
+                };
+                if h.persistent && d.qos != QoS::AtMostOnce {
+                    self.store_delivery(client_id, &mut d, ops);
+                }
+                permit.send(d);
+                true
+            }
+            Some(Slot::Offline { session, .. }) if !online_only => {
+                if d.qos == QoS::AtMostOnce {
+                    return false;
+                }
+                if session.pending.len() >= self.limits.max_queued {
+                    session.dropped += 1;
+                    tracing::debug!(client_id = %client_id, "offline queue full, message dropped");
+                    return false;
+                }
+                self.store_delivery(client_id, &mut d, ops);
+                session.pending.push_back(d);
+                true
+            }
             _ => false,
         }
     }
 
-    /// Hands a delivery to a live connection or queues it in a stored session.
-    fn deliver_to(&self, client_id: &str, d: Delivery) -> bool {
-        let mut shard = self.shard(client_id).lock();
-        match shard.get_mut(client_id) {
-            Some(Slot::Online(h)) => match h.deliveries.try_send(d) {
-                Ok(()) => true,
-                Err(_) => {
-                    tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
-                    false
-                }
-            },
-            Some(Slot::Offline { session, .. }) => {
-                session.enqueue_offline(d, self.limits.max_queued)
-            }
-            None => false,
-        }
+    fn store_delivery(&self, client_id: &Arc<str>, d: &mut Delivery, ops: &mut Vec<Op>) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        ops.push(Op::PutEntry(
+            client_id.clone(),
+            seq,
+            persist::encode_entry(d),
+        ));
+        d.seq = Some(seq);
     }
 
     /// Capacity of a connection's delivery channel.

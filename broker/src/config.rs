@@ -11,6 +11,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::persist::Durability;
+
 /// The broker's settings after merging defaults, file and flags.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -44,6 +46,28 @@ pub struct Config {
     pub session_expiry_max: u32,
     /// Seconds a new connection has to send its CONNECT.
     pub connect_timeout: u16,
+    /// Durable storage (the `[storage]` table).
+    pub storage: StorageConfig,
+}
+
+/// The `[storage]` table: how durable stored state is.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `fsync`: acknowledge after fdatasync (survives power loss); `buffered`:
+    /// acknowledge after write(2) (survives a crash of roost), sync on an interval.
+    pub durability: Durability,
+    /// Sync interval of `buffered` durability, in milliseconds.
+    pub sync_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            durability: Durability::Fsync,
+            sync_interval_ms: 1000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -61,6 +85,7 @@ impl Default for Config {
             max_keep_alive: 65535,
             session_expiry_max: u32::MAX,
             connect_timeout: 10,
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -111,6 +136,20 @@ pub struct Cli {
     /// Seconds a new connection has to send CONNECT [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub connect_timeout: Option<u16>,
+    /// storage.durability: fsync (ack after fdatasync) or buffered (ack after write) [default: fsync].
+    #[arg(long, value_name = "MODE", value_parser = parse_durability)]
+    pub storage_durability: Option<Durability>,
+    /// storage.sync_interval_ms: sync interval of buffered durability [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub storage_sync_interval_ms: Option<u64>,
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "fsync" => Ok(Durability::Fsync),
+        "buffered" => Ok(Durability::Buffered),
+        other => Err(format!("{other:?} is not fsync or buffered")),
+    }
 }
 
 impl Config {
@@ -139,6 +178,12 @@ impl Config {
             session_expiry_max,
             connect_timeout
         );
+        if let Some(d) = cli.storage_durability {
+            config.storage.durability = d;
+        }
+        if let Some(ms) = cli.storage_sync_interval_ms {
+            config.storage.sync_interval_ms = ms;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -177,6 +222,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             bail!("max_connections: must be at least 1");
+        }
+        if self.storage.sync_interval_ms == 0 {
+            bail!("storage.sync_interval_ms: must be at least 1");
         }
         if self.connect_timeout == 0 {
             bail!("connect_timeout: must be at least 1 second");
@@ -235,6 +283,18 @@ mod tests {
         assert!(format!("{e:#}").contains("bind"), "{e:#}");
         let e = Config::from_toml("log_level = \"loud\"\n").expect_err("bad level");
         assert!(format!("{e:#}").contains("log_level"), "{e:#}");
+    }
+
+    #[test]
+    fn storage_table() {
+        let c = Config::from_toml("[storage]\ndurability = \"buffered\"\nsync_interval_ms = 250\n")
+            .expect("valid");
+        assert_eq!(c.storage.durability, Durability::Buffered);
+        assert_eq!(c.storage.sync_interval_ms, 250);
+        let e = Config::from_toml("[storage]\ndurability = \"sometimes\"\n").expect_err("bad mode");
+        assert!(format!("{e:#}").contains("durability"), "{e:#}");
+        let e = Config::from_toml("[storage]\nfsync = true\n").expect_err("unknown key");
+        assert!(format!("{e:#}").contains("fsync"), "{e:#}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use crate::broker::{Attach, Broker, ConnectionHandle, Control, Handover};
+use crate::persist::Op;
 use crate::protocol::{self, ConnectRefusal, Connection, Event};
 use crate::session::{Delivery, Session};
 
@@ -177,6 +178,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         id: conn_id,
         deliveries: delivery_tx,
         control: control_tx,
+        persistent: plan.session_expiry > 0,
     };
     let previous = match broker.attach(&client_id, plan.clean_start, handle) {
         Attach::Fresh => None,
@@ -211,13 +213,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
 
     let mut taken_over = None;
+    let mut ops = Vec::new();
     let outcome = loop {
-        run_events(broker, &mut conn);
-        if conn.has_output() {
-            let out = conn.take_output();
-            if let Err(e) = io.write(&out).await {
-                break format!("write error: {e}");
-            }
+        if let Err(e) = flush(broker, &mut conn, io, &mut ops).await {
+            break e;
         }
         if let Some(close) = conn.close_reason() {
             break close.why.clone();
@@ -232,12 +231,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     while conn.close_reason().is_none() {
                         match codec::decode(&mut io.read_buf, Some(conn.version()), broker.limits.max_packet_size as usize) {
                             Ok(Some(p)) => {
-                                run_events(broker, &mut conn);
+                                run_events(broker, &mut conn, &mut ops);
                                 conn.handle(p, now);
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                run_events(broker, &mut conn);
+                                run_events(broker, &mut conn, &mut ops);
                                 conn.decode_error(&e);
                             }
                         }
@@ -267,11 +266,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    run_events(broker, &mut conn);
-    if conn.has_output() {
-        let out = conn.take_output();
-        let _ = io.write(&out).await;
-    }
+    let _ = flush(broker, &mut conn, io, &mut ops).await;
     // Closing with unread input makes the kernel send RST, which can destroy the
     // DISCONNECT we just wrote before the client reads it. So when roost ends the
     // connection, it half-closes, settles the session, then reads and discards what
@@ -350,8 +345,37 @@ async fn end_session(
     }
 }
 
+/// Carries out pending events, stores what they and the session changed, and only
+/// then writes the output: nothing is acknowledged before it is stored.
+async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Arc<Broker>,
+    conn: &mut Connection,
+    io: &mut Io<S>,
+    ops: &mut Vec<Op>,
+) -> Result<(), String> {
+    run_events(broker, conn, ops);
+    // Routing's writes first: the session's own journal may finish what routing began.
+    ops.append(&mut conn.take_store_ops());
+    if !ops.is_empty() {
+        let ticket = broker.store().submit(std::mem::take(ops));
+        if let Err(e) = ticket.wait().await {
+            tracing::error!(client_id = %conn.client_id(), "cannot store session state: {e}");
+            // The acknowledgements in the output promise what was not stored.
+            let _ = conn.take_output();
+            conn.disconnect(ReasonCode::UnspecifiedError, "storage failure", true);
+        }
+    }
+    if conn.has_output() {
+        let out = conn.take_output();
+        io.write(&out)
+            .await
+            .map_err(|e| format!("write error: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Carries out what the protocol asked of the broker.
-fn run_events(broker: &Arc<Broker>, conn: &mut Connection) {
+fn run_events(broker: &Arc<Broker>, conn: &mut Connection, ops: &mut Vec<Op>) {
     let events: Vec<Event> = conn.take_events().collect();
     if events.is_empty() {
         return;
@@ -359,7 +383,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection) {
     let now = Instant::now();
     for event in events {
         match event {
-            Event::Publish(msg) => broker.publish(msg),
+            Event::Publish(msg) => broker.publish(msg, ops),
             Event::Subscribe {
                 filter,
                 options,

@@ -3,6 +3,7 @@
 mod broker;
 mod config;
 mod connection;
+mod persist;
 mod protocol;
 mod server;
 mod session;

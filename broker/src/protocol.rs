@@ -23,6 +23,7 @@ use roost_core::{
 };
 
 use crate::config::Config;
+use crate::persist::Op;
 use crate::session::{Delivery, Inflight, InflightState, Session, SubscriptionRecord};
 
 /// The limits a connection enforces, taken from the configuration.
@@ -234,6 +235,8 @@ pub struct Connection {
     will: Option<LastWill>,
     /// CONNECT asked for session expiry 0 (then DISCONNECT may not raise it).
     connect_expiry_zero: bool,
+    /// The stored session record is out of date (new connection, subscriptions changed).
+    record_dirty: bool,
     out: BytesMut,
     events: Vec<Event>,
     close: Option<Close>,
@@ -284,6 +287,7 @@ impl Connection {
             },
             will: connect.will,
             connect_expiry_zero: plan.session_expiry == 0,
+            record_dirty: true,
             limits,
             out: BytesMut::new(),
             events: Vec::new(),
@@ -334,6 +338,21 @@ impl Connection {
     /// True when there are bytes waiting to be written.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
+    }
+
+    /// The store operations this connection's session produced since the last call,
+    /// including a new session record when its subscriptions, expiry or will changed.
+    /// They must be stored before the output that goes with them is written.
+    pub fn take_store_ops(&mut self) -> Vec<Op> {
+        if self.record_dirty && self.session.is_persistent() {
+            self.record_dirty = false;
+            self.session.stored = true;
+            let record = crate::persist::encode_session(&self.session, true, self.will.as_ref());
+            self.session
+                .journal
+                .push(Op::PutSession(self.session.client_id.clone(), record));
+        }
+        std::mem::take(&mut self.session.journal)
     }
 
     /// Events for the broker, in order.
@@ -422,6 +441,7 @@ impl Connection {
             return;
         }
         if d.msg.is_expired(now) {
+            self.session.forget(&d);
             return;
         }
         if d.qos == QoS::AtMostOnce {
@@ -515,7 +535,7 @@ impl Connection {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(Packet::PubAck(PubResponse::new(packet_id))),
             QoS::ExactlyOnce => {
-                self.session.incoming_qos2.insert(packet_id);
+                self.session.add_incoming_qos2(packet_id);
                 self.send(Packet::PubRec(PubResponse::new(packet_id)));
             }
         }
@@ -533,7 +553,9 @@ impl Connection {
     fn on_puback(&mut self, r: PubResponse, now: Instant) {
         match self.find_inflight(r.packet_id) {
             Some(i) if self.session.inflight[i].delivery.qos == QoS::AtLeastOnce => {
-                self.session.inflight.remove(i);
+                if let Some(done) = self.session.inflight.remove(i) {
+                    self.session.forget(&done.delivery);
+                }
                 self.drain_pending(now);
             }
             _ => {
@@ -556,15 +578,19 @@ impl Connection {
         };
         if r.reason.is_error() {
             // The receiver refused the message: the flow ends here.
-            self.session.inflight.remove(i);
+            if let Some(done) = self.session.inflight.remove(i) {
+                self.session.forget(&done.delivery);
+            }
             return self.drain_pending(now);
         }
         self.session.inflight[i].state = InflightState::Released;
+        let released = self.session.inflight[i].clone();
+        self.session.note_inflight(&released);
         self.send(Packet::PubRel(PubResponse::new(r.packet_id)));
     }
 
     fn on_pubrel(&mut self, r: PubResponse) {
-        let reply = if self.session.incoming_qos2.remove(&r.packet_id) {
+        let reply = if self.session.remove_incoming_qos2(r.packet_id) {
             PubResponse::new(r.packet_id)
         } else {
             self.response(
@@ -579,7 +605,9 @@ impl Connection {
     fn on_pubcomp(&mut self, r: PubResponse, now: Instant) {
         match self.find_inflight(r.packet_id) {
             Some(i) if self.session.inflight[i].state == InflightState::Released => {
-                self.session.inflight.remove(i);
+                if let Some(done) = self.session.inflight.remove(i) {
+                    self.session.forget(&done.delivery);
+                }
                 self.drain_pending(now);
             }
             _ => {
@@ -614,6 +642,7 @@ impl Connection {
                 .subscriptions
                 .insert(raw.clone(), record)
                 .is_some();
+            self.record_dirty = true;
             self.events.push(Event::Subscribe {
                 filter: raw,
                 options,
@@ -635,6 +664,7 @@ impl Connection {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for raw in u.filters {
             if self.session.subscriptions.remove(&raw).is_some() {
+                self.record_dirty = true;
                 self.events.push(Event::Unsubscribe { filter: raw });
                 reasons.push(ReasonCode::Success);
             } else {
@@ -673,6 +703,7 @@ impl Connection {
 
     fn send_new(&mut self, d: Delivery, now: Instant) {
         if !self.fits(&d, now) {
+            self.session.forget(&d);
             return;
         }
         let Some(packet_id) = self.session.allocate_packet_id() else {
@@ -680,11 +711,15 @@ impl Connection {
             return;
         };
         if self.write_publish(&d, packet_id, false, now) {
-            self.session.inflight.push_back(Inflight {
+            let f = Inflight {
                 packet_id,
                 delivery: d,
                 state: InflightState::Published,
-            });
+            };
+            self.session.note_inflight(&f);
+            self.session.inflight.push_back(f);
+        } else {
+            self.session.forget(&d);
         }
     }
 
@@ -694,6 +729,7 @@ impl Connection {
                 break;
             };
             if d.msg.is_expired(now) {
+                self.session.forget(&d);
                 continue;
             }
             if d.qos == QoS::AtMostOnce {
@@ -943,6 +979,7 @@ mod tests {
             retain: false,
             subscription_ids: vec![],
             share: None,
+            seq: None,
         }
     }
 

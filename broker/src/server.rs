@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection;
+use crate::persist::Store;
 
 /// How long connections get to close after shutdown is signalled.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -35,7 +36,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
         listeners.push(listener);
     }
-    let broker = Broker::new(config);
+    let state_dir = config.data_dir.join("state");
+    let (store, loaded) = Store::open(
+        &state_dir,
+        config.storage.durability,
+        Duration::from_millis(config.storage.sync_interval_ms),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the session store in {}: {e}. If this directory was not written by roost, or is damaged beyond repair, move it away to start empty",
+            state_dir.display()
+        )
+    })?;
+    for line in &loaded.dropped {
+        warn!("dropped from the session store: {line}");
+    }
+    info!(
+        sessions = loaded.sessions.len(),
+        retained = loaded.retained.len(),
+        durability = ?config.storage.durability,
+        "session store opened in {}",
+        state_dir.display()
+    );
+    let broker = Broker::new(config, store);
+    broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();

@@ -4,13 +4,18 @@
 //! - a packet identifier is in `inflight` at most once, and is not handed out again
 //!   until its flow completes (PUBACK, PUBCOMP, or a PUBREC with an error code);
 //! - `inflight` keeps send order, so a resumed session resends in the original order;
-//! - `pending` never holds more than the configured `max_queued_messages`.
+//! - `pending` never holds more than the configured `max_queued_messages`;
+//! - every change to a stored delivery (sent, released, done, dropped) and to the
+//!   incoming QoS 2 ids of a persistent session is recorded in `journal`, in order, for
+//!   the owner of the session to hand to the store.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use roost_core::{LastWill, Message, PacketId, QoS, SubscriptionOptions};
+
+use crate::persist::Op;
 
 /// The share group and filter a delivery came through, so that it can go to another
 /// member if this one leaves with it unacknowledged.
@@ -35,6 +40,8 @@ pub struct Delivery {
     pub subscription_ids: Vec<u32>,
     /// Set when the message came through a shared subscription.
     pub share: Option<ShareRef>,
+    /// Key of the stored copy, for a QoS 1/2 message to a persistent session.
+    pub seq: Option<u64>,
 }
 
 /// Where an outgoing QoS 1/2 message stands.
@@ -85,6 +92,11 @@ pub struct Session {
     pub pending_will: Option<LastWill>,
     /// Messages dropped because `pending` was full.
     pub dropped: u64,
+    /// Store operations not yet handed to the store.
+    pub journal: Vec<Op>,
+    /// True once a session record was written to the store (so ending the session
+    /// must delete it).
+    pub stored: bool,
     next_packet_id: PacketId,
 }
 
@@ -100,6 +112,8 @@ impl Session {
             expiry_interval: 0,
             pending_will: None,
             dropped: 0,
+            journal: Vec::new(),
+            stored: false,
             next_packet_id: 1,
         }
     }
@@ -118,10 +132,55 @@ impl Session {
     pub fn enqueue(&mut self, d: Delivery, max_queued: usize) -> bool {
         if self.pending.len() >= max_queued {
             self.dropped += 1;
+            self.forget(&d);
             return false;
         }
         self.pending.push_back(d);
         true
+    }
+
+    /// True when the session outlives its connection (and so is stored).
+    pub fn is_persistent(&self) -> bool {
+        self.expiry_interval > 0
+    }
+
+    /// Records that a delivery is finished with (acknowledged, expired or dropped).
+    pub fn forget(&mut self, d: &Delivery) {
+        if let Some(seq) = d.seq {
+            self.journal
+                .push(Op::DeleteEntry(self.client_id.clone(), seq));
+        }
+    }
+
+    /// Records the packet id and QoS stage of a stored delivery in flight.
+    pub fn note_inflight(&mut self, f: &Inflight) {
+        if let Some(seq) = f.delivery.seq {
+            self.journal.push(Op::PutInflight(
+                self.client_id.clone(),
+                seq,
+                f.packet_id,
+                f.state,
+            ));
+        }
+    }
+
+    /// Records an incoming QoS 2 id awaiting PUBREL.
+    pub fn add_incoming_qos2(&mut self, packet_id: PacketId) {
+        self.incoming_qos2.insert(packet_id);
+        if self.is_persistent() {
+            self.journal
+                .push(Op::PutInbound(self.client_id.clone(), packet_id));
+        }
+    }
+
+    /// Forgets an incoming QoS 2 id; false if it was not there.
+    pub fn remove_incoming_qos2(&mut self, packet_id: PacketId) -> bool {
+        let removed = self.incoming_qos2.remove(&packet_id);
+        if removed && self.is_persistent() {
+            self.journal
+                .push(Op::DeleteInbound(self.client_id.clone(), packet_id));
+        }
+        removed
     }
 
     /// The next free packet identifier, skipping those still in flight.
@@ -140,7 +199,7 @@ impl Session {
     /// Removes and returns every delivery (in flight or pending) that came through a
     /// shared subscription, so the broker can hand it to another group member.
     pub fn take_shared(&mut self) -> Vec<Delivery> {
-        let mut out = Vec::new();
+        let mut out: Vec<Delivery> = Vec::new();
         self.inflight.retain(|f| {
             // A QoS 2 message whose PUBREC arrived was received by the client: moving
             // it would deliver it twice, so only unreceived ones move.
@@ -159,13 +218,26 @@ impl Session {
                 true
             }
         });
+        // They will be stored again under their new owner.
+        for d in &out {
+            self.forget(d);
+        }
+        for d in &mut out {
+            d.seq = None;
+        }
         out
     }
 
     /// Drops pending messages whose expiry has passed (in-flight ones are kept: their
     /// delivery has started, and the spec only expires messages not yet sent).
     pub fn expire_pending(&mut self, now: Instant) {
-        self.pending.retain(|d| !d.msg.is_expired(now));
+        let (live, expired): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|d| !d.msg.is_expired(now));
+        self.pending = live;
+        for d in &expired {
+            self.forget(d);
+        }
     }
 }
 
@@ -190,6 +262,7 @@ mod tests {
             retain: false,
             subscription_ids: vec![],
             share: None,
+            seq: None,
         }
     }
 

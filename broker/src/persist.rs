@@ -1,0 +1,931 @@
+//! Durable session and retained state, in an embedded LSM store (fjall) with group commit.
+//!
+//! What is stored (only for sessions with a non-zero expiry):
+//! - `sessions`: client id -> session record (expiry, connected flag, time of
+//!   disconnection, subscriptions with all options, the will);
+//! - `entries`: client id, 0x00, sequence number -> a QoS 1/2 message queued for or in
+//!   flight to that session (the message and its per-subscriber delivery fields);
+//! - `inflight`: same key -> packet id and QoS stage once the message has been sent;
+//! - `inbound`: client id, 0x00, packet id -> an incoming QoS 2 id awaiting PUBREL;
+//! - `retained`: topic -> retained message.
+//!
+//! Client ids never contain NUL (the codec refuses it), so `id 0x00` prefixes are
+//! unambiguous. Sequence numbers grow across restarts, so a session's entries sort in
+//! the order they were queued.
+//!
+//! Writes go to one writer thread in order. It takes everything queued, writes it as one
+//! atomic batch (write(2) to the journal), then, in `fsync` mode, one `fdatasync`, and
+//! only then resolves the [`Ticket`]s. A connection sends no acknowledgement before its
+//! ticket resolves, so whatever a client was told is stored survives `kill -9` (both
+//! modes) and power loss (`fsync` mode). A failed write or sync is fatal to the store:
+//! every later ticket fails, and connections waiting on it are closed without their acks.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use roost_core::codec::{self, PublishView};
+use roost_core::{
+    LastWill, Message, Packet, PacketId, ProtocolVersion, QoS, RetainHandling, SubscriptionOptions,
+};
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use crate::session::{Delivery, Inflight, InflightState, Session, ShareRef, SubscriptionRecord};
+
+/// When an acknowledged write counts as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After `fdatasync`: survives power loss.
+    Fsync,
+    /// After write(2): survives a crash of roost, not of the machine; synced on an interval.
+    Buffered,
+}
+
+/// A store failure. After one, the store accepts no more writes.
+#[derive(Debug, Clone, Error)]
+pub enum StoreError {
+    /// The embedded database reported an error.
+    #[error("storage error: {0}")]
+    Database(String),
+    /// An earlier write or sync failed; the store is read-only.
+    #[error("storage failed earlier and is read-only")]
+    Failed,
+}
+
+/// One change to durable state.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Insert or replace a session record.
+    PutSession(Arc<str>, Vec<u8>),
+    /// Delete a session and everything it has stored.
+    DeleteSession(Arc<str>),
+    /// Store a queued message for a session.
+    PutEntry(Arc<str>, u64, Vec<u8>),
+    /// Record that an entry was sent with a packet id (and how far its flow got).
+    PutInflight(Arc<str>, u64, PacketId, InflightState),
+    /// Delete an entry (delivered, expired or dropped).
+    DeleteEntry(Arc<str>, u64),
+    /// Record an incoming QoS 2 packet id awaiting PUBREL.
+    PutInbound(Arc<str>, PacketId),
+    /// Forget an incoming QoS 2 packet id.
+    DeleteInbound(Arc<str>, PacketId),
+    /// Store a retained message.
+    PutRetained(String, Vec<u8>),
+    /// Clear a retained message.
+    DeleteRetained(String),
+}
+
+struct Job {
+    ops: Vec<Op>,
+    done: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// Resolves when the ops it was given for are stored.
+#[derive(Debug)]
+pub struct Ticket(Option<oneshot::Receiver<Result<(), StoreError>>>);
+
+impl Ticket {
+    /// A ticket for nothing: resolves at once.
+    pub fn ready() -> Ticket {
+        Ticket(None)
+    }
+
+    /// Waits until the ops are stored.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or(Err(StoreError::Failed)),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Spaces {
+    db: Database,
+    sessions: Keyspace,
+    entries: Keyspace,
+    inflight: Keyspace,
+    inbound: Keyspace,
+    retained: Keyspace,
+}
+
+/// Handle to the durable store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    jobs: std::sync::mpsc::Sender<Job>,
+    failed: Arc<AtomicBool>,
+}
+
+/// A session as found on disk at startup.
+#[derive(Debug)]
+pub struct StoredSession {
+    /// The session, with its queue and in-flight messages in their original order.
+    pub session: Session,
+    /// True when the client was connected when roost stopped (crash or kill).
+    pub connected: bool,
+    /// Wall-clock time of disconnection, ms since the epoch (0 if connected).
+    pub disconnected_at_ms: u64,
+    /// The will (of the live connection if `connected`, else one awaiting its delay).
+    pub will: Option<LastWill>,
+}
+
+/// Everything loaded at startup.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Stored sessions.
+    pub sessions: Vec<StoredSession>,
+    /// Retained messages (expired ones already left out).
+    pub retained: Vec<Message>,
+    /// The next free entry sequence number.
+    pub next_seq: u64,
+    /// What could not be decoded and was deleted, one line each, for the log.
+    pub dropped: Vec<String>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and loads its contents.
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        sync_interval: Duration,
+    ) -> Result<(Store, Loaded), StoreError> {
+        let db = Database::builder(dir).open().map_err(db_err)?;
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(db_err)
+        };
+        let spaces = Spaces {
+            sessions: ks("sessions")?,
+            entries: ks("entries")?,
+            inflight: ks("inflight")?,
+            inbound: ks("inbound")?,
+            retained: ks("retained")?,
+            db,
+        };
+        let loaded = load(&spaces)?;
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        let writer_failed = failed.clone();
+        std::thread::Builder::new()
+            .name("roost-store".into())
+            .spawn(move || writer(spaces, rx, durability, sync_interval, writer_failed))
+            .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
+        Ok((Store { jobs, failed }, loaded))
+    }
+
+    /// Queues `ops`; the ticket resolves once they are stored.
+    pub fn submit(&self, ops: Vec<Op>) -> Ticket {
+        if ops.is_empty() {
+            return Ticket::ready();
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.failed.load(Ordering::Acquire) {
+            let _ = tx.send(Err(StoreError::Failed));
+            return Ticket(Some(rx));
+        }
+        let job = Job {
+            ops,
+            done: Some(tx),
+        };
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job)
+            && let Some(done) = job.done
+        {
+            let _ = done.send(Err(StoreError::Failed));
+        }
+        Ticket(Some(rx))
+    }
+
+    /// Queues `ops` that nobody waits for (timers, cleanup); they keep their order.
+    pub fn submit_detached(&self, ops: Vec<Op>) {
+        if !ops.is_empty() {
+            let _ = self.jobs.send(Job { ops, done: None });
+        }
+    }
+}
+
+fn db_err(e: fjall::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+// ----- writer thread -----
+
+/// Keyspace index, for coalescing writes to the same key within one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Space {
+    Sessions,
+    Entries,
+    Inflight,
+    Inbound,
+    Retained,
+}
+
+fn writer(
+    spaces: Spaces,
+    rx: std::sync::mpsc::Receiver<Job>,
+    durability: Durability,
+    sync_interval: Duration,
+    failed: Arc<AtomicBool>,
+) {
+    let mut dirty = false;
+    loop {
+        let first = match rx.recv_timeout(sync_interval) {
+            Ok(job) => job,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if dirty && !failed.load(Ordering::Acquire) {
+                    if let Err(e) = spaces.db.persist(PersistMode::SyncData) {
+                        fail(&failed, &e.to_string());
+                    }
+                    dirty = false;
+                }
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut jobs = vec![first];
+        while let Ok(job) = rx.try_recv() {
+            jobs.push(job);
+        }
+        let result = if failed.load(Ordering::Acquire) {
+            Err(StoreError::Failed)
+        } else {
+            let r = write_jobs(&spaces, &jobs).and_then(|()| match durability {
+                Durability::Fsync => spaces.db.persist(PersistMode::SyncData).map_err(db_err),
+                Durability::Buffered => Ok(()),
+            });
+            if let Err(e) = &r {
+                fail(&failed, &e.to_string());
+            }
+            dirty = durability == Durability::Buffered;
+            r
+        };
+        for job in jobs {
+            if let Some(done) = job.done {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+    if dirty {
+        let _ = spaces.db.persist(PersistMode::SyncData);
+    }
+}
+
+fn fail(failed: &AtomicBool, why: &str) {
+    if !failed.swap(true, Ordering::AcqRel) {
+        tracing::error!("session store write failed, store is now read-only: {why}");
+    }
+}
+
+/// Writes the ops of `jobs` as atomic batches. Within a batch the last write to a key
+/// wins (the journal gives all items of a batch one sequence number, so a key may
+/// appear only once).
+fn write_jobs(spaces: &Spaces, jobs: &[Job]) -> Result<(), StoreError> {
+    let mut pending: HashMap<(Space, Vec<u8>), Option<Vec<u8>>> = HashMap::new();
+    for op in jobs.iter().flat_map(|j| &j.ops) {
+        match op {
+            Op::PutSession(c, v) => {
+                pending.insert((Space::Sessions, c.as_bytes().to_vec()), Some(v.clone()));
+            }
+            Op::DeleteSession(c) => {
+                // Earlier writes in this group must be visible to the prefix scan.
+                commit(spaces, std::mem::take(&mut pending))?;
+                pending.insert((Space::Sessions, c.as_bytes().to_vec()), None);
+                let prefix = client_prefix(c);
+                for (space, ks) in [
+                    (Space::Entries, &spaces.entries),
+                    (Space::Inflight, &spaces.inflight),
+                    (Space::Inbound, &spaces.inbound),
+                ] {
+                    for item in ks.prefix(&prefix) {
+                        let key = item.key().map_err(db_err)?;
+                        pending.insert((space, key.to_vec()), None);
+                    }
+                }
+            }
+            Op::PutEntry(c, seq, v) => {
+                pending.insert((Space::Entries, seq_key(c, *seq)), Some(v.clone()));
+            }
+            Op::PutInflight(c, seq, pid, state) => {
+                let stage = match state {
+                    InflightState::Published => 1u8,
+                    InflightState::Released => 2u8,
+                };
+                let mut v = pid.to_be_bytes().to_vec();
+                v.push(stage);
+                pending.insert((Space::Inflight, seq_key(c, *seq)), Some(v));
+            }
+            Op::DeleteEntry(c, seq) => {
+                pending.insert((Space::Entries, seq_key(c, *seq)), None);
+                pending.insert((Space::Inflight, seq_key(c, *seq)), None);
+            }
+            Op::PutInbound(c, pid) => {
+                pending.insert((Space::Inbound, pid_key(c, *pid)), Some(Vec::new()));
+            }
+            Op::DeleteInbound(c, pid) => {
+                pending.insert((Space::Inbound, pid_key(c, *pid)), None);
+            }
+            Op::PutRetained(t, v) => {
+                pending.insert((Space::Retained, t.as_bytes().to_vec()), Some(v.clone()));
+            }
+            Op::DeleteRetained(t) => {
+                pending.insert((Space::Retained, t.as_bytes().to_vec()), None);
+            }
+        }
+    }
+    commit(spaces, pending)
+}
+
+fn commit(
+    spaces: &Spaces,
+    pending: HashMap<(Space, Vec<u8>), Option<Vec<u8>>>,
+) -> Result<(), StoreError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut batch = spaces.db.batch();
+    for ((space, key), value) in pending {
+        let ks = match space {
+            Space::Sessions => &spaces.sessions,
+            Space::Entries => &spaces.entries,
+            Space::Inflight => &spaces.inflight,
+            Space::Inbound => &spaces.inbound,
+            Space::Retained => &spaces.retained,
+        };
+        match value {
+            Some(v) => batch.insert(ks, key, v),
+            None => batch.remove(ks, key),
+        }
+    }
+    batch.commit().map_err(db_err)
+}
+
+fn client_prefix(client: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(client.len() + 1);
+    k.extend_from_slice(client.as_bytes());
+    k.push(0);
+    k
+}
+
+fn seq_key(client: &str, seq: u64) -> Vec<u8> {
+    let mut k = client_prefix(client);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn pid_key(client: &str, pid: PacketId) -> Vec<u8> {
+    let mut k = client_prefix(client);
+    k.extend_from_slice(&pid.to_be_bytes());
+    k
+}
+
+/// Splits `client 0x00 suffix` keys.
+fn split_key(key: &[u8]) -> Option<(&str, &[u8])> {
+    let nul = key.iter().position(|&b| b == 0)?;
+    let client = std::str::from_utf8(&key[..nul]).ok()?;
+    Some((client, &key[nul + 1..]))
+}
+
+// ----- loading -----
+
+fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
+    let mut loaded = Loaded::default();
+    let mut corrupt: Vec<(Keyspace, Vec<u8>)> = Vec::new();
+    let now = Instant::now();
+    let now_ms = unix_ms();
+
+    let mut sessions: HashMap<Arc<str>, StoredSession> = HashMap::new();
+    for item in spaces.sessions.iter() {
+        let (key, value) = item.into_inner().map_err(db_err)?;
+        let decoded = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|client| decode_session(client, &value, now, now_ms));
+        match decoded {
+            Some(s) => {
+                sessions.insert(s.session.client_id.clone(), s);
+            }
+            None => {
+                loaded.dropped.push(format!(
+                    "session record {:?}: cannot be decoded",
+                    String::from_utf8_lossy(&key)
+                ));
+                corrupt.push((spaces.sessions.clone(), key.to_vec()));
+            }
+        }
+    }
+
+    let mut states: HashMap<Vec<u8>, (PacketId, InflightState)> = HashMap::new();
+    for item in spaces.inflight.iter() {
+        let (key, value) = item.into_inner().map_err(db_err)?;
+        let state = match value.get(2) {
+            Some(1) => Some(InflightState::Published),
+            Some(2) => Some(InflightState::Released),
+            _ => None,
+        };
+        match (value.get(..2), state) {
+            (Some(pid), Some(state)) => {
+                states.insert(key.to_vec(), (u16::from_be_bytes([pid[0], pid[1]]), state));
+            }
+            _ => corrupt.push((spaces.inflight.clone(), key.to_vec())),
+        }
+    }
+
+    let mut max_seq = 0u64;
+    for item in spaces.entries.iter() {
+        let (key, value) = item.into_inner().map_err(db_err)?;
+        let parsed = split_key(&key).and_then(|(client, rest)| {
+            let seq = u64::from_be_bytes(rest.try_into().ok()?);
+            Some((client, seq))
+        });
+        let Some((client, seq)) = parsed else {
+            corrupt.push((spaces.entries.clone(), key.to_vec()));
+            continue;
+        };
+        max_seq = max_seq.max(seq);
+        let Some(stored) = sessions.get_mut(client) else {
+            // Left behind by a session that is gone: clean up silently.
+            corrupt.push((spaces.entries.clone(), key.to_vec()));
+            continue;
+        };
+        let Some(mut delivery) = decode_entry(&value, now, now_ms) else {
+            loaded.dropped.push(format!(
+                "queued message {seq} of session {client:?}: cannot be decoded"
+            ));
+            corrupt.push((spaces.entries.clone(), key.to_vec()));
+            continue;
+        };
+        delivery.seq = Some(seq);
+        match states.get(&key[..]) {
+            Some(&(packet_id, state)) => stored.session.inflight.push_back(Inflight {
+                packet_id,
+                delivery,
+                state,
+            }),
+            None => stored.session.pending.push_back(delivery),
+        }
+    }
+
+    for item in spaces.inbound.iter() {
+        let key = item.key().map_err(db_err)?;
+        let parsed = split_key(&key)
+            .and_then(|(client, rest)| Some((client, u16::from_be_bytes(rest.try_into().ok()?))));
+        match parsed.and_then(|(client, pid)| Some((sessions.get_mut(client)?, pid))) {
+            Some((stored, pid)) => {
+                stored.session.incoming_qos2.insert(pid);
+            }
+            None => corrupt.push((spaces.inbound.clone(), key.to_vec())),
+        }
+    }
+
+    for item in spaces.retained.iter() {
+        let (key, value) = item.into_inner().map_err(db_err)?;
+        match decode_message(&mut Reader(&value), now, now_ms) {
+            Some(m) if !m.is_expired(now) => loaded.retained.push(m),
+            Some(_) => corrupt.push((spaces.retained.clone(), key.to_vec())),
+            None => {
+                loaded.dropped.push(format!(
+                    "retained message on {:?}: cannot be decoded",
+                    String::from_utf8_lossy(&key)
+                ));
+                corrupt.push((spaces.retained.clone(), key.to_vec()));
+            }
+        }
+    }
+
+    if !corrupt.is_empty() {
+        let mut batch = spaces.db.batch();
+        for (ks, key) in corrupt {
+            batch.remove(&ks, key);
+        }
+        batch.commit().map_err(db_err)?;
+        spaces.db.persist(PersistMode::SyncData).map_err(db_err)?;
+    }
+    loaded.next_seq = max_seq + 1;
+    loaded.sessions = sessions.into_values().collect();
+    Ok(loaded)
+}
+
+// ----- encodings -----
+//
+// Every record starts with a format version byte (1). Strings and byte strings are a
+// u16 big-endian length then the bytes; messages are an MQTT 5.0 PUBLISH packet as
+// the codec writes it, preceded by the time of receipt and the publisher's id.
+
+const FORMAT: u8 = 1;
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock time (ms since the epoch) of a monotonic instant in the past.
+pub fn instant_to_unix_ms(at: Instant) -> u64 {
+    let age = Instant::now().saturating_duration_since(at);
+    unix_ms().saturating_sub(age.as_millis() as u64)
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&s[..usize::from(len)]);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let n = usize::from(self.u16()?);
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// Encodes a message (topic, payload, QoS, retain, properties, receipt time, publisher).
+pub fn encode_message(msg: &Message, out: &mut Vec<u8>) {
+    out.extend_from_slice(&instant_to_unix_ms(msg.received_at).to_be_bytes());
+    match &msg.publisher {
+        Some(p) => {
+            out.push(1);
+            put_str(out, p.as_bytes());
+        }
+        None => out.push(0),
+    }
+    let view = PublishView {
+        dup: false,
+        qos: msg.qos,
+        retain: msg.retain,
+        topic: &msg.topic,
+        packet_id: 1,
+        properties: &msg.properties,
+        subscription_identifiers: &[],
+        message_expiry_interval: msg.properties.message_expiry_interval,
+        topic_alias: None,
+        payload: &msg.payload,
+    };
+    let mut buf = BytesMut::new();
+    // A message we accepted always re-encodes (its fields came through the decoder).
+    let _ = codec::encode_publish(&view, ProtocolVersion::V5, &mut buf);
+    out.extend_from_slice(&buf);
+}
+
+fn decode_message(r: &mut Reader<'_>, now: Instant, now_ms: u64) -> Option<Message> {
+    let received_ms = r.u64()?;
+    let publisher = match r.u8()? {
+        0 => None,
+        _ => Some(Arc::<str>::from(r.str()?)),
+    };
+    let mut buf = BytesMut::from(r.rest());
+    let Ok(Some(Packet::Publish(p))) =
+        codec::decode(&mut buf, Some(ProtocolVersion::V5), usize::MAX)
+    else {
+        return None;
+    };
+    let age = Duration::from_millis(now_ms.saturating_sub(received_ms));
+    Some(Message {
+        topic: p.topic,
+        payload: p.payload,
+        qos: p.qos,
+        retain: p.retain,
+        properties: p.properties,
+        publisher,
+        received_at: now.checked_sub(age).unwrap_or(now),
+    })
+}
+
+/// Encodes a queued delivery (per-subscriber fields, then the message).
+pub fn encode_entry(d: &Delivery) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + d.msg.payload.len() + d.msg.topic.len());
+    out.push(FORMAT);
+    out.push(d.qos as u8);
+    out.push(u8::from(d.retain));
+    out.extend_from_slice(&(d.subscription_ids.len() as u16).to_be_bytes());
+    for id in &d.subscription_ids {
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    match &d.share {
+        Some(s) => {
+            out.push(1);
+            put_str(&mut out, s.group.as_bytes());
+            put_str(&mut out, s.filter.as_bytes());
+        }
+        None => out.push(0),
+    }
+    encode_message(&d.msg, &mut out);
+    out
+}
+
+fn decode_entry(value: &[u8], now: Instant, now_ms: u64) -> Option<Delivery> {
+    let mut r = Reader(value);
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let qos = QoS::from_u8(r.u8()?)?;
+    let retain = r.u8()? != 0;
+    let n = r.u16()?;
+    let subscription_ids = (0..n).map(|_| r.u32()).collect::<Option<Vec<_>>>()?;
+    let share = match r.u8()? {
+        0 => None,
+        _ => Some(ShareRef {
+            group: r.str()?.into(),
+            filter: r.str()?.into(),
+        }),
+    };
+    let msg = decode_message(&mut r, now, now_ms)?;
+    Some(Delivery {
+        msg: Arc::new(msg),
+        qos,
+        retain,
+        subscription_ids,
+        share,
+        seq: None,
+    })
+}
+
+/// Encodes a retained message.
+pub fn encode_retained(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + msg.payload.len() + msg.topic.len());
+    encode_message(msg, &mut out);
+    out
+}
+
+/// Encodes a session record.
+pub fn encode_session(session: &Session, connected: bool, will: Option<&LastWill>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(FORMAT);
+    out.extend_from_slice(&session.expiry_interval.to_be_bytes());
+    out.push(u8::from(connected));
+    out.extend_from_slice(&unix_ms().to_be_bytes());
+    out.extend_from_slice(&(session.subscriptions.len() as u32).to_be_bytes());
+    for (filter, record) in &session.subscriptions {
+        put_str(&mut out, filter.as_bytes());
+        let o = record.options;
+        let options = (o.qos as u8)
+            | (u8::from(o.no_local) << 2)
+            | (u8::from(o.retain_as_published) << 3)
+            | ((o.retain_handling as u8) << 4);
+        out.push(options);
+        match record.identifier {
+            Some(id) => {
+                out.push(1);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            None => out.push(0),
+        }
+    }
+    match will {
+        Some(w) => {
+            out.push(1);
+            let msg = Message {
+                topic: w.topic.clone(),
+                payload: w.payload.clone(),
+                qos: w.qos,
+                retain: w.retain,
+                properties: w.properties.clone(),
+                publisher: None,
+                received_at: Instant::now(),
+            };
+            // The will delay is not a PUBLISH property: keep it beside the message.
+            out.extend_from_slice(&w.properties.will_delay_interval.unwrap_or(0).to_be_bytes());
+            encode_message(&msg, &mut out);
+        }
+        None => out.push(0),
+    }
+    out
+}
+
+fn decode_session(client: &str, value: &[u8], now: Instant, now_ms: u64) -> Option<StoredSession> {
+    let mut r = Reader(value);
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let expiry = r.u32()?;
+    let connected = r.u8()? != 0;
+    let disconnected_at_ms = r.u64()?;
+    let mut session = Session::new(client.into());
+    session.expiry_interval = expiry;
+    for _ in 0..r.u32()? {
+        let filter = r.str()?.to_owned();
+        let b = r.u8()?;
+        let options = SubscriptionOptions {
+            qos: QoS::from_u8(b & 0b11)?,
+            no_local: b & 0b100 != 0,
+            retain_as_published: b & 0b1000 != 0,
+            retain_handling: match (b >> 4) & 0b11 {
+                0 => RetainHandling::SendAtSubscribe,
+                1 => RetainHandling::SendIfNew,
+                2 => RetainHandling::DoNotSend,
+                _ => return None,
+            },
+        };
+        let identifier = match r.u8()? {
+            0 => None,
+            _ => Some(r.u32()?),
+        };
+        session.subscriptions.insert(
+            filter,
+            SubscriptionRecord {
+                options,
+                identifier,
+            },
+        );
+    }
+    let will = match r.u8()? {
+        0 => None,
+        _ => {
+            let delay = r.u32()?;
+            let m = decode_message(&mut r, now, now_ms)?;
+            let mut properties = m.properties;
+            properties.will_delay_interval = (delay > 0).then_some(delay);
+            Some(LastWill {
+                topic: m.topic,
+                payload: m.payload,
+                qos: m.qos,
+                retain: m.retain,
+                properties,
+            })
+        }
+    };
+    Some(StoredSession {
+        session,
+        connected,
+        disconnected_at_ms: if connected { 0 } else { disconnected_at_ms },
+        will,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use roost_core::Properties;
+
+    fn payload_of(d: &Delivery) -> Bytes {
+        d.msg.payload.clone()
+    }
+
+    fn message(topic: &str, payload: &'static [u8]) -> Message {
+        let properties = Properties {
+            user_properties: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            message_expiry_interval: Some(100),
+            ..Properties::default()
+        };
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            properties,
+            publisher: Some("pub".into()),
+            received_at: Instant::now(),
+        }
+    }
+
+    fn delivery(payload: &'static [u8]) -> Delivery {
+        Delivery {
+            msg: Arc::new(message("t/x", payload)),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![3, 9],
+            share: Some(ShareRef {
+                group: "g".into(),
+                filter: "t/+".into(),
+            }),
+            seq: None,
+        }
+    }
+
+    #[test]
+    fn entry_round_trip() {
+        let d = delivery(b"payload");
+        let back = decode_entry(&encode_entry(&d), Instant::now(), unix_ms()).expect("decodes");
+        assert_eq!(back.qos, d.qos);
+        assert_eq!(back.subscription_ids, d.subscription_ids);
+        assert_eq!(back.share, d.share);
+        assert_eq!(back.msg.topic, "t/x");
+        assert_eq!(payload_of(&back), "payload");
+        assert_eq!(
+            back.msg.properties.user_properties,
+            d.msg.properties.user_properties
+        );
+        assert_eq!(back.msg.publisher.as_deref(), Some("pub"));
+        assert!(
+            back.msg
+                .remaining_expiry(Instant::now())
+                .is_some_and(|s| s > 95)
+        );
+        assert!(decode_entry(&encode_entry(&d)[..20], Instant::now(), unix_ms()).is_none());
+    }
+
+    #[test]
+    fn session_round_trip() {
+        let mut s = Session::new("c".into());
+        s.expiry_interval = 77;
+        s.subscriptions.insert(
+            "$share/g/a/+".into(),
+            SubscriptionRecord {
+                options: SubscriptionOptions {
+                    qos: QoS::ExactlyOnce,
+                    no_local: true,
+                    retain_as_published: true,
+                    retain_handling: RetainHandling::DoNotSend,
+                },
+                identifier: Some(12),
+            },
+        );
+        let mut will = LastWill {
+            topic: "w".into(),
+            payload: Bytes::from_static(b"bye"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Properties::default(),
+        };
+        will.properties.will_delay_interval = Some(5);
+        let bytes = encode_session(&s, false, Some(&will));
+        let back = decode_session("c", &bytes, Instant::now(), unix_ms()).expect("decodes");
+        assert_eq!(back.session.expiry_interval, 77);
+        assert_eq!(back.session.subscriptions, s.subscriptions);
+        assert!(!back.connected);
+        assert!(back.disconnected_at_ms > 0);
+        assert_eq!(back.will, Some(will));
+    }
+
+    #[test]
+    fn store_survives_reopen_and_coalesces() {
+        let dir = std::env::temp_dir().join(format!("roost-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        {
+            let (store, loaded) =
+                Store::open(&dir, Durability::Fsync, Duration::from_secs(1)).expect("open");
+            assert!(loaded.sessions.is_empty());
+            let c: Arc<str> = "c1".into();
+            let mut s = Session::new(c.clone());
+            s.expiry_interval = 100;
+            let ops = vec![
+                Op::PutSession(c.clone(), encode_session(&s, true, None)),
+                Op::PutEntry(c.clone(), 1, encode_entry(&delivery(b"one"))),
+                Op::PutEntry(c.clone(), 2, encode_entry(&delivery(b"two"))),
+                Op::PutInflight(c.clone(), 1, 7, InflightState::Published),
+                Op::PutEntry(c.clone(), 3, encode_entry(&delivery(b"three"))),
+                // Put and delete of one key in one batch: the delete wins.
+                Op::DeleteEntry(c.clone(), 3),
+                Op::PutInbound(c.clone(), 44),
+                Op::PutRetained("r".into(), encode_retained(&message("r", b"kept"))),
+                Op::PutSession(
+                    "gone".into(),
+                    encode_session(&Session::new("gone".into()), false, None),
+                ),
+                Op::PutEntry("gone".into(), 4, encode_entry(&delivery(b"x"))),
+                Op::DeleteSession("gone".into()),
+            ];
+            rt.block_on(store.submit(ops).wait()).expect("stored");
+        }
+        let (_store, loaded) =
+            Store::open(&dir, Durability::Fsync, Duration::from_secs(1)).expect("reopen");
+        assert_eq!(loaded.sessions.len(), 1);
+        let s = &loaded.sessions[0].session;
+        assert!(loaded.sessions[0].connected);
+        assert_eq!(s.inflight.len(), 1);
+        assert_eq!(s.inflight[0].packet_id, 7);
+        assert_eq!(payload_of(&s.inflight[0].delivery), "one");
+        assert_eq!(s.pending.len(), 1);
+        assert_eq!(payload_of(&s.pending[0]), "two");
+        assert!(s.incoming_qos2.contains(&44));
+        assert_eq!(loaded.retained.len(), 1);
+        assert_eq!(
+            loaded.next_seq, 3,
+            "sequence numbers continue after the highest stored"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
