@@ -75,3 +75,18 @@ def test_v5_keep_alive_zero_gets_server_keep_alive_when_limited(broker_with, raw
     c = raw(b, 5)
     ack = c.connect(uid, keepalive=0)  # 0 = "no keep-alive", longer than any maximum
     assert ack.props.get(w.SERVER_KEEP_ALIVE) == 10, ack
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_any_packet_counts_as_keep_alive_traffic(broker, raw, uid, version):
+    c = raw(broker, version)
+    c.connect(uid, keepalive=1)
+    end = time.monotonic() + 3.5
+    pid = 1
+    while time.monotonic() < end:
+        c.publish("it/" + uid, b"tick", qos=1, pid=pid)
+        assert c.expect(w.PUBACK).pid == pid
+        pid += 1
+        time.sleep(0.5)
+    c.pingreq()
+    assert c.expect(w.PINGRESP)

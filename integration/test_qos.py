@@ -211,3 +211,19 @@ def test_large_payload_intact(broker, clients, topic, version):
     payload = bytes(range(256)) * 1024  # 256 KiB, every byte value
     clients(broker, version).publish(topic, payload, qos=1)
     assert sub.get(timeout=10).payload == payload
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_acks_sent_in_order_of_publishes(broker, raw, uid, version):
+    c = raw(broker, version)
+    c.connect(uid)
+    pids = [9, 3, 70, 1, 500, 2, 64000, 17]
+    for pid in pids:
+        c.publish("it/" + uid, b"x", qos=1, pid=pid)
+    assert [c.expect(w.PUBACK).pid for _ in pids] == pids  # [MQTT-4.6.0-2]
+    for pid in pids:
+        c.publish("it/" + uid, b"x", qos=2, pid=pid)
+    assert [c.expect(w.PUBREC).pid for _ in pids] == pids  # [MQTT-4.6.0-3]
+    for pid in pids:
+        c.ack(w.PUBREL, pid)
+    assert [c.expect(w.PUBCOMP).pid for _ in pids] == pids

@@ -192,3 +192,29 @@ def test_clean_session_reconnect_does_not_resend(broker, raw, clients, uid, vers
     c = raw(broker, version)
     assert c.connect(uid, clean=True).session_present is False
     assert c.recv(0.6) is None
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_resend_in_original_order_before_new_messages(broker, raw, clients, uid, version):
+    t = "it/" + uid
+    c = raw(broker, version)
+    c.connect(uid, clean=False, properties=_persist(version))
+    c.subscribe(t, qos=1)
+    pub = clients(broker, version)
+    for i in range(3):
+        pub.publish(t, b"old%d" % i, qos=1)
+    first = [c.expect(w.PUBLISH) for _ in range(3)]
+    c.close()  # none acknowledged
+    for i in range(2):
+        pub.publish(t, b"new%d" % i, qos=1)
+    time.sleep(0.2)
+    c = raw(broker, version)
+    assert c.connect(uid, clean=False, properties=_persist(version)).session_present
+    got = [c.expect(w.PUBLISH) for _ in range(5)]
+    # [MQTT-4.6.0-1] resent in the original order, with their ids and DUP, then the rest
+    assert [(p.payload, p.dup) for p in got] == [(b"old0", True), (b"old1", True),
+                                                 (b"old2", True), (b"new0", False),
+                                                 (b"new1", False)]
+    assert [p.pid for p in got[:3]] == [p.pid for p in first]
+    for p in got:
+        c.puback(p.pid)

@@ -88,3 +88,18 @@ def test_v5_shared_subscription_with_no_local_is_protocol_error(broker, raw, uid
     # [MQTT-3.8.3-4]: a Protocol Error
     assert closed
     assert [p.rc for p in got if p.type == w.DISCONNECT] in ([0x82], []), got
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unsubscribe_from_shared_subscription(broker, clients, uid, topic, version):
+    share = f"$share/g{uid[-6:]}/{topic}"
+    a = clients(broker, version)
+    a.subscribe(share, qos=1)
+    b = clients(broker, version)
+    b.subscribe(share, qos=1)
+    a.unsubscribe(share)
+    pub = clients(broker, version)
+    for i in range(4):
+        pub.publish(topic, b"%d" % i, qos=1)
+    assert sorted(m.payload for m in b.get_n(4)) == [b"0", b"1", b"2", b"3"]
+    a.assert_nothing(0.3)

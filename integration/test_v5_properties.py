@@ -230,3 +230,38 @@ def test_resubscribe_replaces_subscription_identifier(broker, raw, clients, uid)
     clients(broker, 5).publish(t, b"x", qos=1)
     pubs = [p for p in c.recv_all(0.6) if p.type == w.PUBLISH]
     assert len(pubs) == 1 and pubs[0].props.get(w.SUBSCRIPTION_ID) == [2], pubs
+
+
+def _resolve_aliases(pubs, alias_max):
+    """Apply the broker's outbound topic aliases the way a client must; returns topics."""
+    table, topics = {}, []
+    for p in pubs:
+        alias = p.props.get(w.TOPIC_ALIAS)
+        if alias is not None:
+            assert 1 <= alias <= alias_max, f"alias {alias} above our maximum {alias_max}"
+            if p.topic:
+                table[alias] = p.topic
+            else:
+                assert alias in table, f"alias {alias} used before it was set"
+            topics.append(table[alias])
+        else:
+            assert p.topic, "empty topic without an alias"
+            topics.append(p.topic)
+    return topics
+
+
+@pytest.mark.parametrize("alias_max", [0, 2])
+def test_outbound_topic_aliases_respect_client_maximum(broker, raw, clients, uid, alias_max):
+    t = "it/" + uid
+    c = raw(broker, 5)
+    props = {w.TOPIC_ALIAS_MAXIMUM: alias_max} if alias_max else None
+    c.connect(uid, properties=props)
+    c.subscribe(t + "/#", qos=0)
+    pub = clients(broker, 5)
+    sent = [f"{t}/{n}" for n in ("a", "b", "a", "c", "a", "b", "d", "a")]
+    for topic in sent:
+        pub.publish(topic, b"x", qos=1)
+    got = [p for p in c.recv_all(0.6) if p.type == w.PUBLISH]
+    if alias_max == 0:
+        assert all(w.TOPIC_ALIAS not in p.props for p in got)  # [MQTT-3.3.2-11]
+    assert _resolve_aliases(got, alias_max) == sent
