@@ -26,6 +26,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
 echo "== release build"
-cargo build --release --bin roost
+cargo build --release --bin roost --bin roost-bench
 echo "== integration tests (pytest)"
 ROOST_BIN="$PWD/target/release/roost" python3 -m pytest integration -q
