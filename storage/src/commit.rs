@@ -17,7 +17,7 @@
 //! Any write or sync error makes that log read-only ([`crate::Error::ReadOnly`]) and
 //! fails every append of the round; it never touches other logs.
 
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -106,6 +106,112 @@ fn fail_all(log: &LogInner, done: &mut Vec<Completion>, rest: &mut Vec<PendingAp
     }
 }
 
+/// Threads that fdatasync different logs at once: the file system folds concurrent
+/// syncs into shared journal commits (measured here: 64 files synced 4x faster by 16
+/// threads than one after another). They sleep in the kernel, not on the CPU.
+const SYNC_THREADS: usize = 16;
+
+/// One fdatasync for the pool.
+enum SyncJob {
+    /// After a batch of an `Fsync` log: sync, then publish and resolve its appends.
+    Commit(Arc<LogInner>, Vec<Completion>),
+    /// The interval sync of a `Buffered` log.
+    Background(Arc<LogInner>),
+}
+
+impl SyncJob {
+    /// Runs the job; returns the emptied completion buffer for reuse.
+    fn run(self) -> Option<Vec<Completion>> {
+        match self {
+            SyncJob::Commit(log, mut done) => {
+                match log.sync_and_publish() {
+                    Ok(()) => resolve(&mut done, Ok),
+                    Err(e) => {
+                        let _ = log.on_error(e);
+                        fail_all(&log, &mut done, &mut Vec::new());
+                    }
+                }
+                Some(done)
+            }
+            SyncJob::Background(log) => {
+                if let Err(e) = log.background_sync() {
+                    let _ = log.on_error(e);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Worker threads for [`SyncJob`]s. The committer hands over a round's jobs and waits
+/// for all of them, so a log is never written while its sync is in flight and what is
+/// published after a sync is exactly what that sync covered. Workers exit when the pool
+/// is dropped.
+struct SyncPool {
+    jobs: Option<mpsc::Sender<SyncJob>>,
+    done: mpsc::Receiver<Option<Vec<Completion>>>,
+}
+
+impl SyncPool {
+    fn start(threads: usize) -> SyncPool {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<SyncJob>();
+        let (done_tx, done) = mpsc::channel();
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let mut started = 0;
+        for i in 0..threads {
+            let (rx, tx) = (jobs_rx.clone(), done_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("roost-sync-{i}"))
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().recv();
+                        let Ok(job) = job else { return };
+                        if tx.send(job.run()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        SyncPool {
+            // Without workers every job runs on the committer thread.
+            jobs: (started > 0).then_some(jobs_tx),
+            done,
+        }
+    }
+
+    /// Runs `jobs` and waits for all: the last on this thread, the others on the pool.
+    fn run_all(&self, mut jobs: Vec<SyncJob>, spare: &mut Vec<Vec<Completion>>) {
+        let inline = jobs.pop();
+        let mut sent = 0;
+        for job in jobs {
+            let job = match &self.jobs {
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => {
+                        sent += 1;
+                        continue;
+                    }
+                    Err(mpsc::SendError(job)) => job,
+                },
+                None => job,
+            };
+            spare.extend(job.run());
+        }
+        if let Some(job) = inline {
+            spare.extend(job.run());
+        }
+        for _ in 0..sent {
+            match self.done.recv() {
+                Ok(done) => spare.extend(done),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
 fn run(shared: &CommitShared) {
     let mut batch: Vec<Arc<LogInner>> = Vec::new();
     let mut appends: Vec<PendingAppend> = Vec::new();
@@ -114,6 +220,7 @@ fn run(shared: &CommitShared) {
     let mut spare: Vec<Vec<Completion>> = Vec::new();
     // Buffered logs written since their last sync, with when that sync is due.
     let mut dirty: Vec<(Arc<LogInner>, Instant)> = Vec::new();
+    let pool = SyncPool::start(SYNC_THREADS);
     loop {
         {
             let mut q = shared.queue.lock();
@@ -125,11 +232,8 @@ fn run(shared: &CommitShared) {
                 if q.stopping {
                     q.stopped = true;
                     drop(q);
-                    for (log, _) in dirty.drain(..) {
-                        if let Err(e) = log.background_sync() {
-                            log.fail(e);
-                        }
-                    }
+                    let jobs = dirty.drain(..).map(|(log, _)| SyncJob::Background(log));
+                    pool.run_all(jobs.collect(), &mut spare);
                     return;
                 }
                 match dirty.iter().map(|d| d.1).min() {
@@ -167,28 +271,19 @@ fn run(shared: &CommitShared) {
             }
         }
 
-        for (log, mut done) in to_sync.drain(..) {
-            match log.sync_and_publish() {
-                Ok(()) => resolve(&mut done, Ok),
-                Err(e) => {
-                    let _ = log.on_error(e);
-                    fail_all(&log, &mut done, &mut Vec::new());
-                }
+        let due_now = Instant::now();
+        let mut jobs: Vec<SyncJob> = to_sync
+            .drain(..)
+            .map(|(log, done)| SyncJob::Commit(log, done))
+            .collect();
+        let mut k = 0;
+        while k < dirty.len() {
+            if dirty[k].1 <= due_now {
+                jobs.push(SyncJob::Background(dirty.swap_remove(k).0));
+            } else {
+                k += 1;
             }
-            spare.push(done);
         }
-
-        if !dirty.is_empty() {
-            let now = Instant::now();
-            dirty.retain(|(log, due)| {
-                if *due > now {
-                    return true;
-                }
-                if let Err(e) = log.background_sync() {
-                    let _ = log.on_error(e);
-                }
-                false
-            });
-        }
+        pool.run_all(jobs, &mut spare);
     }
 }
