@@ -46,9 +46,10 @@ pub enum Scenario {
     /// Work-queue traffic: produce to `$queue/<name>`, consume with
     /// `$share/<group>/$queue/<name>`, acknowledging with PUBACK (QoS >= 1).
     ///
-    /// This is plain MQTT: a broker without queues (roost today, mosquitto) treats
-    /// `$queue/<name>` as an ordinary topic and the consumers as a shared subscription,
-    /// so the scenario runs against any broker that has shared subscriptions.
+    /// This is plain MQTT: a broker without queues (roost today) treats `$queue/<name>`
+    /// as an ordinary topic and the consumers as a shared subscription, so the scenario
+    /// runs against any broker with shared subscriptions on `$` topics (mosquitto 2.0
+    /// accepts the subscription but delivers nothing to `$share/<g>/$queue/...`).
     Queue(QueueArgs),
 }
 
