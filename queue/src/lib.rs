@@ -1,5 +1,7 @@
 //! roost-queue: durable partitioned `$queue/` queues.
-//!
-//! Empty until the queue issue lands: today a publish to `$queue/...` is an ordinary
-//! MQTT publish, and README.md says so.
 #![deny(missing_docs)]
+
+#[allow(dead_code)] // the storage-backed shell that uses it lands next
+mod group;
+
+pub use group::ConsumerId;

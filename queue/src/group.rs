@@ -1,0 +1,613 @@
+//! The consumer-group state machine: partition cursors, membership and assignment,
+//! in-flight tracking, redelivery and backoff. Sans-I/O: no tokio, no disk, no clock;
+//! every call that depends on time takes `now` (milliseconds), so tests drive it with a
+//! fake clock and the storage-backed [`crate::Queue`] is a thin shell around it.
+//!
+//! Invariants of one [`Cursor`] (one group, one partition):
+//! - every offset below `committed` is settled (acked, dead-lettered, or skipped by the
+//!   group's filter); `committed` never moves backwards except by an explicit reset;
+//! - `acked` holds settled offsets at or above `committed` (never `committed` itself);
+//! - `next` is the first offset never yet handed out, `committed <= next`, and `next` is
+//!   never in `acked`;
+//! - an offset in `committed..next` that is not in `acked` is in exactly one of
+//!   `inflight` (held by a consumer), `retry` (waiting to be redelivered, possibly after a
+//!   backoff) or `dying` (its dead-letter append is in progress) — except right after
+//!   restore or reset, when `next == committed` and nothing is outstanding;
+//! - new offsets are handed out in increasing order: first delivery is in offset order.
+//!
+//! Group invariants: each partition has at most one owner, always a member; a member's
+//! `inflight` equals the number of `inflight` entries naming it across all cursors and
+//! never exceeds its window (deliveries stop at the window; the counter only falls).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Identifies one consumer (the broker uses the MQTT client id).
+pub type ConsumerId = Arc<str>;
+
+/// Redelivery settings of a queue, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settings {
+    /// A delivery not settled within this long is redelivered.
+    pub ack_timeout_ms: u64,
+    /// After this many deliveries a failed message is dead-lettered; 0 means never.
+    pub max_deliveries: u32,
+    /// Backoff after the first nack.
+    pub backoff_initial_ms: u64,
+    /// Upper bound of the backoff.
+    pub backoff_max_ms: u64,
+}
+
+impl Settings {
+    /// The wait before redelivering a message nacked on its `count`-th delivery:
+    /// `backoff_initial * 2^(count-1)`, capped at `backoff_max`.
+    pub fn backoff(&self, count: u32) -> u64 {
+        let shift = count.saturating_sub(1).min(40);
+        self.backoff_initial_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.backoff_max_ms)
+    }
+
+    fn exhausted(&self, count: u32) -> bool {
+        self.max_deliveries > 0 && count >= self.max_deliveries
+    }
+}
+
+/// A message handed to a consumer and not yet settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InFlight {
+    consumer: ConsumerId,
+    /// Deliveries so far, this one included.
+    count: u32,
+    /// When the ack timeout fires.
+    deadline: u64,
+}
+
+/// A message waiting to be delivered again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Retry {
+    /// Deliveries so far.
+    count: u32,
+    /// Not before this time.
+    due: u64,
+}
+
+/// Progress of one group through one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Cursor {
+    committed: u64,
+    acked: BTreeSet<u64>,
+    next: u64,
+    inflight: BTreeMap<u64, InFlight>,
+    retry: BTreeMap<u64, Retry>,
+    dying: BTreeMap<u64, u32>,
+}
+
+impl Cursor {
+    /// A cursor restored from durable progress: everything outstanding is forgotten
+    /// (so it will be delivered again, with its delivery count starting over).
+    pub fn restored(committed: u64, acked: impl IntoIterator<Item = u64>) -> Cursor {
+        let mut c = Cursor {
+            committed,
+            next: committed,
+            ..Cursor::default()
+        };
+        for a in acked {
+            c.settle_offset(a);
+        }
+        c.advance_next();
+        c
+    }
+
+    /// Every offset below this is settled.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// Settled offsets above `committed`.
+    pub fn acked(&self) -> impl Iterator<Item = u64> + '_ {
+        self.acked.iter().copied()
+    }
+
+    /// Unsettled messages below `end` (the partition's next offset).
+    pub fn lag(&self, end: u64) -> u64 {
+        let above = self.acked.range(..end).count() as u64;
+        end.saturating_sub(self.committed).saturating_sub(above)
+    }
+
+    fn settle_offset(&mut self, offset: u64) {
+        if offset < self.committed {
+            return;
+        }
+        if offset == self.committed {
+            self.committed += 1;
+            while self.acked.remove(&self.committed) {
+                self.committed += 1;
+            }
+        } else {
+            self.acked.insert(offset);
+        }
+        if self.next < self.committed {
+            self.next = self.committed;
+        }
+        self.advance_next();
+    }
+
+    fn advance_next(&mut self) {
+        while self.acked.contains(&self.next) {
+            self.next += 1;
+        }
+    }
+
+    fn is_settled(&self, offset: u64) -> bool {
+        offset < self.committed || self.acked.contains(&offset)
+    }
+}
+
+/// Per-member bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    window: u32,
+    inflight: u32,
+}
+
+/// What the group would deliver next on a partition: see [`Group::pick`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Pick {
+    /// The partition's owner, which has room in its window.
+    pub consumer: ConsumerId,
+    /// The offset to deliver.
+    pub offset: u64,
+    /// Deliveries before this one (0 for a first delivery).
+    pub count: u32,
+    /// A redelivery (from `retry`) rather than the next new offset.
+    pub retry: bool,
+}
+
+/// The result of settling a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Settled now: the caller persists the ack.
+    Settled,
+    /// Not outstanding for this consumer (unknown, already settled, held by another
+    /// consumer, or being dead-lettered): nothing changed.
+    Ignored,
+}
+
+/// The result of a nack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Nack {
+    /// Will be redelivered at `due`.
+    Retry {
+        /// Redelivery time.
+        due: u64,
+    },
+    /// Delivered `count` times, the maximum: the caller dead-letters it.
+    DeadLetter {
+        /// Deliveries so far.
+        count: u32,
+    },
+    /// Not in flight to this consumer: nothing changed.
+    Ignored,
+}
+
+/// A message the caller must append to the dead-letter queue, then report back with
+/// [`Group::dead_lettered`] or [`Group::dead_letter_failed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DeadLetter {
+    /// Partition of the message.
+    pub partition: usize,
+    /// Offset of the message.
+    pub offset: u64,
+    /// Deliveries so far.
+    pub count: u32,
+}
+
+/// One consumer group (for one filter) on one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Group {
+    members: BTreeMap<ConsumerId, Member>,
+    owners: Vec<Option<ConsumerId>>,
+    cursors: Vec<Cursor>,
+}
+
+impl Group {
+    /// A group with no members whose cursors start at `starts` (one per partition).
+    pub fn new(starts: &[u64]) -> Group {
+        Group::from_cursors(starts.iter().map(|&s| Cursor::restored(s, [])).collect())
+    }
+
+    /// A group with no members and the given cursors.
+    pub fn from_cursors(cursors: Vec<Cursor>) -> Group {
+        Group {
+            members: BTreeMap::new(),
+            owners: vec![None; cursors.len()],
+            cursors,
+        }
+    }
+
+    /// Number of partitions.
+    pub fn partitions(&self) -> usize {
+        self.cursors.len()
+    }
+
+    /// The cursor of partition `p`.
+    pub fn cursor(&self, p: usize) -> Option<&Cursor> {
+        self.cursors.get(p)
+    }
+
+    /// All cursors.
+    pub fn cursors(&self) -> &[Cursor] {
+        &self.cursors
+    }
+
+    /// Adds partitions (a queue only grows) starting at `starts`, and rebalances.
+    pub fn add_partitions(&mut self, starts: &[u64]) {
+        for &s in starts {
+            self.cursors.push(Cursor::restored(s, []));
+        }
+        self.rebalance();
+    }
+
+    /// Members, sorted by id.
+    pub fn members(&self) -> impl Iterator<Item = &ConsumerId> {
+        self.members.keys()
+    }
+
+    /// Whether `consumer` is a member.
+    pub fn is_member(&self, consumer: &str) -> bool {
+        self.members.contains_key(consumer)
+    }
+
+    /// Messages in flight to `consumer`.
+    pub fn inflight_of(&self, consumer: &str) -> u32 {
+        self.members.get(consumer).map_or(0, |m| m.inflight)
+    }
+
+    /// Messages in flight to all members.
+    pub fn inflight(&self) -> u64 {
+        self.cursors.iter().map(|c| c.inflight.len() as u64).sum()
+    }
+
+    /// The owner of partition `p`.
+    pub fn owner(&self, p: usize) -> Option<&ConsumerId> {
+        self.owners.get(p).and_then(|o| o.as_ref())
+    }
+
+    /// Adds `consumer` with an in-flight `window` (at least 1), or updates the window of
+    /// a member, and rebalances. Returns true if it was not a member.
+    pub fn join(&mut self, consumer: ConsumerId, window: u32) -> bool {
+        let window = window.max(1);
+        let added = match self.members.get_mut(&consumer) {
+            Some(m) => {
+                m.window = window;
+                false
+            }
+            None => {
+                self.members.insert(
+                    consumer,
+                    Member {
+                        window,
+                        inflight: 0,
+                    },
+                );
+                true
+            }
+        };
+        if added {
+            self.rebalance();
+        }
+        added
+    }
+
+    /// Removes `consumer`, puts everything in flight to it up for redelivery at once
+    /// (delivery counts kept) and rebalances. Returns false if it was not a member.
+    pub fn leave(&mut self, consumer: &str, now: u64) -> bool {
+        if self.members.remove(consumer).is_none() {
+            return false;
+        }
+        for c in &mut self.cursors {
+            let mine: Vec<u64> = c
+                .inflight
+                .iter()
+                .filter(|(_, f)| &*f.consumer == consumer)
+                .map(|(&o, _)| o)
+                .collect();
+            for o in mine {
+                if let Some(f) = c.inflight.remove(&o) {
+                    c.retry.insert(
+                        o,
+                        Retry {
+                            count: f.count,
+                            due: now,
+                        },
+                    );
+                }
+            }
+        }
+        self.rebalance();
+        true
+    }
+
+    /// Round-robin over members sorted by id: partition `p` goes to member `p % n`.
+    fn rebalance(&mut self) {
+        let ids: Vec<ConsumerId> = self.members.keys().cloned().collect();
+        self.owners = (0..self.cursors.len())
+            .map(|p| (!ids.is_empty()).then(|| ids[p % ids.len()].clone()))
+            .collect();
+    }
+
+    /// What to deliver next on partition `p`, whose log ends at `end`: the lowest due
+    /// redelivery, else the next new offset; `None` when the partition has no owner, the
+    /// owner's window is full, or nothing is ready.
+    pub fn pick(&self, p: usize, end: u64, now: u64) -> Option<Pick> {
+        let owner = self.owner(p)?;
+        let member = self.members.get(owner)?;
+        if member.inflight >= member.window {
+            return None;
+        }
+        let c = self.cursors.get(p)?;
+        if let Some((&offset, r)) = c.retry.iter().find(|(_, r)| r.due <= now) {
+            return Some(Pick {
+                consumer: owner.clone(),
+                offset,
+                count: r.count,
+                retry: true,
+            });
+        }
+        (c.next < end).then(|| Pick {
+            consumer: owner.clone(),
+            offset: c.next,
+            count: 0,
+            retry: false,
+        })
+    }
+
+    /// Records that `pick` (from [`Group::pick`], nothing changed since) was handed to
+    /// its consumer: in flight until `now + ack_timeout_ms`.
+    pub fn delivered(&mut self, p: usize, pick: &Pick, now: u64, ack_timeout_ms: u64) {
+        let Some(c) = self.cursors.get_mut(p) else {
+            return;
+        };
+        if pick.retry {
+            if c.retry.remove(&pick.offset).is_none() {
+                return;
+            }
+        } else {
+            if pick.offset != c.next {
+                return;
+            }
+            c.next += 1;
+            c.advance_next();
+        }
+        c.inflight.insert(
+            pick.offset,
+            InFlight {
+                consumer: pick.consumer.clone(),
+                count: pick.count + 1,
+                deadline: now.saturating_add(ack_timeout_ms),
+            },
+        );
+        if let Some(m) = self.members.get_mut(&pick.consumer) {
+            m.inflight += 1;
+        }
+    }
+
+    /// Settles the new offset `offset` of partition `p` without delivering it (the
+    /// group's filter does not match it).
+    pub fn skip(&mut self, p: usize, offset: u64) {
+        if let Some(c) = self.cursors.get_mut(p)
+            && offset == c.next
+        {
+            c.next += 1;
+            c.settle_offset(offset);
+        }
+    }
+
+    fn take_inflight(&mut self, p: usize, offset: u64, consumer: &str) -> Option<InFlight> {
+        let c = self.cursors.get_mut(p)?;
+        if c.inflight
+            .get(&offset)
+            .is_none_or(|f| &*f.consumer != consumer)
+        {
+            return None;
+        }
+        let f = c.inflight.remove(&offset)?;
+        if let Some(m) = self.members.get_mut(&f.consumer) {
+            m.inflight = m.inflight.saturating_sub(1);
+        }
+        Some(f)
+    }
+
+    /// Acknowledges `offset` of partition `p` by `consumer`. Counts when the message is
+    /// in flight to that consumer or waiting for redelivery (a late ack after a timeout
+    /// or a disconnect still saves a redelivery); ignored otherwise.
+    pub fn ack(&mut self, p: usize, offset: u64, consumer: &str) -> Settle {
+        if self.take_inflight(p, offset, consumer).is_none() {
+            let Some(c) = self.cursors.get_mut(p) else {
+                return Settle::Ignored;
+            };
+            if c.retry.remove(&offset).is_none() {
+                return Settle::Ignored;
+            }
+        }
+        if let Some(c) = self.cursors.get_mut(p) {
+            c.settle_offset(offset);
+        }
+        Settle::Settled
+    }
+
+    /// Negative acknowledgement by `consumer`: redeliver after the backoff, or hand it
+    /// to the dead-letter queue once it has had `max_deliveries`.
+    pub fn nack(&mut self, p: usize, offset: u64, consumer: &str, now: u64, s: &Settings) -> Nack {
+        let Some(f) = self.take_inflight(p, offset, consumer) else {
+            return Nack::Ignored;
+        };
+        let Some(c) = self.cursors.get_mut(p) else {
+            return Nack::Ignored;
+        };
+        if s.exhausted(f.count) {
+            c.dying.insert(offset, f.count);
+            Nack::DeadLetter { count: f.count }
+        } else {
+            let due = now.saturating_add(s.backoff(f.count));
+            c.retry.insert(
+                offset,
+                Retry {
+                    count: f.count,
+                    due,
+                },
+            );
+            Nack::Retry { due }
+        }
+    }
+
+    /// Rejection by `consumer`: straight to the dead-letter queue. Counts for a message
+    /// in flight to that consumer or waiting for redelivery. Returns the delivery count
+    /// for the dead-letter record, or `None` if ignored.
+    pub fn reject(&mut self, p: usize, offset: u64, consumer: &str) -> Option<u32> {
+        let count = match self.take_inflight(p, offset, consumer) {
+            Some(f) => f.count,
+            None => self.cursors.get_mut(p)?.retry.remove(&offset)?.count,
+        };
+        self.cursors.get_mut(p)?.dying.insert(offset, count);
+        Some(count)
+    }
+
+    /// Ack timeouts: every delivery whose deadline has passed is redelivered now, or
+    /// dead-lettered if it has had `max_deliveries`. Returns the dead letters.
+    pub fn expire(&mut self, now: u64, s: &Settings) -> Vec<DeadLetter> {
+        let mut dead = Vec::new();
+        for (p, c) in self.cursors.iter_mut().enumerate() {
+            let expired: Vec<u64> = c
+                .inflight
+                .iter()
+                .filter(|(_, f)| f.deadline <= now)
+                .map(|(&o, _)| o)
+                .collect();
+            for offset in expired {
+                let Some(f) = c.inflight.remove(&offset) else {
+                    continue;
+                };
+                if let Some(m) = self.members.get_mut(&f.consumer) {
+                    m.inflight = m.inflight.saturating_sub(1);
+                }
+                if s.exhausted(f.count) {
+                    c.dying.insert(offset, f.count);
+                    dead.push(DeadLetter {
+                        partition: p,
+                        offset,
+                        count: f.count,
+                    });
+                } else {
+                    c.retry.insert(
+                        offset,
+                        Retry {
+                            count: f.count,
+                            due: now,
+                        },
+                    );
+                }
+            }
+        }
+        dead
+    }
+
+    /// The dead-letter append of `offset` is durable: it is settled in this group.
+    /// Returns false if it was no longer being dead-lettered (e.g. the group was reset).
+    pub fn dead_lettered(&mut self, p: usize, offset: u64) -> bool {
+        let Some(c) = self.cursors.get_mut(p) else {
+            return false;
+        };
+        if c.dying.remove(&offset).is_none() {
+            return false;
+        }
+        c.settle_offset(offset);
+        true
+    }
+
+    /// The dead-letter append of `offset` failed: it stays for redelivery (count kept).
+    pub fn dead_letter_failed(&mut self, p: usize, offset: u64, now: u64) {
+        if let Some(c) = self.cursors.get_mut(p)
+            && let Some(count) = c.dying.remove(&offset)
+        {
+            c.retry.insert(offset, Retry { count, due: now });
+        }
+    }
+
+    /// Moves partition `p` to `offset`: everything from there on is delivered (again),
+    /// everything before counts as settled. Outstanding deliveries are forgotten (their
+    /// late acks are ignored) and free their consumers' windows.
+    pub fn reset(&mut self, p: usize, offset: u64) {
+        let Some(c) = self.cursors.get_mut(p) else {
+            return;
+        };
+        for f in std::mem::take(&mut c.inflight).into_values() {
+            if let Some(m) = self.members.get_mut(&f.consumer) {
+                m.inflight = m.inflight.saturating_sub(1);
+            }
+        }
+        *c = Cursor::restored(offset, []);
+    }
+
+    /// Applies a durable settle (replaying progress): `offset` counts as settled.
+    pub fn replay_settled(&mut self, p: usize, offset: u64) {
+        if let Some(c) = self.cursors.get_mut(p) {
+            c.retry.remove(&offset);
+            c.dying.remove(&offset);
+            c.settle_offset(offset);
+        }
+    }
+
+    /// The partition's log now starts at `start` (retention or purge removed what was
+    /// before): those offsets count as settled. Deliveries in flight below `start` stay
+    /// in flight until acked or timed out; their redelivery is dropped.
+    pub fn clamp_start(&mut self, p: usize, start: u64) {
+        let Some(c) = self.cursors.get_mut(p) else {
+            return;
+        };
+        if c.committed >= start {
+            return;
+        }
+        c.committed = start;
+        c.acked = c.acked.split_off(&start);
+        while c.acked.remove(&c.committed) {
+            c.committed += 1;
+        }
+        c.retry = c.retry.split_off(&start);
+        c.dying = c.dying.split_off(&start);
+        c.next = c.next.max(c.committed);
+        c.advance_next();
+    }
+
+    /// The partition's log ends at `end` (its tail was lost in a crash under `buffered`
+    /// durability): nothing at or beyond `end` can be settled or outstanding.
+    pub fn clamp_end(&mut self, p: usize, end: u64) {
+        let Some(c) = self.cursors.get(p) else {
+            return;
+        };
+        if c.committed > end {
+            self.reset(p, end);
+            return;
+        }
+        if let Some(c) = self.cursors.get_mut(p) {
+            // split_off leaves the offsets below `end` in place.
+            let _beyond = c.acked.split_off(&end);
+            c.next = c.next.min(end).max(c.committed);
+            c.advance_next();
+        }
+    }
+
+    /// Whether `offset` of partition `p` is settled in this group.
+    pub fn is_settled(&self, p: usize, offset: u64) -> bool {
+        self.cursors.get(p).is_some_and(|c| c.is_settled(offset))
+    }
+
+    /// Redeliveries waiting for their backoff, across partitions.
+    pub fn waiting(&self) -> u64 {
+        self.cursors.iter().map(|c| c.retry.len() as u64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

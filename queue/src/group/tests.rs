@@ -1,0 +1,481 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const S: Settings = Settings {
+    ack_timeout_ms: 1000,
+    max_deliveries: 3,
+    backoff_initial_ms: 100,
+    backoff_max_ms: 1000,
+};
+
+fn id(s: &str) -> ConsumerId {
+    Arc::from(s)
+}
+
+/// Delivers everything `pick` offers on partition `p` and returns (consumer, offset, count).
+fn drain(g: &mut Group, p: usize, end: u64, now: u64) -> Vec<(String, u64, u32)> {
+    let mut out = Vec::new();
+    while let Some(pick) = g.pick(p, end, now) {
+        g.delivered(p, &pick, now, S.ack_timeout_ms);
+        out.push((pick.consumer.to_string(), pick.offset, pick.count + 1));
+    }
+    out
+}
+
+#[test]
+fn first_delivery_in_offset_order_within_window() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 3);
+    let got = drain(&mut g, 0, 10, 0);
+    assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(g.inflight_of("a"), 3);
+    assert_eq!(g.pick(0, 10, 0), None, "window full");
+    assert_eq!(g.ack(0, 1, "a"), Settle::Settled);
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(0), "0 still out");
+    assert_eq!(
+        drain(&mut g, 0, 10, 0)
+            .iter()
+            .map(|d| d.1)
+            .collect::<Vec<_>>(),
+        [3]
+    );
+    assert_eq!(g.ack(0, 0, "a"), Settle::Settled);
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(2));
+    assert_eq!(g.ack(0, 0, "a"), Settle::Ignored, "second ack is a no-op");
+}
+
+#[test]
+fn nothing_past_the_end_and_no_owner_no_delivery() {
+    let mut g = Group::new(&[5, 0]);
+    assert_eq!(g.pick(0, 10, 0), None, "no members");
+    g.join(id("a"), 10);
+    assert_eq!(drain(&mut g, 0, 7, 0).len(), 2, "offsets 5 and 6");
+    assert_eq!(g.pick(0, 7, 0), None);
+}
+
+#[test]
+fn nack_backs_off_exponentially_then_dead_letters() {
+    assert_eq!(S.backoff(1), 100);
+    assert_eq!(S.backoff(2), 200);
+    assert_eq!(S.backoff(3), 400);
+    assert_eq!(S.backoff(5), 1000, "capped");
+    assert_eq!(S.backoff(u32::MAX), 1000);
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 1);
+    let mut now = 0;
+    for n in 1..=2u32 {
+        let d = drain(&mut g, 0, 1, now);
+        assert_eq!(d, [("a".to_string(), 0, n)]);
+        let due = now + S.backoff(n);
+        assert_eq!(g.nack(0, 0, "a", now, &S), Nack::Retry { due });
+        assert!(
+            drain(&mut g, 0, 1, due - 1).is_empty(),
+            "not before the backoff"
+        );
+        now = due;
+    }
+    assert_eq!(drain(&mut g, 0, 1, now), [("a".to_string(), 0, 3)]);
+    assert_eq!(g.nack(0, 0, "a", now, &S), Nack::DeadLetter { count: 3 });
+    assert!(
+        drain(&mut g, 0, 1, now + 10_000).is_empty(),
+        "dying: not delivered"
+    );
+    assert!(
+        !g.is_settled(0, 0),
+        "not settled until the dead letter is durable"
+    );
+    assert!(g.dead_lettered(0, 0));
+    assert!(g.is_settled(0, 0));
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(1));
+}
+
+#[test]
+fn failed_dead_letter_stays_for_redelivery() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 1);
+    drain(&mut g, 0, 1, 0);
+    assert_eq!(g.reject(0, 0, "a"), Some(1));
+    g.dead_letter_failed(0, 0, 5);
+    assert_eq!(drain(&mut g, 0, 1, 5), [("a".to_string(), 0, 2)]);
+    assert!(!g.dead_lettered(0, 0), "no longer dying");
+}
+
+#[test]
+fn ack_timeout_redelivers_with_rising_count_then_dead_letters() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 5);
+    drain(&mut g, 0, 2, 0);
+    assert_eq!(g.ack(0, 1, "a"), Settle::Settled);
+    assert!(g.expire(999, &S).is_empty());
+    assert_eq!(g.inflight_of("a"), 1);
+    assert!(g.expire(1000, &S).is_empty());
+    assert_eq!(g.inflight_of("a"), 0);
+    assert_eq!(drain(&mut g, 0, 2, 1000), [("a".to_string(), 0, 2)]);
+    g.expire(2000, &S);
+    assert_eq!(drain(&mut g, 0, 2, 2000), [("a".to_string(), 0, 3)]);
+    let dead = g.expire(3000, &S);
+    assert_eq!(
+        dead,
+        [DeadLetter {
+            partition: 0,
+            offset: 0,
+            count: 3
+        }]
+    );
+    assert!(g.dead_lettered(0, 0));
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(2));
+}
+
+#[test]
+fn late_ack_after_timeout_still_counts_but_not_for_another_holder() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 5);
+    g.join(id("b"), 5);
+    // Partition 0 belongs to "a" (sorted first).
+    drain(&mut g, 0, 1, 0);
+    g.expire(1000, &S);
+    assert_eq!(
+        g.ack(0, 0, "a"),
+        Settle::Settled,
+        "waiting for redelivery: ack saves it"
+    );
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 5);
+    drain(&mut g, 0, 1, 0);
+    assert_eq!(g.ack(0, 0, "b"), Settle::Ignored, "held by a");
+    assert_eq!(g.nack(0, 0, "b", 0, &S), Nack::Ignored);
+    assert_eq!(g.reject(0, 0, "b"), None);
+}
+
+#[test]
+fn round_robin_assignment_is_stable_and_sorted() {
+    let mut g = Group::new(&[0; 5]);
+    g.join(id("c"), 1);
+    g.join(id("a"), 1);
+    g.join(id("b"), 1);
+    let owners: Vec<_> = (0..5).map(|p| g.owner(p).map(|o| o.to_string())).collect();
+    let want = ["a", "b", "c", "a", "b"].map(|s| Some(s.to_string()));
+    assert_eq!(owners, want);
+    assert!(!g.join(id("a"), 7), "rejoin updates the window only");
+    g.leave("b", 0);
+    let owners: Vec<_> = (0..5).map(|p| g.owner(p).map(|o| o.to_string())).collect();
+    assert_eq!(
+        owners,
+        ["a", "c", "a", "c", "a"].map(|s| Some(s.to_string()))
+    );
+}
+
+#[test]
+fn leave_redelivers_to_the_new_owner_with_count_kept() {
+    let mut g = Group::new(&[0, 0]);
+    g.join(id("a"), 10);
+    assert_eq!(drain(&mut g, 0, 3, 0).len(), 3);
+    assert_eq!(drain(&mut g, 1, 2, 0).len(), 2);
+    g.ack(0, 0, "a");
+    g.join(id("b"), 10);
+    // b now owns partition 1; a keeps what it already holds there.
+    assert_eq!(g.owner(1).map(|o| &**o), Some("b"));
+    assert_eq!(g.inflight_of("a"), 4);
+    assert!(g.leave("a", 50));
+    assert_eq!(g.inflight_of("a"), 0);
+    let p0 = drain(&mut g, 0, 3, 50);
+    assert_eq!(p0, [("b".into(), 1, 2), ("b".into(), 2, 2)]);
+    let p1 = drain(&mut g, 1, 2, 50);
+    assert_eq!(p1, [("b".into(), 0, 2), ("b".into(), 1, 2)]);
+    assert!(!g.leave("a", 50));
+}
+
+#[test]
+fn last_member_leaving_keeps_work_for_the_next() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 2);
+    drain(&mut g, 0, 4, 0);
+    g.leave("a", 0);
+    assert_eq!(g.pick(0, 4, 0), None);
+    g.join(id("z"), 10);
+    let got = drain(&mut g, 0, 4, 0);
+    assert_eq!(
+        got.iter().map(|d| (d.1, d.2)).collect::<Vec<_>>(),
+        [(0, 2), (1, 2), (2, 1), (3, 1)]
+    );
+}
+
+#[test]
+fn skip_settles_unmatched_offsets() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 10);
+    let pick = g.pick(0, 3, 0);
+    assert_eq!(pick.as_ref().map(|p| p.offset), Some(0));
+    g.skip(0, 0);
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(1));
+    let pick = g.pick(0, 3, 0).map(|p| p.offset);
+    assert_eq!(pick, Some(1));
+    drain(&mut g, 0, 2, 0);
+    g.skip(0, 2);
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(1), "1 in flight");
+    g.ack(0, 1, "a");
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(3));
+}
+
+#[test]
+fn reset_moves_the_cursor_and_frees_windows() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 2);
+    drain(&mut g, 0, 10, 0);
+    g.ack(0, 0, "a");
+    g.reset(0, 7);
+    assert_eq!(g.inflight_of("a"), 0);
+    assert_eq!(g.ack(0, 1, "a"), Settle::Ignored, "forgotten by the reset");
+    let got: Vec<u64> = drain(&mut g, 0, 10, 0).iter().map(|d| d.1).collect();
+    assert_eq!(got, [7, 8]);
+    g.reset(0, 0);
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(0));
+    let got: Vec<u64> = drain(&mut g, 0, 10, 0).iter().map(|d| d.1).collect();
+    assert_eq!(got, [0, 1], "replay from the start (window 2)");
+}
+
+#[test]
+fn restore_skips_acked_offsets() {
+    let c = Cursor::restored(3, [5, 6, 9, 1]);
+    assert_eq!(c.committed(), 3);
+    assert_eq!(c.acked().collect::<Vec<_>>(), [5, 6, 9]);
+    assert_eq!(c.lag(10), 4);
+    let mut g = Group::from_cursors(vec![c]);
+    g.join(id("a"), 10);
+    let got: Vec<u64> = drain(&mut g, 0, 11, 0).iter().map(|d| d.1).collect();
+    assert_eq!(got, [3, 4, 7, 8, 10]);
+    let c = Cursor::restored(3, [3, 4]);
+    assert_eq!(c.committed(), 5);
+}
+
+#[test]
+fn clamp_start_and_end() {
+    let mut g = Group::from_cursors(vec![Cursor::restored(2, [4, 8])]);
+    g.clamp_start(0, 4);
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(5));
+    g.clamp_start(0, 1);
+    assert_eq!(
+        g.cursor(0).map(Cursor::committed),
+        Some(5),
+        "never backwards"
+    );
+    g.clamp_end(0, 7);
+    assert_eq!(g.cursor(0).map(|c| c.acked().count()), Some(0));
+    g.clamp_end(0, 3);
+    assert_eq!(g.cursor(0).map(Cursor::committed), Some(3));
+}
+
+#[test]
+fn add_partitions_rebalances() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 1);
+    g.join(id("b"), 1);
+    g.add_partitions(&[0, 0]);
+    assert_eq!(g.partitions(), 3);
+    assert_eq!(g.owner(2).map(|o| &**o), Some("a"));
+}
+
+/// One step of the random schedule.
+#[derive(Debug, Clone)]
+enum Op {
+    Deliver(usize),
+    Ack(usize),
+    Nack(usize),
+    Reject(usize),
+    Tick(u64),
+    Join(u8, u32),
+    Leave(u8),
+    DeadLetterResult(usize, bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..4usize).prop_map(Op::Deliver),
+        4 => any::<usize>().prop_map(Op::Ack),
+        2 => any::<usize>().prop_map(Op::Nack),
+        1 => any::<usize>().prop_map(Op::Reject),
+        2 => (0..3000u64).prop_map(Op::Tick),
+        1 => (0..4u8, 1..4u32).prop_map(|(c, w)| Op::Join(c, w)),
+        1 => (0..4u8).prop_map(Op::Leave),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(i, ok)| Op::DeadLetterResult(i, ok)),
+    ]
+}
+
+/// The harness plays the consumers and the dead-letter queue.
+struct Sim {
+    g: Group,
+    ends: Vec<u64>,
+    now: u64,
+    windows: BTreeMap<String, u32>,
+    /// (partition, offset) -> consumer holding it, as the consumers see it.
+    held: BTreeMap<(usize, u64), String>,
+    dying: Vec<(usize, u64)>,
+    settled: BTreeSet<(usize, u64)>,
+}
+
+impl Sim {
+    fn settle(&mut self, key: (usize, u64)) {
+        assert!(self.settled.insert(key), "{key:?} settled twice");
+    }
+
+    fn check(&self) {
+        for c in self.windows.keys() {
+            let held = self.held.values().filter(|h| *h == c).count() as u32;
+            assert_eq!(
+                self.g.inflight_of(c),
+                held,
+                "{c}: group and consumer disagree"
+            );
+        }
+    }
+
+    fn deliver(&mut self, p: usize) {
+        while let Some(pick) = self.g.pick(p, self.ends[p], self.now) {
+            assert!(
+                !self.settled.contains(&(p, pick.offset)),
+                "settled message delivered"
+            );
+            // A window may shrink on rejoin below what is already out; it must never
+            // be exceeded by a new delivery.
+            let w = self.windows.get(&*pick.consumer).copied().unwrap_or(0);
+            assert!(self.g.inflight_of(&pick.consumer) < w, "over the window");
+            self.g.delivered(p, &pick, self.now, S.ack_timeout_ms);
+            self.held
+                .insert((p, pick.offset), pick.consumer.to_string());
+        }
+    }
+
+    fn nth_held(&self, i: usize) -> Option<((usize, u64), String)> {
+        let n = self.held.len();
+        (n > 0).then(|| {
+            let (k, c) = self.held.iter().nth(i % n).map(|(k, c)| (*k, c.clone()))?;
+            Some((k, c))
+        })?
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Deliver(p) => self.deliver(p % self.ends.len()),
+            Op::Ack(i) => {
+                if let Some((key, c)) = self.nth_held(i) {
+                    self.held.remove(&key);
+                    if self.g.ack(key.0, key.1, &c) == Settle::Settled {
+                        self.settle(key);
+                    }
+                }
+            }
+            Op::Nack(i) => {
+                if let Some((key, c)) = self.nth_held(i) {
+                    self.held.remove(&key);
+                    if let Nack::DeadLetter { .. } = self.g.nack(key.0, key.1, &c, self.now, &S) {
+                        self.dying.push(key);
+                    }
+                }
+            }
+            Op::Reject(i) => {
+                if let Some((key, c)) = self.nth_held(i) {
+                    self.held.remove(&key);
+                    if self.g.reject(key.0, key.1, &c).is_some() {
+                        self.dying.push(key);
+                    }
+                }
+            }
+            Op::Tick(dt) => {
+                self.now += dt;
+                for d in self.g.expire(self.now, &S) {
+                    self.dying.push((d.partition, d.offset));
+                }
+                // A consumer whose delivery timed out may still hold it; it is no
+                // longer in flight to it, so drop what the group no longer counts.
+                let g = &self.g;
+                self.held
+                    .retain(|&(p, o), _| g.cursors()[p].inflight.contains_key(&o));
+            }
+            Op::Join(c, w) => {
+                let name = format!("c{c}");
+                self.g.join(id(&name), w);
+                self.windows.insert(name, w.max(1));
+            }
+            Op::Leave(c) => {
+                let name = format!("c{c}");
+                self.g.leave(&name, self.now);
+                self.windows.remove(&name);
+                self.held.retain(|_, h| *h != name);
+            }
+            Op::DeadLetterResult(i, ok) => {
+                if !self.dying.is_empty() {
+                    let key = self.dying.remove(i % self.dying.len());
+                    if ok {
+                        if self.g.dead_lettered(key.0, key.1) {
+                            self.settle(key);
+                        }
+                    } else {
+                        self.g.dead_letter_failed(key.0, key.1, self.now);
+                    }
+                }
+            }
+        }
+        self.check();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any interleaving of deliveries, acks, nacks, rejects, timeouts, joins and leaves
+    /// settles every message exactly once, never exceeds a window, and loses nothing:
+    /// once the consumers only ack, everything drains.
+    #[test]
+    fn every_message_settles_exactly_once(
+        ends in proptest::collection::vec(0..12u64, 1..4),
+        ops in proptest::collection::vec(op(), 0..120),
+    ) {
+        let mut sim = Sim {
+            g: Group::new(&vec![0; ends.len()]),
+            ends: ends.clone(),
+            now: 0,
+            windows: BTreeMap::new(),
+            held: BTreeMap::new(),
+            dying: Vec::new(),
+            settled: BTreeSet::new(),
+        };
+        for op in ops {
+            sim.apply(op);
+        }
+        // Drain: one steady consumer acks everything; dead letters succeed.
+        sim.apply(Op::Join(9, 3));
+        for _ in 0..10_000 {
+            for key in std::mem::take(&mut sim.dying) {
+                if sim.g.dead_lettered(key.0, key.1) {
+                    sim.settle(key);
+                }
+            }
+            for p in 0..ends.len() {
+                sim.deliver(p);
+            }
+            let held: Vec<_> = std::mem::take(&mut sim.held).into_iter().collect();
+            for (key, c) in held {
+                if sim.g.ack(key.0, key.1, &c) == Settle::Settled {
+                    sim.settle(key);
+                }
+            }
+            sim.apply(Op::Tick(S.backoff_max_ms + S.ack_timeout_ms));
+            if sim.settled.len() as u64 == ends.iter().sum::<u64>() {
+                break;
+            }
+        }
+        let want: BTreeSet<(usize, u64)> = ends
+            .iter()
+            .enumerate()
+            .flat_map(|(p, &e)| (0..e).map(move |o| (p, o)))
+            .collect();
+        prop_assert_eq!(&sim.settled, &want);
+        for (p, &e) in ends.iter().enumerate() {
+            prop_assert_eq!(sim.g.cursor(p).map(Cursor::committed), Some(e));
+        }
+        prop_assert_eq!(sim.g.inflight(), 0);
+    }
+}
