@@ -307,6 +307,7 @@ impl Log {
         let schedule = {
             let mut p = self.inner.pending.lock();
             p.appends.push(PendingAppend { records, tx });
+            self.inner.committer.queued.fetch_add(1, Ordering::Relaxed);
             !std::mem::replace(&mut p.scheduled, true)
         };
         if schedule && !self.inner.committer.schedule(self.inner.clone()) {
@@ -315,6 +316,8 @@ impl Log {
                 p.scheduled = false;
                 std::mem::take(&mut p.appends)
             };
+            let n = stranded.len();
+            self.inner.committer.queued.fetch_sub(n, Ordering::Relaxed);
             for a in stranded {
                 let _ = a.tx.send(Err(Error::Closed));
             }
@@ -698,6 +701,8 @@ impl LogInner {
         w.closed = true;
         drop(w);
         let stranded = std::mem::take(&mut self.pending.lock().appends);
+        let n = stranded.len();
+        self.committer.queued.fetch_sub(n, Ordering::Relaxed);
         for a in stranded {
             let _ = a.tx.send(Err(Error::Closed));
         }
@@ -708,10 +713,12 @@ impl LogInner {
     }
 
     /// Moves this log's queued appends into `into` (which must be empty).
-    pub(crate) fn take_pending(&self, into: &mut Vec<PendingAppend>) {
+    /// Returns how many were taken.
+    pub(crate) fn take_pending(&self, into: &mut Vec<PendingAppend>) -> usize {
         let mut p = self.pending.lock();
         p.scheduled = false;
         std::mem::swap(&mut p.appends, into);
+        into.len()
     }
 
     /// Encodes `appends` into `buf` and writes them to the active segment (rolling as
