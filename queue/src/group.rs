@@ -139,6 +139,7 @@ impl Cursor {
         }
     }
 
+    #[cfg(test)]
     fn is_settled(&self, offset: u64) -> bool {
         offset < self.committed || self.acked.contains(&offset)
     }
@@ -260,8 +261,24 @@ impl Group {
     }
 
     /// Messages in flight to `consumer`.
+    #[cfg(test)]
     pub fn inflight_of(&self, consumer: &str) -> u32 {
         self.members.get(consumer).map_or(0, |m| m.inflight)
+    }
+
+    /// Room left in `consumer`'s window.
+    pub fn room_of(&self, consumer: &str) -> u32 {
+        self.members
+            .get(consumer)
+            .map_or(0, |m| m.window.saturating_sub(m.inflight))
+    }
+
+    /// Whether `offset` of partition `p` is in flight to `consumer`.
+    pub fn holds(&self, p: usize, offset: u64, consumer: &str) -> bool {
+        self.cursors
+            .get(p)
+            .and_then(|c| c.inflight.get(&offset))
+            .is_some_and(|f| &*f.consumer == consumer)
     }
 
     /// Messages in flight to all members.
@@ -526,12 +543,13 @@ impl Group {
         true
     }
 
-    /// The dead-letter append of `offset` failed: it stays for redelivery (count kept).
-    pub fn dead_letter_failed(&mut self, p: usize, offset: u64, now: u64) {
+    /// The dead-letter append of `offset` failed: it stays for redelivery (count kept)
+    /// from `due` on.
+    pub fn dead_letter_failed(&mut self, p: usize, offset: u64, due: u64) {
         if let Some(c) = self.cursors.get_mut(p)
             && let Some(count) = c.dying.remove(&offset)
         {
-            c.retry.insert(offset, Retry { count, due: now });
+            c.retry.insert(offset, Retry { count, due });
         }
     }
 
@@ -599,6 +617,7 @@ impl Group {
     }
 
     /// Whether `offset` of partition `p` is settled in this group.
+    #[cfg(test)]
     pub fn is_settled(&self, p: usize, offset: u64) -> bool {
         self.cursors.get(p).is_some_and(|c| c.is_settled(offset))
     }

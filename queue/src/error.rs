@@ -1,0 +1,86 @@
+//! Error types, each mapped to the MQTT reason code the broker answers with.
+
+use std::path::PathBuf;
+
+use roost_core::ReasonCode;
+
+/// Errors of registry and group operations.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Queue names are 1 to 128 of `[A-Za-z0-9_.-]`.
+    #[error("invalid queue name {0:?}: use 1-128 of [A-Za-z0-9_.-]")]
+    InvalidName(String),
+    /// No such queue (and auto-creation is off).
+    #[error("no queue named {0:?}")]
+    NotFound(String),
+    /// `create` of a queue that exists.
+    #[error("queue {0:?} already exists")]
+    AlreadyExists(String),
+    /// A setting is out of range, or an update would shrink the partitions.
+    #[error("invalid queue config: {0}")]
+    InvalidConfig(String),
+    /// A consumer filter that is not a valid MQTT topic filter.
+    #[error("invalid filter {0:?}")]
+    InvalidFilter(String),
+    /// The queue was deleted while the call was in progress.
+    #[error("queue {0:?} was deleted")]
+    Deleted(String),
+    /// Reading or writing a queue's config file failed.
+    #[error("queue config file {}: {reason}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The storage layer failed.
+    #[error(transparent)]
+    Storage(#[from] roost_storage::Error),
+}
+
+impl QueueError {
+    /// The reason code for an MQTT client whose request failed with this.
+    pub fn reason_code(&self) -> ReasonCode {
+        match self {
+            QueueError::InvalidName(_) => ReasonCode::TopicNameInvalid,
+            QueueError::InvalidFilter(_) => ReasonCode::TopicFilterInvalid,
+            QueueError::NotFound(_) | QueueError::Deleted(_) => ReasonCode::TopicNameInvalid,
+            _ => ReasonCode::UnspecifiedError,
+        }
+    }
+}
+
+/// Why a produce was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The queue is at `max_depth` or `max_bytes`: a v5 producer gets PUBACK 0x97, a
+    /// 3.1.1 producer's PUBACK waits (see [`crate::Queue::wait_for_room`]).
+    #[error("queue {queue:?} is full ({what})")]
+    QuotaExceeded {
+        /// The queue.
+        queue: String,
+        /// Which limit: "max_depth" or "max_bytes".
+        what: &'static str,
+    },
+    /// The subtopic is longer than an MQTT topic can be.
+    #[error("subtopic of {0} bytes is too long")]
+    SubtopicTooLong(usize),
+    /// The queue was deleted.
+    #[error("queue {0:?} was deleted")]
+    Deleted(String),
+    /// The append failed; the message was not stored.
+    #[error(transparent)]
+    Storage(#[from] roost_storage::Error),
+}
+
+impl ProduceError {
+    /// The PUBACK/PUBREC reason code for a v5 producer.
+    pub fn reason_code(&self) -> ReasonCode {
+        match self {
+            ProduceError::QuotaExceeded { .. } => ReasonCode::QuotaExceeded,
+            ProduceError::SubtopicTooLong(_) => ReasonCode::TopicNameInvalid,
+            ProduceError::Deleted(_) => ReasonCode::TopicNameInvalid,
+            ProduceError::Storage(_) => ReasonCode::UnspecifiedError,
+        }
+    }
+}

@@ -1,0 +1,1500 @@
+//! [`Queue`]: one durable partitioned queue on storage logs, with its consumer groups.
+//!
+//! The group logic lives in [`crate::group`] (sans-I/O); this shell adds the logs, the
+//! sinks and the clock. One small mutex guards a queue's group state; it is held while
+//! a dispatch reads records (page-cache `pread`s) and offers them to sinks, never across
+//! an `await`. Producers do not take it: they only append and then *kick* a dispatch.
+//! A kick that finds the lock busy sets a flag the holder re-checks before it leaves, so
+//! no wake-up is lost and concurrent producers coalesce into one dispatch.
+//!
+//! Durability of group progress: every settle (ack, or dead-letter once its copy is
+//! durable) appends a record to the queue's progress log (`g.<queue>`), which goes
+//! through the same group commit as the messages. [`Queue::maintain`] writes a snapshot
+//! of all cursors when something changed, then deletes progress segments before it and
+//! partition segments every group (and any purge) has passed. On open the progress log is
+//! replayed; anything delivered but not durably settled is delivered again, with its
+//! delivery count starting over at 1 (in-flight state and counts are not persisted).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use roost_storage::{Append, Log, LogConfig, ReadLimit, Record, Storage};
+use tracing::{debug, warn};
+
+use crate::config::QueueConfig;
+use crate::error::{ProduceError, QueueError};
+use crate::format::{
+    self, DeadReason, MAX_SUBTOPIC, MessageId, Origin, Progress, Snapshot, decode_message,
+};
+use crate::group::{ConsumerId, Group, Nack, Settings, Settle};
+
+/// Milliseconds since the Unix epoch: the clock of timestamps, deadlines and backoffs.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A consumer group on one queue: the group name plus the optional filter, matched
+/// against a message's subtopic. Consumers with different filters are different groups.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    /// The group name (`default` when a subscription names none).
+    pub group: Arc<str>,
+    /// The MQTT topic filter after the queue name, if any.
+    pub filter: Option<Arc<str>>,
+}
+
+impl GroupKey {
+    /// A key from its parts.
+    pub fn new(group: &str, filter: Option<&str>) -> GroupKey {
+        GroupKey {
+            group: Arc::from(group),
+            filter: filter.map(Arc::from),
+        }
+    }
+
+    fn matches(&self, subtopic: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|f| roost_core::topic::matches(f, subtopic))
+    }
+}
+
+impl std::fmt::Display for GroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.filter {
+            Some(filter) => write!(f, "{}[{}]", self.group, filter),
+            None => f.write_str(&self.group),
+        }
+    }
+}
+
+/// A message to produce.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The part of the source topic after `$queue/<name>/` (or the whole topic for a
+    /// captured publish); may be empty. Stored with the message.
+    pub subtopic: String,
+    /// The `partition-key` user property, if the producer sent one.
+    pub partition_key: Option<Bytes>,
+    /// Opaque to the queue: the broker's encoded MQTT properties.
+    pub headers: Bytes,
+    /// The message body.
+    pub payload: Bytes,
+}
+
+/// One message handed to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDelivery {
+    /// Where the message lives; its `Display` is the `message-id` property.
+    pub id: MessageId,
+    /// The group it is delivered for (pass it back to settle precisely).
+    pub group: GroupKey,
+    /// 1 for the first delivery, rising with every redelivery.
+    pub delivery_count: u32,
+    /// As produced.
+    pub subtopic: String,
+    /// As produced.
+    pub headers: Bytes,
+    /// As produced.
+    pub payload: Bytes,
+    /// When the message was stored, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// For a message in a dead-letter queue: where it came from and why.
+    pub dead_letter: Option<Origin>,
+}
+
+/// How a queue pushes a delivery to a consumer's connection.
+pub trait DeliverySink: Send + Sync {
+    /// Takes `delivery` if the connection can accept it now (a non-blocking send to its
+    /// outbound queue); returns false otherwise, and the queue offers it again on the
+    /// next dispatch (a produce, a settle, a join, [`Queue::tick`] or
+    /// [`Queue::wake`]). Called with the queue's lock held: it must not call back into
+    /// the queue.
+    fn offer(&self, delivery: QueueDelivery) -> bool;
+}
+
+/// Where [`Queue::reset`] moves a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The oldest message still held, in every partition.
+    Earliest,
+    /// Past the newest message, in every partition: only new messages are delivered.
+    Latest,
+    /// This offset in every partition (clamped to what each holds).
+    Offset(u64),
+    /// This offset in one partition; the others are untouched.
+    PartitionOffset {
+        /// The partition.
+        partition: u32,
+        /// The offset (clamped to what the partition holds).
+        offset: u64,
+    },
+    /// The first message stored at or after this time (ms since the epoch), per partition.
+    Timestamp(u64),
+}
+
+/// Counts for the admin API and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group.
+    pub key: GroupKey,
+    /// Current members, sorted.
+    pub members: Vec<ConsumerId>,
+    /// Messages not yet settled by this group.
+    pub lag: u64,
+    /// Messages in flight to its members.
+    pub in_flight: u64,
+    /// Messages waiting for a redelivery backoff.
+    pub waiting: u64,
+}
+
+/// A queue's state for the admin API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueInfo {
+    /// The queue's name.
+    pub name: String,
+    /// Its settings.
+    pub config: QueueConfig,
+    /// Messages counted against `max_depth`.
+    pub depth: u64,
+    /// Bytes its partition logs hold.
+    pub bytes: u64,
+    /// Its groups, sorted by key.
+    pub groups: Vec<GroupInfo>,
+    /// Messages in its dead-letter queue.
+    pub dead_letters: u64,
+}
+
+/// The future of a settle: resolves once the settle is durable. The settle itself took
+/// effect in memory when it was called (the consumer's window is free at once).
+#[derive(Debug)]
+#[must_use = "the settle happened already; await this to learn when it is durable"]
+pub struct Settled {
+    found: bool,
+    append: Option<Append>,
+}
+
+impl Future for Settled {
+    /// `Ok(true)` when the message was outstanding in some group and is now durably
+    /// settled there, `Ok(false)` when nothing matched.
+    type Output = Result<bool, QueueError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let found = self.found;
+        match &mut self.append {
+            None => Poll::Ready(Ok(found)),
+            Some(a) => Pin::new(a)
+                .poll(cx)
+                .map(|r| r.map(|_| found).map_err(QueueError::from)),
+        }
+    }
+}
+
+/// A message on its way to the dead-letter queue.
+#[derive(Debug, Clone)]
+struct DeadItem {
+    key: GroupKey,
+    partition: usize,
+    offset: u64,
+    count: u32,
+    reason: DeadReason,
+}
+
+/// One group with its members' sinks.
+struct Slot {
+    group: Group,
+    sinks: BTreeMap<ConsumerId, Arc<dyn DeliverySink>>,
+}
+
+/// Everything the queue's lock guards.
+struct State {
+    settings: Settings,
+    /// Per partition: nothing below is delivered to any group (purge).
+    floors: Vec<u64>,
+    groups: BTreeMap<GroupKey, Slot>,
+    /// Progress changed since the last snapshot.
+    dirty: bool,
+    /// Per partition: what the last durable snapshot says every group has passed.
+    truncatable: Vec<u64>,
+    /// Rotates the partition a dispatch starts with, for fairness within a window.
+    rotate: usize,
+}
+
+pub(crate) struct Inner {
+    name: Arc<str>,
+    stem: String,
+    is_dead_letter_queue: bool,
+    storage: Arc<Storage>,
+    config: RwLock<QueueConfig>,
+    logs: RwLock<Arc<[Log]>>,
+    progress: Log,
+    state: Mutex<State>,
+    kick: AtomicBool,
+    round_robin: AtomicU64,
+    /// Messages stored (sum of next offsets) and their floor sum: depth = the difference.
+    stored: AtomicU64,
+    floor_sum: AtomicU64,
+    /// Produces being appended: counted against the limits.
+    reserved: AtomicU64,
+    reserved_bytes: AtomicU64,
+    stored_bytes: AtomicU64,
+    room: tokio::sync::Notify,
+    deleted: AtomicBool,
+    dead_letters: Option<Queue>,
+}
+
+/// One durable queue. Cheap to clone; clones share the queue.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+/// Log names: `p<N>.<queue>` partitions, `g.<queue>` progress, `dlq.<queue>` and
+/// `dlqg.<queue>` for the dead-letter queue. The kind prefix holds no '.', so the name
+/// after the first '.' is the queue's and no two queues' logs can collide.
+pub(crate) fn partition_log_name(stem: &str, dlq: bool, p: usize) -> String {
+    if dlq {
+        format!("dlq.{stem}")
+    } else {
+        format!("p{p}.{stem}")
+    }
+}
+
+pub(crate) fn progress_log_name(stem: &str, dlq: bool) -> String {
+    if dlq {
+        format!("dlqg.{stem}")
+    } else {
+        format!("g.{stem}")
+    }
+}
+
+fn progress_log_config(config: &QueueConfig) -> LogConfig {
+    LogConfig {
+        segment_bytes: 1 << 20,
+        retention: Default::default(),
+        ..config.log_config()
+    }
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    // FNV-1a: stable across builds and restarts, so a key keeps its partition.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Counts a produce against the limits until dropped.
+struct Reservation {
+    inner: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.inner.reserved.fetch_sub(1, Ordering::SeqCst);
+        self.inner
+            .reserved_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+impl Queue {
+    /// Opens (creating if needed) the logs of queue `name` and replays its progress.
+    /// `notes` collects what recovery repaired, for the caller to log.
+    pub(crate) fn open(
+        storage: Arc<Storage>,
+        name: &str,
+        config: QueueConfig,
+        notes: &mut Vec<String>,
+    ) -> Result<Queue, QueueError> {
+        let dlq_config = config.dead_letter_config();
+        let dead_letters = Queue::open_one(storage.clone(), name, true, dlq_config, None, notes)?;
+        Queue::open_one(storage, name, false, config, Some(dead_letters), notes)
+    }
+
+    fn open_one(
+        storage: Arc<Storage>,
+        stem: &str,
+        dlq: bool,
+        config: QueueConfig,
+        dead_letters: Option<Queue>,
+        notes: &mut Vec<String>,
+    ) -> Result<Queue, QueueError> {
+        let name: Arc<str> = if dlq {
+            format!("{stem}$dlq").into()
+        } else {
+            stem.into()
+        };
+        let mut logs = Vec::new();
+        for p in 0..config.partitions as usize {
+            let log_name = partition_log_name(stem, dlq, p);
+            let (log, recovery) = storage.open_log(&log_name, config.log_config())?;
+            if !recovery.is_clean() {
+                notes.push(format!(
+                    "queue {name} partition {p} recovered: {recovery:?}"
+                ));
+            }
+            logs.push(log);
+        }
+        let (progress, recovery) =
+            storage.open_log(&progress_log_name(stem, dlq), progress_log_config(&config))?;
+        if !recovery.is_clean() {
+            notes.push(format!(
+                "queue {name} group progress recovered: {recovery:?}"
+            ));
+        }
+        let mut settings = config.settings();
+        if dlq {
+            // Dead letters are never dead-lettered again.
+            settings.max_deliveries = 0;
+        }
+        let mut state = State {
+            settings,
+            floors: vec![0; logs.len()],
+            groups: BTreeMap::new(),
+            dirty: false,
+            truncatable: vec![0; logs.len()],
+            rotate: 0,
+        };
+        replay(&name, &progress, &logs, &mut state, notes);
+        let stored = logs.iter().map(Log::next_offset).sum();
+        let stored_bytes = logs.iter().map(Log::size_bytes).sum();
+        let queue = Queue {
+            inner: Arc::new(Inner {
+                name,
+                stem: stem.to_owned(),
+                is_dead_letter_queue: dlq,
+                storage,
+                config: RwLock::new(config),
+                logs: RwLock::new(logs.into()),
+                progress,
+                state: Mutex::new(state),
+                kick: AtomicBool::new(false),
+                round_robin: AtomicU64::new(0),
+                stored: AtomicU64::new(stored),
+                floor_sum: AtomicU64::new(0),
+                reserved: AtomicU64::new(0),
+                reserved_bytes: AtomicU64::new(0),
+                stored_bytes: AtomicU64::new(stored_bytes),
+                room: tokio::sync::Notify::new(),
+                deleted: AtomicBool::new(false),
+                dead_letters,
+            }),
+        };
+        {
+            let st = queue.inner.state.lock();
+            queue.refresh_floor(&st);
+        }
+        Ok(queue)
+    }
+
+    /// The queue's name (`<name>$dlq` for a dead-letter queue).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The queue's settings.
+    pub fn config(&self) -> QueueConfig {
+        self.inner.config.read().clone()
+    }
+
+    /// The number of partitions.
+    pub fn partitions(&self) -> u32 {
+        self.logs().len() as u32
+    }
+
+    /// The dead-letter queue (`$queue/<name>/$dlq`), consumable like any queue; `None`
+    /// for a dead-letter queue itself.
+    pub fn dead_letters(&self) -> Option<&Queue> {
+        self.inner.dead_letters.as_ref()
+    }
+
+    fn logs(&self) -> Arc<[Log]> {
+        self.inner.logs.read().clone()
+    }
+
+    /// Messages counted against `max_depth`: per partition, everything from the oldest
+    /// message some group has not settled (its committed offset) on, so messages acked
+    /// out of order above it still count; while the queue has no group, everything held.
+    pub fn depth(&self) -> u64 {
+        let stored = self.inner.stored.load(Ordering::SeqCst);
+        stored.saturating_sub(self.inner.floor_sum.load(Ordering::SeqCst))
+    }
+
+    /// Bytes the partition logs hold (settled messages count until their segment is
+    /// deleted by [`Queue::maintain`]).
+    pub fn bytes(&self) -> u64 {
+        self.inner.stored_bytes.load(Ordering::SeqCst)
+    }
+
+    fn check_deleted(&self) -> Result<(), QueueError> {
+        if self.inner.deleted.load(Ordering::SeqCst) {
+            return Err(QueueError::Deleted(self.inner.name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Whether a produce of `bytes` would fit under the limits now.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        let cfg = self.inner.config.read();
+        let n = self.inner.reserved.load(Ordering::SeqCst);
+        let b = self.inner.reserved_bytes.load(Ordering::SeqCst);
+        self.depth() + n < cfg.max_depth && self.bytes() + b + bytes <= cfg.max_bytes
+    }
+
+    /// Waits until a produce of `bytes` would fit: a 3.1.1 producer's backpressure
+    /// (its PUBACK waits). Woken when messages are settled, purged or deleted.
+    pub async fn wait_for_room(&self, bytes: u64) {
+        loop {
+            let notified = self.inner.room.notified();
+            if self.has_room(bytes) || self.inner.deleted.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn reserve(&self, bytes: u64) -> Result<Reservation, ProduceError> {
+        let inner = &self.inner;
+        let n = inner.reserved.fetch_add(1, Ordering::SeqCst) + 1;
+        let b = inner.reserved_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        let r = Reservation {
+            inner: inner.clone(),
+            bytes,
+        };
+        let cfg = inner.config.read();
+        let full = |what| ProduceError::QuotaExceeded {
+            queue: inner.name.to_string(),
+            what,
+        };
+        if self.depth() + n > cfg.max_depth {
+            return Err(full("max_depth"));
+        }
+        if self.bytes() + b > cfg.max_bytes {
+            return Err(full("max_bytes"));
+        }
+        Ok(r)
+    }
+
+    fn pick_partition(&self, msg: &NewMessage, partitions: usize) -> usize {
+        let n = partitions.max(1) as u64;
+        let p = match (&msg.partition_key, msg.subtopic.is_empty()) {
+            (Some(key), _) => hash(key) % n,
+            (None, false) => hash(msg.subtopic.as_bytes()) % n,
+            (None, true) => self.inner.round_robin.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        p as usize
+    }
+
+    /// Stores `msg`. The partition is a hash of the partition key if there is one, else
+    /// of the subtopic if it is not empty, else round-robin. The append is queued before
+    /// this returns, so produces issued one after another keep their order; the future
+    /// resolves with the message's id once it is durable under the queue's durability.
+    /// Fails with [`ProduceError::QuotaExceeded`] at `max_depth` or `max_bytes`.
+    pub fn produce(
+        &self,
+        msg: NewMessage,
+    ) -> impl Future<Output = Result<MessageId, ProduceError>> + Send + 'static {
+        let started = self.start_produce(msg, None);
+        let this = self.clone();
+        async move {
+            let (partition, append, reservation, size) = started?;
+            let result = append.await;
+            drop(reservation);
+            let offset = result?;
+            this.inner.stored.fetch_add(1, Ordering::SeqCst);
+            this.inner.stored_bytes.fetch_add(size, Ordering::SeqCst);
+            this.kick();
+            Ok(MessageId {
+                queue: this.inner.name.clone(),
+                partition: partition as u32,
+                offset,
+            })
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_produce(
+        &self,
+        msg: NewMessage,
+        origin: Option<(Origin, u64)>,
+    ) -> Result<(usize, Append, Reservation, u64), ProduceError> {
+        if self.inner.deleted.load(Ordering::SeqCst) {
+            return Err(ProduceError::Deleted(self.inner.name.to_string()));
+        }
+        if msg.subtopic.len() > MAX_SUBTOPIC {
+            return Err(ProduceError::SubtopicTooLong(msg.subtopic.len()));
+        }
+        let headers =
+            format::encode_message(&msg.subtopic, origin.as_ref().map(|o| &o.0), &msg.headers);
+        // The record as framed by storage: 29 bytes of overhead.
+        let size = (29 + headers.len() + msg.payload.len()) as u64;
+        let reservation = self.reserve(size)?;
+        let logs = self.logs();
+        let partition = self.pick_partition(&msg, logs.len());
+        let log = logs
+            .get(partition)
+            .ok_or_else(|| ProduceError::Deleted(self.inner.name.to_string()))?;
+        let record = match origin {
+            Some((_, timestamp)) => Record {
+                timestamp,
+                headers,
+                payload: msg.payload,
+            },
+            None => Record::now(headers, msg.payload),
+        };
+        let append = log.append(vec![record]);
+        Ok((partition, append, reservation, size))
+    }
+
+    /// Runs `f` on the locked state, then any dispatch kicked meanwhile.
+    fn with_state<R>(&self, f: impl FnOnce(&Queue, &mut State) -> R) -> R {
+        let r = {
+            let mut st = self.inner.state.lock();
+            let r = f(self, &mut st);
+            self.refresh_floor(&st);
+            r
+        };
+        self.drain_kicks();
+        r
+    }
+
+    /// Asks for a dispatch of every group and partition (coalesced with any running).
+    fn kick(&self) {
+        self.inner.kick.store(true, Ordering::SeqCst);
+        self.drain_kicks();
+    }
+
+    fn drain_kicks(&self) {
+        loop {
+            let Some(mut st) = self.inner.state.try_lock() else {
+                // The holder re-checks the flag after it lets go.
+                return;
+            };
+            while self.inner.kick.swap(false, Ordering::SeqCst) {
+                self.dispatch_all(&mut st, now_ms());
+            }
+            self.refresh_floor(&st);
+            drop(st);
+            if !self.inner.kick.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Offers pending messages again: the broker calls this when a consumer whose
+    /// sink refused a delivery can take more.
+    pub fn wake(&self) {
+        self.kick();
+    }
+
+    fn refresh_floor(&self, st: &State) {
+        let logs = self.logs();
+        let mut sum = 0u64;
+        for (p, log) in logs.iter().enumerate() {
+            let held = st
+                .floors
+                .get(p)
+                .copied()
+                .unwrap_or(0)
+                .max(log.start_offset());
+            let floor = st
+                .groups
+                .values()
+                .filter_map(|s| s.group.cursor(p).map(|c| c.committed()))
+                .min()
+                .unwrap_or(held);
+            sum += floor.max(held).min(log.next_offset());
+        }
+        let old = self.inner.floor_sum.swap(sum, Ordering::SeqCst);
+        if sum > old {
+            self.inner.room.notify_waiters();
+        }
+    }
+
+    fn dispatch_all(&self, st: &mut State, now: u64) {
+        let logs = self.logs();
+        let n = logs.len();
+        if n == 0 {
+            return;
+        }
+        st.rotate = st.rotate.wrapping_add(1);
+        let start = st.rotate % n;
+        let timeout = st.settings.ack_timeout_ms;
+        let mut dirty = false;
+        for (key, slot) in st.groups.iter_mut() {
+            for i in 0..n {
+                let p = (start + i) % n;
+                dirty |= self.dispatch(key, slot, p, &logs[p], now, timeout);
+            }
+        }
+        st.dirty |= dirty;
+    }
+
+    /// Offers what group `key` has ready on partition `p`. Returns true if progress
+    /// changed (offsets skipped by the filter, or retention clamped the cursor).
+    fn dispatch(
+        &self,
+        key: &GroupKey,
+        slot: &mut Slot,
+        p: usize,
+        log: &Log,
+        now: u64,
+        timeout: u64,
+    ) -> bool {
+        let end = log.next_offset();
+        let mut changed = false;
+        let mut ahead: VecDeque<roost_storage::LogRecord> = VecDeque::new();
+        while let Some(pick) = slot.group.pick(p, end, now) {
+            let record = match ahead.pop_front() {
+                Some(r) if !pick.retry && r.offset == pick.offset => r,
+                _ => {
+                    ahead.clear();
+                    let max_records = if pick.retry {
+                        1
+                    } else {
+                        slot.group.room_of(&pick.consumer).clamp(1, 256) as usize
+                    };
+                    let limit = ReadLimit {
+                        max_records,
+                        max_bytes: 1 << 20,
+                    };
+                    match log.read(pick.offset, limit) {
+                        Ok(records) => ahead.extend(records),
+                        Err(roost_storage::Error::OffsetOutOfRange { start, .. })
+                            if pick.offset < start =>
+                        {
+                            // Retention deleted it: nothing left to deliver below start.
+                            slot.group.clamp_start(p, start);
+                            changed = true;
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(queue = %self.inner.name, partition = p, offset = pick.offset,
+                                  error = %e, "queue read failed");
+                            break;
+                        }
+                    }
+                    match ahead.pop_front() {
+                        Some(r) if r.offset == pick.offset => r,
+                        _ => break,
+                    }
+                }
+            };
+            let header = decode_message(&record.headers);
+            let subtopic = header
+                .as_ref()
+                .and_then(|h| std::str::from_utf8(&h.subtopic).ok());
+            let (Some(h), Some(subtopic)) = (header.as_ref(), subtopic) else {
+                warn!(queue = %self.inner.name, partition = p, offset = pick.offset,
+                      "undecodable queue record skipped");
+                if pick.retry {
+                    slot.group.replay_settled(p, pick.offset);
+                } else {
+                    slot.group.skip(p, pick.offset);
+                }
+                changed = true;
+                continue;
+            };
+            if !pick.retry && !key.matches(subtopic) {
+                slot.group.skip(p, pick.offset);
+                changed = true;
+                continue;
+            }
+            let Some(sink) = slot.sinks.get(&pick.consumer) else {
+                break;
+            };
+            let delivery = QueueDelivery {
+                id: MessageId {
+                    queue: self.inner.name.clone(),
+                    partition: p as u32,
+                    offset: pick.offset,
+                },
+                group: key.clone(),
+                delivery_count: pick.count + 1,
+                subtopic: subtopic.to_owned(),
+                headers: h.headers.clone(),
+                payload: record.payload.clone(),
+                timestamp_ms: record.timestamp,
+                dead_letter: h.origin,
+            };
+            if !sink.offer(delivery) {
+                break;
+            }
+            slot.group.delivered(p, &pick, now, timeout);
+        }
+        changed
+    }
+
+    /// Adds `consumer` to group `key` (created on first use, starting at the oldest
+    /// message held) with an in-flight `window` (0: the queue's `consumer_window`), and
+    /// rebalances the group's partitions. Joining again updates the window and sink.
+    pub fn join(
+        &self,
+        key: &GroupKey,
+        consumer: ConsumerId,
+        window: u32,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Result<(), QueueError> {
+        self.check_deleted()?;
+        if let Some(f) = key.filter.as_deref()
+            && (roost_core::topic::validate_filter(f).is_err() || f.starts_with("$share/"))
+        {
+            return Err(QueueError::InvalidFilter(f.to_owned()));
+        }
+        let window = if window == 0 {
+            self.inner.config.read().consumer_window
+        } else {
+            window
+        };
+        self.with_state(|q, st| {
+            q.ensure_group(st, key);
+            if let Some(slot) = st.groups.get_mut(key) {
+                slot.sinks.insert(consumer.clone(), sink);
+                slot.group.join(consumer.clone(), window);
+                debug!(queue = %q.inner.name, group = %key, consumer = %consumer, "joined");
+            }
+            q.dispatch_all(st, now_ms());
+        });
+        Ok(())
+    }
+
+    fn ensure_group(&self, st: &mut State, key: &GroupKey) {
+        if st.groups.contains_key(key) {
+            return;
+        }
+        let logs = self.logs();
+        let starts: Vec<u64> = logs
+            .iter()
+            .enumerate()
+            .map(|(p, l)| l.start_offset().max(st.floors.get(p).copied().unwrap_or(0)))
+            .collect();
+        st.groups.insert(
+            key.clone(),
+            Slot {
+                group: Group::new(&starts),
+                sinks: BTreeMap::new(),
+            },
+        );
+        st.dirty = true;
+        let _queued = self.append_progress(vec![Progress::Declare(key.clone())]);
+    }
+
+    fn append_progress(&self, changes: Vec<Progress>) -> Append {
+        let records = changes
+            .iter()
+            .map(|c| Record::now(Bytes::new(), c.encode()))
+            .collect();
+        self.inner.progress.append(records)
+    }
+
+    /// Removes `consumer` from group `key` and rebalances; what it had in flight is
+    /// delivered again (to the partition's new owner) with its delivery count kept.
+    pub fn leave(&self, key: &GroupKey, consumer: &str) {
+        self.with_state(|q, st| {
+            if let Some(slot) = st.groups.get_mut(key) {
+                slot.sinks.remove(consumer);
+                if slot.group.leave(consumer, now_ms()) {
+                    debug!(queue = %q.inner.name, group = %key, consumer, "left");
+                }
+            }
+            q.dispatch_all(st, now_ms());
+        });
+    }
+
+    /// [`Queue::leave`] for every group of this queue and of its dead-letter queue: the
+    /// consumer disconnected.
+    pub fn leave_all(&self, consumer: &str) {
+        self.with_state(|q, st| {
+            for slot in st.groups.values_mut() {
+                slot.sinks.remove(consumer);
+                slot.group.leave(consumer, now_ms());
+            }
+            q.dispatch_all(st, now_ms());
+        });
+        if let Some(d) = &self.inner.dead_letters {
+            d.leave_all(consumer);
+        }
+    }
+
+    /// The groups a settle by `consumer` applies to: `key` if given, else every group
+    /// it is a member of or holds the message in.
+    fn settle_targets(
+        st: &State,
+        key: Option<&GroupKey>,
+        consumer: &str,
+        p: usize,
+        o: u64,
+    ) -> Vec<GroupKey> {
+        match key {
+            Some(k) => st
+                .groups
+                .contains_key(k)
+                .then(|| k.clone())
+                .into_iter()
+                .collect(),
+            None => st
+                .groups
+                .iter()
+                .filter(|(_, s)| s.group.is_member(consumer) || s.group.holds(p, o, consumer))
+                .map(|(k, _)| k.clone())
+                .collect(),
+        }
+    }
+
+    fn locate(&self, id: &MessageId) -> Option<(usize, u64)> {
+        (*id.queue == *self.inner.name && id.partition < self.partitions())
+            .then_some((id.partition as usize, id.offset))
+    }
+
+    /// Acknowledges `id` for `consumer` in group `key` (or, with `None`, in every group
+    /// where it counts: see [`GroupKey`]). An ack counts when the message is in flight
+    /// to that consumer or waiting for redelivery. It takes effect at once (the window
+    /// frees, the next message is offered); the returned future says when it is durable.
+    pub fn ack(&self, consumer: &str, key: Option<&GroupKey>, id: &MessageId) -> Settled {
+        let Some((p, o)) = self.locate(id) else {
+            return Settled {
+                found: false,
+                append: None,
+            };
+        };
+        let changes = self.with_state(|q, st| {
+            let mut changes = Vec::new();
+            for k in Queue::settle_targets(st, key, consumer, p, o) {
+                if let Some(slot) = st.groups.get_mut(&k)
+                    && slot.group.ack(p, o, consumer) == Settle::Settled
+                {
+                    changes.push(Progress::Settle(k, vec![(p as u32, o)]));
+                }
+            }
+            if !changes.is_empty() {
+                st.dirty = true;
+                q.dispatch_all(st, now_ms());
+            }
+            changes
+        });
+        Settled {
+            found: !changes.is_empty(),
+            append: (!changes.is_empty()).then(|| self.append_progress(changes)),
+        }
+    }
+
+    /// Negative acknowledgement: redeliver after the backoff
+    /// (`backoff_initial_ms * 2^(n-1)`, capped, n = deliveries so far), or dead-letter
+    /// it once it has had `max_deliveries`. Returns whether it was in flight to
+    /// `consumer`.
+    pub fn nack(&self, consumer: &str, key: Option<&GroupKey>, id: &MessageId) -> bool {
+        let Some((p, o)) = self.locate(id) else {
+            return false;
+        };
+        let now = now_ms();
+        let (found, dead) = self.with_state(|q, st| {
+            let settings = st.settings;
+            let (mut found, mut dead) = (false, Vec::new());
+            for k in Queue::settle_targets(st, key, consumer, p, o) {
+                let Some(slot) = st.groups.get_mut(&k) else {
+                    continue;
+                };
+                match slot.group.nack(p, o, consumer, now, &settings) {
+                    Nack::Ignored => {}
+                    Nack::Retry { .. } => found = true,
+                    Nack::DeadLetter { count } => {
+                        found = true;
+                        dead.push(DeadItem {
+                            key: k,
+                            partition: p,
+                            offset: o,
+                            count,
+                            reason: DeadReason::MaxDeliveries,
+                        });
+                    }
+                }
+            }
+            if found {
+                q.dispatch_all(st, now);
+            }
+            (found, dead)
+        });
+        self.dead_letter(dead);
+        found
+    }
+
+    /// Sends `id` straight to the dead-letter queue (in a dead-letter queue: discards
+    /// it). Returns whether it was outstanding for `consumer`.
+    pub fn reject(&self, consumer: &str, key: Option<&GroupKey>, id: &MessageId) -> bool {
+        let Some((p, o)) = self.locate(id) else {
+            return false;
+        };
+        if self.inner.dead_letters.is_none() {
+            let settled = self.ack(consumer, key, id);
+            return settled.found;
+        }
+        let dead = self.with_state(|_, st| {
+            let mut dead = Vec::new();
+            for k in Queue::settle_targets(st, key, consumer, p, o) {
+                if let Some(slot) = st.groups.get_mut(&k)
+                    && let Some(count) = slot.group.reject(p, o, consumer)
+                {
+                    dead.push(DeadItem {
+                        key: k,
+                        partition: p,
+                        offset: o,
+                        count,
+                        reason: DeadReason::Rejected,
+                    });
+                }
+            }
+            dead
+        });
+        let found = !dead.is_empty();
+        self.dead_letter(dead);
+        found
+    }
+
+    /// Copies each item to the dead-letter queue; the group settles it only once that
+    /// copy is durable, and keeps it for redelivery if the copy fails.
+    fn dead_letter(&self, items: Vec<DeadItem>) {
+        let Some(dlq) = self.inner.dead_letters.clone() else {
+            return;
+        };
+        let logs = self.logs();
+        for item in items {
+            let Some(log) = logs.get(item.partition) else {
+                continue;
+            };
+            let read = log.read(
+                item.offset,
+                ReadLimit {
+                    max_records: 1,
+                    max_bytes: 1,
+                },
+            );
+            let record = match read {
+                Ok(mut records) if !records.is_empty() => records.swap_remove(0),
+                Err(roost_storage::Error::OffsetOutOfRange { start, .. })
+                    if item.offset < start =>
+                {
+                    // Retention took it already: nothing to copy, nothing to redeliver.
+                    self.dead_letter_done(&item, true);
+                    continue;
+                }
+                other => {
+                    warn!(queue = %self.inner.name, partition = item.partition,
+                          offset = item.offset, result = ?other.err(),
+                          "cannot read message to dead-letter it; it stays for redelivery");
+                    self.dead_letter_done(&item, false);
+                    continue;
+                }
+            };
+            let Some(h) = decode_message(&record.headers) else {
+                self.dead_letter_done(&item, true);
+                continue;
+            };
+            let origin = Origin {
+                partition: item.partition as u32,
+                offset: item.offset,
+                delivery_count: item.count,
+                reason: item.reason,
+            };
+            let msg = NewMessage {
+                subtopic: String::from_utf8_lossy(&h.subtopic).into_owned(),
+                partition_key: None,
+                headers: h.headers,
+                payload: record.payload,
+            };
+            let started = dlq.start_produce(msg, Some((origin, record.timestamp)));
+            let handle = tokio::runtime::Handle::try_current();
+            match (started, handle) {
+                (Ok((_, append, reservation, size)), Ok(handle)) => {
+                    let this = self.clone();
+                    let dlq = dlq.clone();
+                    handle.spawn(async move {
+                        let result = append.await;
+                        drop(reservation);
+                        match result {
+                            Ok(_) => {
+                                dlq.inner.stored.fetch_add(1, Ordering::SeqCst);
+                                dlq.inner.stored_bytes.fetch_add(size, Ordering::SeqCst);
+                                this.dead_letter_done(&item, true);
+                                dlq.kick();
+                            }
+                            Err(e) => {
+                                warn!(queue = %this.inner.name, error = %e,
+                                      "dead-letter append failed; message stays for redelivery");
+                                this.dead_letter_done(&item, false);
+                            }
+                        }
+                    });
+                }
+                (Err(e), _) => {
+                    warn!(queue = %self.inner.name, error = %e,
+                          "cannot dead-letter message; it stays for redelivery");
+                    self.dead_letter_done(&item, false);
+                }
+                (Ok(_), Err(_)) => self.dead_letter_done(&item, false),
+            }
+        }
+    }
+
+    fn dead_letter_done(&self, item: &DeadItem, ok: bool) {
+        let now = now_ms();
+        let change = self.with_state(|q, st| {
+            let backoff = st.settings.backoff(item.count);
+            let slot = st.groups.get_mut(&item.key)?;
+            let change = if ok {
+                slot.group
+                    .dead_lettered(item.partition, item.offset)
+                    .then(|| {
+                        Progress::Settle(
+                            item.key.clone(),
+                            vec![(item.partition as u32, item.offset)],
+                        )
+                    })
+            } else {
+                slot.group
+                    .dead_letter_failed(item.partition, item.offset, now + backoff);
+                None
+            };
+            st.dirty |= change.is_some();
+            q.dispatch_all(st, now);
+            change
+        });
+        if let Some(change) = change {
+            let _queued = self.append_progress(vec![change]);
+        }
+    }
+
+    /// Timers: deliveries past their ack timeout are redelivered (or dead-lettered after
+    /// `max_deliveries`), redeliveries whose backoff has passed are offered, refused
+    /// offers are retried. `now` is milliseconds since the epoch. Cheap; the broker
+    /// calls it every few hundred milliseconds (or see [`crate::Queues::spawn_timers`]).
+    pub fn tick(&self, now: u64) {
+        let dead = self.with_state(|q, st| {
+            let settings = st.settings;
+            let mut dead = Vec::new();
+            for (k, slot) in st.groups.iter_mut() {
+                for d in slot.group.expire(now, &settings) {
+                    dead.push(DeadItem {
+                        key: k.clone(),
+                        partition: d.partition,
+                        offset: d.offset,
+                        count: d.count,
+                        reason: DeadReason::MaxDeliveries,
+                    });
+                }
+            }
+            q.dispatch_all(st, now);
+            dead
+        });
+        self.dead_letter(dead);
+        if let Some(d) = &self.inner.dead_letters {
+            d.tick(now);
+        }
+    }
+
+    /// Housekeeping, every second or so: [`Queue::tick`], then a durable snapshot of the
+    /// groups' progress if it changed, then deleting progress segments before that
+    /// snapshot and partition segments every group has passed (and any purge), then
+    /// retention by age and size (`retention_ms`, `retention_bytes`), which deletes
+    /// segments whether or not groups have consumed them.
+    pub async fn maintain(&self, now: u64) -> Result<(), QueueError> {
+        self.tick(now);
+        self.maintain_one(now).await?;
+        if let Some(d) = &self.inner.dead_letters {
+            d.maintain_one(now).await?;
+        }
+        Ok(())
+    }
+
+    async fn maintain_one(&self, now: u64) -> Result<(), QueueError> {
+        self.check_deleted()?;
+        let snapshot = {
+            let mut st = self.inner.state.lock();
+            std::mem::take(&mut st.dirty).then(|| snapshot_of(&st))
+        };
+        if let Some(snap) = snapshot {
+            let truncatable: Vec<u64> = {
+                let logs = self.logs();
+                (0..logs.len())
+                    .map(|p| {
+                        let floor = snap.floors.get(p).copied().unwrap_or(0);
+                        snap.groups
+                            .iter()
+                            .filter_map(|(_, parts)| parts.get(p).map(|c| c.0))
+                            .min()
+                            .map_or(floor, |m| m.max(floor))
+                    })
+                    .collect()
+            };
+            let appended = self.append_progress(vec![Progress::Snapshot(snap)]).await;
+            match appended {
+                Ok(offset) => {
+                    self.inner.progress.truncate_before(offset)?;
+                    self.inner.state.lock().truncatable = truncatable;
+                }
+                Err(e) => {
+                    self.inner.state.lock().dirty = true;
+                    return Err(e.into());
+                }
+            }
+        }
+        let truncatable = self.inner.state.lock().truncatable.clone();
+        let logs = self.logs();
+        let retention = self.inner.config.read().retention();
+        for (p, log) in logs.iter().enumerate() {
+            if let Some(&t) = truncatable.get(p) {
+                log.truncate_before(t)?;
+            }
+            log.set_retention(retention);
+            log.enforce_retention(now)?;
+        }
+        self.inner
+            .stored_bytes
+            .store(logs.iter().map(Log::size_bytes).sum(), Ordering::SeqCst);
+        self.with_state(|_, st| {
+            for (p, log) in logs.iter().enumerate() {
+                let start = log.start_offset();
+                for slot in st.groups.values_mut() {
+                    slot.group.clamp_start(p, start);
+                }
+            }
+        });
+        self.inner.room.notify_waiters();
+        Ok(())
+    }
+
+    /// Moves group `key` (created if new) to `to` in every partition; what follows is
+    /// delivered again. Outstanding deliveries are forgotten. Resolves once durable.
+    pub async fn reset(&self, key: &GroupKey, to: ResetTo) -> Result<(), QueueError> {
+        self.check_deleted()?;
+        let logs = self.logs();
+        let mut targets = Vec::new();
+        for (p, log) in logs.iter().enumerate() {
+            let (start, end) = (log.start_offset(), log.next_offset());
+            let target = match to {
+                ResetTo::Earliest => start,
+                ResetTo::Latest => end,
+                ResetTo::Offset(o) => o,
+                ResetTo::PartitionOffset { partition, offset } if partition as usize == p => offset,
+                ResetTo::PartitionOffset { .. } => continue,
+                ResetTo::Timestamp(t) => log.offset_for_timestamp(t)?,
+            };
+            targets.push((p, target.clamp(start, end)));
+        }
+        let append = self.with_state(|q, st| {
+            q.ensure_group(st, key);
+            let floors = st.floors.clone();
+            let slot = st.groups.get_mut(key)?;
+            let mut changes = Vec::new();
+            for &(p, t) in &targets {
+                let t = t.max(floors.get(p).copied().unwrap_or(0));
+                slot.group.reset(p, t);
+                changes.push(Progress::Reset(key.clone(), p as u32, t));
+            }
+            st.dirty = true;
+            q.dispatch_all(st, now_ms());
+            Some(q.append_progress(changes))
+        });
+        if let Some(a) = append {
+            a.await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets group `key`: its progress and members (whose sinks get nothing more).
+    pub async fn delete_group(&self, key: &GroupKey) -> Result<bool, QueueError> {
+        let removed = self.with_state(|_, st| {
+            let removed = st.groups.remove(key).is_some();
+            st.dirty |= removed;
+            removed
+        });
+        if removed {
+            self.append_progress(vec![Progress::Delete(key.clone())])
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    /// Deletes every message now in the queue, for every group (present and future);
+    /// in-flight deliveries may still be settled. Resolves once durable; the segments
+    /// go at the next [`Queue::maintain`].
+    pub async fn purge(&self) -> Result<(), QueueError> {
+        self.check_deleted()?;
+        let logs = self.logs();
+        let append = self.with_state(|q, st| {
+            let mut changes = Vec::new();
+            for (p, log) in logs.iter().enumerate() {
+                let end = log.next_offset();
+                if let Some(f) = st.floors.get_mut(p) {
+                    *f = (*f).max(end);
+                }
+                for slot in st.groups.values_mut() {
+                    slot.group.clamp_start(p, end);
+                }
+                changes.push(Progress::Purge(p as u32, end));
+            }
+            st.dirty = true;
+            q.append_progress(changes)
+        });
+        append.await?;
+        self.inner.room.notify_waiters();
+        Ok(())
+    }
+
+    /// Counts for the admin API.
+    pub fn info(&self) -> QueueInfo {
+        let logs = self.logs();
+        let groups = {
+            let st = self.inner.state.lock();
+            st.groups
+                .iter()
+                .map(|(k, s)| GroupInfo {
+                    key: k.clone(),
+                    members: s.group.members().cloned().collect(),
+                    lag: logs
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(p, l)| s.group.cursor(p).map(|c| c.lag(l.next_offset())))
+                        .sum(),
+                    in_flight: s.group.inflight(),
+                    waiting: s.group.waiting(),
+                })
+                .collect()
+        };
+        QueueInfo {
+            name: self.inner.name.to_string(),
+            config: self.config(),
+            depth: self.depth(),
+            bytes: self.bytes(),
+            groups,
+            dead_letters: self.inner.dead_letters.as_ref().map_or(0, Queue::depth),
+        }
+    }
+
+    /// Applies new settings (partitions may only grow; a durability change applies
+    /// when the queue is next opened).
+    pub(crate) fn reconfigure(&self, config: QueueConfig) -> Result<(), QueueError> {
+        let old = self.logs();
+        let want = config.partitions as usize;
+        if !self.inner.is_dead_letter_queue && want > old.len() {
+            let mut logs: Vec<Log> = old.to_vec();
+            for p in old.len()..want {
+                let name = partition_log_name(&self.inner.stem, false, p);
+                let (log, _) = self.inner.storage.open_log(&name, config.log_config())?;
+                logs.push(log);
+            }
+            let added: Vec<u64> = logs[old.len()..].iter().map(Log::start_offset).collect();
+            {
+                let mut st = self.inner.state.lock();
+                *self.inner.logs.write() = logs.into();
+                st.floors.resize(want, 0);
+                st.truncatable.resize(want, 0);
+                for slot in st.groups.values_mut() {
+                    slot.group.add_partitions(&added);
+                }
+                st.dirty = true;
+            }
+        }
+        let mut settings = config.settings();
+        if self.inner.is_dead_letter_queue {
+            settings.max_deliveries = 0;
+        }
+        for log in self.logs().iter() {
+            log.set_retention(config.retention());
+        }
+        self.inner.state.lock().settings = settings;
+        let mut cfg = config;
+        if self.inner.is_dead_letter_queue {
+            cfg.partitions = 1;
+        }
+        *self.inner.config.write() = cfg.clone();
+        if let Some(d) = &self.inner.dead_letters {
+            d.reconfigure(cfg.dead_letter_config())?;
+        }
+        self.kick();
+        Ok(())
+    }
+
+    /// Marks the queue deleted and deletes its logs (and its dead-letter queue's).
+    pub(crate) fn destroy(&self) -> Result<(), QueueError> {
+        self.inner.deleted.store(true, Ordering::SeqCst);
+        self.inner.state.lock().groups.clear();
+        self.inner.room.notify_waiters();
+        let dlq = self.inner.is_dead_letter_queue;
+        for p in 0..self.logs().len() {
+            self.inner
+                .storage
+                .delete_log(&partition_log_name(&self.inner.stem, dlq, p))?;
+        }
+        self.inner
+            .storage
+            .delete_log(&progress_log_name(&self.inner.stem, dlq))?;
+        if let Some(d) = &self.inner.dead_letters {
+            d.destroy()?;
+        }
+        Ok(())
+    }
+}
+
+fn snapshot_of(st: &State) -> Snapshot {
+    Snapshot {
+        floors: st.floors.clone(),
+        groups: st
+            .groups
+            .iter()
+            .map(|(k, s)| {
+                let parts = s
+                    .group
+                    .cursors()
+                    .iter()
+                    .map(|c| (c.committed(), c.acked().collect()))
+                    .collect();
+                (k.clone(), parts)
+            })
+            .collect(),
+    }
+}
+
+/// Rebuilds the groups from the progress log.
+fn replay(name: &str, progress: &Log, logs: &[Log], st: &mut State, notes: &mut Vec<String>) {
+    let n = logs.len();
+    let starts = |floors: &[u64]| -> Vec<u64> {
+        logs.iter()
+            .enumerate()
+            .map(|(p, l)| l.start_offset().max(floors.get(p).copied().unwrap_or(0)))
+            .collect()
+    };
+    let mut from = progress.start_offset();
+    let mut bad = 0u64;
+    'read: loop {
+        let batch = match progress.read(from, ReadLimit::bytes(1 << 20)) {
+            Ok(b) if b.is_empty() => break,
+            Ok(b) => b,
+            Err(e) => {
+                notes.push(format!(
+                    "queue {name}: group progress unreadable from offset {from} ({e}); \
+                     messages settled after that may be delivered again"
+                ));
+                break 'read;
+            }
+        };
+        for rec in batch {
+            from = rec.offset + 1;
+            let Some(change) = Progress::decode(&rec.payload) else {
+                bad += 1;
+                continue;
+            };
+            match change {
+                Progress::Declare(k) => {
+                    if !st.groups.contains_key(&k) {
+                        let g = Group::new(&starts(&st.floors));
+                        st.groups.insert(
+                            k,
+                            Slot {
+                                group: g,
+                                sinks: BTreeMap::new(),
+                            },
+                        );
+                    }
+                }
+                Progress::Settle(k, ids) => {
+                    if let Some(slot) = st.groups.get_mut(&k) {
+                        for (p, o) in ids {
+                            slot.group.replay_settled(p as usize, o);
+                        }
+                    }
+                }
+                Progress::Reset(k, p, o) => {
+                    if let Some(slot) = st.groups.get_mut(&k) {
+                        slot.group.reset(p as usize, o);
+                    }
+                }
+                Progress::Delete(k) => {
+                    st.groups.remove(&k);
+                }
+                Progress::Purge(p, o) => {
+                    if let Some(f) = st.floors.get_mut(p as usize) {
+                        *f = (*f).max(o);
+                    }
+                    for slot in st.groups.values_mut() {
+                        slot.group.clamp_start(p as usize, o);
+                    }
+                }
+                Progress::Snapshot(s) => {
+                    st.floors = s.floors;
+                    st.floors.resize(n, 0);
+                    st.groups.clear();
+                    for (k, parts) in s.groups {
+                        let mut cursors: Vec<_> = parts
+                            .into_iter()
+                            .take(n)
+                            .map(|(c, acked)| crate::group::Cursor::restored(c, acked))
+                            .collect();
+                        let have = cursors.len();
+                        let mut g = Group::from_cursors(std::mem::take(&mut cursors));
+                        if have < n {
+                            g.add_partitions(&vec![0; n - have]);
+                        }
+                        st.groups.insert(
+                            k,
+                            Slot {
+                                group: g,
+                                sinks: BTreeMap::new(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        notes.push(format!(
+            "queue {name}: {bad} undecodable group progress records skipped"
+        ));
+    }
+    st.floors.resize(n, 0);
+    for slot in st.groups.values_mut() {
+        if slot.group.partitions() < n {
+            let missing = n - slot.group.partitions();
+            slot.group.add_partitions(&vec![0; missing]);
+        }
+        for (p, log) in logs.iter().enumerate() {
+            slot.group
+                .clamp_start(p, log.start_offset().max(st.floors[p]));
+            slot.group.clamp_end(p, log.next_offset());
+        }
+    }
+    st.truncatable = st
+        .floors
+        .iter()
+        .enumerate()
+        .map(|(p, &f)| {
+            st.groups
+                .values()
+                .filter_map(|s| s.group.cursor(p).map(|c| c.committed()))
+                .min()
+                .map_or(f, |m| m.max(f))
+        })
+        .collect();
+}
