@@ -46,6 +46,21 @@ pub struct Config {
     pub session_expiry_max: u32,
     /// Seconds a new connection has to send its CONNECT.
     pub connect_timeout: u16,
+    /// Listeners for MQTT over TLS (needs `tls_cert` and `tls_key`).
+    pub tls_bind: Vec<SocketAddr>,
+    /// Listeners for MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
+    pub ws_bind: Vec<SocketAddr>,
+    /// Listeners for MQTT over WebSocket with TLS (same certificate as `tls_bind`).
+    pub wss_bind: Vec<SocketAddr>,
+    /// PEM certificate chain of the TLS listeners, server certificate first.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates; when set, TLS clients must present a certificate they issued.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Use the Common Name of the client certificate as the MQTT username (needs
+    /// `tls_client_ca`); it replaces any username the client sends in CONNECT.
+    pub tls_use_cn_as_username: bool,
     /// Durable storage (the `[storage]` table).
     pub storage: StorageConfig,
 }
@@ -85,6 +100,13 @@ impl Default for Config {
             max_keep_alive: 65535,
             session_expiry_max: u32::MAX,
             connect_timeout: 10,
+            tls_bind: Vec::new(),
+            ws_bind: Vec::new(),
+            wss_bind: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_use_cn_as_username: false,
             storage: StorageConfig::default(),
         }
     }
@@ -136,6 +158,27 @@ pub struct Cli {
     /// Seconds a new connection has to send CONNECT [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub connect_timeout: Option<u16>,
+    /// Listen for MQTT over TLS on ADDR:PORT; repeatable (needs --tls-cert, --tls-key).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tls_bind: Vec<SocketAddr>,
+    /// Listen for MQTT over WebSocket (path /mqtt) on ADDR:PORT; repeatable.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub ws_bind: Vec<SocketAddr>,
+    /// Listen for MQTT over WebSocket with TLS on ADDR:PORT; repeatable (uses --tls-cert, --tls-key).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub wss_bind: Vec<SocketAddr>,
+    /// PEM certificate chain for the TLS listeners; re-read on SIGHUP.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert; re-read on SIGHUP.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require TLS clients to present a certificate they issued.
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Use the client certificate's Common Name as the MQTT username [default: false].
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub tls_use_cn_as_username: Option<bool>,
     /// storage.durability: fsync (ack after fdatasync) or buffered (ack after write) [default: fsync].
     #[arg(long, value_name = "MODE", value_parser = parse_durability)]
     pub storage_durability: Option<Durability>,
@@ -161,6 +204,27 @@ impl Config {
         };
         if !cli.bind.is_empty() {
             config.bind = cli.bind;
+        }
+        for (flag, key) in [
+            (cli.tls_bind, &mut config.tls_bind),
+            (cli.ws_bind, &mut config.ws_bind),
+            (cli.wss_bind, &mut config.wss_bind),
+        ] {
+            if !flag.is_empty() {
+                *key = flag;
+            }
+        }
+        for (flag, key) in [
+            (cli.tls_cert, &mut config.tls_cert),
+            (cli.tls_key, &mut config.tls_key),
+            (cli.tls_client_ca, &mut config.tls_client_ca),
+        ] {
+            if flag.is_some() {
+                *key = flag;
+            }
+        }
+        if let Some(v) = cli.tls_use_cn_as_username {
+            config.tls_use_cn_as_username = v;
         }
         macro_rules! flag {
             ($($name:ident),*) => { $( if let Some(v) = cli.$name { config.$name = v; } )* };
@@ -204,9 +268,16 @@ impl Config {
 
     /// Checks values that parse but make no sense; the error names the key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.bind.is_empty() {
-            bail!("bind: at least one listen address is needed");
+        if self.bind.is_empty()
+            && self.tls_bind.is_empty()
+            && self.ws_bind.is_empty()
+            && self.wss_bind.is_empty()
+        {
+            bail!(
+                "bind: at least one listen address is needed (bind, tls_bind, ws_bind or wss_bind)"
+            );
         }
+        self.validate_tls()?;
         // The smallest useful packet: a CONNECT with a short client id is ~14 bytes.
         if self.max_packet_size < 64 || self.max_packet_size > 268_435_460 {
             bail!(
@@ -237,6 +308,37 @@ impl Config {
             bail!(
                 "log_level: {:?} is not one of error, warn, info, debug, trace, off",
                 self.log_level
+            );
+        }
+        Ok(())
+    }
+
+    /// TLS keys must come together: a TLS listener needs a certificate and key, and the
+    /// client-certificate keys need a TLS listener to apply to.
+    fn validate_tls(&self) -> anyhow::Result<()> {
+        let tls_listener = !self.tls_bind.is_empty() || !self.wss_bind.is_empty();
+        for (key, listeners) in [("tls_bind", &self.tls_bind), ("wss_bind", &self.wss_bind)] {
+            if !listeners.is_empty() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+                bail!("{key}: a TLS listener needs both tls_cert and tls_key");
+            }
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("tls_cert and tls_key: set both or neither");
+        }
+        if !tls_listener {
+            for (key, set) in [
+                ("tls_cert", self.tls_cert.is_some()),
+                ("tls_client_ca", self.tls_client_ca.is_some()),
+                ("tls_use_cn_as_username", self.tls_use_cn_as_username),
+            ] {
+                if set {
+                    bail!("{key}: set, but there is no tls_bind or wss_bind listener to use it");
+                }
+            }
+        }
+        if self.tls_use_cn_as_username && self.tls_client_ca.is_none() {
+            bail!(
+                "tls_use_cn_as_username: needs tls_client_ca (client certificates are only verified with it)"
             );
         }
         Ok(())
@@ -283,6 +385,89 @@ mod tests {
         assert!(format!("{e:#}").contains("bind"), "{e:#}");
         let e = Config::from_toml("log_level = \"loud\"\n").expect_err("bad level");
         assert!(format!("{e:#}").contains("log_level"), "{e:#}");
+    }
+
+    #[test]
+    fn listener_keys() {
+        let c = Config::from_toml(
+            "bind = []\ntls_bind = [\"127.0.0.1:8883\"]\nws_bind = [\"127.0.0.1:8080\"]\n\
+             wss_bind = [\"[::1]:8443\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+             tls_client_ca = \"ca.pem\"\ntls_use_cn_as_username = true\n",
+        )
+        .expect("valid");
+        assert!(c.bind.is_empty());
+        assert_eq!(c.tls_bind, vec![SocketAddr::from(([127, 0, 0, 1], 8883))]);
+        assert_eq!(c.ws_bind.len(), 1);
+        assert_eq!(c.wss_bind.len(), 1);
+        assert_eq!(c.tls_client_ca, Some(PathBuf::from("ca.pem")));
+        assert!(c.tls_use_cn_as_username);
+        // Plain WebSocket alone is a complete set of listeners.
+        Config::from_toml("bind = []\nws_bind = [\"127.0.0.1:8080\"]\n").expect("ws only");
+    }
+
+    #[test]
+    fn tls_keys_must_come_together() {
+        for (text, names) in [
+            (
+                "tls_bind = [\"127.0.0.1:8883\"]\n",
+                &["tls_bind", "tls_cert", "tls_key"][..],
+            ),
+            (
+                "wss_bind = [\"127.0.0.1:8443\"]\ntls_cert = \"c.pem\"\n",
+                &["wss_bind", "tls_key"],
+            ),
+            (
+                "tls_bind = [\"127.0.0.1:8883\"]\ntls_key = \"k.pem\"\n",
+                &["tls_bind", "tls_cert"],
+            ),
+            (
+                "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+                &["tls_cert", "tls_bind"],
+            ),
+            ("tls_client_ca = \"ca.pem\"\n", &["tls_client_ca"]),
+            (
+                "tls_bind = [\"127.0.0.1:8883\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+                 tls_use_cn_as_username = true\n",
+                &["tls_use_cn_as_username", "tls_client_ca"],
+            ),
+            ("bind = []\n", &["bind"]),
+        ] {
+            let e = Config::from_toml(text).expect_err(text);
+            for name in names {
+                assert!(format!("{e:#}").contains(name), "{text}: {e:#}");
+            }
+        }
+    }
+
+    #[test]
+    fn tls_flags() {
+        let cli = Cli::parse_from([
+            "roost",
+            "--tls-bind",
+            "127.0.0.1:8883",
+            "--wss-bind",
+            "127.0.0.1:8443",
+            "--ws-bind",
+            "127.0.0.1:8080",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--tls-use-cn-as-username",
+            "true",
+        ]);
+        let c = Config::from_cli(cli).expect("valid");
+        assert_eq!(c.tls_bind, vec![SocketAddr::from(([127, 0, 0, 1], 8883))]);
+        assert_eq!(c.wss_bind, vec![SocketAddr::from(([127, 0, 0, 1], 8443))]);
+        assert_eq!(c.ws_bind, vec![SocketAddr::from(([127, 0, 0, 1], 8080))]);
+        assert_eq!(c.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(c.tls_key, Some(PathBuf::from("k.pem")));
+        assert!(c.tls_use_cn_as_username);
+        let cli = Cli::parse_from(["roost", "--tls-bind", "127.0.0.1:8883"]);
+        let e = Config::from_cli(cli).expect_err("no cert");
+        assert!(format!("{e:#}").contains("tls_cert"), "{e:#}");
     }
 
     #[test]

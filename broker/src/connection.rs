@@ -26,10 +26,15 @@ use crate::session::{Delivery, Session};
 const DELIVERY_BATCH: usize = 256;
 
 /// Serves one accepted socket until it closes.
+///
+/// `peer_identity` is who the transport proved the client to be (the Common Name of a
+/// verified TLS client certificate with `tls_use_cn_as_username`); when present it
+/// replaces the username of the CONNECT, before authentication sees it.
 pub async fn serve<S>(
     broker: Arc<Broker>,
     stream: S,
     peer: SocketAddr,
+    peer_identity: Option<String>,
     shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -42,7 +47,7 @@ pub async fn serve<S>(
         refuse_over_limit(&broker, &mut io).await;
         return;
     }
-    if let Err(why) = run(&broker, &mut io, peer, shutdown).await {
+    if let Err(why) = run(&broker, &mut io, peer, peer_identity, shutdown).await {
         debug!(%peer, "connection ended: {why}");
     }
     broker.remove_connection();
@@ -128,13 +133,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Arc<Broker>,
     io: &mut Io<S>,
     peer: SocketAddr,
+    peer_identity: Option<String>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
     let first = tokio::time::timeout(timeout, io.read_packet(broker, None))
         .await
         .map_err(|_| "no CONNECT in time".to_string())?;
-    let connect: Box<Connect> = match first {
+    let mut connect: Box<Connect> = match first {
         Ok(Some(Packet::Connect(c))) => c,
         Ok(Some(_)) => return Err("first packet was not CONNECT".into()),
         Ok(None) => return Err("closed before CONNECT".into()),
@@ -156,6 +162,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(format!("bad CONNECT: {e}"));
         }
     };
+    if let Some(identity) = peer_identity {
+        connect.username = Some(identity);
+    }
     let plan = protocol::plan_connect(&connect, &broker.limits, || {
         format!("roost-{:016x}", broker.next_id())
     });

@@ -7,6 +7,9 @@ mod persist;
 mod protocol;
 mod server;
 mod session;
+mod tls;
+mod transport;
+mod websocket;
 
 use std::process::ExitCode;
 

@@ -16,8 +16,9 @@ use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::connection;
 use crate::persist::Store;
+use crate::tls::TlsContext;
+use crate::transport::{self, Transport};
 
 /// How long connections get to close after shutdown is signalled.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -25,16 +26,25 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Runs the broker until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config.data_dir)?;
+    let tls = TlsContext::from_config(&config)?;
     let mut listeners = Vec::new();
-    for addr in &config.bind {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        info!(
-            "listening for MQTT on {}",
-            listener.local_addr().unwrap_or(*addr)
-        );
-        listeners.push(listener);
+    for (transport, addrs) in [
+        (Transport::Tcp, &config.bind),
+        (Transport::Tls, &config.tls_bind),
+        (Transport::Ws, &config.ws_bind),
+        (Transport::Wss, &config.wss_bind),
+    ] {
+        for addr in addrs {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            info!(
+                "listening for {} on {}",
+                transport.describe(),
+                listener.local_addr().unwrap_or(*addr)
+            );
+            listeners.push((transport, listener));
+        }
     }
     let state_dir = config.data_dir.join("state");
     let (store, loaded) = Store::open(
@@ -64,14 +74,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
-    for listener in listeners {
+    for (transport, listener) in listeners {
         let conn_tx = conn_tx.clone();
         let mut stop = shutdown_rx.clone();
         acceptors.spawn(async move {
             loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
-                        Ok(pair) => { let _ = conn_tx.send(pair); }
+                        Ok((stream, peer)) => { let _ = conn_tx.send((stream, peer, transport)); }
                         Err(e) => {
                             // Out of file descriptors and the like: back off, keep serving.
                             warn!("accept failed: {e}");
@@ -84,13 +94,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     drop(conn_tx);
+    let reload = reload_signal();
+    if let Some(tls) = &tls {
+        acceptors.spawn(reload_tls(tls.clone(), reload.clone()));
+    }
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
-            Some((stream, peer)) = conn_rx.recv() => {
-                let _ = stream.set_nodelay(true);
-                connections.spawn(connection::serve(broker.clone(), stream, peer, shutdown_rx.clone()));
+            Some((stream, peer, transport)) = conn_rx.recv() => {
+                connections.spawn(transport::serve(
+                    transport,
+                    broker.clone(),
+                    stream,
+                    peer,
+                    tls.clone(),
+                    shutdown_rx.clone(),
+                ));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             name = &mut signal => {
@@ -138,6 +158,36 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
         ),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// A counter bumped on every SIGHUP: whatever reloads its files on SIGHUP (TLS
+/// certificates, ...) waits for it to change.
+fn reload_signal() -> watch::Receiver<u64> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = watch::channel(0u64);
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    info!("SIGHUP received, reloading");
+                    tx.send_modify(|n| *n += 1);
+                }
+            });
+        }
+        Err(e) => warn!("cannot install the SIGHUP handler; no reload: {e}"),
+    }
+    rx
+}
+
+/// Swaps in freshly read TLS certificates on each SIGHUP; new handshakes use them,
+/// established connections keep theirs. A failed reload keeps the previous ones.
+async fn reload_tls(tls: std::sync::Arc<TlsContext>, mut reload: watch::Receiver<u64>) {
+    while reload.changed().await.is_ok() {
+        match tls.reload() {
+            Ok(()) => info!("TLS certificates reloaded"),
+            Err(e) => warn!("TLS reload failed, keeping the previous certificates: {e:#}"),
         }
     }
 }

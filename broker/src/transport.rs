@@ -1,0 +1,141 @@
+//! The kinds of listener and the handshake each runs before MQTT starts.
+//!
+//! The handshake (TLS, WebSocket upgrade, or both) runs inside the connection's own task,
+//! never in the accept loop, so a slow or silent client cannot hold up accepting others.
+//! It gets `connect_timeout` in all, and is abandoned when the broker shuts down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+use tracing::debug;
+
+use crate::broker::Broker;
+use crate::connection;
+use crate::tls::{self, TlsContext};
+use crate::websocket;
+
+/// What a listener speaks on top of TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// MQTT directly on TCP (`bind`).
+    Tcp,
+    /// MQTT on TLS (`tls_bind`).
+    Tls,
+    /// MQTT in WebSocket binary messages (`ws_bind`).
+    Ws,
+    /// MQTT in WebSocket over TLS (`wss_bind`).
+    Wss,
+}
+
+impl Transport {
+    /// How the listener is named in logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Transport::Tcp => "MQTT",
+            Transport::Tls => "MQTT over TLS",
+            Transport::Ws => "MQTT over WebSocket",
+            Transport::Wss => "MQTT over WebSocket with TLS",
+        }
+    }
+
+    /// Whether this listener needs the TLS settings.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+}
+
+/// Runs the handshake `transport` needs on an accepted socket, then serves MQTT on it.
+pub async fn serve(
+    transport: Transport,
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<TlsContext>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    // A WebSocket message holds at most about one maximum-size packet (plus slack for a
+    // client that packs a small packet next to it).
+    let max_message = broker.config.max_packet_size as usize + 1024;
+    let use_cn = broker.config.tls_use_cn_as_username;
+    let acceptor = match (transport.uses_tls(), &tls) {
+        (false, _) => None,
+        (true, Some(tls)) => Some(tls.acceptor()),
+        (true, None) => {
+            debug!(%peer, "no TLS settings for a TLS listener");
+            return;
+        }
+    };
+    let mut stop = shutdown.clone();
+    macro_rules! handshake {
+        ($what:literal, $fut:expr) => {
+            tokio::select! {
+                done = tokio::time::timeout(timeout, $fut) => match done {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        debug!(%peer, "{} handshake failed: {e}", $what);
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "{} handshake not done within connect_timeout", $what);
+                        return;
+                    }
+                },
+                _ = stop.changed() => return,
+            }
+        };
+    }
+    match (transport, acceptor) {
+        (Transport::Tcp, _) => connection::serve(broker, stream, peer, None, shutdown).await,
+        (Transport::Ws, _) => {
+            let ws = handshake!("WebSocket", websocket::accept(stream, max_message));
+            connection::serve(broker, ws, peer, None, shutdown).await;
+        }
+        (Transport::Tls, Some(acceptor)) => {
+            let (tls, identity) = handshake!("TLS", async {
+                let tls = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+                let identity = peer_identity(use_cn, &tls, peer)?;
+                Ok::<_, String>((tls, identity))
+            });
+            connection::serve(broker, tls, peer, identity, shutdown).await;
+        }
+        (Transport::Wss, Some(acceptor)) => {
+            let both = async {
+                let tls = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+                let identity = peer_identity(use_cn, &tls, peer)?;
+                let ws = websocket::accept(tls, max_message)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((ws, identity))
+            };
+            let (ws, identity) = handshake!("TLS/WebSocket", both);
+            connection::serve(broker, ws, peer, identity, shutdown).await;
+        }
+        (Transport::Tls | Transport::Wss, None) => {}
+    }
+}
+
+/// The username the client certificate gives with `tls_use_cn_as_username`. A verified
+/// certificate without a Common Name is refused rather than falling back to whatever
+/// username the client claims.
+fn peer_identity<S>(
+    use_cn: bool,
+    stream: &TlsStream<S>,
+    peer: SocketAddr,
+) -> Result<Option<String>, String> {
+    if !use_cn {
+        return Ok(None);
+    }
+    match tls::peer_common_name(stream) {
+        Some(name) => {
+            debug!(%peer, username = %name, "TLS client certificate Common Name is the username");
+            Ok(Some(name))
+        }
+        None => Err("the client certificate has no Common Name to use as username".into()),
+    }
+}
