@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -27,6 +27,51 @@ use crate::protocol::Limits;
 use crate::session::{Delivery, Session, ShareRef};
 
 const SHARDS: usize = 64;
+
+/// A QoS 1/2 delivery that found its subscriber's channel full.
+#[derive(Debug)]
+pub struct Blocked {
+    /// The subscriber.
+    pub client_id: Arc<str>,
+    /// Its delivery channel.
+    pub sender: mpsc::Sender<Delivery>,
+    /// Set when a wait for room timed out: later deliveries drop at once until the
+    /// subscriber has room again.
+    pub stalled: Arc<AtomicBool>,
+    /// The delivery.
+    pub delivery: Delivery,
+}
+
+/// What routing a publish produced for its publisher to finish.
+#[derive(Debug, Default)]
+pub struct Fanout {
+    /// Store writes to make (and wait for) before acknowledging.
+    pub ops: Vec<Op>,
+    /// Deliveries to wait for room for before acknowledging.
+    pub blocked: Vec<Blocked>,
+}
+
+/// Waits (each at most `wait` from now) for room for blocked deliveries. Returns the
+/// store writes that undo the ones that were dropped.
+pub async fn send_blocked(blocked: Vec<Blocked>, wait: Duration) -> Vec<Op> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut undo = Vec::new();
+    for b in blocked {
+        let seq = b.delivery.seq;
+        let sent = matches!(
+            tokio::time::timeout_at(deadline, b.sender.send(b.delivery)).await,
+            Ok(Ok(()))
+        );
+        if !sent {
+            b.stalled.store(true, Ordering::Relaxed);
+            tracing::debug!(client_id = %b.client_id, "client not keeping up, message dropped");
+            if let Some(seq) = seq {
+                undo.push(Op::DeleteEntry(b.client_id, seq));
+            }
+        }
+    }
+    undo
+}
 
 /// Requests from the broker to a connection task.
 #[derive(Debug)]
@@ -60,6 +105,8 @@ pub struct ConnectionHandle {
     pub control: mpsc::UnboundedSender<Control>,
     /// The session outlives the connection, so QoS 1/2 deliveries to it are stored.
     pub persistent: bool,
+    /// Set while the connection is not keeping up (see [`Blocked::stalled`]).
+    pub stalled: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -136,7 +183,7 @@ impl Broker {
             }
         }
         let now_ms = persist::instant_to_unix_ms(Instant::now());
-        let mut ops = Vec::new();
+        let mut out = Fanout::default();
         let mut ended = Vec::new();
         let mut wills = Vec::new();
         for stored in loaded.sessions {
@@ -176,7 +223,7 @@ impl Broker {
                 // Now it is disconnected as of this start (and any will is gone).
                 let record =
                     persist::encode_session(&session, false, session.pending_will.as_ref());
-                ops.push(Op::PutSession(client.clone(), record));
+                out.ops.push(Op::PutSession(client.clone(), record));
             }
             let generation = self.next_id();
             self.shard(&client).lock().insert(
@@ -188,7 +235,7 @@ impl Broker {
             );
             self.schedule_offline_timers(client, generation, will_delay_left, expiry_left);
         }
-        self.store.submit_detached(ops);
+        self.finish_detached(out);
         for session in ended {
             self.discard_session(session);
         }
@@ -268,17 +315,20 @@ impl Broker {
         }
         let client_id = session.client_id.clone();
         let shared = session.take_shared();
-        let mut ops = std::mem::take(&mut session.journal);
+        let mut out = Fanout {
+            ops: std::mem::take(&mut session.journal),
+            ..Fanout::default()
+        };
         for d in shared {
-            self.redeliver_shared(d, &client_id, &mut ops);
+            self.redeliver_shared(d, &client_id, &mut out);
         }
         if session.stored {
-            ops.push(Op::DeleteSession(client_id.clone()));
+            out.ops.push(Op::DeleteSession(client_id.clone()));
         }
         if let Some(will) = session.pending_will.take() {
-            self.publish_will(&client_id, will, &mut ops);
+            self.publish_will(&client_id, will, &mut out);
         }
-        self.store.submit_detached(ops);
+        self.finish_detached(out);
     }
 
     /// Called when a connection task ends (not by takeover). Keeps the session if it
@@ -298,16 +348,16 @@ impl Broker {
         let shared = session.take_shared();
         let mut will_now = None;
         let mut timers = None;
-        let mut ops = Vec::new();
+        let mut out = Fanout::default();
         {
             let mut shard = self.shard(&client_id).lock();
             let ours = matches!(shard.get(&client_id), Some(Slot::Online(h)) if h.id == conn_id);
             if !ours && matches!(shard.get(&client_id), Some(Slot::Online(_))) {
                 drop(shard);
                 for d in shared {
-                    self.redeliver_shared(d, &client_id, &mut ops);
+                    self.redeliver_shared(d, &client_id, &mut out);
                 }
-                self.store.submit_detached(ops);
+                self.finish_detached(out);
                 return Some((session, will));
             }
             // Under the shard lock nobody can route into our channel any more: what
@@ -333,11 +383,11 @@ impl Broker {
                 let generation = self.next_id();
                 timers = Some((generation, will_delay, session.expiry_interval));
                 let late_shared = session.take_shared();
-                ops.append(&mut session.journal);
+                out.ops.append(&mut session.journal);
                 session.stored = true;
                 let record =
                     persist::encode_session(&session, false, session.pending_will.as_ref());
-                ops.push(Op::PutSession(client_id.clone(), record));
+                out.ops.push(Op::PutSession(client_id.clone(), record));
                 shard.insert(
                     client_id.clone(),
                     Slot::Offline {
@@ -347,7 +397,7 @@ impl Broker {
                 );
                 drop(shard);
                 for d in shared.into_iter().chain(late_shared) {
-                    self.redeliver_shared(d, &client_id, &mut ops);
+                    self.redeliver_shared(d, &client_id, &mut out);
                 }
             } else {
                 if ours {
@@ -355,19 +405,19 @@ impl Broker {
                 }
                 drop(shard);
                 for d in shared {
-                    self.redeliver_shared(d, &client_id, &mut ops);
+                    self.redeliver_shared(d, &client_id, &mut out);
                 }
                 // Zero expiry (or a stale slot): the session ends with the connection,
                 // so any will delay is cut short.
                 will_now = will;
-                self.store.submit_detached(std::mem::take(&mut ops));
+                self.finish_detached(std::mem::take(&mut out));
                 self.discard_session(session);
             }
         }
         if let Some(w) = will_now {
-            self.publish_will(&client_id, w, &mut ops);
+            self.publish_will(&client_id, w, &mut out);
         }
-        self.store.submit_detached(ops);
+        self.finish_detached(out);
         if let Some((generation, will_delay, expiry)) = timers {
             self.schedule_offline_timers(client_id, generation, will_delay, expiry);
         }
@@ -386,7 +436,7 @@ impl Broker {
             let id = client_id.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(will_delay))).await;
-                let mut ops = Vec::new();
+                let mut out = Fanout::default();
                 let will = match broker.shard(&id).lock().get_mut(&id) {
                     Some(Slot::Offline {
                         session,
@@ -395,16 +445,16 @@ impl Broker {
                         let will = session.pending_will.take();
                         if will.is_some() && session.stored {
                             let record = persist::encode_session(session, false, None);
-                            ops.push(Op::PutSession(id.clone(), record));
+                            out.ops.push(Op::PutSession(id.clone(), record));
                         }
                         will
                     }
                     _ => None,
                 };
                 if let Some(w) = will {
-                    broker.publish_will(&id, w, &mut ops);
+                    broker.publish_will(&id, w, &mut out);
                 }
-                broker.store.submit_detached(ops);
+                broker.finish_detached(out);
             });
         }
         if expiry != u32::MAX {
@@ -433,12 +483,12 @@ impl Broker {
 
     /// Publishes a will message now, as from `client_id`, storing what it queues.
     pub fn publish_will_now(&self, client_id: &Arc<str>, will: LastWill) {
-        let mut ops = Vec::new();
-        self.publish_will(client_id, will, &mut ops);
-        self.store.submit_detached(ops);
+        let mut out = Fanout::default();
+        self.publish_will(client_id, will, &mut out);
+        self.finish_detached(out);
     }
 
-    fn publish_will(&self, client_id: &Arc<str>, will: LastWill, ops: &mut Vec<Op>) {
+    fn publish_will(&self, client_id: &Arc<str>, will: LastWill, out: &mut Fanout) {
         tracing::debug!(client_id = %client_id, topic = %will.topic, "publishing will");
         let mut properties = will.properties;
         properties.will_delay_interval = None;
@@ -451,7 +501,7 @@ impl Broker {
             publisher: Some(client_id.clone()),
             received_at: Instant::now(),
         });
-        self.publish(msg, ops);
+        self.publish(msg, out);
     }
 
     /// Adds a subscription of `client_id` to the router. `raw` may be `$share/...`.
@@ -532,17 +582,17 @@ impl Broker {
     }
 
     /// Routes a message to every matching subscription; keeps it first if retained.
-    /// What must be stored before the publish is acknowledged is appended to `ops`.
-    pub fn publish(&self, msg: Arc<Message>, ops: &mut Vec<Op>) {
+    /// What the publisher must wait for before acknowledging goes into `out`.
+    pub fn publish(&self, msg: Arc<Message>, out: &mut Fanout) {
         if msg.retain {
             let mut retained = self.retained.write();
             if msg.payload.is_empty() {
                 if retained.remove(&msg.topic).is_some() {
-                    ops.push(Op::DeleteRetained(msg.topic.clone()));
+                    out.ops.push(Op::DeleteRetained(msg.topic.clone()));
                 }
             } else {
                 retained.insert(msg.topic.clone(), msg.clone());
-                ops.push(Op::PutRetained(
+                out.ops.push(Op::PutRetained(
                     msg.topic.clone(),
                     persist::encode_retained(&msg),
                 ));
@@ -550,19 +600,19 @@ impl Broker {
         }
         let mut matches = Matches::default();
         self.router.matches(&msg.topic, &mut matches);
-        self.deliver_direct(&msg, &mut matches.direct, ops);
+        self.deliver_direct(&msg, &mut matches.direct, out);
         for group in &matches.shared {
             let share = ShareRef {
                 group: group.group.clone(),
                 filter: group.filter.clone(),
             };
-            self.deliver_shared(&msg, group, share, None, ops);
+            self.deliver_shared(&msg, group, share, None, out);
         }
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the
     /// message once, at the highest QoS, with all their subscription identifiers.
-    fn deliver_direct(&self, msg: &Arc<Message>, subs: &mut [Subscription], ops: &mut Vec<Op>) {
+    fn deliver_direct(&self, msg: &Arc<Message>, subs: &mut [Subscription], out: &mut Fanout) {
         subs.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         let mut i = 0;
         while i < subs.len() {
@@ -592,7 +642,7 @@ impl Broker {
                     seq: None,
                 },
                 false,
-                ops,
+                out,
             );
         }
     }
@@ -605,7 +655,7 @@ impl Broker {
         group: &roost_router::SharedMatch,
         share: ShareRef,
         except: Option<&str>,
-        ops: &mut Vec<Op>,
+        out: &mut Fanout,
     ) -> bool {
         let candidates: Vec<usize> = group
             .rotation()
@@ -621,13 +671,13 @@ impl Broker {
         };
         for &i in &candidates {
             let s = &group.members[i];
-            if self.deliver(&s.client_id, make(s), true, ops) {
+            if self.deliver(&s.client_id, make(s), true, out) {
                 return true;
             }
         }
         if let Some(&i) = candidates.first() {
             let s = &group.members[i];
-            return self.deliver(&s.client_id, make(s), false, ops);
+            return self.deliver(&s.client_id, make(s), false, out);
         }
         false
     }
@@ -635,9 +685,9 @@ impl Broker {
     /// Gives a delivery that a leaving member had to another member of its group.
     /// Without another member it goes back to the leaving client's session, which
     /// keeps it if it is stored (persistent).
-    fn redeliver_shared(&self, d: Delivery, leaving: &Arc<str>, ops: &mut Vec<Op>) {
+    fn redeliver_shared(&self, d: Delivery, leaving: &Arc<str>, out: &mut Fanout) {
         let Some(share) = d.share.clone() else {
-            self.deliver(leaving, d, false, ops);
+            self.deliver(leaving, d, false, out);
             return;
         };
         let mut matches = Matches::default();
@@ -647,35 +697,66 @@ impl Broker {
             .iter()
             .find(|g| g.group == share.group && g.filter == share.filter);
         if let Some(group) = group
-            && self.deliver_shared(&d.msg, group, share, Some(leaving), ops)
+            && self.deliver_shared(&d.msg, group, share, Some(leaving), out)
         {
             return;
         }
-        self.deliver(leaving, d, false, ops);
+        self.deliver(leaving, d, false, out);
     }
 
     /// Hands a delivery to a live connection or queues it in a stored session (not
-    /// with `online_only`). A QoS 1/2 delivery to a persistent session is stored: its
-    /// write is appended to `ops`. Returns false when it was not taken.
+    /// with `online_only`). A QoS 1/2 delivery to a persistent session is stored first.
+    /// A QoS 1/2 delivery to a connection whose channel is full goes to `out.blocked`
+    /// (the publisher waits for room, bounded) unless that connection is known to be
+    /// stalled. Returns false when it was not taken.
     fn deliver(
         &self,
         client_id: &Arc<str>,
         mut d: Delivery,
         online_only: bool,
-        ops: &mut Vec<Op>,
+        out: &mut Fanout,
     ) -> bool {
         let mut shard = self.shard(client_id).lock();
         match shard.get_mut(client_id) {
             Some(Slot::Online(h)) => {
-                let Ok(permit) = h.deliveries.try_reserve() else {
-                    tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
-                    return false;
+                let stored = h.persistent && d.qos != QoS::AtMostOnce;
+                // Behind a blocked delivery to the same client, keep the order.
+                let queued_behind = out.blocked.iter().any(|b| b.client_id == *client_id);
+                let permit = if queued_behind {
+                    Err(())
+                } else {
+                    h.deliveries.try_reserve().map_err(|_| ())
                 };
-                if h.persistent && d.qos != QoS::AtMostOnce {
-                    self.store_delivery(client_id, &mut d, ops);
+                match permit {
+                    Ok(permit) => {
+                        h.stalled.store(false, Ordering::Relaxed);
+                        if stored {
+                            self.store_delivery(client_id, &mut d, out);
+                        }
+                        permit.send(d);
+                        true
+                    }
+                    Err(_)
+                        if !online_only
+                            && d.qos != QoS::AtMostOnce
+                            && !h.stalled.load(Ordering::Relaxed) =>
+                    {
+                        if stored {
+                            self.store_delivery(client_id, &mut d, out);
+                        }
+                        out.blocked.push(Blocked {
+                            client_id: client_id.clone(),
+                            sender: h.deliveries.clone(),
+                            stalled: h.stalled.clone(),
+                            delivery: d,
+                        });
+                        true
+                    }
+                    Err(_) => {
+                        tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
+                        false
+                    }
                 }
-                permit.send(d);
-                true
             }
             Some(Slot::Offline { session, .. }) if !online_only => {
                 if d.qos == QoS::AtMostOnce {
@@ -686,7 +767,7 @@ impl Broker {
                     tracing::debug!(client_id = %client_id, "offline queue full, message dropped");
                     return false;
                 }
-                self.store_delivery(client_id, &mut d, ops);
+                self.store_delivery(client_id, &mut d, out);
                 session.pending.push_back(d);
                 true
             }
@@ -694,14 +775,37 @@ impl Broker {
         }
     }
 
-    fn store_delivery(&self, client_id: &Arc<str>, d: &mut Delivery, ops: &mut Vec<Op>) {
+    /// Stores a delivery to a persistent session. The write is queued now, before the
+    /// delivery can reach the subscriber (whose own later writes for it must come
+    /// after), and the publisher waits for a barrier behind it before acknowledging.
+    fn store_delivery(&self, client_id: &Arc<str>, d: &mut Delivery, out: &mut Fanout) {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        ops.push(Op::PutEntry(
-            client_id.clone(),
-            seq,
-            persist::encode_entry(d),
-        ));
+        let entry = persist::encode_entry(d);
+        self.store
+            .submit_detached(vec![Op::PutEntry(client_id.clone(), seq, entry)]);
+        if !matches!(out.ops.last(), Some(Op::Barrier)) {
+            out.ops.push(Op::Barrier);
+        }
         d.seq = Some(seq);
+    }
+
+    /// Stores what a routing step outside any connection produced, and waits in the
+    /// background (bounded) for room for its blocked deliveries.
+    fn finish_detached(&self, out: Fanout) {
+        self.store.submit_detached(out.ops);
+        if !out.blocked.is_empty() {
+            let wait = self.delivery_wait();
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let undo = send_blocked(out.blocked, wait).await;
+                store.submit_detached(undo);
+            });
+        }
+    }
+
+    /// How long a publisher waits for room at a full subscriber.
+    pub fn delivery_wait(&self) -> Duration {
+        Duration::from_millis(self.config.max_delivery_wait_ms)
     }
 
     /// Capacity of a connection's delivery channel.

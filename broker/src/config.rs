@@ -46,6 +46,11 @@ pub struct Config {
     pub session_expiry_max: u32,
     /// Seconds a new connection has to send its CONNECT.
     pub connect_timeout: u16,
+    /// How long, in milliseconds, a QoS 1/2 publish waits for room at a subscriber
+    /// whose queue is full before the message is dropped for that subscriber (and the
+    /// subscriber is treated as stalled until it has room again). Publishers are
+    /// slowed to the pace of their subscribers instead of losing messages.
+    pub max_delivery_wait_ms: u64,
     /// Listeners for MQTT over TLS (needs `tls_cert` and `tls_key`).
     pub tls_bind: Vec<SocketAddr>,
     /// Listeners for MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
@@ -100,6 +105,7 @@ impl Default for Config {
             max_keep_alive: 65535,
             session_expiry_max: u32::MAX,
             connect_timeout: 10,
+            max_delivery_wait_ms: 5000,
             tls_bind: Vec::new(),
             ws_bind: Vec::new(),
             wss_bind: Vec::new(),
@@ -158,6 +164,9 @@ pub struct Cli {
     /// Seconds a new connection has to send CONNECT [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub connect_timeout: Option<u16>,
+    /// Milliseconds a QoS 1/2 publish waits for a full subscriber before dropping for it [default: 5000].
+    #[arg(long, value_name = "MS")]
+    pub max_delivery_wait_ms: Option<u64>,
     /// Listen for MQTT over TLS on ADDR:PORT; repeatable (needs --tls-cert, --tls-key).
     #[arg(long, value_name = "ADDR:PORT")]
     pub tls_bind: Vec<SocketAddr>,
@@ -240,7 +249,8 @@ impl Config {
             topic_alias_maximum,
             max_keep_alive,
             session_expiry_max,
-            connect_timeout
+            connect_timeout,
+            max_delivery_wait_ms
         );
         if let Some(d) = cli.storage_durability {
             config.storage.durability = d;

@@ -16,8 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use crate::broker::{Attach, Broker, ConnectionHandle, Control, Handover};
-use crate::persist::Op;
+use crate::broker::{Attach, Broker, ConnectionHandle, Control, Fanout, Handover, send_blocked};
 use crate::protocol::{self, ConnectRefusal, Connection, Event};
 use crate::session::{Delivery, Session};
 
@@ -188,6 +187,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         deliveries: delivery_tx,
         control: control_tx,
         persistent: plan.session_expiry > 0,
+        stalled: Default::default(),
     };
     let previous = match broker.attach(&client_id, plan.clean_start, handle) {
         Attach::Fresh => None,
@@ -197,7 +197,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 mut session,
                 delayed_will,
             }) => {
-                if plan.clean_start {
+                // A session with expiry 0 ends with its network connection, which
+                // the takeover just closed: nothing is left to resume.
+                if plan.clean_start || !session.is_persistent() {
                     session.pending_will = delayed_will;
                     broker.discard_session(session);
                     None
@@ -222,9 +224,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
 
     let mut taken_over = None;
-    let mut ops = Vec::new();
+    let mut fanout = Fanout::default();
     let outcome = loop {
-        if let Err(e) = flush(broker, &mut conn, io, &mut ops).await {
+        if let Err(e) = flush(broker, &mut conn, io, &mut fanout).await {
             break e;
         }
         if let Some(close) = conn.close_reason() {
@@ -240,12 +242,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     while conn.close_reason().is_none() {
                         match codec::decode(&mut io.read_buf, Some(conn.version()), broker.limits.max_packet_size as usize) {
                             Ok(Some(p)) => {
-                                run_events(broker, &mut conn, &mut ops);
+                                run_events(broker, &mut conn, &mut fanout);
                                 conn.handle(p, now);
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                run_events(broker, &mut conn, &mut ops);
+                                run_events(broker, &mut conn, &mut fanout);
                                 conn.decode_error(&e);
                             }
                         }
@@ -255,10 +257,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(ReadError::Io(e)) => break format!("read error: {e}"),
                 Err(ReadError::Decode(e)) => conn.decode_error(&e),
             },
-            Some(d) = deliveries.recv() => {
+            // A full session queue leaves deliveries in the channel, so publishers
+            // wait for this client instead of messages being dropped.
+            Some(d) = deliveries.recv(), if conn.has_room() => {
                 let now = Instant::now();
                 conn.deliver(d, now);
                 for _ in 1..DELIVERY_BATCH {
+                    if !conn.has_room() {
+                        break;
+                    }
                     match deliveries.try_recv() {
                         Ok(d) => conn.deliver(d, now),
                         Err(_) => break,
@@ -275,7 +282,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    let _ = flush(broker, &mut conn, io, &mut ops).await;
+    let _ = flush(broker, &mut conn, io, &mut fanout).await;
     // Closing with unread input makes the kernel send RST, which can destroy the
     // DISCONNECT we just wrote before the client reads it. So when roost ends the
     // connection, it half-closes, settles the session, then reads and discards what
@@ -360,13 +367,19 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Arc<Broker>,
     conn: &mut Connection,
     io: &mut Io<S>,
-    ops: &mut Vec<Op>,
+    fanout: &mut Fanout,
 ) -> Result<(), String> {
-    run_events(broker, conn, ops);
+    run_events(broker, conn, fanout);
+    let mut ops = std::mem::take(&mut fanout.ops);
+    if !fanout.blocked.is_empty() {
+        // Backpressure: the acknowledgements wait until slow subscribers have room.
+        let blocked = std::mem::take(&mut fanout.blocked);
+        ops.extend(send_blocked(blocked, broker.delivery_wait()).await);
+    }
     // Routing's writes first: the session's own journal may finish what routing began.
     ops.append(&mut conn.take_store_ops());
     if !ops.is_empty() {
-        let ticket = broker.store().submit(std::mem::take(ops));
+        let ticket = broker.store().submit(ops);
         if let Err(e) = ticket.wait().await {
             tracing::error!(client_id = %conn.client_id(), "cannot store session state: {e}");
             // The acknowledgements in the output promise what was not stored.
@@ -384,7 +397,7 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Carries out what the protocol asked of the broker.
-fn run_events(broker: &Arc<Broker>, conn: &mut Connection, ops: &mut Vec<Op>) {
+fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout) {
     let events: Vec<Event> = conn.take_events().collect();
     if events.is_empty() {
         return;
@@ -392,7 +405,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, ops: &mut Vec<Op>) {
     let now = Instant::now();
     for event in events {
         match event {
-            Event::Publish(msg) => broker.publish(msg, ops),
+            Event::Publish(msg) => broker.publish(msg, fanout),
             Event::Subscribe {
                 filter,
                 options,

@@ -79,6 +79,9 @@ pub enum Op {
     PutRetained(String, Vec<u8>),
     /// Clear a retained message.
     DeleteRetained(String),
+    /// Nothing to write: a ticket for it resolves once everything queued before it
+    /// is stored.
+    Barrier,
 }
 
 struct Job {
@@ -335,6 +338,7 @@ fn write_jobs(spaces: &Spaces, jobs: &[Job]) -> Result<(), StoreError> {
             Op::DeleteRetained(t) => {
                 pending.insert((Space::Retained, t.as_bytes().to_vec()), None);
             }
+            Op::Barrier => {}
         }
     }
     commit(spaces, pending)

@@ -355,6 +355,12 @@ impl Connection {
         std::mem::take(&mut self.session.journal)
     }
 
+    /// True while the session queue can take more deliveries; when it is full the
+    /// connection stops taking them, which makes publishers wait.
+    pub fn has_room(&self) -> bool {
+        self.session.pending.len() < self.limits.max_queued
+    }
+
     /// Events for the broker, in order.
     pub fn take_events(&mut self) -> std::vec::Drain<'_, Event> {
         self.events.drain(..)
