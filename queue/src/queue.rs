@@ -749,7 +749,10 @@ impl Queue {
 
     /// Adds `consumer` to group `key` (created on first use, starting at the oldest
     /// message held) with an in-flight `window` (0: the queue's `consumer_window`), and
-    /// rebalances the group's partitions. Joining again updates the window and sink.
+    /// rebalances the group's partitions. Joining again updates the window and sink but
+    /// keeps what is in flight to that consumer id: on disconnect or session takeover the
+    /// broker calls [`Queue::leave`] / [`Queue::leave_all`] first, so that what the old
+    /// connection held is redelivered at once rather than after the ack timeout.
     pub fn join(
         &self,
         key: &GroupKey,
@@ -872,6 +875,9 @@ impl Queue {
     /// where it counts: see [`GroupKey`]). An ack counts when the message is in flight
     /// to that consumer or waiting for redelivery. It takes effect at once (the window
     /// frees, the next message is offered); the returned future says when it is durable.
+    /// If the progress log cannot be written (it turned read-only after an I/O error),
+    /// the future fails and the ack holds only until a restart, after which the message
+    /// is delivered again: a duplicate, never a loss.
     pub fn ack(&self, consumer: &str, key: Option<&GroupKey>, id: &MessageId) -> Settled {
         let Some((p, o)) = self.locate(id) else {
             return Settled {

@@ -193,8 +193,10 @@ impl Queues {
         Ok(queue)
     }
 
-    /// Replaces the settings of queue `name`. Partitions may grow, never shrink; a
-    /// durability change applies when the queue is next opened.
+    /// Replaces the settings of queue `name`. Partitions may grow, never shrink (new
+    /// partitions change where a key or subtopic hashes to, so per-key order holds
+    /// within each partition but not across the change); a durability change applies
+    /// when the queue is next opened.
     pub fn update(&self, name: &str, config: QueueConfig) -> Result<Queue, QueueError> {
         config.validate()?;
         let _admin = self.inner.admin.lock();
