@@ -1018,3 +1018,121 @@ async fn progress_log_is_checkpointed_and_truncated() {
         .unwrap_or_else(|e| panic!("{e}"));
     nothing(&mut rx).await;
 }
+
+/// Child half of [`survives_kill_9`]: does nothing unless `ROOST_QUEUE_CRASH_DIR` is set.
+#[tokio::test]
+async fn crash_child() {
+    use std::io::Write;
+    let Some(dir) = std::env::var_os("ROOST_QUEUE_CRASH_DIR") else {
+        return;
+    };
+    let queues = open(std::path::Path::new(&dir));
+    let q = queues
+        .get_or_create("crash")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = std::io::stdout();
+    // The test harness may have left its "test ... " line unterminated.
+    let _ = writeln!(out);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(produce(&q, msg(&format!("d{}", i % 7), &i.to_string())).await);
+    }
+    let g = group("g");
+    let (s, mut rx) = sink();
+    q.join(&g, "c".into(), 1000, s)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for d in recv_n(&mut rx, 200).await {
+        if text(&d).parse::<u32>().unwrap_or(1) % 2 == 0 {
+            ack(&q, "c", &d).await; // durable before it is reported
+            let _ = writeln!(out, "ACKED {}", d.id);
+        } else {
+            let _ = writeln!(out, "UNACKED {}", d.id);
+        }
+    }
+    let _ = writeln!(out, "READY");
+    let _ = out.flush();
+    // Keep producing until killed; report each produce once it is durable.
+    for i in 200.. {
+        let id = produce(&q, msg("", &i.to_string())).await;
+        let _ = writeln!(out, "PRODUCED {id}");
+        let _ = out.flush();
+    }
+}
+
+/// A real crash: the child process is killed with SIGKILL while producing. After
+/// reopening, every produce it saw resolve is there, durably acked messages never come
+/// again, and unacked ones all do.
+#[tokio::test]
+async fn survives_kill_9() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "tests::crash_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ROOST_QUEUE_CRASH_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let (mut acked, mut unacked, mut produced) =
+        (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    let mut ready = false;
+    let mut record = |line: &str, ready: &mut bool| {
+        let parse = |s: &str| s.parse::<MessageId>().unwrap_or_else(|e| panic!("{e}"));
+        if let Some(id) = line.strip_prefix("ACKED ") {
+            acked.insert(parse(id));
+        } else if let Some(id) = line.strip_prefix("UNACKED ") {
+            unacked.insert(parse(id));
+        } else if let Some(id) = line.strip_prefix("PRODUCED ") {
+            produced.insert(parse(id));
+        } else if line == "READY" {
+            *ready = true;
+        }
+    };
+    while !ready {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => record(&line, &mut ready),
+            Err(e) => panic!("child did not get ready: {e}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    child.kill().unwrap_or_else(|e| panic!("{e}")); // SIGKILL
+    let _ = child.wait();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        record(&line, &mut ready);
+    }
+    assert_eq!((acked.len(), unacked.len()), (100, 100));
+    assert!(!produced.is_empty(), "killed before producing more");
+
+    let q = open(dir.path())
+        .get("crash")
+        .unwrap_or_else(|| panic!("queue lost"));
+    let (s, mut rx) = sink();
+    q.join(&group("g"), "c2".into(), 100_000, s)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut again = BTreeSet::new();
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        again.insert(d.id);
+    }
+    assert!(
+        again.is_disjoint(&acked),
+        "durably acked messages delivered again"
+    );
+    assert!(unacked.is_subset(&again), "unacked messages lost");
+    assert!(produced.is_subset(&again), "acknowledged produces lost");
+}
