@@ -21,6 +21,7 @@ use roost_core::{LastWill, Message, QoS, RetainHandling};
 use roost_router::{Matches, Router, Subscription};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
@@ -136,6 +137,8 @@ pub struct Broker {
     pub limits: Arc<Limits>,
     /// The configuration the broker runs with.
     pub config: Config,
+    /// Who may connect, and the ACL each connection is held to.
+    pub auth: Auth,
     router: Router,
     shards: Vec<Mutex<HashMap<Arc<str>, Slot>>>,
     hasher: std::collections::hash_map::RandomState,
@@ -150,10 +153,11 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over `store`; call [`Broker::restore`] with what the store loaded.
-    pub fn new(config: Config, store: Store) -> Arc<Broker> {
+    pub fn new(config: Config, store: Store, auth: Auth) -> Arc<Broker> {
         Arc::new(Broker {
             limits: Arc::new(Limits::from_config(&config)),
             config,
+            auth,
             router: Router::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),

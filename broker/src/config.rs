@@ -66,8 +66,56 @@ pub struct Config {
     /// Use the Common Name of the client certificate as the MQTT username (needs
     /// `tls_client_ca`); it replaces any username the client sends in CONNECT.
     pub tls_use_cn_as_username: bool,
+    /// Password file (`username:argon2id-hash` lines, managed with `roost passwd`);
+    /// re-read on SIGHUP.
+    pub password_file: Option<PathBuf>,
+    /// ACL file (see the README); re-read on SIGHUP. Unset: clients may use any topic.
+    pub acl_file: Option<PathBuf>,
+    /// Let clients without a username connect. Unset: false when `password_file` or
+    /// `[auth_hook]` is configured, else true.
+    pub allow_anonymous: Option<bool>,
+    /// HTTP authentication hook (the `[auth_hook]` table).
+    pub auth_hook: Option<AuthHookConfig>,
     /// Durable storage (the `[storage]` table).
     pub storage: StorageConfig,
+}
+
+/// The `[auth_hook]` table: an HTTP service asked whether a client may connect.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthHookConfig {
+    /// `http://host:port/path` to POST the client's credentials to (no TLS).
+    pub url: String,
+    /// Longest wait for the hook's answer, in milliseconds.
+    #[serde(default = "AuthHookConfig::default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Seconds an allow/deny answer is reused for the same credentials (0: no cache).
+    #[serde(default = "AuthHookConfig::default_cache_seconds")]
+    pub cache_seconds: u64,
+    /// How to answer when the hook is down or answers nonsense.
+    #[serde(default)]
+    pub on_error: HookErrorPolicy,
+}
+
+impl AuthHookConfig {
+    fn default_timeout_ms() -> u64 {
+        2000
+    }
+    fn default_cache_seconds() -> u64 {
+        60
+    }
+}
+
+/// What a client is told when the auth hook cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookErrorPolicy {
+    /// CONNACK 0x86 bad username or password (3.x return code 4): the client should not
+    /// simply retry.
+    Deny,
+    /// CONNACK 0x88 server unavailable (3.x return code 3): try again later.
+    #[default]
+    Unavailable,
 }
 
 /// The `[storage]` table: how durable stored state is.
@@ -113,6 +161,10 @@ impl Default for Config {
             tls_key: None,
             tls_client_ca: None,
             tls_use_cn_as_username: false,
+            password_file: None,
+            acl_file: None,
+            allow_anonymous: None,
+            auth_hook: None,
             storage: StorageConfig::default(),
         }
     }
@@ -188,12 +240,53 @@ pub struct Cli {
     /// Use the client certificate's Common Name as the MQTT username [default: false].
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub tls_use_cn_as_username: Option<bool>,
+    /// Password file (create it with `roost passwd`); re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// ACL file; re-read on SIGHUP [default: none, any topic allowed].
+    #[arg(long, value_name = "FILE")]
+    pub acl_file: Option<PathBuf>,
+    /// Let clients without a username connect [default: false with a password file or
+    /// auth hook, else true].
+    #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
+    pub allow_anonymous: Option<bool>,
+    /// auth_hook.url: http:// URL asked whether a client may connect.
+    #[arg(long, value_name = "URL")]
+    pub auth_hook_url: Option<String>,
+    /// auth_hook.timeout_ms: longest wait for the hook [default: 2000].
+    #[arg(long, value_name = "MS")]
+    pub auth_hook_timeout_ms: Option<u64>,
+    /// auth_hook.cache_seconds: reuse of an allow/deny answer; 0 disables [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub auth_hook_cache_seconds: Option<u64>,
+    /// auth_hook.on_error: deny (CONNACK 0x86 / 4) or unavailable (0x88 / 3) when the hook
+    /// cannot answer [default: unavailable].
+    #[arg(long, value_name = "POLICY", value_parser = parse_hook_error)]
+    pub auth_hook_on_error: Option<HookErrorPolicy>,
+    /// `roost passwd`: manage a password file (run `roost passwd --help`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// storage.durability: fsync (ack after fdatasync) or buffered (ack after write) [default: fsync].
     #[arg(long, value_name = "MODE", value_parser = parse_durability)]
     pub storage_durability: Option<Durability>,
     /// storage.sync_interval_ms: sync interval of buffered durability [default: 1000].
     #[arg(long, value_name = "MS")]
     pub storage_sync_interval_ms: Option<u64>,
+}
+
+/// Subcommands of `roost` (without one, roost runs the broker).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Add, change (-b or prompt) or delete (-D) a user in a password file.
+    Passwd(crate::passwd::PasswdArgs),
+}
+
+fn parse_hook_error(s: &str) -> Result<HookErrorPolicy, String> {
+    match s {
+        "deny" => Ok(HookErrorPolicy::Deny),
+        "unavailable" => Ok(HookErrorPolicy::Unavailable),
+        other => Err(format!("{other:?} is not deny or unavailable")),
+    }
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -258,6 +351,17 @@ impl Config {
         if let Some(ms) = cli.storage_sync_interval_ms {
             config.storage.sync_interval_ms = ms;
         }
+        config.apply_auth_flags(
+            cli.password_file,
+            cli.acl_file,
+            cli.allow_anonymous,
+            AuthHookFlags {
+                url: cli.auth_hook_url,
+                timeout_ms: cli.auth_hook_timeout_ms,
+                cache_seconds: cli.auth_hook_cache_seconds,
+                on_error: cli.auth_hook_on_error,
+            },
+        )?;
         config.validate()?;
         Ok(config)
     }
@@ -288,6 +392,7 @@ impl Config {
             );
         }
         self.validate_tls()?;
+        self.validate_auth()?;
         // The smallest useful packet: a CONNECT with a short client id is ~14 bytes.
         if self.max_packet_size < 64 || self.max_packet_size > 268_435_460 {
             bail!(
@@ -350,6 +455,88 @@ impl Config {
             bail!(
                 "tls_use_cn_as_username: needs tls_client_ca (client certificates are only verified with it)"
             );
+        }
+        Ok(())
+    }
+}
+
+/// The `--auth-hook-*` flags, applied over the `[auth_hook]` table.
+pub struct AuthHookFlags {
+    url: Option<String>,
+    timeout_ms: Option<u64>,
+    cache_seconds: Option<u64>,
+    on_error: Option<HookErrorPolicy>,
+}
+
+impl Config {
+    /// Whether clients without a username may connect, after the default applies.
+    pub fn allow_anonymous_in_force(&self) -> bool {
+        self.allow_anonymous
+            .unwrap_or(self.password_file.is_none() && self.auth_hook.is_none())
+    }
+
+    fn apply_auth_flags(
+        &mut self,
+        password_file: Option<PathBuf>,
+        acl_file: Option<PathBuf>,
+        allow_anonymous: Option<bool>,
+        hook: AuthHookFlags,
+    ) -> anyhow::Result<()> {
+        if password_file.is_some() {
+            self.password_file = password_file;
+        }
+        if acl_file.is_some() {
+            self.acl_file = acl_file;
+        }
+        if allow_anonymous.is_some() {
+            self.allow_anonymous = allow_anonymous;
+        }
+        if let Some(url) = hook.url {
+            match &mut self.auth_hook {
+                Some(h) => h.url = url,
+                None => {
+                    self.auth_hook = Some(AuthHookConfig {
+                        url,
+                        timeout_ms: AuthHookConfig::default_timeout_ms(),
+                        cache_seconds: AuthHookConfig::default_cache_seconds(),
+                        on_error: HookErrorPolicy::default(),
+                    })
+                }
+            }
+        }
+        let set = [
+            ("timeout_ms", hook.timeout_ms.is_some()),
+            ("cache_seconds", hook.cache_seconds.is_some()),
+            ("on_error", hook.on_error.is_some()),
+        ];
+        let Some(h) = &mut self.auth_hook else {
+            if let Some((key, _)) = set.iter().find(|(_, s)| *s) {
+                bail!("auth_hook.{key}: set, but there is no auth_hook.url (--auth-hook-url)");
+            }
+            return Ok(());
+        };
+        if let Some(v) = hook.timeout_ms {
+            h.timeout_ms = v;
+        }
+        if let Some(v) = hook.cache_seconds {
+            h.cache_seconds = v;
+        }
+        if let Some(v) = hook.on_error {
+            h.on_error = v;
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> anyhow::Result<()> {
+        if let Some(h) = &self.auth_hook {
+            crate::auth_hook::HookUrl::parse(&h.url)
+                .map_err(|e| anyhow::anyhow!("auth_hook.url: {e}"))?;
+            if h.timeout_ms == 0 || h.timeout_ms > 60_000 {
+                bail!(
+                    "auth_hook.timeout_ms: {} is outside 1..=60000",
+                    h.timeout_ms
+                );
+            }
         }
         Ok(())
     }
@@ -478,6 +665,90 @@ mod tests {
         let cli = Cli::parse_from(["roost", "--tls-bind", "127.0.0.1:8883"]);
         let e = Config::from_cli(cli).expect_err("no cert");
         assert!(format!("{e:#}").contains("tls_cert"), "{e:#}");
+    }
+
+    #[test]
+    fn auth_keys_and_flags() {
+        let c = Config::from_toml(
+            "password_file = \"/etc/roost/passwd\"\nacl_file = \"/etc/roost/acl\"\n\
+             [auth_hook]\nurl = \"http://127.0.0.1:9000/auth\"\non_error = \"deny\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.password_file, Some(PathBuf::from("/etc/roost/passwd")));
+        assert_eq!(c.acl_file, Some(PathBuf::from("/etc/roost/acl")));
+        let hook = c.auth_hook.clone().expect("hook");
+        assert_eq!((hook.timeout_ms, hook.cache_seconds), (2000, 60));
+        assert_eq!(hook.on_error, HookErrorPolicy::Deny);
+        assert!(
+            !c.allow_anonymous_in_force(),
+            "closed once users are configured"
+        );
+        assert!(Config::default().allow_anonymous_in_force());
+        let c =
+            Config::from_toml("password_file = \"p\"\nallow_anonymous = true\n").expect("valid");
+        assert!(c.allow_anonymous_in_force());
+
+        let cli = Cli::parse_from([
+            "roost",
+            "--password-file",
+            "p",
+            "--acl-file",
+            "a",
+            "--allow-anonymous",
+            "true",
+            "--auth-hook-url",
+            "http://localhost:1/x",
+            "--auth-hook-timeout-ms",
+            "300",
+            "--auth-hook-cache-seconds",
+            "0",
+            "--auth-hook-on-error",
+            "unavailable",
+        ]);
+        let c = Config::from_cli(cli).expect("valid");
+        assert_eq!(c.acl_file, Some(PathBuf::from("a")));
+        assert_eq!(c.allow_anonymous, Some(true));
+        let hook = c.auth_hook.expect("hook");
+        assert_eq!((hook.timeout_ms, hook.cache_seconds), (300, 0));
+        assert_eq!(hook.on_error, HookErrorPolicy::Unavailable);
+    }
+
+    #[test]
+    fn auth_errors_name_the_key() {
+        for (text, key) in [
+            ("[auth_hook]\ntimeout_ms = 5\n", "url"),
+            ("[auth_hook]\nurl = \"https://x/\"\n", "auth_hook.url"),
+            (
+                "[auth_hook]\nurl = \"http://x/\"\ntimeout_ms = 0\n",
+                "auth_hook.timeout_ms",
+            ),
+            (
+                "[auth_hook]\nurl = \"http://x/\"\non_error = \"shrug\"\n",
+                "on_error",
+            ),
+            ("[auth_hook]\nurl = \"http://x/\"\nretries = 3\n", "retries"),
+            ("allow_anonymous = \"maybe\"\n", "allow_anonymous"),
+        ] {
+            let e = Config::from_toml(text).expect_err(text);
+            assert!(format!("{e:#}").contains(key), "{text}: {e:#}");
+        }
+        let cli = Cli::parse_from(["roost", "--auth-hook-timeout-ms", "5"]);
+        let e = Config::from_cli(cli).expect_err("no url");
+        assert!(format!("{e:#}").contains("auth_hook.timeout_ms"), "{e:#}");
+        assert!(Cli::try_parse_from(["roost", "--allow-anonymous", "perhaps"]).is_err());
+    }
+
+    #[test]
+    fn passwd_subcommand() {
+        let cli = Cli::parse_from(["roost", "passwd", "-b", "f", "alice", "pw"]);
+        let Some(Command::Passwd(args)) = cli.command else {
+            panic!("passwd subcommand");
+        };
+        assert!(args.batch && !args.delete);
+        assert_eq!(args.password.as_deref(), Some("pw"));
+        let cli = Cli::parse_from(["roost", "passwd", "-D", "f", "alice"]);
+        assert!(matches!(cli.command, Some(Command::Passwd(a)) if a.delete));
+        assert!(Cli::try_parse_from(["roost", "passwd", "-b", "-D", "f", "alice"]).is_err());
     }
 
     #[test]

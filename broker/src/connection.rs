@@ -14,8 +14,10 @@ use roost_core::codec;
 use roost_core::{Connect, DecodeError, Packet, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-use tracing::debug;
+use tracing::{debug, info};
 
+use crate::acl::{Access, Authorizer};
+use crate::auth;
 use crate::broker::{Attach, Broker, ConnectionHandle, Control, Fanout, Handover, send_blocked};
 use crate::protocol::{self, ConnectRefusal, Connection, Event};
 use crate::session::{Delivery, Session};
@@ -161,6 +163,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(format!("bad CONNECT: {e}"));
         }
     };
+    // A client the transport proved (verified certificate) needs no password.
+    let transport_authenticated = peer_identity.is_some();
     if let Some(identity) = peer_identity {
         connect.username = Some(identity);
     }
@@ -179,6 +183,17 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Err(ConnectRefusal::Close(why)) => return Err(format!("CONNECT refused: {why}")),
     };
     let client_id = plan.client_id.clone();
+    let access = match admit(broker, &connect, &client_id, peer, transport_authenticated).await {
+        Ok(access) => access,
+        Err((code, why)) => {
+            info!(client_id = %client_id, %peer, username = ?connect.username, "connection refused ({code:?}): {why}");
+            let mut out = BytesMut::new();
+            protocol::write_refusal(connect.protocol, code, why, &mut out);
+            let _ = io.write(&out).await;
+            io.close_gracefully().await;
+            return Err(format!("CONNECT refused ({code:?}): {why}"));
+        }
+    };
     let (delivery_tx, mut deliveries) = mpsc::channel::<Delivery>(broker.delivery_capacity());
     let (control_tx, mut control) = mpsc::unbounded_channel();
     let conn_id = broker.next_id();
@@ -219,6 +234,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         session,
         session_present,
         broker.limits.clone(),
+        access,
         Instant::now(),
     );
     debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
@@ -299,6 +315,32 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = tokio::time::timeout(LINGER, io.discard_until_eof()).await;
     }
     Ok(())
+}
+
+/// Authenticates the client of `connect` and checks its will topic against the ACL.
+/// Returns the ACL the connection is held to.
+async fn admit(
+    broker: &Broker,
+    connect: &Connect,
+    client_id: &Arc<str>,
+    peer: SocketAddr,
+    transport_authenticated: bool,
+) -> Result<Option<Arc<dyn Authorizer>>, auth::Refusal> {
+    if !transport_authenticated {
+        broker.auth.authenticate(connect, client_id, peer).await?;
+    }
+    let access = broker
+        .auth
+        .authorizer(connect.username.as_deref(), client_id);
+    if let (Some(acl), Some(will)) = (&access, &connect.will)
+        && !acl.allows(Access::Write, &will.topic)
+    {
+        return Err((
+            ReasonCode::NotAuthorized,
+            "the will topic is not writable for this client",
+        ));
+    }
+    Ok(access)
 }
 
 /// How long a connection that roost closed keeps reading (and discarding) input.

@@ -1,8 +1,12 @@
 //! roost: an MQTT 3.1 / 3.1.1 / 5.0 broker.
 
+mod acl;
+mod auth;
+mod auth_hook;
 mod broker;
 mod config;
 mod connection;
+mod passwd;
 mod persist;
 mod protocol;
 mod server;
@@ -16,7 +20,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = config::Cli::parse();
+    let mut cli = config::Cli::parse();
+    if let Some(config::Command::Passwd(args)) = cli.command.take() {
+        return passwd::run(args);
+    }
     let config = match config::Config::from_cli(cli) {
         Ok(c) => c,
         Err(e) => {

@@ -22,6 +22,7 @@ use roost_core::{
     UnsubAck, Unsubscribe,
 };
 
+use crate::acl::{Access, Authorizer};
 use crate::config::Config;
 use crate::persist::Op;
 use crate::session::{Delivery, Inflight, InflightState, Session, SubscriptionRecord};
@@ -240,17 +241,21 @@ pub struct Connection {
     out: BytesMut,
     events: Vec<Event>,
     close: Option<Close>,
+    /// The ACL this client is held to; `None` when no ACL is configured.
+    access: Option<Arc<dyn Authorizer>>,
 }
 
 impl Connection {
     /// Accepts a planned CONNECT: writes CONNACK, resends what the resumed session had
-    /// in flight (PUBLISH with DUP, or PUBREL), then sends what it had queued.
+    /// in flight (PUBLISH with DUP, or PUBREL), then sends what it had queued. `access`
+    /// is checked before routing a PUBLISH, granting a subscription and delivering.
     pub fn accept(
         connect: Connect,
         plan: &ConnectPlan,
         mut session: Session,
         session_present: bool,
         limits: Arc<Limits>,
+        access: Option<Arc<dyn Authorizer>>,
         now: Instant,
     ) -> Connection {
         let version = connect.protocol;
@@ -292,6 +297,7 @@ impl Connection {
             out: BytesMut::new(),
             events: Vec::new(),
             close: None,
+            access,
         };
         let mut ack = ConnAck {
             session_present,
@@ -446,7 +452,7 @@ impl Connection {
             self.session.enqueue_offline(d, self.limits.max_queued);
             return;
         }
-        if d.msg.is_expired(now) {
+        if d.msg.is_expired(now) || !self.may(Access::Read, &d.msg.topic) {
             self.session.forget(&d);
             return;
         }
@@ -527,6 +533,22 @@ impl Connection {
         }
         let packet_id = p.packet_id;
         let qos = p.qos;
+        if !self.may(Access::Write, &p.topic) {
+            tracing::debug!(client_id = %self.session.client_id, topic = %p.topic, "PUBLISH denied by the ACL");
+            if self.version.is_v5() && qos != QoS::AtMostOnce {
+                return self.reject_publish(&p, ReasonCode::NotAuthorized, "not authorized");
+            }
+            // MQTT 3.x has no way to say no: acknowledge as usual, route nothing.
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.send(Packet::PubAck(PubResponse::new(packet_id))),
+                QoS::ExactlyOnce => {
+                    self.session.add_incoming_qos2(packet_id);
+                    self.send(Packet::PubRec(PubResponse::new(packet_id)));
+                }
+            }
+            return;
+        }
         let msg = Arc::new(Message {
             topic: p.topic,
             payload: p.payload,
@@ -545,6 +567,11 @@ impl Connection {
                 self.send(Packet::PubRec(PubResponse::new(packet_id)));
             }
         }
+    }
+
+    /// True when the ACL (if any) allows `access` on `topic`.
+    fn may(&self, access: Access, topic: &str) -> bool {
+        self.access.as_ref().is_none_or(|a| a.allows(access, topic))
     }
 
     /// Answers a QoS 1/2 publish that is not routed with an error reason code.
@@ -639,6 +666,11 @@ impl Connection {
                     "no-local on a shared subscription",
                 );
             }
+            if !self.may(Access::Subscribe, parsed.filter) {
+                tracing::debug!(client_id = %self.session.client_id, filter = %raw, "SUBSCRIBE denied by the ACL");
+                reasons.push(ReasonCode::NotAuthorized);
+                continue;
+            }
             let record = SubscriptionRecord {
                 options,
                 identifier,
@@ -657,8 +689,12 @@ impl Connection {
             });
             reasons.push(ReasonCode::granted(options.qos));
         }
-        let properties =
-            self.problem_properties(reasons.iter().any(|r| r.is_error()), "invalid topic filter");
+        let why = if reasons.contains(&ReasonCode::NotAuthorized) {
+            "not authorized"
+        } else {
+            "invalid topic filter"
+        };
+        let properties = self.problem_properties(reasons.iter().any(|r| r.is_error()), why);
         self.send(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reasons,
@@ -734,7 +770,8 @@ impl Connection {
             let Some(d) = self.session.pending.pop_front() else {
                 break;
             };
-            if d.msg.is_expired(now) {
+            // Queued while offline, or before the ACL changed: checked on the way out.
+            if d.msg.is_expired(now) || !self.may(Access::Read, &d.msg.topic) {
                 self.session.forget(&d);
                 continue;
             }
@@ -936,7 +973,7 @@ mod tests {
         let present = session.is_some();
         let session = session.unwrap_or_else(|| Session::new(plan.client_id.clone()));
         let version = connect.protocol;
-        let mut conn = Connection::accept(connect, &plan, session, present, limits, now);
+        let mut conn = Connection::accept(connect, &plan, session, present, limits, None, now);
         let mut packets = output(&mut conn, version);
         let Packet::ConnAck(ack) = packets.remove(0) else {
             panic!("CONNACK first");
@@ -1573,5 +1610,162 @@ mod tests {
             disconnect_reason(&output(&mut conn, V5)),
             Some(ReasonCode::TopicNameInvalid)
         );
+    }
+
+    /// Allows every access on topics under `ok/` (and the filters within it).
+    #[derive(Debug)]
+    struct OkPrefixOnly;
+
+    impl Authorizer for OkPrefixOnly {
+        fn allows(&self, _access: Access, topic: &str) -> bool {
+            topic.starts_with("ok/")
+        }
+    }
+
+    fn open_guarded(version: ProtocolVersion, now: Instant) -> Connection {
+        let connect = connect_packet(version);
+        let limits = limits();
+        let plan = plan_connect(&connect, &limits, || "assigned".into()).expect("accepted");
+        let session = Session::new(plan.client_id.clone());
+        let access: Arc<dyn Authorizer> = Arc::new(OkPrefixOnly);
+        let mut conn =
+            Connection::accept(connect, &plan, session, false, limits, Some(access), now);
+        let out = output(&mut conn, version);
+        assert!(matches!(out[0], Packet::ConnAck(_)), "{out:?}");
+        conn
+    }
+
+    fn delivery_on(topic: &str, qos: QoS, now: Instant) -> Delivery {
+        let mut d = delivery(qos, b"x", now);
+        Arc::make_mut(&mut d.msg).topic = topic.into();
+        d
+    }
+
+    #[test]
+    fn acl_denied_publish_v5_gets_not_authorized() {
+        let now = Instant::now();
+        let mut conn = open_guarded(V5, now);
+        conn.handle(Packet::Publish(publish(QoS::AtLeastOnce, 1, "no/x")), now);
+        conn.handle(Packet::Publish(publish(QoS::ExactlyOnce, 2, "no/x")), now);
+        conn.handle(Packet::Publish(publish(QoS::AtMostOnce, 0, "no/x")), now);
+        assert_eq!(published_events(&mut conn), 0);
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::PubAck(a), Packet::PubRec(b)]
+                if a.reason == ReasonCode::NotAuthorized && b.reason == ReasonCode::NotAuthorized),
+            "{out:?}"
+        );
+        conn.handle(Packet::Publish(publish(QoS::AtLeastOnce, 3, "ok/x")), now);
+        assert_eq!(published_events(&mut conn), 1);
+        assert!(conn.close_reason().is_none());
+    }
+
+    #[test]
+    fn acl_denied_publish_v311_is_acked_and_dropped() {
+        let now = Instant::now();
+        let mut conn = open_guarded(V311, now);
+        conn.handle(Packet::Publish(publish(QoS::AtMostOnce, 0, "no/x")), now);
+        conn.handle(Packet::Publish(publish(QoS::AtLeastOnce, 1, "no/x")), now);
+        conn.handle(Packet::Publish(publish(QoS::ExactlyOnce, 2, "no/x")), now);
+        conn.handle(Packet::PubRel(PubResponse::new(2)), now);
+        assert_eq!(published_events(&mut conn), 0);
+        let out = output(&mut conn, V311);
+        assert!(
+            matches!(&out[..], [Packet::PubAck(a), Packet::PubRec(b), Packet::PubComp(c)]
+                if a.packet_id == 1 && b.packet_id == 2 && c.packet_id == 2
+                    && c.reason == ReasonCode::Success),
+            "{out:?}"
+        );
+        assert!(conn.close_reason().is_none());
+    }
+
+    #[test]
+    fn acl_denied_subscribe() {
+        for version in [V5, V311] {
+            let now = Instant::now();
+            let mut conn = open_guarded(version, now);
+            let opts = SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            };
+            conn.handle(
+                Packet::Subscribe(Subscribe {
+                    packet_id: 1,
+                    filters: vec![
+                        ("no/#".into(), opts),
+                        ("ok/+".into(), opts),
+                        ("$share/g/ok/a".into(), opts),
+                        ("$share/g/no/a".into(), opts),
+                    ],
+                    properties: Properties::default(),
+                }),
+                now,
+            );
+            let out = output(&mut conn, version);
+            let Packet::SubAck(ack) = &out[0] else {
+                panic!("{out:?}")
+            };
+            // 3.x knows only 0x80 for a failure.
+            let denied = if version.is_v5() {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::UnspecifiedError
+            };
+            assert_eq!(
+                ack.reasons,
+                [
+                    denied,
+                    ReasonCode::GrantedQoS1,
+                    ReasonCode::GrantedQoS1,
+                    denied
+                ],
+                "{version:?}"
+            );
+            let filters: Vec<String> = conn
+                .take_events()
+                .filter_map(|e| match e {
+                    Event::Subscribe { filter, .. } => Some(filter),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(filters, ["ok/+", "$share/g/ok/a"]);
+            assert!(conn.finish().0.subscriptions.len() == 2);
+        }
+    }
+
+    #[test]
+    fn acl_checks_read_per_delivery() {
+        let now = Instant::now();
+        let mut conn = open_guarded(V5, now);
+        conn.deliver(delivery_on("no/1", QoS::AtMostOnce, now), now);
+        conn.deliver(delivery_on("no/2", QoS::AtLeastOnce, now), now);
+        conn.deliver(delivery_on("ok/3", QoS::AtLeastOnce, now), now);
+        let out = output(&mut conn, V5);
+        let topics: Vec<&str> = out
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.topic.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(topics, ["ok/3"]);
+        assert!(conn.session.inflight.len() == 1);
+
+        // Queued while offline: checked when the session resumes.
+        let mut session = Session::new("c1".into());
+        session.enqueue_offline(delivery_on("no/4", QoS::AtLeastOnce, now), 8);
+        session.enqueue_offline(delivery_on("ok/5", QoS::AtLeastOnce, now), 8);
+        let mut c = connect_packet(V5);
+        c.clean_start = false;
+        let limits = limits();
+        let plan = plan_connect(&c, &limits, || "assigned".into()).expect("accepted");
+        let access: Arc<dyn Authorizer> = Arc::new(OkPrefixOnly);
+        let mut conn = Connection::accept(c, &plan, session, true, limits, Some(access), now);
+        let out = output(&mut conn, V5);
+        assert!(
+            matches!(&out[..], [Packet::ConnAck(_), Packet::Publish(p)] if p.topic == "ok/5"),
+            "{out:?}"
+        );
+        assert!(conn.session.pending.is_empty());
     }
 }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::persist::Store;
@@ -27,6 +28,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config.data_dir)?;
     let tls = TlsContext::from_config(&config)?;
+    let auth = Auth::from_config(&config)?;
     let mut listeners = Vec::new();
     for (transport, addrs) in [
         (Transport::Tcp, &config.bind),
@@ -68,7 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "session store opened in {}",
         state_dir.display()
     );
-    let broker = Broker::new(config, store);
+    let broker = Broker::new(config, store, auth);
     broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -98,6 +100,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(tls) = &tls {
         acceptors.spawn(reload_tls(tls.clone(), reload.clone()));
     }
+    acceptors.spawn(reload_auth(broker.clone(), reload.clone()));
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
@@ -188,6 +191,22 @@ async fn reload_tls(tls: std::sync::Arc<TlsContext>, mut reload: watch::Receiver
         match tls.reload() {
             Ok(()) => info!("TLS certificates reloaded"),
             Err(e) => warn!("TLS reload failed, keeping the previous certificates: {e:#}"),
+        }
+    }
+}
+
+/// Reads the password and ACL files again on each SIGHUP; connections stay up. A file
+/// that fails to load keeps its previous version in force.
+async fn reload_auth(broker: std::sync::Arc<Broker>, mut reload: watch::Receiver<u64>) {
+    while reload.changed().await.is_ok() {
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.auth.reload()).await {
+            Ok(errors) => {
+                for e in errors {
+                    warn!("reload failed, keeping the previous version: {e}");
+                }
+            }
+            Err(e) => warn!("auth reload failed: {e}"),
         }
     }
 }

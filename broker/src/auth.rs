@@ -1,0 +1,441 @@
+//! Who may connect, and the ACL each connection is held to.
+//!
+//! A client is let in when it proves who it is, or when anonymous access is allowed:
+//! - a username listed in the password file is decided by the file alone (right password:
+//!   in; wrong: CONNACK 0x86, 3.x return code 4);
+//! - any other client with a username is asked about at the HTTP hook when one is
+//!   configured (a hook that cannot be reached answers as its `on_error` says: 0x86/4 or
+//!   0x88/3), else refused with 0x86/4 when a password file is configured;
+//! - a client without a username is let in when `allow_anonymous` is true, else asked
+//!   about at the hook, else refused with 0x87 (not authorized, 3.x return code 5).
+//!
+//! With no password file and no hook, usernames are not checked, and `allow_anonymous`
+//! (true by default then) decides for everyone.
+//!
+//! The password file and the ACL file are read again on SIGHUP ([`Auth::reload`]): a file
+//! that fails to read or parse leaves the previous version in force. Connections stay up;
+//! the new ACL applies to them at once, new passwords to the next CONNECT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use roost_core::{Connect, ProtocolVersion, ReasonCode};
+
+use crate::acl::{Acl, AclHandle, Authorizer};
+use crate::auth_hook::{AuthHook, HookAnswer, HookRequest};
+use crate::config::{Config, HookErrorPolicy};
+use crate::passwd::PasswordFile;
+
+/// Why a CONNECT is refused: the CONNACK code and a short reason for the log.
+pub type Refusal = (ReasonCode, &'static str);
+
+/// The broker's authentication and authorization state.
+#[derive(Debug)]
+pub struct Auth {
+    password_path: Option<PathBuf>,
+    acl_path: Option<PathBuf>,
+    allow_anonymous: bool,
+    passwords: ArcSwap<PasswordFile>,
+    acl: Option<Arc<AclHandle>>,
+    hook: Option<AuthHook>,
+    hook_error: ReasonCode,
+}
+
+impl Auth {
+    /// Reads the password and ACL files the configuration names; errors name the file.
+    pub fn from_config(config: &Config) -> anyhow::Result<Auth> {
+        let passwords = match &config.password_file {
+            Some(path) => {
+                let file = PasswordFile::load(path).context("password_file")?;
+                tracing::info!(
+                    users = file.len(),
+                    "password file {} loaded",
+                    path.display()
+                );
+                file
+            }
+            None => PasswordFile::default(),
+        };
+        let acl = match &config.acl_file {
+            Some(path) => {
+                let acl = Acl::load(path).context("acl_file")?;
+                log_acl_loaded(&acl, path);
+                Some(AclHandle::new(acl))
+            }
+            None => None,
+        };
+        let hook = match &config.auth_hook {
+            Some(h) => Some(AuthHook::new(h).map_err(|e| anyhow::anyhow!("auth_hook.url: {e}"))?),
+            None => None,
+        };
+        let hook_error = match config.auth_hook.as_ref().map(|h| h.on_error) {
+            Some(HookErrorPolicy::Deny) => ReasonCode::BadUserNameOrPassword,
+            _ => ReasonCode::ServerUnavailable,
+        };
+        Ok(Auth {
+            password_path: config.password_file.clone(),
+            acl_path: config.acl_file.clone(),
+            allow_anonymous: config.allow_anonymous_in_force(),
+            passwords: ArcSwap::from_pointee(passwords),
+            acl,
+            hook,
+            hook_error,
+        })
+    }
+
+    /// Reads the password file and the ACL file again (SIGHUP). Each file that fails
+    /// keeps its previous version; the errors are returned for the log.
+    pub fn reload(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(path) = &self.password_path {
+            match PasswordFile::load(path) {
+                Ok(file) => {
+                    tracing::info!(
+                        users = file.len(),
+                        "password file {} reloaded",
+                        path.display()
+                    );
+                    self.passwords.store(Arc::new(file));
+                }
+                Err(e) => errors.push(format!("password_file: {e}")),
+            }
+        }
+        if let (Some(path), Some(handle)) = (&self.acl_path, &self.acl) {
+            match Acl::load(path) {
+                Ok(acl) => {
+                    log_acl_loaded(&acl, path);
+                    handle.replace(acl);
+                }
+                Err(e) => errors.push(format!("acl_file: {e}")),
+            }
+        }
+        if let Some(hook) = &self.hook {
+            hook.clear_cache();
+        }
+        errors
+    }
+
+    /// Decides whether the client of `connect` (with `client_id` in use) may connect.
+    /// The password check is slow by design, so it runs on the blocking pool.
+    pub async fn authenticate(
+        &self,
+        connect: &Connect,
+        client_id: &str,
+        peer: SocketAddr,
+    ) -> Result<(), Refusal> {
+        let password = connect.password.as_deref();
+        let Some(user) = connect.username.as_deref() else {
+            if self.allow_anonymous {
+                return Ok(());
+            }
+            if self.hook.is_some() {
+                return self.ask_hook(connect, client_id, peer).await;
+            }
+            return Err((
+                ReasonCode::NotAuthorized,
+                "anonymous clients are not allowed",
+            ));
+        };
+        let passwords = self.passwords.load_full();
+        if passwords.contains(user) || (self.password_path.is_some() && self.hook.is_none()) {
+            let user = user.to_owned();
+            let password = password.map(<[u8]>::to_vec).unwrap_or_default();
+            let ok = tokio::task::spawn_blocking(move || passwords.verify(&user, &password))
+                .await
+                .unwrap_or(false);
+            return if ok {
+                Ok(())
+            } else {
+                Err((
+                    ReasonCode::BadUserNameOrPassword,
+                    "bad username or password",
+                ))
+            };
+        }
+        if self.hook.is_some() {
+            return self.ask_hook(connect, client_id, peer).await;
+        }
+        if self.allow_anonymous {
+            Ok(())
+        } else {
+            Err((
+                ReasonCode::NotAuthorized,
+                "no password file or auth hook to check the username against",
+            ))
+        }
+    }
+
+    async fn ask_hook(
+        &self,
+        connect: &Connect,
+        client_id: &str,
+        peer: SocketAddr,
+    ) -> Result<(), Refusal> {
+        let Some(hook) = &self.hook else {
+            return Err((ReasonCode::NotAuthorized, "no auth hook"));
+        };
+        let request = HookRequest {
+            client_id,
+            username: connect.username.as_deref(),
+            password: connect.password.as_deref(),
+            peer,
+            protocol: match connect.protocol {
+                ProtocolVersion::V3_1 => "3.1",
+                ProtocolVersion::V3_1_1 => "3.1.1",
+                ProtocolVersion::V5 => "5.0",
+            },
+        };
+        match hook.check(request).await {
+            HookAnswer::Allow => Ok(()),
+            HookAnswer::Deny => Err((
+                ReasonCode::BadUserNameOrPassword,
+                "refused by the auth hook",
+            )),
+            HookAnswer::Error => Err((self.hook_error, "the auth hook is unavailable")),
+        }
+    }
+
+    /// The ACL a client is held to; `None` when no ACL file is configured (then the
+    /// client may do anything).
+    pub fn authorizer(
+        &self,
+        username: Option<&str>,
+        client_id: &Arc<str>,
+    ) -> Option<Arc<dyn Authorizer>> {
+        self.acl
+            .as_ref()
+            .map(|handle| handle.for_client(username, client_id))
+    }
+}
+
+fn log_acl_loaded(acl: &Acl, path: &std::path::Path) {
+    if acl.rule_count() == 0 {
+        tracing::warn!(
+            "ACL file {} has no rules: every client may do anything",
+            path.display()
+        );
+    } else {
+        tracing::info!(
+            rules = acl.rule_count(),
+            "ACL file {} loaded",
+            path.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::Access;
+    use crate::config::AuthHookConfig;
+    use crate::passwd::PasswordFile;
+    use argon2::password_hash::PasswordHasher;
+    use argon2::{Algorithm, Argon2, Params, Version};
+
+    fn cheap_hash(password: &str) -> String {
+        let params = Params::new(64, 1, 1, None).expect("params");
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(password.as_bytes())
+            .expect("hash")
+            .to_string()
+    }
+
+    struct Files {
+        dir: PathBuf,
+    }
+
+    impl Files {
+        fn new(name: &str) -> Files {
+            let dir =
+                std::env::temp_dir().join(format!("roost-auth-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("tmp");
+            Files { dir }
+        }
+        fn passwd(&self, users: &[(&str, &str)]) -> PathBuf {
+            let mut file = PasswordFile::default();
+            for (u, p) in users {
+                file.set(u, cheap_hash(p)).expect("set");
+            }
+            let path = self.dir.join("passwd");
+            file.save(&path).expect("save");
+            path
+        }
+        fn acl(&self, text: &str) -> PathBuf {
+            let path = self.dir.join("acl");
+            std::fs::write(&path, text).expect("write");
+            path
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn connect(user: Option<&str>, password: Option<&str>) -> Connect {
+        Connect {
+            protocol: ProtocolVersion::V5,
+            client_id: "c1".into(),
+            username: user.map(str::to_owned),
+            password: password.map(|p| bytes::Bytes::copy_from_slice(p.as_bytes())),
+            ..Connect::default()
+        }
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:40000".parse().expect("addr")
+    }
+
+    async fn code(auth: &Auth, user: Option<&str>, password: Option<&str>) -> ReasonCode {
+        match auth
+            .authenticate(&connect(user, password), "c1", peer())
+            .await
+        {
+            Ok(()) => ReasonCode::Success,
+            Err((code, _)) => code,
+        }
+    }
+
+    #[tokio::test]
+    async fn without_files_everyone_is_in() {
+        let auth = Auth::from_config(&Config::default()).expect("auth");
+        assert_eq!(code(&auth, None, None).await, ReasonCode::Success);
+        assert_eq!(code(&auth, Some("x"), Some("y")).await, ReasonCode::Success);
+        assert!(auth.authorizer(None, &Arc::from("c1")).is_none());
+        let closed = Config {
+            allow_anonymous: Some(false),
+            ..Config::default()
+        };
+        let auth = Auth::from_config(&closed).expect("auth");
+        assert_eq!(code(&auth, None, None).await, ReasonCode::NotAuthorized);
+        assert_eq!(
+            code(&auth, Some("x"), None).await,
+            ReasonCode::NotAuthorized
+        );
+    }
+
+    #[tokio::test]
+    async fn password_file_decides() {
+        let files = Files::new("pw");
+        let config = Config {
+            password_file: Some(files.passwd(&[("alice", "wonderland")])),
+            ..Config::default()
+        };
+        let auth = Auth::from_config(&config).expect("auth");
+        assert_eq!(
+            code(&auth, Some("alice"), Some("wonderland")).await,
+            ReasonCode::Success
+        );
+        assert_eq!(
+            code(&auth, Some("alice"), Some("nope")).await,
+            ReasonCode::BadUserNameOrPassword
+        );
+        assert_eq!(
+            code(&auth, Some("alice"), None).await,
+            ReasonCode::BadUserNameOrPassword
+        );
+        assert_eq!(
+            code(&auth, Some("mallory"), Some("wonderland")).await,
+            ReasonCode::BadUserNameOrPassword
+        );
+        assert_eq!(code(&auth, None, None).await, ReasonCode::NotAuthorized);
+        // Anonymous access can be opened explicitly next to the file.
+        let open = Config {
+            allow_anonymous: Some(true),
+            ..config
+        };
+        let auth = Auth::from_config(&open).expect("auth");
+        assert_eq!(code(&auth, None, None).await, ReasonCode::Success);
+        assert_eq!(
+            code(&auth, Some("alice"), Some("nope")).await,
+            ReasonCode::BadUserNameOrPassword
+        );
+    }
+
+    #[tokio::test]
+    async fn reload_keeps_the_old_file_on_error() {
+        let files = Files::new("reload");
+        let config = Config {
+            password_file: Some(files.passwd(&[("alice", "one")])),
+            acl_file: Some(files.acl("everyone\nallow read a\n")),
+            ..Config::default()
+        };
+        let auth = Auth::from_config(&config).expect("auth");
+        let client = auth
+            .authorizer(Some("alice"), &Arc::from("c1"))
+            .expect("acl");
+        assert!(client.allows(Access::Read, "a"));
+        files.passwd(&[("alice", "one"), ("bob", "two")]);
+        files.acl("everyone\nallow read b\n");
+        assert!(auth.reload().is_empty());
+        assert_eq!(
+            code(&auth, Some("bob"), Some("two")).await,
+            ReasonCode::Success
+        );
+        assert!(
+            !client.allows(Access::Read, "a"),
+            "new rules apply to live clients"
+        );
+        assert!(client.allows(Access::Read, "b"));
+        std::fs::write(files.dir.join("passwd"), "bob:plain\n").expect("write");
+        files.acl("everyone\nallow sing b\n");
+        let errors = auth.reload();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("password_file") && errors[1].contains("acl_file"));
+        assert_eq!(
+            code(&auth, Some("bob"), Some("two")).await,
+            ReasonCode::Success
+        );
+        assert!(client.allows(Access::Read, "b"));
+    }
+
+    #[test]
+    fn missing_files_are_startup_errors() {
+        let config = Config {
+            password_file: Some(PathBuf::from("/nonexistent/roost/passwd")),
+            ..Config::default()
+        };
+        let e = Auth::from_config(&config).expect_err("missing");
+        assert!(format!("{e:#}").contains("password_file"), "{e:#}");
+        let config = Config {
+            acl_file: Some(PathBuf::from("/nonexistent/roost/acl")),
+            ..Config::default()
+        };
+        let e = Auth::from_config(&config).expect_err("missing");
+        assert!(format!("{e:#}").contains("acl_file"), "{e:#}");
+    }
+
+    #[tokio::test]
+    async fn hook_down_answers_as_configured() {
+        // A port nobody listens on: bind, note the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        for (policy, expected) in [
+            (HookErrorPolicy::Deny, ReasonCode::BadUserNameOrPassword),
+            (HookErrorPolicy::Unavailable, ReasonCode::ServerUnavailable),
+        ] {
+            let config = Config {
+                auth_hook: Some(AuthHookConfig {
+                    url: format!("http://127.0.0.1:{port}/auth"),
+                    timeout_ms: 500,
+                    cache_seconds: 10,
+                    on_error: policy,
+                }),
+                ..Config::default()
+            };
+            let auth = Auth::from_config(&config).expect("auth");
+            assert_eq!(code(&auth, Some("u"), Some("p")).await, expected);
+            assert_eq!(
+                code(&auth, None, None).await,
+                expected,
+                "anonymous asks the hook"
+            );
+        }
+    }
+}

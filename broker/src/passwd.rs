@@ -1,0 +1,441 @@
+//! The password file and the `roost passwd` command that manages it.
+//!
+//! One `username:hash` line per user, where the hash is an argon2id PHC string
+//! (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`): salted, slow, self-describing.
+//! Blank lines and lines starting with `#` are kept as they are. A file with a line that
+//! is not a well-formed hash (a plain-text password, say) is refused as a whole, so a
+//! typo never silently locks a user out or lets one in.
+//!
+//! Writes go to a temporary file in the same directory that is then renamed over the
+//! old one, so a reader (the broker on SIGHUP) sees the old or the new file, never half.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::LazyLock;
+
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+
+/// Why a password file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswdError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line that is not `username:hash`.
+    #[error("password file line {line}: {why}")]
+    Syntax {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// A username that cannot be stored.
+    #[error("invalid username {0:?}: it must be non-empty and contain no ':' or line break")]
+    BadUsername(String),
+    /// Hashing failed (out of memory, bad parameters).
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+}
+
+/// The users and their password hashes, as read from the file.
+#[derive(Debug, Clone, Default)]
+pub struct PasswordFile {
+    lines: Vec<Line>,
+    index: HashMap<String, usize>,
+}
+
+#[derive(Debug, Clone)]
+enum Line {
+    /// Blank or comment, kept verbatim.
+    Other(String),
+    User {
+        name: String,
+        hash: String,
+    },
+}
+
+impl PasswordFile {
+    /// Reads a password file; a missing file is an error.
+    pub fn load(path: &Path) -> Result<PasswordFile, PasswdError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PasswdError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        PasswordFile::parse(&text)
+    }
+
+    /// Parses password file text, checking that every hash is a PHC string argon2 reads.
+    pub fn parse(text: &str) -> Result<PasswordFile, PasswdError> {
+        let mut file = PasswordFile::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let syntax = |why: &str| PasswdError::Syntax {
+                line,
+                why: why.to_owned(),
+            };
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                file.lines.push(Line::Other(raw.to_owned()));
+                continue;
+            }
+            let Some((name, hash)) = trimmed.split_once(':') else {
+                return Err(syntax("expected username:hash"));
+            };
+            if name.is_empty() {
+                return Err(syntax("empty username"));
+            }
+            let parsed =
+                PasswordHash::new(hash).map_err(|_| syntax("not a PHC password hash string"))?;
+            if !parsed.algorithm.as_str().starts_with("argon2") {
+                return Err(syntax("only argon2 hashes are supported"));
+            }
+            if file.index.contains_key(name) {
+                return Err(syntax(&format!("user {name:?} appears twice")));
+            }
+            file.index.insert(name.to_owned(), file.lines.len());
+            file.lines.push(Line::User {
+                name: name.to_owned(),
+                hash: hash.to_owned(),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// True when the file has no users.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// True when `user` has a line.
+    pub fn contains(&self, user: &str) -> bool {
+        self.index.contains_key(user)
+    }
+
+    /// Checks `password` for `user`. Slow by design (tens of milliseconds): call it off
+    /// the async runtime. An unknown user costs as much as a known one, so timing does
+    /// not tell which usernames exist.
+    pub fn verify(&self, user: &str, password: &[u8]) -> bool {
+        match self.hash_of(user) {
+            Some(hash) => verify_hash(hash, password),
+            None => {
+                let _ = verify_hash(&DUMMY_HASH, password);
+                false
+            }
+        }
+    }
+
+    fn hash_of(&self, user: &str) -> Option<&str> {
+        match self.lines.get(*self.index.get(user)?) {
+            Some(Line::User { hash, .. }) => Some(hash),
+            _ => None,
+        }
+    }
+
+    /// Sets (adds or replaces) `user`'s password hash.
+    pub fn set(&mut self, user: &str, hash: String) -> Result<(), PasswdError> {
+        if user.is_empty() || user.contains([':', '\n', '\r']) || user.trim() != user {
+            return Err(PasswdError::BadUsername(user.to_owned()));
+        }
+        match self.index.get(user) {
+            Some(&at) => {
+                self.lines[at] = Line::User {
+                    name: user.to_owned(),
+                    hash,
+                }
+            }
+            None => {
+                self.index.insert(user.to_owned(), self.lines.len());
+                self.lines.push(Line::User {
+                    name: user.to_owned(),
+                    hash,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `user`; false when there was no such user.
+    pub fn remove(&mut self, user: &str) -> bool {
+        let Some(at) = self.index.remove(user) else {
+            return false;
+        };
+        self.lines.remove(at);
+        for i in self.index.values_mut() {
+            if *i > at {
+                *i -= 1;
+            }
+        }
+        true
+    }
+
+    /// The file's text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for line in &self.lines {
+            match line {
+                Line::Other(text) => out.push_str(text),
+                Line::User { name, hash } => {
+                    out.push_str(name);
+                    out.push(':');
+                    out.push_str(hash);
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Writes the file atomically; a new file is readable by its owner only.
+    pub fn save(&self, path: &Path) -> Result<(), PasswdError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let io = |source| PasswdError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .map_or_else(|| "passwd".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+        let mode = std::fs::metadata(path).map_or(0o600, |m| m.permissions().mode() & 0o7777);
+        let written = (|| {
+            let mut f = std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.write_all(self.render().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io)
+    }
+}
+
+/// Hashes `password` with argon2id, the crate's default (OWASP) parameters and a fresh
+/// random salt.
+pub fn hash_password(password: &[u8]) -> Result<String, PasswdError> {
+    Argon2::default()
+        .hash_password(password)
+        .map(|h| h.to_string())
+        .map_err(|e| PasswdError::Hash(e.to_string()))
+}
+
+/// Checks `password` against a PHC hash string (parameters come from the string).
+pub fn verify_hash(hash: &str, password: &[u8]) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// A hash of nothing in particular, verified against for unknown users.
+static DUMMY_HASH: LazyLock<String> =
+    LazyLock::new(|| hash_password(b"roost: no such user").unwrap_or_default());
+
+/// `roost passwd`: add, change or delete a user in a password file.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  roost passwd /etc/roost/passwd alice          (asks for the password)\n  roost passwd -b /etc/roost/passwd alice s3cret\n  roost passwd -D /etc/roost/passwd alice\n\nThe file is created when missing (mode 0600). A running broker reads it again on SIGHUP."
+)]
+pub struct PasswdArgs {
+    /// Batch mode: take the password from the command line instead of prompting.
+    #[arg(short = 'b', conflicts_with = "delete")]
+    pub batch: bool,
+    /// Delete the user.
+    #[arg(short = 'D')]
+    pub delete: bool,
+    /// The password file.
+    pub file: PathBuf,
+    /// The username.
+    pub user: String,
+    /// The password (batch mode only).
+    pub password: Option<String>,
+}
+
+/// Runs `roost passwd`; messages go to stderr.
+pub fn run(args: PasswdArgs) -> ExitCode {
+    match passwd(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roost passwd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
+    let exists = args.file.exists();
+    let mut file = if exists {
+        PasswordFile::load(&args.file)?
+    } else {
+        PasswordFile::default()
+    };
+    if args.delete {
+        if args.password.is_some() {
+            anyhow::bail!("-D takes no password");
+        }
+        if !exists {
+            anyhow::bail!("{} does not exist", args.file.display());
+        }
+        if !file.remove(&args.user) {
+            anyhow::bail!("no user {:?} in {}", args.user, args.file.display());
+        }
+        file.save(&args.file)?;
+        return Ok(());
+    }
+    let password = match (args.batch, args.password) {
+        (true, Some(p)) => p,
+        (true, None) => anyhow::bail!("-b needs a password after the username"),
+        (false, Some(_)) => {
+            anyhow::bail!("a password on the command line needs -b (or leave it out to be asked)")
+        }
+        (false, None) => prompt()?,
+    };
+    let hash = hash_password(password.as_bytes())?;
+    file.set(&args.user, hash)?;
+    file.save(&args.file)?;
+    Ok(())
+}
+
+fn prompt() -> anyhow::Result<String> {
+    let first = rpassword::prompt_password("Password: ")
+        .map_err(|e| anyhow::anyhow!("cannot read the password from the terminal: {e}"))?;
+    let second = rpassword::prompt_password("Reenter password: ")
+        .map_err(|e| anyhow::anyhow!("cannot read the password from the terminal: {e}"))?;
+    if first != second {
+        anyhow::bail!("the passwords do not match");
+    }
+    if first.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    Ok(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::{Algorithm, Params, Version};
+
+    /// A cheap hash for tests (the parameters travel in the string).
+    fn cheap_hash(password: &str) -> String {
+        let params = Params::new(64, 1, 1, None).expect("params");
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(password.as_bytes())
+            .expect("hash")
+            .to_string()
+    }
+
+    #[test]
+    fn default_hash_is_salted_argon2id() {
+        let a = hash_password(b"pw").expect("hash");
+        let b = hash_password(b"pw").expect("hash");
+        assert!(a.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{a}");
+        assert_ne!(a, b, "a fresh salt each time");
+        assert!(verify_hash(&a, b"pw"));
+        assert!(!verify_hash(&a, b"pW"));
+    }
+
+    #[test]
+    fn parse_verify_and_render_round_trip() {
+        let text = format!(
+            "# users\nalice:{}\n\nbob:{}\n",
+            cheap_hash("wonderland"),
+            cheap_hash("builder")
+        );
+        let file = PasswordFile::parse(&text).expect("valid");
+        assert_eq!(file.len(), 2);
+        assert!(file.verify("alice", b"wonderland"));
+        assert!(!file.verify("alice", b"builder"));
+        assert!(file.verify("bob", b"builder"));
+        assert!(!file.verify("carol", b"wonderland"));
+        assert_eq!(file.render(), text);
+    }
+
+    #[test]
+    fn bad_lines_are_refused_with_their_number() {
+        let good = cheap_hash("x");
+        for (text, line, word) in [
+            ("alice:plaintext\n".to_string(), 1, "PHC"),
+            ("# c\nalice\n".to_string(), 2, "username:hash"),
+            (format!(":{good}\n"), 1, "empty username"),
+            (format!("a:{good}\na:{good}\n"), 2, "twice"),
+            (
+                "a:$scrypt$ln=16,r=8,p=1$aM15713r3Xsvxbi31lqr1Q$nFNh2CVHVjNldFVKDHDlm4CbdRSCdEBsjjJxD+iCs5E\n".to_string(),
+                1,
+                "argon2",
+            ),
+        ] {
+            let e = PasswordFile::parse(&text).expect_err(&text).to_string();
+            assert!(e.contains(&format!("line {line}")), "{text:?}: {e}");
+            assert!(e.contains(word), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn set_replace_and_remove() {
+        let mut file = PasswordFile::parse("# header\n").expect("valid");
+        assert!(file.is_empty());
+        file.set("alice", cheap_hash("one")).expect("set");
+        file.set("bob", cheap_hash("two")).expect("set");
+        file.set("alice", cheap_hash("three")).expect("replace");
+        assert_eq!(file.len(), 2);
+        assert!(file.verify("alice", b"three"));
+        assert!(!file.verify("alice", b"one"));
+        assert!(file.remove("alice"));
+        assert!(!file.remove("alice"));
+        assert!(!file.contains("alice"));
+        assert!(file.verify("bob", b"two"));
+        let again = PasswordFile::parse(&file.render()).expect("re-parse");
+        assert!(again.verify("bob", b"two"));
+        assert!(again.render().starts_with("# header\n"));
+        for bad in ["", "a:b", "a\nb", " a"] {
+            assert!(file.set(bad, cheap_hash("x")).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn save_is_atomic_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("roost-passwd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let path = dir.join("passwd");
+        let mut file = PasswordFile::default();
+        file.set("alice", cheap_hash("pw")).expect("set");
+        file.save(&path).expect("save");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let loaded = PasswordFile::load(&path).expect("load");
+        assert!(loaded.verify("alice", b"pw"));
+        // Existing permissions are kept.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        loaded.save(&path).expect("save again");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        let leftovers = std::fs::read_dir(&dir).expect("list").count();
+        assert_eq!(leftovers, 1, "no temporary file left behind");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
