@@ -34,8 +34,11 @@ SUB_DENIED = {4: 0x80, 5: 0x87}
 
 
 def passwd(*args, check=True):
+    # A new session has no controlling terminal, so a prompt fails instead of waiting for
+    # a developer's keyboard.
     r = subprocess.run([roost_binary(), "passwd", *map(str, args)], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=20)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=20,
+                       start_new_session=True)
     if check:
         assert r.returncode == 0, f"roost passwd {args} failed: {r.stderr}"
     return r
