@@ -571,3 +571,46 @@ def test_listener_flags_on_the_command_line(tmp_path, pki, topic):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_mtls_common_name_is_the_username_for_auth_and_acl(broker_with, pki, tmp_path, topic,
+                                                           version):
+    """With a password file and an ACL: the certificate's CN (sensor-1) logs in without a
+    password, whatever username CONNECT claims, and the ACL's `user sensor-1` and `%u`
+    rules apply to it; the same username over plain TCP without a password is refused."""
+    pw = tmp_path / "passwd"
+    r = subprocess.run([roost_binary(), "passwd", "-b", str(pw), "watcher", "pw"],
+                       capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    acl = tmp_path / "acl"
+    acl.write_text(f"user watcher\nallow read,subscribe {topic}/#\n"
+                   f"user sensor-1\nallow write {topic}/devices/%u/#\n")
+    b = tls_broker(broker_with, pki, tls_client_ca=str(pki.ca.cert_path),
+                   tls_use_cn_as_username=True, password_file=str(pw), acl_file=str(acl))
+    sub = w.RawClient(b.host, b.port, version)
+    sub.connect(f"watch-{uuid.uuid4().hex[:8]}", username="watcher", password=b"pw")
+    assert sub.subscribe(f"{topic}/#", qos=1).rcs == [1]
+    dev = Client(at(b.tls_port), version, f"cn-{uuid.uuid4().hex[:8]}", connect=False)
+    dev.c.tls_set(ca_certs=str(pki.ca.cert_path), certfile=str(pki.client.cert_path),
+                  keyfile=str(pki.client.key_path))
+    dev.c.username_pw_set("watcher")  # replaced by the CN: no password needed, no watcher rights
+    dev.connect()
+    try:
+        dev.publish(f"{topic}/devices/sensor-1/t", b"21.5", qos=1)
+        msg = sub.expect(w.PUBLISH)
+        assert (msg.topic, msg.payload) == (f"{topic}/devices/sensor-1/t", b"21.5")
+        sub.puback(msg.pid)
+        dev.publish(f"{topic}/devices/sensor-2/t", b"spoof", qos=1)
+        assert dev.subscribe(f"{topic}/#", qos=1) == ([0x87] if version == 5 else [0x80])
+        with pytest.raises(AssertionError):
+            sub.expect(w.PUBLISH, timeout=1)
+    finally:
+        dev.disconnect()
+        sub.close()
+    plain = w.RawClient(b.host, b.port, version)
+    try:
+        ack = plain.connect(f"plain-{uuid.uuid4().hex[:8]}", username="sensor-1", expect_rc=None)
+        assert ack.rc == (0x86 if version == 5 else 4), f"CONNACK {ack.rc:#x}"
+    finally:
+        plain.close()
