@@ -28,4 +28,6 @@ cargo test --workspace
 echo "== release build"
 cargo build --release --bin roost --bin roost-bench
 echo "== integration tests (pytest)"
-ROOST_BIN="$PWD/target/release/roost" python3 -m pytest integration -q
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+ROOST_BIN="$target/release/roost" ROOST_BENCH_BIN="$target/release/roost-bench" \
+    python3 -m pytest integration -q
