@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
 use crate::session::{Delivery, Session, ShareRef};
+use roost_queue::Queues;
 
 const SHARDS: usize = 64;
 
@@ -139,6 +140,8 @@ pub struct Broker {
     pub config: Config,
     /// Who may connect, and the ACL each connection is held to.
     pub auth: Auth,
+    /// The `$queue/` work queues.
+    pub queues: Queues,
     router: Router,
     shards: Vec<Mutex<HashMap<Arc<str>, Slot>>>,
     hasher: std::collections::hash_map::RandomState,
@@ -153,8 +156,9 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over `store`; call [`Broker::restore`] with what the store loaded.
-    pub fn new(config: Config, store: Store, auth: Auth) -> Arc<Broker> {
+    pub fn new(config: Config, store: Store, auth: Auth, queues: Queues) -> Arc<Broker> {
         Arc::new(Broker {
+            queues,
             limits: Arc::new(Limits::from_config(&config)),
             config,
             auth,
@@ -519,6 +523,10 @@ impl Broker {
         let Ok(f) = topic::parse_filter(raw) else {
             return;
         };
+        // Queue subscriptions are queue group memberships, not routes.
+        if crate::queues::is_queue_filter(raw) {
+            return;
+        }
         self.router.subscribe(
             f.share_group,
             f.filter,
@@ -532,6 +540,9 @@ impl Broker {
 
     /// Removes a subscription of `client_id` from the router.
     pub fn unsubscribe(&self, raw: &str, client_id: &str) {
+        if crate::queues::is_queue_filter(raw) {
+            return;
+        }
         if let Ok(f) = topic::parse_filter(raw) {
             self.router.unsubscribe(f.share_group, f.filter, client_id);
         }
@@ -567,6 +578,7 @@ impl Broker {
                 subscription_ids: identifier.into_iter().collect(),
                 share: None,
                 seq: None,
+                queue: None,
             })
         };
         if topic::has_wildcard(f.filter) {
@@ -644,6 +656,7 @@ impl Broker {
                     subscription_ids: ids,
                     share: None,
                     seq: None,
+                    queue: None,
                 },
                 false,
                 out,
@@ -672,6 +685,7 @@ impl Broker {
             subscription_ids: s.identifier.into_iter().collect(),
             share: Some(share.clone()),
             seq: None,
+            queue: None,
         };
         for &i in &candidates {
             let s = &group.members[i];

@@ -78,6 +78,12 @@ pub struct Config {
     pub auth_hook: Option<AuthHookConfig>,
     /// Durable storage (the `[storage]` table).
     pub storage: StorageConfig,
+    /// Settings of `$queue/` queues created on first use (the `[queue_defaults]`
+    /// table: partitions, durability, ack_timeout_ms, max_deliveries, ...).
+    pub queue_defaults: roost_queue::QueueConfig,
+    /// Create a queue on the first publish or subscribe to `$queue/<name>`; when false,
+    /// only existing queues can be used.
+    pub queue_auto_create: bool,
 }
 
 /// The `[auth_hook]` table: an HTTP service asked whether a client may connect.
@@ -166,6 +172,8 @@ impl Default for Config {
             allow_anonymous: None,
             auth_hook: None,
             storage: StorageConfig::default(),
+            queue_defaults: roost_queue::QueueConfig::default(),
+            queue_auto_create: true,
         }
     }
 }

@@ -19,8 +19,11 @@ use tracing::{debug, info};
 use crate::acl::{Access, Authorizer};
 use crate::auth;
 use crate::broker::{Attach, Broker, ConnectionHandle, Control, Fanout, Handover, send_blocked};
-use crate::protocol::{self, ConnectRefusal, Connection, Event};
+use crate::protocol::{self, AckToken, ConnectRefusal, Connection, Event};
+use crate::queues::{self, QueueTopic};
 use crate::session::{Delivery, Session};
+use roost_core::Message;
+use tokio::task::JoinSet;
 
 /// Most deliveries taken from the channel before the output is flushed, so a busy
 /// subscriber still reads its socket and answers pings.
@@ -195,6 +198,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let (delivery_tx, mut deliveries) = mpsc::channel::<Delivery>(broker.delivery_capacity());
+    let mut qio = QueueIo {
+        sender: delivery_tx.downgrade(),
+        produces: JoinSet::new(),
+    };
     let (control_tx, mut control) = mpsc::unbounded_channel();
     let conn_id = broker.next_id();
     let handle = ConnectionHandle {
@@ -238,11 +245,26 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Instant::now(),
     );
     debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
+    // A resumed session's queue subscriptions join their groups again.
+    let queue_subs: Vec<Event> = conn
+        .subscriptions()
+        .filter(|(raw, _)| queues::is_queue_filter(raw))
+        .map(|(raw, r)| Event::Subscribe {
+            filter: raw.clone(),
+            options: r.options,
+            identifier: r.identifier,
+            existed: true,
+            consumer_group: None,
+        })
+        .collect();
+    for event in queue_subs {
+        queue_subscription(broker, &conn, &qio, &event);
+    }
 
     let mut taken_over = None;
     let mut fanout = Fanout::default();
     let outcome = loop {
-        if let Err(e) = flush(broker, &mut conn, io, &mut fanout).await {
+        if let Err(e) = flush(broker, &mut conn, io, &mut fanout, &mut qio).await {
             break e;
         }
         if let Some(close) = conn.close_reason() {
@@ -258,12 +280,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     while conn.close_reason().is_none() {
                         match codec::decode(&mut io.read_buf, Some(conn.version()), broker.limits.max_packet_size as usize) {
                             Ok(Some(p)) => {
-                                run_events(broker, &mut conn, &mut fanout);
+                                run_events(broker, &mut conn, &mut fanout, &mut qio);
                                 conn.handle(p, now);
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                run_events(broker, &mut conn, &mut fanout);
+                                run_events(broker, &mut conn, &mut fanout, &mut qio);
                                 conn.decode_error(&e);
                             }
                         }
@@ -288,6 +310,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
+            Some(Ok((token, reason))) = qio.produces.join_next(), if !qio.produces.is_empty() => {
+                conn.resolve_ack(token, reason);
+            }
             Some(Control::TakeOver { reply }) = control.recv() => {
                 conn.disconnect(ReasonCode::SessionTakenOver, "session taken over", true);
                 taken_over = Some(reply);
@@ -298,7 +323,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    let _ = flush(broker, &mut conn, io, &mut fanout).await;
+    let _ = flush(broker, &mut conn, io, &mut fanout, &mut qio).await;
     // Closing with unread input makes the kernel send RST, which can destroy the
     // DISCONNECT we just wrote before the client reads it. So when roost ends the
     // connection, it half-closes, settles the session, then reads and discards what
@@ -353,12 +378,16 @@ async fn end_session(
     broker: &Arc<Broker>,
     client_id: &Arc<str>,
     conn_id: u64,
-    session: Session,
+    mut session: Session,
     will: Option<roost_core::LastWill>,
     taken_over: Option<tokio::sync::oneshot::Sender<Handover>>,
     mut deliveries: mpsc::Receiver<Delivery>,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
+    // Queue messages this connection held go back to their queues now, for another
+    // consumer (or this client when it returns); the session does not keep them.
+    broker.queues.leave_all(client_id);
+    session.drop_queue_deliveries();
     let (mut session, will, reply) = match taken_over {
         Some(reply) => (session, will, reply),
         None => match broker.detach(conn_id, session, will, &mut deliveries) {
@@ -410,8 +439,9 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection,
     io: &mut Io<S>,
     fanout: &mut Fanout,
+    qio: &mut QueueIo,
 ) -> Result<(), String> {
-    run_events(broker, conn, fanout);
+    run_events(broker, conn, fanout, qio);
     let mut ops = std::mem::take(&mut fanout.ops);
     if !fanout.blocked.is_empty() {
         // Backpressure: the acknowledgements wait until slow subscribers have room.
@@ -439,7 +469,7 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Carries out what the protocol asked of the broker.
-fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout) {
+fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, qio: &mut QueueIo) {
     let events: Vec<Event> = conn.take_events().collect();
     if events.is_empty() {
         return;
@@ -448,19 +478,164 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout) 
     for event in events {
         match event {
             Event::Publish(msg) => broker.publish(msg, fanout),
+            Event::Subscribe { .. } if queue_subscription(broker, conn, qio, &event) => {}
             Event::Subscribe {
                 filter,
                 options,
                 identifier,
                 existed,
+                ..
             } => {
                 broker.subscribe(&filter, conn.client_id(), options, identifier);
                 for d in broker.retained_for(&filter, options, identifier, existed, now) {
                     conn.deliver(d, now);
                 }
             }
-            Event::Unsubscribe { filter } => broker.unsubscribe(&filter, conn.client_id()),
+            Event::Unsubscribe { filter } => {
+                if let Some(f) = queues::parse_filter(&filter, None) {
+                    // The group of a v5 `consumer-group` subscription is not in the
+                    // filter: leave every group of that queue this client is in.
+                    if let Some(q) = broker.queues.get(&f.queue) {
+                        q.leave_all(conn.client_id());
+                    }
+                } else {
+                    broker.unsubscribe(&filter, conn.client_id());
+                }
+            }
+            Event::QueuePublish { msg, ack } => queue_publish(broker, conn, qio, &msg, ack),
+            Event::QueueSettle { queue, nack } => {
+                if let Some(q) = broker.queues.get(&queue.queue) {
+                    if nack {
+                        q.nack(conn.client_id(), Some(&queue.group), &queue.id);
+                    } else {
+                        drop(q.ack(conn.client_id(), Some(&queue.group), &queue.id));
+                    }
+                }
+            }
         }
+    }
+}
+
+/// What a connection needs for `$queue/` traffic: a weak handle on its own delivery
+/// channel (for the queues' sinks) and the produces whose acknowledgements wait.
+struct QueueIo {
+    sender: mpsc::WeakSender<Delivery>,
+    produces: JoinSet<(AckToken, ReasonCode)>,
+}
+
+/// Joins the consumer group a `$queue/` subscription names; false for other filters.
+fn queue_subscription(broker: &Broker, conn: &Connection, qio: &QueueIo, event: &Event) -> bool {
+    let Event::Subscribe {
+        filter,
+        options,
+        identifier,
+        consumer_group,
+        ..
+    } = event
+    else {
+        return false;
+    };
+    let Some(f) = queues::parse_filter(filter, consumer_group.as_deref()) else {
+        return false;
+    };
+    let queue = if f.queue.ends_with(roost_queue::DEAD_LETTER_SUFFIX) {
+        broker
+            .queues
+            .get(&f.queue)
+            .ok_or_else(|| "no such queue".to_string())
+    } else {
+        broker
+            .queues
+            .get_or_create(&f.queue)
+            .map_err(|e| e.to_string())
+    };
+    // v5 consumers take as many as their Receive Maximum; 3.x ones the queue's window.
+    let window = if conn.version().is_v5() {
+        u32::try_from(conn.send_window()).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
+    let sink = Arc::new(queues::QueueSink::new(
+        qio.sender.clone(),
+        &f,
+        options.qos,
+        *identifier,
+    ));
+    match queue.and_then(|q| {
+        q.join(&f.group, conn.client_id().clone(), window, sink)
+            .map_err(|e| e.to_string())
+    }) {
+        Ok(()) => {
+            debug!(client_id = %conn.client_id(), queue = %f.queue, group = %f.group, "joined queue group")
+        }
+        Err(e) => {
+            info!(client_id = %conn.client_id(), queue = %f.queue, "cannot consume from queue: {e}")
+        }
+    }
+    true
+}
+
+/// Stores a `$queue/` publish (or settles by message id) and arranges its
+/// acknowledgement: resolved when the message is durable in its queue.
+fn queue_publish(
+    broker: &Broker,
+    conn: &mut Connection,
+    qio: &mut QueueIo,
+    msg: &Message,
+    ack: Option<AckToken>,
+) {
+    let resolve = |conn: &mut Connection, reason| {
+        if let Some(token) = ack {
+            conn.resolve_ack(token, reason);
+        }
+    };
+    match queues::parse_topic(&msg.topic) {
+        Some(QueueTopic::Settle(name, how)) => {
+            let id = queues::user_property(msg, "message-id").and_then(|v| v.parse().ok());
+            let settled = match (broker.queues.get(name), id) {
+                (Some(q), Some(id)) => queues::settle(&q, conn.client_id(), &id, how),
+                _ => false,
+            };
+            let reason = if settled {
+                ReasonCode::Success
+            } else {
+                ReasonCode::UnspecifiedError
+            };
+            resolve(conn, reason);
+        }
+        Some(QueueTopic::Produce(name, rest)) => {
+            let queue = match broker.queues.get_or_create(name) {
+                Ok(q) => q,
+                Err(e) => {
+                    debug!(client_id = %conn.client_id(), queue = %name, "cannot produce: {e}");
+                    return resolve(conn, e.reason_code());
+                }
+            };
+            let message = queues::new_message(msg, rest);
+            let v5 = conn.version().is_v5();
+            let produce = async move {
+                loop {
+                    match queue.produce(message.clone()).await {
+                        Ok(_) => return ReasonCode::Success,
+                        // 3.x has no quota reason code: its PUBACK waits for room.
+                        Err(e @ roost_queue::ProduceError::QuotaExceeded { .. }) if !v5 => {
+                            let _ = e;
+                            queue.wait_for_room(message.payload.len() as u64).await;
+                        }
+                        Err(e) => return queues::produce_reason(&e),
+                    }
+                }
+            };
+            match ack {
+                Some(token) => {
+                    qio.produces.spawn(async move { (token, produce.await) });
+                }
+                None => {
+                    tokio::spawn(produce);
+                }
+            }
+        }
+        None => resolve(conn, ReasonCode::TopicNameInvalid),
     }
 }
 

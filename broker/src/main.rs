@@ -9,6 +9,7 @@ mod connection;
 mod passwd;
 mod persist;
 mod protocol;
+mod queues;
 mod server;
 mod session;
 mod tls;

@@ -670,6 +670,7 @@ fn decode_entry(value: &[u8], now: Instant, now_ms: u64) -> Option<Delivery> {
         subscription_ids,
         share,
         seq: None,
+        queue: None,
     })
 }
 
@@ -823,6 +824,7 @@ mod tests {
                 filter: "t/+".into(),
             }),
             seq: None,
+            queue: None,
         }
     }
 

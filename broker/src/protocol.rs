@@ -25,7 +25,7 @@ use roost_core::{
 use crate::acl::{Access, Authorizer};
 use crate::config::Config;
 use crate::persist::Op;
-use crate::session::{Delivery, Inflight, InflightState, Session, SubscriptionRecord};
+use crate::session::{Delivery, Inflight, InflightState, QueueRef, Session, SubscriptionRecord};
 
 /// The limits a connection enforces, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -83,12 +83,43 @@ pub enum Event {
         identifier: Option<u32>,
         /// True when the session already had this subscription (retain handling 1).
         existed: bool,
+        /// The v5 `consumer-group` user property, for `$queue/` subscriptions.
+        consumer_group: Option<String>,
     },
     /// Remove this subscription from the router.
     Unsubscribe {
         /// Raw filter, as subscribed.
         filter: String,
     },
+    /// Store this `$queue/...` publish in its queue, then resolve its acknowledgement
+    /// (`ack`, absent for QoS 0) with [`Connection::resolve_ack`].
+    QueuePublish {
+        /// The message, topic `$queue/<name>[/<rest>]`.
+        msg: Arc<Message>,
+        /// The deferred acknowledgement.
+        ack: Option<AckToken>,
+    },
+    /// A queue delivery was acknowledged (or, with `nack`, refused) by the client.
+    QueueSettle {
+        /// Which message, for which group.
+        queue: Arc<QueueRef>,
+        /// True for a v5 PUBACK/PUBREC with a reason code of 0x80 or above.
+        nack: bool,
+    },
+}
+
+/// Identifies a deferred acknowledgement of an inbound publish.
+pub type AckToken = u64;
+
+/// An acknowledgement of an inbound QoS 1/2 publish, kept in arrival order: MQTT
+/// wants PUBACKs (and PUBRECs) in the order of their PUBLISHes, and a queue publish is
+/// acknowledged only once stored.
+#[derive(Debug, Clone, Copy)]
+struct PendingAck {
+    packet_id: PacketId,
+    qos: QoS,
+    token: AckToken,
+    reason: Option<ReasonCode>,
 }
 
 /// The outcome of [`plan_connect`] for an acceptable CONNECT.
@@ -238,6 +269,9 @@ pub struct Connection {
     connect_expiry_zero: bool,
     /// The stored session record is out of date (new connection, subscriptions changed).
     record_dirty: bool,
+    /// Acknowledgements of inbound publishes waiting for an earlier one to be resolved.
+    acks: std::collections::VecDeque<PendingAck>,
+    next_ack_token: AckToken,
     out: BytesMut,
     events: Vec<Event>,
     close: Option<Close>,
@@ -293,6 +327,8 @@ impl Connection {
             will: connect.will,
             connect_expiry_zero: plan.session_expiry == 0,
             record_dirty: true,
+            acks: std::collections::VecDeque::new(),
+            next_ack_token: 1,
             limits,
             out: BytesMut::new(),
             events: Vec::new(),
@@ -359,6 +395,17 @@ impl Connection {
                 .push(Op::PutSession(self.session.client_id.clone(), record));
         }
         std::mem::take(&mut self.session.journal)
+    }
+
+    /// The most unacknowledged messages the client takes (its v5 Receive Maximum,
+    /// capped by `max_inflight`).
+    pub fn send_window(&self) -> usize {
+        self.send_window
+    }
+
+    /// The session's subscriptions (raw filter and record).
+    pub fn subscriptions(&self) -> impl Iterator<Item = (&String, &SubscriptionRecord)> {
+        self.session.subscriptions.iter()
     }
 
     /// True while the session queue can take more deliveries; when it is full the
@@ -521,8 +568,12 @@ impl Connection {
         }
         if p.qos == QoS::ExactlyOnce {
             if self.session.incoming_qos2.contains(&p.packet_id) {
-                // A resend before PUBREL: acknowledge again, deliver once.
-                return self.send(Packet::PubRec(PubResponse::new(p.packet_id)));
+                // A resend before PUBREL: acknowledge again, deliver once. If the first
+                // PUBREC is still waiting (a queue publish being stored), it will do.
+                if self.acks.iter().any(|a| a.packet_id == p.packet_id) {
+                    return;
+                }
+                return self.ack_publish(p.packet_id, QoS::ExactlyOnce, ReasonCode::Success);
             }
             if self.session.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
                 return self.fail(
@@ -539,15 +590,10 @@ impl Connection {
                 return self.reject_publish(&p, ReasonCode::NotAuthorized, "not authorized");
             }
             // MQTT 3.x has no way to say no: acknowledge as usual, route nothing.
-            match qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.send(Packet::PubAck(PubResponse::new(packet_id))),
-                QoS::ExactlyOnce => {
-                    self.session.add_incoming_qos2(packet_id);
-                    self.send(Packet::PubRec(PubResponse::new(packet_id)));
-                }
+            if qos == QoS::ExactlyOnce {
+                self.session.add_incoming_qos2(packet_id);
             }
-            return;
+            return self.ack_publish(packet_id, qos, ReasonCode::Success);
         }
         let msg = Arc::new(Message {
             topic: p.topic,
@@ -558,14 +604,80 @@ impl Connection {
             publisher: Some(self.session.client_id.clone()),
             received_at: now,
         });
+        if qos == QoS::ExactlyOnce {
+            self.session.add_incoming_qos2(packet_id);
+        }
+        if msg.topic.starts_with("$queue/") {
+            let ack = (qos != QoS::AtMostOnce).then(|| self.defer_ack(packet_id, qos));
+            self.events.push(Event::QueuePublish { msg, ack });
+            return;
+        }
         self.events.push(Event::Publish(msg));
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(Packet::PubAck(PubResponse::new(packet_id))),
-            QoS::ExactlyOnce => {
-                self.session.add_incoming_qos2(packet_id);
-                self.send(Packet::PubRec(PubResponse::new(packet_id)));
+        self.ack_publish(packet_id, qos, ReasonCode::Success);
+    }
+
+    /// Acknowledges an inbound publish now, or after the deferred ones before it.
+    fn ack_publish(&mut self, packet_id: PacketId, qos: QoS, reason: ReasonCode) {
+        if qos == QoS::AtMostOnce {
+            return;
+        }
+        if self.acks.is_empty() {
+            self.write_ack(packet_id, qos, reason);
+        } else {
+            let token = self.defer_ack(packet_id, qos);
+            self.resolve_ack(token, reason);
+        }
+    }
+
+    fn defer_ack(&mut self, packet_id: PacketId, qos: QoS) -> AckToken {
+        let token = self.next_ack_token;
+        self.next_ack_token += 1;
+        self.acks.push_back(PendingAck {
+            packet_id,
+            qos,
+            token,
+            reason: None,
+        });
+        token
+    }
+
+    /// Resolves a deferred acknowledgement (see [`Event::QueuePublish`]); it is sent
+    /// once every acknowledgement before it is resolved too.
+    pub fn resolve_ack(&mut self, token: AckToken, reason: ReasonCode) {
+        if let Some(a) = self.acks.iter_mut().find(|a| a.token == token) {
+            a.reason = Some(reason);
+        }
+        while let Some(&PendingAck {
+            packet_id,
+            qos,
+            reason: Some(reason),
+            ..
+        }) = self.acks.front()
+        {
+            self.acks.pop_front();
+            if self.close.is_none() {
+                self.write_ack(packet_id, qos, reason);
             }
+        }
+    }
+
+    fn write_ack(&mut self, packet_id: PacketId, qos: QoS, reason: ReasonCode) {
+        let mut r = if reason.is_error() {
+            self.response(packet_id, reason, "publish refused")
+        } else {
+            PubResponse::new(packet_id)
+        };
+        if !self.version.is_v5() {
+            r.reason = ReasonCode::Success;
+        }
+        if qos == QoS::ExactlyOnce {
+            if reason.is_error() && self.version.is_v5() {
+                // An error PUBREC ends the QoS 2 flow: the id is free again.
+                self.session.remove_incoming_qos2(packet_id);
+            }
+            self.send(Packet::PubRec(r));
+        } else {
+            self.send(Packet::PubAck(r));
         }
     }
 
@@ -576,6 +688,10 @@ impl Connection {
 
     /// Answers a QoS 1/2 publish that is not routed with an error reason code.
     fn reject_publish(&mut self, p: &Publish, reason: ReasonCode, why: &str) {
+        if !self.acks.is_empty() {
+            // Keep the order of acknowledgements (the reason string is dropped).
+            return self.ack_publish(p.packet_id, p.qos, reason);
+        }
         let r = self.response(p.packet_id, reason, why);
         self.send(match p.qos {
             QoS::ExactlyOnce => Packet::PubRec(r),
@@ -587,7 +703,7 @@ impl Connection {
         match self.find_inflight(r.packet_id) {
             Some(i) if self.session.inflight[i].delivery.qos == QoS::AtLeastOnce => {
                 if let Some(done) = self.session.inflight.remove(i) {
-                    self.session.forget(&done.delivery);
+                    self.finished(&done.delivery, r.reason.is_error());
                 }
                 self.drain_pending(now);
             }
@@ -612,7 +728,7 @@ impl Connection {
         if r.reason.is_error() {
             // The receiver refused the message: the flow ends here.
             if let Some(done) = self.session.inflight.remove(i) {
-                self.session.forget(&done.delivery);
+                self.finished(&done.delivery, true);
             }
             return self.drain_pending(now);
         }
@@ -620,6 +736,18 @@ impl Connection {
         let released = self.session.inflight[i].clone();
         self.session.note_inflight(&released);
         self.send(Packet::PubRel(PubResponse::new(r.packet_id)));
+    }
+
+    /// A delivery's flow ended: forget its stored copy; settle it if it came from a
+    /// queue (a v5 error reason code is a nack: the queue redelivers it later).
+    fn finished(&mut self, d: &Delivery, refused: bool) {
+        self.session.forget(d);
+        if let Some(queue) = &d.queue {
+            self.events.push(Event::QueueSettle {
+                queue: queue.clone(),
+                nack: refused,
+            });
+        }
     }
 
     fn on_pubrel(&mut self, r: PubResponse) {
@@ -639,7 +767,7 @@ impl Connection {
         match self.find_inflight(r.packet_id) {
             Some(i) if self.session.inflight[i].state == InflightState::Released => {
                 if let Some(done) = self.session.inflight.remove(i) {
-                    self.session.forget(&done.delivery);
+                    self.finished(&done.delivery, false);
                 }
                 self.drain_pending(now);
             }
@@ -651,6 +779,12 @@ impl Connection {
 
     fn on_subscribe(&mut self, s: Subscribe) {
         let identifier = s.properties.subscription_identifiers.first().copied();
+        let consumer_group = s
+            .properties
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == "consumer-group")
+            .map(|(_, v)| v.clone());
         let mut reasons = Vec::with_capacity(s.filters.len());
         for (raw, options) in s.filters {
             let parsed = match topic::parse_filter(&raw) {
@@ -686,6 +820,7 @@ impl Connection {
                 options,
                 identifier,
                 existed,
+                consumer_group: consumer_group.clone(),
             });
             reasons.push(ReasonCode::granted(options.qos));
         }
@@ -1023,6 +1158,7 @@ mod tests {
             subscription_ids: vec![],
             share: None,
             seq: None,
+            queue: None,
         }
     }
 

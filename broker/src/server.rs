@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::persist::Store;
 use crate::tls::TlsContext;
 use crate::transport::{self, Transport};
+use roost_queue::Queues;
 
 /// How long connections get to close after shutdown is signalled.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -70,7 +71,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "session store opened in {}",
         state_dir.display()
     );
-    let broker = Broker::new(config, store, auth);
+    let queue_dir = config.data_dir.join("queues");
+    let (queues, notes) = Queues::open(
+        &queue_dir,
+        config.queue_defaults.clone(),
+        config.queue_auto_create,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the queues in {}: {e}. If this directory was not written by roost, move it away to start without queues",
+            queue_dir.display()
+        )
+    })?;
+    for note in &notes {
+        warn!("queue recovery: {note}");
+    }
+    let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
+    let broker = Broker::new(config, store, auth, queues);
     broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -132,6 +149,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         warn!("{} connections did not close in time", connections.len());
         connections.shutdown().await;
     }
+    queue_timers.abort();
     debug!(
         sessions = broker.session_count(),
         retained = broker.retained_count(),

@@ -42,6 +42,19 @@ pub struct Delivery {
     pub share: Option<ShareRef>,
     /// Key of the stored copy, for a QoS 1/2 message to a persistent session.
     pub seq: Option<u64>,
+    /// Set for a message from a `$queue/`: settling it acks or nacks it there.
+    pub queue: Option<Arc<QueueRef>>,
+}
+
+/// A queue message delivered to this session, for settling it in its queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRef {
+    /// The queue it came from (by name: the queue itself holds the consumer's sink).
+    pub queue: Arc<str>,
+    /// The consumer group it was delivered for.
+    pub group: roost_queue::GroupKey,
+    /// Its id in the queue.
+    pub id: roost_queue::MessageId,
 }
 
 /// Where an outgoing QoS 1/2 message stands.
@@ -122,7 +135,8 @@ impl Session {
     /// kept for offline sessions (the spec allows dropping them); QoS 1/2 are kept up
     /// to `max_queued`. Returns false when the delivery was dropped.
     pub fn enqueue_offline(&mut self, d: Delivery, max_queued: usize) -> bool {
-        if d.qos == QoS::AtMostOnce {
+        // A queue delivery goes back to its queue, which redelivers it.
+        if d.qos == QoS::AtMostOnce || d.queue.is_some() {
             return false;
         }
         self.enqueue(d, max_queued)
@@ -228,6 +242,13 @@ impl Session {
         out
     }
 
+    /// Removes every queue delivery: when the connection goes, the queue hands them
+    /// to another consumer (or to this one when it returns), not the session.
+    pub fn drop_queue_deliveries(&mut self) {
+        self.inflight.retain(|f| f.delivery.queue.is_none());
+        self.pending.retain(|d| d.queue.is_none());
+    }
+
     /// Drops pending messages whose expiry has passed (in-flight ones are kept: their
     /// delivery has started, and the spec only expires messages not yet sent).
     pub fn expire_pending(&mut self, now: Instant) {
@@ -263,6 +284,7 @@ mod tests {
             subscription_ids: vec![],
             share: None,
             seq: None,
+            queue: None,
         }
     }
 

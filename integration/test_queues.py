@@ -1,0 +1,250 @@
+"""`$queue/` work queues through real MQTT clients: produce, consume in groups, settle.
+
+These follow the `$queue/` contract in DESIGN.md and README: a PUBLISH to
+`$queue/<name>[/<rest>]` is stored (acknowledged once durable); a SUBSCRIBE to
+`$share/<group>/$queue/<name>` (or `$queue/<name>`, group `default`, or the v5
+`consumer-group` property) consumes; PUBACK acks, a v5 PUBACK >= 0x80 nacks; deliveries
+carry `queue`, `partition`, `offset`, `message-id`, `delivery-count` and `topic`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import mqttraw
+from broker import IS_MOSQUITTO, Broker
+from conftest import VERSIONS
+
+pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's $queue/ queues")
+
+
+def qname():
+    return f"q{uuid.uuid4().hex[:10]}"
+
+
+def props(p):
+    return dict(p.user_props())
+
+
+def produce(b, version, topic, payloads, user_props=None):
+    pub = mqttraw.RawClient(b.host, b.port, version)
+    pub.connect(f"prod-{uuid.uuid4().hex[:8]}")
+    for i, payload in enumerate(payloads, start=1):
+        properties = [(mqttraw.USER_PROPERTY, up) for up in (user_props or [])] if version == 5 else None
+        pub.publish(topic, payload, qos=1, pid=i, properties=properties)
+        ack = pub.expect(mqttraw.PUBACK)
+        assert ack.pid == i
+        assert ack.rc in (None, 0), f"PUBACK {ack!r}"
+    pub.disconnect()
+
+
+def consumer(b, version, filt, cid=None, properties=None):
+    c = mqttraw.RawClient(b.host, b.port, version)
+    c.connect(cid or f"cons-{uuid.uuid4().hex[:8]}")
+    ack = c.subscribe([(filt, 1)], properties=properties)
+    assert ack.rcs == [1], f"SUBACK {ack!r}"
+    return c
+
+
+def take(c, n, ack=True, timeout=10.0):
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        p = c.recv(max(0.0, deadline - time.monotonic()))
+        assert p is not None, f"only {len(got)} of {n} deliveries"
+        assert p.type == mqttraw.PUBLISH, f"unexpected {p!r}"
+        got.append(p)
+        if ack:
+            c.puback(p.pid)
+    return got
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_produce_consume_ack_with_properties(broker, version):
+    q = qname()
+    c = consumer(broker, version, f"$share/workers/$queue/{q}")
+    produce(broker, version, f"$queue/{q}/device/7", [b"job-1", b"job-2"])
+    got = take(c, 2)
+    assert [p.payload for p in got] == [b"job-1", b"job-2"], "one device's messages in order"
+    assert all(p.qos == 1 for p in got), "queue deliveries are at least QoS 1"
+    if version == 5:
+        up = props(got[0])
+        assert up["queue"] == q and up["topic"] == f"$queue/{q}/device/7"
+        assert up["delivery-count"] == "1"
+        assert up["message-id"] == f"{q}:{up['partition']}:{up['offset']}"
+    assert c.recv(0.5) is None, "acked messages are not delivered again"
+    c.disconnect()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_two_groups_each_get_everything_and_members_share(broker, version):
+    q = qname()
+    a1 = consumer(broker, version, f"$share/a/$queue/{q}")
+    a2 = consumer(broker, version, f"$share/a/$queue/{q}")
+    b1 = consumer(broker, version, f"$share/b/$queue/{q}")
+    payloads = [f"m{i}".encode() for i in range(40)]
+    produce(broker, version, f"$queue/{q}", payloads)
+    got_b = take(b1, 40)
+    assert sorted(p.payload for p in got_b) == sorted(payloads), "group b gets every message"
+    got_a = []
+    deadline = time.monotonic() + 10
+    while len(got_a) < 40 and time.monotonic() < deadline:
+        for c in (a1, a2):
+            p = c.recv(0.05)
+            if p is not None and p.type == mqttraw.PUBLISH:
+                got_a.append(p.payload)
+                c.puback(p.pid)
+    assert sorted(got_a) == sorted(payloads), "group a's members together get every message once"
+    for c in (a1, a2, b1):
+        c.disconnect()
+
+
+def test_v5_nack_redelivers_with_rising_delivery_count(broker):
+    q = qname()
+    c = consumer(broker, 5, f"$share/w/$queue/{q}")
+    produce(broker, 5, f"$queue/{q}", [b"retry me"])
+    first = take(c, 1, ack=False)[0]
+    assert props(first)["delivery-count"] == "1"
+    c.ack(mqttraw.PUBACK, first.pid, rc=0x80)  # nack
+    again = take(c, 1, timeout=15)[0]
+    assert again.payload == b"retry me"
+    assert props(again)["delivery-count"] == "2"
+    assert c.recv(0.5) is None
+    c.disconnect()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_settle_by_publishing_to_ack_topic(broker, version):
+    q = qname()
+    c = consumer(broker, 5, f"$share/w/$queue/{q}")
+    produce(broker, version, f"$queue/{q}", [b"settle by topic"])
+    p = take(c, 1, ack=False)[0]
+    mid = props(p)["message-id"]
+    # Settle from a second connection of the same client is not possible (takeover), so
+    # settle on this one by publishing to $ack with the message-id.
+    c.publish(f"$queue/{q}/$ack", b"", qos=1, pid=500,
+              properties=[(mqttraw.USER_PROPERTY, ("message-id", mid))])
+    ack = c.expect(mqttraw.PUBACK)
+    assert ack.pid == 500 and ack.rc in (None, 0)
+    c.disconnect()  # the unacked PUBLISH does not matter any more
+    c2 = consumer(broker, 5, f"$share/w/$queue/{q}")
+    assert c2.recv(1.0) is None, "settled through $ack: not delivered again"
+    c2.disconnect()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_consumer_leaving_mid_stream_loses_nothing(broker, version):
+    q = qname()
+    leaving = consumer(broker, version, f"$share/g/$queue/{q}")
+    staying = consumer(broker, version, f"$share/g/$queue/{q}")
+    payloads = [f"n{i}".encode() for i in range(30)]
+    produce(broker, version, f"$queue/{q}", payloads)
+    got = []
+    # The leaving consumer takes what it is given without acking, then drops off.
+    while True:
+        p = leaving.recv(0.3)
+        if p is None:
+            break
+    leaving.close()
+    deadline = time.monotonic() + 15
+    while len(set(got)) < 30 and time.monotonic() < deadline:
+        p = staying.recv(0.5)
+        if p is not None and p.type == mqttraw.PUBLISH:
+            got.append(p.payload)
+            staying.puback(p.pid)
+    assert sorted(set(got)) == sorted(payloads), "everything the leaver held came to the other member"
+    staying.disconnect()
+
+
+def test_ack_timeout_redelivery_then_dead_letter(broker_with):
+    b = broker_with(queue_defaults={"ack_timeout_ms": 300, "max_deliveries": 2,
+                                    "backoff_initial_ms": 100, "backoff_max_ms": 200})
+    q = qname()
+    c = consumer(b, 5, f"$share/w/$queue/{q}")
+    dlq = consumer(b, 5, f"$share/d/$queue/{q}/$dlq")
+    produce(b, 5, f"$queue/{q}/x", [b"poison"])
+    first = take(c, 1, ack=False)[0]
+    second = take(c, 1, ack=False, timeout=10)[0]
+    assert props(first)["delivery-count"] == "1" and props(second)["delivery-count"] == "2"
+    dead = take(dlq, 1, timeout=10)[0]
+    assert dead.payload == b"poison"
+    assert props(dead)["topic"] == f"$queue/{q}/x"
+    assert c.recv(1.0) is None, "after max deliveries it only lives in the dead-letter queue"
+    c.disconnect()
+    dlq.disconnect()
+
+
+def test_quota_exceeded_is_0x97_for_v5(broker_with):
+    b = broker_with(queue_defaults={"max_depth": 3})
+    q = qname()
+    pub = mqttraw.RawClient(b.host, b.port, 5)
+    pub.connect(f"p-{uuid.uuid4().hex[:8]}")
+    codes = []
+    for i in range(1, 6):
+        pub.publish(f"$queue/{q}", b"x", qos=1, pid=i)
+        codes.append(pub.expect(mqttraw.PUBACK).rc or 0)
+    assert codes[:3] == [0, 0, 0]
+    assert codes[3:] == [0x97, 0x97], "a full queue refuses v5 producers with quota exceeded"
+    pub.disconnect()
+
+
+def test_partition_key_keeps_order_per_key(broker):
+    q = qname()
+    c = consumer(broker, 5, f"$share/w/$queue/{q}")
+    pub = mqttraw.RawClient(broker.host, broker.port, 5)
+    pub.connect(f"p-{uuid.uuid4().hex[:8]}")
+    for i in range(1, 61):
+        key = f"k{i % 3}"
+        pub.publish(f"$queue/{q}", f"{key}:{i}".encode(), qos=1, pid=i,
+                    properties=[(mqttraw.USER_PROPERTY, ("partition-key", key))])
+        assert pub.expect(mqttraw.PUBACK).pid == i
+    got = take(c, 60)
+    by_key = {}
+    for p in got:
+        key, n = p.payload.decode().split(":")
+        by_key.setdefault(key, []).append(int(n))
+    for key, ns in by_key.items():
+        assert ns == sorted(ns), f"messages with partition-key {key} arrive in order"
+    parts = {}
+    for p in got:
+        parts.setdefault(p.payload.decode().split(":")[0], set()).add(props(p)["partition"])
+    assert all(len(v) == 1 for v in parts.values()), "one key, one partition"
+    c.disconnect()
+
+
+def test_queue_messages_survive_kill9_and_acked_ones_stay_acked():
+    b = Broker().start()
+    try:
+        q = qname()
+        c = consumer(b, 4, f"$share/w/$queue/{q}")
+        produce(b, 4, f"$queue/{q}", [f"d{i}".encode() for i in range(10)])
+        acked = take(c, 4)
+        time.sleep(0.3)  # acks are group-committed; give them a round to be durable
+        b.kill()
+        b.log.close()
+        b.start()
+        c2 = consumer(b, 4, f"$share/w/$queue/{q}")
+        rest = take(c2, 6)
+        assert sorted(p.payload for p in rest) == [f"d{i}".encode() for i in range(4, 10)]
+        assert c2.recv(1.0) is None, "acked messages are not delivered again after the crash"
+        assert {p.payload for p in acked}.isdisjoint({p.payload for p in rest})
+        c2.disconnect()
+    finally:
+        b.cleanup()
+
+
+def test_mosquitto_clients_produce_and_consume(broker):
+    q = qname()
+    sub = subprocess.Popen(["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                            "-t", f"$share/cli/$queue/{q}", "-C", "3", "-W", "10"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    for i in range(3):
+        subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                        "-t", f"$queue/{q}/sensor", "-m", f"reading {i}"], check=True, timeout=10)
+    out, _ = sub.communicate(timeout=15)
+    assert sorted(out.split("\n")[:3]) == ["reading 0", "reading 1", "reading 2"]
