@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::metrics::{DropReason, Metrics};
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
 use crate::session::{Delivery, Session, ShareRef};
@@ -54,8 +55,8 @@ pub struct Fanout {
 }
 
 /// Waits (each at most `wait` from now) for room for blocked deliveries. Returns the
-/// store writes that undo the ones that were dropped.
-pub async fn send_blocked(blocked: Vec<Blocked>, wait: Duration) -> Vec<Op> {
+/// store writes that undo the ones that were dropped (counted in `metrics`).
+pub async fn send_blocked(blocked: Vec<Blocked>, wait: Duration, metrics: &Metrics) -> Vec<Op> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut undo = Vec::new();
     for b in blocked {
@@ -65,6 +66,7 @@ pub async fn send_blocked(blocked: Vec<Blocked>, wait: Duration) -> Vec<Op> {
             Ok(Ok(()))
         );
         if !sent {
+            metrics.dropped(DropReason::SlowSubscriber, 1);
             b.stalled.store(true, Ordering::Relaxed);
             tracing::debug!(client_id = %b.client_id, "client not keeping up, message dropped");
             if let Some(seq) = seq {
@@ -84,6 +86,9 @@ pub enum Control {
         /// Receives the session and the will decision of the old connection.
         reply: oneshot::Sender<Handover>,
     },
+    /// An administrator ends the connection (v5 DISCONNECT 0x98, administrative
+    /// action); the session is kept or ended as on any disconnect.
+    Kick,
 }
 
 /// What a connection that was taken over gives to its successor.
@@ -109,6 +114,35 @@ pub struct ConnectionHandle {
     pub persistent: bool,
     /// Set while the connection is not keeping up (see [`Blocked::stalled`]).
     pub stalled: Arc<AtomicBool>,
+    /// Who is connected, for the admin API.
+    pub info: Arc<ClientInfo>,
+}
+
+/// What the admin API shows about a connected client.
+#[derive(Debug)]
+pub struct ClientInfo {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// The MQTT version of its CONNECT.
+    pub protocol: roost_core::ProtocolVersion,
+    /// The username it authenticated with, if any.
+    pub username: Option<String>,
+    /// When it connected, milliseconds since the Unix epoch.
+    pub connected_at_ms: u64,
+}
+
+/// A session as the admin API lists it.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// The live connection, if the client is connected.
+    pub connection: Option<Arc<ClientInfo>>,
+    /// Subscriptions of a stored (offline) session; `None` while connected (its
+    /// state is owned by the connection task).
+    pub subscriptions: Option<usize>,
+    /// Messages queued for a stored session.
+    pub queued: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -142,6 +176,8 @@ pub struct Broker {
     pub auth: Auth,
     /// The `$queue/` work queues.
     pub queues: Queues,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
     router: Router,
     shards: Vec<Mutex<HashMap<Arc<str>, Slot>>>,
     hasher: std::collections::hash_map::RandomState,
@@ -159,6 +195,7 @@ impl Broker {
     pub fn new(config: Config, store: Store, auth: Auth, queues: Queues) -> Arc<Broker> {
         Arc::new(Broker {
             queues,
+            metrics: Arc::default(),
             limits: Arc::new(Limits::from_config(&config)),
             config,
             auth,
@@ -275,6 +312,50 @@ impl Broker {
     /// Number of sessions, live and stored.
     pub fn session_count(&self) -> usize {
         self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Number of open client connections (counted from accept, before CONNECT).
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Number of subscriptions in the router.
+    pub fn subscription_count(&self) -> usize {
+        self.router.len()
+    }
+
+    /// Every session, live and stored, sorted by client id (for the admin API).
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            for (id, slot) in shard.lock().iter() {
+                all.push(match slot {
+                    Slot::Online(h) => SessionInfo {
+                        client_id: id.clone(),
+                        connection: Some(h.info.clone()),
+                        subscriptions: None,
+                        queued: None,
+                    },
+                    Slot::Offline { session, .. } => SessionInfo {
+                        client_id: id.clone(),
+                        connection: None,
+                        subscriptions: Some(session.subscriptions.len()),
+                        queued: Some(session.pending.len()),
+                    },
+                });
+            }
+        }
+        all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        all
+    }
+
+    /// Asks the live connection of `client_id` to close (v5 DISCONNECT 0x98). False
+    /// when the client is not connected.
+    pub fn kick(&self, client_id: &str) -> bool {
+        match self.shard(client_id).lock().get(client_id) {
+            Some(Slot::Online(h)) => h.control.send(Control::Kick).is_ok(),
+            _ => false,
+        }
     }
 
     fn shard(&self, client_id: &str) -> &Mutex<HashMap<Arc<str>, Slot>> {
@@ -771,6 +852,10 @@ impl Broker {
                         true
                     }
                     Err(_) => {
+                        // A shared delivery tried online-only goes to another member.
+                        if !online_only {
+                            self.metrics.dropped(DropReason::SlowSubscriber, 1);
+                        }
                         tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
                         false
                     }
@@ -782,6 +867,7 @@ impl Broker {
                 }
                 if session.pending.len() >= self.limits.max_queued {
                     session.dropped += 1;
+                    self.metrics.dropped(DropReason::OfflineQueueFull, 1);
                     tracing::debug!(client_id = %client_id, "offline queue full, message dropped");
                     return false;
                 }
@@ -814,8 +900,9 @@ impl Broker {
         if !out.blocked.is_empty() {
             let wait = self.delivery_wait();
             let store = self.store.clone();
+            let metrics = self.metrics.clone();
             tokio::spawn(async move {
-                let undo = send_blocked(out.blocked, wait).await;
+                let undo = send_blocked(out.blocked, wait, &metrics).await;
                 store.submit_detached(undo);
             });
         }

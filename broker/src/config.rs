@@ -57,6 +57,14 @@ pub struct Config {
     pub ws_bind: Vec<SocketAddr>,
     /// Listeners for MQTT over WebSocket with TLS (same certificate as `tls_bind`).
     pub wss_bind: Vec<SocketAddr>,
+    /// Listeners for the HTTP admin API (`/metrics`, `/health`, `/ready`,
+    /// `/api/v1/...`). Empty by default: the API can delete queues and disconnect
+    /// clients, so it is served only where the operator asks for it.
+    pub admin_bind: Vec<SocketAddr>,
+    /// Bearer token the admin API requires (`Authorization: Bearer <token>`) on
+    /// everything but `/health` and `/ready`. Required when an `admin_bind` address is
+    /// not loopback.
+    pub admin_token: Option<String>,
     /// PEM certificate chain of the TLS listeners, server certificate first.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
@@ -163,6 +171,8 @@ impl Default for Config {
             tls_bind: Vec::new(),
             ws_bind: Vec::new(),
             wss_bind: Vec::new(),
+            admin_bind: Vec::new(),
+            admin_token: None,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -236,6 +246,13 @@ pub struct Cli {
     /// Listen for MQTT over WebSocket with TLS on ADDR:PORT; repeatable (uses --tls-cert, --tls-key).
     #[arg(long, value_name = "ADDR:PORT")]
     pub wss_bind: Vec<SocketAddr>,
+    /// Serve the HTTP admin API (/metrics, /health, /ready, /api/v1) on ADDR:PORT;
+    /// repeatable [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin_bind: Vec<SocketAddr>,
+    /// Bearer token for the admin API; required when --admin-bind is not loopback.
+    #[arg(long, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
     /// PEM certificate chain for the TLS listeners; re-read on SIGHUP.
     #[arg(long, value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
@@ -319,6 +336,7 @@ impl Config {
             (cli.tls_bind, &mut config.tls_bind),
             (cli.ws_bind, &mut config.ws_bind),
             (cli.wss_bind, &mut config.wss_bind),
+            (cli.admin_bind, &mut config.admin_bind),
         ] {
             if !flag.is_empty() {
                 *key = flag;
@@ -335,6 +353,9 @@ impl Config {
         }
         if let Some(v) = cli.tls_use_cn_as_username {
             config.tls_use_cn_as_username = v;
+        }
+        if cli.admin_token.is_some() {
+            config.admin_token = cli.admin_token;
         }
         macro_rules! flag {
             ($($name:ident),*) => { $( if let Some(v) = cli.$name { config.$name = v; } )* };
@@ -401,6 +422,7 @@ impl Config {
         }
         self.validate_tls()?;
         self.validate_auth()?;
+        self.validate_admin()?;
         // The smallest useful packet: a CONNECT with a short client id is ~14 bytes.
         if self.max_packet_size < 64 || self.max_packet_size > 268_435_460 {
             bail!(
@@ -462,6 +484,25 @@ impl Config {
         if self.tls_use_cn_as_username && self.tls_client_ca.is_none() {
             bail!(
                 "tls_use_cn_as_username: needs tls_client_ca (client certificates are only verified with it)"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The admin API controls queues and clients: beyond loopback it needs a token.
+    fn validate_admin(&self) -> anyhow::Result<()> {
+        if let Some(token) = &self.admin_token {
+            if token.trim().is_empty() || token.chars().any(|c| c.is_ascii_control()) {
+                bail!("admin_token: must be non-empty printable text");
+            }
+            if self.admin_bind.is_empty() {
+                bail!("admin_token: set, but there is no admin_bind listener to use it");
+            }
+        } else if let Some(addr) = self.admin_bind.iter().find(|a| !a.ip().is_loopback()) {
+            bail!(
+                "admin_bind: {addr} is not a loopback address, so admin_token is required (the admin API can delete queues and disconnect clients)"
             );
         }
         Ok(())
@@ -744,6 +785,54 @@ mod tests {
         let e = Config::from_cli(cli).expect_err("no url");
         assert!(format!("{e:#}").contains("auth_hook.timeout_ms"), "{e:#}");
         assert!(Cli::try_parse_from(["roost", "--allow-anonymous", "perhaps"]).is_err());
+    }
+
+    #[test]
+    fn admin_keys_and_flags() {
+        assert!(Config::default().admin_bind.is_empty(), "off by default");
+        let c = Config::from_toml("admin_bind = [\"127.0.0.1:8081\", \"[::1]:8081\"]\n")
+            .expect("loopback needs no token");
+        assert_eq!(c.admin_bind.len(), 2);
+        assert_eq!(c.admin_token, None);
+        let c = Config::from_toml("admin_bind = [\"0.0.0.0:8081\"]\nadmin_token = \"s3cret\"\n")
+            .expect("token given");
+        assert_eq!(c.admin_token.as_deref(), Some("s3cret"));
+        for (text, names) in [
+            (
+                "admin_bind = [\"0.0.0.0:8081\"]\n",
+                &["admin_bind", "admin_token"][..],
+            ),
+            (
+                "admin_bind = [\"127.0.0.1:8081\", \"10.0.0.1:8081\"]\n",
+                &["admin_bind", "admin_token", "10.0.0.1"],
+            ),
+            ("admin_token = \"t\"\n", &["admin_token", "admin_bind"]),
+            (
+                "admin_bind = [\"127.0.0.1:8081\"]\nadmin_token = \" \"\n",
+                &["admin_token"],
+            ),
+            ("admin_bind = [\"nowhere\"]\n", &["admin_bind"]),
+        ] {
+            let e = Config::from_toml(text).expect_err(text);
+            for name in names {
+                assert!(format!("{e:#}").contains(name), "{text}: {e:#}");
+            }
+        }
+        let cli = Cli::parse_from([
+            "roost",
+            "--admin-bind",
+            "127.0.0.1:8081",
+            "--admin-bind",
+            "0.0.0.0:8082",
+            "--admin-token",
+            "t",
+        ]);
+        let c = Config::from_cli(cli).expect("valid");
+        assert_eq!(c.admin_bind.len(), 2);
+        assert_eq!(c.admin_token.as_deref(), Some("t"));
+        let cli = Cli::parse_from(["roost", "--admin-bind", "0.0.0.0:8081"]);
+        let e = Config::from_cli(cli).expect_err("no token");
+        assert!(format!("{e:#}").contains("admin_token"), "{e:#}");
     }
 
     #[test]

@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use roost_core::codec;
-use roost_core::{Connect, DecodeError, Packet, ReasonCode};
+use roost_core::{Connect, DecodeError, Packet, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
 use crate::acl::{Access, Authorizer};
 use crate::auth;
-use crate::broker::{Attach, Broker, ConnectionHandle, Control, Fanout, Handover, send_blocked};
+use crate::broker::{
+    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, send_blocked,
+};
+use crate::metrics::DropReason;
 use crate::protocol::{self, AckToken, ConnectRefusal, Connection, Event};
 use crate::queues::{self, QueueTopic};
 use crate::session::{Delivery, Session};
@@ -210,6 +213,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         control: control_tx,
         persistent: plan.session_expiry > 0,
         stalled: Default::default(),
+        info: Arc::new(ClientInfo {
+            peer,
+            protocol: connect.protocol,
+            username: connect.username.clone(),
+            connected_at_ms: roost_queue::now_ms(),
+        }),
     };
     let previous = match broker.attach(&client_id, plan.clean_start, handle) {
         Attach::Fresh => None,
@@ -313,10 +322,20 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Ok((token, reason))) = qio.produces.join_next(), if !qio.produces.is_empty() => {
                 conn.resolve_ack(token, reason);
             }
-            Some(Control::TakeOver { reply }) = control.recv() => {
-                conn.disconnect(ReasonCode::SessionTakenOver, "session taken over", true);
-                taken_over = Some(reply);
-            }
+            Some(request) = control.recv() => match request {
+                Control::TakeOver { reply } => {
+                    conn.disconnect(ReasonCode::SessionTakenOver, "session taken over", true);
+                    taken_over = Some(reply);
+                }
+                Control::Kick => {
+                    info!(client_id = %client_id, "disconnected by an administrator");
+                    conn.disconnect(
+                        ReasonCode::AdministrativeAction,
+                        "disconnected by an administrator",
+                        true,
+                    );
+                }
+            },
             _ = sleep_until(deadline) => conn.tick(Instant::now()),
             _ = shutdown.changed() => {
                 conn.disconnect(ReasonCode::ServerShuttingDown, "server shutting down", false);
@@ -393,11 +412,15 @@ async fn end_session(
         None => match broker.detach(conn_id, session, will, &mut deliveries) {
             None => return,
             // Taken over while we were ending: the successor waits for the session.
-            Some((session, will)) => match control.recv().await {
-                Some(Control::TakeOver { reply }) => (session, will, reply),
-                None => {
-                    broker.discard_session(session);
-                    return;
+            Some((session, will)) => loop {
+                match control.recv().await {
+                    Some(Control::TakeOver { reply }) => break (session, will, reply),
+                    // Already ending.
+                    Some(Control::Kick) => {}
+                    None => {
+                        broker.discard_session(session);
+                        return;
+                    }
                 }
             },
         },
@@ -446,7 +469,7 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     if !fanout.blocked.is_empty() {
         // Backpressure: the acknowledgements wait until slow subscribers have room.
         let blocked = std::mem::take(&mut fanout.blocked);
-        ops.extend(send_blocked(blocked, broker.delivery_wait()).await);
+        ops.extend(send_blocked(blocked, broker.delivery_wait(), &broker.metrics).await);
     }
     // Routing's writes first: the session's own journal may finish what routing began.
     ops.append(&mut conn.take_store_ops());
@@ -459,6 +482,16 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
             conn.disconnect(ReasonCode::UnspecifiedError, "storage failure", true);
         }
     }
+    let counts = conn.take_counts();
+    for (qos, n) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .zip(counts.sent)
+    {
+        broker.metrics.sent(qos, n);
+    }
+    broker
+        .metrics
+        .dropped(DropReason::SessionQueueFull, counts.dropped_queue_full);
     if conn.has_output() {
         let out = conn.take_output();
         io.write(&out)
@@ -477,7 +510,10 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
     let now = Instant::now();
     for event in events {
         match event {
-            Event::Publish(msg) => broker.publish(msg, fanout),
+            Event::Publish(msg) => {
+                broker.metrics.received(msg.qos);
+                broker.publish(msg, fanout)
+            }
             Event::Subscribe { .. } if queue_subscription(broker, conn, qio, &event) => {}
             Event::Subscribe {
                 filter,
@@ -502,7 +538,10 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
                     broker.unsubscribe(&filter, conn.client_id());
                 }
             }
-            Event::QueuePublish { msg, ack } => queue_publish(broker, conn, qio, &msg, ack),
+            Event::QueuePublish { msg, ack } => {
+                broker.metrics.received(msg.qos);
+                queue_publish(broker, conn, qio, &msg, ack)
+            }
             Event::QueueSettle { queue, nack } => {
                 if let Some(q) = broker.queues.get(&queue.queue) {
                     if nack {

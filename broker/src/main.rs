@@ -1,11 +1,13 @@
 //! roost: an MQTT 3.1 / 3.1.1 / 5.0 broker.
 
 mod acl;
+mod admin;
 mod auth;
 mod auth_hook;
 mod broker;
 mod config;
 mod connection;
+mod metrics;
 mod passwd;
 mod persist;
 mod protocol;

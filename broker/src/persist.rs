@@ -204,6 +204,11 @@ impl Store {
         Ticket(Some(rx))
     }
 
+    /// True once a write or sync failed: the store is read-only from then on.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     /// Queues `ops` that nobody waits for (timers, cleanup); they keep their order.
     pub fn submit_detached(&self, ops: Vec<Op>) {
         if !ops.is_empty() {

@@ -277,6 +277,17 @@ pub struct Connection {
     close: Option<Close>,
     /// The ACL this client is held to; `None` when no ACL is configured.
     access: Option<Arc<dyn Authorizer>>,
+    /// Counts for `/metrics` since the last [`Connection::take_counts`].
+    counts: Counts,
+}
+
+/// What a connection did since its counts were last taken (for `/metrics`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// PUBLISH packets first sent (not resends), by QoS 0, 1, 2.
+    pub sent: [u64; 3],
+    /// Messages dropped because the session queue was full.
+    pub dropped_queue_full: u64,
 }
 
 impl Connection {
@@ -334,6 +345,7 @@ impl Connection {
             events: Vec::new(),
             close: None,
             access,
+            counts: Counts::default(),
         };
         let mut ack = ConnAck {
             session_present,
@@ -454,6 +466,11 @@ impl Connection {
         self.server_disconnect(reason, why);
     }
 
+    /// What was counted since the last call (and resets the counts).
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
+    }
+
     /// Ends the connection because the bytes could not be decoded.
     pub fn decode_error(&mut self, e: &DecodeError) {
         self.fail(e.reason_code(), &e.to_string());
@@ -510,6 +527,7 @@ impl Connection {
         if self.session.pending.is_empty() && self.session.inflight.len() < self.send_window {
             self.send_new(d, now);
         } else if !self.session.enqueue(d, self.limits.max_queued) {
+            self.counts.dropped_queue_full += 1;
             tracing::debug!(client_id = %self.session.client_id, "session queue full, message dropped");
         }
     }
@@ -960,7 +978,12 @@ impl Connection {
             }
         }
         match codec::encode_publish(&view, self.version, &mut self.out) {
-            Ok(()) => true,
+            Ok(()) => {
+                if !dup {
+                    self.counts.sent[d.qos as usize] += 1;
+                }
+                true
+            }
             Err(e) => {
                 tracing::debug!(client_id = %self.session.client_id, error = %e, "cannot encode PUBLISH, dropped");
                 false

@@ -49,6 +49,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             listeners.push((transport, listener));
         }
     }
+    let mut admin_listeners = Vec::new();
+    for addr in &config.admin_bind {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin_bind: cannot listen on {addr}"))?;
+        info!(
+            "admin API on http://{}",
+            listener.local_addr().unwrap_or(*addr)
+        );
+        admin_listeners.push(listener);
+    }
     let state_dir = config.data_dir.join("state");
     let (store, loaded) = Store::open(
         &state_dir,
@@ -118,6 +129,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         acceptors.spawn(reload_tls(tls.clone(), reload.clone()));
     }
     acceptors.spawn(reload_auth(broker.clone(), reload.clone()));
+    for listener in admin_listeners {
+        acceptors.spawn(crate::admin::serve(
+            listener,
+            broker.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
