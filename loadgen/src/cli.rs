@@ -46,10 +46,14 @@ pub enum Scenario {
     /// Work-queue traffic: produce to `$queue/<name>`, consume with
     /// `$share/<group>/$queue/<name>`, acknowledging with PUBACK (QoS >= 1).
     ///
-    /// This is plain MQTT: a broker without queues (roost today) treats `$queue/<name>`
-    /// as an ordinary topic and the consumers as a shared subscription, so the scenario
-    /// runs against any broker with shared subscriptions on `$` topics (mosquitto 2.0
-    /// accepts the subscription but delivers nothing to `$share/<g>/$queue/...`).
+    /// This is plain MQTT: roost stores `$queue/` publishes durably in partitioned
+    /// queues (PUBACK once stored) and delivers to the group's members; a broker without
+    /// queues treats `$queue/<name>` as an ordinary topic and the consumers as a shared
+    /// subscription (mosquitto 2.0 accepts the subscription but delivers nothing to
+    /// `$share/<g>/$queue/...`).
+    ///
+    /// Without --keyed every producer publishes to `$queue/<name>`, which roost spreads
+    /// round-robin over the partitions, so "out of order" counts are expected there.
     Queue(QueueArgs),
 }
 
@@ -240,6 +244,11 @@ pub struct QueueArgs {
     /// Unacknowledged publishes per producer.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub inflight: u16,
+    /// Producer i publishes to `$queue/<name>/p<i>`: roost keeps one source topic in
+    /// one partition, in order, so "out of order" then counts ordering violations (with
+    /// fewer producers than partitions, some partitions stay idle).
+    #[arg(long)]
+    pub keyed: bool,
 }
 
 /// Parses `3.1`, `3.1.1` (or `4`) and `5` (or `5.0`).
@@ -397,6 +406,7 @@ mod tests {
         };
         assert_eq!((q.name.as_str(), q.consumers, q.groups), ("jobs", 3, 2));
         assert_eq!(q.qos, QoS::AtLeastOnce, "queues default to QoS 1");
+        assert!(!q.keyed, "round-robin over partitions unless --keyed");
     }
 
     #[test]

@@ -261,14 +261,22 @@ fn plan(cli: &Cli) -> Result<Plan> {
                 inflight: a.inflight,
                 topic: Some(format!("$queue/{}", a.name)),
             };
-            pubsub(
+            let mut queue_plan = pubsub(
                 Mode::Shared,
                 a.producers,
                 a.consumers,
                 a.groups,
                 &t,
                 "queue",
-            )
+            )?;
+            if a.keyed {
+                for (i, c) in queue_plan.others.iter_mut().enumerate() {
+                    if let Role::Publisher(p) = &mut c.role {
+                        p.topic = format!("$queue/{}/p{i}", a.name);
+                    }
+                }
+            }
+            Ok(queue_plan)
         }
     }
 }
@@ -724,6 +732,23 @@ mod tests {
             panic!("publisher")
         };
         assert_eq!(pb.topic, "$queue/jobs");
+        let p = plan_of(&["queue", "--name", "jobs", "-p", "2", "--keyed"]).expect("plan");
+        let topics: Vec<_> = p
+            .others
+            .iter()
+            .map(|c| match &c.role {
+                Role::Publisher(p) => p.topic.clone(),
+                _ => panic!("publisher"),
+            })
+            .collect();
+        assert_eq!(topics, vec!["$queue/jobs/p0", "$queue/jobs/p1"]);
+        let Role::Subscriber(s) = &p.subscribers[0].role else {
+            panic!("subscriber")
+        };
+        assert_eq!(
+            s.filter, "$share/g0/$queue/jobs",
+            "--keyed changes producers only"
+        );
     }
 
     #[test]
