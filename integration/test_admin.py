@@ -177,6 +177,23 @@ def test_metrics_counters_move(broker_with):
     assert wait_for(lambda: value(api.metrics(), "roost_connections") == 0)
 
 
+def test_dropped_messages_are_counted(broker_with):
+    """An offline session's queue past max_queued_messages drops, and /metrics says so."""
+    b, port = admin_broker(broker_with, max_queued_messages=2)
+    api = Admin(port)
+    t = f"it/admin/{uuid.uuid4().hex[:8]}"
+    sub = mqttraw.RawClient(b.host, b.port, 4)
+    sub.connect("drop-sub", clean=False)
+    assert sub.subscribe(t, qos=1).rcs == [1]
+    sub.disconnect()
+    sub.close()
+    produce(b, t, [b"d%d" % i for i in range(5)])
+    m = api.metrics()
+    assert value(m, "roost_messages_dropped_total", reason="offline_queue_full") == 3
+    sessions = {s["client_id"]: s for s in api.json("GET", "/api/v1/sessions")}
+    assert sessions["drop-sub"]["queued_messages"] == 2
+
+
 def test_queue_metrics(broker_with):
     b, port = admin_broker(broker_with)
     api = Admin(port)
