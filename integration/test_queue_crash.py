@@ -296,10 +296,6 @@ def test_kill9_under_load_loses_no_acknowledged_message():
     if redelivered:
         print("redelivered message-ids (count):", sorted(redelivered.items())[:50])
     if out_of_order:
-        # Reported, not asserted: roost at 17c7a8d stores one connection's pipelined
-        # publishes out of order even without kills (each produce is spawned as its own
-        # task and the append order follows task scheduling). Assert `not out_of_order`
-        # here once that is fixed.
         print("stored out of publish order (uid, offset, later uid, lower offset):",
               out_of_order[:50])
     if late_ack_redeliveries:
@@ -307,6 +303,7 @@ def test_kill9_under_load_loses_no_acknowledged_message():
               late_ack_redeliveries[:50])
 
     assert alive, f"broker died by itself:\n{log_tail}"
+    assert not out_of_order, f"one connection's publishes were stored out of order\n{report}"
     assert not errors, f"client errors: {errors[:10]}\n{report}"
     assert len(kill_times) >= 5
     assert len(acked) > 1000, f"too little traffic to mean anything: {report}"

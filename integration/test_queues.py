@@ -248,3 +248,117 @@ def test_mosquitto_clients_produce_and_consume(broker):
                         "-t", f"$queue/{q}/sensor", "-m", f"reading {i}"], check=True, timeout=10)
     out, _ = sub.communicate(timeout=15)
     assert sorted(out.split("\n")[:3]) == ["reading 0", "reading 1", "reading 2"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_capture_filter_copies_ordinary_publishes_into_a_declared_queue(broker_with, version):
+    b = broker_with(queues={"readings": {"capture_filters": ["sensors/#"], "partitions": 2}})
+    live = mqttraw.RawClient(b.host, b.port, version)
+    live.connect(f"live-{uuid.uuid4().hex[:8]}")
+    live.subscribe([("sensors/#", 1)])
+    pub = mqttraw.RawClient(b.host, b.port, version)
+    pub.connect(f"dev-{uuid.uuid4().hex[:8]}")
+    for i in range(1, 4):
+        pub.publish(f"sensors/kitchen/{i}", f"t{i}".encode(), qos=1, pid=i)
+        assert pub.expect(mqttraw.PUBACK).pid == i
+    pub.publish("other/topic", b"not captured", qos=1, pid=9)
+    pub.expect(mqttraw.PUBACK)
+    pub.disconnect()
+    # Ordinary subscribers still get them live...
+    assert sorted(p.payload for p in take(live, 3)) == [b"t1", b"t2", b"t3"]
+    # ...and the queue kept a durable copy for a worker group that connects later.
+    c = consumer(b, 5, "$share/workers/$queue/readings")
+    got = take(c, 3)
+    assert sorted(p.payload for p in got) == [b"t1", b"t2", b"t3"]
+    assert sorted(props(p)["topic"] for p in got) == [f"sensors/kitchen/{i}" for i in range(1, 4)]
+    assert c.recv(0.5) is None, "only matching publishes are captured"
+    c.disconnect()
+    live.disconnect()
+
+
+def test_nack_and_reject_by_topic(broker_with):
+    b = broker_with(queue_defaults={"backoff_initial_ms": 100, "backoff_max_ms": 100})
+    q = qname()
+    c = consumer(b, 5, f"$share/w/$queue/{q}")
+    dlq = consumer(b, 5, f"$share/d/$queue/{q}/$dlq")
+    produce(b, 5, f"$queue/{q}", [b"again", b"never"])
+    first = {p.payload: p for p in take(c, 2, ack=False)}
+
+    def settle(verb, p, pid):
+        c.publish(f"$queue/{q}/${verb}", b"", qos=1, pid=pid,
+                  properties=[(mqttraw.USER_PROPERTY, ("message-id", props(p)["message-id"]))])
+
+    settle("nack", first[b"again"], 900)
+    settle("reject", first[b"never"], 901)
+    seen_acks, redelivered = set(), None
+    deadline = time.monotonic() + 10
+    while (len(seen_acks) < 2 or redelivered is None) and time.monotonic() < deadline:
+        p = c.recv(0.5)
+        if p is None:
+            continue
+        if p.type == mqttraw.PUBACK:
+            assert p.rc in (None, 0), f"settle refused: {p!r}"
+            seen_acks.add(p.pid)
+        elif p.type == mqttraw.PUBLISH:
+            redelivered = p
+            c.puback(p.pid)
+    assert seen_acks == {900, 901}
+    assert redelivered is not None and redelivered.payload == b"again"
+    assert props(redelivered)["delivery-count"] == "2"
+    dead = take(dlq, 1)[0]
+    assert dead.payload == b"never", "$reject goes straight to the dead-letter queue"
+    for x in (c, dlq):
+        x.disconnect()
+
+
+def test_v311_producer_waits_at_max_depth_instead_of_losing(broker_with):
+    b = broker_with(queue_defaults={"max_depth": 3})
+    q = qname()
+    pub = mqttraw.RawClient(b.host, b.port, 4)
+    pub.connect(f"p-{uuid.uuid4().hex[:8]}")
+    for i in range(1, 6):
+        pub.publish(f"$queue/{q}", f"w{i}".encode(), qos=1, pid=i)
+    acks = [p.pid for p in pub.recv_all(timeout=1.0) if p.type == mqttraw.PUBACK]
+    assert acks == [1, 2, 3], "past max_depth a 3.1.1 producer's PUBACK waits"
+    c = consumer(b, 4, f"$share/w/$queue/{q}")
+    got = take(c, 5)
+    assert sorted(p.payload for p in got) == [f"w{i}".encode() for i in range(1, 6)]
+    acks += [p.pid for p in pub.recv_all(timeout=2.0) if p.type == mqttraw.PUBACK]
+    assert acks == [1, 2, 3, 4, 5], "room made by consumers releases the waiting PUBACKs, in order"
+    pub.disconnect()
+    c.disconnect()
+
+
+def test_order_per_device_with_three_concurrent_consumers(broker):
+    q = qname()
+    members = [consumer(broker, 5, f"$share/g/$queue/{q}") for _ in range(3)]
+    pub = mqttraw.RawClient(broker.host, broker.port, 5)
+    pub.connect(f"p-{uuid.uuid4().hex[:8]}")
+    n = 0
+    for i in range(20):
+        for dev in range(6):
+            n += 1
+            pub.publish(f"$queue/{q}/dev{dev}", f"dev{dev}:{i}".encode(), qos=1, pid=n)
+            assert pub.expect(mqttraw.PUBACK).pid == n
+    pub.disconnect()
+    seq = {}
+    owners = {}
+    deadline = time.monotonic() + 15
+    total = 0
+    while total < n and time.monotonic() < deadline:
+        for idx, c in enumerate(members):
+            p = c.recv(0.02)
+            if p is None or p.type != mqttraw.PUBLISH:
+                continue
+            dev, i = p.payload.decode().split(":")
+            seq.setdefault(dev, []).append(int(i))
+            owners.setdefault(dev, set()).add(idx)
+            c.puback(p.pid)
+            total += 1
+    assert total == n
+    for dev, got in seq.items():
+        assert got == list(range(20)), f"{dev}'s messages in order"
+        assert len(owners[dev]) == 1, "a partition has one owner at a time"
+    assert len({next(iter(o)) for o in owners.values()}) > 1, "the work is shared"
+    for c in members:
+        c.disconnect()

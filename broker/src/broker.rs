@@ -46,12 +46,15 @@ pub struct Blocked {
 }
 
 /// What routing a publish produced for its publisher to finish.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Fanout {
     /// Store writes to make (and wait for) before acknowledging.
     pub ops: Vec<Op>,
     /// Deliveries to wait for room for before acknowledging.
     pub blocked: Vec<Blocked>,
+    /// Copies into queues whose capture filters matched, to wait for before
+    /// acknowledging (already queued for writing, in order).
+    pub captures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 /// Waits (each at most `wait` from now) for room for blocked deliveries. Returns the
@@ -695,6 +698,7 @@ impl Broker {
                 ));
             }
         }
+        self.capture(&msg, out);
         let mut matches = Matches::default();
         self.router.matches(&msg.topic, &mut matches);
         self.deliver_direct(&msg, &mut matches.direct, out);
@@ -893,9 +897,25 @@ impl Broker {
         d.seq = Some(seq);
     }
 
+    /// Copies a publish into every queue whose capture filters match its topic.
+    fn capture(&self, msg: &Message, out: &mut Fanout) {
+        for queue in self.queues.capturing(&msg.topic) {
+            let produce = queue.produce(crate::queues::captured_message(msg));
+            let name = queue.name().to_owned();
+            out.captures.push(Box::pin(async move {
+                if let Err(e) = produce.await {
+                    tracing::warn!(queue = %name, "captured message not stored: {e}");
+                }
+            }));
+        }
+    }
+
     /// Stores what a routing step outside any connection produced, and waits in the
     /// background (bounded) for room for its blocked deliveries.
     fn finish_detached(&self, out: Fanout) {
+        for capture in out.captures {
+            tokio::spawn(capture);
+        }
         self.store.submit_detached(out.ops);
         if !out.blocked.is_empty() {
             let wait = self.delivery_wait();

@@ -92,6 +92,10 @@ pub struct Config {
     /// Create a queue on the first publish or subscribe to `$queue/<name>`; when false,
     /// only existing queues can be used.
     pub queue_auto_create: bool,
+    /// Queues declared in the file (`[queues.<name>]` tables with the keys of
+    /// `queue_defaults`, e.g. `capture_filters = ["sensors/#"]`); created at startup
+    /// or updated to these settings.
+    pub queues: std::collections::BTreeMap<String, roost_queue::QueueConfig>,
 }
 
 /// The `[auth_hook]` table: an HTTP service asked whether a client may connect.
@@ -184,6 +188,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             queue_defaults: roost_queue::QueueConfig::default(),
             queue_auto_create: true,
+            queues: Default::default(),
         }
     }
 }

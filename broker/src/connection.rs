@@ -204,6 +204,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut qio = QueueIo {
         sender: delivery_tx.downgrade(),
         produces: JoinSet::new(),
+        waiting: Default::default(),
     };
     let (control_tx, mut control) = mpsc::unbounded_channel();
     let conn_id = broker.next_id();
@@ -280,8 +281,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             break close.why.clone();
         }
         let deadline = conn.next_deadline();
+        let room_needed = qio.room_needed();
         tokio::select! {
-            read = io.read_packet(broker, Some(conn.version())) => match read {
+            // A 3.x producer held back by a full queue is not read from meanwhile.
+            read = io.read_packet(broker, Some(conn.version())), if room_needed.is_none() => match read {
                 Ok(Some(packet)) => {
                     let now = Instant::now();
                     conn.handle(packet, now);
@@ -322,6 +325,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Ok((token, reason))) = qio.produces.join_next(), if !qio.produces.is_empty() => {
                 conn.resolve_ack(token, reason);
             }
+            _ = wait_for_room(room_needed.clone()), if room_needed.is_some() => qio.start_waiting(),
             Some(request) = control.recv() => match request {
                 Control::TakeOver { reply } => {
                     conn.disconnect(ReasonCode::SessionTakenOver, "session taken over", true);
@@ -466,6 +470,10 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), String> {
     run_events(broker, conn, fanout, qio);
     let mut ops = std::mem::take(&mut fanout.ops);
+    // Copies into capturing queues are acknowledged only once stored.
+    for capture in std::mem::take(&mut fanout.captures) {
+        capture.await;
+    }
     if !fanout.blocked.is_empty() {
         // Backpressure: the acknowledgements wait until slow subscribers have room.
         let blocked = std::mem::take(&mut fanout.blocked);
@@ -560,6 +568,77 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
 struct QueueIo {
     sender: mpsc::WeakSender<Delivery>,
     produces: JoinSet<(AckToken, ReasonCode)>,
+    /// 3.x queue publishes waiting for room in a full queue, in arrival order.
+    waiting: std::collections::VecDeque<WaitingProduce>,
+}
+
+struct WaitingProduce {
+    queue: roost_queue::Queue,
+    message: roost_queue::NewMessage,
+    ack: Option<AckToken>,
+}
+
+impl QueueIo {
+    /// What the front waiting produce needs room in, if any.
+    fn room_needed(&self) -> Option<(roost_queue::Queue, u64)> {
+        self.waiting
+            .front()
+            .map(|w| (w.queue.clone(), w.message.payload.len() as u64))
+    }
+
+    /// Starts the waiting produces that now fit, in order.
+    fn start_waiting(&mut self) {
+        while let Some(w) = self.waiting.front() {
+            if !w.queue.has_room(w.message.payload.len() as u64) {
+                break;
+            }
+            if let Some(w) = self.waiting.pop_front() {
+                start_produce(self, &w.queue, w.message, w.ack, false);
+            }
+        }
+    }
+}
+
+/// Queues the append now (so one connection's messages keep their order) and resolves
+/// the acknowledgement when it is durable. A 3.x producer that loses a race for the
+/// last room waits for more rather than be told nothing (it has no reason codes).
+fn start_produce(
+    qio: &mut QueueIo,
+    queue: &roost_queue::Queue,
+    message: roost_queue::NewMessage,
+    ack: Option<AckToken>,
+    v5: bool,
+) {
+    let first = queue.produce(message.clone());
+    let queue = queue.clone();
+    let produce = async move {
+        type Attempt = std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<roost_queue::MessageId, roost_queue::ProduceError>,
+                    > + Send,
+            >,
+        >;
+        let mut attempt: Attempt = Box::pin(first);
+        loop {
+            match attempt.await {
+                Ok(_) => return ReasonCode::Success,
+                Err(roost_queue::ProduceError::QuotaExceeded { .. }) if !v5 => {
+                    queue.wait_for_room(message.payload.len() as u64).await;
+                    attempt = Box::pin(queue.produce(message.clone()));
+                }
+                Err(e) => return queues::produce_reason(&e),
+            }
+        }
+    };
+    match ack {
+        Some(token) => {
+            qio.produces.spawn(async move { (token, produce.await) });
+        }
+        None => {
+            tokio::spawn(produce);
+        }
+    }
 }
 
 /// Joins the consumer group a `$queue/` subscription names; false for other filters.
@@ -652,29 +731,27 @@ fn queue_publish(
             };
             let message = queues::new_message(msg, rest);
             let v5 = conn.version().is_v5();
-            let produce = async move {
-                loop {
-                    match queue.produce(message.clone()).await {
-                        Ok(_) => return ReasonCode::Success,
-                        // 3.x has no quota reason code: its PUBACK waits for room.
-                        Err(e @ roost_queue::ProduceError::QuotaExceeded { .. }) if !v5 => {
-                            let _ = e;
-                            queue.wait_for_room(message.payload.len() as u64).await;
-                        }
-                        Err(e) => return queues::produce_reason(&e),
-                    }
-                }
-            };
-            match ack {
-                Some(token) => {
-                    qio.produces.spawn(async move { (token, produce.await) });
-                }
-                None => {
-                    tokio::spawn(produce);
-                }
+            // 3.x has no quota reason code: a full queue holds the producer back (its
+            // PUBACK waits and roost stops reading from it) until there is room, and
+            // its later queue publishes wait behind, in order.
+            if !v5 && (!qio.waiting.is_empty() || !queue.has_room(message.payload.len() as u64)) {
+                qio.waiting.push_back(WaitingProduce {
+                    queue,
+                    message,
+                    ack,
+                });
+                return;
             }
+            start_produce(qio, &queue, message, ack, v5);
         }
         None => resolve(conn, ReasonCode::TopicNameInvalid),
+    }
+}
+
+async fn wait_for_room(needed: Option<(roost_queue::Queue, u64)>) {
+    match needed {
+        Some((queue, bytes)) => queue.wait_for_room(bytes).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -114,22 +114,37 @@ pub fn user_property<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
 pub fn new_message(msg: &Message, subtopic: &str) -> NewMessage {
     NewMessage {
         subtopic: subtopic.to_owned(),
-        partition_key: user_property(msg, "partition-key")
-            .map(|k| Bytes::copy_from_slice(k.as_bytes())),
-        headers: encode_headers(&msg.properties),
+        partition_key: partition_key(msg),
+        headers: encode_headers(&msg.properties, ""),
         payload: msg.payload.clone(),
     }
 }
 
-/// Properties as stored with a queue message: an MQTT 5.0 PUBLISH with no topic and
-/// no payload, so the codec does the work and validates it on the way back.
-fn encode_headers(properties: &Properties) -> Bytes {
+/// The copy of an ordinary publish that a queue's capture filter matched: its whole
+/// topic is the subtopic (what consumer filters match) and the original topic.
+pub fn captured_message(msg: &Message) -> NewMessage {
+    NewMessage {
+        subtopic: msg.topic.clone(),
+        partition_key: partition_key(msg),
+        headers: encode_headers(&msg.properties, &msg.topic),
+        payload: msg.payload.clone(),
+    }
+}
+
+fn partition_key(msg: &Message) -> Option<Bytes> {
+    user_property(msg, "partition-key").map(|k| Bytes::copy_from_slice(k.as_bytes()))
+}
+
+/// Properties as stored with a queue message: an MQTT 5.0 PUBLISH with no payload,
+/// so the codec does the work and validates it on the way back. Its topic is the
+/// original topic of a captured publish, empty for a publish to `$queue/`.
+fn encode_headers(properties: &Properties, original_topic: &str) -> Bytes {
     let empty = Bytes::new();
     let view = PublishView {
         dup: false,
         qos: QoS::AtMostOnce,
         retain: false,
-        topic: "",
+        topic: original_topic,
         packet_id: 0,
         properties,
         subscription_identifiers: &[],
@@ -143,11 +158,12 @@ fn encode_headers(properties: &Properties) -> Bytes {
     buf.freeze()
 }
 
-fn decode_headers(headers: &Bytes) -> Properties {
+/// The properties and the original topic (empty unless captured) of stored headers.
+fn decode_headers(headers: &Bytes) -> (Properties, String) {
     let mut buf = BytesMut::from(&headers[..]);
     match codec::decode(&mut buf, Some(ProtocolVersion::V5), usize::MAX) {
-        Ok(Some(Packet::Publish(p))) => p.properties,
-        _ => Properties::default(),
+        Ok(Some(Packet::Publish(p))) => (p.properties, p.topic),
+        _ => (Properties::default(), String::new()),
     }
 }
 
@@ -201,18 +217,20 @@ fn to_delivery(d: QueueDelivery, topic_base: &str, qos: QoS, identifier: Option<
     let visible_name = queue_name
         .strip_suffix(roost_queue::DEAD_LETTER_SUFFIX)
         .unwrap_or(&queue_name);
-    let original = if d.subtopic.is_empty() {
+    let (mut properties, captured_from) = decode_headers(&d.headers);
+    let original = if !captured_from.is_empty() {
+        captured_from
+    } else if d.subtopic.is_empty() {
         format!("$queue/{visible_name}")
     } else {
         format!("$queue/{visible_name}/{}", d.subtopic)
     };
     // With a filter the subscription names the subtopic, so the topic carries it too.
     let topic = if d.group.filter.is_some() && d.dead_letter.is_none() {
-        original.clone()
+        format!("$queue/{visible_name}/{}", d.subtopic)
     } else {
         topic_base.to_owned()
     };
-    let mut properties = decode_headers(&d.headers);
     let extra = [
         ("queue", visible_name.to_owned()),
         ("partition", d.id.partition.to_string()),
@@ -310,6 +328,13 @@ mod tests {
             correlation_data: Some(Bytes::from_static(b"c")),
             ..Properties::default()
         };
-        assert_eq!(decode_headers(&encode_headers(&props)), props);
+        assert_eq!(
+            decode_headers(&encode_headers(&props, "")),
+            (props.clone(), String::new())
+        );
+        assert_eq!(
+            decode_headers(&encode_headers(&props, "a/b")),
+            (props, "a/b".to_owned())
+        );
     }
 }

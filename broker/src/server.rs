@@ -97,6 +97,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for note in &notes {
         warn!("queue recovery: {note}");
     }
+    for (name, queue_config) in &config.queues {
+        let declared = match queues.get(name) {
+            Some(_) => queues.update(name, queue_config.clone()),
+            None => queues.create(name, queue_config.clone()),
+        };
+        declared.map_err(|e| anyhow::anyhow!("queues.{name}: {e}"))?;
+    }
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
     let broker = Broker::new(config, store, auth, queues);
     broker.restore(loaded);
