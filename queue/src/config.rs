@@ -53,6 +53,11 @@ pub struct QueueConfig {
     pub capture_filters: Vec<String>,
     /// In-flight window of a consumer that does not announce a receive maximum.
     pub consumer_window: u32,
+    /// Size at which a partition log starts a new segment (retention deletes whole
+    /// segments). 4 KiB..=1 GiB.
+    pub segment_bytes: u64,
+    /// With `buffered` durability: how often the logs are synced, in milliseconds.
+    pub sync_interval_ms: u64,
 }
 
 impl Default for QueueConfig {
@@ -70,6 +75,8 @@ impl Default for QueueConfig {
             retention_bytes: None,
             capture_filters: Vec::new(),
             consumer_window: 32,
+            segment_bytes: 16 << 20,
+            sync_interval_ms: 1_000,
         }
     }
 }
@@ -98,6 +105,12 @@ impl QueueConfig {
         }
         if self.consumer_window == 0 {
             return bad("consumer_window must be at least 1".into());
+        }
+        if !(4096..=1 << 30).contains(&self.segment_bytes) {
+            return bad("segment_bytes must be 4096..=1073741824".into());
+        }
+        if self.sync_interval_ms == 0 {
+            return bad("sync_interval_ms must be at least 1".into());
         }
         for f in &self.capture_filters {
             if roost_core::topic::validate_filter(f).is_err() || f.starts_with("$queue/") {
@@ -129,7 +142,8 @@ impl QueueConfig {
                 Durability::Fsync => roost_storage::Durability::Fsync,
                 Durability::Buffered => roost_storage::Durability::Buffered,
             },
-            segment_bytes: 16 << 20,
+            segment_bytes: self.segment_bytes,
+            sync_interval: Duration::from_millis(self.sync_interval_ms),
             retention: self.retention(),
             ..LogConfig::default()
         }
@@ -181,6 +195,14 @@ mod tests {
             },
             QueueConfig {
                 backoff_max_ms: 1,
+                ..Default::default()
+            },
+            QueueConfig {
+                segment_bytes: 100,
+                ..Default::default()
+            },
+            QueueConfig {
+                sync_interval_ms: 0,
                 ..Default::default()
             },
         ] {
