@@ -232,16 +232,7 @@ mod tests {
     use crate::acl::Access;
     use crate::config::AuthHookConfig;
     use crate::passwd::PasswordFile;
-    use argon2::password_hash::PasswordHasher;
-    use argon2::{Algorithm, Argon2, Params, Version};
-
-    fn cheap_hash(password: &str) -> String {
-        let params = Params::new(64, 1, 1, None).expect("params");
-        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-            .hash_password(password.as_bytes())
-            .expect("hash")
-            .to_string()
-    }
+    use crate::passwd::tests::cheap_hash;
 
     struct Files {
         dir: PathBuf,

@@ -335,12 +335,12 @@ fn prompt() -> anyhow::Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use argon2::{Algorithm, Params, Version};
 
     /// A cheap hash for tests (the parameters travel in the string).
-    fn cheap_hash(password: &str) -> String {
+    pub(crate) fn cheap_hash(password: &str) -> String {
         let params = Params::new(64, 1, 1, None).expect("params");
         Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
             .hash_password(password.as_bytes())
