@@ -51,7 +51,7 @@ pub async fn serve<S>(
         read_buf: BytesMut::with_capacity(1024),
     };
     if !broker.try_add_connection() {
-        refuse_over_limit(&broker, &mut io).await;
+        Box::pin(refuse_over_limit(&broker, &mut io)).await;
         return;
     }
     if let Err(why) = run(&broker, &mut io, peer, peer_identity, shutdown).await {
@@ -189,7 +189,17 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Err(ConnectRefusal::Close(why)) => return Err(format!("CONNECT refused: {why}")),
     };
     let client_id = plan.client_id.clone();
-    let access = match admit(broker, &connect, &client_id, peer, transport_authenticated).await {
+    // Rare, one-off paths are boxed so their state does not enlarge every idle
+    // connection's task for its whole life.
+    let access = match Box::pin(admit(
+        broker,
+        &connect,
+        &client_id,
+        peer,
+        transport_authenticated,
+    ))
+    .await
+    {
         Ok(access) => access,
         Err((code, why)) => {
             info!(client_id = %client_id, %peer, username = ?connect.username, "connection refused ({code:?}): {why}");
@@ -355,9 +365,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = io.stream.shutdown().await;
     debug!(client_id = %client_id, "disconnected: {outcome}");
     let (session, will) = conn.finish();
-    end_session(
+    Box::pin(end_session(
         broker, &client_id, conn_id, session, will, taken_over, deliveries, control,
-    )
+    ))
     .await;
     if linger {
         let _ = tokio::time::timeout(LINGER, io.discard_until_eof()).await;

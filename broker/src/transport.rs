@@ -75,7 +75,7 @@ pub async fn serve(
     macro_rules! handshake {
         ($what:literal, $fut:expr) => {
             tokio::select! {
-                done = tokio::time::timeout(timeout, $fut) => match done {
+                done = tokio::time::timeout(timeout, Box::pin($fut)) => match done {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         debug!(%peer, "{} handshake failed: {e}", $what);
@@ -90,11 +90,13 @@ pub async fn serve(
             }
         };
     }
+    // Every task is as large as the largest state its future can be in, so the TLS and
+    // WebSocket paths are boxed: a plain TCP connection does not pay for them.
     match (transport, acceptor) {
         (Transport::Tcp, _) => connection::serve(broker, stream, peer, None, shutdown).await,
         (Transport::Ws, _) => {
             let ws = handshake!("WebSocket", websocket::accept(stream, max_message));
-            connection::serve(broker, ws, peer, None, shutdown).await;
+            Box::pin(connection::serve(broker, ws, peer, None, shutdown)).await;
         }
         (Transport::Tls, Some(acceptor)) => {
             let (tls, identity) = handshake!("TLS", async {
@@ -102,7 +104,7 @@ pub async fn serve(
                 let identity = peer_identity(use_cn, &tls, peer)?;
                 Ok::<_, String>((tls, identity))
             });
-            connection::serve(broker, tls, peer, identity, shutdown).await;
+            Box::pin(connection::serve(broker, tls, peer, identity, shutdown)).await;
         }
         (Transport::Wss, Some(acceptor)) => {
             let both = async {
@@ -114,7 +116,7 @@ pub async fn serve(
                 Ok::<_, String>((ws, identity))
             };
             let (ws, identity) = handshake!("TLS/WebSocket", both);
-            connection::serve(broker, ws, peer, identity, shutdown).await;
+            Box::pin(connection::serve(broker, ws, peer, identity, shutdown)).await;
         }
         (Transport::Tls | Transport::Wss, None) => {}
     }
