@@ -129,3 +129,18 @@ def test_bad_input_is_logged_with_client_id(broker, raw, uid):
     assert any(k in l.lower() for l in lines for k in ("malformed", "protocol", "invalid",
                                                        "length", "error")), lines
     assert "panicked" not in log
+
+
+def test_json_log_format_writes_one_json_object_per_line(broker_with):
+    import json
+    import time
+    if IS_MOSQUITTO:
+        pytest.skip("roost's log format")
+    b = broker_with(log_format="json")
+    c = w.RawClient(b.host, b.port, 4)
+    c.connect("json-log-client")
+    c.disconnect()
+    time.sleep(0.3)
+    lines = [l for l in b.log_path.read_text().splitlines() if l.strip()]
+    records = [json.loads(l) for l in lines]
+    assert any(r.get("fields", {}).get("client_id") == "json-log-client" for r in records), lines[-5:]

@@ -23,6 +23,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Log filter: error, warn, info, debug or trace (or a tracing directive).
     pub log_level: String,
+    /// Log line format: `text` (human-readable) or `json` (one JSON object per line,
+    /// with the structured fields such as `client_id`, for log collectors).
+    pub log_format: LogFormat,
     /// Largest MQTT packet accepted, in bytes, fixed header included. Announced to
     /// v5 clients as Maximum Packet Size.
     pub max_packet_size: u32,
@@ -162,6 +165,7 @@ impl Default for Config {
             bind: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
             data_dir: PathBuf::from("./data"),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             max_packet_size: 1024 * 1024,
             max_inflight: 1024,
             max_queued_messages: 1000,
@@ -212,6 +216,9 @@ pub struct Cli {
     /// Log level: error, warn, info, debug, trace [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
     /// Largest packet accepted, in bytes [default: 1048576].
     #[arg(long, value_name = "BYTES")]
     pub max_packet_size: Option<u32>,
@@ -319,6 +326,24 @@ fn parse_hook_error(s: &str) -> Result<HookErrorPolicy, String> {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("{other:?} is not text or json")),
+    }
+}
+
 fn parse_durability(s: &str) -> Result<Durability, String> {
     match s {
         "fsync" => Ok(Durability::Fsync),
@@ -368,6 +393,7 @@ impl Config {
         flag!(
             data_dir,
             log_level,
+            log_format,
             max_packet_size,
             max_inflight,
             max_queued_messages,
