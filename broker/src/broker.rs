@@ -703,10 +703,10 @@ impl Broker {
         self.router.matches(&msg.topic, &mut matches);
         self.deliver_direct(&msg, &mut matches.direct, out);
         for group in &matches.shared {
-            let share = ShareRef {
+            let share = Arc::new(ShareRef {
                 group: group.group.clone(),
                 filter: group.filter.clone(),
-            };
+            });
             self.deliver_shared(&msg, group, share, None, out);
         }
     }
@@ -738,7 +738,7 @@ impl Broker {
                     msg: msg.clone(),
                     qos: msg.qos.min(qos),
                     retain,
-                    subscription_ids: ids,
+                    subscription_ids: ids.into(),
                     share: None,
                     seq: None,
                     queue: None,
@@ -755,7 +755,7 @@ impl Broker {
         &self,
         msg: &Arc<Message>,
         group: &roost_router::SharedMatch,
-        share: ShareRef,
+        share: Arc<ShareRef>,
         except: Option<&str>,
         out: &mut Fanout,
     ) -> bool {

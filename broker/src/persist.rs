@@ -659,13 +659,13 @@ fn decode_entry(value: &[u8], now: Instant, now_ms: u64) -> Option<Delivery> {
     let qos = QoS::from_u8(r.u8()?)?;
     let retain = r.u8()? != 0;
     let n = r.u16()?;
-    let subscription_ids = (0..n).map(|_| r.u32()).collect::<Option<Vec<_>>>()?;
+    let subscription_ids = (0..n).map(|_| r.u32()).collect::<Option<Box<[u32]>>>()?;
     let share = match r.u8()? {
         0 => None,
-        _ => Some(ShareRef {
+        _ => Some(Arc::new(ShareRef {
             group: r.str()?.into(),
             filter: r.str()?.into(),
-        }),
+        })),
     };
     let msg = decode_message(&mut r, now, now_ms)?;
     Some(Delivery {
@@ -823,11 +823,11 @@ mod tests {
             msg: Arc::new(message("t/x", payload)),
             qos: QoS::AtLeastOnce,
             retain: false,
-            subscription_ids: vec![3, 9],
-            share: Some(ShareRef {
+            subscription_ids: vec![3, 9].into(),
+            share: Some(Arc::new(ShareRef {
                 group: "g".into(),
                 filter: "t/+".into(),
-            }),
+            })),
             seq: None,
             queue: None,
         }

@@ -328,7 +328,8 @@ impl Connection {
             send_window: usize::from(send_window),
             client_max_packet,
             problem_information: props.request_problem_information != Some(0),
-            aliases: vec![None; usize::from(limits.topic_alias_maximum)],
+            // Grown on first use: most clients never send an alias.
+            aliases: Vec::new(),
             outbound_aliases: std::collections::HashMap::new(),
             client_alias_maximum: if version.is_v5() {
                 props.topic_alias_maximum.unwrap_or(0)
@@ -543,15 +544,19 @@ impl Connection {
         }
         if let Some(alias) = p.properties.topic_alias.take() {
             let slot = usize::from(alias).checked_sub(1);
-            let Some(slot) = slot.filter(|s| *s < self.aliases.len()) else {
+            let max = usize::from(self.limits.topic_alias_maximum);
+            let Some(slot) = slot.filter(|s| *s < max) else {
                 return self.fail(ReasonCode::TopicAliasInvalid, "topic alias out of range");
             };
             if p.topic.is_empty() {
-                match &self.aliases[slot] {
+                match self.aliases.get(slot).and_then(Option::as_ref) {
                     Some(t) => p.topic = t.clone(),
                     None => return self.fail(ReasonCode::ProtocolError, "unknown topic alias"),
                 }
             } else {
+                if self.aliases.len() <= slot {
+                    self.aliases.resize(slot + 1, None);
+                }
                 self.aliases[slot] = Some(p.topic.clone());
             }
         }
@@ -1178,7 +1183,7 @@ mod tests {
             }),
             qos,
             retain: false,
-            subscription_ids: vec![],
+            subscription_ids: Box::default(),
             share: None,
             seq: None,
             queue: None,

@@ -37,9 +37,9 @@ pub struct Delivery {
     /// RETAIN flag as this subscriber sees it.
     pub retain: bool,
     /// Identifiers of the matching subscriptions (5.0).
-    pub subscription_ids: Vec<u32>,
+    pub subscription_ids: Box<[u32]>,
     /// Set when the message came through a shared subscription.
-    pub share: Option<ShareRef>,
+    pub share: Option<Arc<ShareRef>>,
     /// Key of the stored copy, for a QoS 1/2 message to a persistent session.
     pub seq: Option<u64>,
     /// Set for a message from a `$queue/`: settling it acks or nacks it there.
@@ -281,7 +281,7 @@ mod tests {
             }),
             qos,
             retain: false,
-            subscription_ids: vec![],
+            subscription_ids: Box::default(),
             share: None,
             seq: None,
             queue: None,
