@@ -144,3 +144,37 @@ def test_json_log_format_writes_one_json_object_per_line(broker_with):
     lines = [l for l in b.log_path.read_text().splitlines() if l.strip()]
     records = [json.loads(l) for l in lines]
     assert any(r.get("fields", {}).get("client_id") == "json-log-client" for r in records), lines[-5:]
+
+
+def test_sys_topics_are_published_retained_and_not_matched_by_hash(broker_with):
+    if IS_MOSQUITTO:
+        pytest.skip("roost's $SYS interval key")
+    b = broker_with(sys_interval=1)
+    watcher = w.RawClient(b.host, b.port, 4)
+    watcher.connect("sys-watcher")
+    watcher.subscribe([("$SYS/broker/#", 0)])
+    everything = w.RawClient(b.host, b.port, 4)
+    everything.connect("hash-watcher")
+    everything.subscribe([("#", 0)])
+    import time
+    seen = {}
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        p = watcher.recv(0.2)
+        if p is not None and p.type == w.PUBLISH:
+            seen[p.topic] = p.payload
+    assert seen.get("$SYS/broker/version", b"").startswith(b"roost ")
+    assert int(seen["$SYS/broker/clients/connected"]) >= 2
+    assert seen["$SYS/broker/uptime"].endswith(b" seconds")
+    leaked = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        p = everything.recv(0.2)
+        if p is not None and p.type == w.PUBLISH and p.topic.startswith("$SYS"):
+            leaked.append(p.topic)
+    assert not leaked, "# does not match $SYS topics"
+    late = w.RawClient(b.host, b.port, 4)
+    late.connect("sys-late")
+    late.subscribe([("$SYS/broker/uptime", 0)])
+    p = late.expect(w.PUBLISH)
+    assert p.retain, "status topics are retained"

@@ -912,6 +912,13 @@ impl Broker {
 
     /// Stores what a routing step outside any connection produced, and waits in the
     /// background (bounded) for room for its blocked deliveries.
+    /// Publishes a message that no client sent (status topics), in the background.
+    pub fn publish_detached(&self, msg: Arc<Message>) {
+        let mut out = Fanout::default();
+        self.publish(msg, &mut out);
+        self.finish_detached(out);
+    }
+
     fn finish_detached(&self, out: Fanout) {
         for capture in out.captures {
             tokio::spawn(capture);

@@ -49,6 +49,8 @@ pub struct Config {
     pub session_expiry_max: u32,
     /// Seconds a new connection has to send its CONNECT.
     pub connect_timeout: u16,
+    /// Seconds between updates of the `$SYS/broker/...` status topics; 0 turns them off.
+    pub sys_interval: u64,
     /// How long, in milliseconds, a QoS 1/2 publish waits for room at a subscriber
     /// whose queue is full before the message is dropped for that subscriber (and the
     /// subscriber is treated as stalled until it has room again). Publishers are
@@ -175,6 +177,7 @@ impl Default for Config {
             max_keep_alive: 65535,
             session_expiry_max: u32::MAX,
             connect_timeout: 10,
+            sys_interval: 10,
             max_delivery_wait_ms: 5000,
             tls_bind: Vec::new(),
             ws_bind: Vec::new(),
@@ -246,6 +249,9 @@ pub struct Cli {
     /// Seconds a new connection has to send CONNECT [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub connect_timeout: Option<u16>,
+    /// Seconds between `$SYS/broker/...` status updates; 0 turns them off [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub sys_interval: Option<u64>,
     /// Milliseconds a QoS 1/2 publish waits for a full subscriber before dropping for it [default: 5000].
     #[arg(long, value_name = "MS")]
     pub max_delivery_wait_ms: Option<u64>,
@@ -403,6 +409,7 @@ impl Config {
             max_keep_alive,
             session_expiry_max,
             connect_timeout,
+            sys_interval,
             max_delivery_wait_ms
         );
         if let Some(d) = cli.storage_durability {

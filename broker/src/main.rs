@@ -14,6 +14,7 @@ mod protocol;
 mod queues;
 mod server;
 mod session;
+mod sys;
 mod tls;
 mod transport;
 mod websocket;

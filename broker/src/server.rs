@@ -108,6 +108,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let broker = Broker::new(config, store, auth, queues);
     broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let sys_topics = (broker.config.sys_interval > 0).then(|| {
+        tokio::spawn(crate::sys::publish_periodically(
+            broker.clone(),
+            Duration::from_secs(broker.config.sys_interval),
+            std::time::Instant::now(),
+            shutdown_rx.clone(),
+        ))
+    });
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -175,6 +183,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         connections.shutdown().await;
     }
     queue_timers.abort();
+    if let Some(sys) = sys_topics {
+        sys.abort();
+    }
     debug!(
         sessions = broker.session_count(),
         retained = broker.retained_count(),
