@@ -120,6 +120,8 @@ struct PendingAck {
     qos: QoS,
     token: AckToken,
     reason: Option<ReasonCode>,
+    /// Reason string for an error reason code.
+    why: &'static str,
 }
 
 /// The outcome of [`plan_connect`] for an acceptable CONNECT.
@@ -596,7 +598,7 @@ impl Connection {
                 if self.acks.iter().any(|a| a.packet_id == p.packet_id) {
                     return;
                 }
-                return self.ack_publish(p.packet_id, QoS::ExactlyOnce, ReasonCode::Success);
+                return self.ack_publish(p.packet_id, QoS::ExactlyOnce, ReasonCode::Success, "");
             }
             if self.session.incoming_qos2.len() >= usize::from(self.limits.max_inflight) {
                 return self.fail(
@@ -616,7 +618,7 @@ impl Connection {
             if qos == QoS::ExactlyOnce {
                 self.session.add_incoming_qos2(packet_id);
             }
-            return self.ack_publish(packet_id, qos, ReasonCode::Success);
+            return self.ack_publish(packet_id, qos, ReasonCode::Success, "");
         }
         let msg = Arc::new(Message {
             topic: p.topic,
@@ -636,18 +638,27 @@ impl Connection {
             return;
         }
         self.events.push(Event::Publish(msg));
-        self.ack_publish(packet_id, qos, ReasonCode::Success);
+        self.ack_publish(packet_id, qos, ReasonCode::Success, "");
     }
 
     /// Acknowledges an inbound publish now, or after the deferred ones before it.
-    fn ack_publish(&mut self, packet_id: PacketId, qos: QoS, reason: ReasonCode) {
+    fn ack_publish(
+        &mut self,
+        packet_id: PacketId,
+        qos: QoS,
+        reason: ReasonCode,
+        why: &'static str,
+    ) {
         if qos == QoS::AtMostOnce {
             return;
         }
         if self.acks.is_empty() {
-            self.write_ack(packet_id, qos, reason);
+            self.write_ack(packet_id, qos, reason, why);
         } else {
             let token = self.defer_ack(packet_id, qos);
+            if let Some(a) = self.acks.back_mut() {
+                a.why = why;
+            }
             self.resolve_ack(token, reason);
         }
     }
@@ -660,6 +671,7 @@ impl Connection {
             qos,
             token,
             reason: None,
+            why: "publish refused",
         });
         token
     }
@@ -674,19 +686,20 @@ impl Connection {
             packet_id,
             qos,
             reason: Some(reason),
+            why,
             ..
         }) = self.acks.front()
         {
             self.acks.pop_front();
             if self.close.is_none() {
-                self.write_ack(packet_id, qos, reason);
+                self.write_ack(packet_id, qos, reason, why);
             }
         }
     }
 
-    fn write_ack(&mut self, packet_id: PacketId, qos: QoS, reason: ReasonCode) {
+    fn write_ack(&mut self, packet_id: PacketId, qos: QoS, reason: ReasonCode, why: &str) {
         let mut r = if reason.is_error() {
-            self.response(packet_id, reason, "publish refused")
+            self.response(packet_id, reason, why)
         } else {
             PubResponse::new(packet_id)
         };
@@ -710,16 +723,8 @@ impl Connection {
     }
 
     /// Answers a QoS 1/2 publish that is not routed with an error reason code.
-    fn reject_publish(&mut self, p: &Publish, reason: ReasonCode, why: &str) {
-        if !self.acks.is_empty() {
-            // Keep the order of acknowledgements (the reason string is dropped).
-            return self.ack_publish(p.packet_id, p.qos, reason);
-        }
-        let r = self.response(p.packet_id, reason, why);
-        self.send(match p.qos {
-            QoS::ExactlyOnce => Packet::PubRec(r),
-            _ => Packet::PubAck(r),
-        });
+    fn reject_publish(&mut self, p: &Publish, reason: ReasonCode, why: &'static str) {
+        self.ack_publish(p.packet_id, p.qos, reason, why);
     }
 
     fn on_puback(&mut self, r: PubResponse, now: Instant) {
