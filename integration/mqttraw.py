@@ -381,9 +381,18 @@ def decode(first: int, body: bytes, version: int) -> Packet:
 class RawClient:
     """One TCP connection speaking hand-built MQTT. Nothing is sent implicitly."""
 
-    def __init__(self, host, port, version=4, timeout=10.0):
+    def __init__(self, host, port, version=4, timeout=10.0, source=None, rcvbuf=None):
+        """source: local address to connect from (e.g. "127.0.0.2"); rcvbuf: SO_RCVBUF
+        set before connecting (a small one makes a client that stops reading stall the
+        broker's writes quickly)."""
         self.version = version
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            self.sock.bind((source, 0))
+        self.sock.connect((socket.gethostbyname(host), port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.closed = False

@@ -77,7 +77,8 @@ def parse_metrics(text):
         labels = frozenset(LABEL.findall(m.group(3) or ""))
         out[(m.group(1), labels)] = float(m.group(4))
     for name, _ in out:
-        assert name in types, f"{name} has no # TYPE"
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in types or types.get(family) == "histogram", f"{name} has no # TYPE"
     return out
 
 

@@ -166,6 +166,12 @@ def test_sys_topics_are_published_retained_and_not_matched_by_hash(broker_with):
     assert seen.get("$SYS/broker/version", b"").startswith(b"roost ")
     assert int(seen["$SYS/broker/clients/connected"]) >= 2
     assert seen["$SYS/broker/uptime"].endswith(b" seconds")
+    # The rest of Mosquitto's tree: byte counters, peaks and load averages.
+    assert int(seen["$SYS/broker/bytes/received"]) > 0
+    assert int(seen["$SYS/broker/clients/maximum"]) >= 2
+    for name in ["messages/received", "bytes/sent", "connections"]:
+        for window in ["1min", "5min", "15min"]:
+            float(seen[f"$SYS/broker/load/{name}/{window}"])
     leaked = []
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:

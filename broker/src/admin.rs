@@ -27,7 +27,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::broker::Broker;
-use crate::metrics::DropReason;
+use crate::metrics::{AuthFailure, DropReason, Limit};
+use roost_storage::latency::LatencySnapshot;
 
 /// Largest request line plus headers.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -646,6 +647,16 @@ fn render_metrics(broker: &Broker) -> String {
             "PUBLISH packets sent to clients (resends not counted).",
             m.sent_by_qos(),
         ),
+        (
+            "roost_publish_bytes_received_total",
+            "PUBLISH payload bytes received from clients.",
+            m.received_bytes_by_qos(),
+        ),
+        (
+            "roost_publish_bytes_sent_total",
+            "PUBLISH payload bytes sent to clients (resends not counted).",
+            m.sent_bytes_by_qos(),
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (qos, v) in values.iter().enumerate() {
@@ -665,8 +676,87 @@ fn render_metrics(broker: &Broker) -> String {
             m.dropped_for(reason)
         );
     }
+    let (network_in, network_out) = m.network_bytes();
+    for (name, help, value) in [
+        (
+            "roost_bytes_received_total",
+            "Bytes read from client connections (MQTT bytes, inside TLS/WebSocket).",
+            network_in,
+        ),
+        (
+            "roost_bytes_sent_total",
+            "Bytes written to client connections (MQTT bytes, inside TLS/WebSocket).",
+            network_out,
+        ),
+        (
+            "roost_connections_accepted_total",
+            "Connections admitted past the connection limits.",
+            m.connections_accepted(),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let name = "roost_auth_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Clients refused at authentication, by reason.\n# TYPE {name} counter"
+    );
+    for why in AuthFailure::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{}\"}} {}",
+            why.label(),
+            m.auth_failures(why)
+        );
+    }
+    let name = "roost_limit_trips_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Times an overload limit refused, throttled or disconnected a client, by config key.\n# TYPE {name} counter"
+    );
+    for limit in Limit::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{limit=\"{}\"}} {}",
+            limit.label(),
+            m.limit_trips(limit)
+        );
+    }
+    let name = "roost_storage_fsync_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Duration of fdatasync calls: the session store (state) and the queue logs (queues).\n# TYPE {name} histogram"
+    );
+    for (store, latency) in [
+        ("state", &crate::persist::STATE_SYNCS),
+        ("queues", &roost_storage::latency::DATA_SYNCS),
+    ] {
+        render_histogram(
+            name,
+            &format!("store=\"{store}\""),
+            &latency.snapshot(),
+            &mut out,
+        );
+    }
     render_queue_metrics(&broker.queues.list(), &mut out);
     out
+}
+
+/// One labelled series of a Prometheus histogram.
+fn render_histogram(name: &str, labels: &str, h: &LatencySnapshot, out: &mut String) {
+    for (bound, count) in &h.buckets {
+        let le = if bound.is_infinite() {
+            "+Inf".to_string()
+        } else {
+            bound.to_string()
+        };
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_seconds);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
 }
 
 /// A metric family: name, help text, and how to read its value.
@@ -913,6 +1003,29 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("# TYPE roost_queue_inflight gauge\n"), "{out}");
+    }
+
+    #[test]
+    fn histograms_render_cumulative_buckets_sum_and_count() {
+        let h = roost_storage::latency::SyncLatency::new();
+        h.record(Duration::from_micros(300));
+        h.record(Duration::from_millis(3));
+        let mut out = String::new();
+        render_histogram("x_seconds", "store=\"s\"", &h.snapshot(), &mut out);
+        assert!(
+            out.contains("x_seconds_bucket{store=\"s\",le=\"0.0005\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{store=\"s\",le=\"0.005\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{store=\"s\",le=\"+Inf\"} 2\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_seconds_count{store=\"s\"} 2\n"), "{out}");
+        assert!(out.contains("x_seconds_sum{store=\"s\"} 0.0033\n"), "{out}");
     }
 
     #[test]

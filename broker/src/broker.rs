@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -23,10 +24,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::metrics::{DropReason, Metrics};
+use crate::metrics::{DropReason, Limit, Metrics};
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
-use crate::session::{Delivery, Session, ShareRef};
+use crate::rate::TokenBucket;
+use crate::session::{Delivery, QueueFull, Session, ShareRef};
 use roost_queue::Queues;
 
 const SHARDS: usize = 64;
@@ -187,6 +189,12 @@ pub struct Broker {
     retained: RwLock<HashMap<String, Arc<Message>>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
+    /// Most connections open at once since start.
+    connection_peak: AtomicUsize,
+    /// Connections per source address, kept only under `max_connections_per_ip`.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// New connections allowed, under `max_connect_rate`.
+    connect_rate: Option<Mutex<TokenBucket>>,
     store: Store,
     /// Next key for a stored delivery; keys only grow, so a session's stored queue
     /// reads back in order.
@@ -196,6 +204,12 @@ pub struct Broker {
 impl Broker {
     /// A broker over `store`; call [`Broker::restore`] with what the store loaded.
     pub fn new(config: Config, store: Store, auth: Auth, queues: Queues) -> Arc<Broker> {
+        let connect_rate = (config.max_connect_rate > 0).then(|| {
+            Mutex::new(TokenBucket::new(
+                f64::from(config.max_connect_rate),
+                Instant::now(),
+            ))
+        });
         Arc::new(Broker {
             queues,
             metrics: Arc::default(),
@@ -208,6 +222,9 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            connection_peak: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            connect_rate,
             store,
             next_seq: AtomicU64::new(1),
         })
@@ -297,19 +314,54 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Counts a new connection; false (and nothing counted) when at the limit.
-    pub fn try_add_connection(&self) -> bool {
+    /// Counts a new connection from `ip`, or names the limit that refuses it (and
+    /// then counts nothing). Every admitted connection is later given back with
+    /// [`Broker::remove_connection`].
+    pub fn try_add_connection(&self, ip: IpAddr) -> Result<(), Limit> {
+        if let Some(bucket) = &self.connect_rate
+            && !bucket.lock().try_take(1.0, Instant::now())
+        {
+            return Err(Limit::ConnectRate);
+        }
         let max = self.config.max_connections;
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .is_ok()
+            .map_err(|_| Limit::Connections)?;
+        self.connection_peak
+            .fetch_max(self.connections.load(Ordering::Relaxed), Ordering::Relaxed);
+        let per_ip = self.config.max_connections_per_ip;
+        if per_ip > 0 {
+            let mut counts = self.per_ip.lock();
+            let n = counts.entry(ip).or_insert(0);
+            if *n >= per_ip {
+                drop(counts);
+                self.connections.fetch_sub(1, Ordering::AcqRel);
+                return Err(Limit::ConnectionsPerIp);
+            }
+            *n += 1;
+        }
+        Ok(())
     }
 
-    /// Uncounts a connection counted by [`Broker::try_add_connection`].
-    pub fn remove_connection(&self) {
+    /// Uncounts a connection admitted by [`Broker::try_add_connection`].
+    pub fn remove_connection(&self, ip: IpAddr) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.config.max_connections_per_ip > 0 {
+            let mut counts = self.per_ip.lock();
+            if let Some(n) = counts.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Most connections open at once since start.
+    pub fn connection_peak(&self) -> usize {
+        self.connection_peak.load(Ordering::Relaxed)
     }
 
     /// Number of sessions, live and stored.
@@ -869,9 +921,16 @@ impl Broker {
                 if d.qos == QoS::AtMostOnce {
                     return false;
                 }
-                if session.pending.len() >= self.limits.max_queued {
+                if let Err(full) = self
+                    .limits
+                    .max_queued
+                    .check(&session.pending, d.msg.payload.len())
+                {
                     session.dropped += 1;
                     self.metrics.dropped(DropReason::OfflineQueueFull, 1);
+                    if full == QueueFull::Bytes {
+                        self.metrics.limit_tripped(Limit::QueuedBytes, 1);
+                    }
                     tracing::debug!(client_id = %client_id, "offline queue full, message dropped");
                     return false;
                 }
@@ -910,8 +969,6 @@ impl Broker {
         }
     }
 
-    /// Stores what a routing step outside any connection produced, and waits in the
-    /// background (bounded) for room for its blocked deliveries.
     /// Publishes a message that no client sent (status topics), in the background.
     pub fn publish_detached(&self, msg: Arc<Message>) {
         let mut out = Fanout::default();
@@ -919,6 +976,8 @@ impl Broker {
         self.finish_detached(out);
     }
 
+    /// Stores what a routing step outside any connection produced, and waits in the
+    /// background (bounded) for room for its blocked deliveries.
     fn finish_detached(&self, out: Fanout) {
         for capture in out.captures {
             tokio::spawn(capture);
@@ -935,6 +994,12 @@ impl Broker {
         }
     }
 
+    /// How long a client's outbound buffer may stay full (`None`: no limit).
+    pub fn slow_consumer_timeout(&self) -> Option<Duration> {
+        let ms = self.config.slow_consumer_timeout_ms;
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
     /// How long a publisher waits for room at a full subscriber.
     pub fn delivery_wait(&self) -> Duration {
         Duration::from_millis(self.config.max_delivery_wait_ms)
@@ -942,6 +1007,6 @@ impl Broker {
 
     /// Capacity of a connection's delivery channel.
     pub fn delivery_capacity(&self) -> usize {
-        self.limits.max_queued.max(16)
+        self.limits.max_queued.messages.max(16)
     }
 }

@@ -56,6 +56,33 @@ pub struct Config {
     /// subscriber is treated as stalled until it has room again). Publishers are
     /// slowed to the pace of their subscribers instead of losing messages.
     pub max_delivery_wait_ms: u64,
+    /// Most simultaneous connections from one source IP address; further CONNECTs
+    /// from it are refused (0x97 / 3.1.1 code 3). 0: no limit, the default, because
+    /// whole fleets often reach a broker through one NAT address.
+    pub max_connections_per_ip: usize,
+    /// New connections accepted per second across all listeners, with bursts of up to
+    /// one second's worth; past it CONNECT is refused with 0x9F (3.1.1: code 3), which
+    /// spreads out a reconnect storm. 0: no limit (the default).
+    pub max_connect_rate: u32,
+    /// PUBLISH packets per second one client may send, with bursts of up to one
+    /// second's worth. A client over it is throttled: roost stops reading from its
+    /// socket until it is back under, so nothing is dropped. 0: no limit (the default).
+    pub max_publish_rate: u32,
+    /// PUBLISH payload bytes per second one client may send; throttled like
+    /// `max_publish_rate`. 0: no limit (the default).
+    pub max_publish_bytes_rate: u64,
+    /// Subscriptions one client may hold; further new filters are refused (SUBACK
+    /// 0x97 / 3.1.1 0x80). 0: no limit. Default 10000.
+    pub max_subscriptions_per_client: usize,
+    /// Payload bytes of QoS 1/2 messages held per session (beside
+    /// `max_queued_messages`); past it, new messages for that session are dropped and
+    /// counted. 0: no byte bound. Default 64 MiB.
+    pub max_queued_bytes: u64,
+    /// A client whose outbound buffer stays full this long with no progress (its
+    /// socket takes no bytes, or its session queue stays at its bound because it
+    /// acknowledges nothing) is disconnected (v5: DISCONNECT 0x97). Its session, if
+    /// persistent, keeps queueing. 0: never. Default 60000.
+    pub slow_consumer_timeout_ms: u64,
     /// Listeners for MQTT over TLS (needs `tls_cert` and `tls_key`).
     pub tls_bind: Vec<SocketAddr>,
     /// Listeners for MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
@@ -179,6 +206,13 @@ impl Default for Config {
             connect_timeout: 10,
             sys_interval: 10,
             max_delivery_wait_ms: 5000,
+            max_connections_per_ip: 0,
+            max_connect_rate: 0,
+            max_publish_rate: 0,
+            max_publish_bytes_rate: 0,
+            max_subscriptions_per_client: 10_000,
+            max_queued_bytes: 64 * 1024 * 1024,
+            slow_consumer_timeout_ms: 60_000,
             tls_bind: Vec::new(),
             ws_bind: Vec::new(),
             wss_bind: Vec::new(),
@@ -255,6 +289,27 @@ pub struct Cli {
     /// Milliseconds a QoS 1/2 publish waits for a full subscriber before dropping for it [default: 5000].
     #[arg(long, value_name = "MS")]
     pub max_delivery_wait_ms: Option<u64>,
+    /// Most connections from one IP address; 0: no limit [default: 0].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New connections accepted per second; 0: no limit [default: 0].
+    #[arg(long, value_name = "PER_SECOND")]
+    pub max_connect_rate: Option<u32>,
+    /// PUBLISH packets per second per client before it is throttled; 0: no limit [default: 0].
+    #[arg(long, value_name = "PER_SECOND")]
+    pub max_publish_rate: Option<u32>,
+    /// PUBLISH payload bytes per second per client before it is throttled; 0: no limit [default: 0].
+    #[arg(long, value_name = "BYTES_PER_SECOND")]
+    pub max_publish_bytes_rate: Option<u64>,
+    /// Subscriptions per client; 0: no limit [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_subscriptions_per_client: Option<usize>,
+    /// Payload bytes of QoS 1/2 messages queued per session; 0: no byte bound [default: 67108864].
+    #[arg(long, value_name = "BYTES")]
+    pub max_queued_bytes: Option<u64>,
+    /// Milliseconds a client's outbound buffer may stay full before it is disconnected; 0: never [default: 60000].
+    #[arg(long, value_name = "MS")]
+    pub slow_consumer_timeout_ms: Option<u64>,
     /// Listen for MQTT over TLS on ADDR:PORT; repeatable (needs --tls-cert, --tls-key).
     #[arg(long, value_name = "ADDR:PORT")]
     pub tls_bind: Vec<SocketAddr>,
@@ -410,7 +465,14 @@ impl Config {
             session_expiry_max,
             connect_timeout,
             sys_interval,
-            max_delivery_wait_ms
+            max_delivery_wait_ms,
+            max_connections_per_ip,
+            max_connect_rate,
+            max_publish_rate,
+            max_publish_bytes_rate,
+            max_subscriptions_per_client,
+            max_queued_bytes,
+            slow_consumer_timeout_ms
         );
         if let Some(d) = cli.storage_durability {
             config.storage.durability = d;

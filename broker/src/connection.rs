@@ -21,9 +21,10 @@ use crate::auth;
 use crate::broker::{
     Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, send_blocked,
 };
-use crate::metrics::DropReason;
+use crate::metrics::{AuthFailure, DropReason, Limit};
 use crate::protocol::{self, AckToken, ConnectRefusal, Connection, Event};
 use crate::queues::{self, QueueTopic};
+use crate::rate::{PublishBudget, Throttled};
 use crate::session::{Delivery, Session};
 use roost_core::Message;
 use tokio::task::JoinSet;
@@ -50,14 +51,16 @@ pub async fn serve<S>(
         stream,
         read_buf: BytesMut::with_capacity(1024),
     };
-    if !broker.try_add_connection() {
-        Box::pin(refuse_over_limit(&broker, &mut io)).await;
+    if let Err(limit) = broker.try_add_connection(peer.ip()) {
+        broker.metrics.limit_tripped(limit, 1);
+        Box::pin(refuse_over_limit(&broker, &mut io, limit)).await;
         return;
     }
+    broker.metrics.connection_accepted();
     if let Err(why) = run(&broker, &mut io, peer, peer_identity, shutdown).await {
         debug!(%peer, "connection ended: {why}");
     }
-    broker.remove_connection();
+    broker.remove_connection(peer.ip());
 }
 
 struct Io<S> {
@@ -84,7 +87,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             }
             match self.stream.read_buf(&mut self.read_buf).await {
                 Ok(0) => return Ok(None),
-                Ok(_) => {}
+                Ok(n) => broker.metrics.network_in(n),
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
@@ -106,9 +109,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         }
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await
+    /// Writes all of `bytes`. A client that takes no byte for the broker's
+    /// `slow_consumer_timeout` fails the write with [`std::io::ErrorKind::TimedOut`]:
+    /// a peer that stopped reading must not hold its connection task forever.
+    async fn write(&mut self, broker: &Broker, bytes: &[u8]) -> std::io::Result<()> {
+        let stall = broker.slow_consumer_timeout();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = with_stall_limit(stall, self.stream.write(rest)).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            broker.metrics.network_out(n);
+            rest = &rest[n..];
+        }
+        with_stall_limit(stall, self.stream.flush()).await
+    }
+}
+
+/// Runs one write step, failing it with `TimedOut` if it makes no progress in `stall`.
+async fn with_stall_limit<T>(
+    stall: Option<Duration>,
+    step: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    match stall {
+        Some(limit) => tokio::time::timeout(limit, step)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
+        None => step.await,
     }
 }
 
@@ -117,23 +145,33 @@ enum ReadError {
     Io(std::io::Error),
 }
 
-/// Reads the CONNECT of a connection over the limit and refuses it.
-async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, io: &mut Io<S>) {
+/// Reads the CONNECT of a connection over a connection limit and refuses it.
+async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Broker,
+    io: &mut Io<S>,
+    limit: Limit,
+) {
+    let (code, why) = match limit {
+        Limit::ConnectRate => (
+            ReasonCode::ConnectionRateExceeded,
+            "connection rate exceeded",
+        ),
+        Limit::ConnectionsPerIp => (
+            ReasonCode::QuotaExceeded,
+            "too many connections from this address",
+        ),
+        _ => (ReasonCode::QuotaExceeded, "too many connections"),
+    };
     let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
     if let Ok(Ok(Some(Packet::Connect(c)))) =
         tokio::time::timeout(timeout, io.read_packet(broker, None)).await
     {
         let mut out = BytesMut::new();
-        protocol::write_refusal(
-            c.protocol,
-            ReasonCode::QuotaExceeded,
-            "too many connections",
-            &mut out,
-        );
-        let _ = io.write(&out).await;
+        protocol::write_refusal(c.protocol, code, why, &mut out);
+        let _ = io.write(broker, &out).await;
         io.close_gracefully().await;
     }
-    debug!("connection refused: max_connections reached");
+    debug!("connection refused: {} reached", limit.label());
 }
 
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -163,7 +201,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     "",
                     &mut out,
                 );
-                let _ = io.write(&out).await;
+                let _ = io.write(broker, &out).await;
                 io.close_gracefully().await;
             }
             return Err(format!("bad CONNECT: {e}"));
@@ -182,7 +220,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Err(ConnectRefusal::Code(code, why)) => {
             let mut out = BytesMut::new();
             protocol::write_refusal(connect.protocol, code, why, &mut out);
-            let _ = io.write(&out).await;
+            let _ = io.write(broker, &out).await;
             io.close_gracefully().await;
             return Err(format!("CONNECT refused ({code:?}): {why}"));
         }
@@ -205,7 +243,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             info!(client_id = %client_id, %peer, username = ?connect.username, "connection refused ({code:?}): {why}");
             let mut out = BytesMut::new();
             protocol::write_refusal(connect.protocol, code, why, &mut out);
-            let _ = io.write(&out).await;
+            let _ = io.write(broker, &out).await;
             io.close_gracefully().await;
             return Err(format!("CONNECT refused ({code:?}): {why}"));
         }
@@ -283,6 +321,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 
     let mut taken_over = None;
     let mut fanout = Fanout::default();
+    let mut budget = PublishBudget::new(
+        broker.config.max_publish_rate,
+        broker.config.max_publish_bytes_rate,
+        Instant::now(),
+    );
+    let mut throttled = false;
+    let mut outbound_full_since = None;
     let outcome = loop {
         if let Err(e) = flush(broker, &mut conn, io, &mut fanout, &mut qio).await {
             break e;
@@ -290,19 +335,44 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some(close) = conn.close_reason() {
             break close.why.clone();
         }
-        let deadline = conn.next_deadline();
+        let throttle = budget
+            .as_mut()
+            .and_then(|b| b.throttled_until(Instant::now()));
+        if let Some((until, limit)) = throttle {
+            if !throttled {
+                let limit = match limit {
+                    Throttled::Packets => Limit::PublishRate,
+                    Throttled::Bytes => Limit::PublishBytesRate,
+                };
+                broker.metrics.limit_tripped(limit, 1);
+                debug!(client_id = %client_id, "publishing too fast ({}): throttled", limit.label());
+            }
+            conn.hold_reads_until(until);
+        }
+        throttled = throttle.is_some();
+        let slow = slow_consumer_deadline(broker, &conn, &mut outbound_full_since);
+        // One timer serves the keep-alive, the end of a throttle and the slow-consumer
+        // limit, so the idle connection's task stays small.
+        let deadline = [conn.next_deadline(), throttle.map(|t| t.0), slow]
+            .into_iter()
+            .flatten()
+            .min();
         let room_needed = qio.room_needed();
         tokio::select! {
-            // A 3.x producer held back by a full queue is not read from meanwhile.
-            read = io.read_packet(broker, Some(conn.version())), if room_needed.is_none() => match read {
+            // A 3.x producer held back by a full queue, or a client over its publish
+            // rate, is not read from meanwhile.
+            read = io.read_packet(broker, Some(conn.version())), if room_needed.is_none() && throttle.is_none() => match read {
                 Ok(Some(packet)) => {
                     let now = Instant::now();
+                    charge(&mut budget, &packet, now);
                     conn.handle(packet, now);
-                    // Decode what else is already buffered before writing back.
-                    while conn.close_reason().is_none() {
+                    // Decode what else is already buffered before writing back (a
+                    // throttled client's rest waits in the buffer).
+                    while conn.close_reason().is_none() && !over_budget(&mut budget, now) {
                         match codec::decode(&mut io.read_buf, Some(conn.version()), broker.limits.max_packet_size as usize) {
                             Ok(Some(p)) => {
                                 run_events(broker, &mut conn, &mut fanout, &mut qio);
+                                charge(&mut budget, &p, now);
                                 conn.handle(p, now);
                             }
                             Ok(None) => break,
@@ -350,7 +420,19 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     );
                 }
             },
-            _ = sleep_until(deadline) => conn.tick(Instant::now()),
+            _ = sleep_until(deadline) => {
+                let now = Instant::now();
+                if slow.is_some_and(|t| now >= t) {
+                    broker.metrics.limit_tripped(Limit::SlowConsumer, 1);
+                    info!(client_id = %client_id, "disconnected: slow consumer (outbound buffer full for slow_consumer_timeout_ms)");
+                    conn.disconnect(
+                        ReasonCode::QuotaExceeded,
+                        "slow consumer: outbound buffer full",
+                        true,
+                    );
+                }
+                conn.tick(now);
+            }
             _ = shutdown.changed() => {
                 conn.disconnect(ReasonCode::ServerShuttingDown, "server shutting down", false);
             }
@@ -384,8 +466,11 @@ async fn admit(
     peer: SocketAddr,
     transport_authenticated: bool,
 ) -> Result<Option<Arc<dyn Authorizer>>, auth::Refusal> {
-    if !transport_authenticated {
-        broker.auth.authenticate(connect, client_id, peer).await?;
+    if !transport_authenticated
+        && let Err((code, why)) = broker.auth.authenticate(connect, client_id, peer).await
+    {
+        broker.metrics.auth_failed(AuthFailure::from_code(code));
+        return Err((code, why));
     }
     let access = broker
         .auth
@@ -501,20 +586,28 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let counts = conn.take_counts();
-    for (qos, n) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
         .into_iter()
-        .zip(counts.sent)
+        .enumerate()
     {
-        broker.metrics.sent(qos, n);
+        broker
+            .metrics
+            .sent(qos, counts.sent[i], counts.sent_bytes[i]);
     }
-    broker
-        .metrics
-        .dropped(DropReason::SessionQueueFull, counts.dropped_queue_full);
+    let m = &broker.metrics;
+    m.dropped(DropReason::SessionQueueFull, counts.dropped_queue_full);
+    m.limit_tripped(Limit::QueuedBytes, counts.dropped_over_bytes);
+    m.limit_tripped(Limit::SubscriptionsPerClient, counts.subscriptions_refused);
     if conn.has_output() {
         let out = conn.take_output();
-        io.write(&out)
-            .await
-            .map_err(|e| format!("write error: {e}"))?;
+        if let Err(e) = io.write(broker, &out).await {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                broker.metrics.limit_tripped(Limit::SlowConsumer, 1);
+                info!(client_id = %conn.client_id(), "disconnected: slow consumer (took no data for slow_consumer_timeout_ms)");
+                return Err("slow consumer: the socket took no data".into());
+            }
+            return Err(format!("write error: {e}"));
+        }
     }
     Ok(())
 }
@@ -529,7 +622,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
     for event in events {
         match event {
             Event::Publish(msg) => {
-                broker.metrics.received(msg.qos);
+                broker.metrics.received(msg.qos, msg.payload.len());
                 broker.publish(msg, fanout)
             }
             Event::Subscribe { .. } if queue_subscription(broker, conn, qio, &event) => {}
@@ -557,7 +650,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
                 }
             }
             Event::QueuePublish { msg, ack } => {
-                broker.metrics.received(msg.qos);
+                broker.metrics.received(msg.qos, msg.payload.len());
                 queue_publish(broker, conn, qio, &msg, ack)
             }
             Event::QueueSettle { queue, nack } => {
@@ -763,6 +856,37 @@ async fn wait_for_room(needed: Option<(roost_queue::Queue, u64)>) {
         Some((queue, bytes)) => queue.wait_for_room(bytes).await,
         None => std::future::pending().await,
     }
+}
+
+/// Charges a PUBLISH read from the client against its publish budget.
+fn charge(budget: &mut Option<PublishBudget>, packet: &Packet, now: Instant) {
+    if let (Some(b), Packet::Publish(p)) = (budget, packet) {
+        b.spend(p.payload.len(), now);
+    }
+}
+
+/// True when the client has published past its rate and must wait.
+fn over_budget(budget: &mut Option<PublishBudget>, now: Instant) -> bool {
+    budget
+        .as_mut()
+        .is_some_and(|b| b.throttled_until(now).is_some())
+}
+
+/// When the client is to be disconnected as a slow consumer, if its outbound buffer
+/// is full now: its session queue is at its bound because it does not acknowledge
+/// what is in flight, so it takes no more deliveries and publishers wait on it or drop
+/// for it. Any progress (an acknowledgement that makes room) restarts the clock.
+fn slow_consumer_deadline(
+    broker: &Broker,
+    conn: &Connection,
+    full_since: &mut Option<Instant>,
+) -> Option<Instant> {
+    let limit = broker.slow_consumer_timeout()?;
+    if conn.has_room() {
+        *full_since = None;
+        return None;
+    }
+    Some(*full_since.get_or_insert_with(Instant::now) + limit)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use roost_core::QoS;
+use roost_core::{QoS, ReasonCode};
 
 /// Why a message was dropped for a subscriber (the `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,25 +40,194 @@ impl DropReason {
     }
 }
 
+/// An overload limit (the `limit` label of `roost_limit_trips_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `max_connections`: a connection refused.
+    Connections,
+    /// `max_connections_per_ip`: a connection refused.
+    ConnectionsPerIp,
+    /// `max_connect_rate`: a connection refused.
+    ConnectRate,
+    /// `max_publish_rate`: a client throttled (counted once per throttling).
+    PublishRate,
+    /// `max_publish_bytes_rate`: a client throttled (counted once per throttling).
+    PublishBytesRate,
+    /// `max_subscriptions_per_client`: a subscription refused.
+    SubscriptionsPerClient,
+    /// `max_queued_bytes`: a message dropped for a session.
+    QueuedBytes,
+    /// `slow_consumer_timeout_ms`: a client disconnected.
+    SlowConsumer,
+}
+
+impl Limit {
+    /// Every limit, in the order `/metrics` lists them.
+    pub const ALL: [Limit; 8] = [
+        Limit::Connections,
+        Limit::ConnectionsPerIp,
+        Limit::ConnectRate,
+        Limit::PublishRate,
+        Limit::PublishBytesRate,
+        Limit::SubscriptionsPerClient,
+        Limit::QueuedBytes,
+        Limit::SlowConsumer,
+    ];
+
+    /// The label value: the config key of the limit.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Connections => "max_connections",
+            Limit::ConnectionsPerIp => "max_connections_per_ip",
+            Limit::ConnectRate => "max_connect_rate",
+            Limit::PublishRate => "max_publish_rate",
+            Limit::PublishBytesRate => "max_publish_bytes_rate",
+            Limit::SubscriptionsPerClient => "max_subscriptions_per_client",
+            Limit::QueuedBytes => "max_queued_bytes",
+            Limit::SlowConsumer => "slow_consumer_timeout_ms",
+        }
+    }
+}
+
+/// Why a client failed to authenticate (the `reason` label of
+/// `roost_auth_failures_total`), from the CONNACK code it was refused with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Unknown user or wrong password (0x86 / 3.1.1 code 4).
+    BadCredentials,
+    /// Authenticated but not allowed, or anonymous where that is off (0x87 / code 5).
+    NotAuthorized,
+    /// The authentication back end (the HTTP hook) could not answer (0x88 / code 3).
+    BackendUnavailable,
+    /// Enhanced authentication with a method roost does not offer, or that failed.
+    BadMethod,
+}
+
+impl AuthFailure {
+    /// Every reason, in the order `/metrics` lists them.
+    pub const ALL: [AuthFailure; 4] = [
+        AuthFailure::BadCredentials,
+        AuthFailure::NotAuthorized,
+        AuthFailure::BackendUnavailable,
+        AuthFailure::BadMethod,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::BadCredentials => "bad_credentials",
+            AuthFailure::NotAuthorized => "not_authorized",
+            AuthFailure::BackendUnavailable => "backend_unavailable",
+            AuthFailure::BadMethod => "bad_method",
+        }
+    }
+
+    /// The failure a CONNACK refusal code stands for.
+    pub fn from_code(code: ReasonCode) -> AuthFailure {
+        match code {
+            ReasonCode::BadUserNameOrPassword => AuthFailure::BadCredentials,
+            ReasonCode::ServerUnavailable | ReasonCode::ServerBusy => {
+                AuthFailure::BackendUnavailable
+            }
+            ReasonCode::BadAuthenticationMethod => AuthFailure::BadMethod,
+            _ => AuthFailure::NotAuthorized,
+        }
+    }
+}
+
 /// The broker's counters (monotonic; reset only by a restart).
 #[derive(Debug, Default)]
 pub struct Metrics {
     received: [AtomicU64; 3],
     sent: [AtomicU64; 3],
+    received_bytes: [AtomicU64; 3],
+    sent_bytes: [AtomicU64; 3],
     dropped: [AtomicU64; 3],
+    network_in: AtomicU64,
+    network_out: AtomicU64,
+    connections_accepted: AtomicU64,
+    limits: [AtomicU64; Limit::ALL.len()],
+    auth_failures: [AtomicU64; AuthFailure::ALL.len()],
 }
 
 impl Metrics {
-    /// Counts a PUBLISH received from a client.
-    pub fn received(&self, qos: QoS) {
+    /// Counts a PUBLISH received from a client, with its payload size.
+    pub fn received(&self, qos: QoS, payload_bytes: usize) {
         self.received[qos as usize].fetch_add(1, Ordering::Relaxed);
+        self.received_bytes[qos as usize].fetch_add(payload_bytes as u64, Ordering::Relaxed);
     }
 
-    /// Counts `n` PUBLISH packets of `qos` sent to clients (first sends, not resends).
-    pub fn sent(&self, qos: QoS, n: u64) {
+    /// Counts `n` PUBLISH packets of `qos` sent to clients (first sends, not resends)
+    /// carrying `payload_bytes` in all.
+    pub fn sent(&self, qos: QoS, n: u64, payload_bytes: u64) {
         if n > 0 {
             self.sent[qos as usize].fetch_add(n, Ordering::Relaxed);
+            self.sent_bytes[qos as usize].fetch_add(payload_bytes, Ordering::Relaxed);
         }
+    }
+
+    /// Counts bytes read from client sockets (after TLS and WebSocket framing).
+    pub fn network_in(&self, n: usize) {
+        self.network_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts bytes written to client sockets (before TLS and WebSocket framing).
+    pub fn network_out(&self, n: usize) {
+        self.network_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a connection admitted past the connection limits.
+    pub fn connection_accepted(&self) {
+        self.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections admitted so far.
+    pub fn connections_accepted(&self) -> u64 {
+        self.connections_accepted.load(Ordering::Relaxed)
+    }
+
+    /// Counts one trip of an overload limit.
+    pub fn limit_tripped(&self, limit: Limit, n: u64) {
+        if n > 0 {
+            self.limits[limit as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a client that failed to authenticate.
+    pub fn auth_failed(&self, why: AuthFailure) {
+        self.auth_failures[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Trips of `limit` so far.
+    pub fn limit_trips(&self, limit: Limit) -> u64 {
+        self.limits[limit as usize].load(Ordering::Relaxed)
+    }
+
+    /// Authentication failures for `why` so far.
+    pub fn auth_failures(&self, why: AuthFailure) -> u64 {
+        self.auth_failures[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Bytes read from and written to client sockets.
+    pub fn network_bytes(&self) -> (u64, u64) {
+        (
+            self.network_in.load(Ordering::Relaxed),
+            self.network_out.load(Ordering::Relaxed),
+        )
+    }
+
+    /// PUBLISH payload bytes received, by QoS 0, 1, 2.
+    pub fn received_bytes_by_qos(&self) -> [u64; 3] {
+        self.received_bytes
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// PUBLISH payload bytes sent (first sends), by QoS 0, 1, 2.
+    pub fn sent_bytes_by_qos(&self) -> [u64; 3] {
+        self.sent_bytes
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Counts `n` messages dropped for a subscriber.
@@ -91,13 +260,23 @@ mod tests {
     #[test]
     fn counters_add_up_by_label() {
         let m = Metrics::default();
-        m.received(QoS::AtLeastOnce);
-        m.received(QoS::AtLeastOnce);
-        m.received(QoS::ExactlyOnce);
-        m.sent(QoS::AtMostOnce, 5);
+        m.received(QoS::AtLeastOnce, 10);
+        m.received(QoS::AtLeastOnce, 5);
+        m.received(QoS::ExactlyOnce, 1);
+        m.sent(QoS::AtMostOnce, 5, 50);
+        m.sent(QoS::AtLeastOnce, 0, 0);
         m.dropped(DropReason::SlowSubscriber, 2);
+        m.limit_tripped(Limit::ConnectRate, 1);
+        m.auth_failed(AuthFailure::from_code(ReasonCode::BadUserNameOrPassword));
+        m.network_in(7);
         assert_eq!(m.received_by_qos(), [0, 2, 1]);
+        assert_eq!(m.received_bytes_by_qos(), [0, 15, 1]);
         assert_eq!(m.sent_by_qos(), [5, 0, 0]);
+        assert_eq!(m.sent_bytes_by_qos(), [50, 0, 0]);
+        assert_eq!(m.limit_trips(Limit::ConnectRate), 1);
+        assert_eq!(m.limit_trips(Limit::Connections), 0);
+        assert_eq!(m.auth_failures(AuthFailure::BadCredentials), 1);
+        assert_eq!(m.network_bytes(), (7, 0));
         assert_eq!(m.dropped_for(DropReason::SlowSubscriber), 2);
         assert_eq!(m.dropped_for(DropReason::OfflineQueueFull), 0);
     }

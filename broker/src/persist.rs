@@ -246,7 +246,7 @@ fn writer(
             Ok(job) => job,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if dirty && !failed.load(Ordering::Acquire) {
-                    if let Err(e) = spaces.db.persist(PersistMode::SyncData) {
+                    if let Err(e) = sync(&spaces) {
                         fail(&failed, &e.to_string());
                     }
                     dirty = false;
@@ -263,7 +263,7 @@ fn writer(
             Err(StoreError::Failed)
         } else {
             let r = write_jobs(&spaces, &jobs).and_then(|()| match durability {
-                Durability::Fsync => spaces.db.persist(PersistMode::SyncData).map_err(db_err),
+                Durability::Fsync => sync(&spaces).map_err(db_err),
                 Durability::Buffered => Ok(()),
             });
             if let Err(e) = &r {
@@ -281,6 +281,18 @@ fn writer(
     if dirty {
         let _ = spaces.db.persist(PersistMode::SyncData);
     }
+}
+
+/// Every fdatasync of the session store in this process, for `/metrics`.
+pub static STATE_SYNCS: roost_storage::latency::SyncLatency =
+    roost_storage::latency::SyncLatency::new();
+
+/// Makes the store's writes durable, timing it.
+fn sync(spaces: &Spaces) -> Result<(), fjall::Error> {
+    let started = std::time::Instant::now();
+    let r = spaces.db.persist(PersistMode::SyncData);
+    STATE_SYNCS.record(started.elapsed());
+    r
 }
 
 fn fail(failed: &AtomicBool, why: &str) {

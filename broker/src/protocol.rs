@@ -25,7 +25,9 @@ use roost_core::{
 use crate::acl::{Access, Authorizer};
 use crate::config::Config;
 use crate::persist::Op;
-use crate::session::{Delivery, Inflight, InflightState, QueueRef, Session, SubscriptionRecord};
+use crate::session::{
+    Delivery, Inflight, InflightState, QueueBound, QueueFull, QueueRef, Session, SubscriptionRecord,
+};
 
 /// The limits a connection enforces, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -35,7 +37,9 @@ pub struct Limits {
     /// Receive Maximum announced to clients; also caps the outbound window.
     pub max_inflight: u16,
     /// Per-session queue bound.
-    pub max_queued: usize,
+    pub max_queued: QueueBound,
+    /// Subscriptions a client may hold (0: no limit).
+    pub max_subscriptions: usize,
     /// Most levels in a topic name or filter.
     pub max_topic_levels: usize,
     /// Topic aliases accepted from a v5 client.
@@ -52,7 +56,11 @@ impl Limits {
         Limits {
             max_packet_size: c.max_packet_size,
             max_inflight: c.max_inflight,
-            max_queued: c.max_queued_messages,
+            max_queued: QueueBound {
+                messages: c.max_queued_messages,
+                bytes: c.max_queued_bytes,
+            },
+            max_subscriptions: c.max_subscriptions_per_client,
             max_topic_levels: c.max_topic_levels,
             topic_alias_maximum: c.topic_alias_maximum,
             max_keep_alive: c.max_keep_alive,
@@ -288,8 +296,14 @@ pub struct Connection {
 pub struct Counts {
     /// PUBLISH packets first sent (not resends), by QoS 0, 1, 2.
     pub sent: [u64; 3],
+    /// Their payload bytes, by QoS.
+    pub sent_bytes: [u64; 3],
     /// Messages dropped because the session queue was full.
     pub dropped_queue_full: u64,
+    /// Of those, the ones dropped by the byte bound.
+    pub dropped_over_bytes: u64,
+    /// Subscriptions refused by `max_subscriptions_per_client`.
+    pub subscriptions_refused: u64,
 }
 
 impl Connection {
@@ -426,7 +440,7 @@ impl Connection {
     /// True while the session queue can take more deliveries; when it is full the
     /// connection stops taking them, which makes publishers wait.
     pub fn has_room(&self) -> bool {
-        self.session.pending.len() < self.limits.max_queued
+        self.limits.max_queued.has_room(&self.session.pending)
     }
 
     /// Events for the broker, in order.
@@ -437,6 +451,12 @@ impl Connection {
     /// Set once the connection must close (after the output is flushed).
     pub fn close_reason(&self) -> Option<&Close> {
         self.close.as_ref()
+    }
+
+    /// Tells the keep-alive check that roost itself will not read from the client
+    /// before `until` (it is throttled), so silence until then is not the client's.
+    pub fn hold_reads_until(&mut self, until: Instant) {
+        self.last_received = self.last_received.max(until);
     }
 
     /// When [`Connection::tick`] must run next (the keep-alive deadline).
@@ -529,8 +549,11 @@ impl Connection {
         }
         if self.session.pending.is_empty() && self.session.inflight.len() < self.send_window {
             self.send_new(d, now);
-        } else if !self.session.enqueue(d, self.limits.max_queued) {
+        } else if let Err(full) = self.session.enqueue(d, self.limits.max_queued) {
             self.counts.dropped_queue_full += 1;
+            if full == QueueFull::Bytes {
+                self.counts.dropped_over_bytes += 1;
+            }
             tracing::debug!(client_id = %self.session.client_id, "session queue full, message dropped");
         }
     }
@@ -833,6 +856,16 @@ impl Connection {
                 reasons.push(ReasonCode::NotAuthorized);
                 continue;
             }
+            let max = self.limits.max_subscriptions;
+            if max > 0
+                && self.session.subscriptions.len() >= max
+                && !self.session.subscriptions.contains_key(&raw)
+            {
+                tracing::debug!(client_id = %self.session.client_id, filter = %raw, "SUBSCRIBE refused: max_subscriptions_per_client");
+                self.counts.subscriptions_refused += 1;
+                reasons.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
             let record = SubscriptionRecord {
                 options,
                 identifier,
@@ -854,6 +887,8 @@ impl Connection {
         }
         let why = if reasons.contains(&ReasonCode::NotAuthorized) {
             "not authorized"
+        } else if reasons.contains(&ReasonCode::QuotaExceeded) {
+            "too many subscriptions"
         } else {
             "invalid topic filter"
         };
@@ -912,7 +947,7 @@ impl Connection {
             return;
         }
         let Some(packet_id) = self.session.allocate_packet_id() else {
-            self.session.enqueue(d, self.limits.max_queued);
+            let _ = self.session.enqueue(d, self.limits.max_queued);
             return;
         };
         if self.write_publish(&d, packet_id, false, now) {
@@ -991,6 +1026,7 @@ impl Connection {
             Ok(()) => {
                 if !dup {
                     self.counts.sent[d.qos as usize] += 1;
+                    self.counts.sent_bytes[d.qos as usize] += d.msg.payload.len() as u64;
                 }
                 true
             }
@@ -1117,7 +1153,10 @@ mod tests {
     fn limits() -> Arc<Limits> {
         Arc::new(Limits {
             max_inflight: 4,
-            max_queued: 8,
+            max_queued: QueueBound {
+                messages: 8,
+                bytes: 0,
+            },
             topic_alias_maximum: 3,
             max_keep_alive: 60,
             ..Limits::default()
@@ -1453,7 +1492,7 @@ mod tests {
     fn queued_messages_are_sent_on_resume() {
         let now = Instant::now();
         let mut session = Session::new("c1".into());
-        session.enqueue_offline(delivery(QoS::AtLeastOnce, b"q", now), 8);
+        session.enqueue_offline(delivery(QoS::AtLeastOnce, b"q", now), limits().max_queued);
         let mut c = connect_packet(V5);
         c.clean_start = false;
         let (mut conn, _) = open(c, Some(session), now);
@@ -1584,6 +1623,64 @@ mod tests {
         );
         conn.deliver(d, now + Duration::from_secs(11));
         assert!(output(&mut conn, V5).is_empty());
+    }
+
+    #[test]
+    fn subscriptions_past_the_limit_are_refused_with_quota_exceeded() {
+        let now = Instant::now();
+        let limits = Arc::new(Limits {
+            max_subscriptions: 2,
+            ..(*limits()).clone()
+        });
+        let plan = plan_connect(&connect_packet(V5), &limits, || "x".into()).expect("plan");
+        let mut conn = Connection::accept(
+            connect_packet(V5),
+            &plan,
+            Session::new(plan.client_id.clone()),
+            false,
+            limits,
+            None,
+            now,
+        );
+        let _ = output(&mut conn, V5);
+        let opts = SubscriptionOptions::default();
+        conn.handle(
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                filters: vec![("a".into(), opts), ("b".into(), opts), ("c".into(), opts)],
+                properties: Properties::default(),
+            }),
+            now,
+        );
+        // Re-subscribing to a held filter is not a new subscription.
+        conn.handle(
+            Packet::Subscribe(Subscribe {
+                packet_id: 2,
+                filters: vec![("a".into(), opts)],
+                properties: Properties::default(),
+            }),
+            now,
+        );
+        let out = output(&mut conn, V5);
+        let reasons: Vec<_> = out
+            .iter()
+            .filter_map(|p| match p {
+                Packet::SubAck(a) => Some(a.reasons.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                vec![
+                    ReasonCode::Success,
+                    ReasonCode::Success,
+                    ReasonCode::QuotaExceeded
+                ],
+                vec![ReasonCode::Success],
+            ]
+        );
+        assert_eq!(conn.take_counts().subscriptions_refused, 1);
     }
 
     #[test]
@@ -1922,8 +2019,14 @@ mod tests {
 
         // Queued while offline: checked when the session resumes.
         let mut session = Session::new("c1".into());
-        session.enqueue_offline(delivery_on("no/4", QoS::AtLeastOnce, now), 8);
-        session.enqueue_offline(delivery_on("ok/5", QoS::AtLeastOnce, now), 8);
+        session.enqueue_offline(
+            delivery_on("no/4", QoS::AtLeastOnce, now),
+            limits().max_queued,
+        );
+        session.enqueue_offline(
+            delivery_on("ok/5", QoS::AtLeastOnce, now),
+            limits().max_queued,
+        );
         let mut c = connect_packet(V5);
         c.clean_start = false;
         let limits = limits();

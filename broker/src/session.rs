@@ -4,7 +4,8 @@
 //! - a packet identifier is in `inflight` at most once, and is not handed out again
 //!   until its flow completes (PUBACK, PUBCOMP, or a PUBREC with an error code);
 //! - `inflight` keeps send order, so a resumed session resends in the original order;
-//! - `pending` never holds more than the configured `max_queued_messages`;
+//! - `pending` never holds more than the configured `max_queued_messages`, nor more
+//!   payload bytes than `max_queued_bytes` (when set);
 //! - every change to a stored delivery (sent, released, done, dropped) and to the
 //!   incoming QoS 2 ids of a persistent session is recorded in `journal`, in order, for
 //!   the owner of the session to hand to the store.
@@ -77,6 +78,101 @@ pub struct Inflight {
     pub state: InflightState,
 }
 
+/// How much a session may hold in [`Pending`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBound {
+    /// Most messages (`max_queued_messages`).
+    pub messages: usize,
+    /// Most payload bytes (`max_queued_bytes`); 0: no byte bound.
+    pub bytes: u64,
+}
+
+/// Which bound a full session queue hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFull {
+    /// `max_queued_messages`.
+    Messages,
+    /// `max_queued_bytes`.
+    Bytes,
+}
+
+impl QueueBound {
+    /// Why `pending` cannot take a message of `payload` bytes, if it cannot. A message
+    /// larger than the whole byte bound is still taken by an empty queue, so the bound
+    /// never makes a session unable to receive a large message at all.
+    pub fn check(&self, pending: &Pending, payload: usize) -> Result<(), QueueFull> {
+        if pending.len() >= self.messages {
+            return Err(QueueFull::Messages);
+        }
+        if self.bytes > 0 && !pending.is_empty() && pending.bytes() + payload as u64 > self.bytes {
+            return Err(QueueFull::Bytes);
+        }
+        Ok(())
+    }
+
+    /// True while `pending` is below both bounds.
+    pub fn has_room(&self, pending: &Pending) -> bool {
+        pending.len() < self.messages && (self.bytes == 0 || pending.bytes() < self.bytes)
+    }
+}
+
+/// Messages a session holds for later, in order, with their payload bytes counted.
+#[derive(Debug, Default)]
+pub struct Pending {
+    items: VecDeque<Delivery>,
+    bytes: u64,
+}
+
+impl Pending {
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Payload bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Appends (bounds are the caller's business: see [`QueueBound::check`]).
+    pub fn push_back(&mut self, d: Delivery) {
+        self.bytes += d.msg.payload.len() as u64;
+        self.items.push_back(d);
+    }
+
+    /// Takes the oldest.
+    pub fn pop_front(&mut self) -> Option<Delivery> {
+        let d = self.items.pop_front()?;
+        self.bytes -= d.msg.payload.len() as u64;
+        Some(d)
+    }
+
+    /// Keeps only what `keep` accepts, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Delivery) -> bool) {
+        let mut bytes = 0;
+        self.items.retain(|d| {
+            let kept = keep(d);
+            if kept {
+                bytes += d.msg.payload.len() as u64;
+            }
+            kept
+        });
+        self.bytes = bytes;
+    }
+}
+
+impl std::ops::Index<usize> for Pending {
+    type Output = Delivery;
+    fn index(&self, i: usize) -> &Delivery {
+        &self.items[i]
+    }
+}
+
 /// A subscription as the session remembers it (the router holds the matching copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscriptionRecord {
@@ -96,7 +192,7 @@ pub struct Session {
     /// Outgoing QoS 1/2 messages in send order.
     pub inflight: VecDeque<Inflight>,
     /// Messages waiting for a free slot in the window or for the client to return.
-    pub pending: VecDeque<Delivery>,
+    pub pending: Pending,
     /// Incoming QoS 2 packet ids for which PUBREC was sent and PUBREL not yet seen.
     pub incoming_qos2: HashSet<PacketId>,
     /// Seconds the session lives after its connection ends (`u32::MAX`: forever).
@@ -120,7 +216,7 @@ impl Session {
             client_id,
             subscriptions: HashMap::new(),
             inflight: VecDeque::new(),
-            pending: VecDeque::new(),
+            pending: Pending::default(),
             incoming_qos2: HashSet::new(),
             expiry_interval: 0,
             pending_will: None,
@@ -133,24 +229,24 @@ impl Session {
 
     /// Queues a delivery while no connection is attached. QoS 0 messages are not
     /// kept for offline sessions (the spec allows dropping them); QoS 1/2 are kept up
-    /// to `max_queued`. Returns false when the delivery was dropped.
-    pub fn enqueue_offline(&mut self, d: Delivery, max_queued: usize) -> bool {
+    /// to `bound`. Returns false when the delivery was dropped.
+    pub fn enqueue_offline(&mut self, d: Delivery, bound: QueueBound) -> bool {
         // A queue delivery goes back to its queue, which redelivers it.
         if d.qos == QoS::AtMostOnce || d.queue.is_some() {
             return false;
         }
-        self.enqueue(d, max_queued)
+        self.enqueue(d, bound).is_ok()
     }
 
     /// Appends to `pending` unless it is full (then counts a drop).
-    pub fn enqueue(&mut self, d: Delivery, max_queued: usize) -> bool {
-        if self.pending.len() >= max_queued {
+    pub fn enqueue(&mut self, d: Delivery, bound: QueueBound) -> Result<(), QueueFull> {
+        if let Err(full) = bound.check(&self.pending, d.msg.payload.len()) {
             self.dropped += 1;
             self.forget(&d);
-            return false;
+            return Err(full);
         }
         self.pending.push_back(d);
-        true
+        Ok(())
     }
 
     /// True when the session outlives its connection (and so is stored).
@@ -252,12 +348,17 @@ impl Session {
     /// Drops pending messages whose expiry has passed (in-flight ones are kept: their
     /// delivery has started, and the spec only expires messages not yet sent).
     pub fn expire_pending(&mut self, now: Instant) {
-        let (live, expired): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|d| !d.msg.is_expired(now));
-        self.pending = live;
-        for d in &expired {
-            self.forget(d);
+        let mut expired = Vec::new();
+        self.pending.retain(|d| {
+            let live = !d.msg.is_expired(now);
+            if !live {
+                expired.push(d.seq);
+            }
+            live
+        });
+        for seq in expired.into_iter().flatten() {
+            self.journal
+                .push(Op::DeleteEntry(self.client_id.clone(), seq));
         }
     }
 }
@@ -308,11 +409,48 @@ mod tests {
     #[test]
     fn offline_queue_is_bounded_and_skips_qos0() {
         let mut s = Session::new("c".into());
-        assert!(!s.enqueue_offline(delivery(QoS::AtMostOnce), 2));
-        assert!(s.enqueue_offline(delivery(QoS::AtLeastOnce), 2));
-        assert!(s.enqueue_offline(delivery(QoS::ExactlyOnce), 2));
-        assert!(!s.enqueue_offline(delivery(QoS::AtLeastOnce), 2));
+        let two = QueueBound {
+            messages: 2,
+            bytes: 0,
+        };
+        assert!(!s.enqueue_offline(delivery(QoS::AtMostOnce), two));
+        assert!(s.enqueue_offline(delivery(QoS::AtLeastOnce), two));
+        assert!(s.enqueue_offline(delivery(QoS::ExactlyOnce), two));
+        assert!(!s.enqueue_offline(delivery(QoS::AtLeastOnce), two));
         assert_eq!(s.pending.len(), 2);
         assert_eq!(s.dropped, 1);
+    }
+
+    #[test]
+    fn byte_bound_counts_payloads_and_admits_one_oversized_message() {
+        let mut s = Session::new("c".into());
+        let bound = QueueBound {
+            messages: 100,
+            bytes: 2,
+        };
+        // Each test delivery carries a 1-byte payload.
+        assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
+        assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
+        assert_eq!(
+            s.enqueue(delivery(QoS::AtLeastOnce), bound),
+            Err(QueueFull::Bytes)
+        );
+        assert_eq!(s.pending.bytes(), 2);
+        assert!(!bound.has_room(&s.pending));
+        assert!(s.pending.pop_front().is_some());
+        assert_eq!(s.pending.bytes(), 1);
+        assert!(bound.has_room(&s.pending));
+        s.pending.retain(|_| false);
+        assert_eq!(s.pending.bytes(), 0);
+        // An empty queue takes a message bigger than the whole bound.
+        let tiny = QueueBound {
+            messages: 100,
+            bytes: 0,
+        };
+        assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), tiny), Ok(()));
+        let mut big = delivery(QoS::AtLeastOnce);
+        Arc::make_mut(&mut big.msg).payload = Bytes::from_static(b"0123456789");
+        let mut t = Session::new("d".into());
+        assert_eq!(t.enqueue(big, bound), Ok(()));
     }
 }

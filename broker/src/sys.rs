@@ -22,55 +22,152 @@ pub async fn publish_periodically(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(interval);
+    let mut load = Load::default();
     loop {
         tokio::select! {
-            _ = tick.tick() => publish_once(&broker, started),
+            _ = tick.tick() => {
+                let now = Instant::now();
+                load.update(&Counters::read(&broker), now);
+                publish_once(&broker, status(&broker, started, &load));
+            }
             _ = shutdown.changed() => return,
         }
     }
 }
 
+/// The cumulative counters the `load/...` topics are rates of, in [`LOADS`] order.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters([u64; LOADS.len()]);
+
+/// Names of the `$SYS/broker/load/<name>/{1min,5min,15min}` topics.
+const LOADS: [&str; 8] = [
+    "messages/received",
+    "messages/sent",
+    "publish/received",
+    "publish/sent",
+    "publish/dropped",
+    "bytes/received",
+    "bytes/sent",
+    "connections",
+];
+
+impl Counters {
+    fn read(broker: &Broker) -> Counters {
+        let m = &broker.metrics;
+        let received: u64 = m.received_by_qos().iter().sum();
+        let sent: u64 = m.sent_by_qos().iter().sum();
+        let dropped: u64 = DropReason::ALL.iter().map(|r| m.dropped_for(*r)).sum();
+        let (bytes_in, bytes_out) = m.network_bytes();
+        Counters([
+            received,
+            sent,
+            received,
+            sent,
+            dropped,
+            bytes_in,
+            bytes_out,
+            m.connections_accepted(),
+        ])
+    }
+}
+
+/// Mosquitto's load figures: per-minute rates smoothed over 1, 5 and 15 minutes with
+/// exponentially decaying weights, so a dashboard sees a trend, not each tick's noise.
+#[derive(Debug, Default)]
+pub struct Load {
+    last: Option<(Counters, Instant)>,
+    /// Per-minute averages, `[counter][window]`.
+    averages: [[f64; 3]; LOADS.len()],
+}
+
+/// The averaging windows, in seconds, and their topic suffixes.
+const WINDOWS: [(f64, &str); 3] = [(60.0, "1min"), (300.0, "5min"), (900.0, "15min")];
+
+impl Load {
+    fn update(&mut self, now_counters: &Counters, now: Instant) {
+        if let Some((before, at)) = self.last {
+            let dt = now.saturating_duration_since(at).as_secs_f64();
+            if dt > 0.0 {
+                for (i, avg) in self.averages.iter_mut().enumerate() {
+                    let per_minute =
+                        now_counters.0[i].saturating_sub(before.0[i]) as f64 * 60.0 / dt;
+                    for (w, (window, _)) in WINDOWS.iter().enumerate() {
+                        let keep = (-dt / window).exp();
+                        avg[w] = avg[w] * keep + per_minute * (1.0 - keep);
+                    }
+                }
+            }
+        }
+        self.last = Some((*now_counters, now));
+    }
+}
+
 /// The status topics and their current values.
-pub fn status(broker: &Broker, started: Instant) -> Vec<(&'static str, String)> {
+pub fn status(broker: &Broker, started: Instant, load: &Load) -> Vec<(String, String)> {
     let m = &broker.metrics;
     let received: u64 = m.received_by_qos().iter().sum();
     let sent: u64 = m.sent_by_qos().iter().sum();
     let dropped: u64 = DropReason::ALL.iter().map(|r| m.dropped_for(*r)).sum();
-    vec![
+    let (bytes_in, bytes_out) = m.network_bytes();
+    let payload_in: u64 = m.received_bytes_by_qos().iter().sum();
+    let payload_out: u64 = m.sent_bytes_by_qos().iter().sum();
+    let connected = broker.connection_count();
+    let sessions = broker.session_count();
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out: Vec<(String, String)> = [
+        ("version", format!("roost {}", env!("CARGO_PKG_VERSION"))),
+        ("uptime", format!("{} seconds", started.elapsed().as_secs())),
+        ("time", unix.to_string()),
+        ("clients/connected", connected.to_string()),
+        ("clients/active", connected.to_string()),
         (
-            "$SYS/broker/version",
-            format!("roost {}", env!("CARGO_PKG_VERSION")),
+            "clients/disconnected",
+            sessions.saturating_sub(connected).to_string(),
         ),
         (
-            "$SYS/broker/uptime",
-            format!("{} seconds", started.elapsed().as_secs()),
+            "clients/inactive",
+            sessions.saturating_sub(connected).to_string(),
         ),
+        ("clients/total", sessions.to_string()),
+        ("clients/maximum", broker.connection_peak().to_string()),
         (
-            "$SYS/broker/clients/connected",
-            broker.connection_count().to_string(),
-        ),
-        (
-            "$SYS/broker/clients/total",
-            broker.session_count().to_string(),
-        ),
-        (
-            "$SYS/broker/subscriptions/count",
+            "subscriptions/count",
             broker.subscription_count().to_string(),
         ),
         (
-            "$SYS/broker/retained messages/count",
+            "retained messages/count",
             broker.retained_count().to_string(),
         ),
-        ("$SYS/broker/messages/received", received.to_string()),
-        ("$SYS/broker/messages/sent", sent.to_string()),
-        ("$SYS/broker/publish/messages/dropped", dropped.to_string()),
+        ("messages/received", received.to_string()),
+        ("messages/sent", sent.to_string()),
+        ("publish/messages/received", received.to_string()),
+        ("publish/messages/sent", sent.to_string()),
+        ("publish/messages/dropped", dropped.to_string()),
+        ("publish/bytes/received", payload_in.to_string()),
+        ("publish/bytes/sent", payload_out.to_string()),
+        ("bytes/received", bytes_in.to_string()),
+        ("bytes/sent", bytes_out.to_string()),
     ]
+    .into_iter()
+    .map(|(topic, value)| (format!("$SYS/broker/{topic}"), value))
+    .collect();
+    for (name, avg) in LOADS.iter().zip(&load.averages) {
+        for ((_, suffix), value) in WINDOWS.iter().zip(avg) {
+            out.push((
+                format!("$SYS/broker/load/{name}/{suffix}"),
+                format!("{value:.2}"),
+            ));
+        }
+    }
+    out
 }
 
-fn publish_once(broker: &Arc<Broker>, started: Instant) {
-    for (topic, value) in status(broker, started) {
+fn publish_once(broker: &Arc<Broker>, status: Vec<(String, String)>) {
+    for (topic, value) in status {
         broker.publish_detached(Arc::new(Message {
-            topic: topic.to_owned(),
+            topic,
             payload: Bytes::from(value),
             qos: QoS::AtMostOnce,
             retain: true,
@@ -78,5 +175,31 @@ fn publish_once(broker: &Arc<Broker>, started: Instant) {
             publisher: None,
             received_at: Instant::now(),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_averages_approach_a_steady_rate() {
+        let t0 = Instant::now();
+        let mut load = Load::default();
+        let mut c = Counters::default();
+        load.update(&c, t0);
+        // 100 messages received every 10 s: 600 per minute.
+        for step in 1..=90 {
+            c.0[0] += 100;
+            load.update(&c, t0 + Duration::from_secs(10 * step));
+        }
+        let [one, five, fifteen] = load.averages[0];
+        assert!((one - 600.0).abs() < 1.0, "{one}");
+        // 15 minutes in, the 5-minute average is close, the 15-minute one still rising.
+        assert!((five - 600.0).abs() < 40.0, "{five}");
+        assert!(fifteen > 300.0 && fifteen < 600.0, "{fifteen}");
+        assert!(one >= five && five >= fifteen);
+        // Nothing else moved.
+        assert_eq!(load.averages[1], [0.0; 3]);
     }
 }

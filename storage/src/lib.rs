@@ -84,6 +84,7 @@
 mod commit;
 mod error;
 mod format;
+pub mod latency;
 mod log;
 mod segment;
 mod storage;

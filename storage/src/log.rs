@@ -819,7 +819,9 @@ impl LogInner {
         if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected fdatasync failure"));
         }
+        let started = std::time::Instant::now();
         w.data.sync_data()?;
+        crate::latency::DATA_SYNCS.record(started.elapsed());
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
