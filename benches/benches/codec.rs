@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use roost_benches::{CountingAlloc, allocations_per_op};
+use roost_benches::{CountingAlloc, Flamegraph, allocations_per_op};
 use roost_core::codec::{self, PublishView};
 use roost_core::{Packet, Properties, ProtocolVersion, Publish, QoS};
 
@@ -88,5 +88,9 @@ fn bench_codec(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_codec);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_profiler(Flamegraph::new(1000));
+    targets = bench_codec
+}
 criterion_main!(benches);

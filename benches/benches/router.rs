@@ -12,7 +12,19 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use roost_benches::{CountingAlloc, Flamegraph, allocations_per_op};
 use roost_router::{Matches, Router, Subscription, SubscriptionOptions};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// Prints the allocations per call of `f` (after one warm-up call, so buffers that are
+/// reused across calls have reached their size).
+fn report_allocations(name: &str, mut f: impl FnMut()) {
+    f();
+    let allocs = allocations_per_op(1_000, f);
+    println!("{name}: {allocs:.2} allocations per op");
+}
 
 fn sub(client: String) -> Subscription {
     Subscription {
@@ -62,6 +74,16 @@ fn build(catch_all: bool) -> Router {
 fn bench_router(c: &mut Criterion) {
     let router = build(false);
     let mut out = Matches::default();
+    for (name, topic) in [
+        ("router/match 9 of 100k", "site/42/dev/7/temp"),
+        ("router/match none of 100k", "site/42/dev/7/humidity"),
+        ("router/fan-out 1000 of 100k", "alerts/fire"),
+    ] {
+        report_allocations(name, || {
+            out.clear();
+            router.matches(topic, &mut out);
+        });
+    }
 
     c.bench_function("router/match 9 of 100k", |b| {
         b.iter(|| {
@@ -101,5 +123,9 @@ fn bench_router(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_router);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_profiler(Flamegraph::new(1000));
+    targets = bench_router
+}
 criterion_main!(benches);
