@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
-# Runs every roost test: formatting, lints, unit and property tests, then the
-# end-to-end suite against the release binary with real MQTT clients.
-# Installs what the tests need (mosquitto-clients, Python packages) when missing.
+# Runs every roost test: formatting, lints, unit and property tests, a bounded run of the
+# decoder fuzz target, then the end-to-end suite against the release binary with real MQTT
+# clients (paho, mosquitto_pub/sub, MQTT.js under Node.js).
+# Installs what the tests need (mosquitto-clients, Node.js and MQTT.js, Python packages,
+# cargo-fuzz) when missing.
+#
+#   ./test.sh              everything, as CI runs it
+#   ./test.sh --no-fuzz    skip the fuzz step (also ROOST_FUZZ_SECONDS=0); the fuzz step
+#                          costs about 60 s plus its first build
 set -euo pipefail
 cd "$(dirname "$0")"
+
+fuzz_seconds="${ROOST_FUZZ_SECONDS:-60}"
+for arg in "$@"; do
+    case "$arg" in
+        --no-fuzz) fuzz_seconds=0 ;;
+        *) echo "usage: $0 [--no-fuzz]" >&2; exit 2 ;;
+    esac
+done
 
 need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+# MQTT.js runs under Node.js (integration/test_mqttjs.py).
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "== installing ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -18,6 +35,12 @@ if ! python3 -c "import paho.mqtt, pytest, pytest_timeout, cryptography" >/dev/n
     echo "== installing Python test packages"
     python3 -m pip install -q -r integration/requirements.txt
 fi
+# npm ci again whenever package-lock.json changed since the last install.
+if [ ! -d integration/js/node_modules/mqtt ] \
+        || [ integration/js/package-lock.json -nt integration/js/node_modules/.package-lock.json ]; then
+    echo "== installing MQTT.js (npm ci in integration/js)"
+    (cd integration/js && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -27,6 +50,9 @@ echo "== cargo test"
 cargo test --workspace
 echo "== release build"
 cargo build --release --bin roost --bin roost-bench
+if [ "$fuzz_seconds" != 0 ]; then
+    core/fuzz/fuzz.sh "$fuzz_seconds"
+fi
 echo "== integration tests (pytest)"
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 ROOST_BIN="$target/release/roost" ROOST_BENCH_BIN="$target/release/roost-bench" \

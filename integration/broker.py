@@ -43,6 +43,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Something accepts TCP connections on host:port right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1"):
+    """Waits until host:port accepts connections (a listener besides the main one)."""
+    deadline = time.monotonic() + timeout
+    while not accepts(port, host):
+        assert time.monotonic() < deadline, f"nothing listens on {host}:{port} after {timeout}s"
+        time.sleep(0.05)
+
+
+def roost_passwd(*args, check=True) -> subprocess.CompletedProcess:
+    """Runs `roost passwd ARGS`; with check, it must succeed."""
+    # A new session has no controlling terminal, so a prompt fails instead of waiting for
+    # a developer's keyboard.
+    r = subprocess.run([roost_binary(), "passwd", *map(str, args)], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=20,
+                       start_new_session=True)
+    if check:
+        assert r.returncode == 0, f"roost passwd {args} failed: {r.stderr}"
+    return r
+
+
 def _toml_value(v):
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -122,11 +151,9 @@ class Broker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited early with {self.proc.returncode}:\n"
                                    f"{' '.join(cmd)}\n{self.log_tail()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            if accepts(self.port, self.host):
+                return self
+            time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"broker did not accept on port {self.port} within {timeout}s:\n"
                            f"{self.log_tail()}")

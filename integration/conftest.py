@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 import uuid
 
 import pytest
 
 import mqttraw
-from broker import IS_MOSQUITTO, KIND, Broker
+from broker import IS_MOSQUITTO, KIND, Broker, free_port, wait_port
 from pahoclient import Client
 
 # Extra seconds allowed past a protocol deadline (keep-alive 1.5x, will delay, expiry).
@@ -18,6 +19,12 @@ from pahoclient import Client
 TIMER_SLACK = 7.0 if IS_MOSQUITTO else 1.5
 
 VERSIONS = [pytest.param(4, id="v311"), pytest.param(5, id="v5")]
+# The same two versions as mosquitto_pub/mosquitto_sub's -V argument.
+CLI_VERSIONS = [pytest.param("mqttv311", id="v311"), pytest.param("mqttv5", id="v5")]
+
+needs_mosquitto_clients = pytest.mark.skipif(shutil.which("mosquitto_pub") is None,
+                                             reason="mosquitto-clients not installed "
+                                                    "(apt-get install mosquitto-clients)")
 
 
 def pytest_sessionstart(session):
@@ -103,6 +110,38 @@ def broker_with():
         pytest.fail("\n".join(problems))
 
 
+def tls_broker(broker_with, pki, **extra):
+    """A dedicated broker with a TLS listener (the pki's server certificate) on b.tls_port."""
+    port = free_port()
+    b = broker_with(tls_bind=[f"127.0.0.1:{port}"], tls_cert=str(pki.server.cert_path),
+                    tls_key=str(pki.server.key_path), **extra)
+    wait_port(port)
+    b.tls_port = port
+    return b
+
+
+def ws_broker(broker_with, pki=None, wss=False, **extra):
+    """A dedicated broker with a WebSocket listener on b.ws_port: plain, or with wss=True
+    over TLS with the pki's server certificate. Path /mqtt, subprotocol mqtt."""
+    port = free_port()
+    if wss:
+        b = broker_with(wss_bind=[f"127.0.0.1:{port}"], tls_cert=str(pki.server.cert_path),
+                        tls_key=str(pki.server.key_path), **extra)
+    else:
+        b = broker_with(ws_bind=[f"127.0.0.1:{port}"], **extra)
+    wait_port(port)
+    b.ws_port = port
+    return b
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Test certificates (certs.make_pki): ca, server, client, and a rogue CA with its own."""
+    pytest.importorskip("cryptography.x509")
+    import certs
+    return certs.make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture(autouse=True)
 def _show_broker_log(request):
     yield
@@ -167,6 +206,58 @@ def raw():
     yield make
     for c in made:
         c.close()
+
+
+def raw_subscriber(broker, version, topic_filter, qos=1, client_id=None, properties=None):
+    """A connected raw client subscribed to one filter; the broker must grant `qos`."""
+    c = mqttraw.RawClient(broker.host, broker.port, version)
+    c.connect(client_id or f"sub-{uuid.uuid4().hex[:8]}")
+    ack = c.subscribe([(topic_filter, qos)], properties=properties)
+    assert ack.rcs == [qos], f"SUBACK {ack!r}"
+    return c
+
+
+def publish_acked(broker, version, topic, payloads, qos=1, retain=False):
+    """A fresh raw client publishes each payload and waits for its PUBACK / PUBCOMP before
+    the next; the broker must accept each one. `topic` is one topic or one per payload."""
+    pub = mqttraw.RawClient(broker.host, broker.port, version)
+    pub.connect(f"pub-{uuid.uuid4().hex[:8]}")
+    for i, payload in enumerate(payloads, start=1):
+        pub.publish(topic if isinstance(topic, str) else topic[i - 1], payload, qos=qos, pid=i,
+                    retain=retain)
+        if qos == 1:
+            ack = pub.expect(mqttraw.PUBACK)
+            assert ack.pid == i and ack.rc in (None, 0), f"PUBACK {ack!r}"
+        elif qos == 2:
+            assert pub.expect(mqttraw.PUBREC).pid == i
+            pub.ack(mqttraw.PUBREL, i)
+            assert pub.expect(mqttraw.PUBCOMP).pid == i
+    pub.disconnect()
+
+
+def receive_publishes(c, n, ack=True, timeout=10.0):
+    """Receives n PUBLISH packets on raw client `c`, completing each QoS flow when ack is
+    true (the broker may interleave its PUBRELs with further PUBLISHes). Any other packet
+    fails the test."""
+    got, open_qos2 = [], set()
+    deadline = time.monotonic() + timeout
+    while len(got) < n or (ack and open_qos2):
+        p = c.recv(max(0.0, deadline - time.monotonic()))
+        assert p is not None, f"only {len(got)} of {n} messages arrived"
+        if p.type == mqttraw.PUBLISH:
+            got.append(p)
+            if ack and p.qos == 1:
+                c.puback(p.pid)
+            elif ack and p.qos == 2:
+                c.ack(mqttraw.PUBREC, p.pid)
+                open_qos2.add(p.pid)
+        elif p.type == mqttraw.PUBREL and ack:
+            assert p.pid in open_qos2, f"PUBREL for unknown id {p.pid}"
+            open_qos2.discard(p.pid)
+            c.ack(mqttraw.PUBCOMP, p.pid)
+        else:
+            raise AssertionError(f"unexpected {p!r}")
+    return got
 
 
 def assert_broker_serves(broker, version=4):

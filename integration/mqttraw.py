@@ -520,6 +520,11 @@ class RawClient:
                 continue
             raise AssertionError(f"expected {PACKET_NAMES[ptype]}, got {p!r}")
 
+    def assert_nothing(self, wait):
+        """Nothing arrives within `wait` seconds."""
+        p = self.recv(wait)
+        assert p is None, f"unexpected {p!r}"
+
     def recv_all(self, timeout=1.0, until_closed=False):
         """Collect packets until `timeout` passes with nothing new (or the connection closes)."""
         out = []

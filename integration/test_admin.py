@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -19,7 +18,7 @@ import pytest
 
 import mqttraw
 from broker import IS_MOSQUITTO, free_port
-from conftest import wait_for
+from conftest import publish_acked, receive_publishes, wait_for
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's admin API")
 
@@ -92,30 +91,6 @@ def admin_broker(broker_with, **config):
     return b, port
 
 
-def produce(b, topic, payloads, version=4):
-    pub = mqttraw.RawClient(b.host, b.port, version)
-    pub.connect(f"prod-{uuid.uuid4().hex[:8]}")
-    for i, payload in enumerate(payloads, start=1):
-        pub.publish(topic, payload, qos=1, pid=i)
-        ack = pub.expect(mqttraw.PUBACK)
-        assert ack.pid == i and ack.rc in (None, 0), f"PUBACK {ack!r}"
-    pub.disconnect()
-    pub.close()
-
-
-def take(c, n, ack=True, timeout=10.0):
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        p = c.recv(max(0.0, deadline - time.monotonic()))
-        assert p is not None, f"only {len(got)} of {n} deliveries"
-        assert p.type == mqttraw.PUBLISH, f"unexpected {p!r}"
-        got.append(p)
-        if ack and p.qos > 0:
-            c.puback(p.pid)
-    return got
-
-
 def group_of(info, name):
     groups = [g for g in info["groups"] if g["group"] == name]
     assert len(groups) == 1, info
@@ -164,7 +139,7 @@ def test_metrics_counters_move(broker_with):
     pub.expect(mqttraw.PUBACK)
     for i in range(5):
         pub.publish(t, b"x%d" % i, qos=0)
-    got = take(sub, 6)
+    got = receive_publishes(sub, 6)
     assert len(got) == 6
     assert wait_for(lambda: value(api.metrics(), "roost_connections") == 2)
     m = api.metrics()
@@ -190,7 +165,7 @@ def test_dropped_messages_are_counted(broker_with):
     assert sub.subscribe(t, qos=1).rcs == [1]
     sub.disconnect()
     sub.close()
-    produce(b, t, [b"d%d" % i for i in range(5)])
+    publish_acked(b, 4, t, [b"d%d" % i for i in range(5)])
     m = api.metrics()
     assert value(m, "roost_messages_dropped_total", reason="offline_queue_full") == 3
     sessions = {s["client_id"]: s for s in api.json("GET", "/api/v1/sessions")}
@@ -201,11 +176,11 @@ def test_queue_metrics(broker_with):
     b, port = admin_broker(broker_with)
     api = Admin(port)
     q = f"q{uuid.uuid4().hex[:8]}"
-    produce(b, f"$queue/{q}", [b"m%d" % i for i in range(4)])
+    publish_acked(b, 4, f"$queue/{q}", [b"m%d" % i for i in range(4)])
     c = mqttraw.RawClient(b.host, b.port, 4)
     c.connect("qm-cons")
     assert c.subscribe([(f"$share/g1/$queue/{q}", 1)]).rcs == [1]
-    take(c, 4, ack=False)
+    receive_publishes(c, 4, ack=False)
 
     def check():
         m = api.metrics()
@@ -261,11 +236,11 @@ def test_queue_lifecycle_and_reset(broker_with):
     assert api.call("PUT", f"/api/v1/queues/{q}", {"partitons": 2})[0] == 400
     assert api.call("PUT", "/api/v1/queues/bad%20name", {})[0] == 400
 
-    produce(b, f"$queue/{q}", [b"m%d" % i for i in range(10)])
+    publish_acked(b, 4, f"$queue/{q}", [b"m%d" % i for i in range(10)])
     c = mqttraw.RawClient(b.host, b.port, 4)
     c.connect("admin-cons")
     assert c.subscribe([(f"$share/g1/$queue/{q}", 1)]).rcs == [1]
-    first = take(c, 5, ack=True)
+    first = receive_publishes(c, 5, ack=True)
     assert [p.payload for p in first] == [b"m%d" % i for i in range(5)]
     c.disconnect()
     c.close()
@@ -294,19 +269,19 @@ def test_queue_lifecycle_and_reset(broker_with):
     c = mqttraw.RawClient(b.host, b.port, 4)
     c.connect("admin-cons")
     assert c.subscribe([(f"$share/g1/$queue/{q}", 1)]).rcs == [1]
-    again = take(c, 10, ack=True)
+    again = receive_publishes(c, 10, ack=True)
     assert [p.payload for p in again] == [b"m%d" % i for i in range(10)]
     assert wait_for(lambda: group_of(api.json("GET", f"/api/v1/queues/{q}"), "g1")["lag"] == 0)
 
     # Reset by offset: from offset 8 on.
     api.json("POST", f"/api/v1/queues/{q}/groups/g1/reset", {"offset": 8})
-    tail = take(c, 2, ack=True)
+    tail = receive_publishes(c, 2, ack=True)
     assert [p.payload for p in tail] == [b"m8", b"m9"]
     c.disconnect()
     c.close()
 
     # Purge, then delete.
-    produce(b, f"$queue/{q}", [b"late"])
+    publish_acked(b, 4, f"$queue/{q}", [b"late"])
     purged = api.json("POST", f"/api/v1/queues/{q}/purge", raw=b"")
     assert purged["depth"] == 0
     assert api.json("DELETE", f"/api/v1/queues/{q}") == {"deleted": q}

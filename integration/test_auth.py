@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 import mqttraw
-from broker import IS_MOSQUITTO, free_port, roost_binary
+from broker import IS_MOSQUITTO, free_port, roost_binary, roost_passwd
 from conftest import VERSIONS, wait_for
 from pahoclient import Client
 
@@ -31,17 +31,6 @@ NOT_AUTHORIZED = {4: 5, 5: 0x87}
 UNAVAILABLE = {4: 3, 5: 0x88}
 # A refused subscription: 3.1.1 knows only 0x80, 5.0 says 0x87 not authorized.
 SUB_DENIED = {4: 0x80, 5: 0x87}
-
-
-def passwd(*args, check=True):
-    # A new session has no controlling terminal, so a prompt fails instead of waiting for
-    # a developer's keyboard.
-    r = subprocess.run([roost_binary(), "passwd", *map(str, args)], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=20,
-                       start_new_session=True)
-    if check:
-        assert r.returncode == 0, f"roost passwd {args} failed: {r.stderr}"
-    return r
 
 
 def cid():
@@ -78,8 +67,8 @@ def assert_accepted(broker, version, **kw):
 def password_file(tmp_path):
     """A password file made with `roost passwd -b`: alice/wonderland, bob/builder."""
     path = tmp_path / "passwd"
-    passwd("-b", path, "alice", "wonderland")
-    passwd("-b", path, "bob", "builder")
+    roost_passwd("-b", path, "alice", "wonderland")
+    roost_passwd("-b", path, "bob", "builder")
     return path
 
 
@@ -142,30 +131,30 @@ def test_allow_anonymous_false_without_users(broker_with):
 
 def test_passwd_batch_creates_a_working_file(tmp_path, broker_with):
     path = tmp_path / "users"
-    passwd("-b", path, "carol", "s3cret pass")
+    roost_passwd("-b", path, "carol", "s3cret pass")
     text = path.read_text()
     assert text.startswith("carol:$argon2id$"), text
     assert "s3cret" not in text
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     # Salted: the same password twice gives different hashes.
-    passwd("-b", path, "dave", "s3cret pass")
+    roost_passwd("-b", path, "dave", "s3cret pass")
     hashes = [line.split(":", 1)[1] for line in path.read_text().splitlines()]
     assert len(hashes) == 2 and hashes[0] != hashes[1]
     b = broker_with(password_file=str(path))
     assert_accepted(b, 4, username="carol", password=b"s3cret pass")
     assert_accepted(b, 5, username="dave", password=b"s3cret pass")
     # Changing a password replaces the line.
-    passwd("-b", path, "carol", "new")
+    roost_passwd("-b", path, "carol", "new")
     assert len(path.read_text().splitlines()) == 2
 
 
 def test_passwd_delete_removes_the_user(tmp_path, broker_with):
     path = tmp_path / "users"
-    passwd("-b", path, "erin", "pw1")
-    passwd("-b", path, "frank", "pw2")
-    passwd("-D", path, "erin")
+    roost_passwd("-b", path, "erin", "pw1")
+    roost_passwd("-b", path, "frank", "pw2")
+    roost_passwd("-D", path, "erin")
     assert [line.split(":")[0] for line in path.read_text().splitlines()] == ["frank"]
-    r = passwd("-D", path, "erin", check=False)
+    r = roost_passwd("-D", path, "erin", check=False)
     assert r.returncode != 0 and "erin" in r.stderr
     b = broker_with(password_file=str(path))
     assert_refused(b, 5, BAD_CREDENTIALS[5], username="erin", password=b"pw1")
@@ -176,11 +165,11 @@ def test_passwd_usage_errors(tmp_path):
     path = tmp_path / "users"
     for args in (["-b", path, "x"], [path, "x", "pw"], ["-b", path, "a:b", "pw"],
                  ["-D", tmp_path / "missing", "x"]):
-        r = passwd(*args, check=False)
+        r = roost_passwd(*args, check=False)
         assert r.returncode != 0, args
         assert r.stderr.strip(), args
     # Without -b and without a terminal there is nobody to ask: a clear error, no file.
-    r = passwd(path, "x", check=False)
+    r = roost_passwd(path, "x", check=False)
     assert r.returncode != 0 and "password" in r.stderr.lower()
     assert not path.exists()
 
@@ -207,7 +196,7 @@ def test_sighup_reloads_users_without_dropping_connections(broker_with, password
     assert alice.subscribe(f"t/{uid}/#", qos=1).rcs == [1]
     assert_refused(b, 5, BAD_CREDENTIALS[5], username="grace", password=b"hopper")
 
-    passwd("-b", password_file, "grace", "hopper")
+    roost_passwd("-b", password_file, "grace", "hopper")
     b.proc.send_signal(signal.SIGHUP)
 
     def grace_gets_in():

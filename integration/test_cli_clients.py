@@ -1,7 +1,6 @@
 """The Debian mosquitto_pub / mosquitto_sub command-line clients as a second real client."""
 
 import queue
-import shutil
 import signal
 import subprocess
 import threading
@@ -9,13 +8,10 @@ import time
 
 import pytest
 
+from conftest import CLI_VERSIONS, needs_mosquitto_clients
 from pahoclient import publish_props
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto_sub") is None,
-                                reason="mosquitto-clients not installed "
-                                       "(apt-get install mosquitto-clients)")
-
-CLI_VERSIONS = [pytest.param("mqttv311", id="v311"), pytest.param("mqttv5", id="v5")]
+pytestmark = needs_mosquitto_clients
 FMT = "MSG|%t|%q|%r|%P|%C|%p"
 
 

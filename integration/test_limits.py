@@ -7,7 +7,6 @@ import time
 import pytest
 
 import mqttraw as w
-from broker import IS_MOSQUITTO
 from conftest import VERSIONS, assert_broker_serves, expect_error_close, mosquitto_skip
 
 

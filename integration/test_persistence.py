@@ -16,7 +16,7 @@ import pytest
 
 import mqttraw
 from broker import IS_MOSQUITTO, Broker
-from conftest import VERSIONS
+from conftest import VERSIONS, publish_acked, receive_publishes
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="runs roost's own persistence (mosquitto runs with persistence false here)")
 
@@ -46,51 +46,6 @@ def client(b, version):
     return mqttraw.RawClient(b.host, b.port, version)
 
 
-def publish_acked(b, version, topic, payloads, qos, retain=False):
-    """Publishes each payload and waits for PUBACK / PUBCOMP before the next."""
-    pub = client(b, version)
-    pub.connect(f"pub-{uuid.uuid4().hex[:8]}")
-    for i, payload in enumerate(payloads, start=1):
-        pub.publish(topic if isinstance(topic, str) else topic[i - 1], payload, qos=qos, pid=i,
-                    retain=retain)
-        if qos == 1:
-            assert pub.expect(mqttraw.PUBACK).pid == i
-        elif qos == 2:
-            assert pub.expect(mqttraw.PUBREC).pid == i
-            pub.ack(mqttraw.PUBREL, i)
-            assert pub.expect(mqttraw.PUBCOMP).pid == i
-    pub.disconnect()
-
-
-def assert_nothing(c, wait):
-    p = c.recv(wait)
-    assert p is None, f"unexpected {p!r}"
-
-
-def receive_all(c, n, ack=True, timeout=10.0):
-    """Receives n PUBLISH packets, completing each QoS flow when ack is true (the broker
-    may interleave its PUBRELs with further PUBLISHes)."""
-    got, open_qos2 = [], set()
-    deadline = time.monotonic() + timeout
-    while len(got) < n or (ack and open_qos2):
-        p = c.recv(max(0.0, deadline - time.monotonic()))
-        assert p is not None, f"only {len(got)} of {n} messages arrived"
-        if p.type == mqttraw.PUBLISH:
-            got.append(p)
-            if ack and p.qos == 1:
-                c.puback(p.pid)
-            elif ack and p.qos == 2:
-                c.ack(mqttraw.PUBREC, p.pid)
-                open_qos2.add(p.pid)
-        elif p.type == mqttraw.PUBREL and ack:
-            assert p.pid in open_qos2, f"PUBREL for unknown id {p.pid}"
-            open_qos2.discard(p.pid)
-            c.ack(mqttraw.PUBCOMP, p.pid)
-        else:
-            raise AssertionError(f"unexpected {p!r}")
-    return got
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 def test_offline_messages_survive_kill9(durable_broker, version):
     b = durable_broker
@@ -110,7 +65,7 @@ def test_offline_messages_survive_kill9(durable_broker, version):
     sub = client(b, version)
     ack = sub.connect(cid, **persistent(version))
     assert ack.session_present, "the persistent session survived the crash"
-    got = receive_all(sub, 40)
+    got = receive_publishes(sub, 40)
     by_topic = {}
     for p in got:
         by_topic.setdefault(p.topic, []).append(p)
@@ -119,10 +74,10 @@ def test_offline_messages_survive_kill9(durable_broker, version):
     assert {p.qos for p in by_topic[f"{base}/q1/x"]} == {1}
     assert {p.qos for p in by_topic[f"{base}/q2/x"]} == {2}
     assert len({p.pid for p in got}) == 40, "packet ids are distinct while in flight"
-    assert_nothing(sub, 0.5)
+    sub.assert_nothing(0.5)
     # Subscriptions survived too: a new message still arrives.
     publish_acked(b, version, f"{base}/q1/y", [b"after"], qos=1)
-    assert receive_all(sub, 1)[0].payload == b"after"
+    assert receive_publishes(sub, 1)[0].payload == b"after"
     sub.disconnect()
 
 
@@ -156,14 +111,14 @@ def test_inflight_state_survives_kill9(durable_broker, version):
     assert rel.pid == p2.pid, "QoS 2 flow resumes at PUBREL"
     sub.puback(again.pid)
     sub.ack(mqttraw.PUBCOMP, p2.pid)
-    assert_nothing(sub, 0.5)
+    sub.assert_nothing(0.5)
     sub.disconnect()
 
     # Completed flows stay completed across another crash.
     crash_and_restart(b)
     sub = client(b, version)
     assert sub.connect(cid, **persistent(version)).session_present
-    assert_nothing(sub, 0.7)
+    sub.assert_nothing(0.7)
     sub.disconnect()
 
 
@@ -196,9 +151,9 @@ def test_incoming_qos2_id_survives_kill9(durable_broker, version):
 
     sub = client(b, version)
     sub.connect(sub_id, **persistent(version))
-    got = receive_all(sub, 1)
+    got = receive_publishes(sub, 1)
     assert got[0].payload == b"exactly once"
-    assert_nothing(sub, 0.7)
+    sub.assert_nothing(0.7)
     sub.disconnect()
 
 
@@ -216,11 +171,11 @@ def test_retained_and_their_deletion_survive_kill9(durable_broker, version):
     sub = client(b, version)
     sub.connect(f"r-{uuid.uuid4().hex[:8]}")
     sub.subscribe([(f"{base}/#", 1)])
-    got = {p.topic: p for p in receive_all(sub, 2)}
+    got = {p.topic: p for p in receive_publishes(sub, 2)}
     assert set(got) == {f"{base}/kept", f"{base}/replaced"}
     assert got[f"{base}/kept"].payload == b"kept" and got[f"{base}/kept"].retain
     assert got[f"{base}/replaced"].payload == b"new"
-    assert_nothing(sub, 0.5)
+    sub.assert_nothing(0.5)
     sub.disconnect()
 
 
@@ -249,16 +204,16 @@ def test_expired_session_and_message_are_gone_after_restart(durable_broker):
     c = client(b, 5)
     ack = c.connect(short, clean=False, properties=[(mqttraw.SESSION_EXPIRY, 600)])
     assert not ack.session_present, "a session whose expiry passed while down is gone"
-    assert_nothing(c, 0.5)
+    c.assert_nothing(0.5)
     c.disconnect()
 
     c = client(b, 5)
     assert c.connect(long, clean=False, properties=[(mqttraw.SESSION_EXPIRY, 600)]).session_present
-    got = receive_all(c, 1)
+    got = receive_publishes(c, 1)
     assert got[0].payload == b"long-lived"
     left = got[0].props.get(mqttraw.MESSAGE_EXPIRY)
     assert left is not None and 590 <= left <= 600, "expiry counts the time spent down"
-    assert_nothing(c, 0.5)
+    c.assert_nothing(0.5)
     c.disconnect()
 
 
@@ -279,5 +234,5 @@ def test_will_of_client_connected_at_crash_is_published_after_restart(durable_br
     dev.close()
     watcher = client(b, 4)
     watcher.connect(watcher_id, clean=False)
-    assert receive_all(watcher, 1)[0].payload == b"device lost"
+    assert receive_publishes(watcher, 1)[0].payload == b"device lost"
     watcher.disconnect()

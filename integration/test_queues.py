@@ -17,7 +17,7 @@ import pytest
 
 import mqttraw
 from broker import IS_MOSQUITTO, Broker
-from conftest import VERSIONS
+from conftest import VERSIONS, publish_acked, raw_subscriber, receive_publishes
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's $queue/ queues")
 
@@ -30,45 +30,12 @@ def props(p):
     return dict(p.user_props())
 
 
-def produce(b, version, topic, payloads, user_props=None):
-    pub = mqttraw.RawClient(b.host, b.port, version)
-    pub.connect(f"prod-{uuid.uuid4().hex[:8]}")
-    for i, payload in enumerate(payloads, start=1):
-        properties = [(mqttraw.USER_PROPERTY, up) for up in (user_props or [])] if version == 5 else None
-        pub.publish(topic, payload, qos=1, pid=i, properties=properties)
-        ack = pub.expect(mqttraw.PUBACK)
-        assert ack.pid == i
-        assert ack.rc in (None, 0), f"PUBACK {ack!r}"
-    pub.disconnect()
-
-
-def consumer(b, version, filt, cid=None, properties=None):
-    c = mqttraw.RawClient(b.host, b.port, version)
-    c.connect(cid or f"cons-{uuid.uuid4().hex[:8]}")
-    ack = c.subscribe([(filt, 1)], properties=properties)
-    assert ack.rcs == [1], f"SUBACK {ack!r}"
-    return c
-
-
-def take(c, n, ack=True, timeout=10.0):
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        p = c.recv(max(0.0, deadline - time.monotonic()))
-        assert p is not None, f"only {len(got)} of {n} deliveries"
-        assert p.type == mqttraw.PUBLISH, f"unexpected {p!r}"
-        got.append(p)
-        if ack:
-            c.puback(p.pid)
-    return got
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 def test_produce_consume_ack_with_properties(broker, version):
     q = qname()
-    c = consumer(broker, version, f"$share/workers/$queue/{q}")
-    produce(broker, version, f"$queue/{q}/device/7", [b"job-1", b"job-2"])
-    got = take(c, 2)
+    c = raw_subscriber(broker, version, f"$share/workers/$queue/{q}")
+    publish_acked(broker, version, f"$queue/{q}/device/7", [b"job-1", b"job-2"])
+    got = receive_publishes(c, 2)
     assert [p.payload for p in got] == [b"job-1", b"job-2"], "one device's messages in order"
     assert all(p.qos == 1 for p in got), "queue deliveries are at least QoS 1"
     if version == 5:
@@ -83,12 +50,12 @@ def test_produce_consume_ack_with_properties(broker, version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_two_groups_each_get_everything_and_members_share(broker, version):
     q = qname()
-    a1 = consumer(broker, version, f"$share/a/$queue/{q}")
-    a2 = consumer(broker, version, f"$share/a/$queue/{q}")
-    b1 = consumer(broker, version, f"$share/b/$queue/{q}")
+    a1 = raw_subscriber(broker, version, f"$share/a/$queue/{q}")
+    a2 = raw_subscriber(broker, version, f"$share/a/$queue/{q}")
+    b1 = raw_subscriber(broker, version, f"$share/b/$queue/{q}")
     payloads = [f"m{i}".encode() for i in range(40)]
-    produce(broker, version, f"$queue/{q}", payloads)
-    got_b = take(b1, 40)
+    publish_acked(broker, version, f"$queue/{q}", payloads)
+    got_b = receive_publishes(b1, 40)
     assert sorted(p.payload for p in got_b) == sorted(payloads), "group b gets every message"
     got_a = []
     deadline = time.monotonic() + 10
@@ -105,12 +72,12 @@ def test_two_groups_each_get_everything_and_members_share(broker, version):
 
 def test_v5_nack_redelivers_with_rising_delivery_count(broker):
     q = qname()
-    c = consumer(broker, 5, f"$share/w/$queue/{q}")
-    produce(broker, 5, f"$queue/{q}", [b"retry me"])
-    first = take(c, 1, ack=False)[0]
+    c = raw_subscriber(broker, 5, f"$share/w/$queue/{q}")
+    publish_acked(broker, 5, f"$queue/{q}", [b"retry me"])
+    first = receive_publishes(c, 1, ack=False)[0]
     assert props(first)["delivery-count"] == "1"
     c.ack(mqttraw.PUBACK, first.pid, rc=0x80)  # nack
-    again = take(c, 1, timeout=15)[0]
+    again = receive_publishes(c, 1, timeout=15)[0]
     assert again.payload == b"retry me"
     assert props(again)["delivery-count"] == "2"
     assert c.recv(0.5) is None
@@ -120,9 +87,9 @@ def test_v5_nack_redelivers_with_rising_delivery_count(broker):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_settle_by_publishing_to_ack_topic(broker, version):
     q = qname()
-    c = consumer(broker, 5, f"$share/w/$queue/{q}")
-    produce(broker, version, f"$queue/{q}", [b"settle by topic"])
-    p = take(c, 1, ack=False)[0]
+    c = raw_subscriber(broker, 5, f"$share/w/$queue/{q}")
+    publish_acked(broker, version, f"$queue/{q}", [b"settle by topic"])
+    p = receive_publishes(c, 1, ack=False)[0]
     mid = props(p)["message-id"]
     # Settle from a second connection of the same client is not possible (takeover), so
     # settle on this one by publishing to $ack with the message-id.
@@ -131,7 +98,7 @@ def test_settle_by_publishing_to_ack_topic(broker, version):
     ack = c.expect(mqttraw.PUBACK)
     assert ack.pid == 500 and ack.rc in (None, 0)
     c.disconnect()  # the unacked PUBLISH does not matter any more
-    c2 = consumer(broker, 5, f"$share/w/$queue/{q}")
+    c2 = raw_subscriber(broker, 5, f"$share/w/$queue/{q}")
     assert c2.recv(1.0) is None, "settled through $ack: not delivered again"
     c2.disconnect()
 
@@ -139,10 +106,10 @@ def test_settle_by_publishing_to_ack_topic(broker, version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_consumer_leaving_mid_stream_loses_nothing(broker, version):
     q = qname()
-    leaving = consumer(broker, version, f"$share/g/$queue/{q}")
-    staying = consumer(broker, version, f"$share/g/$queue/{q}")
+    leaving = raw_subscriber(broker, version, f"$share/g/$queue/{q}")
+    staying = raw_subscriber(broker, version, f"$share/g/$queue/{q}")
     payloads = [f"n{i}".encode() for i in range(30)]
-    produce(broker, version, f"$queue/{q}", payloads)
+    publish_acked(broker, version, f"$queue/{q}", payloads)
     got = []
     # The leaving consumer takes what it is given without acking, then drops off.
     while True:
@@ -164,13 +131,13 @@ def test_ack_timeout_redelivery_then_dead_letter(broker_with):
     b = broker_with(queue_defaults={"ack_timeout_ms": 300, "max_deliveries": 2,
                                     "backoff_initial_ms": 100, "backoff_max_ms": 200})
     q = qname()
-    c = consumer(b, 5, f"$share/w/$queue/{q}")
-    dlq = consumer(b, 5, f"$share/d/$queue/{q}/$dlq")
-    produce(b, 5, f"$queue/{q}/x", [b"poison"])
-    first = take(c, 1, ack=False)[0]
-    second = take(c, 1, ack=False, timeout=10)[0]
+    c = raw_subscriber(b, 5, f"$share/w/$queue/{q}")
+    dlq = raw_subscriber(b, 5, f"$share/d/$queue/{q}/$dlq")
+    publish_acked(b, 5, f"$queue/{q}/x", [b"poison"])
+    first = receive_publishes(c, 1, ack=False)[0]
+    second = receive_publishes(c, 1, ack=False, timeout=10)[0]
     assert props(first)["delivery-count"] == "1" and props(second)["delivery-count"] == "2"
-    dead = take(dlq, 1, timeout=10)[0]
+    dead = receive_publishes(dlq, 1, timeout=10)[0]
     assert dead.payload == b"poison"
     assert props(dead)["topic"] == f"$queue/{q}/x"
     assert c.recv(1.0) is None, "after max deliveries it only lives in the dead-letter queue"
@@ -194,7 +161,7 @@ def test_quota_exceeded_is_0x97_for_v5(broker_with):
 
 def test_partition_key_keeps_order_per_key(broker):
     q = qname()
-    c = consumer(broker, 5, f"$share/w/$queue/{q}")
+    c = raw_subscriber(broker, 5, f"$share/w/$queue/{q}")
     pub = mqttraw.RawClient(broker.host, broker.port, 5)
     pub.connect(f"p-{uuid.uuid4().hex[:8]}")
     for i in range(1, 61):
@@ -202,7 +169,7 @@ def test_partition_key_keeps_order_per_key(broker):
         pub.publish(f"$queue/{q}", f"{key}:{i}".encode(), qos=1, pid=i,
                     properties=[(mqttraw.USER_PROPERTY, ("partition-key", key))])
         assert pub.expect(mqttraw.PUBACK).pid == i
-    got = take(c, 60)
+    got = receive_publishes(c, 60)
     by_key = {}
     for p in got:
         key, n = p.payload.decode().split(":")
@@ -220,15 +187,15 @@ def test_queue_messages_survive_kill9_and_acked_ones_stay_acked():
     b = Broker().start()
     try:
         q = qname()
-        c = consumer(b, 4, f"$share/w/$queue/{q}")
-        produce(b, 4, f"$queue/{q}", [f"d{i}".encode() for i in range(10)])
-        acked = take(c, 4)
+        c = raw_subscriber(b, 4, f"$share/w/$queue/{q}")
+        publish_acked(b, 4, f"$queue/{q}", [f"d{i}".encode() for i in range(10)])
+        acked = receive_publishes(c, 4)
         time.sleep(0.3)  # acks are group-committed; give them a round to be durable
         b.kill()
         b.log.close()
         b.start()
-        c2 = consumer(b, 4, f"$share/w/$queue/{q}")
-        rest = take(c2, 6)
+        c2 = raw_subscriber(b, 4, f"$share/w/$queue/{q}")
+        rest = receive_publishes(c2, 6)
         assert sorted(p.payload for p in rest) == [f"d{i}".encode() for i in range(4, 10)]
         assert c2.recv(1.0) is None, "acked messages are not delivered again after the crash"
         assert {p.payload for p in acked}.isdisjoint({p.payload for p in rest})
@@ -265,10 +232,10 @@ def test_capture_filter_copies_ordinary_publishes_into_a_declared_queue(broker_w
     pub.expect(mqttraw.PUBACK)
     pub.disconnect()
     # Ordinary subscribers still get them live...
-    assert sorted(p.payload for p in take(live, 3)) == [b"t1", b"t2", b"t3"]
+    assert sorted(p.payload for p in receive_publishes(live, 3)) == [b"t1", b"t2", b"t3"]
     # ...and the queue kept a durable copy for a worker group that connects later.
-    c = consumer(b, 5, "$share/workers/$queue/readings")
-    got = take(c, 3)
+    c = raw_subscriber(b, 5, "$share/workers/$queue/readings")
+    got = receive_publishes(c, 3)
     assert sorted(p.payload for p in got) == [b"t1", b"t2", b"t3"]
     assert sorted(props(p)["topic"] for p in got) == [f"sensors/kitchen/{i}" for i in range(1, 4)]
     assert c.recv(0.5) is None, "only matching publishes are captured"
@@ -279,10 +246,10 @@ def test_capture_filter_copies_ordinary_publishes_into_a_declared_queue(broker_w
 def test_nack_and_reject_by_topic(broker_with):
     b = broker_with(queue_defaults={"backoff_initial_ms": 100, "backoff_max_ms": 100})
     q = qname()
-    c = consumer(b, 5, f"$share/w/$queue/{q}")
-    dlq = consumer(b, 5, f"$share/d/$queue/{q}/$dlq")
-    produce(b, 5, f"$queue/{q}", [b"again", b"never"])
-    first = {p.payload: p for p in take(c, 2, ack=False)}
+    c = raw_subscriber(b, 5, f"$share/w/$queue/{q}")
+    dlq = raw_subscriber(b, 5, f"$share/d/$queue/{q}/$dlq")
+    publish_acked(b, 5, f"$queue/{q}", [b"again", b"never"])
+    first = {p.payload: p for p in receive_publishes(c, 2, ack=False)}
 
     def settle(verb, p, pid):
         c.publish(f"$queue/{q}/${verb}", b"", qos=1, pid=pid,
@@ -305,7 +272,7 @@ def test_nack_and_reject_by_topic(broker_with):
     assert seen_acks == {900, 901}
     assert redelivered is not None and redelivered.payload == b"again"
     assert props(redelivered)["delivery-count"] == "2"
-    dead = take(dlq, 1)[0]
+    dead = receive_publishes(dlq, 1)[0]
     assert dead.payload == b"never", "$reject goes straight to the dead-letter queue"
     for x in (c, dlq):
         x.disconnect()
@@ -320,8 +287,8 @@ def test_v311_producer_waits_at_max_depth_instead_of_losing(broker_with):
         pub.publish(f"$queue/{q}", f"w{i}".encode(), qos=1, pid=i)
     acks = [p.pid for p in pub.recv_all(timeout=1.0) if p.type == mqttraw.PUBACK]
     assert acks == [1, 2, 3], "past max_depth a 3.1.1 producer's PUBACK waits"
-    c = consumer(b, 4, f"$share/w/$queue/{q}")
-    got = take(c, 5)
+    c = raw_subscriber(b, 4, f"$share/w/$queue/{q}")
+    got = receive_publishes(c, 5)
     assert sorted(p.payload for p in got) == [f"w{i}".encode() for i in range(1, 6)]
     acks += [p.pid for p in pub.recv_all(timeout=2.0) if p.type == mqttraw.PUBACK]
     assert acks == [1, 2, 3, 4, 5], "room made by consumers releases the waiting PUBACKs, in order"
@@ -331,7 +298,7 @@ def test_v311_producer_waits_at_max_depth_instead_of_losing(broker_with):
 
 def test_order_per_device_with_three_concurrent_consumers(broker):
     q = qname()
-    members = [consumer(broker, 5, f"$share/g/$queue/{q}") for _ in range(3)]
+    members = [raw_subscriber(broker, 5, f"$share/g/$queue/{q}") for _ in range(3)]
     pub = mqttraw.RawClient(broker.host, broker.port, 5)
     pub.connect(f"p-{uuid.uuid4().hex[:8]}")
     n = 0

@@ -6,7 +6,7 @@ import pytest
 
 import mqttraw as w
 from broker import IS_MOSQUITTO
-from conftest import TIMER_SLACK, VERSIONS, assert_broker_serves
+from conftest import VERSIONS, assert_broker_serves
 
 
 def _persist(version, expiry=60):

@@ -1,7 +1,7 @@
 """TLS, mutual TLS, WebSocket and WebSocket-over-TLS listeners (roost only).
 
-Certificates are made at test time with Python's `cryptography` package: a test CA, a
-server certificate for 127.0.0.1/localhost, client certificates from that CA, and a second
+Certificates are made at test time (the `pki` fixture, certs.py): a test CA, a server
+certificate for 127.0.0.1/localhost, client certificates from that CA, and a second
 "rogue" CA whose certificates the broker must refuse. Clients: mosquitto_pub/sub
 (--cafile/--cert/--key), paho-mqtt (TLS, transport="websockets"), Python's ssl module and
 the raw wire client for plain TCP.
@@ -9,8 +9,6 @@ the raw wire client for plain TCP.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import shutil
 import signal
 import socket
@@ -23,110 +21,15 @@ import uuid
 import pytest
 
 import mqttraw as w
-from broker import IS_MOSQUITTO, free_port, roost_binary
-from conftest import wait_for
+from broker import IS_MOSQUITTO, free_port, roost_binary, roost_passwd, wait_port
+from conftest import (CLI_VERSIONS, VERSIONS, needs_mosquitto_clients, raw_subscriber,
+                      tls_broker, wait_for, ws_broker)
 from pahoclient import Client
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's own TLS/WebSocket listener keys")
 
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
-
-needs_mosquitto_clients = pytest.mark.skipif(shutil.which("mosquitto_pub") is None,
-                                             reason="mosquitto-clients not installed")
-CLI_VERSIONS = [pytest.param("mqttv311", id="v311"), pytest.param("mqttv5", id="v5")]
-VERSIONS = [pytest.param(4, id="v311"), pytest.param(5, id="v5")]
-
-
-# -- certificates ----------------------------------------------------------------------------
-
-class Issued:
-    """A certificate and its key, written as PEM files."""
-
-    def __init__(self, cert, key, directory, name):
-        self.cert, self.key = cert, key
-        self.cert_path = directory / f"{name}.crt"
-        self.key_path = directory / f"{name}.key"
-        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self.key_path.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-
-
-def _issue(directory, name, cn, issuer=None, ca=False, server=False):
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "roost tests"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(subject)
-               .issuer_name(issuer.cert.subject if issuer else subject)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        builder = builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    else:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
-            critical=False)
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    cert = builder.sign(issuer.key if issuer else key, hashes.SHA256())
-    return Issued(cert, key, directory, name)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca = _issue(d, "ca", "roost test CA", ca=True)
-    rogue = _issue(d, "rogue-ca", "rogue CA", ca=True)
-    return types.SimpleNamespace(
-        dir=d,
-        ca=ca,
-        server=_issue(d, "server", "localhost", issuer=ca, server=True),
-        client=_issue(d, "client", "sensor-1", issuer=ca),
-        rogue_ca=rogue,
-        rogue_server=_issue(d, "rogue-server", "localhost", issuer=rogue, server=True),
-        rogue_client=_issue(d, "rogue-client", "sensor-1", issuer=rogue),
-    )
-
 
 # -- helpers ---------------------------------------------------------------------------------
-
-def wait_port(port, timeout=10.0):
-    assert wait_for(lambda: _can_connect(port), timeout), f"nothing listens on {port}"
-
-
-def _can_connect(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def tls_broker(broker_with, pki, **extra):
-    port = free_port()
-    b = broker_with(tls_bind=[f"127.0.0.1:{port}"], tls_cert=str(pki.server.cert_path),
-                    tls_key=str(pki.server.key_path), **extra)
-    wait_port(port)
-    b.tls_port = port
-    return b
-
 
 def at(port):
     """Something with host and port, for pahoclient.Client."""
@@ -170,13 +73,6 @@ def cli_roundtrip(port, version, tls_args, topic, payload):
             sub.kill()
     assert sub.returncode == 0, f"mosquitto_sub over TLS failed: {err}"
     assert out.strip() == payload
-
-
-def plain_subscriber(broker, topic, version=4):
-    s = w.RawClient(broker.host, broker.port, version)
-    s.connect(f"plain-{uuid.uuid4().hex[:8]}")
-    assert s.subscribe(topic, qos=1).rcs == [1]
-    return s
 
 
 def expect_on_plain(sub, topic, payload):
@@ -225,7 +121,7 @@ def test_tls_client_refuses_a_broker_it_does_not_trust(broker_with, pki, topic):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_tls_paho_qos1_to_plain_tcp_subscriber(broker_with, pki, topic, version):
     b = tls_broker(broker_with, pki)
-    sub = plain_subscriber(b, topic)
+    sub = raw_subscriber(b, 4, topic)
     pub = paho(b.tls_port, version, ca=pki.ca.cert_path)
     try:
         pub.publish(topic, b"tls to tcp", qos=1)
@@ -325,7 +221,7 @@ def test_mtls_common_name_as_username(broker_with, pki, topic, version):
     replaces what CONNECT says); the session works as any other."""
     b = tls_broker(broker_with, pki, tls_client_ca=str(pki.ca.cert_path),
                    tls_use_cn_as_username=True)
-    sub = plain_subscriber(b, topic)
+    sub = raw_subscriber(b, 4, topic)
     pub = Client(at(b.tls_port), version, f"cn-{uuid.uuid4().hex[:8]}", connect=False)
     pub.c.tls_set(ca_certs=str(pki.ca.cert_path), certfile=str(pki.client.cert_path),
                   keyfile=str(pki.client.key_path))
@@ -341,18 +237,6 @@ def test_mtls_common_name_as_username(broker_with, pki, topic, version):
 
 
 # -- WebSocket -------------------------------------------------------------------------------
-
-def ws_broker(broker_with, pki=None, wss=False, **extra):
-    port = free_port()
-    if wss:
-        b = broker_with(wss_bind=[f"127.0.0.1:{port}"], tls_cert=str(pki.server.cert_path),
-                        tls_key=str(pki.server.key_path), **extra)
-    else:
-        b = broker_with(ws_bind=[f"127.0.0.1:{port}"], **extra)
-    wait_port(port)
-    b.ws_port = port
-    return b
-
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_websocket_paho_qos1_both_ways_with_plain_tcp(broker_with, topic, version):
@@ -414,7 +298,7 @@ def test_websocket_wrong_path_or_subprotocol_refused(broker_with):
 
 def test_wss_paho_qos1_with_plain_tcp(broker_with, pki, topic):
     b = ws_broker(broker_with, pki, wss=True)
-    sub = plain_subscriber(b, topic)
+    sub = raw_subscriber(b, 4, topic)
     ws = paho(b.ws_port, 5, transport="websockets", ca=pki.ca.cert_path)
     try:
         ws.publish(topic, b"over wss", qos=1)
@@ -580,9 +464,7 @@ def test_mtls_common_name_is_the_username_for_auth_and_acl(broker_with, pki, tmp
     password, whatever username CONNECT claims, and the ACL's `user sensor-1` and `%u`
     rules apply to it; the same username over plain TCP without a password is refused."""
     pw = tmp_path / "passwd"
-    r = subprocess.run([roost_binary(), "passwd", "-b", str(pw), "watcher", "pw"],
-                       capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0, r.stderr
+    roost_passwd("-b", pw, "watcher", "pw")
     acl = tmp_path / "acl"
     acl.write_text(f"user watcher\nallow read,subscribe {topic}/#\n"
                    f"user sensor-1\nallow write {topic}/devices/%u/#\n")
