@@ -13,10 +13,9 @@ import uuid
 import pytest
 
 import mqttraw as w
-from broker import IS_MOSQUITTO, free_port
+from broker import IS_MOSQUITTO, free_port, roost_passwd
 from conftest import VERSIONS, assert_broker_serves, wait_for
 from test_admin import Admin, value
-from test_auth import passwd
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's overload limits and /metrics")
 
@@ -290,7 +289,7 @@ def test_bytes_and_payload_bytes_are_counted(broker_with, raw, uid):
 
 def test_auth_failures_are_counted(broker_with, tmp_path):
     path = tmp_path / "passwd"
-    passwd("-b", path, "alice", "wonderland")
+    roost_passwd("-b", path, "alice", "wonderland")
     b, api = limited_broker(broker_with, password_file=str(path))
     for version in (4, 5):
         c = w.RawClient(b.host, b.port, version)
