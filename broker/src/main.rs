@@ -12,6 +12,7 @@ mod passwd;
 mod persist;
 mod protocol;
 mod queues;
+mod scram;
 mod server;
 mod session;
 mod sys;
