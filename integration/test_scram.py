@@ -138,6 +138,9 @@ def test_wrong_password_and_unknown_user_are_refused_alike(broker_with, password
         assert ack.props.get(w.AUTH_DATA) == b"e=invalid-proof", ack.props
         assert "password" in ack.props.get(w.REASON_STRING, ""), ack.props
         refused(c, ack, 0x86)
+    # The log names the user and the address of a refusal.
+    assert wait_for(lambda: '"mallory"' in b.log_tail(300), 5), b.log_tail()
+    assert "127.0.0.1" in b.log_tail(300)
     still_serves(b)
 
 

@@ -430,6 +430,34 @@ mod tests {
     }
 
     #[test]
+    fn reload_replaces_scram_verifiers() {
+        let files = Files::new("scram");
+        let path = files.dir.join("passwd");
+        let mut file = PasswordFile::default();
+        let v1 = Verifier::generate("one", crate::scram::DEFAULT_ITERATIONS).expect("v");
+        file.set("alice", cheap_hash("one"), Some(v1.clone()))
+            .expect("set");
+        file.save(&path).expect("save");
+        let auth = Auth::from_config(&Config {
+            password_file: Some(path.clone()),
+            ..Config::default()
+        })
+        .expect("auth");
+        // Taken once, like a live connection that may re-authenticate later.
+        let credentials = auth.scram();
+        assert_eq!(credentials.verifier("alice"), Some(v1));
+        assert_eq!(credentials.verifier("bob"), None);
+        let v2 = Verifier::generate("two", crate::scram::DEFAULT_ITERATIONS).expect("v");
+        file.set("alice", cheap_hash("two"), Some(v2.clone()))
+            .expect("set");
+        file.set("bob", cheap_hash("three"), None).expect("set");
+        file.save(&path).expect("save");
+        assert!(auth.reload().is_empty());
+        assert_eq!(credentials.verifier("alice"), Some(v2));
+        assert_eq!(credentials.verifier("bob"), None, "bob has no verifier");
+    }
+
+    #[test]
     fn missing_files_are_startup_errors() {
         let config = Config {
             password_file: Some(PathBuf::from("/nonexistent/roost/passwd")),

@@ -429,7 +429,9 @@ async fn enhanced_authentication<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(None);
     }
     let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
-    let outcome = tokio::time::timeout(timeout, scram_exchange(broker, io, connect))
+    let mut scram_user = None;
+    let exchange = scram_exchange(broker, io, connect, &mut scram_user);
+    let outcome = tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| {
             Err(AuthEnd::Refuse(
@@ -456,7 +458,8 @@ async fn enhanced_authentication<S: AsyncRead + AsyncWrite + Unpin>(
         Err(AuthEnd::Close(why)) => return Err(why),
         Err(AuthEnd::Refuse(code, why, server_error)) => (code, why, server_error),
     };
-    info!(client_id = %plan.client_id, %peer, "connection refused ({code:?}): {why}");
+    let username = scram_user.as_ref().or(connect.username.as_ref());
+    info!(client_id = %plan.client_id, %peer, ?username, "connection refused ({code:?}): {why}");
     let mut ack = ConnAck {
         code,
         ..ConnAck::default()
@@ -484,10 +487,12 @@ enum AuthEnd {
 
 /// The SCRAM-SHA-256 exchange between CONNECT and CONNACK: AUTH 0x18 with the
 /// server-first-message, then the client's AUTH 0x18 with its client-final-message.
+/// `user` learns the username the client claims, for the log.
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Broker,
     io: &mut Io<S>,
     connect: &Connect,
+    user: &mut Option<String>,
 ) -> Result<scram::Success, AuthEnd> {
     let refusal = |e: scram::ScramError| {
         AuthEnd::Refuse(e.reason_code(), e.to_string(), Some(e.server_error()))
@@ -496,6 +501,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let client_first = connect.properties.authentication_data.as_deref();
     let (exchange, server_first) =
         scram::Exchange::start(client_first.unwrap_or(&[]), &*credentials).map_err(refusal)?;
+    *user = Some(exchange.username().to_owned());
     let mut auth = Auth {
         reason: ReasonCode::ContinueAuthentication,
         ..Auth::default()

@@ -358,7 +358,6 @@ impl Exchange {
     }
 
     /// The username the client gave in its first message.
-    #[cfg(test)]
     pub fn username(&self) -> &str {
         &self.username
     }
