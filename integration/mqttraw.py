@@ -214,6 +214,17 @@ def disconnect_packet(version=4, rc=None, properties=None) -> bytes:
     return packet(DISCONNECT, 0, b"")
 
 
+def auth_packet(rc, method=None, data=None, properties=None) -> bytes:
+    """MQTT 5 AUTH (enhanced authentication): reason code, Authentication Method and Data."""
+    items = []
+    if method is not None:
+        items.append((AUTH_METHOD, method))
+    if data is not None:
+        items.append((AUTH_DATA, data))
+    items.extend(properties or [])
+    return packet(AUTH, 0, bytes([rc]) + props(items))
+
+
 PINGREQ_PACKET = packet(PINGREQ, 0, b"")
 
 

@@ -299,11 +299,16 @@ def test_auth_failures_are_counted(broker_with, tmp_path):
     c = w.RawClient(b.host, b.port, 5)
     assert c.connect("af-anon", expect_rc=None).rc == 0x87  # anonymous: not authorized
     c.close()
+    c = w.RawClient(b.host, b.port, 5)
+    ack = c.connect("af-method", properties=[(w.AUTH_METHOD, "KERBEROS")], expect_rc=None)
+    assert ack.rc == 0x8C
+    c.close()
     ok = w.RawClient(b.host, b.port, 5)
     assert ok.connect("af-ok", username="alice", password=b"wonderland").rc == 0
     m = api.metrics()
     assert value(m, "roost_auth_failures_total", reason="bad_credentials") == 2
     assert value(m, "roost_auth_failures_total", reason="not_authorized") == 1
+    assert value(m, "roost_auth_failures_total", reason="bad_method") == 1
 
 
 def test_fsync_latency_histograms(broker_with, raw, uid):

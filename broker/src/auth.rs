@@ -12,6 +12,11 @@
 //! With no password file and no hook, usernames are not checked, and `allow_anonymous`
 //! (true by default then) decides for everyone.
 //!
+//! A v5 client may instead authenticate with SCRAM-SHA-256 (enhanced authentication, see
+//! [`crate::scram`]) against the verifiers of the password file ([`Auth::scram`]); the
+//! hook and `allow_anonymous` play no part in that: a client that asks for SCRAM passes
+//! it or is refused.
+//!
 //! The password file and the ACL file are read again on SIGHUP ([`Auth::reload`]): a file
 //! that fails to read or parse leaves the previous version in force. Connections stay up;
 //! the new ACL applies to them at once, new passwords to the next CONNECT.
@@ -28,6 +33,7 @@ use crate::acl::{Acl, AclHandle, Authorizer};
 use crate::auth_hook::{AuthHook, HookAnswer, HookRequest};
 use crate::config::{Config, HookErrorPolicy};
 use crate::passwd::PasswordFile;
+use crate::scram::{Credentials, Verifier};
 
 /// Why a CONNECT is refused: the CONNACK code and a short reason for the log.
 pub type Refusal = (ReasonCode, &'static str);
@@ -38,7 +44,8 @@ pub struct Auth {
     password_path: Option<PathBuf>,
     acl_path: Option<PathBuf>,
     allow_anonymous: bool,
-    passwords: ArcSwap<PasswordFile>,
+    passwords: Arc<ArcSwap<PasswordFile>>,
+    scram: Arc<ScramCredentials>,
     acl: Option<Arc<AclHandle>>,
     hook: Option<AuthHook>,
     hook_error: ReasonCode,
@@ -75,11 +82,19 @@ impl Auth {
             Some(HookErrorPolicy::Deny) => ReasonCode::BadUserNameOrPassword,
             _ => ReasonCode::ServerUnavailable,
         };
+        let passwords = Arc::new(ArcSwap::from_pointee(passwords));
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| anyhow::anyhow!("cannot draw random bytes for SCRAM"))?;
         Ok(Auth {
             password_path: config.password_file.clone(),
             acl_path: config.acl_file.clone(),
             allow_anonymous: config.allow_anonymous_in_force(),
-            passwords: ArcSwap::from_pointee(passwords),
+            scram: Arc::new(ScramCredentials {
+                passwords: passwords.clone(),
+                secret,
+            }),
+            passwords,
             acl,
             hook,
             hook_error,
@@ -198,6 +213,12 @@ impl Auth {
         }
     }
 
+    /// Where SCRAM exchanges find their verifiers: the password file in force, so a file
+    /// reloaded on SIGHUP applies to the next exchange (and re-authentication).
+    pub fn scram(&self) -> Arc<dyn Credentials> {
+        self.scram.clone()
+    }
+
     /// The ACL a client is held to; `None` when no ACL file is configured (then the
     /// client may do anything).
     pub fn authorizer(
@@ -208,6 +229,30 @@ impl Auth {
         self.acl
             .as_ref()
             .map(|handle| handle.for_client(username, client_id))
+    }
+}
+
+/// The SCRAM verifiers of the password file in force.
+struct ScramCredentials {
+    passwords: Arc<ArcSwap<PasswordFile>>,
+    /// Random per process: stand-in salts for users without a verifier are stable while
+    /// the broker runs and reveal nothing.
+    secret: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScramCredentials").finish_non_exhaustive()
+    }
+}
+
+impl Credentials for ScramCredentials {
+    fn verifier(&self, username: &str) -> Option<Verifier> {
+        self.passwords.load().scram(username).cloned()
+    }
+
+    fn stand_in_secret(&self) -> &[u8] {
+        &self.secret
     }
 }
 
@@ -248,7 +293,7 @@ mod tests {
         fn passwd(&self, users: &[(&str, &str)]) -> PathBuf {
             let mut file = PasswordFile::default();
             for (u, p) in users {
-                file.set(u, cheap_hash(p)).expect("set");
+                file.set(u, cheap_hash(p), None).expect("set");
             }
             let path = self.dir.join("passwd");
             file.save(&path).expect("save");
@@ -382,6 +427,34 @@ mod tests {
             ReasonCode::Success
         );
         assert!(client.allows(Access::Read, "b"));
+    }
+
+    #[test]
+    fn reload_replaces_scram_verifiers() {
+        let files = Files::new("scram");
+        let path = files.dir.join("passwd");
+        let mut file = PasswordFile::default();
+        let v1 = Verifier::generate("one", crate::scram::DEFAULT_ITERATIONS).expect("v");
+        file.set("alice", cheap_hash("one"), Some(v1.clone()))
+            .expect("set");
+        file.save(&path).expect("save");
+        let auth = Auth::from_config(&Config {
+            password_file: Some(path.clone()),
+            ..Config::default()
+        })
+        .expect("auth");
+        // Taken once, like a live connection that may re-authenticate later.
+        let credentials = auth.scram();
+        assert_eq!(credentials.verifier("alice"), Some(v1));
+        assert_eq!(credentials.verifier("bob"), None);
+        let v2 = Verifier::generate("two", crate::scram::DEFAULT_ITERATIONS).expect("v");
+        file.set("alice", cheap_hash("two"), Some(v2.clone()))
+            .expect("set");
+        file.set("bob", cheap_hash("three"), None).expect("set");
+        file.save(&path).expect("save");
+        assert!(auth.reload().is_empty());
+        assert_eq!(credentials.verifier("alice"), Some(v2));
+        assert_eq!(credentials.verifier("bob"), None, "bob has no verifier");
     }
 
     #[test]

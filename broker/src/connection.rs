@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use roost_core::codec;
-use roost_core::{Connect, DecodeError, Packet, QoS, ReasonCode};
+use roost_core::{Auth, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
@@ -22,9 +22,10 @@ use crate::broker::{
     Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, send_blocked,
 };
 use crate::metrics::{AuthFailure, DropReason, Limit};
-use crate::protocol::{self, AckToken, ConnectRefusal, Connection, Event};
+use crate::protocol::{self, AckToken, ConnectPlan, ConnectRefusal, Connection, Event};
 use crate::queues::{self, QueueTopic};
 use crate::rate::{PublishBudget, Throttled};
+use crate::scram;
 use crate::session::{Delivery, Session};
 use roost_core::Message;
 use tokio::task::JoinSet;
@@ -215,9 +216,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let plan = protocol::plan_connect(&connect, &broker.limits, || {
         format!("roost-{:016x}", broker.next_id())
     });
-    let plan = match plan {
+    let mut plan = match plan {
         Ok(plan) => plan,
         Err(ConnectRefusal::Code(code, why)) => {
+            if code == ReasonCode::BadAuthenticationMethod {
+                broker.metrics.auth_failed(AuthFailure::BadMethod);
+            }
             let mut out = BytesMut::new();
             protocol::write_refusal(connect.protocol, code, why, &mut out);
             let _ = io.write(broker, &out).await;
@@ -227,6 +231,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         Err(ConnectRefusal::Close(why)) => return Err(format!("CONNECT refused: {why}")),
     };
     let client_id = plan.client_id.clone();
+    let scram_user = Box::pin(enhanced_authentication(
+        broker,
+        io,
+        &mut connect,
+        &mut plan,
+        peer,
+    ))
+    .await?;
     // Rare, one-off paths are boxed so their state does not enlarge every idle
     // connection's task for its whole life.
     let access = match Box::pin(admit(
@@ -234,7 +246,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &connect,
         &client_id,
         peer,
-        transport_authenticated,
+        transport_authenticated || scram_user.is_some(),
     ))
     .await
     {
@@ -302,6 +314,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         access,
         Instant::now(),
     );
+    if let Some(user) = scram_user {
+        conn.enable_reauthentication(user, broker.auth.scram());
+    }
     debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
     // A resumed session's queue subscriptions join their groups again.
     let queue_subs: Vec<Event> = conn
@@ -484,6 +499,130 @@ async fn admit(
         ));
     }
     Ok(access)
+}
+
+/// Runs the enhanced authentication a v5 CONNECT asks for with its Authentication Method
+/// (SCRAM-SHA-256: `plan_connect` refused other methods), bounded by `connect_timeout`.
+/// Returns the user the client proved to be (`None` when it asked for no method), who
+/// then becomes the CONNECT's username, and puts the server-final-message in `plan` for
+/// the CONNACK. On failure the refusal is written and the connection closed.
+async fn enhanced_authentication<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Broker,
+    io: &mut Io<S>,
+    connect: &mut Connect,
+    plan: &mut ConnectPlan,
+    peer: SocketAddr,
+) -> Result<Option<String>, String> {
+    if !connect.protocol.is_v5() || connect.properties.authentication_method.is_none() {
+        return Ok(None);
+    }
+    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    let mut scram_user = None;
+    let exchange = scram_exchange(broker, io, connect, &mut scram_user);
+    let outcome = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(AuthEnd::Refuse(
+                ReasonCode::NotAuthorized,
+                "authentication not completed within connect_timeout".into(),
+                None,
+            ))
+        })
+        .and_then(|done| match connect.username.as_deref() {
+            // The CONNECT's username (or the certificate's identity) must be the SCRAM user.
+            Some(u) if u != done.username => Err(AuthEnd::Refuse(
+                ReasonCode::NotAuthorized,
+                "the CONNECT username is not the SCRAM user".into(),
+                None,
+            )),
+            _ => Ok(done),
+        });
+    let (code, why, server_error) = match outcome {
+        Ok(done) => {
+            connect.username = Some(done.username.clone());
+            plan.authentication_data = Some(done.server_final.into());
+            return Ok(Some(done.username));
+        }
+        Err(AuthEnd::Close(why)) => return Err(why),
+        Err(AuthEnd::Refuse(code, why, server_error)) => (code, why, server_error),
+    };
+    let username = scram_user.as_ref().or(connect.username.as_ref());
+    info!(client_id = %plan.client_id, %peer, ?username, "connection refused ({code:?}): {why}");
+    broker.metrics.auth_failed(AuthFailure::from_code(code));
+    let mut ack = ConnAck {
+        code,
+        ..ConnAck::default()
+    };
+    ack.properties.reason_string = Some(why.clone());
+    if let Some(e) = server_error {
+        // RFC 5802's server-error, for a SCRAM client library to report.
+        ack.properties.authentication_method = Some(scram::METHOD.to_owned());
+        ack.properties.authentication_data = Some(format!("e={e}").into_bytes().into());
+    }
+    let mut out = BytesMut::new();
+    let _ = codec::encode(&Packet::ConnAck(ack), ProtocolVersion::V5, &mut out);
+    let _ = io.write(broker, &out).await;
+    io.close_gracefully().await;
+    Err(format!("CONNECT refused ({code:?}): {why}"))
+}
+
+/// How an enhanced authentication failed.
+enum AuthEnd {
+    /// Refuse with this CONNACK code, reason string and SCRAM server-error.
+    Refuse(ReasonCode, String, Option<&'static str>),
+    /// Close without a word (the client left, or the socket failed).
+    Close(String),
+}
+
+/// The SCRAM-SHA-256 exchange between CONNECT and CONNACK: AUTH 0x18 with the
+/// server-first-message, then the client's AUTH 0x18 with its client-final-message.
+/// `user` learns the username the client claims, for the log.
+async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Broker,
+    io: &mut Io<S>,
+    connect: &Connect,
+    user: &mut Option<String>,
+) -> Result<scram::Success, AuthEnd> {
+    let refusal = |e: scram::ScramError| {
+        AuthEnd::Refuse(e.reason_code(), e.to_string(), Some(e.server_error()))
+    };
+    let credentials = broker.auth.scram();
+    let client_first = connect.properties.authentication_data.as_deref();
+    let (exchange, server_first) =
+        scram::Exchange::start(client_first.unwrap_or(&[]), &*credentials).map_err(refusal)?;
+    *user = Some(exchange.username().to_owned());
+    let mut auth = Auth {
+        reason: ReasonCode::ContinueAuthentication,
+        ..Auth::default()
+    };
+    auth.properties.authentication_method = Some(scram::METHOD.to_owned());
+    auth.properties.authentication_data = Some(server_first.into());
+    let mut out = BytesMut::new();
+    let _ = codec::encode(&Packet::Auth(auth), ProtocolVersion::V5, &mut out);
+    io.write(broker, &out)
+        .await
+        .map_err(|e| AuthEnd::Close(format!("write error: {e}")))?;
+    let protocol_error = |why: &str| AuthEnd::Refuse(ReasonCode::ProtocolError, why.into(), None);
+    match io.read_packet(broker, Some(ProtocolVersion::V5)).await {
+        Ok(Some(Packet::Auth(a)))
+            if a.reason == ReasonCode::ContinueAuthentication
+                && a.properties.authentication_method.as_deref() == Some(scram::METHOD) =>
+        {
+            let client_final = a.properties.authentication_data.as_deref();
+            exchange
+                .finish(client_final.unwrap_or(&[]))
+                .map_err(refusal)
+        }
+        Ok(Some(Packet::Auth(_))) => Err(protocol_error(
+            "AUTH out of sequence or with another authentication method",
+        )),
+        Ok(Some(Packet::Disconnect(_)) | None) => {
+            Err(AuthEnd::Close("client left during authentication".into()))
+        }
+        Ok(Some(_)) => Err(protocol_error("only AUTH may answer AUTH before CONNACK")),
+        Err(ReadError::Decode(e)) => Err(AuthEnd::Refuse(e.reason_code(), e.to_string(), None)),
+        Err(ReadError::Io(e)) => Err(AuthEnd::Close(format!("read error: {e}"))),
+    }
 }
 
 /// How long a connection that roost closed keeps reading (and discarding) input.

@@ -13,6 +13,7 @@ mod persist;
 mod protocol;
 mod queues;
 mod rate;
+mod scram;
 mod server;
 mod session;
 mod sys;

@@ -1,7 +1,12 @@
 //! The password file and the `roost passwd` command that manages it.
 //!
-//! One `username:hash` line per user, where the hash is an argon2id PHC string
-//! (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`): salted, slow, self-describing.
+//! One `username:hash[:scram]` line per user. The hash is an argon2id PHC string
+//! (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`): salted, slow, self-describing; it
+//! checks the password of a CONNECT. The optional third field is a SCRAM-SHA-256 verifier
+//! in RFC 5803's form (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, see
+//! [`crate::scram`]), for MQTT 5 enhanced authentication, which cannot use an argon2 hash.
+//! A PHC string holds no ':', so the first ':' after the hash starts the verifier, and
+//! files from before SCRAM (two fields) read as they did.
 //! Blank lines and lines starting with `#` are kept as they are. A file with a line that
 //! is not a well-formed hash (a plain-text password, say) is refused as a whole, so a
 //! typo never silently locks a user out or lets one in.
@@ -18,6 +23,8 @@ use std::sync::LazyLock;
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+
+use crate::scram::{self, Verifier};
 
 /// Why a password file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +45,9 @@ pub enum PasswdError {
         /// What is wrong.
         why: String,
     },
+    /// The password cannot be used with SCRAM.
+    #[error("{0}")]
+    Scram(#[from] scram::ScramError),
     /// A username that cannot be stored.
     #[error("invalid username {0:?}: it must be non-empty and contain no ':' or line break")]
     BadUsername(String),
@@ -60,6 +70,7 @@ enum Line {
     User {
         name: String,
         hash: String,
+        scram: Option<Box<Verifier>>,
     },
 }
 
@@ -87,8 +98,15 @@ impl PasswordFile {
                 file.lines.push(Line::Other(raw.to_owned()));
                 continue;
             }
-            let Some((name, hash)) = trimmed.split_once(':') else {
+            let Some((name, fields)) = trimmed.split_once(':') else {
                 return Err(syntax("expected username:hash"));
+            };
+            let (hash, scram) = match fields.split_once(':') {
+                Some((hash, verifier)) => {
+                    let v = Verifier::parse(verifier).map_err(syntax)?;
+                    (hash, Some(Box::new(v)))
+                }
+                None => (fields, None),
             };
             if name.is_empty() {
                 return Err(syntax("empty username"));
@@ -105,6 +123,7 @@ impl PasswordFile {
             file.lines.push(Line::User {
                 name: name.to_owned(),
                 hash: hash.to_owned(),
+                scram,
             });
         }
         Ok(file)
@@ -146,24 +165,36 @@ impl PasswordFile {
         }
     }
 
-    /// Sets (adds or replaces) `user`'s password hash.
-    pub fn set(&mut self, user: &str, hash: String) -> Result<(), PasswdError> {
+    /// `user`'s SCRAM-SHA-256 verifier, if the line has one.
+    pub fn scram(&self, user: &str) -> Option<&Verifier> {
+        match self.lines.get(*self.index.get(user)?) {
+            Some(Line::User { scram, .. }) => scram.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Sets (adds or replaces) `user`'s password hash and SCRAM verifier. Both come from
+    /// one password: a verifier is never kept next to a new hash, so a changed password
+    /// does not stay valid for SCRAM.
+    pub fn set(
+        &mut self,
+        user: &str,
+        hash: String,
+        scram: Option<Verifier>,
+    ) -> Result<(), PasswdError> {
         if user.is_empty() || user.contains([':', '\n', '\r']) || user.trim() != user {
             return Err(PasswdError::BadUsername(user.to_owned()));
         }
+        let line = Line::User {
+            name: user.to_owned(),
+            hash,
+            scram: scram.map(Box::new),
+        };
         match self.index.get(user) {
-            Some(&at) => {
-                self.lines[at] = Line::User {
-                    name: user.to_owned(),
-                    hash,
-                }
-            }
+            Some(&at) => self.lines[at] = line,
             None => {
                 self.index.insert(user.to_owned(), self.lines.len());
-                self.lines.push(Line::User {
-                    name: user.to_owned(),
-                    hash,
-                });
+                self.lines.push(line);
             }
         }
         Ok(())
@@ -189,10 +220,14 @@ impl PasswordFile {
         for line in &self.lines {
             match line {
                 Line::Other(text) => out.push_str(text),
-                Line::User { name, hash } => {
+                Line::User { name, hash, scram } => {
                     out.push_str(name);
                     out.push(':');
                     out.push_str(hash);
+                    if let Some(v) = scram {
+                        out.push(':');
+                        out.push_str(&v.render());
+                    }
                 }
             }
             out.push('\n');
@@ -258,7 +293,7 @@ static DUMMY_HASH: LazyLock<String> =
 /// `roost passwd`: add, change or delete a user in a password file.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  roost passwd /etc/roost/passwd alice          (asks for the password)\n  roost passwd -b /etc/roost/passwd alice s3cret\n  roost passwd -D /etc/roost/passwd alice\n\nThe file is created when missing (mode 0600). A running broker reads it again on SIGHUP."
+    after_help = "Examples:\n  roost passwd /etc/roost/passwd alice          (asks for the password)\n  roost passwd -b /etc/roost/passwd alice s3cret\n  roost passwd -D /etc/roost/passwd alice\n\nThe file is created when missing (mode 0600). A running broker reads it again on SIGHUP.\nEach user gets an argon2id hash (for the password of a CONNECT) and a SCRAM-SHA-256\nverifier (for MQTT 5 enhanced authentication) unless --no-scram is given."
 )]
 pub struct PasswdArgs {
     /// Batch mode: take the password from the command line instead of prompting.
@@ -267,6 +302,14 @@ pub struct PasswdArgs {
     /// Delete the user.
     #[arg(short = 'D')]
     pub delete: bool,
+    /// Store no SCRAM-SHA-256 verifier: the user can then log in with a CONNECT password
+    /// only. A SCRAM verifier is cheaper to attack than the argon2id hash if the file leaks.
+    #[arg(long, conflicts_with = "delete")]
+    pub no_scram: bool,
+    /// PBKDF2 iterations of the SCRAM verifier (each client login computes them).
+    #[arg(long, default_value_t = scram::DEFAULT_ITERATIONS, conflicts_with = "delete",
+          value_parser = clap::value_parser!(u32).range(i64::from(scram::MIN_ITERATIONS)..=i64::from(scram::MAX_ITERATIONS)))]
+    pub scram_iterations: u32,
     /// The password file.
     pub file: PathBuf,
     /// The username.
@@ -315,7 +358,18 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
         (false, None) => prompt()?,
     };
     let hash = hash_password(password.as_bytes())?;
-    file.set(&args.user, hash)?;
+    let scram = if args.no_scram {
+        None
+    } else {
+        Some(
+            Verifier::generate(&password, args.scram_iterations).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e} (SCRAM needs it; --no-scram stores the password for CONNECT only)"
+                )
+            })?,
+        )
+    };
+    file.set(&args.user, hash, scram)?;
     file.save(&args.file)?;
     Ok(())
 }
@@ -398,9 +452,10 @@ pub(crate) mod tests {
     fn set_replace_and_remove() {
         let mut file = PasswordFile::parse("# header\n").expect("valid");
         assert!(file.is_empty());
-        file.set("alice", cheap_hash("one")).expect("set");
-        file.set("bob", cheap_hash("two")).expect("set");
-        file.set("alice", cheap_hash("three")).expect("replace");
+        file.set("alice", cheap_hash("one"), None).expect("set");
+        file.set("bob", cheap_hash("two"), None).expect("set");
+        file.set("alice", cheap_hash("three"), None)
+            .expect("replace");
         assert_eq!(file.len(), 2);
         assert!(file.verify("alice", b"three"));
         assert!(!file.verify("alice", b"one"));
@@ -412,8 +467,38 @@ pub(crate) mod tests {
         assert!(again.verify("bob", b"two"));
         assert!(again.render().starts_with("# header\n"));
         for bad in ["", "a:b", "a\nb", " a"] {
-            assert!(file.set(bad, cheap_hash("x")).is_err(), "{bad:?}");
+            assert!(file.set(bad, cheap_hash("x"), None).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn scram_verifiers_are_a_third_field_and_old_lines_still_read() {
+        let old = format!("alice:{}\n", cheap_hash("one"));
+        let mut file = PasswordFile::parse(&old).expect("a file from before SCRAM");
+        assert!(file.scram("alice").is_none());
+        assert_eq!(file.render(), old);
+        let v = Verifier::generate("two", scram::DEFAULT_ITERATIONS).expect("verifier");
+        file.set("bob", cheap_hash("two"), Some(v.clone()))
+            .expect("set");
+        let text = file.render();
+        let bob = text.lines().nth(1).expect("bob's line");
+        assert!(bob.starts_with("bob:$argon2id$"), "{bob}");
+        assert!(bob.contains(":SCRAM-SHA-256$4096:"), "{bob}");
+        let again = PasswordFile::parse(&text).expect("re-parse");
+        assert_eq!(again.scram("bob"), Some(&v));
+        assert!(
+            again.verify("bob", b"two"),
+            "the argon2 hash still checks CONNECT"
+        );
+        // A new password without a verifier drops the old one.
+        file.set("bob", cheap_hash("three"), None).expect("set");
+        assert!(file.scram("bob").is_none());
+        // A broken verifier refuses the file, naming the line.
+        let bad = format!("{}:SCRAM-SHA-256$4096:c2FsdA==$AAAA:AAAA\n", old.trim_end());
+        let e = PasswordFile::parse(&bad)
+            .expect_err("bad verifier")
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("SCRAM key"), "{e}");
     }
 
     #[test]
@@ -423,7 +508,7 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).expect("tmp");
         let path = dir.join("passwd");
         let mut file = PasswordFile::default();
-        file.set("alice", cheap_hash("pw")).expect("set");
+        file.set("alice", cheap_hash("pw"), None).expect("set");
         file.save(&path).expect("save");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

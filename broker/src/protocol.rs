@@ -25,6 +25,7 @@ use roost_core::{
 use crate::acl::{Access, Authorizer};
 use crate::config::Config;
 use crate::persist::Op;
+use crate::scram;
 use crate::session::{
     Delivery, Inflight, InflightState, QueueBound, QueueFull, QueueRef, Session, SubscriptionRecord,
 };
@@ -149,6 +150,9 @@ pub struct ConnectPlan {
     pub keep_alive: u16,
     /// Set when the broker overrides the client's keep-alive (v5 Server Keep Alive).
     pub server_keep_alive: Option<u16>,
+    /// The last Authentication Data of an enhanced authentication (the SCRAM
+    /// server-final-message), for the CONNACK; set once the exchange succeeded.
+    pub authentication_data: Option<bytes::Bytes>,
 }
 
 /// Why a CONNECT is refused.
@@ -168,10 +172,15 @@ pub fn plan_connect(
     assign_id: impl FnOnce() -> String,
 ) -> Result<ConnectPlan, ConnectRefusal> {
     let v5 = c.protocol.is_v5();
-    if v5 && c.properties.authentication_method.is_some() {
+    if v5
+        && c.properties
+            .authentication_method
+            .as_deref()
+            .is_some_and(|m| m != scram::METHOD)
+    {
         return Err(ConnectRefusal::Code(
             ReasonCode::BadAuthenticationMethod,
-            "no enhanced authentication method is supported",
+            "unsupported authentication method (roost supports SCRAM-SHA-256)",
         ));
     }
     if let Some(will) = &c.will {
@@ -224,6 +233,7 @@ pub fn plan_connect(
         expiry_capped: session_expiry != asked_expiry,
         keep_alive,
         server_keep_alive,
+        authentication_data: None,
     })
 }
 
@@ -289,6 +299,20 @@ pub struct Connection {
     access: Option<Arc<dyn Authorizer>>,
     /// Counts for `/metrics` since the last [`Connection::take_counts`].
     counts: Counts,
+    /// Set for a client that authenticated with SCRAM: it may re-authenticate (boxed, so
+    /// connections without it stay small).
+    reauth: Option<Box<ReAuth>>,
+}
+
+/// What a SCRAM-authenticated connection needs to re-authenticate (AUTH 0x19).
+#[derive(Debug)]
+struct ReAuth {
+    /// The user of the first authentication: a re-authentication must prove the same one,
+    /// since the ACL in force is that user's.
+    username: String,
+    credentials: Arc<dyn scram::Credentials>,
+    /// The exchange between the server-first-message and the client-final-message.
+    exchange: Option<scram::Exchange>,
 }
 
 /// What a connection did since its counts were last taken (for `/metrics`).
@@ -363,6 +387,7 @@ impl Connection {
             close: None,
             access,
             counts: Counts::default(),
+            reauth: None,
         };
         let mut ack = ConnAck {
             session_present,
@@ -380,6 +405,11 @@ impl Connection {
             }
             if plan.expiry_capped {
                 p.session_expiry_interval = Some(plan.session_expiry);
+            }
+            // MQTT-4.12.0-5: a successful CONNACK repeats the CONNECT's method.
+            if plan.authentication_data.is_some() {
+                p.authentication_method = connect.properties.authentication_method.clone();
+                p.authentication_data = plan.authentication_data.clone();
             }
         }
         conn.send(Packet::ConnAck(ack));
@@ -522,14 +552,25 @@ impl Connection {
             Packet::PingReq => self.send(Packet::PingResp),
             Packet::Disconnect(d) => self.on_disconnect(d),
             Packet::Connect(_) => self.fail(ReasonCode::ProtocolError, "second CONNECT"),
-            Packet::Auth(_) => self.fail(
-                ReasonCode::ProtocolError,
-                "AUTH without an authentication method",
-            ),
+            Packet::Auth(a) => self.on_auth(a),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 self.fail(ReasonCode::ProtocolError, "packet only a server may send")
             }
         }
+    }
+
+    /// Lets a client that authenticated with SCRAM as `username` re-authenticate (MQTT
+    /// 4.12.1) against `credentials`.
+    pub fn enable_reauthentication(
+        &mut self,
+        username: String,
+        credentials: Arc<dyn scram::Credentials>,
+    ) {
+        self.reauth = Some(Box::new(ReAuth {
+            username,
+            credentials,
+            exchange: None,
+        }));
     }
 
     /// Offers a message to the client: sent now if the window allows, else queued.
@@ -559,6 +600,68 @@ impl Connection {
     }
 
     // ----- inbound -----
+
+    /// Re-authentication: AUTH 0x19 with a client-first-message, AUTH 0x18 back with the
+    /// server-first-message, AUTH 0x18 with the client-final-message, AUTH 0x00 back with
+    /// the server-final-message. Other packets flow meanwhile; a failure disconnects with
+    /// 0x87 (DISCONNECT has no 0x86).
+    fn on_auth(&mut self, a: roost_core::Auth) {
+        let Some(reauth) = self.reauth.as_mut() else {
+            return self.fail(
+                ReasonCode::ProtocolError,
+                "AUTH without an authentication method",
+            );
+        };
+        if a.properties.authentication_method.as_deref() != Some(scram::METHOD) {
+            return self.fail(
+                ReasonCode::ProtocolError,
+                "AUTH with another authentication method than CONNECT's",
+            );
+        }
+        let data = a.properties.authentication_data.as_deref().unwrap_or(&[]);
+        let reply = match (a.reason, reauth.exchange.take()) {
+            (ReasonCode::ReAuthenticate, None) => {
+                match scram::Exchange::start(data, &*reauth.credentials) {
+                    Ok((exchange, first)) => {
+                        reauth.exchange = Some(exchange);
+                        Ok((ReasonCode::ContinueAuthentication, first))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            (ReasonCode::ContinueAuthentication, Some(exchange)) => match exchange.finish(data) {
+                Ok(done) if done.username == reauth.username => {
+                    Ok((ReasonCode::Success, done.server_final))
+                }
+                Ok(_) => Err("re-authenticated as another user".to_owned()),
+                Err(e) => Err(e.to_string()),
+            },
+            _ => {
+                return self.fail(
+                    ReasonCode::ProtocolError,
+                    "AUTH reason code out of sequence",
+                );
+            }
+        };
+        match reply {
+            Ok((reason, data)) => {
+                let mut auth = roost_core::Auth {
+                    reason,
+                    properties: Default::default(),
+                };
+                auth.properties.authentication_method = Some(scram::METHOD.to_owned());
+                auth.properties.authentication_data = Some(data.into());
+                self.send(Packet::Auth(auth));
+                if reason == ReasonCode::Success {
+                    tracing::debug!(client_id = %self.session.client_id, "re-authenticated");
+                }
+            }
+            Err(why) => self.fail(
+                ReasonCode::NotAuthorized,
+                &format!("re-authentication failed: {why}"),
+            ),
+        }
+    }
 
     fn on_publish(&mut self, mut p: Publish, now: Instant) {
         if !p.properties.subscription_identifiers.is_empty() {
@@ -1262,6 +1365,168 @@ mod tests {
         assert_eq!(ack.properties.receive_maximum, Some(4));
         assert_eq!(ack.properties.topic_alias_maximum, Some(3));
         assert_eq!(&**conn.client_id(), "assigned");
+    }
+
+    fn auth(reason: ReasonCode, method: &str, data: &[u8]) -> Packet {
+        let mut a = roost_core::Auth {
+            reason,
+            properties: Properties::default(),
+        };
+        a.properties.authentication_method = Some(method.to_owned());
+        a.properties.authentication_data = Some(Bytes::copy_from_slice(data));
+        Packet::Auth(a)
+    }
+
+    fn auth_reply(packets: &[Packet]) -> (ReasonCode, String) {
+        match packets {
+            [Packet::Auth(a)] => {
+                assert_eq!(
+                    a.properties.authentication_method.as_deref(),
+                    Some(scram::METHOD)
+                );
+                let data = a.properties.authentication_data.clone().expect("data");
+                (a.reason, String::from_utf8(data.to_vec()).expect("utf8"))
+            }
+            other => panic!("expected one AUTH, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn scram_connack_repeats_the_method_and_carries_the_server_final_message() {
+        let mut c = connect_packet(V5);
+        c.properties.authentication_method = Some(scram::METHOD.into());
+        let l = limits();
+        let mut plan = plan_connect(&c, &l, || "x".into()).expect("SCRAM-SHA-256 is supported");
+        plan.authentication_data = Some(Bytes::from_static(b"v=abc"));
+        let mut conn = Connection::accept(
+            c,
+            &plan,
+            Session::new(plan.client_id.clone()),
+            false,
+            l,
+            None,
+            Instant::now(),
+        );
+        let packets = output(&mut conn, V5);
+        let Some(Packet::ConnAck(ack)) = packets.first() else {
+            panic!("CONNACK first: {packets:?}");
+        };
+        assert_eq!(ack.code, ReasonCode::Success);
+        assert_eq!(
+            ack.properties.authentication_method.as_deref(),
+            Some(scram::METHOD)
+        );
+        assert_eq!(
+            ack.properties.authentication_data.as_deref(),
+            Some(&b"v=abc"[..])
+        );
+    }
+
+    /// A connection authenticated with SCRAM as `alice`, and its credentials.
+    fn scram_connection(now: Instant) -> Connection {
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        let users = scram::tests::users(&[("alice", "wonderland"), ("bob", "builder")]);
+        conn.enable_reauthentication("alice".into(), Arc::new(users));
+        conn
+    }
+
+    /// Sends AUTH 0x19 and AUTH 0x18 for `user`/`password`; returns the replies to the
+    /// second and the server signature the client expects.
+    fn reauthenticate(
+        conn: &mut Connection,
+        user: &str,
+        password: &str,
+        now: Instant,
+    ) -> (Vec<Packet>, String) {
+        let bare = format!("n={user},r=clientnonce");
+        conn.handle(
+            auth(
+                ReasonCode::ReAuthenticate,
+                scram::METHOD,
+                format!("n,,{bare}").as_bytes(),
+            ),
+            now,
+        );
+        let (reason, server_first) = auth_reply(&output(conn, V5));
+        assert_eq!(reason, ReasonCode::ContinueAuthentication);
+        let (client_final, signature) =
+            scram::tests::client_final(password, "n,,", &bare, &server_first);
+        conn.handle(
+            auth(
+                ReasonCode::ContinueAuthentication,
+                scram::METHOD,
+                client_final.as_bytes(),
+            ),
+            now,
+        );
+        (output(conn, V5), signature)
+    }
+
+    #[test]
+    fn scram_reauthentication_succeeds_and_can_repeat() {
+        let now = Instant::now();
+        let mut conn = scram_connection(now);
+        for _ in 0..2 {
+            let (packets, signature) = reauthenticate(&mut conn, "alice", "wonderland", now);
+            assert_eq!(auth_reply(&packets), (ReasonCode::Success, signature));
+            assert!(conn.close_reason().is_none());
+        }
+        // Other packets flow between the AUTH packets.
+        conn.handle(
+            auth(ReasonCode::ReAuthenticate, scram::METHOD, b"n,,n=alice,r=x"),
+            now,
+        );
+        let _ = output(&mut conn, V5);
+        conn.handle(Packet::PingReq, now);
+        assert!(matches!(
+            output(&mut conn, V5).as_slice(),
+            [Packet::PingResp]
+        ));
+    }
+
+    #[test]
+    fn scram_reauthentication_failures_disconnect() {
+        let now = Instant::now();
+        // Wrong password, and the right password of another user: 0x87.
+        for (user, password) in [("alice", "nope"), ("bob", "builder")] {
+            let mut conn = scram_connection(now);
+            let (packets, _) = reauthenticate(&mut conn, user, password, now);
+            assert_eq!(disconnect_reason(&packets), Some(ReasonCode::NotAuthorized));
+            assert!(conn.close_reason().is_some(), "{user}");
+        }
+        // Out of sequence, another method, malformed: protocol error or 0x87.
+        for (packet, code) in [
+            (
+                auth(ReasonCode::ContinueAuthentication, scram::METHOD, b"c=biws"),
+                ReasonCode::ProtocolError,
+            ),
+            (
+                auth(ReasonCode::ReAuthenticate, "SCRAM-SHA-1", b"n,,n=alice,r=x"),
+                ReasonCode::ProtocolError,
+            ),
+            (
+                auth(ReasonCode::Success, scram::METHOD, b""),
+                ReasonCode::ProtocolError,
+            ),
+            (
+                auth(ReasonCode::ReAuthenticate, scram::METHOD, b"garbage"),
+                ReasonCode::NotAuthorized,
+            ),
+        ] {
+            let mut conn = scram_connection(now);
+            conn.handle(packet, now);
+            assert_eq!(disconnect_reason(&output(&mut conn, V5)), Some(code));
+        }
+        // Without SCRAM at CONNECT, AUTH is a protocol error.
+        let (mut conn, _) = open(connect_packet(V5), None, now);
+        conn.handle(
+            auth(ReasonCode::ReAuthenticate, scram::METHOD, b"n,,n=alice,r=x"),
+            now,
+        );
+        assert_eq!(
+            disconnect_reason(&output(&mut conn, V5)),
+            Some(ReasonCode::ProtocolError)
+        );
     }
 
     #[test]
