@@ -20,9 +20,8 @@ import time
 import pytest
 
 import mqttraw as w
-from broker import IS_MOSQUITTO
+from broker import IS_MOSQUITTO, roost_passwd as passwd
 from conftest import wait_for
-from test_auth import passwd
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's own password file and CLI")
 
