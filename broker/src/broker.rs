@@ -6,7 +6,7 @@
 //! and the retained store its own `RwLock`.
 //!
 //! A session is either attached to a live connection (its state is owned by that
-//! connection's task; deliveries go through a bounded channel) or detached (its state
+//! connection's task; deliveries go through its bounded mailbox) or detached (its state
 //! sits in the map; deliveries are queued into it directly).
 
 use std::collections::HashMap;
@@ -19,10 +19,11 @@ use parking_lot::{Mutex, RwLock};
 use roost_core::topic;
 use roost_core::{LastWill, Message, QoS, RetainHandling};
 use roost_router::{Matches, Router, Subscription};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::mailbox;
 use crate::metrics::{DropReason, Metrics};
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
@@ -31,13 +32,18 @@ use roost_queue::Queues;
 
 const SHARDS: usize = 64;
 
+/// The broker's side of a connection's mailbox: deliveries and control requests.
+pub type MailboxSender = mailbox::Sender<Delivery, Control>;
+/// The connection task's side of its mailbox.
+pub type Mailbox = mailbox::Receiver<Delivery, Control>;
+
 /// A QoS 1/2 delivery that found its subscriber's channel full.
 #[derive(Debug)]
 pub struct Blocked {
     /// The subscriber.
     pub client_id: Arc<str>,
-    /// Its delivery channel.
-    pub sender: mpsc::Sender<Delivery>,
+    /// Its mailbox.
+    pub sender: MailboxSender,
     /// Set when a wait for room timed out: later deliveries drop at once until the
     /// subscriber has room again.
     pub stalled: Arc<AtomicBool>,
@@ -109,10 +115,9 @@ pub struct Handover {
 pub struct ConnectionHandle {
     /// Unique per connection, to tell a successor from a predecessor.
     pub id: u64,
-    /// Deliveries; bounded so a stalled client cannot grow memory without limit.
-    pub deliveries: mpsc::Sender<Delivery>,
-    /// Control requests.
-    pub control: mpsc::UnboundedSender<Control>,
+    /// Deliveries (bounded, so a stalled client cannot grow memory without limit)
+    /// and control requests.
+    pub mailbox: MailboxSender,
     /// The session outlives the connection, so QoS 1/2 deliveries to it are stored.
     pub persistent: bool,
     /// Set while the connection is not keeping up (see [`Blocked::stalled`]).
@@ -254,7 +259,7 @@ impl Broker {
                 .and_then(|w| w.properties.will_delay_interval)
                 .map_or(0, |d| d.saturating_sub(down_for));
             if expiry_left == 0 {
-                session.pending_will = will;
+                session.pending_will = will.map(Box::new);
                 ended.push(session);
                 continue;
             }
@@ -263,14 +268,14 @@ impl Broker {
             {
                 wills.push((client.clone(), w));
             }
-            session.pending_will = will;
+            session.pending_will = will.map(Box::new);
             for (filter, record) in &session.subscriptions {
                 self.subscribe(filter, &client, record.options, record.identifier);
             }
             if stored.connected || will_delay_left == 0 {
                 // Now it is disconnected as of this start (and any will is gone).
                 let record =
-                    persist::encode_session(&session, false, session.pending_will.as_ref());
+                    persist::encode_session(&session, false, session.pending_will.as_deref());
                 out.ops.push(Op::PutSession(client.clone(), record));
             }
             let generation = self.next_id();
@@ -356,7 +361,7 @@ impl Broker {
     /// when the client is not connected.
     pub fn kick(&self, client_id: &str) -> bool {
         match self.shard(client_id).lock().get(client_id) {
-            Some(Slot::Online(h)) => h.control.send(Control::Kick).is_ok(),
+            Some(Slot::Online(h)) => h.mailbox.control(Control::Kick).is_ok(),
             _ => false,
         }
     }
@@ -382,7 +387,11 @@ impl Broker {
             None => Attach::Fresh,
             Some(Slot::Online(old)) => {
                 let (tx, rx) = oneshot::channel();
-                if old.control.send(Control::TakeOver { reply: tx }).is_err() {
+                if old
+                    .mailbox
+                    .control(Control::TakeOver { reply: tx })
+                    .is_err()
+                {
                     // The old task is gone without detaching: nothing to hand over.
                     return Attach::Fresh;
                 }
@@ -418,7 +427,7 @@ impl Broker {
             out.ops.push(Op::DeleteSession(client_id.clone()));
         }
         if let Some(will) = session.pending_will.take() {
-            self.publish_will(&client_id, will, &mut out);
+            self.publish_will(&client_id, *will, &mut out);
         }
         self.finish_detached(out);
     }
@@ -433,7 +442,7 @@ impl Broker {
         conn_id: u64,
         mut session: Session,
         will: Option<LastWill>,
-        deliveries: &mut mpsc::Receiver<Delivery>,
+        deliveries: &mut Mailbox,
     ) -> Option<(Session, Option<LastWill>)> {
         let client_id = session.client_id.clone();
         // Messages that came through a shared subscription go to another member now.
@@ -454,7 +463,7 @@ impl Broker {
             }
             // Under the shard lock nobody can route into our channel any more: what
             // is in it now is all there will be.
-            while let Ok(d) = deliveries.try_recv() {
+            while let Some(d) = deliveries.try_recv() {
                 if d.share.is_some() {
                     // Handled below with the others, outside the lock.
                     session.pending.push_back(d);
@@ -470,7 +479,7 @@ impl Broker {
                 if will_delay == 0 {
                     will_now = will;
                 } else {
-                    session.pending_will = will;
+                    session.pending_will = will.map(Box::new);
                 }
                 let generation = self.next_id();
                 timers = Some((generation, will_delay, session.expiry_interval));
@@ -478,7 +487,7 @@ impl Broker {
                 out.ops.append(&mut session.journal);
                 session.stored = true;
                 let record =
-                    persist::encode_session(&session, false, session.pending_will.as_ref());
+                    persist::encode_session(&session, false, session.pending_will.as_deref());
                 out.ops.push(Op::PutSession(client_id.clone(), record));
                 shard.insert(
                     client_id.clone(),
@@ -534,7 +543,7 @@ impl Broker {
                         session,
                         generation: g,
                     }) if *g == generation => {
-                        let will = session.pending_will.take();
+                        let will = session.pending_will.take().map(|w| *w);
                         if will.is_some() && session.stored {
                             let record = persist::encode_session(session, false, None);
                             out.ops.push(Op::PutSession(id.clone(), record));
@@ -828,7 +837,7 @@ impl Broker {
                 let permit = if queued_behind {
                     Err(())
                 } else {
-                    h.deliveries.try_reserve().map_err(|_| ())
+                    h.mailbox.try_reserve()
                 };
                 match permit {
                     Ok(permit) => {
@@ -849,7 +858,7 @@ impl Broker {
                         }
                         out.blocked.push(Blocked {
                             client_id: client_id.clone(),
-                            sender: h.deliveries.clone(),
+                            sender: h.mailbox.clone(),
                             stalled: h.stalled.clone(),
                             delivery: d,
                         });

@@ -7,6 +7,7 @@ mod auth_hook;
 mod broker;
 mod config;
 mod connection;
+mod mailbox;
 mod metrics;
 mod passwd;
 mod persist;

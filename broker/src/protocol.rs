@@ -265,8 +265,9 @@ pub struct Connection {
     outbound_aliases: std::collections::HashMap<String, u16>,
     /// The client's Topic Alias Maximum (0: the client takes no aliases).
     client_alias_maximum: u16,
-    /// The will, cleared by a normal DISCONNECT or a server shutdown.
-    will: Option<LastWill>,
+    /// The will, cleared by a normal DISCONNECT or a server shutdown. Boxed: most
+    /// clients have none, and a will is hundreds of bytes.
+    will: Option<Box<LastWill>>,
     /// CONNECT asked for session expiry 0 (then DISCONNECT may not raise it).
     connect_expiry_zero: bool,
     /// The stored session record is out of date (new connection, subscriptions changed).
@@ -338,7 +339,7 @@ impl Connection {
             } else {
                 0
             },
-            will: connect.will,
+            will: connect.will.map(Box::new),
             connect_expiry_zero: plan.session_expiry == 0,
             record_dirty: true,
             acks: std::collections::VecDeque::new(),
@@ -404,7 +405,7 @@ impl Connection {
         if self.record_dirty && self.session.is_persistent() {
             self.record_dirty = false;
             self.session.stored = true;
-            let record = crate::persist::encode_session(&self.session, true, self.will.as_ref());
+            let record = crate::persist::encode_session(&self.session, true, self.will.as_deref());
             self.session
                 .journal
                 .push(Op::PutSession(self.session.client_id.clone(), record));
@@ -482,7 +483,7 @@ impl Connection {
     /// Consumes the connection when it has ended: the session to keep (or drop) and
     /// the will to publish, if any.
     pub fn finish(self) -> (Session, Option<LastWill>) {
-        (self.session, self.will)
+        (self.session, self.will.map(|w| *w))
     }
 
     /// Handles one packet from the client.
