@@ -98,6 +98,8 @@ pub enum Control {
     /// An administrator ends the connection (v5 DISCONNECT 0x98, administrative
     /// action); the session is kept or ended as on any disconnect.
     Kick,
+    /// The server is shutting down (v5 DISCONNECT 0x8B); the will is not published.
+    Shutdown,
 }
 
 /// What a connection that was taken over gives to its successor.
@@ -192,6 +194,8 @@ pub struct Broker {
     retained: RwLock<HashMap<String, Arc<Message>>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
+    /// Most connections open at once since [`Broker::take_connection_peak`].
+    connections_peak: AtomicUsize,
     store: Store,
     /// Next key for a stored delivery; keys only grow, so a session's stored queue
     /// reads back in order.
@@ -213,6 +217,7 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            connections_peak: AtomicUsize::new(0),
             store,
             next_seq: AtomicU64::new(1),
         })
@@ -305,11 +310,23 @@ impl Broker {
     /// Counts a new connection; false (and nothing counted) when at the limit.
     pub fn try_add_connection(&self) -> bool {
         let max = self.config.max_connections;
-        self.connections
+        match self
+            .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
-            })
-            .is_ok()
+            }) {
+            Ok(n) => {
+                self.connections_peak.fetch_max(n + 1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The most connections open at once since the last call.
+    pub fn take_connection_peak(&self) -> usize {
+        self.connections_peak
+            .swap(self.connection_count(), Ordering::Relaxed)
     }
 
     /// Uncounts a connection counted by [`Broker::try_add_connection`].
@@ -363,6 +380,18 @@ impl Broker {
         match self.shard(client_id).lock().get(client_id) {
             Some(Slot::Online(h)) => h.mailbox.control(Control::Kick).is_ok(),
             _ => false,
+        }
+    }
+
+    /// Tells every live connection to close because the server is shutting down. A
+    /// connection attached after its shard was passed sees the shutdown flag instead.
+    pub fn shut_down_connections(&self) {
+        for shard in &self.shards {
+            for slot in shard.lock().values() {
+                if let Slot::Online(h) = slot {
+                    let _ = h.mailbox.control(Control::Shutdown);
+                }
+            }
         }
     }
 

@@ -8,6 +8,7 @@ mod broker;
 mod config;
 mod connection;
 mod mailbox;
+mod memory;
 mod metrics;
 mod passwd;
 mod persist;
