@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::mailbox;
+use crate::mailbox::{self, TrySendError};
 use crate::metrics::{DropReason, Metrics};
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
@@ -863,21 +863,27 @@ impl Broker {
                 let stored = h.persistent && d.qos != QoS::AtMostOnce;
                 // Behind a blocked delivery to the same client, keep the order.
                 let queued_behind = out.blocked.iter().any(|b| b.client_id == *client_id);
-                let permit = if queued_behind {
-                    Err(())
-                } else {
-                    h.mailbox.try_reserve()
-                };
-                match permit {
-                    Ok(permit) => {
-                        h.stalled.store(false, Ordering::Relaxed);
-                        if stored {
+                let taken = if queued_behind {
+                    Err(d)
+                } else if stored {
+                    // Stored before it can reach the subscriber: reserve the slot first.
+                    match h.mailbox.try_reserve() {
+                        Ok(permit) => {
                             self.store_delivery(client_id, &mut d, out);
+                            permit.send(d);
+                            Ok(())
                         }
-                        permit.send(d);
+                        Err(()) => Err(d),
+                    }
+                } else {
+                    h.mailbox.try_send(d).map_err(TrySendError::into_inner)
+                };
+                match taken {
+                    Ok(()) => {
+                        h.stalled.store(false, Ordering::Relaxed);
                         true
                     }
-                    Err(_)
+                    Err(mut d)
                         if !online_only
                             && d.qos != QoS::AtMostOnce
                             && !h.stalled.load(Ordering::Relaxed) =>

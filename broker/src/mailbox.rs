@@ -96,6 +96,15 @@ pub enum TrySendError<T> {
     Closed(T),
 }
 
+impl<T> TrySendError<T> {
+    /// The delivery that was not taken.
+    pub fn into_inner(self) -> T {
+        match self {
+            TrySendError::Full(item) | TrySendError::Closed(item) => item,
+        }
+    }
+}
+
 /// The sending side; cloning it makes another sender.
 pub struct Sender<T, C> {
     shared: Arc<Shared<T, C>>,
@@ -130,8 +139,8 @@ impl<T, C> Sender<T, C> {
         })
     }
 
-    /// Queues a delivery if there is room now.
-    #[cfg(test)]
+    /// Queues a delivery if there is room now (one lock, where reserving and then
+    /// sending takes two).
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
         self.shared.try_send(item, false)
     }
