@@ -1,9 +1,10 @@
 //! One task per client connection: the thin I/O shell around [`protocol::Connection`].
 //!
-//! The task owns the socket, a reused read buffer and the session state while the
-//! client is connected. It reads and decodes packets, feeds them to the state machine,
-//! carries out the machine's [`Event`]s on the shared [`Broker`], takes deliveries from
-//! its bounded mailbox, and writes what the machine produced in one syscall per batch.
+//! The task owns the socket and the session state while the client is connected. It
+//! reads and decodes packets, feeds them to the state machine, carries out the
+//! machine's [`Event`]s on the shared [`Broker`], takes deliveries from its bounded
+//! mailbox, and writes what the machine produced in one syscall per batch. Reads land
+//! in a per-thread scratch buffer, so an idle connection holds no buffer of its own.
 
 use std::future::Future;
 use std::net::SocketAddr;
