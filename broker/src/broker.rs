@@ -6,7 +6,7 @@
 //! and the retained store its own `RwLock`.
 //!
 //! A session is either attached to a live connection (its state is owned by that
-//! connection's task; deliveries go through a bounded channel) or detached (its state
+//! connection's task; deliveries go through its bounded mailbox) or detached (its state
 //! sits in the map; deliveries are queued into it directly).
 
 use std::collections::HashMap;
@@ -20,10 +20,11 @@ use parking_lot::{Mutex, RwLock};
 use roost_core::topic;
 use roost_core::{LastWill, Message, QoS, RetainHandling};
 use roost_router::{Matches, Router, Subscription};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::mailbox::{self, TrySendError};
 use crate::metrics::{DropReason, Limit, Metrics};
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
@@ -33,13 +34,18 @@ use roost_queue::Queues;
 
 const SHARDS: usize = 64;
 
+/// The broker's side of a connection's mailbox: deliveries and control requests.
+pub type MailboxSender = mailbox::Sender<Delivery, Control>;
+/// The connection task's side of its mailbox.
+pub type Mailbox = mailbox::Receiver<Delivery, Control>;
+
 /// A QoS 1/2 delivery that found its subscriber's channel full.
 #[derive(Debug)]
 pub struct Blocked {
     /// The subscriber.
     pub client_id: Arc<str>,
-    /// Its delivery channel.
-    pub sender: mpsc::Sender<Delivery>,
+    /// Its mailbox.
+    pub sender: MailboxSender,
     /// Set when a wait for room timed out: later deliveries drop at once until the
     /// subscriber has room again.
     pub stalled: Arc<AtomicBool>,
@@ -94,6 +100,8 @@ pub enum Control {
     /// An administrator ends the connection (v5 DISCONNECT 0x98, administrative
     /// action); the session is kept or ended as on any disconnect.
     Kick,
+    /// The server is shutting down (v5 DISCONNECT 0x8B); the will is not published.
+    Shutdown,
 }
 
 /// What a connection that was taken over gives to its successor.
@@ -111,10 +119,9 @@ pub struct Handover {
 pub struct ConnectionHandle {
     /// Unique per connection, to tell a successor from a predecessor.
     pub id: u64,
-    /// Deliveries; bounded so a stalled client cannot grow memory without limit.
-    pub deliveries: mpsc::Sender<Delivery>,
-    /// Control requests.
-    pub control: mpsc::UnboundedSender<Control>,
+    /// Deliveries (bounded, so a stalled client cannot grow memory without limit)
+    /// and control requests.
+    pub mailbox: MailboxSender,
     /// The session outlives the connection, so QoS 1/2 deliveries to it are stored.
     pub persistent: bool,
     /// Set while the connection is not keeping up (see [`Blocked::stalled`]).
@@ -190,7 +197,9 @@ pub struct Broker {
     next_id: AtomicU64,
     connections: AtomicUsize,
     /// Most connections open at once since start.
-    connection_peak: AtomicUsize,
+    connections_max: AtomicUsize,
+    /// Most connections open at once since [`Broker::take_connection_peak`].
+    connections_peak: AtomicUsize,
     /// Connections per source address, kept only under `max_connections_per_ip`.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// New connections allowed, under `max_connect_rate`.
@@ -222,7 +231,8 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-            connection_peak: AtomicUsize::new(0),
+            connections_max: AtomicUsize::new(0),
+            connections_peak: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             connect_rate,
             store,
@@ -271,7 +281,7 @@ impl Broker {
                 .and_then(|w| w.properties.will_delay_interval)
                 .map_or(0, |d| d.saturating_sub(down_for));
             if expiry_left == 0 {
-                session.pending_will = will;
+                session.pending_will = will.map(Box::new);
                 ended.push(session);
                 continue;
             }
@@ -280,14 +290,14 @@ impl Broker {
             {
                 wills.push((client.clone(), w));
             }
-            session.pending_will = will;
+            session.pending_will = will.map(Box::new);
             for (filter, record) in &session.subscriptions {
                 self.subscribe(filter, &client, record.options, record.identifier);
             }
             if stored.connected || will_delay_left == 0 {
                 // Now it is disconnected as of this start (and any will is gone).
                 let record =
-                    persist::encode_session(&session, false, session.pending_will.as_ref());
+                    persist::encode_session(&session, false, session.pending_will.as_deref());
                 out.ops.push(Op::PutSession(client.clone(), record));
             }
             let generation = self.next_id();
@@ -324,13 +334,14 @@ impl Broker {
             return Err(Limit::ConnectRate);
         }
         let max = self.config.max_connections;
-        self.connections
+        let n = self
+            .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .map_err(|_| Limit::Connections)?;
-        self.connection_peak
-            .fetch_max(self.connections.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.connections_max.fetch_max(n + 1, Ordering::Relaxed);
+        self.connections_peak.fetch_max(n + 1, Ordering::Relaxed);
         let per_ip = self.config.max_connections_per_ip;
         if per_ip > 0 {
             let mut counts = self.per_ip.lock();
@@ -343,6 +354,12 @@ impl Broker {
             *n += 1;
         }
         Ok(())
+    }
+
+    /// The most connections open at once since the last call.
+    pub fn take_connection_peak(&self) -> usize {
+        self.connections_peak
+            .swap(self.connection_count(), Ordering::Relaxed)
     }
 
     /// Uncounts a connection admitted by [`Broker::try_add_connection`].
@@ -361,7 +378,7 @@ impl Broker {
 
     /// Most connections open at once since start.
     pub fn connection_peak(&self) -> usize {
-        self.connection_peak.load(Ordering::Relaxed)
+        self.connections_max.load(Ordering::Relaxed)
     }
 
     /// Number of sessions, live and stored.
@@ -408,8 +425,20 @@ impl Broker {
     /// when the client is not connected.
     pub fn kick(&self, client_id: &str) -> bool {
         match self.shard(client_id).lock().get(client_id) {
-            Some(Slot::Online(h)) => h.control.send(Control::Kick).is_ok(),
+            Some(Slot::Online(h)) => h.mailbox.control(Control::Kick).is_ok(),
             _ => false,
+        }
+    }
+
+    /// Tells every live connection to close because the server is shutting down. A
+    /// connection attached after its shard was passed sees the shutdown flag instead.
+    pub fn shut_down_connections(&self) {
+        for shard in &self.shards {
+            for slot in shard.lock().values() {
+                if let Slot::Online(h) = slot {
+                    let _ = h.mailbox.control(Control::Shutdown);
+                }
+            }
         }
     }
 
@@ -434,7 +463,11 @@ impl Broker {
             None => Attach::Fresh,
             Some(Slot::Online(old)) => {
                 let (tx, rx) = oneshot::channel();
-                if old.control.send(Control::TakeOver { reply: tx }).is_err() {
+                if old
+                    .mailbox
+                    .control(Control::TakeOver { reply: tx })
+                    .is_err()
+                {
                     // The old task is gone without detaching: nothing to hand over.
                     return Attach::Fresh;
                 }
@@ -470,7 +503,7 @@ impl Broker {
             out.ops.push(Op::DeleteSession(client_id.clone()));
         }
         if let Some(will) = session.pending_will.take() {
-            self.publish_will(&client_id, will, &mut out);
+            self.publish_will(&client_id, *will, &mut out);
         }
         self.finish_detached(out);
     }
@@ -485,7 +518,7 @@ impl Broker {
         conn_id: u64,
         mut session: Session,
         will: Option<LastWill>,
-        deliveries: &mut mpsc::Receiver<Delivery>,
+        deliveries: &mut Mailbox,
     ) -> Option<(Session, Option<LastWill>)> {
         let client_id = session.client_id.clone();
         // Messages that came through a shared subscription go to another member now.
@@ -506,7 +539,7 @@ impl Broker {
             }
             // Under the shard lock nobody can route into our channel any more: what
             // is in it now is all there will be.
-            while let Ok(d) = deliveries.try_recv() {
+            while let Some(d) = deliveries.try_recv() {
                 if d.share.is_some() {
                     // Handled below with the others, outside the lock.
                     session.pending.push_back(d);
@@ -522,7 +555,7 @@ impl Broker {
                 if will_delay == 0 {
                     will_now = will;
                 } else {
-                    session.pending_will = will;
+                    session.pending_will = will.map(Box::new);
                 }
                 let generation = self.next_id();
                 timers = Some((generation, will_delay, session.expiry_interval));
@@ -530,7 +563,7 @@ impl Broker {
                 out.ops.append(&mut session.journal);
                 session.stored = true;
                 let record =
-                    persist::encode_session(&session, false, session.pending_will.as_ref());
+                    persist::encode_session(&session, false, session.pending_will.as_deref());
                 out.ops.push(Op::PutSession(client_id.clone(), record));
                 shard.insert(
                     client_id.clone(),
@@ -586,7 +619,7 @@ impl Broker {
                         session,
                         generation: g,
                     }) if *g == generation => {
-                        let will = session.pending_will.take();
+                        let will = session.pending_will.take().map(|w| *w);
                         if will.is_some() && session.stored {
                             let record = persist::encode_session(session, false, None);
                             out.ops.push(Op::PutSession(id.clone(), record));
@@ -877,21 +910,27 @@ impl Broker {
                 let stored = h.persistent && d.qos != QoS::AtMostOnce;
                 // Behind a blocked delivery to the same client, keep the order.
                 let queued_behind = out.blocked.iter().any(|b| b.client_id == *client_id);
-                let permit = if queued_behind {
-                    Err(())
-                } else {
-                    h.deliveries.try_reserve().map_err(|_| ())
-                };
-                match permit {
-                    Ok(permit) => {
-                        h.stalled.store(false, Ordering::Relaxed);
-                        if stored {
+                let taken = if queued_behind {
+                    Err(d)
+                } else if stored {
+                    // Stored before it can reach the subscriber: reserve the slot first.
+                    match h.mailbox.try_reserve() {
+                        Ok(permit) => {
                             self.store_delivery(client_id, &mut d, out);
+                            permit.send(d);
+                            Ok(())
                         }
-                        permit.send(d);
+                        Err(()) => Err(d),
+                    }
+                } else {
+                    h.mailbox.try_send(d).map_err(TrySendError::into_inner)
+                };
+                match taken {
+                    Ok(()) => {
+                        h.stalled.store(false, Ordering::Relaxed);
                         true
                     }
-                    Err(_)
+                    Err(mut d)
                         if !online_only
                             && d.qos != QoS::AtMostOnce
                             && !h.stalled.load(Ordering::Relaxed) =>
@@ -901,7 +940,7 @@ impl Broker {
                         }
                         out.blocked.push(Blocked {
                             client_id: client_id.clone(),
-                            sender: h.deliveries.clone(),
+                            sender: h.mailbox.clone(),
                             stalled: h.stalled.clone(),
                             delivery: d,
                         });

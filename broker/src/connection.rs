@@ -1,10 +1,12 @@
 //! One task per client connection: the thin I/O shell around [`protocol::Connection`].
 //!
-//! The task owns the socket, a reused read buffer and the session state while the
-//! client is connected. It reads and decodes packets, feeds them to the state machine,
-//! carries out the machine's [`Event`]s on the shared [`Broker`], takes deliveries from
-//! its bounded channel, and writes what the machine produced in one syscall per batch.
+//! The task owns the socket and the session state while the client is connected. It
+//! reads and decodes packets, feeds them to the state machine, carries out the
+//! machine's [`Event`]s on the shared [`Broker`], takes deliveries from its bounded
+//! mailbox, and writes what the machine produced in one syscall per batch. Reads land
+//! in a per-thread scratch buffer, so an idle connection holds no buffer of its own.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,24 +15,25 @@ use bytes::BytesMut;
 use roost_core::codec;
 use roost_core::{Auth, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::acl::{Access, Authorizer};
 use crate::auth;
 use crate::broker::{
-    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, send_blocked,
+    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, send_blocked,
 };
+use crate::mailbox;
 use crate::metrics::{AuthFailure, DropReason, Limit};
 use crate::protocol::{self, AckToken, ConnectPlan, ConnectRefusal, Connection, Event};
 use crate::queues::{self, QueueTopic};
-use crate::rate::{PublishBudget, Throttled};
+use crate::rate::PublishBudget;
 use crate::scram;
 use crate::session::{Delivery, Session};
 use roost_core::Message;
 use tokio::task::JoinSet;
 
-/// Most deliveries taken from the channel before the output is flushed, so a busy
+/// Most deliveries taken from the mailbox before the output is flushed, so a busy
 /// subscriber still reads its socket and answers pings.
 const DELIVERY_BATCH: usize = 256;
 
@@ -39,34 +42,88 @@ const DELIVERY_BATCH: usize = 256;
 /// `peer_identity` is who the transport proved the client to be (the Common Name of a
 /// verified TLS client certificate with `tls_use_cn_as_username`); when present it
 /// replaces the username of the CONNECT, before authentication sees it.
-pub async fn serve<S>(
+pub fn serve<S>(
     broker: Arc<Broker>,
     stream: S,
     peer: SocketAddr,
     peer_identity: Option<String>,
     shutdown: watch::Receiver<bool>,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Every task is as large as the largest state its future can be in, for as long as
+    // it lives. Everything up to an attached session (arguments included) runs boxed
+    // and is freed once done, and so is the ending: an idle connection's task holds
+    // only what serving its session needs.
+    let start = Box::pin(start(broker, stream, peer, peer_identity, shutdown));
+    let ip = peer.ip();
+    async move {
+        let Some((broker, mut io, mut attached)) = start.await else {
+            return;
+        };
+        let (outcome, taken_over) = serve_session(&broker, &mut io, &mut attached).await;
+        Box::pin(finish(&broker, &mut io, attached, outcome, taken_over)).await;
+        broker.remove_connection(ip);
+    }
+}
+
+/// Counts the connection and runs the handshake; `None` when the connection is over.
+async fn start<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    peer_identity: Option<String>,
+    shutdown: watch::Receiver<bool>,
+) -> Option<(Arc<Broker>, Io<S>, Attached)> {
     let mut io = Io {
         stream,
-        read_buf: BytesMut::with_capacity(1024),
+        read_buf: BytesMut::new(),
     };
     if let Err(limit) = broker.try_add_connection(peer.ip()) {
         broker.metrics.limit_tripped(limit, 1);
-        Box::pin(refuse_over_limit(&broker, &mut io, limit)).await;
-        return;
+        refuse_over_limit(&broker, &mut io, limit).await;
+        return None;
     }
     broker.metrics.connection_accepted();
-    if let Err(why) = run(&broker, &mut io, peer, peer_identity, shutdown).await {
-        debug!(%peer, "connection ended: {why}");
+    match handshake(&broker, &mut io, peer, peer_identity).await {
+        Ok(mut attached) => {
+            // Shutdown reaches attached connections through their mailboxes; one that
+            // was signalled before this session was in the map ends here.
+            if *shutdown.borrow() {
+                let conn = &mut attached.conn;
+                conn.disconnect(
+                    ReasonCode::ServerShuttingDown,
+                    "server shutting down",
+                    false,
+                );
+            }
+            Some((broker, io, attached))
+        }
+        Err(why) => {
+            debug!(%peer, "connection ended: {why}");
+            broker.remove_connection(peer.ip());
+            None
+        }
     }
-    broker.remove_connection(peer.ip());
 }
 
 struct Io<S> {
     stream: S,
+    /// Input not decoded yet: only ever the start of a packet still arriving. Empty
+    /// (and holding no allocation) between packets, so an idle connection keeps no
+    /// read buffer; reads land in the worker thread's [`SCRATCH`] first.
     read_buf: BytesMut,
+}
+
+/// Bytes a read into [`SCRATCH`] asks for.
+const SCRATCH_LEN: usize = 16 * 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by all its connections: a read lands
+    /// here and only the bytes that came are copied into the connection's buffer.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
@@ -83,15 +140,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             {
                 return Ok(Some(p));
             }
-            if self.read_buf.capacity() - self.read_buf.len() < 512 {
-                self.read_buf.reserve(4096);
-            }
-            match self.stream.read_buf(&mut self.read_buf).await {
+            let read = if self.read_buf.is_empty() {
+                // Nothing pending: wait without a buffer of our own (dropping the one
+                // the last packets were decoded from, whose payloads keep their part).
+                self.read_buf = BytesMut::new();
+                std::future::poll_fn(|cx| self.poll_read_fresh(cx)).await
+            } else {
+                // The rest of a packet: read straight into the buffer that holds its
+                // start.
+                if self.read_buf.capacity() - self.read_buf.len() < 512 {
+                    self.read_buf.reserve(4096);
+                }
+                self.stream.read_buf(&mut self.read_buf).await
+            };
+            match read {
                 Ok(0) => return Ok(None),
                 Ok(n) => broker.metrics.network_in(n),
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
+    }
+
+    /// Reads what has arrived into the scratch buffer and keeps a copy of just that.
+    fn poll_read_fresh(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let read_buf = &mut self.read_buf;
+        poll_read_scratch(&mut self.stream, cx, |bytes| {
+            read_buf.extend_from_slice(bytes)
+        })
     }
 
     /// Half-closes and lingers briefly so the last bytes written reach the client.
@@ -102,8 +180,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 
     /// Reads and drops input until the peer closes (bounded by the caller's timeout).
     async fn discard_until_eof(&mut self) {
-        let mut scrap = [0u8; 1024];
-        while let Ok(n) = self.stream.read(&mut scrap).await {
+        let stream = &mut self.stream;
+        while let Ok(n) = std::future::poll_fn(|cx| poll_read_scratch(stream, cx, |_| {})).await {
             if n == 0 {
                 break;
             }
@@ -117,14 +195,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         let stall = broker.slow_consumer_timeout();
         let mut rest = bytes;
         while !rest.is_empty() {
-            let n = with_stall_limit(stall, self.stream.write(rest)).await?;
+            // The socket usually takes the bytes at once; only a write that has to
+            // wait pays for a timer (boxed, so the idle task does not carry one).
+            let ready = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::pin::Pin::new(&mut self.stream).poll_write(cx, rest))
+            })
+            .await;
+            let n = match ready {
+                std::task::Poll::Ready(n) => n?,
+                std::task::Poll::Pending => {
+                    Box::pin(with_stall_limit(stall, self.stream.write(rest))).await?
+                }
+            };
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             broker.metrics.network_out(n);
             rest = &rest[n..];
         }
-        with_stall_limit(stall, self.stream.flush()).await
+        let flushed = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut self.stream).poll_flush(cx))
+        })
+        .await;
+        match flushed {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => {
+                Box::pin(with_stall_limit(stall, self.stream.flush())).await
+            }
+        }
     }
 }
 
@@ -139,6 +237,32 @@ async fn with_stall_limit<T>(
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
         None => step.await,
     }
+}
+
+/// Reads from `stream` into the thread's [`SCRATCH`] buffer and hands what came to
+/// `take`; ready with the number of bytes read (0 at end of stream).
+fn poll_read_scratch<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut std::task::Context<'_>,
+    take: impl FnOnce(&[u8]),
+) -> std::task::Poll<std::io::Result<usize>> {
+    use std::task::Poll;
+    let poll_into = |scratch: &mut [u8]| {
+        let mut buf = tokio::io::ReadBuf::new(scratch);
+        match std::pin::Pin::new(stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                take(buf.filled());
+                Poll::Ready(Ok(buf.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    };
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => poll_into(&mut scratch),
+        // Only if a transport's read re-entered this function on the same thread.
+        Err(_) => poll_into(&mut vec![0; 4096]),
+    })
 }
 
 enum ReadError {
@@ -175,13 +299,23 @@ async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(
     debug!("connection refused: {} reached", limit.label());
 }
 
-async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+/// A client past its CONNECT: what the connection task serves until it ends.
+struct Attached {
+    conn: Connection,
+    mailbox: Mailbox,
+    qio: QueueIo,
+    conn_id: u64,
+}
+
+/// Reads and answers the CONNECT, authenticates, and attaches the session (resumed,
+/// taken over or new). Run boxed: its state is needed once, not for the connection's
+/// whole life.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Arc<Broker>,
     io: &mut Io<S>,
     peer: SocketAddr,
     peer_identity: Option<String>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<Attached, String> {
     let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
     let first = tokio::time::timeout(timeout, io.read_packet(broker, None))
         .await
@@ -260,18 +394,16 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(format!("CONNECT refused ({code:?}): {why}"));
         }
     };
-    let (delivery_tx, mut deliveries) = mpsc::channel::<Delivery>(broker.delivery_capacity());
-    let mut qio = QueueIo {
-        sender: delivery_tx.downgrade(),
-        produces: JoinSet::new(),
+    let (mailbox_tx, mailbox) = mailbox::mailbox(broker.delivery_capacity());
+    let qio = QueueIo {
+        sender: mailbox_tx.downgrade(),
+        produces: None,
         waiting: Default::default(),
     };
-    let (control_tx, mut control) = mpsc::unbounded_channel();
     let conn_id = broker.next_id();
     let handle = ConnectionHandle {
         id: conn_id,
-        deliveries: delivery_tx,
-        control: control_tx,
+        mailbox: mailbox_tx,
         persistent: plan.session_expiry > 0,
         stalled: Default::default(),
         info: Arc::new(ClientInfo {
@@ -292,7 +424,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 // A session with expiry 0 ends with its network connection, which
                 // the takeover just closed: nothing is left to resume.
                 if plan.clean_start || !session.is_persistent() {
-                    session.pending_will = delayed_will;
+                    session.pending_will = delayed_will.map(Box::new);
                     broker.discard_session(session);
                     None
                 } else {
@@ -334,101 +466,125 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         queue_subscription(broker, &conn, &qio, &event);
     }
 
+    Ok(Attached {
+        conn,
+        mailbox,
+        qio,
+        conn_id,
+    })
+}
+
+/// Serves an attached session until the connection is to end. Returns why, and the
+/// successor's reply channel when the client id was taken over.
+async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Arc<Broker>,
+    io: &mut Io<S>,
+    attached: &mut Attached,
+) -> (String, Option<tokio::sync::oneshot::Sender<Handover>>) {
     let mut taken_over = None;
     let mut fanout = Fanout::default();
     let mut budget = PublishBudget::new(
         broker.config.max_publish_rate,
         broker.config.max_publish_bytes_rate,
         Instant::now(),
-    );
-    let mut throttled = false;
+    )
+    .map(Box::new);
     let mut outbound_full_since = None;
     let outcome = loop {
-        if let Err(e) = flush(broker, &mut conn, io, &mut fanout, &mut qio).await {
+        if let Err(e) = flush(
+            broker,
+            &mut attached.conn,
+            io,
+            &mut fanout,
+            &mut attached.qio,
+        )
+        .await
+        {
             break e;
         }
-        if let Some(close) = conn.close_reason() {
+        if let Some(close) = attached.conn.close_reason() {
             break close.why.clone();
         }
-        let throttle = budget
-            .as_mut()
-            .and_then(|b| b.throttled_until(Instant::now()));
-        if let Some((until, limit)) = throttle {
-            if !throttled {
-                let limit = match limit {
-                    Throttled::Packets => Limit::PublishRate,
-                    Throttled::Bytes => Limit::PublishBytesRate,
-                };
-                broker.metrics.limit_tripped(limit, 1);
-                debug!(client_id = %client_id, "publishing too fast ({}): throttled", limit.label());
-            }
-            conn.hold_reads_until(until);
-        }
-        throttled = throttle.is_some();
-        let slow = slow_consumer_deadline(broker, &conn, &mut outbound_full_since);
+        let room_needed = attached.qio.room_needed();
         // One timer serves the keep-alive, the end of a throttle and the slow-consumer
-        // limit, so the idle connection's task stays small.
-        let deadline = [conn.next_deadline(), throttle.map(|t| t.0), slow]
-            .into_iter()
-            .flatten()
-            .min();
-        let room_needed = qio.room_needed();
+        // limit, so the idle connection's task stays small (and these temporaries end
+        // before the await, so the task does not carry them).
+        let (deadline, held_back) = {
+            let throttle = budget
+                .as_mut()
+                .and_then(|b| b.throttle(Instant::now(), &broker.metrics));
+            if let Some(until) = throttle {
+                attached.conn.hold_reads_until(until);
+            }
+            let slow = slow_consumer_deadline(broker, &attached.conn, &mut outbound_full_since);
+            let deadline = [attached.conn.next_deadline(), throttle, slow]
+                .into_iter()
+                .flatten()
+                .min();
+            (deadline, room_needed.is_some() || throttle.is_some())
+        };
         tokio::select! {
             // A 3.x producer held back by a full queue, or a client over its publish
             // rate, is not read from meanwhile.
-            read = io.read_packet(broker, Some(conn.version())), if room_needed.is_none() && throttle.is_none() => match read {
+            read = io.read_packet(broker, Some(attached.conn.version())), if !held_back => match read {
                 Ok(Some(packet)) => {
                     let now = Instant::now();
                     charge(&mut budget, &packet, now);
-                    conn.handle(packet, now);
+                    attached.conn.handle(packet, now);
                     // Decode what else is already buffered before writing back (a
                     // throttled client's rest waits in the buffer).
-                    while conn.close_reason().is_none() && !over_budget(&mut budget, now) {
-                        match codec::decode(&mut io.read_buf, Some(conn.version()), broker.limits.max_packet_size as usize) {
+                    while attached.conn.close_reason().is_none() && !over_budget(&mut budget, now) {
+                        match codec::decode(&mut io.read_buf, Some(attached.conn.version()), broker.limits.max_packet_size as usize) {
                             Ok(Some(p)) => {
-                                run_events(broker, &mut conn, &mut fanout, &mut qio);
+                                run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
                                 charge(&mut budget, &p, now);
-                                conn.handle(p, now);
+                                attached.conn.handle(p, now);
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                run_events(broker, &mut conn, &mut fanout, &mut qio);
-                                conn.decode_error(&e);
+                                run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
+                                attached.conn.decode_error(&e);
                             }
                         }
                     }
                 }
                 Ok(None) => break "socket closed by client".into(),
                 Err(ReadError::Io(e)) => break format!("read error: {e}"),
-                Err(ReadError::Decode(e)) => conn.decode_error(&e),
+                Err(ReadError::Decode(e)) => attached.conn.decode_error(&e),
             },
-            // A full session queue leaves deliveries in the channel, so publishers
+            // A full session queue leaves deliveries in the mailbox, so publishers
             // wait for this client instead of messages being dropped.
-            Some(d) = deliveries.recv(), if conn.has_room() => {
+            Some(d) = attached.mailbox.recv(), if attached.conn.has_room() => {
                 let now = Instant::now();
-                conn.deliver(d, now);
+                attached.conn.deliver(d, now);
                 for _ in 1..DELIVERY_BATCH {
-                    if !conn.has_room() {
+                    if !attached.conn.has_room() {
                         break;
                     }
-                    match deliveries.try_recv() {
-                        Ok(d) => conn.deliver(d, now),
-                        Err(_) => break,
+                    match attached.mailbox.try_recv() {
+                        Some(d) => attached.conn.deliver(d, now),
+                        None => break,
                     }
                 }
             }
-            Some(Ok((token, reason))) = qio.produces.join_next(), if !qio.produces.is_empty() => {
-                conn.resolve_ack(token, reason);
+            Some(Ok((token, reason))) = join_next(&mut attached.qio.produces), if attached.qio.produces.is_some() => {
+                attached.conn.resolve_ack(token, reason);
+                if attached.qio.produces.as_ref().is_some_and(JoinSet::is_empty) {
+                    attached.qio.produces = None;
+                }
             }
-            _ = wait_for_room(room_needed.clone()), if room_needed.is_some() => qio.start_waiting(),
-            Some(request) = control.recv() => match request {
+            _ = wait_for_room(room_needed), if held_back => attached.qio.start_waiting(),
+            Some(request) = attached.mailbox.recv_control() => match request {
                 Control::TakeOver { reply } => {
-                    conn.disconnect(ReasonCode::SessionTakenOver, "session taken over", true);
+                    attached.conn.disconnect(ReasonCode::SessionTakenOver, "session taken over", true);
                     taken_over = Some(reply);
                 }
+                Control::Shutdown => {
+                    attached.conn.disconnect(ReasonCode::ServerShuttingDown, "server shutting down", false);
+                }
                 Control::Kick => {
-                    info!(client_id = %client_id, "disconnected by an administrator");
-                    conn.disconnect(
+                    info!(client_id = %attached.conn.client_id(), "disconnected by an administrator");
+                    attached.conn.disconnect(
                         ReasonCode::AdministrativeAction,
                         "disconnected by an administrator",
                         true,
@@ -437,22 +593,40 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             },
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
-                if slow.is_some_and(|t| now >= t) {
+                if slow_consumer_deadline(broker, &attached.conn, &mut outbound_full_since)
+                    .is_some_and(|t| now >= t)
+                {
                     broker.metrics.limit_tripped(Limit::SlowConsumer, 1);
-                    info!(client_id = %client_id, "disconnected: slow consumer (outbound buffer full for slow_consumer_timeout_ms)");
-                    conn.disconnect(
+                    info!(client_id = %attached.conn.client_id(), "disconnected: slow consumer (outbound buffer full for slow_consumer_timeout_ms)");
+                    attached.conn.disconnect(
                         ReasonCode::QuotaExceeded,
                         "slow consumer: outbound buffer full",
                         true,
                     );
                 }
-                conn.tick(now);
-            }
-            _ = shutdown.changed() => {
-                conn.disconnect(ReasonCode::ServerShuttingDown, "server shutting down", false);
+                attached.conn.tick(now);
             }
         }
     };
+    (outcome, taken_over)
+}
+
+/// Flushes what is left, hands the session on, and closes the socket.
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Arc<Broker>,
+    io: &mut Io<S>,
+    attached: Attached,
+    outcome: String,
+    taken_over: Option<tokio::sync::oneshot::Sender<Handover>>,
+) {
+    let Attached {
+        mut conn,
+        mailbox,
+        mut qio,
+        conn_id,
+    } = attached;
+    let client_id = conn.client_id().clone();
+    let mut fanout = Fanout::default();
     let _ = flush(broker, &mut conn, io, &mut fanout, &mut qio).await;
     // Closing with unread input makes the kernel send RST, which can destroy the
     // DISCONNECT we just wrote before the client reads it. So when roost ends the
@@ -462,14 +636,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = io.stream.shutdown().await;
     debug!(client_id = %client_id, "disconnected: {outcome}");
     let (session, will) = conn.finish();
-    Box::pin(end_session(
-        broker, &client_id, conn_id, session, will, taken_over, deliveries, control,
-    ))
+    end_session(
+        broker, &client_id, conn_id, session, will, taken_over, mailbox,
+    )
     .await;
     if linger {
         let _ = tokio::time::timeout(LINGER, io.discard_until_eof()).await;
     }
-    Ok(())
 }
 
 /// Authenticates the client of `connect` and checks its will topic against the ACL.
@@ -638,8 +811,7 @@ async fn end_session(
     mut session: Session,
     will: Option<roost_core::LastWill>,
     taken_over: Option<tokio::sync::oneshot::Sender<Handover>>,
-    mut deliveries: mpsc::Receiver<Delivery>,
-    mut control: mpsc::UnboundedReceiver<Control>,
+    mut mailbox: Mailbox,
 ) {
     // Queue messages this connection held go back to their queues now, for another
     // consumer (or this client when it returns); the session does not keep them.
@@ -647,14 +819,14 @@ async fn end_session(
     session.drop_queue_deliveries();
     let (mut session, will, reply) = match taken_over {
         Some(reply) => (session, will, reply),
-        None => match broker.detach(conn_id, session, will, &mut deliveries) {
+        None => match broker.detach(conn_id, session, will, &mut mailbox) {
             None => return,
             // Taken over while we were ending: the successor waits for the session.
             Some((session, will)) => loop {
-                match control.recv().await {
+                match mailbox.recv_control().await {
                     Some(Control::TakeOver { reply }) => break (session, will, reply),
                     // Already ending.
-                    Some(Control::Kick) => {}
+                    Some(Control::Kick | Control::Shutdown) => {}
                     None => {
                         broker.discard_session(session);
                         return;
@@ -664,8 +836,8 @@ async fn end_session(
         },
     };
     // The map no longer holds our sender: drain what was routed to us before.
-    deliveries.close();
-    while let Some(d) = deliveries.recv().await {
+    mailbox.close();
+    while let Some(d) = mailbox.recv().await {
         session.enqueue_offline(d, broker.limits.max_queued);
     }
     let delay = will
@@ -688,7 +860,7 @@ async fn end_session(
         delayed_will,
     }) {
         // The successor gave up waiting: end the session as if it had none.
-        session.pending_will = delayed_will;
+        session.pending_will = delayed_will.map(Box::new);
         broker.discard_session(session);
     }
 }
@@ -711,7 +883,15 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     if !fanout.blocked.is_empty() {
         // Backpressure: the acknowledgements wait until slow subscribers have room.
         let blocked = std::mem::take(&mut fanout.blocked);
-        ops.extend(send_blocked(blocked, broker.delivery_wait(), &broker.metrics).await);
+        // Boxed: rare, and its state would otherwise enlarge every connection's task.
+        ops.extend(
+            Box::pin(send_blocked(
+                blocked,
+                broker.delivery_wait(),
+                &broker.metrics,
+            ))
+            .await,
+        );
     }
     // Routing's writes first: the session's own journal may finish what routing began.
     ops.append(&mut conn.take_store_ops());
@@ -805,11 +985,13 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
     }
 }
 
-/// What a connection needs for `$queue/` traffic: a weak handle on its own delivery
-/// channel (for the queues' sinks) and the produces whose acknowledgements wait.
+/// What a connection needs for `$queue/` traffic: a weak handle on its own mailbox
+/// (for the queues' sinks) and the produces whose acknowledgements wait.
 struct QueueIo {
-    sender: mpsc::WeakSender<Delivery>,
-    produces: JoinSet<(AckToken, ReasonCode)>,
+    sender: mailbox::WeakSender<Delivery, Control>,
+    /// Created on the first produce and dropped when none is left, so a connection
+    /// that does not produce to queues holds none.
+    produces: Option<JoinSet<(AckToken, ReasonCode)>>,
     /// 3.x queue publishes waiting for room in a full queue, in arrival order.
     waiting: std::collections::VecDeque<WaitingProduce>,
 }
@@ -875,7 +1057,9 @@ fn start_produce(
     };
     match ack {
         Some(token) => {
-            qio.produces.spawn(async move { (token, produce.await) });
+            qio.produces
+                .get_or_insert_with(JoinSet::new)
+                .spawn(async move { (token, produce.await) });
         }
         None => {
             tokio::spawn(produce);
@@ -992,20 +1176,30 @@ fn queue_publish(
 
 async fn wait_for_room(needed: Option<(roost_queue::Queue, u64)>) {
     match needed {
-        Some((queue, bytes)) => queue.wait_for_room(bytes).await,
+        // Boxed: only a held-back 3.x producer waits here.
+        Some((queue, bytes)) => Box::pin(queue.wait_for_room(bytes)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_next<T: 'static>(
+    set: &mut Option<JoinSet<T>>,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    match set {
+        Some(set) => set.join_next().await,
         None => std::future::pending().await,
     }
 }
 
 /// Charges a PUBLISH read from the client against its publish budget.
-fn charge(budget: &mut Option<PublishBudget>, packet: &Packet, now: Instant) {
+fn charge(budget: &mut Option<Box<PublishBudget>>, packet: &Packet, now: Instant) {
     if let (Some(b), Packet::Publish(p)) = (budget, packet) {
         b.spend(p.payload.len(), now);
     }
 }
 
 /// True when the client has published past its rate and must wait.
-fn over_budget(budget: &mut Option<PublishBudget>, now: Instant) -> bool {
+fn over_budget(budget: &mut Option<Box<PublishBudget>>, now: Instant) -> bool {
     budget
         .as_mut()
         .is_some_and(|b| b.throttled_until(now).is_some())
@@ -1032,5 +1226,52 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::persist::Store;
+    use roost_queue::Queues;
+
+    fn broker(dir: &std::path::Path) -> Arc<Broker> {
+        let config = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        let (store, _) = Store::open(
+            &dir.join("state"),
+            config.storage.durability,
+            Duration::from_millis(config.storage.sync_interval_ms),
+        )
+        .expect("store opens");
+        let (queues, _) =
+            Queues::open(dir.join("queues"), config.queue_defaults.clone(), true).expect("queues");
+        let auth = crate::auth::Auth::from_config(&config).expect("auth");
+        Broker::new(config, store, auth, queues)
+    }
+
+    /// An idle client costs its task's future (plus small heap state): what is only
+    /// needed for the handshake, a takeover or a slow subscriber is boxed while used,
+    /// not carried for the connection's whole life.
+    #[tokio::test]
+    async fn an_idle_connection_task_stays_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = broker(dir.path());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (_tx, shutdown) = watch::channel(false);
+        let task = serve(broker, stream, addr, None, shutdown);
+        let size = std::mem::size_of_val(&task);
+        // Was 4.5 KB with the CONNECT handshake, wills and slow-path futures inline;
+        // 1,168 bytes after they were boxed, 1,264 once the overload limits (publish
+        // budget, slow-consumer clock, peer address for the per-address count) and
+        // SCRAM re-authentication state joined. Growth past this is a regression.
+        assert!(size <= 1264, "connection task is {size} bytes");
     }
 }

@@ -7,6 +7,8 @@ mod auth_hook;
 mod broker;
 mod config;
 mod connection;
+mod mailbox;
+mod memory;
 mod metrics;
 mod passwd;
 mod persist;

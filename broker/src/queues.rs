@@ -20,8 +20,9 @@ use roost_core::{Message, Packet, Properties, ProtocolVersion, QoS, ReasonCode};
 use roost_queue::{
     DeliverySink, GroupKey, MessageId, NewMessage, ProduceError, Queue, QueueDelivery,
 };
-use tokio::sync::mpsc;
 
+use crate::broker::Control;
+use crate::mailbox::WeakSender;
 use crate::session::{Delivery, QueueRef};
 
 /// A queue subscription, parsed from its raw filter.
@@ -172,10 +173,10 @@ pub fn produce_reason(e: &ProduceError) -> ReasonCode {
     e.reason_code()
 }
 
-/// Hands queue deliveries to one connection's delivery channel. Holds the channel
+/// Hands queue deliveries to one connection's mailbox. Holds the mailbox
 /// weakly, so a connection that is gone refuses rather than keeps it open.
 pub struct QueueSink {
-    sender: mpsc::WeakSender<Delivery>,
+    sender: WeakSender<Delivery, Control>,
     topic_base: String,
     qos: QoS,
     identifier: Option<u32>,
@@ -185,7 +186,7 @@ impl QueueSink {
     /// A sink for a subscription of `filter` at `qos` (queue deliveries are at least
     /// QoS 1).
     pub fn new(
-        sender: mpsc::WeakSender<Delivery>,
+        sender: WeakSender<Delivery, Control>,
         filter: &QueueFilter,
         qos: QoS,
         identifier: Option<u32>,

@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::metrics::{Limit, Metrics};
+
 /// A refilling allowance of `rate` units per second.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -61,6 +63,8 @@ impl TokenBucket {
 pub struct PublishBudget {
     packets: Option<TokenBucket>,
     bytes: Option<TokenBucket>,
+    /// Whether the client was throttled when last asked (to count each throttling once).
+    throttled: bool,
 }
 
 /// Which publish limit a throttled client ran into.
@@ -79,6 +83,7 @@ impl PublishBudget {
         let budget = PublishBudget {
             packets: bucket(f64::from(packets_per_sec)),
             bytes: bucket(bytes_per_sec as f64),
+            throttled: false,
         };
         (budget.packets.is_some() || budget.bytes.is_some()).then_some(budget)
     }
@@ -91,6 +96,25 @@ impl PublishBudget {
         if let Some(b) = &mut self.bytes {
             b.spend(payload as f64, now);
         }
+    }
+
+    /// Until when the client must not be read from, as of `now`; each time a client
+    /// becomes throttled, the limit that holds it back is counted in `metrics`.
+    pub fn throttle(&mut self, now: Instant, metrics: &Metrics) -> Option<Instant> {
+        let throttle = self.throttled_until(now);
+        if let Some((_, which)) = throttle
+            && !self.throttled
+        {
+            metrics.limit_tripped(
+                match which {
+                    Throttled::Packets => Limit::PublishRate,
+                    Throttled::Bytes => Limit::PublishBytesRate,
+                },
+                1,
+            );
+        }
+        self.throttled = throttle.is_some();
+        throttle.map(|t| t.0)
     }
 
     /// Until when the client must not be read from, as of `now`, and which limit
@@ -176,5 +200,24 @@ mod tests {
         assert_eq!(q.throttled_until(t0), None);
         q.spend(0, t0);
         assert_eq!(q.throttled_until(t0).map(|t| t.1), Some(Throttled::Packets));
+    }
+
+    #[test]
+    fn each_throttling_is_counted_once() {
+        let t0 = Instant::now();
+        let m = Metrics::default();
+        let mut p = PublishBudget::new(1, 0, t0).expect("limited");
+        p.spend(0, t0);
+        assert_eq!(p.throttle(t0, &m), None);
+        p.spend(0, t0);
+        assert!(p.throttle(t0, &m).is_some());
+        assert!(p.throttle(t0, &m).is_some());
+        assert_eq!(m.limit_trips(Limit::PublishRate), 1);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(p.throttle(later, &m), None);
+        p.spend(0, later);
+        p.spend(0, later);
+        assert!(p.throttle(later, &m).is_some());
+        assert_eq!(m.limit_trips(Limit::PublishRate), 2);
     }
 }

@@ -116,6 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ))
     });
+    let memory = tokio::spawn(crate::memory::release_after_disconnects(broker.clone()));
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -173,6 +174,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let _ = shutdown_tx.send(true);
+    // After the flag: a connection attaching meanwhile either is reached here or sees it.
+    broker.shut_down_connections();
     acceptors.shutdown().await;
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while connections.join_next().await.is_some() {}
@@ -183,6 +186,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         connections.shutdown().await;
     }
     queue_timers.abort();
+    memory.abort();
     if let Some(sys) = sys_topics {
         sys.abort();
     }

@@ -197,8 +197,9 @@ pub struct Session {
     pub incoming_qos2: HashSet<PacketId>,
     /// Seconds the session lives after its connection ends (`u32::MAX`: forever).
     pub expiry_interval: u32,
-    /// A will waiting for its delay to pass (set when the connection ended).
-    pub pending_will: Option<LastWill>,
+    /// A will waiting for its delay to pass (set when the connection ended). Boxed:
+    /// rare, and a will is hundreds of bytes.
+    pub pending_will: Option<Box<LastWill>>,
     /// Messages dropped because `pending` was full.
     pub dropped: u64,
     /// Store operations not yet handed to the store.

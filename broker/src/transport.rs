@@ -4,10 +4,12 @@
 //! never in the accept loop, so a slow or silent client cannot hold up accepting others.
 //! It gets `connect_timeout` in all, and is abandoned when the broker shuts down.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
@@ -49,7 +51,28 @@ impl Transport {
 }
 
 /// Runs the handshake `transport` needs on an accepted socket, then serves MQTT on it.
-pub async fn serve(
+pub fn serve(
+    transport: Transport,
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<TlsContext>>,
+    shutdown: watch::Receiver<bool>,
+) -> impl Future<Output = ()> {
+    match transport {
+        // A plain TCP connection's task is the MQTT connection alone: no state of the
+        // TLS and WebSocket setup is carried for its whole life.
+        Transport::Tcp => {
+            let _ = stream.set_nodelay(true);
+            Either::Left(connection::serve(broker, stream, peer, None, shutdown))
+        }
+        _ => Either::Right(Box::pin(upgrade_and_serve(
+            transport, broker, stream, peer, tls, shutdown,
+        ))),
+    }
+}
+
+async fn upgrade_and_serve(
     transport: Transport,
     broker: Arc<Broker>,
     stream: TcpStream,
