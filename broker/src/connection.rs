@@ -25,8 +25,8 @@ use crate::metrics::DropReason;
 use crate::protocol::{self, AckToken, ConnectRefusal, Connection, Event};
 use crate::queues::{self, QueueTopic};
 use crate::session::{Delivery, Session};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use roost_core::Message;
-use tokio::task::JoinSet;
 
 /// Most deliveries taken from the channel before the output is flushed, so a busy
 /// subscriber still reads its socket and answers pings.
@@ -213,7 +213,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let (delivery_tx, mut deliveries) = mpsc::channel::<Delivery>(broker.delivery_capacity());
     let mut qio = QueueIo {
         sender: delivery_tx.downgrade(),
-        produces: JoinSet::new(),
+        produces: FuturesUnordered::new(),
         waiting: Default::default(),
     };
     let (control_tx, mut control) = mpsc::unbounded_channel();
@@ -332,8 +332,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
-            Some(Ok((token, reason))) = qio.produces.join_next(), if !qio.produces.is_empty() => {
+            Some((token, reason)) = qio.produces.next(), if !qio.produces.is_empty() => {
                 conn.resolve_ack(token, reason);
+                // Produces of one commit resolve together: acknowledge them in one write.
+                while let Some(Some((token, reason))) =
+                    futures_util::FutureExt::now_or_never(qio.produces.next())
+                {
+                    conn.resolve_ack(token, reason);
+                }
             }
             _ = wait_for_room(room_needed.clone()), if room_needed.is_some() => qio.start_waiting(),
             Some(request) = control.recv() => match request {
@@ -526,7 +532,15 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
         return;
     }
     let now = Instant::now();
+    // PUBACKs of queue deliveries that arrived together settle together: one lock, one
+    // dispatch and one progress record per group instead of one each.
+    let mut acks = PendingAcks::default();
     for event in events {
+        if let Event::QueueSettle { queue, nack: false } = event {
+            acks.push(broker, conn.client_id(), queue);
+            continue;
+        }
+        acks.settle(broker, conn.client_id());
         match event {
             Event::Publish(msg) => {
                 broker.metrics.received(msg.qos);
@@ -571,16 +585,55 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
             }
         }
     }
+    acks.settle(broker, conn.client_id());
+}
+
+/// Acks of one connection for one queue and group, gathered in arrival order.
+#[derive(Default)]
+struct PendingAcks {
+    target: Option<Arc<crate::session::QueueRef>>,
+    ids: Vec<roost_queue::MessageId>,
+}
+
+impl PendingAcks {
+    fn push(&mut self, broker: &Broker, client_id: &str, queue: Arc<crate::session::QueueRef>) {
+        let same = self
+            .target
+            .as_ref()
+            .is_some_and(|t| t.queue == queue.queue && t.group == queue.group);
+        if !same {
+            self.settle(broker, client_id);
+        }
+        self.ids.push(queue.id.clone());
+        if !same {
+            self.target = Some(queue);
+        }
+    }
+
+    fn settle(&mut self, broker: &Broker, client_id: &str) {
+        let Some(target) = self.target.take() else {
+            return;
+        };
+        if let Some(q) = broker.queues.get(&target.queue) {
+            drop(q.ack_many(client_id, Some(&target.group), &self.ids));
+        }
+        self.ids.clear();
+    }
 }
 
 /// What a connection needs for `$queue/` traffic: a weak handle on its own delivery
 /// channel (for the queues' sinks) and the produces whose acknowledgements wait.
 struct QueueIo {
     sender: mpsc::WeakSender<Delivery>,
-    produces: JoinSet<(AckToken, ReasonCode)>,
+    /// Polled by the connection task itself: no task per produce.
+    produces: FuturesUnordered<ProduceAck>,
     /// 3.x queue publishes waiting for room in a full queue, in arrival order.
     waiting: std::collections::VecDeque<WaitingProduce>,
 }
+
+/// A produce whose acknowledgement waits for its append.
+type ProduceAck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (AckToken, ReasonCode)> + Send>>;
 
 struct WaitingProduce {
     queue: roost_queue::Queue,
@@ -643,7 +696,8 @@ fn start_produce(
     };
     match ack {
         Some(token) => {
-            qio.produces.spawn(async move { (token, produce.await) });
+            qio.produces
+                .push(Box::pin(async move { (token, produce.await) }));
         }
         None => {
             tokio::spawn(produce);

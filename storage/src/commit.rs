@@ -1,27 +1,31 @@
-//! Group commit: one thread writes for every log in a `Storage`.
+//! Group commit: one thread writes for every log in a `Storage`; a small pool syncs.
 //!
 //! Appenders queue records on their log and put the log on the ready queue (once per
 //! batch, not per append). The committer loop then repeats:
 //!
 //! 1. take every ready log;
-//! 2. for each, encode all its queued appends into one reused buffer and write them
-//!    with one write(2) (more only when a segment rolls); `Buffered` logs resolve
-//!    their appenders right here;
-//! 3. fdatasync each written `Fsync` log once, and every `Buffered` log whose sync
-//!    interval has passed, in parallel on a small pool of sync threads; resolve each
-//!    `Fsync` log's appenders as soon as its own sync returns; wait for all of them.
+//! 2. for each log that is not being synced, encode all its queued appends into one
+//!    reused buffer and write them with one write(2) (more only when a segment rolls);
+//!    `Buffered` logs resolve their appenders right here;
+//! 3. hand each written `Fsync` log, and every `Buffered` log whose sync interval has
+//!    passed, to a pool of sync threads, which fdatasync it, resolve its appenders,
+//!    and put it back on the ready queue if appends arrived meanwhile.
 //!
-//! While step 3 waits on the disk, new appends pile up in the logs' queues, so the next
-//! round writes and syncs them together: the batch grows with the load, and a sync costs
-//! one fdatasync per log per round however many appenders it serves.
+//! Each log is its own pipeline: while its sync waits on the disk, new appends pile up
+//! in its queue (a log is never written while its sync is in flight, so what a sync
+//! publishes is exactly what it covered), and the next write and sync carry them all
+//! together: the batch grows with the load, one fdatasync per log per batch. Logs do
+//! not wait for each other: a slow sync of one log (fdatasync times here have a long
+//! tail) holds back only that log's appenders, and the committer keeps writing the
+//! others meanwhile.
 //!
 //! Any write or sync error makes that log read-only ([`crate::Error::ReadOnly`]) and
-//! fails every append of the round; it never touches other logs.
+//! fails every append of the batch; it never touches other logs.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -29,7 +33,7 @@ use crate::Offset;
 use crate::error::Result;
 use crate::log::{Completion, LogInner, PendingAppend};
 
-/// The ready queue shared between appenders and the committer thread.
+/// The ready queue shared between appenders, the committer and the sync threads.
 pub(crate) struct CommitShared {
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -40,6 +44,8 @@ pub(crate) struct CommitShared {
 #[derive(Default)]
 struct Queue {
     ready: Vec<Arc<LogInner>>,
+    /// Sync jobs handed to the pool and not finished yet.
+    syncing: usize,
     stopping: bool,
     stopped: bool,
 }
@@ -55,6 +61,17 @@ impl CommitShared {
         drop(q);
         self.wake.notify_one();
         true
+    }
+
+    /// A sync job finished (after it rescheduled its log if that had appends waiting).
+    fn sync_done(&self) {
+        let mut q = self.queue.lock();
+        q.syncing -= 1;
+        let last = q.syncing == 0;
+        drop(q);
+        if last {
+            self.wake.notify_one();
+        }
     }
 }
 
@@ -116,11 +133,6 @@ fn fail_all(log: &LogInner, done: &mut Vec<Completion>, rest: &mut Vec<PendingAp
 /// threads than one after another). They sleep in the kernel, not on the CPU.
 const SYNC_THREADS: usize = 16;
 
-/// Longest the committer waits for appenders to return before a sync, and how often
-/// it looks while waiting. See the gather step in [`run`].
-const MAX_GATHER: Duration = Duration::from_micros(500);
-const GATHER_STEP: Duration = Duration::from_micros(20);
-
 /// One fdatasync for the pool.
 enum SyncJob {
     /// After a batch of an `Fsync` log: sync, then publish and resolve its appends.
@@ -130,9 +142,10 @@ enum SyncJob {
 }
 
 impl SyncJob {
-    /// Runs the job; returns the emptied completion buffer for reuse.
-    fn run(self) -> Option<Vec<Completion>> {
-        match self {
+    /// Runs the job, then lets the log be written again (rescheduling it if appends
+    /// wait) and tells the committer it is done.
+    fn run(self, shared: &CommitShared) {
+        let log = match self {
             SyncJob::Commit(log, mut done) => {
                 match log.sync_and_publish() {
                     Ok(()) => resolve(&mut done, Ok),
@@ -141,35 +154,34 @@ impl SyncJob {
                         fail_all(&log, &mut done, &mut Vec::new());
                     }
                 }
-                Some(done)
+                log
             }
             SyncJob::Background(log) => {
                 if let Err(e) = log.background_sync() {
                     let _ = log.on_error(e);
                 }
-                None
+                log
             }
+        };
+        if log.end_sync() && !shared.schedule(log.clone()) {
+            log.fail_stranded();
         }
+        shared.sync_done();
     }
 }
 
-/// Worker threads for [`SyncJob`]s. The committer hands over a round's jobs and waits
-/// for all of them, so a log is never written while its sync is in flight and what is
-/// published after a sync is exactly what that sync covered. Workers exit when the pool
-/// is dropped.
+/// Worker threads for [`SyncJob`]s. Workers exit when the pool is dropped.
 struct SyncPool {
     jobs: Option<mpsc::Sender<SyncJob>>,
-    done: mpsc::Receiver<Option<Vec<Completion>>>,
 }
 
 impl SyncPool {
-    fn start(threads: usize) -> SyncPool {
+    fn start(threads: usize, shared: &Arc<CommitShared>) -> SyncPool {
         let (jobs_tx, jobs_rx) = mpsc::channel::<SyncJob>();
-        let (done_tx, done) = mpsc::channel();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let mut started = 0;
         for i in 0..threads {
-            let (rx, tx) = (jobs_rx.clone(), done_tx.clone());
+            let (rx, shared) = (jobs_rx.clone(), shared.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("roost-sync-{i}"))
                 .stack_size(256 * 1024)
@@ -177,9 +189,7 @@ impl SyncPool {
                     loop {
                         let job = rx.lock().recv();
                         let Ok(job) = job else { return };
-                        if tx.send(job.run()).is_err() {
-                            return;
-                        }
+                        job.run(&shared);
                     }
                 });
             if spawned.is_ok() {
@@ -189,143 +199,118 @@ impl SyncPool {
         SyncPool {
             // Without workers every job runs on the committer thread.
             jobs: (started > 0).then_some(jobs_tx),
-            done,
         }
     }
 
-    /// Runs `jobs` and waits for all: the last on this thread, the others on the pool.
-    fn run_all(&self, mut jobs: Vec<SyncJob>, spare: &mut Vec<Vec<Completion>>) {
-        let inline = jobs.pop();
-        let mut sent = 0;
-        for job in jobs {
-            let job = match &self.jobs {
-                Some(tx) => match tx.send(job) {
-                    Ok(()) => {
-                        sent += 1;
-                        continue;
-                    }
-                    Err(mpsc::SendError(job)) => job,
-                },
-                None => job,
-            };
-            spare.extend(job.run());
-        }
-        if let Some(job) = inline {
-            spare.extend(job.run());
-        }
-        for _ in 0..sent {
-            match self.done.recv() {
-                Ok(done) => spare.extend(done),
-                Err(_) => break,
-            }
-        }
+    /// Starts `job` (counted in `syncing` by the caller); runs it here if the pool is
+    /// gone.
+    fn submit(&self, job: SyncJob, shared: &CommitShared) {
+        let job = match &self.jobs {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        job.run(shared);
     }
 }
 
-fn run(shared: &CommitShared) {
+fn run(shared: &Arc<CommitShared>) {
     let mut batch: Vec<Arc<LogInner>> = Vec::new();
     let mut appends: Vec<PendingAppend> = Vec::new();
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut to_sync: Vec<(Arc<LogInner>, Vec<Completion>)> = Vec::new();
-    let mut spare: Vec<Vec<Completion>> = Vec::new();
+    let mut jobs: Vec<SyncJob> = Vec::new();
     // Buffered logs written since their last sync, with when that sync is due.
     let mut dirty: Vec<(Arc<LogInner>, Instant)> = Vec::new();
-    let pool = SyncPool::start(SYNC_THREADS);
-    // Appends resolved by the last round's fdatasyncs, and how long those took.
-    let mut last_commits = 0usize;
-    let mut last_sync = Duration::ZERO;
-    let mut gather_until: Option<Instant> = None;
+    let pool = SyncPool::start(SYNC_THREADS, shared);
     loop {
         {
             let mut q = shared.queue.lock();
             loop {
                 if !q.ready.is_empty() {
-                    // Gather: appenders resolved by the last sync are coming back; if
-                    // few have yet, give them a fraction of a sync's time to, rather
-                    // than spend a whole fdatasync on the first few.
-                    let want = last_commits / 2;
-                    if want > 0 && !q.stopping {
-                        let now = Instant::now();
-                        let until = *gather_until
-                            .get_or_insert_with(|| now + (last_sync / 4).min(MAX_GATHER));
-                        if now < until && shared.queued.load(Ordering::Relaxed) < want {
-                            shared
-                                .wake
-                                .wait_until(&mut q, (now + GATHER_STEP).min(until));
-                            continue;
-                        }
-                    }
-                    gather_until = None;
                     std::mem::swap(&mut q.ready, &mut batch);
                     break;
                 }
-                if q.stopping {
-                    q.stopped = true;
-                    drop(q);
-                    let jobs = dirty.drain(..).map(|(log, _)| SyncJob::Background(log));
-                    pool.run_all(jobs.collect(), &mut spare);
-                    return;
+                if q.stopping && q.syncing == 0 {
+                    if dirty.is_empty() {
+                        q.stopped = true;
+                        return;
+                    }
+                    // The last interval syncs; the loop comes back here when done.
+                    for (log, _) in dirty.drain(..) {
+                        if log.begin_sync() {
+                            jobs.push(SyncJob::Background(log));
+                        }
+                    }
+                    break;
                 }
+                let now = Instant::now();
                 match dirty.iter().map(|d| d.1).min() {
-                    Some(due) if due <= Instant::now() => break,
-                    Some(due) => {
+                    Some(due) if due <= now && !q.stopping => break,
+                    Some(due) if !q.stopping => {
                         shared.wake.wait_until(&mut q, due);
                     }
-                    None => shared.wake.wait(&mut q),
+                    _ => shared.wake.wait(&mut q),
                 }
             }
         }
 
         for log in batch.drain(..) {
             let taken = log.take_pending(&mut appends);
+            if taken == 0 {
+                // Being synced: its sync puts it back on the ready queue.
+                continue;
+            }
             shared.queued.fetch_sub(taken, Ordering::Relaxed);
-            let mut done = spare.pop().unwrap_or_default();
+            let mut done = Vec::with_capacity(taken);
             match log.write_appends(&mut appends, &mut buf, &mut done) {
                 Ok(newly_dirty) => {
                     if log.config.durability == crate::Durability::Buffered {
                         resolve(&mut done, Ok);
-                        spare.push(done);
                         if newly_dirty {
                             let due = Instant::now() + log.config.sync_interval;
                             dirty.push((log, due));
                         }
                     } else {
-                        to_sync.push((log, done));
+                        jobs.push(SyncJob::Commit(log, done));
                     }
                 }
                 Err(e) => {
                     buf.clear();
                     let _ = log.on_error(e);
                     fail_all(&log, &mut done, &mut appends);
-                    spare.push(done);
+                    // Later appends fail at once in write_appends; let them come.
+                    if log.end_sync() && !shared.schedule(log.clone()) {
+                        log.fail_stranded();
+                    }
                 }
             }
         }
 
-        let due_now = Instant::now();
-        let mut jobs: Vec<SyncJob> = to_sync
-            .drain(..)
-            .map(|(log, done)| SyncJob::Commit(log, done))
-            .collect();
+        let now = Instant::now();
         let mut k = 0;
         while k < dirty.len() {
-            if dirty[k].1 <= due_now {
-                jobs.push(SyncJob::Background(dirty.swap_remove(k).0));
+            if dirty[k].1 <= now {
+                let (log, _) = dirty.swap_remove(k);
+                // A log being written right now is synced at its next due time.
+                if log.begin_sync() {
+                    jobs.push(SyncJob::Background(log));
+                } else {
+                    // Not reached (a `Buffered` log is busy only while synced), but
+                    // never lose track of a dirty log.
+                    let due = now + log.config.sync_interval;
+                    dirty.push((log, due));
+                }
             } else {
                 k += 1;
             }
         }
-        last_commits = jobs
-            .iter()
-            .map(|j| match j {
-                SyncJob::Commit(_, done) => done.len(),
-                SyncJob::Background(_) => 0,
-            })
-            .sum();
-        let started = Instant::now();
-        pool.run_all(jobs, &mut spare);
-        if last_commits > 0 {
-            last_sync = started.elapsed();
+        if !jobs.is_empty() {
+            shared.queue.lock().syncing += jobs.len();
+            for job in jobs.drain(..) {
+                pool.submit(job, shared);
+            }
         }
     }
 }

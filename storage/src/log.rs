@@ -454,6 +454,9 @@ pub(crate) struct Pending {
     appends: Vec<PendingAppend>,
     /// The log is in the committer's ready queue (or being taken from it).
     scheduled: bool,
+    /// Written and being synced (or, for a `Buffered` log, being interval-synced): the
+    /// committer leaves new appends queued until the sync ends and reschedules the log.
+    busy: bool,
 }
 
 #[derive(Default)]
@@ -714,11 +717,47 @@ impl LogInner {
 
     /// Moves this log's queued appends into `into` (which must be empty).
     /// Returns how many were taken.
+    /// Takes nothing while the log is busy (its sync will reschedule it). Taking from an
+    /// `Fsync` log makes it busy until [`LogInner::end_sync`].
     pub(crate) fn take_pending(&self, into: &mut Vec<PendingAppend>) -> usize {
         let mut p = self.pending.lock();
         p.scheduled = false;
+        if p.busy {
+            return 0;
+        }
         std::mem::swap(&mut p.appends, into);
+        if !into.is_empty() && self.config.durability == Durability::Fsync {
+            p.busy = true;
+        }
         into.len()
+    }
+
+    /// Marks the log busy for an interval sync; false if it is busy already.
+    pub(crate) fn begin_sync(&self) -> bool {
+        !std::mem::replace(&mut self.pending.lock().busy, true)
+    }
+
+    /// Ends a busy spell. Returns true if appends are waiting and the log must be put on
+    /// the ready queue (it is marked scheduled already).
+    pub(crate) fn end_sync(&self) -> bool {
+        let mut p = self.pending.lock();
+        p.busy = false;
+        !p.appends.is_empty() && !std::mem::replace(&mut p.scheduled, true)
+    }
+
+    /// Fails the queued appends of a log the stopped committer will not take.
+    pub(crate) fn fail_stranded(&self) {
+        let stranded = {
+            let mut p = self.pending.lock();
+            p.scheduled = false;
+            std::mem::take(&mut p.appends)
+        };
+        self.committer
+            .queued
+            .fetch_sub(stranded.len(), Ordering::Relaxed);
+        for a in stranded {
+            let _ = a.tx.send(Err(Error::Closed));
+        }
     }
 
     /// Encodes `appends` into `buf` and writes them to the active segment (rolling as
