@@ -454,8 +454,8 @@ pub(crate) struct Pending {
     appends: Vec<PendingAppend>,
     /// The log is in the committer's ready queue (or being taken from it).
     scheduled: bool,
-    /// Written and being synced (or, for a `Buffered` log, being interval-synced): the
-    /// committer leaves new appends queued until the sync ends and reschedules the log.
+    /// A `Buffered` log being interval-synced: the committer leaves new appends queued
+    /// until the sync ends and reschedules the log.
     busy: bool,
 }
 
@@ -717,8 +717,8 @@ impl LogInner {
 
     /// Moves this log's queued appends into `into` (which must be empty).
     /// Returns how many were taken.
-    /// Takes nothing while the log is busy (its sync will reschedule it). Taking from an
-    /// `Fsync` log makes it busy until [`LogInner::end_sync`].
+    /// For the committer (`Buffered` logs): takes nothing while the log is being
+    /// interval-synced (that sync reschedules it).
     pub(crate) fn take_pending(&self, into: &mut Vec<PendingAppend>) -> usize {
         let mut p = self.pending.lock();
         p.scheduled = false;
@@ -726,10 +726,23 @@ impl LogInner {
             return 0;
         }
         std::mem::swap(&mut p.appends, into);
-        if !into.is_empty() && self.config.durability == Durability::Fsync {
-            p.busy = true;
+        into.len()
+    }
+
+    /// For the pool thread that owns an `Fsync` log: takes the queued appends; with none
+    /// left, gives the log up (the next append schedules it again) and returns 0.
+    pub(crate) fn take_batch(&self, into: &mut Vec<PendingAppend>) -> usize {
+        let mut p = self.pending.lock();
+        std::mem::swap(&mut p.appends, into);
+        if into.is_empty() {
+            p.scheduled = false;
         }
         into.len()
+    }
+
+    /// Appends queued and not yet taken.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.lock().appends.len()
     }
 
     /// Marks the log busy for an interval sync; false if it is busy already.
