@@ -244,6 +244,10 @@ pub(crate) struct Inner {
     /// offset is below it needs no dispatch of its own: that dispatch offered it already
     /// (or stopped at a full window or a missing owner, whose change kicks again).
     dispatched_end: Mutex<Vec<u64>>,
+    /// A sink refused an offer (its connection's channel was full) since the last full
+    /// dispatch. Nothing tells the queue when that channel has room again, so until a
+    /// dispatch gets through, every produce dispatches, as acks and the timer do.
+    refused: AtomicBool,
     round_robin: AtomicU64,
     /// Messages stored (sum of next offsets) and their floor sum: depth = the difference.
     stored: AtomicU64,
@@ -396,6 +400,7 @@ impl Queue {
                 state: Mutex::new(state),
                 kick: AtomicBool::new(false),
                 dispatched_end: Mutex::new(Vec::new()),
+                refused: AtomicBool::new(false),
                 round_robin: AtomicU64::new(0),
                 stored: AtomicU64::new(stored),
                 floor_sum: AtomicU64::new(0),
@@ -533,7 +538,7 @@ impl Queue {
             // The records of one commit resolve together: the first produce's dispatch
             // offers them all, the others skip theirs.
             let seen = this.inner.dispatched_end.lock().get(partition).copied();
-            if seen.is_none_or(|end| end <= offset) {
+            if seen.is_none_or(|end| end <= offset) || this.inner.refused.load(Ordering::SeqCst) {
                 this.kick();
             }
             Ok(MessageId {
@@ -655,6 +660,7 @@ impl Queue {
         if n == 0 {
             return false;
         }
+        self.inner.refused.store(false, Ordering::SeqCst);
         // Read before dispatching: every record below these ends is offered below.
         let ends: Vec<u64> = logs.iter().map(Log::next_offset).collect();
         st.rotate = st.rotate.wrapping_add(1);
@@ -761,6 +767,7 @@ impl Queue {
                 dead_letter: h.origin,
             };
             if !sink.offer(delivery) {
+                self.inner.refused.store(true, Ordering::SeqCst);
                 break;
             }
             slot.group.delivered(p, &pick, now, timeout);

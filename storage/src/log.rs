@@ -1068,11 +1068,23 @@ impl LogInner {
         let mut expected = snap.offset;
         let skip = from.saturating_sub(snap.offset) > 0;
         let interval = self.config.index_interval_bytes as usize;
-        // Read in chunks of at most 1 MiB: a huge byte limit with a small record limit
-        // must not read a whole segment.
-        let chunk_for = |budget: usize| budget.clamp(16 * 1024, 1 << 20);
-        let mut want = chunk_for(limit.max_bytes.saturating_sub(*bytes))
-            + if skip { interval + RECORD_OVERHEAD } else { 0 };
+        // Read in chunks of at most 1 MiB, sized by the record limit too (at ~1 KiB a
+        // record; the loop reads on when records are larger): a consumer taking a few
+        // records from a long backlog must not read (and zero a buffer for) a megabyte
+        // each time.
+        let chunk_for = |bytes: usize, records: usize| {
+            let by_records = limit
+                .max_records
+                .saturating_sub(records)
+                .saturating_mul(1024);
+            limit
+                .max_bytes
+                .saturating_sub(bytes)
+                .min(by_records)
+                .clamp(16 * 1024, 1 << 20)
+        };
+        let mut want =
+            chunk_for(*bytes, out.len()) + if skip { interval + RECORD_OVERHEAD } else { 0 };
         while pos < snap.len && expected < snap.next_offset {
             let n = (snap.len - pos).min(want as u64);
             let chunk = segment::read_bytes(&snap.file, pos, usize::try_from(n).unwrap_or(0))
@@ -1118,7 +1130,7 @@ impl LogInner {
                 }
             }
             pos += at as u64;
-            want = need.max(chunk_for(limit.max_bytes.saturating_sub(*bytes)));
+            want = need.max(chunk_for(*bytes, out.len()));
         }
         if expected < snap.next_offset {
             return Err(corrupt(
