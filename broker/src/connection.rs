@@ -30,8 +30,8 @@ use crate::queues::{self, QueueTopic};
 use crate::rate::PublishBudget;
 use crate::scram;
 use crate::session::{Delivery, Session};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use roost_core::Message;
-use tokio::task::JoinSet;
 
 /// Most deliveries taken from the mailbox before the output is flushed, so a busy
 /// subscriber still reads its socket and answers pings.
@@ -567,9 +567,17 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
-            Some(Ok((token, reason))) = join_next(&mut attached.qio.produces), if attached.qio.produces.is_some() => {
+            Some((token, reason)) = next_produce(&mut attached.qio.produces), if attached.qio.produces.is_some() => {
                 attached.conn.resolve_ack(token, reason);
-                if attached.qio.produces.as_ref().is_some_and(JoinSet::is_empty) {
+                if let Some(produces) = attached.qio.produces.as_mut() {
+                    // Produces of one commit resolve together: acknowledge them in one write.
+                    while let Some(Some((token, reason))) =
+                        futures_util::FutureExt::now_or_never(produces.next())
+                    {
+                        attached.conn.resolve_ack(token, reason);
+                    }
+                }
+                if attached.qio.produces.as_ref().is_some_and(FuturesUnordered::is_empty) {
                     attached.qio.produces = None;
                 }
             }
@@ -938,7 +946,15 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
         return;
     }
     let now = Instant::now();
+    // PUBACKs of queue deliveries that arrived together settle together: one lock, one
+    // dispatch and one progress record per group instead of one each.
+    let mut acks = PendingAcks::default();
     for event in events {
+        if let Event::QueueSettle { queue, nack: false } = event {
+            acks.push(broker, conn.client_id(), queue);
+            continue;
+        }
+        acks.settle(broker, conn.client_id());
         match event {
             Event::Publish(msg) => {
                 broker.metrics.received(msg.qos, msg.payload.len());
@@ -983,18 +999,57 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
             }
         }
     }
+    acks.settle(broker, conn.client_id());
+}
+
+/// Acks of one connection for one queue and group, gathered in arrival order.
+#[derive(Default)]
+struct PendingAcks {
+    target: Option<Arc<crate::session::QueueRef>>,
+    ids: Vec<roost_queue::MessageId>,
+}
+
+impl PendingAcks {
+    fn push(&mut self, broker: &Broker, client_id: &str, queue: Arc<crate::session::QueueRef>) {
+        let same = self
+            .target
+            .as_ref()
+            .is_some_and(|t| t.queue == queue.queue && t.group == queue.group);
+        if !same {
+            self.settle(broker, client_id);
+        }
+        self.ids.push(queue.id.clone());
+        if !same {
+            self.target = Some(queue);
+        }
+    }
+
+    fn settle(&mut self, broker: &Broker, client_id: &str) {
+        let Some(target) = self.target.take() else {
+            return;
+        };
+        if let Some(q) = broker.queues.get(&target.queue) {
+            drop(q.ack_many(client_id, Some(&target.group), &self.ids));
+        }
+        self.ids.clear();
+    }
 }
 
 /// What a connection needs for `$queue/` traffic: a weak handle on its own mailbox
 /// (for the queues' sinks) and the produces whose acknowledgements wait.
 struct QueueIo {
     sender: mailbox::WeakSender<Delivery, Control>,
-    /// Created on the first produce and dropped when none is left, so a connection
-    /// that does not produce to queues holds none.
-    produces: Option<JoinSet<(AckToken, ReasonCode)>>,
+    /// Polled by the connection task itself (no task per produce); created on the
+    /// first produce and dropped when none is left, so a connection that does not
+    /// produce to queues holds none.
+    produces: Option<FuturesUnordered<ProduceAck>>,
     /// 3.x queue publishes waiting for room in a full queue, in arrival order.
     waiting: std::collections::VecDeque<WaitingProduce>,
 }
+
+/// A produce whose acknowledgement waits for its append.
+type ProduceAck =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (AckToken, ReasonCode)> + Send>>;
 
 struct WaitingProduce {
     queue: roost_queue::Queue,
@@ -1058,8 +1113,8 @@ fn start_produce(
     match ack {
         Some(token) => {
             qio.produces
-                .get_or_insert_with(JoinSet::new)
-                .spawn(async move { (token, produce.await) });
+                .get_or_insert_with(FuturesUnordered::new)
+                .push(Box::pin(async move { (token, produce.await) }));
         }
         None => {
             tokio::spawn(produce);
@@ -1182,11 +1237,11 @@ async fn wait_for_room(needed: Option<(roost_queue::Queue, u64)>) {
     }
 }
 
-async fn join_next<T: 'static>(
-    set: &mut Option<JoinSet<T>>,
-) -> Option<Result<T, tokio::task::JoinError>> {
-    match set {
-        Some(set) => set.join_next().await,
+async fn next_produce(
+    produces: &mut Option<FuturesUnordered<ProduceAck>>,
+) -> Option<(AckToken, ReasonCode)> {
+    match produces {
+        Some(p) => p.next().await,
         None => std::future::pending().await,
     }
 }

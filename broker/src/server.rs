@@ -27,6 +27,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the broker until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed before anything listens: a SIGTERM that follows the first connection
+    // must shut down cleanly, not kill the process with the default action.
+    let signal = shutdown_signal();
     let _lock = lock_data_dir(&config.data_dir)?;
     let tls = TlsContext::from_config(&config)?;
     let auth = Auth::from_config(&config)?;
@@ -152,7 +155,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ));
     }
-    let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
@@ -269,17 +271,22 @@ async fn reload_auth(broker: std::sync::Arc<Broker>, mut reload: watch::Receiver
     }
 }
 
-async fn shutdown_signal() -> &'static str {
+/// Installs the SIGTERM and SIGINT handlers now (not when first polled) and returns
+/// the future that resolves with the name of the first of them to arrive.
+fn shutdown_signal() -> impl std::future::Future<Output = &'static str> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            warn!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }

@@ -240,6 +240,14 @@ pub(crate) struct Inner {
     progress: Log,
     state: Mutex<State>,
     kick: AtomicBool,
+    /// Per partition: the log's end as the last full dispatch saw it. A produce whose
+    /// offset is below it needs no dispatch of its own: that dispatch offered it already
+    /// (or stopped at a full window or a missing owner, whose change kicks again).
+    dispatched_end: Mutex<Vec<u64>>,
+    /// A sink refused an offer (its connection's channel was full) since the last full
+    /// dispatch. Nothing tells the queue when that channel has room again, so until a
+    /// dispatch gets through, every produce dispatches, as acks and the timer do.
+    refused: AtomicBool,
     round_robin: AtomicU64,
     /// Messages stored (sum of next offsets) and their floor sum: depth = the difference.
     stored: AtomicU64,
@@ -391,6 +399,8 @@ impl Queue {
                 progress,
                 state: Mutex::new(state),
                 kick: AtomicBool::new(false),
+                dispatched_end: Mutex::new(Vec::new()),
+                refused: AtomicBool::new(false),
                 round_robin: AtomicU64::new(0),
                 stored: AtomicU64::new(stored),
                 floor_sum: AtomicU64::new(0),
@@ -525,7 +535,12 @@ impl Queue {
             let offset = result?;
             this.inner.stored.fetch_add(1, Ordering::SeqCst);
             this.inner.stored_bytes.fetch_add(size, Ordering::SeqCst);
-            this.kick();
+            // The records of one commit resolve together: the first produce's dispatch
+            // offers them all, the others skip theirs.
+            let seen = this.inner.dispatched_end.lock().get(partition).copied();
+            if seen.is_none_or(|end| end <= offset) || this.inner.refused.load(Ordering::SeqCst) {
+                this.kick();
+            }
             Ok(MessageId {
                 queue: this.inner.name.clone(),
                 partition: partition as u32,
@@ -592,10 +607,15 @@ impl Queue {
                 // The holder re-checks the flag after it lets go.
                 return;
             };
+            let mut changed = false;
             while self.inner.kick.swap(false, Ordering::SeqCst) {
-                self.dispatch_all(&mut st, now_ms());
+                changed |= self.dispatch_all(&mut st, now_ms());
             }
-            self.refresh_floor(&st);
+            // Only settles, skips and purges move the floor; a dispatch that changed no
+            // progress leaves it where it was.
+            if changed {
+                self.refresh_floor(&st);
+            }
             drop(st);
             if !self.inner.kick.load(Ordering::SeqCst) {
                 return;
@@ -633,12 +653,16 @@ impl Queue {
         }
     }
 
-    fn dispatch_all(&self, st: &mut State, now: u64) {
+    /// Offers what every group has ready; returns true if progress changed.
+    fn dispatch_all(&self, st: &mut State, now: u64) -> bool {
         let logs = self.logs();
         let n = logs.len();
         if n == 0 {
-            return;
+            return false;
         }
+        self.inner.refused.store(false, Ordering::SeqCst);
+        // Read before dispatching: every record below these ends is offered below.
+        let ends: Vec<u64> = logs.iter().map(Log::next_offset).collect();
         st.rotate = st.rotate.wrapping_add(1);
         let start = st.rotate % n;
         let timeout = st.settings.ack_timeout_ms;
@@ -646,24 +670,27 @@ impl Queue {
         for (key, slot) in st.groups.iter_mut() {
             for i in 0..n {
                 let p = (start + i) % n;
-                dirty |= self.dispatch(key, slot, p, &logs[p], now, timeout);
+                dirty |= self.dispatch(key, slot, p, &logs[p], ends[p], now, timeout);
             }
         }
         st.dirty |= dirty;
+        *self.inner.dispatched_end.lock() = ends;
+        dirty
     }
 
     /// Offers what group `key` has ready on partition `p`. Returns true if progress
     /// changed (offsets skipped by the filter, or retention clamped the cursor).
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &self,
         key: &GroupKey,
         slot: &mut Slot,
         p: usize,
         log: &Log,
+        end: u64,
         now: u64,
         timeout: u64,
     ) -> bool {
-        let end = log.next_offset();
         let mut changed = false;
         let mut ahead: VecDeque<roost_storage::LogRecord> = VecDeque::new();
         while let Some(pick) = slot.group.pick(p, end, now) {
@@ -740,6 +767,7 @@ impl Queue {
                 dead_letter: h.origin,
             };
             if !sink.offer(delivery) {
+                self.inner.refused.store(true, Ordering::SeqCst);
                 break;
             }
             slot.group.delivered(p, &pick, now, timeout);
@@ -879,26 +907,39 @@ impl Queue {
     /// the future fails and the ack holds only until a restart, after which the message
     /// is delivered again: a duplicate, never a loss.
     pub fn ack(&self, consumer: &str, key: Option<&GroupKey>, id: &MessageId) -> Settled {
-        let Some((p, o)) = self.locate(id) else {
+        self.ack_many(consumer, key, std::slice::from_ref(id))
+    }
+
+    /// [`Queue::ack`] for several messages at once (a consumer's PUBACKs that arrived
+    /// together): one lock, one dispatch, and one progress record per group. `found` is
+    /// true if any of them counted.
+    pub fn ack_many(&self, consumer: &str, key: Option<&GroupKey>, ids: &[MessageId]) -> Settled {
+        let located: Vec<(usize, u64)> = ids.iter().filter_map(|id| self.locate(id)).collect();
+        if located.is_empty() {
             return Settled {
                 found: false,
                 append: None,
             };
-        };
+        }
         let changes = self.with_state(|q, st| {
-            let mut changes = Vec::new();
-            for k in Queue::settle_targets(st, key, consumer, p, o) {
-                if let Some(slot) = st.groups.get_mut(&k)
-                    && slot.group.ack(p, o, consumer) == Settle::Settled
-                {
-                    changes.push(Progress::Settle(k, vec![(p as u32, o)]));
+            let mut settled: BTreeMap<GroupKey, Vec<(u32, u64)>> = BTreeMap::new();
+            for &(p, o) in &located {
+                for k in Queue::settle_targets(st, key, consumer, p, o) {
+                    if let Some(slot) = st.groups.get_mut(&k)
+                        && slot.group.ack(p, o, consumer) == Settle::Settled
+                    {
+                        settled.entry(k).or_default().push((p as u32, o));
+                    }
                 }
             }
-            if !changes.is_empty() {
+            if !settled.is_empty() {
                 st.dirty = true;
                 q.dispatch_all(st, now_ms());
             }
-            changes
+            settled
+                .into_iter()
+                .map(|(k, offsets)| Progress::Settle(k, offsets))
+                .collect::<Vec<_>>()
         });
         Settled {
             found: !changes.is_empty(),

@@ -421,6 +421,59 @@ async fn acked_messages_do_not_come_again_after_a_restart() {
 }
 
 #[tokio::test]
+async fn a_burst_of_acks_settles_together_and_durably() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let g = group("g");
+    let unacked: BTreeSet<String> = {
+        let q = open(dir.path())
+            .get_or_create("b")
+            .unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..12 {
+            produce(&q, msg(&format!("d{}", i % 4), &i.to_string())).await;
+        }
+        let (s, mut rx) = sink();
+        q.join(&g, "c1".into(), 6, s)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The window holds 6; settling them in one call frees it for the other 6.
+        let first = recv_n(&mut rx, 6).await;
+        nothing(&mut rx).await;
+        let mut ids: Vec<MessageId> = first.iter().map(|d| d.id.clone()).collect();
+        // Ids the consumer does not hold count for nothing and spoil nothing.
+        ids.push(MessageId {
+            queue: "b".into(),
+            partition: 99,
+            offset: 0,
+        });
+        match q.ack_many("c1", Some(&g), &ids).await {
+            Ok(true) => {}
+            other => panic!("ack_many: {other:?}"),
+        }
+        let second = recv_n(&mut rx, 6).await;
+        // Acking them again finds nothing outstanding.
+        match q.ack_many("c1", Some(&g), &ids[..6]).await {
+            Ok(false) => {}
+            other => panic!("second ack_many: {other:?}"),
+        }
+        let mut got: Vec<String> = first.iter().chain(&second).map(text).collect();
+        got.sort_by_key(|t| t.parse::<u32>().unwrap_or(0));
+        let want: Vec<String> = (0..12).map(|i: u32| i.to_string()).collect();
+        assert_eq!(got, want);
+        second.iter().map(text).collect()
+    };
+    // After a restart only the six never acked come again.
+    let queues = open(dir.path());
+    let q = queues
+        .get("b")
+        .unwrap_or_else(|| panic!("queue not recreated"));
+    let (s, mut rx) = sink();
+    q.join(&g, "c2".into(), 100, s)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let again: BTreeSet<String> = recv_n(&mut rx, 6).await.iter().map(text).collect();
+    assert_eq!(again, unacked);
+    nothing(&mut rx).await;
+}
+
+#[tokio::test]
 async fn quota_exceeded_at_max_depth() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let q = open(dir.path())

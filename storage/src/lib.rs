@@ -2,8 +2,9 @@
 //! recovery and retention. The `$queue/` partitions sit on these logs.
 //!
 //! A [`Storage`] is a directory holding many named [`Log`]s (thousands of partitions),
-//! all written by one group-commit thread: appends from any number of tasks and logs
-//! are batched into one write(2) per log and one fdatasync per log per round, and each
+//! written by one shared group committer (a small pool of write-and-sync threads, see
+//! `commit.rs`): appends from any number of tasks are batched into one write(2) and one
+//! fdatasync per log per batch, each log a pipeline of its own, and each
 //! appender awaits a future that resolves with its offset once the record is durable
 //! under the log's [`Durability`]. In both modes the record has reached the kernel
 //! (write(2), not a user-space buffer) before anything resolves, so `kill -9` loses

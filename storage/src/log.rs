@@ -454,6 +454,9 @@ pub(crate) struct Pending {
     appends: Vec<PendingAppend>,
     /// The log is in the committer's ready queue (or being taken from it).
     scheduled: bool,
+    /// A `Buffered` log being interval-synced: the committer leaves new appends queued
+    /// until the sync ends and reschedules the log.
+    busy: bool,
 }
 
 #[derive(Default)]
@@ -714,11 +717,60 @@ impl LogInner {
 
     /// Moves this log's queued appends into `into` (which must be empty).
     /// Returns how many were taken.
+    /// For the committer (`Buffered` logs): takes nothing while the log is being
+    /// interval-synced (that sync reschedules it).
     pub(crate) fn take_pending(&self, into: &mut Vec<PendingAppend>) -> usize {
         let mut p = self.pending.lock();
         p.scheduled = false;
+        if p.busy {
+            return 0;
+        }
         std::mem::swap(&mut p.appends, into);
         into.len()
+    }
+
+    /// For the pool thread that owns an `Fsync` log: takes the queued appends; with none
+    /// left, gives the log up (the next append schedules it again) and returns 0.
+    pub(crate) fn take_batch(&self, into: &mut Vec<PendingAppend>) -> usize {
+        let mut p = self.pending.lock();
+        std::mem::swap(&mut p.appends, into);
+        if into.is_empty() {
+            p.scheduled = false;
+        }
+        into.len()
+    }
+
+    /// Appends queued and not yet taken.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.lock().appends.len()
+    }
+
+    /// Marks the log busy for an interval sync; false if it is busy already.
+    pub(crate) fn begin_sync(&self) -> bool {
+        !std::mem::replace(&mut self.pending.lock().busy, true)
+    }
+
+    /// Ends a busy spell. Returns true if appends are waiting and the log must be put on
+    /// the ready queue (it is marked scheduled already).
+    pub(crate) fn end_sync(&self) -> bool {
+        let mut p = self.pending.lock();
+        p.busy = false;
+        !p.appends.is_empty() && !std::mem::replace(&mut p.scheduled, true)
+    }
+
+    /// Fails the queued appends of a log the stopped committer will not take.
+    pub(crate) fn fail_stranded(&self) {
+        let stranded = {
+            let mut p = self.pending.lock();
+            p.scheduled = false;
+            std::mem::take(&mut p.appends)
+        };
+        self.committer
+            .queued
+            .fetch_sub(stranded.len(), Ordering::Relaxed);
+        for a in stranded {
+            let _ = a.tx.send(Err(Error::Closed));
+        }
     }
 
     /// Encodes `appends` into `buf` and writes them to the active segment (rolling as
@@ -1018,11 +1070,23 @@ impl LogInner {
         let mut expected = snap.offset;
         let skip = from.saturating_sub(snap.offset) > 0;
         let interval = self.config.index_interval_bytes as usize;
-        // Read in chunks of at most 1 MiB: a huge byte limit with a small record limit
-        // must not read a whole segment.
-        let chunk_for = |budget: usize| budget.clamp(16 * 1024, 1 << 20);
-        let mut want = chunk_for(limit.max_bytes.saturating_sub(*bytes))
-            + if skip { interval + RECORD_OVERHEAD } else { 0 };
+        // Read in chunks of at most 1 MiB, sized by the record limit too (at ~1 KiB a
+        // record; the loop reads on when records are larger): a consumer taking a few
+        // records from a long backlog must not read (and zero a buffer for) a megabyte
+        // each time.
+        let chunk_for = |bytes: usize, records: usize| {
+            let by_records = limit
+                .max_records
+                .saturating_sub(records)
+                .saturating_mul(1024);
+            limit
+                .max_bytes
+                .saturating_sub(bytes)
+                .min(by_records)
+                .clamp(16 * 1024, 1 << 20)
+        };
+        let mut want =
+            chunk_for(*bytes, out.len()) + if skip { interval + RECORD_OVERHEAD } else { 0 };
         while pos < snap.len && expected < snap.next_offset {
             let n = (snap.len - pos).min(want as u64);
             let chunk = segment::read_bytes(&snap.file, pos, usize::try_from(n).unwrap_or(0))
@@ -1068,7 +1132,7 @@ impl LogInner {
                 }
             }
             pos += at as u64;
-            want = need.max(chunk_for(limit.max_bytes.saturating_sub(*bytes)));
+            want = need.max(chunk_for(*bytes, out.len()));
         }
         if expected < snap.next_offset {
             return Err(corrupt(

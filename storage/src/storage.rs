@@ -13,7 +13,7 @@ use crate::error::{Error, Result, io_err};
 use crate::log::{Log, LogConfig, LogInner, Recovery};
 
 /// A storage directory: one subdirectory per log, all logs written by one shared
-/// group-commit thread.
+/// group committer (its threads are shared by every log).
 ///
 /// Dropping the `Storage` writes and syncs everything queued, then stops the committer;
 /// appends on surviving [`Log`] handles fail with [`Error::Closed`] from then on.

@@ -124,6 +124,40 @@ async fn append_read_round_trip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_reads_from_a_long_backlog_and_records_larger_than_the_first_chunk() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage
+        .open_log("big", LogConfig::default())
+        .expect("open log");
+    // 40 KB records: one is larger than the first read a 2-record limit makes.
+    let big = |i: u64| Record {
+        timestamp: 1_000 + i,
+        headers: Bytes::from(format!("h{i}")),
+        payload: Bytes::from(vec![(i % 251) as u8; 40_000 + i as usize]),
+    };
+    log.append((0..20).map(big).collect())
+        .await
+        .expect("append");
+    // And a backlog of small ones behind them.
+    append_n(&log, 20..3_000, 100).await;
+    let two = ReadLimit {
+        max_records: 2,
+        max_bytes: 1 << 20,
+    };
+    for from in [0, 7, 19] {
+        let got = log.read(from, two).expect("read");
+        let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, vec![from, from + 1]);
+        assert_eq!(got[0].payload, big(from).payload);
+    }
+    for from in [20, 1_500, 2_998] {
+        let got = log.read(from, two).expect("read");
+        assert_records(&got, from..from + 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopen_continues_with_the_next_offset() {
     let dir = temp();
     {
