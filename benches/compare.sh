@@ -34,8 +34,8 @@ MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 log "building roost and roost-bench (release)"
 cargo build --release --bin roost --bin roost-bench >&2
-ROOST="$ROOT/target/release/roost"
-BENCH="$ROOT/target/release/roost-bench"
+ROOST="${CARGO_TARGET_DIR:-$ROOT/target}/release/roost"
+BENCH="${CARGO_TARGET_DIR:-$ROOT/target}/release/roost-bench"
 
 # Idle-connection scenarios need file descriptors on both sides.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

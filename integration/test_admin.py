@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -302,22 +303,22 @@ def test_reset_to_a_timestamp_replays_exactly_what_came_at_or_after_it(broker_wi
     api.json("PUT", f"/api/v1/queues/{q}", {"partitions": 2}, expect=201)
     before = [b"early%d" % i for i in range(6)]
     after = [b"late%d" % i for i in range(6)]
-    produce(b, f"$queue/{q}", before)
+    publish_acked(b, 4, f"$queue/{q}", before)
     time.sleep(0.05)
     instant_ms = int(time.time() * 1000)
     time.sleep(0.05)
-    produce(b, f"$queue/{q}", after)
+    publish_acked(b, 4, f"$queue/{q}", after)
 
     c = mqttraw.RawClient(b.host, b.port, 4)
     c.connect("ts-cons")
     assert c.subscribe([(f"$share/g/$queue/{q}", 1)]).rcs == [1]
-    everything = take(c, 12, ack=True)
+    everything = receive_publishes(c, 12, ack=True)
     assert sorted(p.payload for p in everything) == sorted(before + after)
     assert wait_for(lambda: group_of(api.json("GET", f"/api/v1/queues/{q}"), "g")["lag"] == 0)
 
     reset = api.json("POST", f"/api/v1/queues/{q}/groups/g/reset", {"timestamp_ms": instant_ms})
     assert group_of(reset, "g")["lag"] == len(after), reset
-    again = take(c, len(after), ack=True)
+    again = receive_publishes(c, len(after), ack=True)
     assert sorted(p.payload for p in again) == sorted(after)
     assert c.recv(0.5) is None, "a message from before the instant came again"
 
