@@ -1,36 +1,15 @@
-//! roost: an MQTT 3.1 / 3.1.1 / 5.0 broker.
-
-mod acl;
-mod admin;
-mod auth;
-mod auth_hook;
-mod broker;
-mod config;
-mod connection;
-mod mailbox;
-mod memory;
-mod metrics;
-mod passwd;
-mod persist;
-mod protocol;
-mod queues;
-mod rate;
-mod scram;
-mod server;
-mod session;
-mod sys;
-mod tls;
-mod transport;
-mod websocket;
+//! roost: an MQTT 3.1 / 3.1.1 / 5.0 broker (the binary; the broker is the
+//! `roost_broker` library).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use roost_broker::{config, server};
 
 fn main() -> ExitCode {
     let mut cli = config::Cli::parse();
     if let Some(config::Command::Passwd(args)) = cli.command.take() {
-        return passwd::run(args);
+        return roost_broker::run_passwd(args);
     }
     let config = match config::Config::from_cli(cli) {
         Ok(c) => c,
