@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Side by side: roost vs mosquitto, the same roost-bench scenarios against each.
+# Side by side: roost vs mosquitto (and optionally rumqttd), the same roost-bench
+# scenarios against each.
 #
-#   benches/compare.sh            # prints one markdown table on stdout, progress on stderr
+#   benches/compare.sh                     # prints one markdown table on stdout, progress on stderr
+#   COMPARE_RUMQTTD=1 benches/compare.sh   # or --with-rumqttd: adds rumqttd as a third broker
 #
 # Installs mosquitto from Debian when missing, builds roost and roost-bench in release,
 # then for every scenario starts a fresh broker of each kind on a free loopback port
@@ -11,9 +13,21 @@
 # directory in a temp dir; these scenarios use clean sessions), max_inflight 1024 and
 # max_queued_messages 1000 on both (roost's defaults).
 #
+# rumqttd (only when asked, since `cargo install` takes minutes): uses $RUMQTTD if set, else
+# rumqttd on PATH or in $RUMQTTD_ROOT/bin, else runs `cargo install rumqttd --version
+# $RUMQTTD_VERSION --root $RUMQTTD_ROOT`. Its TOML config is written below; the
+# keys are those of rumqttd 0.20 (they have changed between releases, hence the pinned
+# version). rumqttd keeps messages in memory only (no persistence); it has no per-session
+# queue limit, so the closest equivalent is the per-filter in-memory log, bounded to
+# about 1,000 of these publishes (10 segments of 10 KiB, rumqttd counting 4 bytes + topic
+# + payload per message); its outgoing QoS 1/2 window is fixed at 100 in the source, and
+# its `max_inflight_count` (set to 1024) bounds how many incoming packets it reads per batch.
+#
 # Environment: DURATION (measured seconds per run, default 5), WARMUP (default 1),
 # CONNS (idle connections for the conn scenario, default 5000), KEEP_LOGS=1 keeps the
-# work directory with the brokers' logs and each run's JSON.
+# work directory with the brokers' logs and each run's JSON, COMPARE_RUMQTTD=1 (same as
+# --with-rumqttd), RUMQTTD, RUMQTTD_ROOT (default ${CARGO_HOME:-~/.cargo}),
+# RUMQTTD_VERSION (default 0.20.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -21,6 +35,16 @@ ROOT=$PWD
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
 CONNS=${CONNS:-5000}
+WITH_RUMQTTD=${COMPARE_RUMQTTD:-0}
+RUMQTTD_VERSION=${RUMQTTD_VERSION:-0.20.0}
+RUMQTTD_ROOT=${RUMQTTD_ROOT:-${CARGO_HOME:-$HOME/.cargo}}
+
+for arg in "$@"; do
+    case $arg in
+        --with-rumqttd) WITH_RUMQTTD=1 ;;
+        *) echo "usage: benches/compare.sh [--with-rumqttd]" >&2; exit 2 ;;
+    esac
+done
 
 log() { echo "compare: $*" >&2; }
 
@@ -31,6 +55,27 @@ if ! command -v mosquitto >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
 fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+
+BROKERS=(roost mosquitto)
+if [ "$WITH_RUMQTTD" = 1 ]; then
+    if [ -z "${RUMQTTD:-}" ]; then
+        RUMQTTD=$(command -v rumqttd || true)
+        [ -n "$RUMQTTD" ] || RUMQTTD="$RUMQTTD_ROOT/bin/rumqttd"
+    fi
+    if [ ! -x "$RUMQTTD" ]; then
+        log "installing rumqttd $RUMQTTD_VERSION into $RUMQTTD_ROOT (cargo install, takes minutes)"
+        # Not --locked: 0.20.0's lockfile pins metrics 0.22.1, which rustc 1.95 rejects
+        # (E0521); the newest semver-compatible dependencies build.
+        cargo install rumqttd --version "$RUMQTTD_VERSION" --root "$RUMQTTD_ROOT" >&2
+        RUMQTTD="$RUMQTTD_ROOT/bin/rumqttd"
+    fi
+    # The config below uses 0.20's keys; another release may reject or ignore them.
+    RUMQTTD_HAVE=$("$RUMQTTD" --version 2>/dev/null | awk '{print $NF}')
+    log "rumqttd $RUMQTTD_HAVE at $RUMQTTD"
+    [ "$RUMQTTD_HAVE" = "$RUMQTTD_VERSION" ] ||
+        log "warning: the rumqttd config here was written for $RUMQTTD_VERSION"
+    BROKERS+=(rumqttd)
+fi
 
 log "building roost and roost-bench (release)"
 cargo build --release --bin roost --bin roost-bench >&2
@@ -64,6 +109,32 @@ start_broker() {
     if [ "$kind" = roost ]; then
         "$ROOST" --bind "127.0.0.1:$PORT" --data-dir "$dir/data" --log-level warn \
             --max-inflight 1024 --max-queued-messages 1000 >"$dir/broker.log" 2>&1 &
+    elif [ "$kind" = rumqttd ]; then
+        # No [console], [prometheus] or [v5] sections: only the MQTT 3.1.1 listener runs.
+        # next_connection_delay_ms = 0: rumqttd otherwise sleeps between accepts, which
+        # would cap the conn scenario's 2,500 connections/s. -q drops the banner; the
+        # log level stays at its default, warn.
+        cat >"$dir/rumqttd.toml" <<EOF
+id = 0
+
+[router]
+max_connections = $((CONNS + 1000))
+max_outgoing_packet_count = 200
+max_segment_size = 10240
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:$PORT"
+next_connection_delay_ms = 0
+
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 1048576
+max_inflight_count = 1024
+dynamic_filters = true
+EOF
+        "$RUMQTTD" -q -c "$dir/rumqttd.toml" >"$dir/broker.log" 2>&1 &
     else
         cat >"$dir/mosquitto.conf" <<EOF
 listener $PORT 127.0.0.1
@@ -186,9 +257,10 @@ i=0
 for entry in "${SCENARIOS[@]}"; do
     name=${entry%%|*}
     read -r -a args <<<"${entry#*|}"
-    # Alternate which broker goes first, so neither always runs on a warmer machine.
-    if [ $((i % 2)) -eq 0 ]; then order=(roost mosquitto); else order=(mosquitto roost); fi
-    for kind in "${order[@]}"; do run_one "$name" "$kind" "${args[@]}"; done
+    # Rotate which broker goes first, so none always runs on a warmer machine (with two
+    # brokers this alternates).
+    n=${#BROKERS[@]}
+    for ((k = 0; k < n; k++)); do run_one "$name" "${BROKERS[$(((i + k) % n))]}" "${args[@]}"; done
     i=$((i + 1))
 done
 log "done in $(( $(date +%s) - START )) s"
