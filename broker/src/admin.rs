@@ -658,24 +658,15 @@ fn render_metrics(broker: &Broker) -> String {
             m.sent_bytes_by_qos(),
         ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (qos, v) in values.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{qos=\"{qos}\"}} {v}");
-        }
+        counter_family(&mut out, name, help, "qos", (0..).zip(values));
     }
-    let name = "roost_messages_dropped_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Messages dropped for a subscriber, by reason.\n# TYPE {name} counter"
+    counter_family(
+        &mut out,
+        "roost_messages_dropped_total",
+        "Messages dropped for a subscriber, by reason.",
+        "reason",
+        DropReason::ALL.map(|r| (r.label(), m.dropped_for(r))),
     );
-    for reason in DropReason::ALL {
-        let _ = writeln!(
-            out,
-            "{name}{{reason=\"{}\"}} {}",
-            reason.label(),
-            m.dropped_for(reason)
-        );
-    }
     let (network_in, network_out) = m.network_bytes();
     for (name, help, value) in [
         (
@@ -699,32 +690,20 @@ fn render_metrics(broker: &Broker) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
-    let name = "roost_auth_failures_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Clients refused at authentication, by reason.\n# TYPE {name} counter"
+    counter_family(
+        &mut out,
+        "roost_auth_failures_total",
+        "Clients refused at authentication, by reason.",
+        "reason",
+        AuthFailure::ALL.map(|why| (why.label(), m.auth_failures(why))),
     );
-    for why in AuthFailure::ALL {
-        let _ = writeln!(
-            out,
-            "{name}{{reason=\"{}\"}} {}",
-            why.label(),
-            m.auth_failures(why)
-        );
-    }
-    let name = "roost_limit_trips_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Times an overload limit refused, throttled or disconnected a client, by config key.\n# TYPE {name} counter"
+    counter_family(
+        &mut out,
+        "roost_limit_trips_total",
+        "Times an overload limit refused, throttled or disconnected a client, by config key.",
+        "limit",
+        Limit::ALL.map(|limit| (limit.label(), m.limit_trips(limit))),
     );
-    for limit in Limit::ALL {
-        let _ = writeln!(
-            out,
-            "{name}{{limit=\"{}\"}} {}",
-            limit.label(),
-            m.limit_trips(limit)
-        );
-    }
     let name = "roost_storage_fsync_seconds";
     let _ = writeln!(
         out,
@@ -743,6 +722,21 @@ fn render_metrics(broker: &Broker) -> String {
     }
     render_queue_metrics(&broker.queues.list(), &mut out);
     out
+}
+
+/// A counter family with one label: its HELP and TYPE lines, then one sample per
+/// label value.
+fn counter_family<L: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, n) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
 }
 
 /// One labelled series of a Prometheus histogram.
