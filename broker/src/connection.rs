@@ -8,7 +8,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -193,49 +195,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     /// a peer that stopped reading must not hold its connection task forever.
     async fn write(&mut self, broker: &Broker, bytes: &[u8]) -> std::io::Result<()> {
         let stall = broker.slow_consumer_timeout();
+        let stream = &mut self.stream;
         let mut rest = bytes;
         while !rest.is_empty() {
-            // The socket usually takes the bytes at once; only a write that has to
-            // wait pays for a timer (boxed, so the idle task does not carry one).
-            let ready = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(std::pin::Pin::new(&mut self.stream).poll_write(cx, rest))
-            })
-            .await;
-            let n = match ready {
-                std::task::Poll::Ready(n) => n?,
-                std::task::Poll::Pending => {
-                    Box::pin(with_stall_limit(stall, self.stream.write(rest))).await?
-                }
-            };
+            let n =
+                with_stall_limit(stall, |cx| Pin::new(&mut *stream).poll_write(cx, rest)).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             broker.metrics.network_out(n);
             rest = &rest[n..];
         }
-        let flushed = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(std::pin::Pin::new(&mut self.stream).poll_flush(cx))
-        })
-        .await;
-        match flushed {
-            std::task::Poll::Ready(r) => r,
-            std::task::Poll::Pending => {
-                Box::pin(with_stall_limit(stall, self.stream.flush())).await
-            }
-        }
+        with_stall_limit(stall, |cx| Pin::new(&mut *stream).poll_flush(cx)).await
     }
 }
 
 /// Runs one write step, failing it with `TimedOut` if it makes no progress in `stall`.
+/// The socket usually takes the bytes at once; only a step that has to wait pays for a
+/// timer, boxed so that the idle task does not carry one.
 async fn with_stall_limit<T>(
     stall: Option<Duration>,
-    step: impl std::future::Future<Output = std::io::Result<T>>,
+    mut step: impl FnMut(&mut std::task::Context<'_>) -> Poll<std::io::Result<T>>,
 ) -> std::io::Result<T> {
+    if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(step(cx))).await {
+        return done;
+    }
+    let waiting = std::future::poll_fn(step);
     match stall {
-        Some(limit) => tokio::time::timeout(limit, step)
+        Some(limit) => Box::pin(tokio::time::timeout(limit, waiting))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
-        None => step.await,
+        None => waiting.await,
     }
 }
 
@@ -245,11 +235,10 @@ fn poll_read_scratch<S: AsyncRead + Unpin>(
     stream: &mut S,
     cx: &mut std::task::Context<'_>,
     take: impl FnOnce(&[u8]),
-) -> std::task::Poll<std::io::Result<usize>> {
-    use std::task::Poll;
+) -> Poll<std::io::Result<usize>> {
     let poll_into = |scratch: &mut [u8]| {
         let mut buf = tokio::io::ReadBuf::new(scratch);
-        match std::pin::Pin::new(stream).poll_read(cx, &mut buf) {
+        match Pin::new(stream).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) => {
                 take(buf.filled());
                 Poll::Ready(Ok(buf.filled().len()))
