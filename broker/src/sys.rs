@@ -26,18 +26,28 @@ pub async fn publish_periodically(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let now = Instant::now();
-                load.update(&Counters::read(&broker), now);
-                publish_once(&broker, status(&broker, started, &load));
+                let counters = Counters::read(&broker);
+                load.update(&counters, Instant::now());
+                publish_once(&broker, status(&broker, started, &counters, &load));
             }
             _ = shutdown.changed() => return,
         }
     }
 }
 
-/// The cumulative counters the `load/...` topics are rates of, in [`LOADS`] order.
+/// The broker's cumulative counters, read once per tick for the status topics and the
+/// `load/...` rates.
 #[derive(Debug, Clone, Copy, Default)]
-struct Counters([u64; LOADS.len()]);
+pub struct Counters {
+    received: u64,
+    sent: u64,
+    dropped: u64,
+    payload_in: u64,
+    payload_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    connections: u64,
+}
 
 /// Names of the `$SYS/broker/load/<name>/{1min,5min,15min}` topics.
 const LOADS: [&str; 8] = [
@@ -52,22 +62,34 @@ const LOADS: [&str; 8] = [
 ];
 
 impl Counters {
-    fn read(broker: &Broker) -> Counters {
+    /// The counters now.
+    pub fn read(broker: &Broker) -> Counters {
         let m = &broker.metrics;
-        let received: u64 = m.received_by_qos().iter().sum();
-        let sent: u64 = m.sent_by_qos().iter().sum();
-        let dropped: u64 = DropReason::ALL.iter().map(|r| m.dropped_for(*r)).sum();
         let (bytes_in, bytes_out) = m.network_bytes();
-        Counters([
-            received,
-            sent,
-            received,
-            sent,
-            dropped,
+        Counters {
+            received: m.received_by_qos().iter().sum(),
+            sent: m.sent_by_qos().iter().sum(),
+            dropped: DropReason::ALL.iter().map(|r| m.dropped_for(*r)).sum(),
+            payload_in: m.received_bytes_by_qos().iter().sum(),
+            payload_out: m.sent_bytes_by_qos().iter().sum(),
             bytes_in,
             bytes_out,
-            m.connections_accepted(),
-        ])
+            connections: m.connections_accepted(),
+        }
+    }
+
+    /// The values the `load/...` topics are rates of, in [`LOADS`] order.
+    fn loads(&self) -> [u64; LOADS.len()] {
+        [
+            self.received,
+            self.sent,
+            self.received,
+            self.sent,
+            self.dropped,
+            self.bytes_in,
+            self.bytes_out,
+            self.connections,
+        ]
     }
 }
 
@@ -88,9 +110,10 @@ impl Load {
         if let Some((before, at)) = self.last {
             let dt = now.saturating_duration_since(at).as_secs_f64();
             if dt > 0.0 {
+                let (now_values, before_values) = (now_counters.loads(), before.loads());
                 for (i, avg) in self.averages.iter_mut().enumerate() {
                     let per_minute =
-                        now_counters.0[i].saturating_sub(before.0[i]) as f64 * 60.0 / dt;
+                        now_values[i].saturating_sub(before_values[i]) as f64 * 60.0 / dt;
                     for (w, (window, _)) in WINDOWS.iter().enumerate() {
                         let keep = (-dt / window).exp();
                         avg[w] = avg[w] * keep + per_minute * (1.0 - keep);
@@ -102,15 +125,14 @@ impl Load {
     }
 }
 
-/// The status topics and their current values.
-pub fn status(broker: &Broker, started: Instant, load: &Load) -> Vec<(String, String)> {
-    let m = &broker.metrics;
-    let received: u64 = m.received_by_qos().iter().sum();
-    let sent: u64 = m.sent_by_qos().iter().sum();
-    let dropped: u64 = DropReason::ALL.iter().map(|r| m.dropped_for(*r)).sum();
-    let (bytes_in, bytes_out) = m.network_bytes();
-    let payload_in: u64 = m.received_bytes_by_qos().iter().sum();
-    let payload_out: u64 = m.sent_bytes_by_qos().iter().sum();
+/// The status topics and their values, from `counters` read this tick.
+pub fn status(
+    broker: &Broker,
+    started: Instant,
+    counters: &Counters,
+    load: &Load,
+) -> Vec<(String, String)> {
+    let c = counters;
     let connected = broker.connection_count();
     let sessions = broker.session_count();
     let unix = std::time::SystemTime::now()
@@ -140,15 +162,15 @@ pub fn status(broker: &Broker, started: Instant, load: &Load) -> Vec<(String, St
             "retained messages/count",
             broker.retained_count().to_string(),
         ),
-        ("messages/received", received.to_string()),
-        ("messages/sent", sent.to_string()),
-        ("publish/messages/received", received.to_string()),
-        ("publish/messages/sent", sent.to_string()),
-        ("publish/messages/dropped", dropped.to_string()),
-        ("publish/bytes/received", payload_in.to_string()),
-        ("publish/bytes/sent", payload_out.to_string()),
-        ("bytes/received", bytes_in.to_string()),
-        ("bytes/sent", bytes_out.to_string()),
+        ("messages/received", c.received.to_string()),
+        ("messages/sent", c.sent.to_string()),
+        ("publish/messages/received", c.received.to_string()),
+        ("publish/messages/sent", c.sent.to_string()),
+        ("publish/messages/dropped", c.dropped.to_string()),
+        ("publish/bytes/received", c.payload_in.to_string()),
+        ("publish/bytes/sent", c.payload_out.to_string()),
+        ("bytes/received", c.bytes_in.to_string()),
+        ("bytes/sent", c.bytes_out.to_string()),
     ]
     .into_iter()
     .map(|(topic, value)| (format!("$SYS/broker/{topic}"), value))
@@ -190,7 +212,7 @@ mod tests {
         load.update(&c, t0);
         // 100 messages received every 10 s: 600 per minute.
         for step in 1..=90 {
-            c.0[0] += 100;
+            c.received += 100;
             load.update(&c, t0 + Duration::from_secs(10 * step));
         }
         let [one, five, fifteen] = load.averages[0];
