@@ -260,6 +260,20 @@ def receive_publishes(c, n, ack=True, timeout=10.0):
     return got
 
 
+def publishes_until_quiet(c, quiet=1.0):
+    """PUBLISH packets on raw client `c` until none arrives for `quiet` seconds, each QoS 1
+    one acknowledged. Any other packet fails the test."""
+    got = []
+    while True:
+        p = c.recv(quiet)
+        if p is None:
+            return got
+        assert p.type == mqttraw.PUBLISH, f"unexpected {p!r}"
+        got.append(p)
+        if p.qos == 1:
+            c.puback(p.pid)
+
+
 def assert_broker_serves(broker, version=4):
     """The broker is alive and routes a QoS 1 message between two fresh clients."""
     assert broker.alive(), f"broker process is gone:\n{broker.log_tail()}"

@@ -20,7 +20,7 @@ import pytest
 
 import mqttraw
 from broker import IS_MOSQUITTO, free_port, roost_binary, roost_passwd
-from conftest import VERSIONS, wait_for
+from conftest import VERSIONS, publishes_until_quiet, wait_for
 from pahoclient import Client
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's own auth files, CLI and hook")
@@ -321,14 +321,7 @@ def test_acl_publish_allow_and_deny(acl_broker, version):
     alice = raw_client(b, version, "alice")
     alice.publish("public/news", b"allowed-alice", qos=1, pid=1)
     assert alice.expect(mqttraw.PUBACK).rc == 0
-    got = []
-    while True:
-        try:
-            m = watcher.expect(mqttraw.PUBLISH, timeout=1.0)
-        except Exception:
-            break
-        got.append(m.payload)
-        watcher.puback(m.pid)
+    got = [m.payload for m in publishes_until_quiet(watcher)]
     assert sorted(got) == [b"allowed-alice", b"allowed-bob"], got
     # The denied publishes did not cost the connections.
     bob.pingreq()
@@ -364,14 +357,7 @@ def test_acl_filters_deliveries_per_topic(acl_broker, version):
                            "feed/public/2"]):
         feeder.publish(t, t.encode(), qos=1, pid=10 + i)
         assert feeder.expect(mqttraw.PUBACK).rc == 0
-    got = []
-    while True:
-        try:
-            m = alice.expect(mqttraw.PUBLISH, timeout=1.0)
-        except Exception:
-            break
-        got.append(m.topic)
-        alice.puback(m.pid)
+    got = [m.topic for m in publishes_until_quiet(alice)]
     assert got == ["feed/public/1", "feed/public/2"]
     alice.disconnect()
     feeder.disconnect()

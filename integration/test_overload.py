@@ -14,7 +14,8 @@ import pytest
 
 import mqttraw as w
 from broker import IS_MOSQUITTO, free_port, roost_passwd
-from conftest import VERSIONS, assert_broker_serves, wait_for
+from conftest import (VERSIONS, assert_broker_serves, publish_acked, receive_publishes,
+                      wait_for)
 from test_admin import Admin, value
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's overload limits and /metrics")
@@ -114,13 +115,7 @@ def test_publish_rate_throttles_without_loss(broker_with, raw, uid):
     started = time.monotonic()
     for i in range(n):
         pub.publish(t, b"m%d" % i, qos=0)
-    got = []
-    while len(got) < n:
-        p = sub.recv(10)
-        assert p is not None, f"only {len(got)} of {n} arrived"
-        got.append(p.payload)
-        if p.qos:
-            sub.puback(p.pid)
+    got = [p.payload for p in receive_publishes(sub, n, timeout=20)]
     elapsed = time.monotonic() - started
     assert got == [b"m%d" % i for i in range(n)]  # nothing lost, in order
     # 20 up front, 50 more at 20/s: at least 2.5 s.
@@ -146,9 +141,7 @@ def test_publish_bytes_rate_throttles(broker_with, raw, uid):
         assert pub.expect(w.PUBACK, timeout=10).pid == i
     elapsed = time.monotonic() - started
     assert elapsed >= 1.2, f"50 KB at 20 KB/s took only {elapsed:.2f}s"
-    for _ in range(50):
-        p = sub.expect(w.PUBLISH, timeout=10)
-        sub.puback(p.pid)
+    receive_publishes(sub, 50)
     assert trips(api, "max_publish_bytes_rate") >= 1
 
 
@@ -174,22 +167,14 @@ def test_max_queued_bytes_bounds_an_offline_queue(broker_with, raw, uid):
     sub.subscribe(t, qos=1)
     sub.disconnect()
     sub.close()
-    pub = raw(b, 4)
-    pub.connect(uid + "-p")
-    for i in range(1, 6):
-        pub.publish(t, bytes([i]) * 400, qos=1, pid=i)
-        pub.expect(w.PUBACK)
+    publish_acked(b, 4, t, [bytes([i]) * 400 for i in range(1, 6)])
     m = api.metrics()
     # 400 + 400 fit in 1000 bytes; the next three would not.
     assert value(m, "roost_limit_trips_total", limit="max_queued_bytes") == 3
     assert value(m, "roost_messages_dropped_total", reason="offline_queue_full") == 3
     back = raw(b, 4)
     assert back.connect(uid + "-s", clean=False).session_present
-    got = []
-    for _ in range(2):
-        p = back.expect(w.PUBLISH)
-        back.puback(p.pid)
-        got.append(p.payload)
+    got = [p.payload for p in receive_publishes(back, 2)]
     assert got == [bytes([1]) * 400, bytes([2]) * 400]
     assert back.recv(0.5) is None
 

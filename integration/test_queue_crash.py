@@ -55,9 +55,23 @@ def _connect(b, version, cid, stop, properties=None):
     return None
 
 
-class Producer(threading.Thread):
+class Worker(threading.Thread):
+    """A client thread whose exceptions are collected in `errors` for the test to report."""
+
+    def __init__(self, name):
+        super().__init__(daemon=True, name=name)
+        self.errors = []
+
+    def run(self):
+        try:
+            self._run()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(repr(e))
+
+
+class Producer(Worker):
     def __init__(self, b, q, idx, version, stop_new, stop_all):
-        super().__init__(daemon=True, name=f"producer-{idx}")
+        super().__init__(f"producer-{idx}")
         self.b, self.q, self.idx, self.version = b, q, idx, version
         self.stop_new, self.stop_all = stop_new, stop_all
         self.next_n = 0
@@ -66,17 +80,10 @@ class Producer(threading.Thread):
         self.acked = {}  # uid -> monotonic time of the PUBACK
         self.resent = set()  # uids sent again after a reconnect
         self.connections = 0
-        self.errors = []
 
     def _publish(self, c, pid, uid, dup=False):
         c.publish(f"$queue/{self.q}/dev{self.idx}", uid.encode(), qos=1, pid=pid, dup=dup)
         self.sent_at[uid] = time.monotonic()
-
-    def run(self):
-        try:
-            self._run()
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(repr(e))
 
     def _run(self):
         pid_seq = 0
@@ -129,21 +136,14 @@ class Producer(threading.Thread):
                 c.close()
 
 
-class Consumer(threading.Thread):
+class Consumer(Worker):
     def __init__(self, b, q, idx, stop):
-        super().__init__(daemon=True, name=f"consumer-{idx}")
+        super().__init__(f"consumer-{idx}")
         self.b, self.q, self.idx, self.stop = b, q, idx, stop
         # (uid, message-id, delivery-count, time of delivery, dup flag)
         self.deliveries = []
         self.connections = 0
         self.last_delivery = time.monotonic()
-        self.errors = []
-
-    def run(self):
-        try:
-            self._run()
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(repr(e))
 
     def _run(self):
         props = [(mqttraw.RECEIVE_MAXIMUM, CONSUMER_RECEIVE_MAX)]
