@@ -1,29 +1,33 @@
-//! Group commit: each `Fsync` log is its own write-and-sync pipeline on a small pool of
-//! threads; one committer thread writes `Buffered` logs and times their interval syncs.
+//! Group commit: `Fsync` logs go through one journal thread, `Buffered` logs through
+//! one committer thread, and a small pool of threads runs the syncs that can wait.
 //!
 //! Appenders queue records on their log and schedule the log (once per batch, not per
 //! append):
 //!
-//! - An `Fsync` log goes to the sync pool. A pool thread takes all its queued appends,
-//!   encodes them into one reused buffer, writes them with one write(2) (more only when
-//!   a segment rolls), fdatasyncs, publishes, resolves them, and repeats while appends
-//!   are waiting. While a sync waits on the disk, new appends pile up in the log's
-//!   queue, so the next write and sync carry them all: the batch grows with the load, at
-//!   one fdatasync per log per batch. The log stays with its thread between batches
-//!   (no hand-off, no wake-up) unless another log is waiting for a thread, and under
-//!   sustained load its syncs start at most once per [`SYNC_GAP`]. Logs do not wait for
-//!   each other: a slow sync of one (fdatasync times here have a long tail) holds back
-//!   only its own appenders.
+//! - An `Fsync` log goes to the journal thread. Each round it takes every scheduled
+//!   log's queued appends, writes each log's records to its segment (one write(2) per
+//!   log, more only when a segment rolls) and the same frames into one journal write,
+//!   fdatasyncs the journal once, then publishes every log of the round and resolves
+//!   its appenders (see `journal.rs`). While a sync waits on the disk, new appends pile
+//!   up, so the next round carries them all: the batch grows with the load, at one
+//!   fdatasync per round for every log. Under sustained load rounds start at most once
+//!   per [`SYNC_GAP`].
+//! - When a journal file is full the thread moves on to the other one and the pool
+//!   runs the full one's checkpoint: an fdatasync of every log written during its lap,
+//!   then a new epoch that voids its entries.
 //! - A `Buffered` log goes to the committer thread, which writes it and resolves its
 //!   appenders at once, and hands it to the pool for an fdatasync once its sync interval
 //!   has passed (the log is not written while that sync runs).
 //!
 //! A log is written by one thread at a time and never while its sync is in flight, so
-//! what a sync publishes is exactly what it covered. Any write or sync error makes that
-//! log read-only ([`crate::Error::ReadOnly`]) and fails every append of the batch; it
-//! never touches other logs.
+//! what a sync publishes is exactly what it covered. A write error makes that log
+//! read-only ([`crate::Error::ReadOnly`]) and fails every append of its batch; a journal
+//! write or sync error does so for every log of the round, and then for every `Fsync`
+//! log that comes after (what the journal holds can no longer be trusted).
 
 use std::collections::VecDeque;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -32,20 +36,29 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::Result;
+use crate::journal::{self, JournalFile};
 use crate::log::{Completion, LogInner, PendingAppend};
 use crate::{Durability, Offset};
 
-/// What appenders, the committer and the sync pool share.
+/// What appenders, the committer, the journal thread and the sync pool share.
 pub(crate) struct CommitShared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    journal: Mutex<Queue>,
+    journal_wake: Condvar,
     pool: Mutex<PoolQueue>,
     pool_wake: Condvar,
+    /// Which journal files are free to be written (their checkpoint is done).
+    laps: Mutex<Laps>,
+    laps_wake: Condvar,
     /// Appends queued on any log and not yet taken by a writer.
     pub(crate) queued: AtomicUsize,
+    /// Test hook: the next journal write fails.
+    #[cfg(test)]
+    pub(crate) journal_fault: std::sync::atomic::AtomicBool,
 }
 
-/// The committer's ready queue (`Buffered` logs).
+/// A ready queue: the committer's (`Buffered` logs) or the journal thread's (`Fsync`).
 #[derive(Default)]
 struct Queue {
     ready: Vec<Arc<LogInner>>,
@@ -67,33 +80,79 @@ struct PoolQueue {
 
 /// Work for a pool thread.
 enum Job {
-    /// Write and sync an `Fsync` log's queued appends until none are left.
-    Run(Arc<LogInner>),
     /// The interval sync of a `Buffered` log.
     Background(Arc<LogInner>),
+    /// A full journal file's checkpoint.
+    Checkpoint(Box<Checkpoint>),
+}
+
+/// A journal file to void once the logs written during its lap are synced.
+struct Checkpoint {
+    index: usize,
+    file: JournalFile,
+    logs: Vec<Arc<LogInner>>,
+}
+
+struct Laps {
+    /// The journal files free to be written next; a file is out of here while the
+    /// journal thread writes it and while its checkpoint runs.
+    files: [Option<JournalFile>; 2],
+    /// The first error of a checkpoint: its file cannot be voided, so the journal stops.
+    failed: Option<Arc<io::Error>>,
 }
 
 impl CommitShared {
+    pub(crate) fn new(files: Vec<JournalFile>) -> CommitShared {
+        let mut files = files.into_iter();
+        CommitShared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            journal: Mutex::new(Queue::default()),
+            journal_wake: Condvar::new(),
+            pool: Mutex::new(PoolQueue::default()),
+            pool_wake: Condvar::new(),
+            laps: Mutex::new(Laps {
+                files: [files.next(), files.next()],
+                failed: None,
+            }),
+            laps_wake: Condvar::new(),
+            queued: AtomicUsize::new(0),
+            #[cfg(test)]
+            journal_fault: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Voids both journal files (after recovery replayed them).
+    pub(crate) fn reset_journal(&self) -> io::Result<()> {
+        let mut laps = self.laps.lock();
+        for file in laps.files.iter_mut().flatten() {
+            file.reset()?;
+        }
+        Ok(())
+    }
+
     /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
     /// storage has stopped.
     pub(crate) fn schedule(&self, log: Arc<LogInner>) -> bool {
-        if log.config.durability == Durability::Fsync {
-            return self.submit(Job::Run(log));
-        }
-        let mut q = self.queue.lock();
+        let (queue, wake) = if log.config.durability == Durability::Fsync {
+            (&self.journal, &self.journal_wake)
+        } else {
+            (&self.queue, &self.wake)
+        };
+        let mut q = queue.lock();
         if q.stopped {
             return false;
         }
         q.ready.push(log);
         drop(q);
-        self.wake.notify_one();
+        wake.notify_one();
         true
     }
 
-    fn submit(&self, job: Job) -> bool {
+    fn submit(&self, job: Job) -> std::result::Result<(), Job> {
         let mut p = self.pool.lock();
         if p.stopped {
-            return false;
+            return Err(job);
         }
         p.jobs.push_back(job);
         p.active += 1;
@@ -102,7 +161,7 @@ impl CommitShared {
         if wake {
             self.pool_wake.notify_one();
         }
-        true
+        Ok(())
     }
 
     /// The next job, or `None` when the pool has stopped and nothing is left.
@@ -121,39 +180,23 @@ impl CommitShared {
         }
     }
 
-    /// Puts a log that still has appends at the back of the pool's queue if another
-    /// job is waiting for a thread; false if this thread should keep it.
-    fn yield_to_others(&self, log: &Arc<LogInner>) -> bool {
-        let mut p = self.pool.lock();
-        if p.jobs.is_empty() || p.idle > 0 {
-            return false;
-        }
-        p.jobs.push_back(Job::Run(log.clone()));
-        // A new job; the caller's ends with job_done.
-        p.active += 1;
-        true
-    }
-
     fn job_done(&self) {
         self.pool.lock().active -= 1;
     }
 }
 
-/// Owns the committer thread; dropping it drains queued appends, syncs, and joins.
+/// Owns the committer and journal threads; dropping it drains queued appends, syncs,
+/// and joins.
 pub(crate) struct Committer {
     shared: Arc<CommitShared>,
-    thread: Option<JoinHandle<()>>,
+    journal: Option<JoinHandle<()>>,
+    commit: Option<JoinHandle<()>>,
 }
 
 impl Committer {
-    pub(crate) fn start() -> std::io::Result<Committer> {
-        let shared = Arc::new(CommitShared {
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-            pool: Mutex::new(PoolQueue::default()),
-            pool_wake: Condvar::new(),
-            queued: AtomicUsize::new(0),
-        });
+    /// Starts the threads on `shared` (built by [`CommitShared::new`] with both journal
+    /// files, already voided by recovery). The journal is sized `journal_bytes` per file.
+    pub(crate) fn start(shared: Arc<CommitShared>, journal_bytes: u64) -> io::Result<Committer> {
         let mut started = 0;
         let mut first_error = None;
         for i in 0..SYNC_THREADS {
@@ -170,35 +213,60 @@ impl Committer {
             }
         }
         if started == 0 {
-            return Err(first_error.unwrap_or_else(|| std::io::Error::other("no sync threads")));
+            return Err(first_error.unwrap_or_else(|| io::Error::other("no sync threads")));
         }
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("roost-commit".into())
-            .spawn(move || run(&s));
-        let thread = match thread {
+        let journal = match std::thread::Builder::new()
+            .name("roost-journal".into())
+            .spawn(move || journal_thread(&s, journal_bytes))
+        {
             Ok(t) => t,
             Err(e) => {
                 stop_pool(&shared);
                 return Err(e);
             }
         };
-        Ok(Committer {
-            shared,
-            thread: Some(thread),
-        })
+        let mut committer = Committer {
+            shared: shared.clone(),
+            journal: Some(journal),
+            commit: None,
+        };
+        let s = shared.clone();
+        match std::thread::Builder::new()
+            .name("roost-commit".into())
+            .spawn(move || run(&s))
+        {
+            Ok(t) => committer.commit = Some(t),
+            Err(e) => {
+                committer.stop_journal();
+                stop_pool(&shared);
+                return Err(e);
+            }
+        }
+        Ok(committer)
     }
 
     pub(crate) fn shared(&self) -> &Arc<CommitShared> {
         &self.shared
     }
+
+    fn stop_journal(&mut self) {
+        self.shared.journal.lock().stopping = true;
+        self.shared.journal_wake.notify_one();
+        if let Some(t) = self.journal.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Drop for Committer {
     fn drop(&mut self) {
+        // The journal first: its last checkpoint runs on its own thread, the pool
+        // stays up for the committer's final interval syncs.
+        self.stop_journal();
         self.shared.queue.lock().stopping = true;
         self.shared.wake.notify_one();
-        if let Some(t) = self.thread.take() {
+        if let Some(t) = self.commit.take() {
             let _ = t.join();
         }
     }
@@ -224,34 +292,28 @@ fn fail_all(log: &LogInner, done: &mut Vec<Completion>, rest: &mut Vec<PendingAp
     }
 }
 
-/// Threads that write and fdatasync different logs at once: the file system folds
-/// concurrent syncs into shared journal commits (measured here: 64 files synced 4x
-/// faster by 16 threads than one after another). They mostly sleep in the kernel.
-const SYNC_THREADS: usize = 16;
+/// Threads for the syncs that can wait: `Buffered` interval syncs and journal
+/// checkpoints (which sync many logs: the file system folds concurrent syncs into
+/// shared device flushes). They mostly sleep in the kernel.
+const SYNC_THREADS: usize = 8;
 
-/// Under sustained load a log's syncs start at least this far apart, unless
+/// Under sustained load journal rounds start at least this far apart, unless
 /// [`FULL_BATCH`] appends are waiting already. Every fdatasync has a fixed cost (here,
-/// in a VM: ~3 device requests and tens of microseconds of CPU), so letting a busy log
-/// sync as fast as the disk answers spends more syncs on smaller batches; this caps it
-/// at 1,000 syncs a second per log and adds at most this much latency when the disk
-/// is faster. A log that was idle syncs its first batch at once.
+/// in a VM: ~3 device requests and ~75 us of CPU), so syncing as fast as the disk
+/// answers spends more syncs on smaller rounds; this caps it at 1,000 rounds a second
+/// and adds at most this much latency when the disk is faster. A round after an idle
+/// spell starts at once.
 const SYNC_GAP: Duration = Duration::from_millis(1);
 
-/// Appends that make a batch worth syncing without waiting out [`SYNC_GAP`].
+/// Appends that make a round worth syncing without waiting out [`SYNC_GAP`].
 const FULL_BATCH: usize = 512;
 
 /// How often a stopping committer looks whether the pool has finished.
 const STOP_POLL: Duration = Duration::from_millis(2);
 
 fn pool_thread(shared: &CommitShared) {
-    let mut appends: Vec<PendingAppend> = Vec::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
-    let mut done: Vec<Completion> = Vec::new();
     while let Some(job) = shared.next_job() {
         match job {
-            Job::Run(log) => {
-                run_log(shared, &log, &mut appends, &mut buf, &mut done);
-            }
             Job::Background(log) => {
                 if let Err(e) = log.background_sync() {
                     let _ = log.on_error(e);
@@ -260,49 +322,261 @@ fn pool_thread(shared: &CommitShared) {
                     log.fail_stranded();
                 }
             }
+            Job::Checkpoint(c) => checkpoint(shared, *c),
         }
         shared.job_done();
     }
 }
 
-/// Writes, syncs and resolves batches of one `Fsync` log until its queue is empty (the
-/// log is then released) or another log waits for a thread (the log is requeued).
-fn run_log(
-    shared: &CommitShared,
-    log: &Arc<LogInner>,
-    appends: &mut Vec<PendingAppend>,
-    buf: &mut Vec<u8>,
-    done: &mut Vec<Completion>,
-) {
+/// Syncs the logs of a full journal file's lap, then voids the file and frees it.
+fn checkpoint(shared: &CommitShared, c: Checkpoint) {
+    let Checkpoint {
+        index,
+        mut file,
+        logs,
+    } = c;
+    let mut result = Ok(());
+    for log in &logs {
+        if let Err(e) = log.checkpoint_sync() {
+            // The log's records are in the page cache and this journal file only: keep
+            // the file (never voided now) and stop the journal.
+            result = Err(log.fail(io::Error::new(e.kind(), format!("checkpoint: {e}"))));
+            break;
+        }
+    }
+    if result.is_ok() {
+        result = file.reset().map_err(Arc::new);
+    }
+    let mut laps = shared.laps.lock();
+    match result {
+        Ok(()) => laps.files[index] = Some(file),
+        Err(e) => {
+            laps.failed.get_or_insert(e);
+        }
+    }
+    drop(laps);
+    shared.laps_wake.notify_all();
+}
+
+/// The journal thread's state between rounds.
+struct Journal {
+    /// The file being written (its `JournalFile` is taken out of `Laps` while in use).
+    active: usize,
+    file: Option<JournalFile>,
+    /// Where the next round goes in it.
+    pos: u64,
+    capacity: u64,
+    /// Counts laps; `LogInner::journal_lap` holds 1 + the lap a log was last written in.
+    lap: u64,
+    /// Logs written during this lap: the checkpoint syncs them.
+    lap_logs: Vec<Arc<LogInner>>,
+    /// After a journal write or sync error nothing more is trusted to it.
+    failed: Option<Arc<io::Error>>,
+}
+
+impl Journal {
+    /// Takes a free file to write, waiting for its checkpoint if it is still running.
+    fn take_file(&mut self, shared: &CommitShared, index: usize) {
+        let mut laps = shared.laps.lock();
+        loop {
+            if let Some(e) = &laps.failed {
+                self.failed.get_or_insert(e.clone());
+                return;
+            }
+            if let Some(f) = laps.files[index].take() {
+                self.file = Some(f);
+                self.active = index;
+                self.pos = journal::HEADER;
+                return;
+            }
+            shared.laps_wake.wait(&mut laps);
+        }
+    }
+
+    /// Hands the full file to a checkpoint and moves to the other one.
+    fn switch(&mut self, shared: &CommitShared) {
+        let full = self.active;
+        if let Some(file) = self.file.take() {
+            let job = Job::Checkpoint(Box::new(Checkpoint {
+                index: full,
+                file,
+                logs: std::mem::take(&mut self.lap_logs),
+            }));
+            self.lap += 1;
+            if let Err(Job::Checkpoint(c)) = shared.submit(job) {
+                checkpoint(shared, *c);
+            }
+        }
+        self.take_file(shared, 1 - full);
+    }
+
+    /// Writes a sealed round at the current position and syncs it.
+    fn write(&mut self, shared: &CommitShared, buf: &mut [u8]) -> io::Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(io::Error::new(e.kind(), e.to_string()));
+        }
+        #[cfg(test)]
+        if shared.journal_fault.swap(false, Ordering::SeqCst) {
+            let e = io::Error::other("journal fdatasync or write: injected failure");
+            self.failed = Some(Arc::new(io::Error::other(e.to_string())));
+            return Err(e);
+        }
+        #[cfg(not(test))]
+        let _ = shared;
+        let Some(file) = &self.file else {
+            return Err(io::Error::other("no journal file"));
+        };
+        journal::seal(buf, file.epoch);
+        let r = file.file.write_all_at(buf, self.pos).and_then(|()| {
+            let started = Instant::now();
+            let r = file.file.sync_data();
+            crate::latency::DATA_SYNCS.record(started.elapsed());
+            r
+        });
+        match r {
+            Ok(()) => {
+                self.pos += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let e = io::Error::new(e.kind(), format!("journal fdatasync or write: {e}"));
+                self.failed = Some(Arc::new(io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    /// Remembers that `log` was written during this lap.
+    fn note(&mut self, log: &Arc<LogInner>) {
+        let mark = self.lap + 1;
+        if log.journal_lap.swap(mark, Ordering::Relaxed) != mark {
+            self.lap_logs.push(log.clone());
+        }
+    }
+
+    /// The final checkpoint when storage stops: nothing is left for recovery to replay.
+    fn finish(&mut self, shared: &CommitShared) {
+        if self.failed.is_some() {
+            return;
+        }
+        // The other file's checkpoint (if one runs) first: it covers older records.
+        let other = 1 - self.active;
+        let mut laps = shared.laps.lock();
+        while laps.files[other].is_none() && laps.failed.is_none() {
+            shared.laps_wake.wait(&mut laps);
+        }
+        drop(laps);
+        if let Some(file) = self.file.take() {
+            checkpoint(
+                shared,
+                Checkpoint {
+                    index: self.active,
+                    file,
+                    logs: std::mem::take(&mut self.lap_logs),
+                },
+            );
+        }
+    }
+}
+
+fn journal_thread(shared: &CommitShared, capacity: u64) {
+    let mut j = Journal {
+        active: 0,
+        file: None,
+        pos: journal::HEADER,
+        capacity: capacity.max(journal::HEADER * 2),
+        lap: 0,
+        lap_logs: Vec::new(),
+        failed: None,
+    };
+    j.take_file(shared, 0);
+    let mut batch: Vec<Arc<LogInner>> = Vec::new();
+    let mut appends: Vec<PendingAppend> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+    let mut jbuf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut done: Vec<Completion> = Vec::new();
+    // Each written log with the end of its completions in `done`.
+    let mut written: Vec<(Arc<LogInner>, usize)> = Vec::new();
     let mut last_start: Option<Instant> = None;
     loop {
+        {
+            let mut q = shared.journal.lock();
+            while q.ready.is_empty() && !q.stopping {
+                shared.journal_wake.wait(&mut q);
+            }
+            if q.ready.is_empty() {
+                q.stopped = true;
+                break;
+            }
+        }
         if let Some(start) = last_start {
             let due = start + SYNC_GAP;
             let now = Instant::now();
-            if now < due && log.pending_len() < FULL_BATCH {
+            if now < due && shared.queued.load(Ordering::Relaxed) < FULL_BATCH {
                 std::thread::sleep(due - now);
             }
         }
-        let taken = log.take_batch(appends);
-        if taken == 0 {
-            return;
-        }
+        std::mem::swap(&mut shared.journal.lock().ready, &mut batch);
         last_start = Some(Instant::now());
-        shared.queued.fetch_sub(taken, Ordering::Relaxed);
-        let written = log.write_appends(appends, buf, done);
-        let synced = written.and_then(|_| log.sync_and_publish());
-        match synced {
-            Ok(()) => resolve(done, Ok),
-            Err(e) => {
-                buf.clear();
-                let _ = log.on_error(e);
-                fail_all(log, done, appends);
+        jbuf.clear();
+        for log in batch.drain(..) {
+            let taken = log.take_pending(&mut appends);
+            if taken == 0 {
+                continue;
+            }
+            shared.queued.fetch_sub(taken, Ordering::Relaxed);
+            if let Some(e) = &j.failed {
+                log.fail(io::Error::new(e.kind(), e.to_string()));
+                fail_all(&log, &mut done, &mut appends);
+                continue;
+            }
+            let from = done.len();
+            match log.write_appends(&mut appends, &mut buf, &mut done, Some(&mut jbuf)) {
+                Ok(_) => written.push((log, done.len())),
+                Err(e) => {
+                    buf.clear();
+                    let _ = log.on_error(e);
+                    let mut mine = done.split_off(from);
+                    fail_all(&log, &mut mine, &mut appends);
+                }
             }
         }
-        if shared.yield_to_others(log) {
-            return;
+        if written.is_empty() {
+            continue;
+        }
+        // A round larger than a whole journal file syncs its segments directly.
+        let direct = jbuf.len() as u64 > j.capacity - journal::HEADER;
+        let synced = if direct {
+            Ok(())
+        } else {
+            if j.pos + jbuf.len() as u64 > j.capacity {
+                j.switch(shared);
+            }
+            j.write(shared, &mut jbuf)
+        };
+        let mut from = 0;
+        for (log, end) in written.drain(..) {
+            let mut mine: Vec<Completion> = done.drain(..end - from).collect();
+            from = end;
+            let result = synced
+                .as_ref()
+                .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+                .and_then(|()| log.publish_durable(direct));
+            match result {
+                Ok(()) => {
+                    if !direct {
+                        j.note(&log);
+                    }
+                    resolve(&mut mine, Ok);
+                }
+                Err(e) => {
+                    let _ = log.on_error(e);
+                    fail_all(&log, &mut mine, &mut appends);
+                }
+            }
         }
     }
+    j.finish(shared);
 }
 
 fn run(shared: &CommitShared) {
@@ -356,7 +630,7 @@ fn run(shared: &CommitShared) {
                 continue;
             }
             shared.queued.fetch_sub(taken, Ordering::Relaxed);
-            match log.write_appends(&mut appends, &mut buf, &mut done) {
+            match log.write_appends(&mut appends, &mut buf, &mut done, None) {
                 Ok(newly_dirty) => {
                     resolve(&mut done, Ok);
                     if newly_dirty {
@@ -383,7 +657,7 @@ fn run(shared: &CommitShared) {
                 if !log.begin_sync() {
                     let due = due.max(now) + log.config.sync_interval;
                     dirty.push((log, due));
-                } else if !shared.submit(Job::Background(log.clone())) {
+                } else if shared.submit(Job::Background(log.clone())).is_err() {
                     log.end_sync();
                 }
             } else {

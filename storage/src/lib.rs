@@ -2,11 +2,13 @@
 //! recovery and retention. The `$queue/` partitions sit on these logs.
 //!
 //! A [`Storage`] is a directory holding many named [`Log`]s (thousands of partitions),
-//! written by one shared group committer (a small pool of write-and-sync threads, see
-//! `commit.rs`): appends from any number of tasks are batched into one write(2) and one
-//! fdatasync per log per batch, each log a pipeline of its own, and each
-//! appender awaits a future that resolves with its offset once the record is durable
-//! under the log's [`Durability`]. In both modes the record has reached the kernel
+//! written by one shared group committer (see `commit.rs`): appends from any number of
+//! tasks are batched into one write(2) per log per round, and each appender awaits a
+//! future that resolves with its offset once the record is durable under the log's
+//! [`Durability`]. `Fsync` logs share a write-ahead journal (`journal.rs`): a round's
+//! records go to their segments and, copied, into one journal write, so one fdatasync
+//! makes a round of every log durable; the segments are synced later, before the
+//! journal space is reused. In both modes the record has reached the kernel
 //! (write(2), not a user-space buffer) before anything resolves, so `kill -9` loses
 //! nothing acknowledged; in `Buffered` mode power loss may cost up to the sync interval.
 //! A write or fsync error is never swallowed: the log turns read-only, the waiting
@@ -32,7 +34,9 @@
 //! # On-disk format (version 1)
 //!
 //! ```text
+//! <storage dir>/.journal-0, .journal-1     the journal of Fsync logs (format in journal.rs)
 //! <storage dir>/<log name>/
+//!     log.id                          8 bytes: this incarnation of the log
 //!     00000000000000000000.log        records with offsets 0..
 //!     00000000000000000000.index      sparse offset index of that segment
 //!     00000000000000000000.timeindex  sparse time index of that segment
@@ -66,6 +70,12 @@
 //!
 //! # Recovery
 //!
+//! [`Storage::open`] first replays the journal: records it holds that a log's active
+//! segment lost (a power cut after the journal sync, before the segment reached the
+//! disk) are appended to the segment again and synced; what the segment holds already
+//! is skipped. The journal is then voided. Each log's [`Recovery`] says how many
+//! records were restored.
+//!
 //! Sealed segments (all but the last) were fully synced before the next segment was
 //! created, and the directory was synced after creating it. On open their index files
 //! are only checked for shape and bounds; malformed or missing ones are rebuilt from the
@@ -85,6 +95,7 @@
 mod commit;
 mod error;
 mod format;
+mod journal;
 pub mod latency;
 mod log;
 mod segment;

@@ -162,12 +162,29 @@ pub struct Recovery {
     pub damaged_segments: Vec<DamagedSegment>,
     /// Stray index files without a data file, deleted.
     pub removed_files: Vec<PathBuf>,
+    /// Records restored from the journal: acknowledged `Fsync` records that the
+    /// segment lost (a power cut before the segment reached the disk).
+    pub replayed: u64,
+    /// The journal held records from this offset on that do not continue the log (the
+    /// records before it are missing from both): not restored.
+    pub journal_gap: Option<Offset>,
 }
 
 impl Recovery {
     /// Nothing was repaired or dropped.
     pub fn is_clean(&self) -> bool {
         *self == Recovery::default()
+    }
+
+    /// This recovery followed by `later` (the same log opened again).
+    pub(crate) fn merge(mut self, later: Recovery) -> Recovery {
+        self.truncated = self.truncated.or(later.truncated);
+        self.rebuilt_indexes.extend(later.rebuilt_indexes);
+        self.damaged_segments.extend(later.damaged_segments);
+        self.removed_files.extend(later.removed_files);
+        self.replayed += later.replayed;
+        self.journal_gap = self.journal_gap.or(later.journal_gap);
+        self
     }
 }
 
@@ -517,6 +534,11 @@ pub(crate) struct Writer {
 
 pub(crate) struct LogInner {
     pub(crate) name: String,
+    /// This incarnation of the log (see `journal.rs`), kept in `log.id` in its directory.
+    pub(crate) id: u64,
+    /// 1 + the journal lap in which this log was last written (0: never), so that each
+    /// lap lists a log once for its checkpoint.
+    pub(crate) journal_lap: AtomicU64,
     dir: PathBuf,
     pub(crate) config: LogConfig,
     retention: Mutex<Retention>,
@@ -530,6 +552,30 @@ pub(crate) struct LogInner {
     stats: Stats,
     #[cfg(test)]
     faults: Faults,
+}
+
+/// The file holding a log's incarnation id.
+const ID_FILE: &str = "log.id";
+
+/// Reads the log's incarnation id, giving the log one (synced, with its directory)
+/// if it has none yet, before anything of it can reach the journal.
+fn read_or_create_id(dir: &Path) -> Result<u64> {
+    let path = dir.join(ID_FILE);
+    if let Some(b) = segment::read_file_if_exists(&path).map_err(io_err(&path))?
+        && let Ok(a) = <[u8; 8]>::try_from(b.as_slice())
+    {
+        return Ok(u64::from_le_bytes(a));
+    }
+    let id = crate::journal::new_log_id();
+    segment::write_index_file(&path, &id.to_le_bytes()).map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok(id)
+}
+
+/// The incarnation id a log directory holds, if any (for journal replay).
+pub(crate) fn stored_id(dir: &Path) -> Option<u64> {
+    let b = fs::read(dir.join(ID_FILE)).ok()?;
+    Some(u64::from_le_bytes(<[u8; 8]>::try_from(b.as_slice()).ok()?))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -581,6 +627,7 @@ impl LogInner {
                 sync_dir(parent)?;
             }
         }
+        let id = read_or_create_id(&dir)?;
         let mut recovery = Recovery::default();
         let mut bases = Vec::new();
         let mut index_only = Vec::new();
@@ -634,6 +681,8 @@ impl LogInner {
         segments.push(active);
         let inner = Arc::new(LogInner {
             name,
+            id,
+            journal_lap: AtomicU64::new(0),
             dir,
             config,
             retention: Mutex::new(config.retention),
@@ -729,22 +778,6 @@ impl LogInner {
         into.len()
     }
 
-    /// For the pool thread that owns an `Fsync` log: takes the queued appends; with none
-    /// left, gives the log up (the next append schedules it again) and returns 0.
-    pub(crate) fn take_batch(&self, into: &mut Vec<PendingAppend>) -> usize {
-        let mut p = self.pending.lock();
-        std::mem::swap(&mut p.appends, into);
-        if into.is_empty() {
-            p.scheduled = false;
-        }
-        into.len()
-    }
-
-    /// Appends queued and not yet taken.
-    pub(crate) fn pending_len(&self) -> usize {
-        self.pending.lock().appends.len()
-    }
-
     /// Marks the log busy for an interval sync; false if it is busy already.
     pub(crate) fn begin_sync(&self) -> bool {
         !std::mem::replace(&mut self.pending.lock().busy, true)
@@ -774,8 +807,9 @@ impl LogInner {
     }
 
     /// Encodes `appends` into `buf` and writes them to the active segment (rolling as
-    /// needed), pushing one completion per append onto `done`. On error the log has
-    /// failed; `done` and what remains of `appends` must be failed by the caller.
+    /// needed), pushing one completion per append onto `done`. With `journal`, the
+    /// frames written also go into it as entries (see `journal.rs`). On error the log
+    /// has failed; `done` and what remains of `appends` must be failed by the caller.
     ///
     /// Returns whether a `Buffered` log just became dirty.
     pub(crate) fn write_appends(
@@ -783,47 +817,25 @@ impl LogInner {
         appends: &mut Vec<PendingAppend>,
         buf: &mut Vec<u8>,
         done: &mut Vec<Completion>,
+        mut journal: Option<&mut Vec<u8>>,
     ) -> io::Result<bool> {
         let mut w = self.writer.lock();
         if w.closed || self.failed.load(Ordering::Acquire) {
             return Err(io::Error::other("log closed or read-only"));
         }
-        let segment_bytes = self.config.segment_bytes();
         let mut records = 0u64;
         for a in appends.drain(..) {
             let first = w.next_offset;
             for r in &a.records {
-                let frame = format::frame_len(r.headers.len(), r.payload.len()) as u64;
-                let mut pos = w.write_pos + buf.len() as u64;
-                if pos > 0 && pos + frame > segment_bytes {
-                    if let Err(e) = self.roll(&mut w, buf) {
-                        done.push((a.tx, first));
-                        return Err(e);
-                    }
-                    pos = 0;
+                if let Err(e) = self.push_record(&mut w, buf, r, journal.as_deref_mut()) {
+                    done.push((a.tx, first));
+                    return Err(e);
                 }
-                let offset = w.next_offset;
-                let timestamp = r.timestamp.max(w.last_timestamp.unwrap_or(0));
-                let base = w.base;
-                let Writer {
-                    indexer,
-                    new_index,
-                    new_time,
-                    ..
-                } = &mut *w;
-                let before = new_time.len();
-                indexer.observe(base, pos, offset, timestamp, new_index, new_time);
-                if new_time.len() > before {
-                    w.last_time_rel = new_time.last().map(|e| e.rel);
-                }
-                format::encode_record(buf, offset, timestamp, &r.headers, &r.payload);
-                w.next_offset += 1;
-                w.last_timestamp = Some(timestamp);
                 records += 1;
             }
             done.push((a.tx, first));
         }
-        self.flush(&mut w, buf)?;
+        self.flush(&mut w, buf, journal)?;
         self.stats.records.fetch_add(records, Ordering::Relaxed);
         let newly_dirty = self.config.durability == Durability::Buffered && !w.dirty;
         if self.config.durability == Durability::Buffered {
@@ -833,8 +845,49 @@ impl LogInner {
         Ok(newly_dirty)
     }
 
-    /// Writes `buf` and any unwritten index entries.
-    fn flush(&self, w: &mut Writer, buf: &mut Vec<u8>) -> io::Result<()> {
+    /// Encodes one record at the writer's next offset into `buf`, rolling the segment
+    /// first if the record does not fit.
+    fn push_record(
+        &self,
+        w: &mut Writer,
+        buf: &mut Vec<u8>,
+        r: &Record,
+        journal: Option<&mut Vec<u8>>,
+    ) -> io::Result<()> {
+        let frame = format::frame_len(r.headers.len(), r.payload.len()) as u64;
+        let mut pos = w.write_pos + buf.len() as u64;
+        if pos > 0 && pos + frame > self.config.segment_bytes() {
+            self.roll(w, buf, journal)?;
+            pos = 0;
+        }
+        let offset = w.next_offset;
+        let timestamp = r.timestamp.max(w.last_timestamp.unwrap_or(0));
+        let base = w.base;
+        let Writer {
+            indexer,
+            new_index,
+            new_time,
+            ..
+        } = &mut *w;
+        let before = new_time.len();
+        indexer.observe(base, pos, offset, timestamp, new_index, new_time);
+        if new_time.len() > before {
+            w.last_time_rel = new_time.last().map(|e| e.rel);
+        }
+        format::encode_record(buf, offset, timestamp, &r.headers, &r.payload);
+        w.next_offset += 1;
+        w.last_timestamp = Some(timestamp);
+        Ok(())
+    }
+
+    /// Writes `buf` (copying it into `journal` as one entry) and any unwritten index
+    /// entries.
+    fn flush(
+        &self,
+        w: &mut Writer,
+        buf: &mut Vec<u8>,
+        journal: Option<&mut Vec<u8>>,
+    ) -> io::Result<()> {
         if !buf.is_empty() {
             #[cfg(test)]
             if self.faults.fail_write.swap(false, Ordering::SeqCst) {
@@ -842,6 +895,11 @@ impl LogInner {
                 return Err(io::Error::other("injected write failure"));
             }
             let r = w.data.write_all_at(buf, w.write_pos);
+            if r.is_ok()
+                && let Some(j) = journal
+            {
+                crate::journal::push_entry(j, self.id, &self.name, buf);
+            }
             let len = buf.len() as u64;
             buf.clear();
             r?;
@@ -894,15 +952,75 @@ impl LogInner {
         w.time_written = 0;
     }
 
-    /// fdatasyncs the active segment and publishes it (Fsync logs, after a batch).
-    pub(crate) fn sync_and_publish(&self) -> io::Result<()> {
+    /// Publishes what was written, once the journal sync of its round made it durable
+    /// (or, with `sync`, after syncing the segment itself: a round too large for the
+    /// journal).
+    pub(crate) fn publish_durable(&self, sync: bool) -> io::Result<()> {
         let mut w = self.writer.lock();
         if w.closed {
             return Err(io::Error::other("log closed"));
         }
-        self.sync_data(&w)?;
+        #[cfg(test)]
+        if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("injected fdatasync failure"));
+        }
+        if sync {
+            self.sync_data(&w)?;
+        } else {
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        }
         self.publish(&mut w);
         Ok(())
+    }
+
+    /// A checkpoint's sync: makes the segment hold durably what the journal holds for
+    /// it. A closed (deleted) log has nothing to keep.
+    pub(crate) fn checkpoint_sync(&self) -> io::Result<()> {
+        let w = self.writer.lock();
+        if w.closed {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        w.data.sync_data()?;
+        crate::latency::DATA_SYNCS.record(started.elapsed());
+        Ok(())
+    }
+
+    /// Appends the records of journal entries that the log does not hold yet (their
+    /// offsets continue the log), then syncs them: recovery after a power cut lost
+    /// the segment's tail. Returns the records added, and the first offset that could
+    /// not be placed if an entry leaves a gap.
+    pub(crate) fn replay(
+        &self,
+        records: &[(Offset, u64, Bytes, Bytes)],
+    ) -> io::Result<(u64, Option<Offset>)> {
+        let mut w = self.writer.lock();
+        let mut buf = Vec::new();
+        let mut added = 0;
+        let mut gap = None;
+        for (offset, timestamp, headers, payload) in records {
+            if *offset < w.next_offset {
+                continue;
+            }
+            if *offset > w.next_offset {
+                gap = Some(*offset);
+                break;
+            }
+            let r = Record {
+                timestamp: *timestamp,
+                headers: headers.clone(),
+                payload: payload.clone(),
+            };
+            self.push_record(&mut w, &mut buf, &r, None)?;
+            added += 1;
+        }
+        if added > 0 {
+            self.flush(&mut w, &mut buf, None)?;
+            w.data.sync_data()?;
+            w.index_file.sync_data()?;
+            w.time_file.sync_data()?;
+        }
+        Ok((added, gap))
     }
 
     /// The background sync of a `Buffered` log.
@@ -917,7 +1035,12 @@ impl LogInner {
 
     /// Seals the active segment (flushed, final time entry, all three files synced)
     /// and starts a new one at the next offset.
-    fn roll(&self, w: &mut Writer, buf: &mut Vec<u8>) -> io::Result<()> {
+    fn roll(
+        &self,
+        w: &mut Writer,
+        buf: &mut Vec<u8>,
+        journal: Option<&mut Vec<u8>>,
+    ) -> io::Result<()> {
         if let Some(ts) = w.last_timestamp {
             let last_rel = u32::try_from(w.next_offset - 1 - w.base).unwrap_or(u32::MAX);
             if w.last_time_rel != Some(last_rel) {
@@ -928,7 +1051,7 @@ impl LogInner {
                 w.last_time_rel = Some(last_rel);
             }
         }
-        self.flush(w, buf)?;
+        self.flush(w, buf, journal)?;
         self.sync_data(w)?;
         w.index_file.sync_data()?;
         w.time_file.sync_data()?;

@@ -8,18 +8,23 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::commit::Committer;
+use crate::commit::{CommitShared, Committer};
 use crate::error::{Error, Result, io_err};
-use crate::log::{Log, LogConfig, LogInner, Recovery};
+use crate::journal;
+use crate::log::{Log, LogConfig, LogInner, Recovery, stored_id};
 
 /// A storage directory: one subdirectory per log, all logs written by one shared
-/// group committer (its threads are shared by every log).
+/// group committer (its threads are shared by every log) and the journal of the
+/// `Fsync` logs (`.journal-0`, `.journal-1`).
 ///
 /// Dropping the `Storage` writes and syncs everything queued, then stops the committer;
 /// appends on surviving [`Log`] handles fail with [`Error::Closed`] from then on.
 pub struct Storage {
     dir: PathBuf,
     logs: Mutex<HashMap<String, Log>>,
+    /// What opening the storage repaired in each log (journal replay), reported by the
+    /// log's first [`Storage::open_log`].
+    recovered: Mutex<HashMap<String, Recovery>>,
     // Declared last: dropped after the map, joining the thread that holds log references.
     committer: Committer,
 }
@@ -40,15 +45,36 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Storage {
-    /// Opens (creating if needed) the storage directory and starts the committer.
-    /// Logs are opened one by one with [`Storage::open_log`].
+    /// Opens (creating if needed) the storage directory, replays its journal into the
+    /// logs that lost records to a power cut, and starts the committer. Logs are opened
+    /// one by one with [`Storage::open_log`].
     pub fn open(dir: impl AsRef<Path>) -> Result<Storage> {
+        Storage::open_with_journal_bytes(dir, journal::DEFAULT_FILE_BYTES)
+    }
+
+    /// [`Storage::open`], with each of the two journal files handing over to the other
+    /// (and being check-pointed) once it holds about `journal_bytes`. Smaller means
+    /// more frequent checkpoints; 64 MiB by default.
+    pub fn open_with_journal_bytes(dir: impl AsRef<Path>, journal_bytes: u64) -> Result<Storage> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let committer = Committer::start().map_err(io_err(&dir))?;
+        let (files, entries) = journal::open(&dir).map_err(io_err(&dir))?;
+        let shared = Arc::new(CommitShared::new(files));
+        let mut recovered = HashMap::new();
+        if !entries.is_empty() {
+            for (name, entries) in journal::by_log(entries) {
+                if let Some(recovery) = replay(&dir, &name, &entries, &shared)? {
+                    recovered.insert(name, recovery);
+                }
+            }
+            // Every log holds its records durably now: void the journal.
+            shared.reset_journal().map_err(io_err(&dir))?;
+        }
+        let committer = Committer::start(shared, journal_bytes).map_err(io_err(&dir))?;
         Ok(Storage {
             dir,
             logs: Mutex::new(HashMap::new()),
+            recovered: Mutex::new(recovered),
             committer,
         })
     }
@@ -92,6 +118,10 @@ impl Storage {
             config,
             self.committer.shared().clone(),
         )?;
+        let recovery = match self.recovered.lock().remove(name) {
+            Some(earlier) => earlier.merge(recovery),
+            None => recovery,
+        };
         let log = Log { inner };
         logs.insert(name.to_owned(), log.clone());
         Ok((log, recovery))
@@ -143,6 +173,15 @@ impl Storage {
         failed
     }
 
+    /// Test hook: make the next journal write fail.
+    #[cfg(test)]
+    pub(crate) fn inject_journal_fault(&self) {
+        self.committer
+            .shared()
+            .journal_fault
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Applies every open log's retention limits (see [`Log::enforce_retention`]).
     /// Returns the number of segments deleted.
     pub fn enforce_retention(&self, now_ms: u64) -> Result<usize> {
@@ -153,4 +192,43 @@ impl Storage {
         }
         Ok(n)
     }
+}
+
+/// Re-appends what the journal holds for the log `name` and its segments lost. Returns
+/// what that repaired, or `None` when the journal has nothing for a log that exists.
+fn replay(
+    dir: &Path,
+    name: &str,
+    entries: &[journal::Entry],
+    shared: &Arc<CommitShared>,
+) -> Result<Option<Recovery>> {
+    let log_dir = dir.join(name);
+    // A log deleted since (or deleted and created again: another incarnation id) keeps
+    // nothing of what the journal held for it.
+    if !valid_name(name) || !log_dir.is_dir() {
+        return Ok(None);
+    }
+    let Some(id) = stored_id(&log_dir) else {
+        return Ok(None);
+    };
+    let mut records: Vec<_> = entries
+        .iter()
+        .filter(|e| e.log_id == id)
+        .flat_map(journal::frames)
+        .collect();
+    if records.is_empty() {
+        return Ok(None);
+    }
+    records.sort_by_key(|r| r.0);
+    records.dedup_by_key(|r| r.0);
+    let (inner, mut recovery) = LogInner::open(
+        name.to_owned(),
+        log_dir.clone(),
+        LogConfig::default(),
+        shared.clone(),
+    )?;
+    let (added, gap) = inner.replay(&records).map_err(io_err(&log_dir))?;
+    recovery.replayed = added;
+    recovery.journal_gap = gap;
+    Ok(Some(recovery))
 }

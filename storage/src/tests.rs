@@ -745,6 +745,200 @@ async fn log_names_are_checked_and_logs_can_be_deleted() {
     assert!(storage.log_names().expect("names").is_empty());
 }
 
+/// Copies a storage directory as it is now (page cache included): what `kill -9` of
+/// the process leaves on disk.
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for entry in fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// What a power cut can take from a log written through the journal: everything of
+/// the active segment (never synced since it was created) and its indexes.
+fn lose_active_segment(log_dir: &Path, keep: u64) {
+    let active = segment_files(log_dir, "log").pop().expect("a segment");
+    let f = OpenOptions::new().write(true).open(&active).expect("open");
+    let len = f.metadata().expect("meta").len();
+    f.set_len(keep.min(len)).expect("cut");
+    for ext in ["index", "timeindex"] {
+        let _ = fs::remove_file(active.with_extension(ext));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_restores_what_a_power_cut_took_from_the_segments() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let mut logs = Vec::new();
+    for name in ["p-0", "p-1", "p-2"] {
+        logs.push(storage.open_log(name, small()).expect("open").0);
+    }
+    // Interleaved appends, several per round, rolling segments (4 KiB).
+    let tasks: Vec<_> = logs
+        .iter()
+        .map(|log| {
+            let log = log.clone();
+            tokio::spawn(async move { append_n(&log, 0..300, 3).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let copy = temp();
+    copy_dir(dir.path(), copy.path());
+    // p-0 loses its whole active segment, p-1 half of it plus garbage, p-2 nothing.
+    lose_active_segment(&copy.path().join("p-0"), 0);
+    let p1 = segment_files(&copy.path().join("p-1"), "log")
+        .pop()
+        .expect("seg");
+    let half = fs::metadata(&p1).expect("meta").len() / 2;
+    lose_active_segment(&copy.path().join("p-1"), half);
+    OpenOptions::new()
+        .write(true)
+        .open(&p1)
+        .expect("open")
+        .write_all_at(&[0xAB; 100], half)
+        .expect("garbage");
+
+    let restored = Storage::open(copy.path()).expect("reopen");
+    for (name, lost) in [("p-0", true), ("p-1", true), ("p-2", false)] {
+        let (log, recovery) = restored.open_log(name, small()).expect("open");
+        assert_records(&read_all(&log), 0..300);
+        assert_eq!(recovery.journal_gap, None);
+        if lost {
+            assert!(recovery.replayed > 0, "{name}: {recovery:?}");
+        } else {
+            assert_eq!(recovery.replayed, 0, "{name}: nothing was lost");
+        }
+        // Still appendable at the right offset.
+        assert_eq!(log.append(vec![rec(300)]).await.expect("append"), 300);
+    }
+    drop(restored);
+    // The journal was voided once the records were back: a second open repairs nothing.
+    let again = Storage::open(copy.path()).expect("reopen");
+    for name in ["p-0", "p-1", "p-2"] {
+        let (log, recovery) = again.open_log(name, small()).expect("open");
+        assert!(recovery.is_clean(), "{name}: {recovery:?}");
+        assert_records(&read_all(&log), 0..301);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_files_take_turns_and_checkpoints_keep_everything() {
+    let dir = temp();
+    // 16 KiB per journal file: a checkpoint every few dozen records.
+    let storage = Storage::open_with_journal_bytes(dir.path(), 16 * 1024).expect("open");
+    let (a, _) = storage.open_log("a", small()).expect("open");
+    let (b, _) = storage.open_log("b", LogConfig::default()).expect("open");
+    let (ta, tb) = (a.clone(), b.clone());
+    let x = tokio::spawn(async move { append_n(&ta, 0..1500, 2).await });
+    let y = tokio::spawn(async move { append_n(&tb, 0..1500, 7).await });
+    x.await.expect("a");
+    y.await.expect("b");
+    // b's last records after a's: their entries are in the journal's current lap.
+    append_n(&b, 1500..1510, 1).await;
+    let total = |name: &str| if name == "a" { 1500 } else { 1510 };
+    assert!(storage.failed_logs().is_empty());
+    // A kill -9 now (the page cache survives) loses nothing and replays nothing new.
+    let copy = temp();
+    copy_dir(dir.path(), copy.path());
+    {
+        let s = Storage::open(copy.path()).expect("open copy");
+        for name in ["a", "b"] {
+            let (log, recovery) = s.open_log(name, small()).expect("open");
+            assert_eq!(recovery.replayed, 0);
+            assert_records(&read_all(&log), 0..total(name));
+        }
+    }
+    // A power cut at this moment keeps what checkpoints synced and loses at worst the
+    // rest of each segment: everything from the first record the journal still holds
+    // (b has one 64 MiB segment, so its byte positions are sums of frame lengths).
+    let copy = temp();
+    copy_dir(dir.path(), copy.path());
+    let (_, entries) = crate::journal::open(copy.path()).expect("journal");
+    let held = entries
+        .iter()
+        .filter(|e| e.name == "b")
+        .flat_map(crate::journal::frames)
+        .map(|r| r.0)
+        .min()
+        .expect("the journal holds b's latest records");
+    assert!(held > 0, "checkpoints voided the older entries");
+    let records = read_all(&b);
+    let keep: u64 = records[..held as usize].iter().map(frame_of).sum();
+    lose_active_segment(&copy.path().join("b"), keep);
+    {
+        let s = Storage::open(copy.path()).expect("open copy");
+        let (log, recovery) = s.open_log("b", LogConfig::default()).expect("open");
+        assert_eq!(recovery.replayed, 1510 - held, "{recovery:?}");
+        assert_records(&read_all(&log), 0..1510);
+    }
+    drop(storage);
+    let s = Storage::open(dir.path()).expect("reopen");
+    for name in ["a", "b"] {
+        let (log, recovery) = s.open_log(name, small()).expect("open");
+        assert!(recovery.is_clean(), "a clean stop leaves a void journal");
+        assert_records(&read_all(&log), 0..total(name));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_deleted_and_created_again_gets_nothing_of_its_old_life() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open");
+    append_n(&log, 0..20, 1).await;
+    storage.delete_log("q").expect("delete");
+    let (log, _) = storage.open_log("q", small()).expect("open again");
+    append_n(&log, 0..3, 1).await;
+    let copy = temp();
+    copy_dir(dir.path(), copy.path());
+    lose_active_segment(&copy.path().join("q"), 0);
+    let restored = Storage::open(copy.path()).expect("reopen");
+    let (log, recovery) = restored.open_log("q", small()).expect("open");
+    assert_eq!(recovery.replayed, 3, "{recovery:?}");
+    assert_records(&read_all(&log), 0..3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_journal_write_fails_the_round_and_every_fsync_log_after_it() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", LogConfig::default()).expect("open");
+    let buffered = LogConfig {
+        durability: Durability::Buffered,
+        ..LogConfig::default()
+    };
+    let (other, _) = storage
+        .open_log("other", LogConfig::default())
+        .expect("open");
+    let (side, _) = storage.open_log("side", buffered).expect("open");
+    log.append(vec![rec(0)]).await.expect("healthy");
+    storage.inject_journal_fault();
+    let failed = log.append(vec![rec(1)]).await;
+    assert!(
+        matches!(&failed, Err(Error::ReadOnly { cause, .. }) if cause.to_string().contains("journal")),
+        "{failed:?}"
+    );
+    assert_eq!(log.next_offset(), 1, "the failed round is not readable");
+    // The journal is not trusted after a failed write or sync: other Fsync logs fail too,
+    // Buffered logs (not journaled) keep working.
+    assert!(matches!(
+        other.append(vec![rec(0)]).await,
+        Err(Error::ReadOnly { .. })
+    ));
+    assert_eq!(side.append(vec![rec(0)]).await.expect("buffered"), 0);
+    let failed: Vec<String> = storage.failed_logs().into_iter().map(|f| f.0).collect();
+    assert_eq!(failed, ["other", "q"]);
+}
+
 mod model {
     //! Random append / read / reopen / truncate sequences against an in-memory model.
 
