@@ -237,7 +237,8 @@ pub struct LogStats {
     pub bytes: u64,
     /// write(2) calls on data files.
     pub writes: u64,
-    /// fdatasync calls on data files.
+    /// fdatasyncs that made this log's appends durable: of its data files, and for an
+    /// `Fsync` log the journal syncs of the rounds it was in.
     pub syncs: u64,
 }
 
