@@ -835,7 +835,11 @@ async fn end_session(
     // The map no longer holds our sender: drain what was routed to us before.
     mailbox.close();
     while let Some(d) = mailbox.recv().await {
-        session.enqueue_offline(d, broker.limits.max_queued);
+        // Queue deliveries went back to their queues above (and were built for this
+        // connection's protocol version): the session does not keep them.
+        if d.queue.is_none() {
+            session.enqueue_offline(d, broker.limits.max_queued);
+        }
     }
     let delay = will
         .as_ref()
@@ -930,15 +934,15 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Carries out what the protocol asked of the broker.
 fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, qio: &mut QueueIo) {
-    let events: Vec<Event> = conn.take_events().collect();
+    let mut events = conn.take_event_buffer();
     if events.is_empty() {
-        return;
+        return conn.recycle_events(events);
     }
     let now = Instant::now();
     // PUBACKs of queue deliveries that arrived together settle together: one lock, one
     // dispatch and one progress record per group instead of one each.
     let mut acks = PendingAcks::default();
-    for event in events {
+    for event in events.drain(..) {
         if let Event::QueueSettle { queue, nack: false } = event {
             acks.push(broker, conn.client_id(), queue);
             continue;
@@ -989,6 +993,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
         }
     }
     acks.settle(broker, conn.client_id());
+    conn.recycle_events(events);
 }
 
 /// Acks of one connection for one queue and group, gathered in arrival order.
@@ -1077,26 +1082,21 @@ fn start_produce(
     ack: Option<AckToken>,
     v5: bool,
 ) {
-    let first = queue.produce(message.clone());
-    let queue = queue.clone();
+    // Only a 3.x producer tries again, so only it keeps a copy (cheap: shared bytes).
+    let again = (!v5).then(|| (queue.clone(), message.clone()));
+    let first = queue.produce(message);
     let produce = async move {
-        type Attempt = std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = Result<roost_queue::MessageId, roost_queue::ProduceError>,
-                    > + Send,
-            >,
-        >;
-        let mut attempt: Attempt = Box::pin(first);
-        loop {
-            match attempt.await {
-                Ok(_) => return ReasonCode::Success,
-                Err(roost_queue::ProduceError::QuotaExceeded { .. }) if !v5 => {
-                    queue.wait_for_room(message.payload.len() as u64).await;
-                    attempt = Box::pin(queue.produce(message.clone()));
-                }
-                Err(e) => return queues::produce_reason(&e),
+        let mut result = first.await;
+        if let Some((queue, message)) = again {
+            while let Err(roost_queue::ProduceError::QuotaExceeded { .. }) = result {
+                queue.wait_for_room(message.payload.len() as u64).await;
+                // Boxed: rare, and inline it would enlarge every produce's future.
+                result = Box::pin(queue.produce(message.clone())).await;
             }
+        }
+        match result {
+            Ok(_) => ReasonCode::Success,
+            Err(e) => queues::produce_reason(&e),
         }
     };
     match ack {
@@ -1148,6 +1148,7 @@ fn queue_subscription(broker: &Broker, conn: &Connection, qio: &QueueIo, event: 
         &f,
         options.qos,
         *identifier,
+        conn.version(),
     ));
     match queue.and_then(|q| {
         q.join(&f.group, conn.client_id().clone(), window, sink)

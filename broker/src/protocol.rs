@@ -479,8 +479,24 @@ impl Connection {
     }
 
     /// Events for the broker, in order.
+    #[cfg(test)]
     pub fn take_events(&mut self) -> std::vec::Drain<'_, Event> {
         self.events.drain(..)
+    }
+
+    /// The pending events as a whole buffer, for a caller that must change the
+    /// connection while it carries them out; hand the emptied buffer back with
+    /// [`Connection::recycle_events`] so the next packets reuse its allocation.
+    pub fn take_event_buffer(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Takes back a buffer from [`Connection::take_event_buffer`]; events raised
+    /// meanwhile stay pending, in order.
+    pub fn recycle_events(&mut self, mut buffer: Vec<Event>) {
+        buffer.clear();
+        buffer.append(&mut self.events);
+        self.events = buffer;
     }
 
     /// Set once the connection must close (after the output is flushed).

@@ -136,10 +136,19 @@ fn partition_key(msg: &Message) -> Option<Bytes> {
     user_property(msg, "partition-key").map(|k| Bytes::copy_from_slice(k.as_bytes()))
 }
 
+/// The stored headers of a publish to `$queue/` without properties (the common case):
+/// what [`encode_headers`] writes for it (a v5 PUBLISH, QoS 0, remaining length 3: an
+/// empty topic and an empty property list). Shared instead of encoded per message, and
+/// recognised on delivery without decoding.
+const NO_HEADERS: &[u8] = &[0x30, 0x03, 0x00, 0x00, 0x00];
+
 /// Properties as stored with a queue message: an MQTT 5.0 PUBLISH with no payload,
 /// so the codec does the work and validates it on the way back. Its topic is the
 /// original topic of a captured publish, empty for a publish to `$queue/`.
 fn encode_headers(properties: &Properties, original_topic: &str) -> Bytes {
+    if original_topic.is_empty() && *properties == Properties::default() {
+        return Bytes::from_static(NO_HEADERS);
+    }
     let empty = Bytes::new();
     let view = PublishView {
         dup: false,
@@ -161,6 +170,9 @@ fn encode_headers(properties: &Properties, original_topic: &str) -> Bytes {
 
 /// The properties and the original topic (empty unless captured) of stored headers.
 fn decode_headers(headers: &Bytes) -> (Properties, String) {
+    if headers[..] == *NO_HEADERS {
+        return (Properties::default(), String::new());
+    }
     let mut buf = BytesMut::from(&headers[..]);
     match codec::decode(&mut buf, Some(ProtocolVersion::V5), usize::MAX) {
         Ok(Some(Packet::Publish(p))) => (p.properties, p.topic),
@@ -180,22 +192,28 @@ pub struct QueueSink {
     topic_base: String,
     qos: QoS,
     identifier: Option<u32>,
+    /// The connection speaks MQTT 5.0. Only 5.0 carries properties, so a delivery to a
+    /// 3.x consumer skips building them (the stored ones and the six user properties
+    /// queue deliveries carry): most of a delivery's allocations.
+    v5: bool,
 }
 
 impl QueueSink {
     /// A sink for a subscription of `filter` at `qos` (queue deliveries are at least
-    /// QoS 1).
+    /// QoS 1) by a connection speaking `version`.
     pub fn new(
         sender: WeakSender<Delivery, Control>,
         filter: &QueueFilter,
         qos: QoS,
         identifier: Option<u32>,
+        version: ProtocolVersion,
     ) -> QueueSink {
         QueueSink {
             sender,
             topic_base: filter.topic_base.clone(),
             qos: qos.max(QoS::AtLeastOnce),
             identifier,
+            v5: version.is_v5(),
         }
     }
 }
@@ -208,47 +226,28 @@ impl DeliverySink for QueueSink {
         let Ok(permit) = sender.try_reserve() else {
             return false;
         };
-        permit.send(to_delivery(d, &self.topic_base, self.qos, self.identifier));
+        permit.send(to_delivery(d, self));
         true
     }
 }
 
-fn to_delivery(d: QueueDelivery, topic_base: &str, qos: QoS, identifier: Option<u32>) -> Delivery {
-    let queue_name = d.id.queue.to_string();
-    let visible_name = queue_name
-        .strip_suffix(roost_queue::DEAD_LETTER_SUFFIX)
-        .unwrap_or(&queue_name);
-    let (mut properties, captured_from) = decode_headers(&d.headers);
-    let original = if !captured_from.is_empty() {
-        captured_from
-    } else if d.subtopic.is_empty() {
-        format!("$queue/{visible_name}")
-    } else {
-        format!("$queue/{visible_name}/{}", d.subtopic)
-    };
+fn to_delivery(d: QueueDelivery, sink: &QueueSink) -> Delivery {
+    let visible_name =
+        d.id.queue
+            .strip_suffix(roost_queue::DEAD_LETTER_SUFFIX)
+            .unwrap_or(&d.id.queue);
     // With a filter the subscription names the subtopic, so the topic carries it too.
     let topic = if d.group.filter.is_some() && d.dead_letter.is_none() {
         format!("$queue/{visible_name}/{}", d.subtopic)
     } else {
-        topic_base.to_owned()
+        sink.topic_base.clone()
     };
-    let extra = [
-        ("queue", visible_name.to_owned()),
-        ("partition", d.id.partition.to_string()),
-        ("offset", d.id.offset.to_string()),
-        ("message-id", d.id.to_string()),
-        ("delivery-count", d.delivery_count.to_string()),
-        ("topic", original),
-    ];
-    properties
-        .user_properties
-        .extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
-    properties.message_expiry_interval = None;
-    let queue = Arc::new(QueueRef {
-        queue: d.id.queue.clone(),
-        group: d.group.clone(),
-        id: d.id,
-    });
+    let properties = if sink.v5 {
+        delivery_properties(&d, visible_name)
+    } else {
+        Properties::default()
+    };
+    let qos = sink.qos;
     Delivery {
         msg: Arc::new(Message {
             topic,
@@ -261,11 +260,43 @@ fn to_delivery(d: QueueDelivery, topic_base: &str, qos: QoS, identifier: Option<
         }),
         qos,
         retain: false,
-        subscription_ids: identifier.into_iter().collect(),
+        subscription_ids: sink.identifier.into_iter().collect(),
         share: None,
         seq: None,
-        queue: Some(queue),
+        queue: Some(Arc::new(QueueRef {
+            queue: d.id.queue.clone(),
+            group: d.group,
+            id: d.id,
+        })),
     }
+}
+
+/// The properties of a delivery to a 5.0 consumer: as produced, plus the user
+/// properties that say where the message lives (`queue`, `partition`, `offset`,
+/// `message-id`, `delivery-count`) and where it was published (`topic`).
+fn delivery_properties(d: &QueueDelivery, visible_name: &str) -> Properties {
+    let (mut properties, captured_from) = decode_headers(&d.headers);
+    let original = if !captured_from.is_empty() {
+        captured_from
+    } else if d.subtopic.is_empty() {
+        format!("$queue/{visible_name}")
+    } else {
+        format!("$queue/{visible_name}/{}", d.subtopic)
+    };
+    let extra = [
+        ("queue", visible_name.to_owned()),
+        ("partition", d.id.partition.to_string()),
+        ("offset", d.id.offset.to_string()),
+        ("message-id", d.id.to_string()),
+        ("delivery-count", d.delivery_count.to_string()),
+        ("topic", original),
+    ];
+    properties.user_properties.reserve_exact(extra.len());
+    properties
+        .user_properties
+        .extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    properties.message_expiry_interval = None;
+    properties
 }
 
 /// Settles by message id (from `$ack`/`$nack`/`$reject` publishes); true if the
@@ -319,6 +350,103 @@ mod tests {
             Some(QueueTopic::Settle("jobs", Settle::Nack))
         );
         assert_eq!(parse_topic("queue/jobs"), None);
+    }
+
+    #[test]
+    fn shared_empty_headers_are_what_the_codec_writes() {
+        let empty = Properties::default();
+        let view = PublishView {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "",
+            packet_id: 0,
+            properties: &empty,
+            subscription_identifiers: &[],
+            message_expiry_interval: None,
+            topic_alias: None,
+            payload: &Bytes::new(),
+        };
+        let mut buf = BytesMut::new();
+        codec::encode_publish(&view, ProtocolVersion::V5, &mut buf).expect("encodes");
+        assert_eq!(&buf[..], NO_HEADERS);
+        assert_eq!(&encode_headers(&empty, "")[..], NO_HEADERS);
+        assert_eq!(
+            decode_headers(&encode_headers(&empty, "")),
+            (empty, String::new())
+        );
+    }
+
+    fn delivery(headers: Bytes) -> QueueDelivery {
+        QueueDelivery {
+            id: MessageId {
+                queue: Arc::from("jobs"),
+                partition: 3,
+                offset: 41,
+            },
+            group: GroupKey::new("g", None),
+            delivery_count: 2,
+            subtopic: "dev/1".into(),
+            headers,
+            payload: Bytes::from_static(b"work"),
+            timestamp_ms: 0,
+            dead_letter: None,
+        }
+    }
+
+    /// A 5.0 consumer gets the message's own properties and the queue's user
+    /// properties; a 3.1.1 consumer (which cannot receive properties) gets the same
+    /// message and settles it the same way, without them being built.
+    #[test]
+    fn deliveries_carry_properties_only_for_v5_consumers() {
+        let (sender, _mailbox) = crate::mailbox::mailbox::<Delivery, Control>(4);
+        let filter = parse_filter("$share/g/$queue/jobs", None).expect("queue filter");
+        let props = Properties {
+            content_type: Some("text/plain".into()),
+            ..Properties::default()
+        };
+        let stored = encode_headers(&props, "");
+        let v5 = QueueSink::new(
+            sender.downgrade(),
+            &filter,
+            QoS::AtLeastOnce,
+            None,
+            ProtocolVersion::V5,
+        );
+        let d = to_delivery(delivery(stored.clone()), &v5);
+        assert_eq!(d.msg.topic, "$queue/jobs");
+        assert_eq!(d.msg.payload, Bytes::from_static(b"work"));
+        assert_eq!(d.msg.properties.content_type.as_deref(), Some("text/plain"));
+        let user: Vec<(&str, &str)> = d
+            .msg
+            .properties
+            .user_properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            user,
+            [
+                ("queue", "jobs"),
+                ("partition", "3"),
+                ("offset", "41"),
+                ("message-id", "jobs:3:41"),
+                ("delivery-count", "2"),
+                ("topic", "$queue/jobs/dev/1"),
+            ]
+        );
+        let v3 = QueueSink::new(
+            sender.downgrade(),
+            &filter,
+            QoS::AtLeastOnce,
+            None,
+            ProtocolVersion::V3_1_1,
+        );
+        let d3 = to_delivery(delivery(stored), &v3);
+        assert_eq!(d3.msg.topic, "$queue/jobs");
+        assert_eq!(d3.msg.payload, Bytes::from_static(b"work"));
+        assert_eq!(d3.msg.properties, Properties::default());
+        assert_eq!(d3.queue, d.queue);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! replayed; anything delivered but not durably settled is delivered again, with its
 //! delivery count starting over at 1 (in-flight state and counts are not persisted).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -228,6 +228,13 @@ struct State {
     truncatable: Vec<u64>,
     /// Rotates the partition a dispatch starts with, for fairness within a window.
     rotate: usize,
+    /// Scratch for a dispatch's log ends, kept so a dispatch does not allocate.
+    ends: Vec<u64>,
+    /// Per partition: the depth floor [`Queue::refresh_floor`] last computed, so a
+    /// settle recomputes only the partitions it touched.
+    floor_of: Vec<u64>,
+    /// Scratch for the partitions an ack touched.
+    touched: Vec<usize>,
 }
 
 pub(crate) struct Inner {
@@ -384,6 +391,9 @@ impl Queue {
             dirty: false,
             truncatable: vec![0; logs.len()],
             rotate: 0,
+            ends: Vec::new(),
+            floor_of: Vec::new(),
+            touched: Vec::new(),
         };
         replay(&name, &progress, &logs, &mut state, notes);
         let stored = logs.iter().map(Log::next_offset).sum();
@@ -413,8 +423,8 @@ impl Queue {
             }),
         };
         {
-            let st = queue.inner.state.lock();
-            queue.refresh_floor(&st);
+            let mut st = queue.inner.state.lock();
+            queue.refresh_floor(&mut st);
         }
         Ok(queue)
     }
@@ -588,7 +598,7 @@ impl Queue {
         let r = {
             let mut st = self.inner.state.lock();
             let r = f(self, &mut st);
-            self.refresh_floor(&st);
+            self.refresh_floor(&mut st);
             r
         };
         self.drain_kicks();
@@ -614,7 +624,7 @@ impl Queue {
             // Only settles, skips and purges move the floor; a dispatch that changed no
             // progress leaves it where it was.
             if changed {
-                self.refresh_floor(&st);
+                self.refresh_floor(&mut st);
             }
             drop(st);
             if !self.inner.kick.load(Ordering::SeqCst) {
@@ -629,24 +639,35 @@ impl Queue {
         self.kick();
     }
 
-    fn refresh_floor(&self, st: &State) {
+    /// Recomputes the depth floor of every partition (see [`Queue::depth`]).
+    fn refresh_floor(&self, st: &mut State) {
         let logs = self.logs();
-        let mut sum = 0u64;
+        st.floor_of.resize(logs.len(), 0);
         for (p, log) in logs.iter().enumerate() {
-            let held = st
-                .floors
-                .get(p)
-                .copied()
-                .unwrap_or(0)
-                .max(log.start_offset());
-            let floor = st
-                .groups
-                .values()
-                .filter_map(|s| s.group.cursor(p).map(|c| c.committed()))
-                .min()
-                .unwrap_or(held);
-            sum += floor.max(held).min(log.next_offset());
+            st.floor_of[p] = partition_floor(st, p, log);
         }
+        self.publish_floor(st);
+    }
+
+    /// [`Queue::refresh_floor`] for the partitions in `touched` only: a settle that
+    /// skipped nothing moves no other partition's floor (produces never move one, and
+    /// everything else that does, such as joins, resets, purges and retention, refreshes
+    /// them all).
+    fn refresh_floor_of(&self, st: &mut State, touched: &[usize]) {
+        let logs = self.logs();
+        if st.floor_of.len() != logs.len() {
+            return self.refresh_floor(st);
+        }
+        for &p in touched {
+            if let Some(log) = logs.get(p) {
+                st.floor_of[p] = partition_floor(st, p, log);
+            }
+        }
+        self.publish_floor(st);
+    }
+
+    fn publish_floor(&self, st: &State) {
+        let sum = st.floor_of.iter().sum();
         let old = self.inner.floor_sum.swap(sum, Ordering::SeqCst);
         if sum > old {
             self.inner.room.notify_waiters();
@@ -662,7 +683,9 @@ impl Queue {
         }
         self.inner.refused.store(false, Ordering::SeqCst);
         // Read before dispatching: every record below these ends is offered below.
-        let ends: Vec<u64> = logs.iter().map(Log::next_offset).collect();
+        let mut ends = std::mem::take(&mut st.ends);
+        ends.clear();
+        ends.extend(logs.iter().map(Log::next_offset));
         st.rotate = st.rotate.wrapping_add(1);
         let start = st.rotate % n;
         let timeout = st.settings.ack_timeout_ms;
@@ -674,7 +697,8 @@ impl Queue {
             }
         }
         st.dirty |= dirty;
-        *self.inner.dispatched_end.lock() = ends;
+        self.inner.dispatched_end.lock().clone_from(&ends);
+        st.ends = ends;
         dirty
     }
 
@@ -692,12 +716,14 @@ impl Queue {
         timeout: u64,
     ) -> bool {
         let mut changed = false;
-        let mut ahead: VecDeque<roost_storage::LogRecord> = VecDeque::new();
+        // Records read ahead for the next picks: the read's own Vec, consumed in place
+        // (an empty one allocates nothing, so a partition with nothing ready costs no
+        // allocation).
+        let mut ahead = Vec::<roost_storage::LogRecord>::new().into_iter();
         while let Some(pick) = slot.group.pick(p, end, now) {
-            let record = match ahead.pop_front() {
+            let record = match ahead.next() {
                 Some(r) if !pick.retry && r.offset == pick.offset => r,
                 _ => {
-                    ahead.clear();
                     let max_records = if pick.retry {
                         1
                     } else {
@@ -708,7 +734,7 @@ impl Queue {
                         max_bytes: 1 << 20,
                     };
                     match log.read(pick.offset, limit) {
-                        Ok(records) => ahead.extend(records),
+                        Ok(records) => ahead = records.into_iter(),
                         Err(roost_storage::Error::OffsetOutOfRange { start, .. })
                             if pick.offset < start =>
                         {
@@ -723,7 +749,7 @@ impl Queue {
                             break;
                         }
                     }
-                    match ahead.pop_front() {
+                    match ahead.next() {
                         Some(r) if r.offset == pick.offset => r,
                         _ => break,
                     }
@@ -914,33 +940,71 @@ impl Queue {
     /// together): one lock, one dispatch, and one progress record per group. `found` is
     /// true if any of them counted.
     pub fn ack_many(&self, consumer: &str, key: Option<&GroupKey>, ids: &[MessageId]) -> Settled {
-        let located: Vec<(usize, u64)> = ids.iter().filter_map(|id| self.locate(id)).collect();
-        if located.is_empty() {
-            return Settled {
-                found: false,
-                append: None,
-            };
-        }
-        let changes = self.with_state(|q, st| {
-            let mut settled: BTreeMap<GroupKey, Vec<(u32, u64)>> = BTreeMap::new();
-            for &(p, o) in &located {
-                for k in Queue::settle_targets(st, key, consumer, p, o) {
-                    if let Some(slot) = st.groups.get_mut(&k)
-                        && slot.group.ack(p, o, consumer) == Settle::Settled
-                    {
-                        settled.entry(k).or_default().push((p as u32, o));
+        let partitions = self.partitions();
+        let locate = |id: &MessageId| {
+            (*id.queue == *self.inner.name && id.partition < partitions)
+                .then_some((id.partition as usize, id.offset))
+        };
+        let changes = {
+            let mut st = self.inner.state.lock();
+            let mut changes = Vec::new();
+            match key {
+                // A PUBACK names its group: no search and no per-message list of targets.
+                Some(k) => {
+                    if let Some(slot) = st.groups.get_mut(k) {
+                        let offsets: Vec<(u32, u64)> = ids
+                            .iter()
+                            .filter_map(locate)
+                            .filter(|&(p, o)| slot.group.ack(p, o, consumer) == Settle::Settled)
+                            .map(|(p, o)| (p as u32, o))
+                            .collect();
+                        if !offsets.is_empty() {
+                            changes.push(Progress::Settle(k.clone(), offsets));
+                        }
                     }
                 }
+                None => {
+                    let mut settled: BTreeMap<GroupKey, Vec<(u32, u64)>> = BTreeMap::new();
+                    for (p, o) in ids.iter().filter_map(locate) {
+                        for k in Queue::settle_targets(&st, None, consumer, p, o) {
+                            if let Some(slot) = st.groups.get_mut(&k)
+                                && slot.group.ack(p, o, consumer) == Settle::Settled
+                            {
+                                settled.entry(k).or_default().push((p as u32, o));
+                            }
+                        }
+                    }
+                    changes.extend(
+                        settled
+                            .into_iter()
+                            .map(|(k, offsets)| Progress::Settle(k, offsets)),
+                    );
+                }
             }
-            if !settled.is_empty() {
+            if !changes.is_empty() {
                 st.dirty = true;
-                q.dispatch_all(st, now_ms());
+                let skipped = self.dispatch_all(&mut st, now_ms());
+                if skipped {
+                    self.refresh_floor(&mut st);
+                } else {
+                    let mut touched = std::mem::take(&mut st.touched);
+                    touched.clear();
+                    for change in &changes {
+                        if let Progress::Settle(_, offsets) = change {
+                            for &(p, _) in offsets {
+                                if !touched.contains(&(p as usize)) {
+                                    touched.push(p as usize);
+                                }
+                            }
+                        }
+                    }
+                    self.refresh_floor_of(&mut st, &touched);
+                    st.touched = touched;
+                }
             }
-            settled
-                .into_iter()
-                .map(|(k, offsets)| Progress::Settle(k, offsets))
-                .collect::<Vec<_>>()
-        });
+            changes
+        };
+        self.drain_kicks();
         Settled {
             found: !changes.is_empty(),
             append: (!changes.is_empty()).then(|| self.append_progress(changes)),
@@ -1402,6 +1466,24 @@ impl Queue {
         }
         Ok(())
     }
+}
+
+/// Where partition `p`'s depth starts: the oldest message some group has not settled,
+/// or, with no group, the oldest held (never below a purge or the log's start).
+fn partition_floor(st: &State, p: usize, log: &Log) -> u64 {
+    let held = st
+        .floors
+        .get(p)
+        .copied()
+        .unwrap_or(0)
+        .max(log.start_offset());
+    let floor = st
+        .groups
+        .values()
+        .filter_map(|s| s.group.cursor(p).map(|c| c.committed()))
+        .min()
+        .unwrap_or(held);
+    floor.max(held).min(log.next_offset())
 }
 
 fn snapshot_of(st: &State) -> Snapshot {
