@@ -15,6 +15,7 @@
 //! Locks, always taken in this order when nested: `writer` (committer, open, delete)
 //! then `state` (readers, retention, publication). `pending` is never held with either.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io;
@@ -495,7 +496,23 @@ pub(crate) struct Faults {
 /// What readers see: the segments, oldest first; the last is active.
 pub(crate) struct LogState {
     segments: Vec<Segment>,
+    /// The newest published records as they were written, so that a consumer reading
+    /// at the tail (the usual case) gets them without a read(2) or a buffer of its own.
+    tail: VecDeque<Cached>,
+    /// Bytes held in `tail`.
+    tail_bytes: usize,
 }
+
+/// Frames of consecutive records `first..end`, as written to the segment.
+#[derive(Clone)]
+pub(crate) struct Cached {
+    first: Offset,
+    end: Offset,
+    frames: Bytes,
+}
+
+/// At most this many bytes of a log's newest records stay in memory for readers.
+const TAIL_BYTES: usize = 128 * 1024;
 
 impl LogState {
     fn next_offset(&self) -> Offset {
@@ -531,6 +548,10 @@ pub(crate) struct Writer {
     /// Written since the last sync (Buffered logs).
     dirty: bool,
     closed: bool,
+    /// Offset of the first record in the encode buffer, when it holds any.
+    buf_first: Option<Offset>,
+    /// Written frames not yet published, for the readers' tail cache.
+    unpublished: Vec<Cached>,
 }
 
 pub(crate) struct LogInner {
@@ -687,7 +708,11 @@ impl LogInner {
             dir,
             config,
             retention: Mutex::new(config.retention),
-            state: Mutex::new(LogState { segments }),
+            state: Mutex::new(LogState {
+                segments,
+                tail: VecDeque::new(),
+                tail_bytes: 0,
+            }),
             writer: Mutex::new(writer),
             pending: Mutex::new(Pending::default()),
             failed: AtomicBool::new(false),
@@ -875,6 +900,9 @@ impl LogInner {
         if new_time.len() > before {
             w.last_time_rel = new_time.last().map(|e| e.rel);
         }
+        if buf.is_empty() {
+            w.buf_first = Some(offset);
+        }
         format::encode_record(buf, offset, timestamp, &r.headers, &r.payload);
         w.next_offset += 1;
         w.last_timestamp = Some(timestamp);
@@ -896,10 +924,18 @@ impl LogInner {
                 return Err(io::Error::other("injected write failure"));
             }
             let r = w.data.write_all_at(buf, w.write_pos);
-            if r.is_ok()
-                && let Some(j) = journal
-            {
-                crate::journal::push_entry(j, self.id, &self.name, buf);
+            let first = w.buf_first.take();
+            if r.is_ok() {
+                if let Some(j) = journal {
+                    crate::journal::push_entry(j, self.id, &self.name, buf);
+                }
+                if let Some(first) = first.filter(|_| buf.len() <= TAIL_BYTES / 2) {
+                    w.unpublished.push(Cached {
+                        first,
+                        end: w.next_offset,
+                        frames: Bytes::copy_from_slice(buf),
+                    });
+                }
             }
             let len = buf.len() as u64;
             buf.clear();
@@ -940,6 +976,22 @@ impl LogInner {
     /// Makes everything written so far visible to readers.
     fn publish(&self, w: &mut Writer) {
         let mut st = self.state.lock();
+        for c in w.unpublished.drain(..) {
+            // Only a run of consecutive records is useful: a gap (a chunk not cached)
+            // starts the cache afresh.
+            if st.tail.back().is_some_and(|b| b.end != c.first) {
+                st.tail.clear();
+                st.tail_bytes = 0;
+            }
+            st.tail_bytes += c.frames.len();
+            st.tail.push_back(c);
+            while st.tail_bytes > TAIL_BYTES {
+                match st.tail.pop_front() {
+                    Some(old) => st.tail_bytes -= old.frames.len(),
+                    None => break,
+                }
+            }
+        }
         if let Some(seg) = st.segments.last_mut().filter(|s| s.base == w.base) {
             seg.len = w.write_pos;
             seg.next_offset = w.next_offset;
@@ -1152,26 +1204,81 @@ impl LogInner {
                 if from == end {
                     return Ok(out);
                 }
-                let i = st.segments.partition_point(|s| s.base <= from);
-                let Some(seg) = i.checked_sub(1).and_then(|i| st.segments.get(i)) else {
-                    return Ok(out);
-                };
-                let (pos, offset) = seg.start_for(from);
-                Snapshot {
-                    base: seg.base,
-                    file: seg.data.clone(),
-                    len: seg.len,
-                    next_offset: seg.next_offset,
-                    pos,
-                    offset,
+                if let Some(c) = st.tail.iter().find(|c| c.first <= from && from < c.end) {
+                    Source::Tail(c.clone())
+                } else {
+                    let i = st.segments.partition_point(|s| s.base <= from);
+                    let Some(seg) = i.checked_sub(1).and_then(|i| st.segments.get(i)) else {
+                        return Ok(out);
+                    };
+                    let (pos, offset) = seg.start_for(from);
+                    Source::File(Snapshot {
+                        base: seg.base,
+                        file: seg.data.clone(),
+                        len: seg.len,
+                        next_offset: seg.next_offset,
+                        pos,
+                        offset,
+                    })
                 }
             };
-            let next = self.read_segment(&snap, from, limit, &mut out, &mut bytes)?;
+            let next = match snap {
+                Source::Tail(c) => self.read_cached(&c, from, limit, &mut out, &mut bytes)?,
+                Source::File(snap) => {
+                    self.read_segment(&snap, from, limit, &mut out, &mut bytes)?
+                }
+            };
             if out.len() >= limit.max_records || bytes >= limit.max_bytes || next == from {
                 return Ok(out);
             }
             from = next;
         }
+    }
+
+    /// Appends records `from..` of a cached chunk to `out`, within the same limits as
+    /// [`LogInner::read_segment`]; returns the offset after the last record looked at.
+    fn read_cached(
+        &self,
+        c: &Cached,
+        from: Offset,
+        limit: ReadLimit,
+        out: &mut Vec<LogRecord>,
+        bytes: &mut usize,
+    ) -> Result<Offset> {
+        let mut at = 0usize;
+        let mut expected = c.first;
+        while expected < c.end {
+            let r = match segment::read_step(&c.frames, at, expected) {
+                ReadStep::Record(r) => r,
+                // The cache holds what this process encoded: damage is a bug, not disk.
+                ReadStep::Need(_) | ReadStep::Damaged(_) => {
+                    return Err(Error::Corrupt {
+                        log: self.name.clone(),
+                        segment: c.first,
+                        position: at as u64,
+                        reason: "cached records do not decode".into(),
+                    });
+                }
+            };
+            if r.offset >= from {
+                if !out.is_empty() && bytes.saturating_add(r.frame_len) > limit.max_bytes {
+                    return Ok(expected);
+                }
+                out.push(LogRecord {
+                    offset: r.offset,
+                    timestamp: r.timestamp,
+                    headers: c.frames.slice(at + r.headers.0..at + r.headers.1),
+                    payload: c.frames.slice(at + r.payload.0..at + r.payload.1),
+                });
+                *bytes += r.frame_len;
+            }
+            at += r.frame_len;
+            expected += 1;
+            if out.len() >= limit.max_records || *bytes >= limit.max_bytes {
+                return Ok(expected);
+            }
+        }
+        Ok(expected)
     }
 
     /// Appends records `from..` of one segment to `out`; returns the offset after the last
@@ -1269,6 +1376,12 @@ impl LogInner {
         }
         Ok(expected)
     }
+}
+
+/// Where one step of a read takes its records from.
+enum Source {
+    Tail(Cached),
+    File(Snapshot),
 }
 
 struct Snapshot {
@@ -1448,6 +1561,8 @@ fn open_active(
         last_time_rel: time.last().map(|t| t.rel),
         dirty: false,
         closed: false,
+        buf_first: None,
+        unpublished: Vec::new(),
     };
     let segment = Segment {
         base,
