@@ -282,14 +282,8 @@ pub struct Connection {
     client_max_packet: u32,
     /// v5 Request Problem Information: may we send reason strings on acks?
     problem_information: bool,
-    /// Inbound topic aliases, indexed by alias - 1.
-    aliases: Vec<Option<String>>,
-    /// Outbound topic aliases in use on this connection (at most the client's Topic
-    /// Alias Maximum; handed out first come, first served, never reassigned). Boxed and
-    /// created on first use: most clients take no aliases (a boxed map is 8 bytes in
-    /// every connection instead of 48).
-    #[allow(clippy::box_collection)]
-    outbound_aliases: Option<Box<std::collections::HashMap<String, u16>>>,
+    /// Topic aliases and re-authentication, for the clients that use them.
+    extensions: Option<Box<Extensions>>,
     /// The client's Topic Alias Maximum (0: the client takes no aliases).
     client_alias_maximum: u16,
     /// The will, cleared by a normal DISCONNECT or a server shutdown. Boxed: most
@@ -310,9 +304,19 @@ pub struct Connection {
     access: Option<Arc<dyn Authorizer>>,
     /// Counts for `/metrics` since the last [`Connection::take_counts`].
     counts: Counts,
-    /// Set for a client that authenticated with SCRAM: it may re-authenticate (boxed, so
-    /// connections without it stay small).
-    reauth: Option<Box<ReAuth>>,
+}
+
+/// What only some clients use. Boxed and created on first use: a connection without
+/// any of it carries 8 bytes instead of 48 (in every connected client's task).
+#[derive(Debug, Default)]
+struct Extensions {
+    /// Inbound topic aliases, indexed by alias - 1.
+    aliases: Vec<Option<String>>,
+    /// Outbound topic aliases in use on this connection (at most the client's Topic
+    /// Alias Maximum; handed out first come, first served, never reassigned).
+    outbound_aliases: std::collections::HashMap<String, u16>,
+    /// Set for a client that authenticated with SCRAM: it may re-authenticate.
+    reauth: Option<ReAuth>,
 }
 
 /// What a SCRAM-authenticated connection needs to re-authenticate (AUTH 0x19).
@@ -382,9 +386,7 @@ impl Connection {
             send_window,
             client_max_packet,
             problem_information: props.request_problem_information != Some(0),
-            // Grown on first use: most clients never send an alias.
-            aliases: Vec::new(),
-            outbound_aliases: None,
+            extensions: None,
             client_alias_maximum: if version.is_v5() {
                 props.topic_alias_maximum.unwrap_or(0)
             } else {
@@ -401,7 +403,6 @@ impl Connection {
             close: None,
             access,
             counts: Counts::default(),
-            reauth: None,
         };
         let mut ack = ConnAck {
             session_present,
@@ -588,11 +589,11 @@ impl Connection {
         username: String,
         credentials: Arc<dyn scram::Credentials>,
     ) {
-        self.reauth = Some(Box::new(ReAuth {
+        self.extensions.get_or_insert_default().reauth = Some(ReAuth {
             username,
             credentials,
             exchange: None,
-        }));
+        });
     }
 
     /// Offers a message to the client: sent now if the window allows, else queued.
@@ -630,7 +631,7 @@ impl Connection {
     /// the server-final-message. Other packets flow meanwhile; a failure disconnects with
     /// 0x87 (DISCONNECT has no 0x86).
     fn on_auth(&mut self, a: roost_core::Auth) {
-        let Some(reauth) = self.reauth.as_mut() else {
+        let Some(reauth) = self.extensions.as_mut().and_then(|e| e.reauth.as_mut()) else {
             return self.fail(
                 ReasonCode::ProtocolError,
                 "AUTH without an authentication method",
@@ -701,15 +702,17 @@ impl Connection {
                 return self.fail(ReasonCode::TopicAliasInvalid, "topic alias out of range");
             };
             if p.topic.is_empty() {
-                match self.aliases.get(slot).and_then(Option::as_ref) {
+                let known = self.extensions.as_ref().and_then(|e| e.aliases.get(slot));
+                match known.and_then(Option::as_ref) {
                     Some(t) => p.topic = t.clone(),
                     None => return self.fail(ReasonCode::ProtocolError, "unknown topic alias"),
                 }
             } else {
-                if self.aliases.len() <= slot {
-                    self.aliases.resize(slot + 1, None);
+                let aliases = &mut self.extensions.get_or_insert_default().aliases;
+                if aliases.len() <= slot {
+                    aliases.resize(slot + 1, None);
                 }
-                self.aliases[slot] = Some(p.topic.clone());
+                aliases[slot] = Some(p.topic.clone());
             }
         }
         match topic::validate_name(&p.topic) {
@@ -1140,11 +1143,12 @@ impl Connection {
         // later ones the alias alone (MQTT 5.0 §3.3.2.3.4); aliases live as long as
         // this network connection, so a resumed session starts afresh.
         if self.client_alias_maximum > 0 {
-            let aliases = self.outbound_aliases.get_or_insert_default();
+            let most = usize::from(self.client_alias_maximum);
+            let aliases = &mut self.extensions.get_or_insert_default().outbound_aliases;
             if let Some(&alias) = aliases.get(&d.msg.topic) {
                 view.topic = "";
                 view.topic_alias = Some(alias);
-            } else if aliases.len() < usize::from(self.client_alias_maximum) {
+            } else if aliases.len() < most {
                 let alias = aliases.len() as u16 + 1;
                 aliases.insert(d.msg.topic.clone(), alias);
                 view.topic_alias = Some(alias);
