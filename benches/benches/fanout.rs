@@ -74,11 +74,11 @@ fn setup() -> Setup {
         let client_id: Arc<str> = Arc::from(format!("sub-{i}"));
         let (tx, rx) = roost_broker::mailbox(broker.delivery_capacity());
         let handle = ConnectionHandle {
-            id: broker.next_id(),
             mailbox: tx,
-            persistent: false,
-            stalled: Default::default(),
             info: Arc::new(ClientInfo {
+                id: broker.next_id(),
+                persistent: false,
+                stalled: Default::default(),
                 peer: ([127, 0, 0, 1], 40_000 + i as u16).into(),
                 protocol: ProtocolVersion::V3_1_1,
                 username: None,

@@ -46,9 +46,9 @@ pub struct Blocked {
     pub client_id: Arc<str>,
     /// Its mailbox.
     pub sender: MailboxSender,
-    /// Set when a wait for room timed out: later deliveries drop at once until the
-    /// subscriber has room again.
-    pub stalled: Arc<AtomicBool>,
+    /// Its connection, whose `stalled` flag is set when a wait for room timed out:
+    /// later deliveries drop at once until the subscriber has room again.
+    pub client: Arc<ClientInfo>,
     /// The delivery.
     pub delivery: Delivery,
 }
@@ -78,7 +78,7 @@ pub async fn send_blocked(blocked: Vec<Blocked>, wait: Duration, metrics: &Metri
         );
         if !sent {
             metrics.dropped(DropReason::SlowSubscriber, 1);
-            b.stalled.store(true, Ordering::Relaxed);
+            b.client.stalled.store(true, Ordering::Relaxed);
             tracing::debug!(client_id = %b.client_id, "client not keeping up, message dropped");
             if let Some(seq) = seq {
                 undo.push(Op::DeleteEntry(b.client_id, seq));
@@ -114,25 +114,27 @@ pub struct Handover {
     pub delayed_will: Option<LastWill>,
 }
 
-/// The sending ends a live connection is reached by.
+/// The sending ends a live connection is reached by. Two pointers: the session map
+/// holds one per connected client.
 #[derive(Debug, Clone)]
 pub struct ConnectionHandle {
-    /// Unique per connection, to tell a successor from a predecessor.
-    pub id: u64,
     /// Deliveries (bounded, so a stalled client cannot grow memory without limit)
     /// and control requests.
     pub mailbox: MailboxSender,
-    /// The session outlives the connection, so QoS 1/2 deliveries to it are stored.
-    pub persistent: bool,
-    /// Set while the connection is not keeping up (see [`Blocked::stalled`]).
-    pub stalled: Arc<AtomicBool>,
-    /// Who is connected, for the admin API.
+    /// What the broker knows about the connection.
     pub info: Arc<ClientInfo>,
 }
 
-/// What the admin API shows about a connected client.
+/// A live connection as the broker and the admin API see it: one allocation per
+/// connection for all of it.
 #[derive(Debug)]
 pub struct ClientInfo {
+    /// Unique per connection, to tell a successor from a predecessor.
+    pub id: u64,
+    /// The session outlives the connection, so QoS 1/2 deliveries to it are stored.
+    pub persistent: bool,
+    /// Set while the connection is not keeping up (see [`Blocked::client`]).
+    pub stalled: AtomicBool,
     /// The client's address.
     pub peer: std::net::SocketAddr,
     /// The MQTT version of its CONNECT.
@@ -528,7 +530,8 @@ impl Broker {
         let mut out = Fanout::default();
         {
             let mut shard = self.shard(&client_id).lock();
-            let ours = matches!(shard.get(&client_id), Some(Slot::Online(h)) if h.id == conn_id);
+            let ours =
+                matches!(shard.get(&client_id), Some(Slot::Online(h)) if h.info.id == conn_id);
             if !ours && matches!(shard.get(&client_id), Some(Slot::Online(_))) {
                 drop(shard);
                 for d in shared {
@@ -907,7 +910,7 @@ impl Broker {
         let mut shard = self.shard(client_id).lock();
         match shard.get_mut(client_id) {
             Some(Slot::Online(h)) => {
-                let stored = h.persistent && d.qos != QoS::AtMostOnce;
+                let stored = h.info.persistent && d.qos != QoS::AtMostOnce;
                 // Behind a blocked delivery to the same client, keep the order.
                 let queued_behind = out.blocked.iter().any(|b| b.client_id == *client_id);
                 let taken = if queued_behind {
@@ -927,13 +930,13 @@ impl Broker {
                 };
                 match taken {
                     Ok(()) => {
-                        h.stalled.store(false, Ordering::Relaxed);
+                        h.info.stalled.store(false, Ordering::Relaxed);
                         true
                     }
                     Err(mut d)
                         if !online_only
                             && d.qos != QoS::AtMostOnce
-                            && !h.stalled.load(Ordering::Relaxed) =>
+                            && !h.info.stalled.load(Ordering::Relaxed) =>
                     {
                         if stored {
                             self.store_delivery(client_id, &mut d, out);
@@ -941,7 +944,7 @@ impl Broker {
                         out.blocked.push(Blocked {
                             client_id: client_id.clone(),
                             sender: h.mailbox.clone(),
-                            stalled: h.stalled.clone(),
+                            client: h.info.clone(),
                             delivery: d,
                         });
                         true

@@ -326,8 +326,9 @@ impl<T, C> Drop for Permit<'_, T, C> {
 
 impl<T, C> Receiver<T, C> {
     /// The next delivery; `None` once no more can come (see the module notes).
-    pub async fn recv(&self) -> Option<T> {
-        poll_fn(|cx| self.poll_recv(cx)).await
+    pub fn recv(&self) -> impl std::future::Future<Output = Option<T>> + '_ {
+        // Not an `async fn`, which would store `self` twice in every waiting task.
+        poll_fn(|cx| self.poll_recv(cx))
     }
 
     fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
@@ -364,8 +365,8 @@ impl<T, C> Receiver<T, C> {
     }
 
     /// The next control request; `None` once every sender is gone and none is left.
-    pub async fn recv_control(&self) -> Option<C> {
-        poll_fn(|cx| self.poll_control(cx)).await
+    pub fn recv_control(&self) -> impl std::future::Future<Output = Option<C>> + '_ {
+        poll_fn(|cx| self.poll_control(cx))
     }
 
     fn poll_control(&self, cx: &mut Context<'_>) -> Poll<Option<C>> {

@@ -262,28 +262,28 @@ pub struct Close {
     pub by_client: bool,
 }
 
+/// Output buffers at least this large keep their spare room after a write.
+const OUTPUT_KEPT: usize = 4096;
+
 /// One client connection's protocol state, wrapped around its [`Session`].
 #[derive(Debug)]
 pub struct Connection {
     version: ProtocolVersion,
     session: Session,
     limits: Arc<Limits>,
-    keep_alive: Duration,
+    /// Seconds (0: no keep-alive); small integers keep the state of every connected
+    /// client small.
+    keep_alive: u16,
     last_received: Instant,
     /// Most QoS 1/2 messages in flight towards the client.
-    send_window: usize,
-    /// Largest packet the client accepts.
-    client_max_packet: usize,
+    send_window: u16,
+    /// Largest packet the client accepts (`u32::MAX`, more than any MQTT packet, when it
+    /// set no limit).
+    client_max_packet: u32,
     /// v5 Request Problem Information: may we send reason strings on acks?
     problem_information: bool,
-    /// Inbound topic aliases, indexed by alias - 1.
-    aliases: Vec<Option<String>>,
-    /// Outbound topic aliases in use on this connection (at most the client's Topic
-    /// Alias Maximum; handed out first come, first served, never reassigned). Boxed and
-    /// created on first use: most clients take no aliases (a boxed map is 8 bytes in
-    /// every connection instead of 48).
-    #[allow(clippy::box_collection)]
-    outbound_aliases: Option<Box<std::collections::HashMap<String, u16>>>,
+    /// Topic aliases and re-authentication, for the clients that use them.
+    extensions: Option<Box<Extensions>>,
     /// The client's Topic Alias Maximum (0: the client takes no aliases).
     client_alias_maximum: u16,
     /// The will, cleared by a normal DISCONNECT or a server shutdown. Boxed: most
@@ -304,9 +304,19 @@ pub struct Connection {
     access: Option<Arc<dyn Authorizer>>,
     /// Counts for `/metrics` since the last [`Connection::take_counts`].
     counts: Counts,
-    /// Set for a client that authenticated with SCRAM: it may re-authenticate (boxed, so
-    /// connections without it stay small).
-    reauth: Option<Box<ReAuth>>,
+}
+
+/// What only some clients use. Boxed and created on first use: a connection without
+/// any of it carries 8 bytes instead of 48 (in every connected client's task).
+#[derive(Debug, Default)]
+struct Extensions {
+    /// Inbound topic aliases, indexed by alias - 1.
+    aliases: Vec<Option<String>>,
+    /// Outbound topic aliases in use on this connection (at most the client's Topic
+    /// Alias Maximum; handed out first come, first served, never reassigned).
+    outbound_aliases: std::collections::HashMap<String, u16>,
+    /// Set for a client that authenticated with SCRAM: it may re-authenticate.
+    reauth: Option<ReAuth>,
 }
 
 /// What a SCRAM-authenticated connection needs to re-authenticate (AUTH 0x19).
@@ -321,18 +331,21 @@ struct ReAuth {
 }
 
 /// What a connection did since its counts were last taken (for `/metrics`).
+///
+/// Taken after every batch of work, so the packet counts fit 32 bits (keeping every
+/// connected client's state small); the byte counts do not.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
     /// PUBLISH packets first sent (not resends), by QoS 0, 1, 2.
-    pub sent: [u64; 3],
+    pub sent: [u32; 3],
     /// Their payload bytes, by QoS.
     pub sent_bytes: [u64; 3],
     /// Messages dropped because the session queue was full.
-    pub dropped_queue_full: u64,
+    pub dropped_queue_full: u32,
     /// Of those, the ones dropped by the byte bound.
-    pub dropped_over_bytes: u64,
+    pub dropped_over_bytes: u32,
     /// Subscriptions refused by `max_subscriptions_per_client`.
-    pub subscriptions_refused: u64,
+    pub subscriptions_refused: u32,
 }
 
 impl Connection {
@@ -361,21 +374,19 @@ impl Connection {
             limits.max_inflight
         };
         let client_max_packet = if version.is_v5() {
-            props.maximum_packet_size.map_or(usize::MAX, |m| m as usize)
+            props.maximum_packet_size.unwrap_or(u32::MAX)
         } else {
-            usize::MAX
+            u32::MAX
         };
         let mut conn = Connection {
             version,
             session,
-            keep_alive: Duration::from_secs(u64::from(plan.keep_alive)),
+            keep_alive: plan.keep_alive,
             last_received: now,
-            send_window: usize::from(send_window),
+            send_window,
             client_max_packet,
             problem_information: props.request_problem_information != Some(0),
-            // Grown on first use: most clients never send an alias.
-            aliases: Vec::new(),
-            outbound_aliases: None,
+            extensions: None,
             client_alias_maximum: if version.is_v5() {
                 props.topic_alias_maximum.unwrap_or(0)
             } else {
@@ -392,7 +403,6 @@ impl Connection {
             close: None,
             access,
             counts: Counts::default(),
-            reauth: None,
         };
         let mut ack = ConnAck {
             session_present,
@@ -438,7 +448,14 @@ impl Connection {
 
     /// Bytes to write to the socket, in order.
     pub fn take_output(&mut self) -> BytesMut {
-        self.out.split()
+        // A small buffer goes whole, so a connection that falls idle keeps no output
+        // buffer (splitting would keep the rest of it, and a shared header, alive); a
+        // large one keeps its spare room for the next batch.
+        if self.out.capacity() < OUTPUT_KEPT {
+            std::mem::take(&mut self.out)
+        } else {
+            self.out.split()
+        }
     }
 
     /// True when there are bytes waiting to be written.
@@ -464,7 +481,7 @@ impl Connection {
     /// The most unacknowledged messages the client takes (its v5 Receive Maximum,
     /// capped by `max_inflight`).
     pub fn send_window(&self) -> usize {
-        self.send_window
+        usize::from(self.send_window)
     }
 
     /// The session's subscriptions (raw filter and record).
@@ -512,11 +529,12 @@ impl Connection {
 
     /// When [`Connection::tick`] must run next (the keep-alive deadline).
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.keep_alive.is_zero() || self.close.is_some() {
+        if self.keep_alive == 0 || self.close.is_some() {
             return None;
         }
         // MQTT: the server closes after one and a half keep-alive periods of silence.
-        Some(self.last_received + self.keep_alive + self.keep_alive / 2)
+        let keep_alive = Duration::from_secs(u64::from(self.keep_alive));
+        Some(self.last_received + keep_alive + keep_alive / 2)
     }
 
     /// Advances the clock: enforces the keep-alive.
@@ -587,11 +605,11 @@ impl Connection {
         username: String,
         credentials: Arc<dyn scram::Credentials>,
     ) {
-        self.reauth = Some(Box::new(ReAuth {
+        self.extensions.get_or_insert_default().reauth = Some(ReAuth {
             username,
             credentials,
             exchange: None,
-        }));
+        });
     }
 
     /// Offers a message to the client: sent now if the window allows, else queued.
@@ -609,7 +627,9 @@ impl Connection {
             self.write_publish(&d, 0, false, now);
             return;
         }
-        if self.session.pending.is_empty() && self.session.inflight.len() < self.send_window {
+        if self.session.pending.is_empty()
+            && self.session.inflight.len() < usize::from(self.send_window)
+        {
             self.send_new(d, now);
         } else if let Err(full) = self.session.enqueue(d, self.limits.max_queued) {
             self.counts.dropped_queue_full += 1;
@@ -627,7 +647,7 @@ impl Connection {
     /// the server-final-message. Other packets flow meanwhile; a failure disconnects with
     /// 0x87 (DISCONNECT has no 0x86).
     fn on_auth(&mut self, a: roost_core::Auth) {
-        let Some(reauth) = self.reauth.as_mut() else {
+        let Some(reauth) = self.extensions.as_mut().and_then(|e| e.reauth.as_mut()) else {
             return self.fail(
                 ReasonCode::ProtocolError,
                 "AUTH without an authentication method",
@@ -698,15 +718,17 @@ impl Connection {
                 return self.fail(ReasonCode::TopicAliasInvalid, "topic alias out of range");
             };
             if p.topic.is_empty() {
-                match self.aliases.get(slot).and_then(Option::as_ref) {
+                let known = self.extensions.as_ref().and_then(|e| e.aliases.get(slot));
+                match known.and_then(Option::as_ref) {
                     Some(t) => p.topic = t.clone(),
                     None => return self.fail(ReasonCode::ProtocolError, "unknown topic alias"),
                 }
             } else {
-                if self.aliases.len() <= slot {
-                    self.aliases.resize(slot + 1, None);
+                let aliases = &mut self.extensions.get_or_insert_default().aliases;
+                if aliases.len() <= slot {
+                    aliases.resize(slot + 1, None);
                 }
-                self.aliases[slot] = Some(p.topic.clone());
+                aliases[slot] = Some(p.topic.clone());
             }
         }
         match topic::validate_name(&p.topic) {
@@ -1088,7 +1110,7 @@ impl Connection {
     }
 
     fn drain_pending(&mut self, now: Instant) {
-        while self.session.inflight.len() < self.send_window {
+        while self.session.inflight.len() < usize::from(self.send_window) {
             let Some(d) = self.session.pending.pop_front() else {
                 break;
             };
@@ -1137,11 +1159,12 @@ impl Connection {
         // later ones the alias alone (MQTT 5.0 §3.3.2.3.4); aliases live as long as
         // this network connection, so a resumed session starts afresh.
         if self.client_alias_maximum > 0 {
-            let aliases = self.outbound_aliases.get_or_insert_default();
+            let most = usize::from(self.client_alias_maximum);
+            let aliases = &mut self.extensions.get_or_insert_default().outbound_aliases;
             if let Some(&alias) = aliases.get(&d.msg.topic) {
                 view.topic = "";
                 view.topic_alias = Some(alias);
-            } else if aliases.len() < usize::from(self.client_alias_maximum) {
+            } else if aliases.len() < most {
                 let alias = aliases.len() as u16 + 1;
                 aliases.insert(d.msg.topic.clone(), alias);
                 view.topic_alias = Some(alias);
@@ -1166,7 +1189,7 @@ impl Connection {
     /// packet id's value does not change the size).
     fn fits(&self, d: &Delivery, now: Instant) -> bool {
         let fits = codec::publish_len(&publish_view(d, 1, false, now), self.version)
-            <= self.client_max_packet;
+            <= self.client_max_packet as usize;
         if !fits {
             tracing::debug!(client_id = %self.session.client_id, topic = %d.msg.topic, "message larger than the client's maximum packet size, dropped");
         }
@@ -1226,7 +1249,7 @@ impl Connection {
     /// Encodes a non-PUBLISH packet. If it is larger than the client allows, the
     /// reason string and user properties go first (the spec's own remedy).
     fn send(&mut self, mut packet: Packet) {
-        if codec::encoded_len(&packet, self.version) > self.client_max_packet {
+        if codec::encoded_len(&packet, self.version) > self.client_max_packet as usize {
             strip_problem_properties(&mut packet);
         }
         if let Err(e) = codec::encode(&packet, self.version, &mut self.out) {
