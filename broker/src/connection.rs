@@ -39,6 +39,12 @@ use roost_core::Message;
 /// subscriber still reads its socket and answers pings.
 const DELIVERY_BATCH: usize = 256;
 
+/// Packets decoded from one read after which the task lets others run before it reads
+/// again. A client that writes faster than roost routes would otherwise keep its worker
+/// for a whole coop budget (128 reads, tens of thousands of publishes) while the
+/// subscribers it feeds wait to be scheduled, and QoS 0 overflows their mailboxes.
+const READ_BATCH_BEFORE_YIELD: usize = 32;
+
 /// Serves one accepted socket until it closes.
 ///
 /// `peer_identity` is who the transport proved the client to be (the Common Name of a
@@ -479,6 +485,8 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .map(Box::new);
     let mut outbound_full_since = None;
+    // The last read brought many packets: more are likely waiting.
+    let mut busy_reader = false;
     let outcome = loop {
         if let Err(e) = flush(
             broker,
@@ -493,6 +501,10 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
         }
         if let Some(close) = attached.conn.close_reason() {
             break close.why.clone();
+        }
+        if std::mem::take(&mut busy_reader) {
+            // Output written; now the tasks this client's publishes woke get a turn.
+            tokio::task::yield_now().await;
         }
         let room_needed = attached.qio.room_needed();
         // One timer serves the keep-alive, the end of a throttle and the slow-consumer
@@ -520,6 +532,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     let now = Instant::now();
                     charge(&mut budget, &packet, now);
                     attached.conn.handle(packet, now);
+                    let mut decoded = 1;
                     // Decode what else is already buffered before writing back (a
                     // throttled client's rest waits in the buffer).
                     while attached.conn.close_reason().is_none() && !over_budget(&mut budget, now) {
@@ -528,6 +541,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                                 run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
                                 charge(&mut budget, &p, now);
                                 attached.conn.handle(p, now);
+                                decoded += 1;
                             }
                             Ok(None) => break,
                             Err(e) => {
@@ -536,6 +550,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                             }
                         }
                     }
+                    busy_reader = decoded >= READ_BATCH_BEFORE_YIELD;
                 }
                 Ok(None) => break "socket closed by client".into(),
                 Err(ReadError::Io(e)) => break format!("read error: {e}"),
