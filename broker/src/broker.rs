@@ -42,6 +42,11 @@ thread_local! {
     /// (shard, hash of the client id, index), kept per thread so that ordering them
     /// allocates nothing per publish.
     static ORDER: std::cell::Cell<Vec<(usize, u64, usize)>> = const { std::cell::Cell::new(Vec::new()) };
+
+    /// Set when a delivery is dropped because its subscriber's mailbox is full; what
+    /// [`Broker::publish`] returns. Per thread rather than in [`Fanout`], which every
+    /// connection task carries (and whose size is every idle connection's cost).
+    static OVERFLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The broker's side of a connection's mailbox: deliveries and control requests.
@@ -888,8 +893,11 @@ impl Broker {
     }
 
     /// Routes a message to every matching subscription; keeps it first if retained.
-    /// What the publisher must wait for before acknowledging goes into `out`.
-    pub fn publish(&self, msg: Arc<Message>, out: &mut Fanout) {
+    /// What the publisher must wait for before acknowledging goes into `out`. True when
+    /// a subscriber's mailbox was full and a delivery was dropped (QoS 0): its publisher
+    /// should let subscribers run before it routes more.
+    pub fn publish(&self, msg: Arc<Message>, out: &mut Fanout) -> bool {
+        OVERFLOWED.set(false);
         if msg.retain {
             let mut retained = self.retained.write();
             if msg.payload.is_empty() {
@@ -915,6 +923,7 @@ impl Broker {
             });
             self.deliver_shared(&msg, group, share, None, out);
         }
+        OVERFLOWED.take()
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the
@@ -1108,6 +1117,7 @@ impl Broker {
                         // A shared delivery tried online-only goes to another member.
                         if !online_only {
                             self.metrics.dropped(DropReason::SlowSubscriber, 1);
+                            OVERFLOWED.set(true);
                         }
                         tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
                         false
@@ -1169,7 +1179,7 @@ impl Broker {
     /// Publishes a message that no client sent (status topics), in the background.
     pub fn publish_detached(&self, msg: Arc<Message>) {
         let mut out = Fanout::default();
-        self.publish(msg, &mut out);
+        let _ = self.publish(msg, &mut out);
         self.finish_detached(out);
     }
 

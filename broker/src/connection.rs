@@ -39,12 +39,6 @@ use roost_core::Message;
 /// subscriber still reads its socket and answers pings.
 const DELIVERY_BATCH: usize = 256;
 
-/// Packets decoded from one read after which the task lets others run before it reads
-/// again. A client that writes faster than roost routes would otherwise keep its worker
-/// for a whole coop budget (128 reads, tens of thousands of publishes) while the
-/// subscribers it feeds wait to be scheduled, and QoS 0 overflows their mailboxes.
-const READ_BATCH_BEFORE_YIELD: usize = 32;
-
 /// Serves one accepted socket until it closes.
 ///
 /// `peer_identity` is who the transport proved the client to be (the Common Name of a
@@ -485,8 +479,6 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .map(Box::new);
     let mut outbound_full_since = None;
-    // The last read brought many packets: more are likely waiting.
-    let mut busy_reader = false;
     let outcome = loop {
         if let Err(e) = flush(
             broker,
@@ -501,10 +493,6 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
         }
         if let Some(close) = attached.conn.close_reason() {
             break close.why.clone();
-        }
-        if std::mem::take(&mut busy_reader) {
-            // Output written; now the tasks this client's publishes woke get a turn.
-            tokio::task::yield_now().await;
         }
         let room_needed = attached.qio.room_needed();
         // One timer serves the keep-alive, the end of a throttle and the slow-consumer
@@ -524,6 +512,8 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                 .min();
             (deadline, room_needed.is_some() || throttle.is_some())
         };
+        // Set when the publishes read overflowed a subscriber's mailbox.
+        let mut overflowed = false;
         tokio::select! {
             // A 3.x producer held back by a full queue, or a client over its publish
             // rate, is not read from meanwhile.
@@ -532,25 +522,23 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     let now = Instant::now();
                     charge(&mut budget, &packet, now);
                     attached.conn.handle(packet, now);
-                    let mut decoded = 1;
                     // Decode what else is already buffered before writing back (a
                     // throttled client's rest waits in the buffer).
                     while attached.conn.close_reason().is_none() && !over_budget(&mut budget, now) {
                         match codec::decode(&mut io.read_buf, Some(attached.conn.version()), broker.limits.max_packet_size as usize) {
                             Ok(Some(p)) => {
-                                run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
+                                overflowed |= run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
                                 charge(&mut budget, &p, now);
                                 attached.conn.handle(p, now);
-                                decoded += 1;
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
+                                overflowed |= run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
                                 attached.conn.decode_error(&e);
                             }
                         }
                     }
-                    busy_reader = decoded >= READ_BATCH_BEFORE_YIELD;
+                    overflowed |= run_events(broker, &mut attached.conn, &mut fanout, &mut attached.qio);
                 }
                 Ok(None) => break "socket closed by client".into(),
                 Err(ReadError::Io(e)) => break format!("read error: {e}"),
@@ -618,6 +606,15 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 attached.conn.tick(now);
             }
+        }
+        if overflowed {
+            // QoS 0 was dropped for a full mailbox: let the subscribers these publishes
+            // woke run before reading more. A client that writes faster than roost
+            // routes would otherwise keep its worker for a whole coop budget (128 reads,
+            // tens of thousands of publishes) while its subscribers wait to be
+            // scheduled, and most of what it sends would be dropped. The publisher
+            // waits for nothing but its next turn.
+            tokio::task::yield_now().await;
         }
     };
     (outcome, taken_over)
@@ -943,12 +940,19 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Carries out what the protocol asked of the broker.
-fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, qio: &mut QueueIo) {
+/// Carries out what the protocol asked of the broker. True when a publish overflowed
+/// a subscriber's mailbox (see [`Broker::publish`]).
+fn run_events(
+    broker: &Arc<Broker>,
+    conn: &mut Connection,
+    fanout: &mut Fanout,
+    qio: &mut QueueIo,
+) -> bool {
     let events: Vec<Event> = conn.take_events().collect();
     if events.is_empty() {
-        return;
+        return false;
     }
+    let mut overflowed = false;
     let now = Instant::now();
     // PUBACKs of queue deliveries that arrived together settle together: one lock, one
     // dispatch and one progress record per group instead of one each.
@@ -962,7 +966,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
         match event {
             Event::Publish(msg) => {
                 broker.metrics.received(msg.qos, msg.payload.len());
-                broker.publish(msg, fanout)
+                overflowed |= broker.publish(msg, fanout);
             }
             Event::Subscribe { .. } if queue_subscription(broker, conn, qio, &event) => {}
             Event::Subscribe {
@@ -1004,6 +1008,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
         }
     }
     acks.settle(broker, conn.client_id());
+    overflowed
 }
 
 /// Acks of one connection for one queue and group, gathered in arrival order.
