@@ -79,6 +79,7 @@ fn setup() -> Setup {
                 id: broker.next_id(),
                 persistent: false,
                 stalled: Default::default(),
+                overflowed: Default::default(),
                 peer: ([127, 0, 0, 1], 40_000 + i as u16).into(),
                 protocol: ProtocolVersion::V3_1_1,
                 username: None,
@@ -155,9 +156,12 @@ fn bench_fanout(c: &mut Criterion) {
         let rounds = 200;
         for _ in 0..rounds {
             let msg = Arc::new(template.clone());
-            total += allocations_per_op(1, || s.broker.publish(msg.clone(), &mut out));
-            // Clean sessions with room: nothing stored, nothing for the publisher to wait for.
+            let mut overflowed = true;
+            total += allocations_per_op(1, || overflowed = s.broker.publish(msg.clone(), &mut out));
+            // Clean sessions with room: nothing stored, nothing for the publisher to wait
+            // for, nothing dropped.
             assert!(out.ops.is_empty() && out.blocked.is_empty() && out.captures.is_empty());
+            assert!(!overflowed);
             assert_eq!(drain(&mut s.mailboxes), SUBSCRIBERS);
         }
         let allocs = total / f64::from(rounds);
@@ -172,7 +176,7 @@ fn bench_fanout(c: &mut Criterion) {
                 for _ in 0..iters {
                     let msg = Arc::new(template.clone());
                     let start = Instant::now();
-                    s.broker.publish(msg, &mut out);
+                    let _ = s.broker.publish(msg, &mut out);
                     timed += start.elapsed();
                     assert_eq!(drain(&mut s.mailboxes), SUBSCRIBERS);
                 }

@@ -1,7 +1,8 @@
 //! The broker's shared state: sessions, subscriptions, retained messages, routing.
 //!
 //! Locking: the session map is sharded; a shard lock is held only to look at or swap a
-//! slot, never across an await or while routing (routing takes shard locks itself, so
+//! slot (or, when a publish is fanned out, to hand deliveries to that shard's clients),
+//! never across an await or while routing (routing takes shard locks itself, so
 //! holding one while routing could deadlock). The router has its own fine-grained locks
 //! and the retained store its own `RwLock`.
 //!
@@ -10,12 +11,14 @@
 //! sits in the map; deliveries are queued into it directly).
 
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hashbrown::hash_table::{self, HashTable};
 use parking_lot::{Mutex, RwLock};
 use roost_core::topic;
 use roost_core::{LastWill, Message, QoS, RetainHandling};
@@ -33,6 +36,18 @@ use crate::session::{Delivery, QueueFull, Session, ShareRef};
 use roost_queue::Queues;
 
 const SHARDS: usize = 64;
+
+thread_local! {
+    /// The order in which [`Broker::deliver_direct`] visits one publish's matches
+    /// (shard, hash of the client id, index), kept per thread so that ordering them
+    /// allocates nothing per publish.
+    static ORDER: std::cell::Cell<Vec<(usize, u64, usize)>> = const { std::cell::Cell::new(Vec::new()) };
+
+    /// Set when a delivery is dropped because its subscriber's mailbox is full; what
+    /// [`Broker::publish`] returns. Per thread rather than in [`Fanout`], which every
+    /// connection task carries (and whose size is every idle connection's cost).
+    static OVERFLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// The broker's side of a connection's mailbox: deliveries and control requests.
 pub type MailboxSender = mailbox::Sender<Delivery, Control>;
@@ -135,6 +150,10 @@ pub struct ClientInfo {
     pub persistent: bool,
     /// Set while the connection is not keeping up (see [`Blocked::client`]).
     pub stalled: AtomicBool,
+    /// Set by the connection's own task when publishes it read overflowed a
+    /// subscriber's mailbox, so that it yields before reading on (here rather than in
+    /// the task, whose every byte every idle connection pays for).
+    pub overflowed: AtomicBool,
     /// The client's address.
     pub peer: std::net::SocketAddr,
     /// The MQTT version of its CONNECT.
@@ -157,6 +176,86 @@ pub struct SessionInfo {
     pub subscriptions: Option<usize>,
     /// Messages queued for a stored session.
     pub queued: Option<usize>,
+}
+
+/// A client id with its hash (from the broker's hasher): the hash picks the shard and
+/// is reused for the lookup inside it, so a client id is hashed once per lookup.
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    id: &'a str,
+    hash: u64,
+}
+
+/// Which shard a hash picks: bits that hashbrown uses neither for the bucket index (the
+/// low bits, for tables under 2^32 buckets) nor for its control tag (the top seven), so
+/// the keys of one shard still spread over its table.
+fn shard_index(hash: u64) -> usize {
+    (hash >> 32) as usize % SHARDS
+}
+
+/// One shard of the session map: the slot of each client id in it.
+struct Shard {
+    slots: HashTable<(Arc<str>, Slot)>,
+    /// The broker's hasher, to rehash entries when the table grows.
+    hasher: RandomState,
+}
+
+impl Shard {
+    fn new(hasher: &RandomState) -> Self {
+        Shard {
+            slots: HashTable::new(),
+            hasher: hasher.clone(),
+        }
+    }
+
+    fn get(&self, key: Key<'_>) -> Option<&Slot> {
+        self.slots
+            .find(key.hash, |(id, _)| **id == *key.id)
+            .map(|(_, slot)| slot)
+    }
+
+    fn get_mut(&mut self, key: Key<'_>) -> Option<&mut Slot> {
+        self.slots
+            .find_mut(key.hash, |(id, _)| **id == *key.id)
+            .map(|(_, slot)| slot)
+    }
+
+    /// Puts `slot` in place for `key` (whose id is `id`), returning the one it replaces.
+    fn insert(&mut self, key: Key<'_>, id: &Arc<str>, slot: Slot) -> Option<Slot> {
+        debug_assert_eq!(key.id, &**id);
+        let hasher = &self.hasher;
+        match self.slots.entry(
+            key.hash,
+            |(i, _)| **i == *key.id,
+            |(i, _)| hasher.hash_one(&**i),
+        ) {
+            hash_table::Entry::Occupied(mut e) => Some(std::mem::replace(&mut e.get_mut().1, slot)),
+            hash_table::Entry::Vacant(e) => {
+                e.insert((id.clone(), slot));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, key: Key<'_>) -> Option<Slot> {
+        let entry = self
+            .slots
+            .find_entry(key.hash, |(id, _)| **id == *key.id)
+            .ok()?;
+        Some(entry.remove().0.1)
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Slot)> {
+        self.slots.iter().map(|(id, slot)| (id, slot))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().map(|(_, slot)| slot)
+    }
 }
 
 #[derive(Debug)]
@@ -193,8 +292,8 @@ pub struct Broker {
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
     router: Router,
-    shards: Vec<Mutex<HashMap<Arc<str>, Slot>>>,
-    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
     retained: RwLock<HashMap<String, Arc<Message>>>,
     next_id: AtomicU64,
     connections: AtomicUsize,
@@ -221,6 +320,7 @@ impl Broker {
                 Instant::now(),
             ))
         });
+        let hasher = RandomState::new();
         Arc::new(Broker {
             queues,
             metrics: Arc::default(),
@@ -228,8 +328,10 @@ impl Broker {
             config,
             auth,
             router: Router::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: Default::default(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(&hasher)))
+                .collect(),
+            hasher,
             retained: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
@@ -303,8 +405,10 @@ impl Broker {
                 out.ops.push(Op::PutSession(client.clone(), record));
             }
             let generation = self.next_id();
-            self.shard(&client).lock().insert(
-                client.clone(),
+            let key = self.key(&client);
+            self.shard(key).lock().insert(
+                key,
+                &client,
                 Slot::Offline {
                     session: Box::new(session),
                     generation,
@@ -426,9 +530,22 @@ impl Broker {
     /// Asks the live connection of `client_id` to close (v5 DISCONNECT 0x98). False
     /// when the client is not connected.
     pub fn kick(&self, client_id: &str) -> bool {
-        match self.shard(client_id).lock().get(client_id) {
+        let key = self.key(client_id);
+        match self.shard(key).lock().get(key) {
             Some(Slot::Online(h)) => h.mailbox.control(Control::Kick).is_ok(),
             _ => false,
+        }
+    }
+
+    /// Frees the mailbox storage of connections that received nothing since the last
+    /// call (see [`crate::mailbox::Sender::release_idle_storage`]).
+    pub fn release_idle_mailboxes(&self) {
+        for shard in &self.shards {
+            for slot in shard.lock().values() {
+                if let Slot::Online(h) = slot {
+                    h.mailbox.release_idle_storage();
+                }
+            }
         }
     }
 
@@ -444,8 +561,16 @@ impl Broker {
         }
     }
 
-    fn shard(&self, client_id: &str) -> &Mutex<HashMap<Arc<str>, Slot>> {
-        &self.shards[(self.hasher.hash_one(client_id) as usize) % SHARDS]
+    /// The client id with its hash, which picks the shard and finds the slot in it.
+    fn key<'a>(&self, client_id: &'a str) -> Key<'a> {
+        Key {
+            id: client_id,
+            hash: self.hasher.hash_one(client_id),
+        }
+    }
+
+    fn shard(&self, key: Key<'_>) -> &Mutex<Shard> {
+        &self.shards[shard_index(key.hash)]
     }
 
     /// Registers `handle` as the live connection of `client_id` and says what became
@@ -457,10 +582,11 @@ impl Broker {
         clean_start: bool,
         handle: ConnectionHandle,
     ) -> Attach {
+        let key = self.key(client_id);
         let previous = self
-            .shard(client_id)
+            .shard(key)
             .lock()
-            .insert(client_id.clone(), Slot::Online(handle));
+            .insert(key, client_id, Slot::Online(handle));
         match previous {
             None => Attach::Fresh,
             Some(Slot::Online(old)) => {
@@ -529,10 +655,10 @@ impl Broker {
         let mut timers = None;
         let mut out = Fanout::default();
         {
-            let mut shard = self.shard(&client_id).lock();
-            let ours =
-                matches!(shard.get(&client_id), Some(Slot::Online(h)) if h.info.id == conn_id);
-            if !ours && matches!(shard.get(&client_id), Some(Slot::Online(_))) {
+            let key = self.key(&client_id);
+            let mut shard = self.shard(key).lock();
+            let ours = matches!(shard.get(key), Some(Slot::Online(h)) if h.info.id == conn_id);
+            if !ours && matches!(shard.get(key), Some(Slot::Online(_))) {
                 drop(shard);
                 for d in shared {
                     self.redeliver_shared(d, &client_id, &mut out);
@@ -569,7 +695,8 @@ impl Broker {
                     persist::encode_session(&session, false, session.pending_will.as_deref());
                 out.ops.push(Op::PutSession(client_id.clone(), record));
                 shard.insert(
-                    client_id.clone(),
+                    key,
+                    &client_id,
                     Slot::Offline {
                         session: Box::new(session),
                         generation,
@@ -581,7 +708,7 @@ impl Broker {
                 }
             } else {
                 if ours {
-                    shard.remove(&client_id);
+                    shard.remove(key);
                 }
                 drop(shard);
                 for d in shared {
@@ -617,7 +744,8 @@ impl Broker {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(will_delay))).await;
                 let mut out = Fanout::default();
-                let will = match broker.shard(&id).lock().get_mut(&id) {
+                let key = broker.key(&id);
+                let will = match broker.shard(key).lock().get_mut(key) {
                     Some(Slot::Offline {
                         session,
                         generation: g,
@@ -642,10 +770,11 @@ impl Broker {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
                 let expired = {
-                    let mut shard = broker.shard(&client_id).lock();
-                    match shard.get(&client_id) {
+                    let key = broker.key(&client_id);
+                    let mut shard = broker.shard(key).lock();
+                    match shard.get(key) {
                         Some(Slot::Offline { generation: g, .. }) if *g == generation => {
-                            match shard.remove(&client_id) {
+                            match shard.remove(key) {
                                 Some(Slot::Offline { session, .. }) => Some(session),
                                 _ => None,
                             }
@@ -770,8 +899,11 @@ impl Broker {
     }
 
     /// Routes a message to every matching subscription; keeps it first if retained.
-    /// What the publisher must wait for before acknowledging goes into `out`.
-    pub fn publish(&self, msg: Arc<Message>, out: &mut Fanout) {
+    /// What the publisher must wait for before acknowledging goes into `out`. True when
+    /// a subscriber's mailbox was full and a delivery was dropped (QoS 0): its publisher
+    /// should let subscribers run before it routes more.
+    pub fn publish(&self, msg: Arc<Message>, out: &mut Fanout) -> bool {
+        OVERFLOWED.set(false);
         if msg.retain {
             let mut retained = self.retained.write();
             if msg.payload.is_empty() {
@@ -789,7 +921,7 @@ impl Broker {
         self.capture(&msg, out);
         let mut matches = Matches::default();
         self.router.matches(&msg.topic, &mut matches);
-        self.deliver_direct(&msg, &mut matches.direct, out);
+        self.deliver_direct(&msg, &matches.direct, out);
         for group in &matches.shared {
             let share = Arc::new(ShareRef {
                 group: group.group.clone(),
@@ -797,44 +929,69 @@ impl Broker {
             });
             self.deliver_shared(&msg, group, share, None, out);
         }
+        OVERFLOWED.take()
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the
     /// message once, at the highest QoS, with all their subscription identifiers.
-    fn deliver_direct(&self, msg: &Arc<Message>, subs: &mut [Subscription], out: &mut Fanout) {
-        subs.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    ///
+    /// Each client id is hashed once: the hash orders the matches (so a client's
+    /// subscriptions sit together and each shard's clients are adjacent, where sorting
+    /// by the ids themselves compared strings), picks the shard, and finds the slot.
+    /// Each shard is locked once for all of its clients.
+    fn deliver_direct(&self, msg: &Arc<Message>, subs: &[Subscription], out: &mut Fanout) {
+        let mut order = ORDER.take();
+        order.clear();
+        order.extend(subs.iter().enumerate().map(|(i, s)| {
+            let hash = self.hasher.hash_one(&*s.client_id);
+            (shard_index(hash), hash, i)
+        }));
+        order.sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| subs[a.2].client_id.cmp(&subs[b.2].client_id))
+        });
         let mut i = 0;
-        while i < subs.len() {
-            let client = subs[i].client_id.clone();
-            let mut qos = None::<QoS>;
-            let mut retain = false;
-            let mut ids = Vec::new();
-            while i < subs.len() && subs[i].client_id == client {
-                let s = &subs[i];
-                i += 1;
-                if s.options.no_local && msg.publisher.as_deref() == Some(&*client) {
-                    continue;
+        while i < order.len() {
+            let shard_no = order[i].0;
+            let mut shard = self.shards[shard_no].lock();
+            while i < order.len() && order[i].0 == shard_no {
+                let (_, hash, first) = order[i];
+                let client = &subs[first].client_id;
+                let mut qos = None::<QoS>;
+                let mut retain = false;
+                let mut ids = Vec::new();
+                while i < order.len() && order[i].1 == hash && subs[order[i].2].client_id == *client
+                {
+                    let s = &subs[order[i].2];
+                    i += 1;
+                    if s.options.no_local && msg.publisher.as_deref() == Some(&**client) {
+                        continue;
+                    }
+                    qos = Some(qos.map_or(s.options.qos, |q| q.max(s.options.qos)));
+                    retain |= s.options.retain_as_published && msg.retain;
+                    ids.extend(s.identifier);
                 }
-                qos = Some(qos.map_or(s.options.qos, |q| q.max(s.options.qos)));
-                retain |= s.options.retain_as_published && msg.retain;
-                ids.extend(s.identifier);
+                let Some(qos) = qos else { continue };
+                let key = Key { id: client, hash };
+                self.deliver_to(
+                    shard.get_mut(key),
+                    client,
+                    Delivery {
+                        msg: msg.clone(),
+                        qos: msg.qos.min(qos),
+                        retain,
+                        subscription_ids: ids.into(),
+                        share: None,
+                        seq: None,
+                        queue: None,
+                    },
+                    false,
+                    out,
+                );
             }
-            let Some(qos) = qos else { continue };
-            self.deliver(
-                &client,
-                Delivery {
-                    msg: msg.clone(),
-                    qos: msg.qos.min(qos),
-                    retain,
-                    subscription_ids: ids.into(),
-                    share: None,
-                    seq: None,
-                    queue: None,
-                },
-                false,
-                out,
-            );
         }
+        ORDER.set(order);
     }
 
     /// Picks one member of a share group, round-robin over those online; if none is
@@ -903,12 +1060,25 @@ impl Broker {
     fn deliver(
         &self,
         client_id: &Arc<str>,
+        d: Delivery,
+        online_only: bool,
+        out: &mut Fanout,
+    ) -> bool {
+        let key = self.key(client_id);
+        let mut shard = self.shard(key).lock();
+        self.deliver_to(shard.get_mut(key), client_id, d, online_only, out)
+    }
+
+    /// [`Broker::deliver`] to the slot of `client_id`, under its shard's lock.
+    fn deliver_to(
+        &self,
+        slot: Option<&mut Slot>,
+        client_id: &Arc<str>,
         mut d: Delivery,
         online_only: bool,
         out: &mut Fanout,
     ) -> bool {
-        let mut shard = self.shard(client_id).lock();
-        match shard.get_mut(client_id) {
+        match slot {
             Some(Slot::Online(h)) => {
                 let stored = h.info.persistent && d.qos != QoS::AtMostOnce;
                 // Behind a blocked delivery to the same client, keep the order.
@@ -953,6 +1123,7 @@ impl Broker {
                         // A shared delivery tried online-only goes to another member.
                         if !online_only {
                             self.metrics.dropped(DropReason::SlowSubscriber, 1);
+                            OVERFLOWED.set(true);
                         }
                         tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
                         false
@@ -968,7 +1139,7 @@ impl Broker {
                     .max_queued
                     .check(&session.pending, d.msg.payload.len())
                 {
-                    session.dropped += 1;
+                    session.dropped = session.dropped.saturating_add(1);
                     self.metrics.dropped(DropReason::OfflineQueueFull, 1);
                     if full == QueueFull::Bytes {
                         self.metrics.limit_tripped(Limit::QueuedBytes, 1);
@@ -1014,7 +1185,7 @@ impl Broker {
     /// Publishes a message that no client sent (status topics), in the background.
     pub fn publish_detached(&self, msg: Arc<Message>) {
         let mut out = Fanout::default();
-        self.publish(msg, &mut out);
+        let _ = self.publish(msg, &mut out);
         self.finish_detached(out);
     }
 

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -442,6 +443,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         id: broker.next_id(),
         persistent: plan.session_expiry > 0,
         stalled: Default::default(),
+        overflowed: Default::default(),
         peer,
         protocol: connect.protocol,
         username: connect.username.clone(),
@@ -536,6 +538,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(close) = served.attached.conn.close_reason() {
                 break (close.why.clone(), None);
             }
+
             // One timer serves the keep-alive, the end of a throttle and the slow-consumer
             // limit, so the idle connection's task stays small (and these temporaries end
             // before the await, so the task does not carry them).
@@ -597,26 +600,50 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                                     served.broker.limits.max_packet_size as usize,
                                 ) {
                                     Ok(Some(p)) => {
-                                        run_events(
+                                        if run_events(
                                             &served.broker,
                                             &mut served.attached.conn,
                                             &mut fanout,
                                             &mut served.attached.qio,
-                                        );
+                                        ) {
+                                            served
+                                                .attached
+                                                .info
+                                                .overflowed
+                                                .store(true, Ordering::Relaxed);
+                                        }
                                         charge(&mut budget, &p, now);
                                         served.attached.conn.handle(p, now);
                                     }
                                     Ok(None) => break,
                                     Err(e) => {
-                                        run_events(
+                                        if run_events(
                                             &served.broker,
                                             &mut served.attached.conn,
                                             &mut fanout,
                                             &mut served.attached.qio,
-                                        );
+                                        ) {
+                                            served
+                                                .attached
+                                                .info
+                                                .overflowed
+                                                .store(true, Ordering::Relaxed);
+                                        }
                                         served.attached.conn.decode_error(&e);
                                     }
                                 }
+                            }
+                            if run_events(
+                                &served.broker,
+                                &mut served.attached.conn,
+                                &mut fanout,
+                                &mut served.attached.qio,
+                            ) {
+                                served
+                                    .attached
+                                    .info
+                                    .overflowed
+                                    .store(true, Ordering::Relaxed);
                             }
                         }
                         Ok(None) => break ("socket closed by client".into(), None),
@@ -987,12 +1014,18 @@ fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
     // An async block, not an `async fn`, which would store its arguments twice; and
     // fields are reached through `served`, not bound to names the task would store.
     async move {
-        run_events(
+        if run_events(
             &served.broker,
             &mut served.attached.conn,
             fanout,
             &mut served.attached.qio,
-        );
+        ) {
+            served
+                .attached
+                .info
+                .overflowed
+                .store(true, Ordering::Relaxed);
+        }
         // (A block of its own, so the writes' list is gone while the output is written.)
         {
             let mut ops = std::mem::take(&mut fanout.ops);
@@ -1060,16 +1093,40 @@ fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(format!("write error: {e}"));
             }
         }
+        // QoS 0 was dropped for a full mailbox: let the subscribers these publishes
+        // woke run before reading more. A client that writes faster than roost routes
+        // would otherwise keep its worker for a whole coop budget (128 reads, tens of
+        // thousands of publishes) while its subscribers wait to be scheduled, and most
+        // of what it sends would be dropped. The publisher waits for nothing but its
+        // next turn. (The flag is the yield's only state: no bytes in the task.)
+        let info = &served.attached.info;
+        std::future::poll_fn(|cx| {
+            if info.overflowed.swap(false, Ordering::Relaxed) {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
         Ok(())
     }
 }
 
-/// Carries out what the protocol asked of the broker.
-fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, qio: &mut QueueIo) {
+/// Carries out what the protocol asked of the broker. True when a publish overflowed
+/// a subscriber's mailbox (see [`Broker::publish`]).
+fn run_events(
+    broker: &Arc<Broker>,
+    conn: &mut Connection,
+    fanout: &mut Fanout,
+    qio: &mut QueueIo,
+) -> bool {
     let mut events = conn.take_event_buffer();
     if events.is_empty() {
-        return conn.recycle_events(events);
+        conn.recycle_events(events);
+        return false;
     }
+    let mut overflowed = false;
     let now = Instant::now();
     // PUBACKs of queue deliveries that arrived together settle together: one lock, one
     // dispatch and one progress record per group instead of one each.
@@ -1083,7 +1140,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
         match event {
             Event::Publish(msg) => {
                 broker.metrics.received(msg.qos, msg.payload.len());
-                broker.publish(msg, fanout)
+                overflowed |= broker.publish(msg, fanout);
             }
             Event::Subscribe { .. } if queue_subscription(broker, conn, qio, &event) => {}
             Event::Subscribe {
@@ -1126,6 +1183,7 @@ fn run_events(broker: &Arc<Broker>, conn: &mut Connection, fanout: &mut Fanout, 
     }
     acks.settle(broker, conn.client_id());
     conn.recycle_events(events);
+    overflowed
 }
 
 /// Acks of one connection for one queue and group, gathered in arrival order.

@@ -5,7 +5,8 @@
 //! is created and keeps it for its whole life, and a connection had two channels. With
 //! thousands of idle connections that was kilobytes each for messages that never come.
 //! This mailbox allocates nothing while it is empty and gives its storage back once it
-//! is drained and its receiver waits again.
+//! is drained and its receiver waits again; only a small buffer that is in steady use
+//! stays until [`Sender::release_idle_storage`] finds it unused (see [`KEEP_SLOTS`]).
 //!
 //! Semantics (those of a bounded tokio channel, which the broker relies on):
 //! - at most `capacity` deliveries are queued or reserved at once; [`Sender::try_reserve`]
@@ -28,6 +29,12 @@ use std::task::{Context, Poll, Waker};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+/// Storage of at most this many deliveries outlives a drain. A subscriber that keeps
+/// up takes each delivery as it comes, so its queue empties after every one; freeing
+/// the storage then would cost an allocation per delivery. Larger storage (a burst) is
+/// freed at once, as before.
+pub const KEEP_SLOTS: usize = 16;
+
 struct Shared<T, C> {
     state: Mutex<State<T, C>>,
     /// Senders waiting for room.
@@ -48,6 +55,9 @@ struct State<T, C> {
     closed: bool,
     /// The receiver is gone: nothing is taken any more.
     gone: bool,
+    /// The receiver kept its drained storage since the last
+    /// [`Sender::release_idle_storage`].
+    kept: bool,
     item_waker: Option<Waker>,
     control_waker: Option<Waker>,
 }
@@ -73,6 +83,7 @@ pub fn mailbox<T, C>(capacity: usize) -> (Sender<T, C>, Receiver<T, C>) {
             waiting: 0,
             closed: false,
             gone: false,
+            kept: false,
             item_waker: None,
             control_waker: None,
         }),
@@ -180,6 +191,20 @@ impl<T, C> Sender<T, C> {
             w.wake();
         }
         Ok(())
+    }
+
+    /// Frees drained storage kept by the receiver unless it was used since the last
+    /// call: called periodically, this gives an idle connection's buffer back within
+    /// two periods of its last delivery.
+    pub fn release_idle_storage(&self) {
+        let freed = {
+            let mut state = self.shared.state.lock();
+            if std::mem::take(&mut state.kept) || !state.items.is_empty() {
+                return;
+            }
+            std::mem::take(&mut state.items)
+        };
+        drop(freed);
     }
 
     /// A handle that does not keep the mailbox open.
@@ -340,9 +365,13 @@ impl<T, C> Receiver<T, C> {
         if (state.closed || state.senders == 0) && state.reserved == 0 {
             return Poll::Ready(None);
         }
-        // Idle: the storage goes back to the allocator until deliveries come again.
-        if state.items.capacity() > 0 {
+        // Drained: the storage goes back to the allocator until deliveries come again,
+        // unless it is small enough to keep while in use (`release_idle_storage` frees
+        // it once the connection has gone idle).
+        if state.items.capacity() > KEEP_SLOTS {
             state.items = VecDeque::new();
+        } else if state.items.capacity() > 0 {
+            state.kept = true;
         }
         if !state
             .item_waker
@@ -566,5 +595,35 @@ mod tests {
         tx.control("a").expect("alive");
         assert_eq!(rx.recv_control().await, Some("a"));
         assert_eq!(rx.shared.state.lock().control.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_small_buffer_stays_while_used_and_goes_once_idle() {
+        let (tx, rx) = new(100);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut deliver_one = |i| {
+            tx.try_send(i).expect("room");
+            assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(i)));
+            // Drained: the receiver waits again.
+            assert_eq!(rx.poll_recv(&mut cx), Poll::Pending);
+        };
+        deliver_one(1);
+        let kept = rx.shared.state.lock().items.capacity();
+        assert!(kept > 0, "a caught-up receiver keeps its small buffer");
+        tx.release_idle_storage();
+        deliver_one(2);
+        tx.release_idle_storage();
+        assert_eq!(
+            rx.shared.state.lock().items.capacity(),
+            kept,
+            "used since the last release: kept"
+        );
+        tx.release_idle_storage();
+        assert_eq!(
+            rx.shared.state.lock().items.capacity(),
+            0,
+            "unused for a whole period: freed"
+        );
+        deliver_one(3);
     }
 }

@@ -19,13 +19,17 @@ const CLOSED_BEFORE_RELEASE: usize = 1000;
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Releases free memory whenever at least [`CLOSED_BEFORE_RELEASE`] fewer connections
-/// are open than at their peak since the last release. Runs until aborted.
+/// are open than at their peak since the last release, and the buffers of connections
+/// gone idle every [`CHECK_EVERY`]. Runs until aborted.
 pub async fn release_after_disconnects(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut high = 0;
     loop {
         tick.tick().await;
+        // A connection's mailbox keeps a small buffer while deliveries keep coming; an
+        // idle one gives it back here.
+        broker.release_idle_mailboxes();
         let open = broker.connection_count();
         high = high.max(broker.take_connection_peak());
         if high >= open + CLOSED_BEFORE_RELEASE {

@@ -206,15 +206,24 @@ pub struct Session {
     /// A will waiting for its delay to pass (set when the connection ended). Boxed:
     /// rare, and a will is hundreds of bytes.
     pub pending_will: Option<Box<LastWill>>,
-    /// Messages dropped because `pending` was full.
-    pub dropped: u64,
+    /// Messages dropped because `pending` was full (saturating; 32 bits keep the
+    /// session, which every idle connection's task holds, a line smaller).
+    pub dropped: u32,
     /// Store operations not yet handed to the store.
     pub journal: Vec<Op>,
     /// True once a session record was written to the store (so ending the session
     /// must delete it).
     pub stored: bool,
     next_packet_id: PacketId,
+    /// Ids handed out since `inflight` was last seen empty by
+    /// [`Session::allocate_packet_id`], or [`ISSUED_UNKNOWN`] (a resumed session's
+    /// in-flight ids came from elsewhere). While it is known, every id in flight is
+    /// among the last `issued` handed out, so the next one cannot be in use.
+    issued: u16,
 }
+
+/// [`Session::issued`] when the ids in flight may not all come from this counter.
+const ISSUED_UNKNOWN: u16 = u16::MAX;
 
 impl Session {
     /// A fresh, empty session.
@@ -231,6 +240,7 @@ impl Session {
             journal: Vec::new(),
             stored: false,
             next_packet_id: 1,
+            issued: ISSUED_UNKNOWN,
         }
     }
 
@@ -248,7 +258,7 @@ impl Session {
     /// Appends to `pending` unless it is full (then counts a drop).
     pub fn enqueue(&mut self, d: Delivery, bound: QueueBound) -> Result<(), QueueFull> {
         if let Err(full) = bound.check(&self.pending, d.msg.payload.len()) {
-            self.dropped += 1;
+            self.dropped = self.dropped.saturating_add(1);
             self.forget(&d);
             return Err(full);
         }
@@ -303,6 +313,20 @@ impl Session {
     /// The next free packet identifier, skipping those still in flight.
     /// `None` only if all 65,535 are in use, which the window size prevents.
     pub fn allocate_packet_id(&mut self) -> Option<PacketId> {
+        if self.inflight.is_empty() {
+            self.issued = 0;
+        }
+        // Ids cycle through 1..=65535: the next one repeats an id handed out since the
+        // reset only after 65,535 of them, so below that it is free without looking
+        // through what is in flight (which costs a pass over up to `max_inflight`
+        // entries per message).
+        if self.issued < ISSUED_UNKNOWN - 1 {
+            self.issued += 1;
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            return Some(id);
+        }
+        self.issued = ISSUED_UNKNOWN;
         for _ in 0..u16::MAX {
             let id = self.next_packet_id;
             self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
@@ -396,21 +420,55 @@ mod tests {
         }
     }
 
-    #[test]
-    fn packet_ids_skip_those_in_flight_and_wrap() {
-        let mut s = Session::new("c".into());
-        s.next_packet_id = u16::MAX;
-        assert_eq!(s.allocate_packet_id(), Some(u16::MAX));
-        s.inflight.push_back(Inflight {
-            packet_id: 1,
+    fn in_flight(packet_id: PacketId) -> Inflight {
+        Inflight {
+            packet_id,
             delivery: delivery(QoS::AtLeastOnce),
             state: InflightState::Published,
-        });
+        }
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_wrap() {
+        // As after a resume: ids in flight that this session did not hand out.
+        let mut s = Session::new("c".into());
+        s.next_packet_id = u16::MAX;
+        s.inflight.push_back(in_flight(u16::MAX));
+        s.inflight.push_back(in_flight(1));
         assert_eq!(
             s.allocate_packet_id(),
             Some(2),
-            "1 is in flight, 0 is never used"
+            "65535 and 1 are in flight, 0 is never used"
         );
+    }
+
+    #[test]
+    fn packet_ids_stay_unique_through_wraps_with_messages_in_flight() {
+        let mut s = Session::new("c".into());
+        let mut rounds = 0;
+        // Three wraps of the id space with 100 messages in flight throughout, one
+        // acknowledged (the oldest) per new one: no id may be handed out twice while in
+        // flight.
+        while rounds < 3 * 65_535 {
+            let id = s.allocate_packet_id().expect("ids left");
+            assert!(
+                !s.inflight.iter().any(|f| f.packet_id == id),
+                "{id} handed out while in flight"
+            );
+            s.inflight.push_back(in_flight(id));
+            if s.inflight.len() > 100 {
+                s.inflight.pop_front();
+            }
+            rounds += 1;
+        }
+        // A message stuck in flight for a whole wrap: the counter falls back to looking.
+        let mut s = Session::new("c".into());
+        let stuck = s.allocate_packet_id().expect("id");
+        s.inflight.push_back(in_flight(stuck));
+        for _ in 0..2 * 65_535 {
+            let id = s.allocate_packet_id().expect("ids left");
+            assert_ne!(id, stuck, "the stuck id was handed out again");
+        }
     }
 
     #[test]
