@@ -530,7 +530,7 @@ fn journal_thread(shared: &CommitShared, capacity: u64) {
             shared.queued.fetch_sub(taken, Ordering::Relaxed);
             if let Some(e) = &j.failed {
                 log.fail(io::Error::new(e.kind(), e.to_string()));
-                fail_all(&log, &mut done, &mut appends);
+                fail_all(&log, &mut Vec::new(), &mut appends);
                 continue;
             }
             let from = done.len();
