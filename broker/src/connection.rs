@@ -600,51 +600,26 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                                     served.broker.limits.max_packet_size as usize,
                                 ) {
                                     Ok(Some(p)) => {
-                                        if run_events(
+                                        run_attached(
                                             &served.broker,
-                                            &mut served.attached.conn,
+                                            &mut served.attached,
                                             &mut fanout,
-                                            &mut served.attached.qio,
-                                        ) {
-                                            served
-                                                .attached
-                                                .info
-                                                .overflowed
-                                                .store(true, Ordering::Relaxed);
-                                        }
+                                        );
                                         charge(&mut budget, &p, now);
                                         served.attached.conn.handle(p, now);
                                     }
                                     Ok(None) => break,
                                     Err(e) => {
-                                        if run_events(
+                                        run_attached(
                                             &served.broker,
-                                            &mut served.attached.conn,
+                                            &mut served.attached,
                                             &mut fanout,
-                                            &mut served.attached.qio,
-                                        ) {
-                                            served
-                                                .attached
-                                                .info
-                                                .overflowed
-                                                .store(true, Ordering::Relaxed);
-                                        }
+                                        );
                                         served.attached.conn.decode_error(&e);
                                     }
                                 }
                             }
-                            if run_events(
-                                &served.broker,
-                                &mut served.attached.conn,
-                                &mut fanout,
-                                &mut served.attached.qio,
-                            ) {
-                                served
-                                    .attached
-                                    .info
-                                    .overflowed
-                                    .store(true, Ordering::Relaxed);
-                            }
+                            run_attached(&served.broker, &mut served.attached, &mut fanout);
                         }
                         Ok(None) => break ("socket closed by client".into(), None),
                         Err(ReadError::Io(e)) => break (format!("read error: {e}"), None),
@@ -1014,18 +989,7 @@ fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
     // An async block, not an `async fn`, which would store its arguments twice; and
     // fields are reached through `served`, not bound to names the task would store.
     async move {
-        if run_events(
-            &served.broker,
-            &mut served.attached.conn,
-            fanout,
-            &mut served.attached.qio,
-        ) {
-            served
-                .attached
-                .info
-                .overflowed
-                .store(true, Ordering::Relaxed);
-        }
+        run_attached(&served.broker, &mut served.attached, fanout);
         // (A block of its own, so the writes' list is gone while the output is written.)
         {
             let mut ops = std::mem::take(&mut fanout.ops);
@@ -1110,6 +1074,14 @@ fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
         })
         .await;
         Ok(())
+    }
+}
+
+/// [`run_events`] for an attached session, noting in its `ClientInfo` that a publish
+/// overflowed a subscriber's mailbox (the flush then yields).
+fn run_attached(broker: &Arc<Broker>, attached: &mut Attached, fanout: &mut Fanout) {
+    if run_events(broker, &mut attached.conn, fanout, &mut attached.qio) {
+        attached.info.overflowed.store(true, Ordering::Relaxed);
     }
 }
 
