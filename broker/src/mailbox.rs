@@ -29,6 +29,14 @@ use std::task::{Context, Poll, Waker};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+/// Keeps `cx`'s waker in `slot` to be woken later, cloning it only when it is not the
+/// one there already (the usual case: the same task waits again).
+fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
+    }
+}
+
 /// Storage of at most this many deliveries outlives a drain. A subscriber that keeps
 /// up takes each delivery as it comes, so its queue empties after every one; freeing
 /// the storage then would cost an allocation per delivery. Larger storage (a burst) is
@@ -373,13 +381,7 @@ impl<T, C> Receiver<T, C> {
         } else if state.items.capacity() > 0 {
             state.kept = true;
         }
-        if !state
-            .item_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            state.item_waker = Some(cx.waker().clone());
-        }
+        register(&mut state.item_waker, cx);
         Poll::Pending
     }
 
@@ -409,13 +411,7 @@ impl<T, C> Receiver<T, C> {
         if state.senders == 0 {
             return Poll::Ready(None);
         }
-        if !state
-            .control_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            state.control_waker = Some(cx.waker().clone());
-        }
+        register(&mut state.control_waker, cx);
         Poll::Pending
     }
 
