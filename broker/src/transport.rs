@@ -59,13 +59,11 @@ pub fn serve(
     tls: Option<Arc<TlsContext>>,
     shutdown: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> {
+    let _ = stream.set_nodelay(true);
     match transport {
         // A plain TCP connection's task is the MQTT connection alone: no state of the
         // TLS and WebSocket setup is carried for its whole life.
-        Transport::Tcp => {
-            let _ = stream.set_nodelay(true);
-            Either::Left(connection::serve(broker, stream, peer, None, shutdown))
-        }
+        Transport::Tcp => Either::Left(connection::serve(broker, stream, peer, None, shutdown)),
         _ => Either::Right(Box::pin(upgrade_and_serve(
             transport, broker, stream, peer, tls, shutdown,
         ))),
@@ -80,7 +78,6 @@ async fn upgrade_and_serve(
     tls: Option<Arc<TlsContext>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
     let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
     // A WebSocket message holds at most about one maximum-size packet (plus slack for a
     // client that packs a small packet next to it).
