@@ -986,6 +986,13 @@ impl LogInner {
         Ok(())
     }
 
+    /// fdatasyncs the active segment's data and both index files.
+    fn sync_segment(&self, w: &Writer) -> io::Result<()> {
+        self.sync_data(w)?;
+        w.index_file.sync_data()?;
+        w.time_file.sync_data()
+    }
+
     /// Makes everything written so far visible to readers.
     fn publish(&self, w: &mut Writer) {
         let mut st = self.state.lock();
@@ -1046,10 +1053,7 @@ impl LogInner {
         if w.closed {
             return Ok(());
         }
-        let started = std::time::Instant::now();
-        w.data.sync_data()?;
-        crate::latency::DATA_SYNCS.record(started.elapsed());
-        Ok(())
+        self.sync_data(&w)
     }
 
     /// Appends the records of journal entries that the log does not hold yet (their
@@ -1082,9 +1086,7 @@ impl LogInner {
         }
         if added > 0 {
             self.flush(&mut w, &mut buf, None)?;
-            w.data.sync_data()?;
-            w.index_file.sync_data()?;
-            w.time_file.sync_data()?;
+            self.sync_segment(&w)?;
         }
         Ok((added, gap))
     }
@@ -1118,9 +1120,7 @@ impl LogInner {
             }
         }
         self.flush(w, buf, journal)?;
-        self.sync_data(w)?;
-        w.index_file.sync_data()?;
-        w.time_file.sync_data()?;
+        self.sync_segment(w)?;
         let base = w.next_offset;
         let paths = SegmentPaths::new(&self.dir, base);
         let data = OpenOptions::new()
