@@ -559,23 +559,30 @@ fn journal_thread(shared: &CommitShared, capacity: u64) {
         };
         let mut from = 0;
         for (log, end) in written.drain(..) {
-            let mut mine: Vec<Completion> = done.drain(..end - from).collect();
+            let mine = done.drain(..end - from);
             from = end;
             let result = synced
                 .as_ref()
                 .map_err(|e| io::Error::new(e.kind(), e.to_string()))
                 .and_then(|()| log.publish_durable(direct));
-            match result {
+            let ok = match result {
                 Ok(()) => {
                     if !direct {
                         j.note(&log);
                     }
-                    resolve(&mut mine, Ok);
+                    true
                 }
                 Err(e) => {
                     let _ = log.on_error(e);
-                    fail_all(&log, &mut mine, &mut appends);
+                    false
                 }
+            };
+            for (tx, offset) in mine {
+                let _ = tx.send(if ok {
+                    Ok(offset)
+                } else {
+                    Err(log.write_error())
+                });
             }
         }
     }
