@@ -481,7 +481,10 @@ fn queue_error(e: &QueueError) -> Response {
         QueueError::InvalidName(_)
         | QueueError::InvalidConfig(_)
         | QueueError::InvalidFilter(_) => 400,
-        QueueError::AlreadyExists(_) => 409,
+        // The broker's state refuses it: the queue exists, or `max_queues` is reached.
+        QueueError::AlreadyExists(_)
+        | QueueError::TooManyQueues { .. }
+        | QueueError::TooManyGroups { .. } => 409,
         _ => 500,
     };
     Response::error(status, &e.to_string())
@@ -635,6 +638,23 @@ fn render_metrics(broker: &Broker) -> String {
         "roost_retained_messages",
         "Retained messages.",
         broker.retained_count(),
+    );
+    gauge(
+        "roost_retained_bytes",
+        "Bytes of retained messages, as max_retained_bytes counts them.",
+        usize::try_from(broker.retained_bytes()).unwrap_or(usize::MAX),
+    );
+    gauge(
+        "roost_offline_timers",
+        "Offline sessions with a delayed will or an expiry scheduled.",
+        broker.offline_timer_count(),
+    );
+    gauge(
+        "roost_tasks",
+        "Tasks alive in the broker's runtime (one per connection, plus a fixed few).",
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
     );
     for (name, help, values) in [
         (

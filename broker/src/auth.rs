@@ -38,6 +38,118 @@ use crate::scram::{Credentials, Verifier};
 /// Why a CONNECT is refused: the CONNACK code and a short reason for the log.
 pub type Refusal = (ReasonCode, &'static str);
 
+/// Bounds a kind of credential check: how many run at once, how many CONNECTs may wait
+/// for one, and how many of those places one source address may hold. A password check
+/// costs ~19 MiB and tens of milliseconds of CPU (argon2 by design), so without a bound
+/// a burst of wrong passwords takes the memory of the machine; past the bound a client
+/// is refused with 0x89, server busy (3.x: return code 3), at once, without a check.
+/// The share per address keeps one script from filling the line: a client elsewhere
+/// still gets a place, and its answer within a few checks' time.
+#[derive(Debug)]
+struct CheckGate {
+    running: tokio::sync::Semaphore,
+    /// Places taken (running or waiting) by each source address.
+    by_address: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+    max_per_address: usize,
+}
+
+/// The refusal of a CONNECT that found its [`CheckGate`] full.
+const BUSY: Refusal = (
+    ReasonCode::ServerBusy,
+    "too many authentications in progress",
+);
+
+/// A place at a [`CheckGate`], given back when dropped (also when the connection times
+/// out or goes away while it waits).
+struct Place<'a> {
+    gate: &'a CheckGate,
+    address: std::net::IpAddr,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut by_address = self.gate.by_address.lock();
+        if let Some(n) = by_address.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Counts a CONNECT waiting at a [`CheckGate`] for as long as it waits.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A turn to run one check: held while it runs.
+struct Turn<'a> {
+    _running: tokio::sync::SemaphorePermit<'a>,
+    _place: Place<'a>,
+}
+
+impl CheckGate {
+    fn new(running: usize, max_waiting: usize) -> CheckGate {
+        let running = running.max(1);
+        CheckGate {
+            running: tokio::sync::Semaphore::new(running),
+            by_address: Default::default(),
+            waiting: Default::default(),
+            max_waiting,
+            // An eighth of the places, and at least as many as run at once.
+            max_per_address: (max_waiting / 8).max(running),
+        }
+    }
+
+    /// A turn to run one check for a client at `address`, waiting in line if there is
+    /// room in it for that address.
+    async fn enter(&self, address: std::net::IpAddr) -> Result<Turn<'_>, Refusal> {
+        use std::sync::atomic::Ordering;
+        {
+            let mut by_address = self.by_address.lock();
+            let n = by_address.entry(address).or_insert(0);
+            if *n >= self.max_per_address {
+                return Err(BUSY);
+            }
+            *n += 1;
+        }
+        let place = Place {
+            gate: self,
+            address,
+        };
+        if let Ok(permit) = self.running.try_acquire() {
+            return Ok(Turn {
+                _running: permit,
+                _place: place,
+            });
+        }
+        let in_line = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_waiting).then_some(n + 1)
+            });
+        if in_line.is_err() {
+            return Err(BUSY);
+        }
+        let _waiting = Waiting(&self.waiting);
+        let permit = self.running.acquire().await.map_err(|_| BUSY)?;
+        Ok(Turn {
+            _running: permit,
+            _place: place,
+        })
+    }
+}
+
+/// Requests to the auth hook in flight at once (each is a TCP connection to it).
+const HOOK_REQUESTS: usize = 256;
+
 /// The broker's authentication and authorization state.
 #[derive(Debug)]
 pub struct Auth {
@@ -49,6 +161,10 @@ pub struct Auth {
     acl: Option<Arc<AclHandle>>,
     hook: Option<AuthHook>,
     hook_error: ReasonCode,
+    /// Password checks (`max_auth_checks`, `max_auth_waiting`).
+    password_checks: CheckGate,
+    /// Questions to the hook ([`HOOK_REQUESTS`], `max_auth_waiting`).
+    hook_requests: CheckGate,
 }
 
 impl Auth {
@@ -98,6 +214,8 @@ impl Auth {
             acl,
             hook,
             hook_error,
+            password_checks: CheckGate::new(config.max_auth_checks, config.max_auth_waiting),
+            hook_requests: CheckGate::new(HOOK_REQUESTS, config.max_auth_waiting),
         })
     }
 
@@ -134,7 +252,8 @@ impl Auth {
     }
 
     /// Decides whether the client of `connect` (with `client_id` in use) may connect.
-    /// The password check is slow by design, so it runs on the blocking pool.
+    /// The password check is slow by design, so it runs on the blocking pool, a bounded
+    /// number at a time (see [`CheckGate`]).
     pub async fn authenticate(
         &self,
         connect: &Connect,
@@ -156,11 +275,13 @@ impl Auth {
         };
         let passwords = self.passwords.load_full();
         if passwords.contains(user) || (self.password_path.is_some() && self.hook.is_none()) {
+            let turn = self.password_checks.enter(peer.ip()).await?;
             let user = user.to_owned();
             let password = password.map(<[u8]>::to_vec).unwrap_or_default();
             let ok = tokio::task::spawn_blocking(move || passwords.verify(&user, &password))
                 .await
                 .unwrap_or(false);
+            drop(turn);
             return if ok {
                 Ok(())
             } else {
@@ -203,7 +324,10 @@ impl Auth {
                 ProtocolVersion::V5 => "5.0",
             },
         };
-        match hook.check(request).await {
+        let turn = self.hook_requests.enter(peer.ip()).await?;
+        let answer = hook.check(request).await;
+        drop(turn);
+        match answer {
             HookAnswer::Allow => Ok(()),
             HookAnswer::Deny => Err((
                 ReasonCode::BadUserNameOrPassword,

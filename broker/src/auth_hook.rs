@@ -271,9 +271,10 @@ fn parse_response(buf: &[u8], complete: bool) -> Option<HookAnswer> {
     let raw_body = &buf[head_end + 4..];
     let body = if chunked {
         match dechunk(raw_body) {
-            Some(b) => b,
-            None if complete => return Some(HookAnswer::Error),
-            None => return None,
+            Chunked::Done(b) => b,
+            Chunked::Malformed => return Some(HookAnswer::Error),
+            Chunked::Partial if complete => return Some(HookAnswer::Error),
+            Chunked::Partial => return None,
         }
     } else if let Some(len) = content_length {
         if raw_body.len() < len {
@@ -309,23 +310,42 @@ fn body_answer(body: &[u8]) -> HookAnswer {
     }
 }
 
-/// Decodes a complete chunked body; `None` until the last chunk has arrived.
-fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+/// A chunked body as far as it has arrived.
+#[derive(Debug, PartialEq, Eq)]
+enum Chunked {
+    /// The last chunk arrived: the decoded body.
+    Done(Vec<u8>),
+    /// More is to come.
+    Partial,
+    /// Not a chunked body roost reads: a size that is not hex, or a chunk larger than
+    /// a whole response may be.
+    Malformed,
+}
+
+/// Decodes a chunked body. The chunk sizes come from whatever answers at the hook's
+/// address, so they are checked, never trusted in arithmetic.
+fn dechunk(mut raw: &[u8]) -> Chunked {
     let mut out = Vec::new();
     loop {
-        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
-        let size_text = size_text.split(';').next()?.trim();
-        let size = usize::from_str_radix(size_text, 16).ok()?;
+        let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return Chunked::Partial;
+        };
+        let size = std::str::from_utf8(&raw[..line_end])
+            .ok()
+            .and_then(|line| line.split(';').next())
+            .and_then(|size| usize::from_str_radix(size.trim(), 16).ok());
+        let Some(size) = size.filter(|&size| size <= RESPONSE_MAX) else {
+            return Chunked::Malformed;
+        };
         raw = &raw[line_end + 2..];
         if size == 0 {
-            return Some(out);
+            return Chunked::Done(out);
         }
-        if raw.len() < size + 2 {
-            return None;
-        }
-        out.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
+        let (Some(chunk), Some(rest)) = (raw.get(..size), raw.get(size + 2..)) else {
+            return Chunked::Partial;
+        };
+        out.extend_from_slice(chunk);
+        raw = rest;
     }
 }
 
@@ -406,6 +426,29 @@ mod tests {
         assert_eq!(
             parse_response(b"SMTP 200\r\n\r\n", true),
             Some(HookAnswer::Error)
+        );
+    }
+
+    /// Chunk sizes come from the network: one past `usize` arithmetic, or larger than
+    /// a response may be, is an error answer, never a panic or a wait for more.
+    #[test]
+    fn hostile_chunk_sizes_are_errors() {
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "10001", "zz", ""] {
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nabc\r\n0\r\n\r\n"
+            );
+            assert_eq!(
+                parse_response(response.as_bytes(), false),
+                Some(HookAnswer::Error),
+                "chunk size {size:?}"
+            );
+        }
+        let partial = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffff\r\nabc";
+        assert_eq!(parse_response(partial, false), None);
+        assert_eq!(parse_response(partial, true), Some(HookAnswer::Error));
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n0\r\n\r\n"),
+            Chunked::Done(b"abc".to_vec())
         );
     }
 

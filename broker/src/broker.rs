@@ -27,11 +27,13 @@ use tokio::sync::oneshot;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::lifecycle::{Deadlines, OfflineTimers};
 use crate::mailbox::{self, TrySendError};
 use crate::metrics::{DropReason, Limit, Metrics};
 use crate::persist::{self, Loaded, Op, Store};
 use crate::protocol::Limits;
 use crate::rate::TokenBucket;
+use crate::retained::{self, Retained, Scan};
 use crate::session::{Delivery, QueueFull, Session, ShareRef};
 use roost_queue::Queues;
 
@@ -47,6 +49,22 @@ thread_local! {
     /// [`Broker::publish`] returns. Per thread rather than in [`Fanout`], which every
     /// connection task carries (and whose size is every idle connection's cost).
     static OVERFLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts one more in `count` unless it holds `max` already; the guard gives it back.
+fn enter(count: &AtomicUsize, max: usize) -> Option<impl Drop + '_> {
+    struct Entered<'a>(&'a AtomicUsize);
+    impl Drop for Entered<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Entered(count))
 }
 
 /// The broker's side of a connection's mailbox: deliveries and control requests.
@@ -69,15 +87,42 @@ pub struct Blocked {
 }
 
 /// What routing a publish produced for its publisher to finish.
+///
+/// Every connection task holds one across its flush, so what only slow subscribers
+/// and capturing queues need is boxed, and created when first needed.
 #[derive(Default)]
 pub struct Fanout {
     /// Store writes to make (and wait for) before acknowledging.
     pub ops: Vec<Op>,
+    /// What else to wait for before acknowledging, if anything.
+    pub waits: Option<Box<Waits>>,
+}
+
+/// What a publisher waits for besides its store writes.
+#[derive(Default)]
+pub struct Waits {
     /// Deliveries to wait for room for before acknowledging.
     pub blocked: Vec<Blocked>,
+    /// A bit per connection id modulo 64 of the connections in `blocked`: a clear bit
+    /// says at once that a connection has nothing blocked, so routing a batch with a
+    /// few blocked subscribers does not scan the blocked list for every delivery.
+    pub blocked_mask: u64,
     /// Copies into queues whose capture filters matched, to wait for before
     /// acknowledging (already queued for writing, in order).
     pub captures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl Fanout {
+    fn waits(&mut self) -> &mut Waits {
+        self.waits.get_or_insert_default()
+    }
+
+    /// True when routing left nothing to do but the store writes.
+    pub fn only_ops(&self) -> bool {
+        self.waits
+            .as_ref()
+            .is_none_or(|w| w.blocked.is_empty() && w.captures.is_empty())
+    }
 }
 
 /// Waits (each at most `wait` from now) for room for blocked deliveries. Returns the
@@ -198,13 +243,17 @@ struct Shard {
     slots: HashTable<(Arc<str>, Slot)>,
     /// The broker's hasher, to rehash entries when the table grows.
     hasher: RandomState,
+    /// Sessions in all shards together (shared by the shards, kept by their inserts
+    /// and removes), for `max_sessions` without visiting every shard.
+    total: Arc<AtomicUsize>,
 }
 
 impl Shard {
-    fn new(hasher: &RandomState) -> Self {
+    fn new(hasher: &RandomState, total: &Arc<AtomicUsize>) -> Self {
         Shard {
             slots: HashTable::new(),
             hasher: hasher.clone(),
+            total: total.clone(),
         }
     }
 
@@ -232,6 +281,7 @@ impl Shard {
             hash_table::Entry::Occupied(mut e) => Some(std::mem::replace(&mut e.get_mut().1, slot)),
             hash_table::Entry::Vacant(e) => {
                 e.insert((id.clone(), slot));
+                self.total.fetch_add(1, Ordering::Relaxed);
                 None
             }
         }
@@ -242,11 +292,8 @@ impl Shard {
             .slots
             .find_entry(key.hash, |(id, _)| **id == *key.id)
             .ok()?;
+        self.total.fetch_sub(1, Ordering::Relaxed);
         Some(entry.remove().0.1)
-    }
-
-    fn len(&self) -> usize {
-        self.slots.len()
     }
 
     fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Slot)> {
@@ -277,6 +324,8 @@ pub enum Attach {
     TakingOver(oneshot::Receiver<Handover>),
     /// No session existed (or it was discarded): start fresh.
     Fresh,
+    /// No session existed, and `max_sessions` are held: refused, nothing attached.
+    Refused,
 }
 
 /// Shared broker state; one per process, behind an `Arc`.
@@ -293,14 +342,22 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     router: Router,
     shards: Vec<Mutex<Shard>>,
+    /// Sessions in the map, live and stored (see [`Shard::total`]).
+    sessions: Arc<AtomicUsize>,
     hasher: RandomState,
-    retained: RwLock<HashMap<String, Arc<Message>>>,
+    retained: RwLock<Retained>,
     next_id: AtomicU64,
     connections: AtomicUsize,
     /// Most connections open at once since start.
     connections_max: AtomicUsize,
     /// Most connections open at once since [`Broker::take_connection_peak`].
     connections_peak: AtomicUsize,
+    /// When offline sessions' wills are due and when they expire.
+    timers: OfflineTimers,
+    /// Refused connections being answered (see [`Broker::start_refusal`]).
+    refusing: AtomicUsize,
+    /// TLS and WebSocket handshakes in progress (see [`Broker::start_handshake`]).
+    handshakes: AtomicUsize,
     /// Connections per source address, kept only under `max_connections_per_ip`.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// New connections allowed, under `max_connect_rate`.
@@ -314,6 +371,10 @@ pub struct Broker {
 impl Broker {
     /// A broker over `store`; call [`Broker::restore`] with what the store loaded.
     pub fn new(config: Config, store: Store, auth: Auth, queues: Queues) -> Arc<Broker> {
+        let retained = Retained::new(retained::Bounds {
+            messages: config.max_retained_messages,
+            bytes: config.max_retained_bytes,
+        });
         let connect_rate = (config.max_connect_rate > 0).then(|| {
             Mutex::new(TokenBucket::new(
                 f64::from(config.max_connect_rate),
@@ -321,6 +382,7 @@ impl Broker {
             ))
         });
         let hasher = RandomState::new();
+        let sessions = Arc::new(AtomicUsize::new(0));
         Arc::new(Broker {
             queues,
             metrics: Arc::default(),
@@ -329,14 +391,18 @@ impl Broker {
             auth,
             router: Router::new(),
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard::new(&hasher)))
+                .map(|_| Mutex::new(Shard::new(&hasher, &sessions)))
                 .collect(),
+            sessions,
             hasher,
-            retained: RwLock::new(HashMap::new()),
+            retained: RwLock::new(retained),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             connections_max: AtomicUsize::new(0),
             connections_peak: AtomicUsize::new(0),
+            refusing: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            timers: OfflineTimers::default(),
             per_ip: Mutex::new(HashMap::new()),
             connect_rate,
             store,
@@ -358,7 +424,7 @@ impl Broker {
         {
             let mut retained = self.retained.write();
             for m in loaded.retained {
-                retained.insert(m.topic.clone(), Arc::new(m));
+                retained.load(m);
             }
         }
         let now_ms = persist::instant_to_unix_ms(Instant::now());
@@ -462,6 +528,19 @@ impl Broker {
         Ok(())
     }
 
+    /// Counts a refused connection that is being answered, unless `max` are already;
+    /// the count is given back when the returned guard is dropped.
+    pub fn start_refusal(&self, max: usize) -> Option<impl Drop + '_> {
+        enter(&self.refusing, max)
+    }
+
+    /// Counts a TLS or WebSocket handshake in progress, unless `max` are already (they
+    /// come before the connection is counted against `max_connections`); the count is
+    /// given back when the returned guard is dropped.
+    pub fn start_handshake(&self, max: usize) -> Option<impl Drop + '_> {
+        enter(&self.handshakes, max)
+    }
+
     /// The most connections open at once since the last call.
     pub fn take_connection_peak(&self) -> usize {
         self.connections_peak
@@ -489,7 +568,7 @@ impl Broker {
 
     /// Number of sessions, live and stored.
     pub fn session_count(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
+        self.sessions.load(Ordering::Relaxed)
     }
 
     /// Number of open client connections (counted from accept, before CONNECT).
@@ -575,7 +654,8 @@ impl Broker {
 
     /// Registers `handle` as the live connection of `client_id` and says what became
     /// of the previous session. With `clean_start` a stored session is discarded here
-    /// (its subscriptions leave the router and a pending will is published).
+    /// (its subscriptions leave the router and a pending will is published). A new
+    /// session past `max_sessions` is refused.
     pub fn attach(
         self: &Arc<Self>,
         client_id: &Arc<str>,
@@ -583,10 +663,17 @@ impl Broker {
         handle: ConnectionHandle,
     ) -> Attach {
         let key = self.key(client_id);
-        let previous = self
-            .shard(key)
-            .lock()
-            .insert(key, client_id, Slot::Online(handle));
+        let previous = {
+            let mut shard = self.shard(key).lock();
+            let max = self.config.max_sessions;
+            if max > 0 && self.session_count() >= max && shard.get(key).is_none() {
+                self.metrics.limit_tripped(Limit::Sessions, 1);
+                return Attach::Refused;
+            }
+            shard.insert(key, client_id, Slot::Online(handle))
+        };
+        // Connected again: an offline session's will and expiry no longer apply.
+        self.timers.cancel(client_id);
         match previous {
             None => Attach::Fresh,
             Some(Slot::Online(old)) => {
@@ -731,63 +818,94 @@ impl Broker {
         None
     }
 
+    /// Schedules an offline session's delayed will and expiry (seconds from now) on
+    /// the broker's one clock of offline sessions ([`Broker::run_offline_timers`]).
     fn schedule_offline_timers(
-        self: &Arc<Self>,
+        &self,
         client_id: Arc<str>,
         generation: u64,
         will_delay: u32,
         expiry: u32,
     ) {
-        if will_delay > 0 && will_delay < expiry {
-            let broker = Arc::clone(self);
-            let id = client_id.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(will_delay))).await;
-                let mut out = Fanout::default();
-                let key = broker.key(&id);
-                let will = match broker.shard(key).lock().get_mut(key) {
-                    Some(Slot::Offline {
-                        session,
-                        generation: g,
-                    }) if *g == generation => {
-                        let will = session.pending_will.take().map(|w| *w);
-                        if will.is_some() && session.stored {
-                            let record = persist::encode_session(session, false, None);
-                            out.ops.push(Op::PutSession(id.clone(), record));
-                        }
-                        will
-                    }
+        let now = Instant::now();
+        let after = |secs: u32| now + Duration::from_secs(u64::from(secs));
+        self.timers.schedule(
+            &client_id,
+            Deadlines {
+                generation,
+                // A will delay as long as the expiry ends with the session.
+                will_at: (will_delay > 0 && will_delay < expiry).then(|| after(will_delay)),
+                expire_at: (expiry != u32::MAX).then(|| after(expiry)),
+            },
+        );
+    }
+
+    /// Serves the offline sessions' deadlines until the broker is dropped: the one
+    /// task that publishes delayed wills and ends expired sessions.
+    pub async fn run_offline_timers(self: Arc<Self>) {
+        loop {
+            let now = Instant::now();
+            for (client, deadlines) in self.timers.take_due(now) {
+                self.offline_deadline(&client, deadlines, now);
+            }
+            self.timers.wait().await;
+        }
+    }
+
+    /// Offline sessions with a will or expiry scheduled.
+    pub fn offline_timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// An offline session's deadline has come: its session expires, or its delayed
+    /// will is published (and its expiry scheduled again). Nothing happens if the
+    /// client has connected since (the session in the map is another generation).
+    fn offline_deadline(self: &Arc<Self>, client: &Arc<str>, deadlines: Deadlines, now: Instant) {
+        let key = self.key(client);
+        let ours = |slot: Option<&Slot>| matches!(slot, Some(Slot::Offline { generation, .. }) if *generation == deadlines.generation);
+        if deadlines.expire_at.is_some_and(|t| t <= now) {
+            let expired = {
+                let mut shard = self.shard(key).lock();
+                match ours(shard.get(key)).then(|| shard.remove(key)).flatten() {
+                    Some(Slot::Offline { session, .. }) => Some(session),
                     _ => None,
-                };
-                if let Some(w) = will {
-                    broker.publish_will(&id, w, &mut out);
                 }
-                broker.finish_detached(out);
-            });
+            };
+            if let Some(session) = expired {
+                tracing::debug!(client_id = %client, "session expired");
+                self.discard_session(*session);
+            }
+            return;
         }
-        if expiry != u32::MAX {
-            let broker = Arc::clone(self);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-                let expired = {
-                    let key = broker.key(&client_id);
-                    let mut shard = broker.shard(key).lock();
-                    match shard.get(key) {
-                        Some(Slot::Offline { generation: g, .. }) if *g == generation => {
-                            match shard.remove(key) {
-                                Some(Slot::Offline { session, .. }) => Some(session),
-                                _ => None,
-                            }
-                        }
-                        _ => None,
+        let mut out = Fanout::default();
+        let will = {
+            let mut shard = self.shard(key).lock();
+            if !ours(shard.get(key)) {
+                return;
+            }
+            match shard.get_mut(key) {
+                Some(Slot::Offline { session, .. }) => {
+                    let will = session.pending_will.take().map(|w| *w);
+                    if will.is_some() && session.stored {
+                        let record = persist::encode_session(session, false, None);
+                        out.ops.push(Op::PutSession(client.clone(), record));
                     }
-                };
-                if let Some(session) = expired {
-                    tracing::debug!(client_id = %client_id, "session expired");
-                    broker.discard_session(*session);
+                    will
                 }
-            });
+                _ => None,
+            }
+        };
+        self.timers.schedule(
+            client,
+            Deadlines {
+                will_at: None,
+                ..deadlines
+            },
+        );
+        if let Some(w) = will {
+            self.publish_will(client, w, &mut out);
         }
+        self.finish_detached(out);
     }
 
     /// Publishes a will message now, as from `client_id`, storing what it queues.
@@ -810,7 +928,7 @@ impl Broker {
             publisher: Some(client_id.clone()),
             received_at: Instant::now(),
         });
-        self.publish(msg, out);
+        let _ = self.publish(msg, out, false);
     }
 
     /// Adds a subscription of `client_id` to the router. `raw` may be `$share/...`.
@@ -849,48 +967,34 @@ impl Broker {
         }
     }
 
-    /// The retained messages a new subscription should receive, as deliveries.
-    pub fn retained_for(
+    /// The reading of the retained messages a new subscription of `raw` should get,
+    /// if any (see [`Broker::read_retained`]).
+    pub fn retained_to_send(
         &self,
         raw: &str,
         options: roost_core::SubscriptionOptions,
-        identifier: Option<u32>,
         existed: bool,
-        now: Instant,
-    ) -> Vec<Delivery> {
-        let Ok(f) = topic::parse_filter(raw) else {
-            return Vec::new();
-        };
-        // Shared subscriptions never get retained messages on subscribe.
+    ) -> Option<Scan> {
+        let f = topic::parse_filter(raw).ok()?;
         let wanted = match options.retain_handling {
             RetainHandling::SendAtSubscribe => true,
             RetainHandling::SendIfNew => !existed,
             RetainHandling::DoNotSend => false,
         };
-        if f.share_group.is_some() || !wanted {
-            return Vec::new();
-        }
-        let retained = self.retained.read();
-        let matching = |(name, msg): (&String, &Arc<Message>)| {
-            (topic::matches(f.filter, name) && !msg.is_expired(now)).then(|| Delivery {
-                msg: msg.clone(),
-                qos: msg.qos.min(options.qos),
-                retain: true,
-                subscription_ids: identifier.into_iter().collect(),
-                share: None,
-                seq: None,
-                queue: None,
-            })
-        };
-        if topic::has_wildcard(f.filter) {
-            retained.iter().filter_map(matching).collect()
-        } else {
-            retained
-                .get_key_value(f.filter)
-                .and_then(matching)
-                .into_iter()
-                .collect()
-        }
+        // Shared subscriptions never get retained messages on subscribe.
+        (wanted && f.share_group.is_none()).then(|| Scan::new(f.filter))
+    }
+
+    /// Moves a reading of the retained messages on by one step: up to `max` matching
+    /// messages go into `found`. True when the reading is over.
+    pub fn read_retained(
+        &self,
+        scan: &mut Scan,
+        max: usize,
+        now: Instant,
+        found: &mut Vec<Arc<Message>>,
+    ) -> bool {
+        self.retained.read().scan(scan, max, now, found)
     }
 
     /// Number of retained messages.
@@ -898,24 +1002,51 @@ impl Broker {
         self.retained.read().len()
     }
 
+    /// Bytes of retained messages, as `max_retained_bytes` counts them.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained.read().bytes()
+    }
+
     /// Routes a message to every matching subscription; keeps it first if retained.
     /// What the publisher must wait for before acknowledging goes into `out`. True when
     /// a subscriber's mailbox was full and a delivery was dropped (QoS 0): its publisher
     /// should let subscribers run before it routes more.
-    pub fn publish(&self, msg: Arc<Message>, out: &mut Fanout) -> bool {
+    ///
+    /// A retained message that `max_retained_messages` or `max_retained_bytes` leaves
+    /// no room for is not kept (counted, and logged at debug level). With
+    /// `refuse_unretainable` (a v5 publisher at QoS 1/2, which can be told) it is not
+    /// routed either: `Err` names the bound, and the publisher gets 0x97.
+    pub fn publish(
+        &self,
+        msg: Arc<Message>,
+        out: &mut Fanout,
+        refuse_unretainable: bool,
+    ) -> Result<bool, retained::Full> {
         OVERFLOWED.set(false);
         if msg.retain {
-            let mut retained = self.retained.write();
-            if msg.payload.is_empty() {
-                if retained.remove(&msg.topic).is_some() {
-                    out.ops.push(Op::DeleteRetained(msg.topic.clone()));
-                }
-            } else {
-                retained.insert(msg.topic.clone(), msg.clone());
-                out.ops.push(Op::PutRetained(
+            let change = self.retained.write().apply(&msg);
+            match change {
+                Ok(retained::Change::Stored) => out.ops.push(Op::PutRetained(
                     msg.topic.clone(),
                     persist::encode_retained(&msg),
-                ));
+                )),
+                Ok(retained::Change::Cleared) => {
+                    out.ops.push(Op::DeleteRetained(msg.topic.clone()));
+                }
+                Ok(retained::Change::None) => {}
+                Err(full) => {
+                    self.metrics.limit_tripped(
+                        match full {
+                            retained::Full::Messages => Limit::RetainedMessages,
+                            retained::Full::Bytes => Limit::RetainedBytes,
+                        },
+                        1,
+                    );
+                    tracing::debug!(topic = %msg.topic, "retained message not kept: {full:?} bound reached");
+                    if refuse_unretainable {
+                        return Err(full);
+                    }
+                }
             }
         }
         self.capture(&msg, out);
@@ -929,7 +1060,7 @@ impl Broker {
             });
             self.deliver_shared(&msg, group, share, None, out);
         }
-        OVERFLOWED.take()
+        Ok(OVERFLOWED.take())
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the
@@ -1054,7 +1185,7 @@ impl Broker {
 
     /// Hands a delivery to a live connection or queues it in a stored session (not
     /// with `online_only`). A QoS 1/2 delivery to a persistent session is stored first.
-    /// A QoS 1/2 delivery to a connection whose channel is full goes to `out.blocked`
+    /// A QoS 1/2 delivery to a connection whose channel is full goes to `out`'s blocked
     /// (the publisher waits for room, bounded) unless that connection is known to be
     /// stalled. Returns false when it was not taken.
     fn deliver(
@@ -1082,7 +1213,10 @@ impl Broker {
             Some(Slot::Online(h)) => {
                 let stored = h.info.persistent && d.qos != QoS::AtMostOnce;
                 // Behind a blocked delivery to the same client, keep the order.
-                let queued_behind = out.blocked.iter().any(|b| b.client_id == *client_id);
+                let bit = 1u64 << (h.info.id % 64);
+                let queued_behind = out.waits.as_ref().is_some_and(|w| {
+                    w.blocked_mask & bit != 0 && w.blocked.iter().any(|b| b.client_id == *client_id)
+                });
                 let taken = if queued_behind {
                     Err(d)
                 } else if stored {
@@ -1111,7 +1245,10 @@ impl Broker {
                         if stored {
                             self.store_delivery(client_id, &mut d, out);
                         }
-                        out.blocked.push(Blocked {
+
+                        let waits = out.waits();
+                        waits.blocked_mask |= bit;
+                        waits.blocked.push(Blocked {
                             client_id: client_id.clone(),
                             sender: h.mailbox.clone(),
                             client: h.info.clone(),
@@ -1174,7 +1311,7 @@ impl Broker {
         for queue in self.queues.capturing(&msg.topic) {
             let produce = queue.produce(crate::queues::captured_message(msg));
             let name = queue.name().to_owned();
-            out.captures.push(Box::pin(async move {
+            out.waits().captures.push(Box::pin(async move {
                 if let Err(e) = produce.await {
                     tracing::warn!(queue = %name, "captured message not stored: {e}");
                 }
@@ -1185,23 +1322,29 @@ impl Broker {
     /// Publishes a message that no client sent (status topics), in the background.
     pub fn publish_detached(&self, msg: Arc<Message>) {
         let mut out = Fanout::default();
-        let _ = self.publish(msg, &mut out);
+        let _ = self.publish(msg, &mut out, false);
         self.finish_detached(out);
     }
 
     /// Stores what a routing step outside any connection produced, and waits in the
     /// background (bounded) for room for its blocked deliveries.
     fn finish_detached(&self, out: Fanout) {
-        for capture in out.captures {
+        self.store.submit_detached(out.ops);
+        let Some(waits) = out.waits else {
+            return;
+        };
+        let Waits {
+            blocked, captures, ..
+        } = *waits;
+        for capture in captures {
             tokio::spawn(capture);
         }
-        self.store.submit_detached(out.ops);
-        if !out.blocked.is_empty() {
+        if !blocked.is_empty() {
             let wait = self.delivery_wait();
             let store = self.store.clone();
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
-                let undo = send_blocked(out.blocked, wait, &metrics).await;
+                let undo = send_blocked(blocked, wait, &metrics).await;
                 store.submit_detached(undo);
             });
         }

@@ -83,6 +83,30 @@ pub struct Config {
     /// acknowledges nothing) is disconnected (v5: DISCONNECT 0x97). Its session, if
     /// persistent, keeps queueing. 0: never. Default 60000.
     pub slow_consumer_timeout_ms: u64,
+    /// Password checks (argon2, ~19 MiB and tens of milliseconds each) run at once.
+    /// Default: one per CPU core.
+    pub max_auth_checks: usize,
+    /// CONNECTs that may wait for a password check (or an auth hook answer) while the
+    /// checks are busy, one source address holding at most an eighth of the places;
+    /// past it a client is refused with CONNACK 0x89 server busy (3.x: return code 3)
+    /// at once. Default 64.
+    pub max_auth_waiting: usize,
+    /// Sessions held, connected or stored (a persistent session stays after its
+    /// client leaves, until it expires); a CONNECT that would create one more is
+    /// refused with CONNACK 0x97 (3.x: return code 3). 0: no limit. Default 1000000.
+    pub max_sessions: usize,
+    /// Retained messages held; a retained publish to a new topic past it is not
+    /// retained (v5 QoS 1/2: refused with PUBACK/PUBREC 0x97). 0: no limit. Default
+    /// 1000000.
+    pub max_retained_messages: usize,
+    /// Payload and topic bytes of all retained messages together; past it as
+    /// `max_retained_messages`. 0: no limit. Default 256 MiB.
+    pub max_retained_bytes: u64,
+    /// `$queue/` queues that clients and the admin API may create; a publish or
+    /// subscribe that would create one more is refused (PUBACK 0x97, SUBACK 0x97 /
+    /// 3.x 0x80). Queues declared in the file are always created. 0: no limit.
+    /// Default 1000.
+    pub max_queues: usize,
     /// Listeners for MQTT over TLS (needs `tls_cert` and `tls_key`).
     pub tls_bind: Vec<SocketAddr>,
     /// Listeners for MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
@@ -213,6 +237,12 @@ impl Default for Config {
             max_subscriptions_per_client: 10_000,
             max_queued_bytes: 64 * 1024 * 1024,
             slow_consumer_timeout_ms: 60_000,
+            max_auth_checks: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_auth_waiting: 64,
+            max_sessions: 1_000_000,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            max_queues: 1000,
             tls_bind: Vec::new(),
             ws_bind: Vec::new(),
             wss_bind: Vec::new(),
@@ -310,6 +340,24 @@ pub struct Cli {
     /// Milliseconds a client's outbound buffer may stay full before it is disconnected; 0: never [default: 60000].
     #[arg(long, value_name = "MS")]
     pub slow_consumer_timeout_ms: Option<u64>,
+    /// Password checks run at once [default: one per CPU core].
+    #[arg(long, value_name = "N")]
+    pub max_auth_checks: Option<usize>,
+    /// CONNECTs waiting for a password check before more get CONNACK 0x89 [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_auth_waiting: Option<usize>,
+    /// Sessions held, connected or stored; 0: no limit [default: 1000000].
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// Retained messages held; 0: no limit [default: 1000000].
+    #[arg(long, value_name = "N")]
+    pub max_retained_messages: Option<usize>,
+    /// Bytes of retained messages held; 0: no limit [default: 268435456].
+    #[arg(long, value_name = "BYTES")]
+    pub max_retained_bytes: Option<u64>,
+    /// `$queue/` queues clients and the admin API may create; 0: no limit [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_queues: Option<usize>,
     /// Listen for MQTT over TLS on ADDR:PORT; repeatable (needs --tls-cert, --tls-key).
     #[arg(long, value_name = "ADDR:PORT")]
     pub tls_bind: Vec<SocketAddr>,
@@ -472,7 +520,13 @@ impl Config {
             max_publish_bytes_rate,
             max_subscriptions_per_client,
             max_queued_bytes,
-            slow_consumer_timeout_ms
+            slow_consumer_timeout_ms,
+            max_auth_checks,
+            max_auth_waiting,
+            max_sessions,
+            max_retained_messages,
+            max_retained_bytes,
+            max_queues
         );
         if let Some(d) = cli.storage_durability {
             config.storage.durability = d;
@@ -539,6 +593,10 @@ impl Config {
         if self.max_connections == 0 {
             bail!("max_connections: must be at least 1");
         }
+        if self.max_auth_checks == 0 {
+            bail!("max_auth_checks: must be at least 1");
+        }
+
         if self.storage.sync_interval_ms == 0 {
             bail!("storage.sync_interval_ms: must be at least 1");
         }

@@ -24,7 +24,8 @@ use tracing::{debug, info};
 use crate::acl::{Access, Authorizer};
 use crate::auth;
 use crate::broker::{
-    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, send_blocked,
+    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, Waits,
+    send_blocked,
 };
 use crate::mailbox;
 use crate::metrics::{AuthFailure, DropReason, Limit};
@@ -78,10 +79,42 @@ where
 }
 
 /// An attached connection: what its task holds while it serves the session.
+///
+/// It holds the connection's count (see [`Broker::try_add_connection`]): dropping it
+/// gives the count back, however the task ends, a panic or an abort included. (The
+/// count lives here rather than in a guard of its own, which would add its bytes to
+/// every idle connection's task.)
 struct Served<S> {
     broker: Arc<Broker>,
     io: Io<S>,
     attached: Attached,
+}
+
+impl<S> Drop for Served<S> {
+    fn drop(&mut self) {
+        self.broker.remove_connection(self.attached.info.peer.ip());
+    }
+}
+
+/// A connection counted by [`Broker::try_add_connection`] before it is [`Served`]:
+/// dropping it gives the count back, so a handshake that fails, times out or panics
+/// never keeps a `max_connections` (or per-address) slot.
+struct Counted<'a> {
+    broker: &'a Broker,
+    ip: std::net::IpAddr,
+}
+
+impl Counted<'_> {
+    /// The count passes to the [`Served`] connection.
+    fn into_served(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.broker.remove_connection(self.ip);
+    }
 }
 
 /// Counts the connection and runs the handshake; `None` when the connection is over.
@@ -101,9 +134,14 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin>(
         refuse_over_limit(&broker, &mut io, limit).await;
         return None;
     }
+    let counted = Counted {
+        broker: &broker,
+        ip: peer.ip(),
+    };
     broker.metrics.connection_accepted();
     match handshake(&broker, &mut io, peer, peer_identity).await {
         Ok(mut attached) => {
+            counted.into_served();
             // Shutdown reaches attached connections through their mailboxes; one that
             // was signalled before this session was in the map ends here.
             if *shutdown.borrow() {
@@ -122,7 +160,6 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(why) => {
             debug!(%peer, "connection ended: {why}");
-            broker.remove_connection(peer.ip());
             None
         }
     }
@@ -208,8 +245,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 
     /// Half-closes and lingers briefly so the last bytes written reach the client.
     async fn close_gracefully(&mut self) {
-        let _ = self.stream.shutdown().await;
+        self.shut_down().await;
         let _ = tokio::time::timeout(LINGER, self.discard_until_eof()).await;
+    }
+
+    /// Half-closes the stream, waiting at most [`LINGER`] for the transport to do so.
+    async fn shut_down(&mut self) {
+        let _ = tokio::time::timeout(LINGER, self.stream.shutdown()).await;
     }
 
     /// Reads and drops input until the peer closes (bounded by the caller's timeout).
@@ -222,9 +264,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         }
     }
 
-    /// Writes all of `bytes`. A client that takes no byte for the broker's
-    /// `slow_consumer_timeout` fails the write with [`std::io::ErrorKind::TimedOut`]:
-    /// a peer that stopped reading must not hold its connection task forever.
+    /// Writes all of `bytes`. A client that does not take the next [`WRITE_PROGRESS`]
+    /// bytes within the broker's `slow_consumer_timeout` fails the write with
+    /// [`std::io::ErrorKind::TimedOut`]: a peer that stopped reading, or reads a few
+    /// bytes now and then to look alive, must not hold its connection task (which
+    /// meanwhile answers no takeover) for ever.
     ///
     /// One poll function rather than an `async fn` (which would store its arguments
     /// twice): this future is part of every connection task's size. The socket usually
@@ -242,8 +286,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             if let Poll::Ready(done) = self.poll_write_all(cx, broker, bytes, &mut written) {
                 return Poll::Ready(done);
             }
-            if written != before {
-                // Progress: the stall clock starts again.
+            if written / WRITE_PROGRESS != before / WRITE_PROGRESS {
+                // Another WRITE_PROGRESS bytes taken: the stall clock starts again.
                 stall_timer = None;
             }
             let Some(limit) = broker.slow_consumer_timeout() else {
@@ -312,7 +356,18 @@ enum ReadError {
     Io(std::io::Error),
 }
 
-/// Reads the CONNECT of a connection over a connection limit and refuses it.
+/// Longest wait for the CONNECT of a connection that is refused anyway (it needs the
+/// CONNECT's protocol version to be told why, in a CONNACK it can read).
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
+
+/// Refused connections waiting for their CONNECT at once; past it, further ones are
+/// closed without a CONNACK. Refused connections are not counted by
+/// `max_connections`, so this is what bounds the sockets and tasks a flood of them holds.
+const REFUSALS_IN_PROGRESS: usize = 256;
+
+/// Reads the CONNECT of a connection over a connection limit, refuses it, and closes
+/// at once: a refused connection costs a task and a socket for at most
+/// [`REFUSAL_WAIT`], and at most [`REFUSALS_IN_PROGRESS`] of them at a time.
 async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(
     broker: &Broker,
     io: &mut Io<S>,
@@ -329,14 +384,20 @@ async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(
         ),
         _ => (ReasonCode::QuotaExceeded, "too many connections"),
     };
-    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    let Some(_refusing) = broker.start_refusal(REFUSALS_IN_PROGRESS) else {
+        debug!("connection closed unanswered: {} reached", limit.label());
+        return;
+    };
+    let wait = REFUSAL_WAIT.min(Duration::from_secs(u64::from(
+        broker.config.connect_timeout,
+    )));
     if let Ok(Ok(Some(Packet::Connect(c)))) =
-        tokio::time::timeout(timeout, io.read_packet(broker, None)).await
+        tokio::time::timeout(wait, io.read_packet(broker, None)).await
     {
         let mut out = BytesMut::new();
         protocol::write_refusal(c.protocol, code, why, &mut out);
-        let _ = io.write(broker, &out).await;
-        io.close_gracefully().await;
+        let _ = tokio::time::timeout(wait, io.write(broker, &out)).await;
+        io.shut_down().await;
     }
     debug!("connection refused: {} reached", limit.label());
 }
@@ -454,6 +515,15 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         info: info.clone(),
     };
     let previous = match broker.attach(&client_id, plan.clean_start, handle) {
+        Attach::Refused => {
+            info!(client_id = %client_id, %peer, "connection refused: max_sessions reached");
+            let mut out = BytesMut::new();
+            let why = "too many sessions";
+            protocol::write_refusal(connect.protocol, ReasonCode::QuotaExceeded, why, &mut out);
+            let _ = io.write(broker, &out).await;
+            io.close_gracefully().await;
+            return Err(format!("CONNECT refused: {why}"));
+        }
         Attach::Fresh => None,
         Attach::Resumed(s) => Some(*s),
         Attach::TakingOver(rx) => match rx.await {
@@ -500,10 +570,11 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             identifier: r.identifier,
             existed: true,
             consumer_group: None,
+            held: None,
         })
         .collect();
     for event in queue_subs {
-        queue_subscription(broker, &conn, &qio, &event);
+        queue_subscription(broker, &mut conn, &qio, &event);
     }
 
     Ok(Attached {
@@ -554,13 +625,22 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     &served.attached.conn,
                     &mut outbound_full_since,
                 );
-                let deadline = [served.attached.conn.next_deadline(), throttle, slow]
-                    .into_iter()
-                    .flatten()
-                    .min();
+                // Retained messages still to send for a new subscription: at once.
+                let retained = served.attached.conn.wants_retained().then(Instant::now);
+                let deadline = [
+                    served.attached.conn.next_deadline(),
+                    throttle,
+                    slow,
+                    retained,
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 (
                     deadline,
-                    served.attached.qio.is_held_back() || throttle.is_some(),
+                    served.attached.qio.is_held_back()
+                        || throttle.is_some()
+                        || served.attached.conn.inbound_full(),
                 )
             };
             // What woke the task is handled after the wait, so that what handling it needs
@@ -593,6 +673,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                             // throttled client's rest waits in the buffer).
                             while served.attached.conn.close_reason().is_none()
                                 && !over_budget(&mut budget, now)
+                                && !served.attached.conn.inbound_full()
                             {
                                 match codec::decode(
                                     &mut served.io.read_buf,
@@ -629,7 +710,9 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                         let now = Instant::now();
                         served.attached.conn.deliver(d, now);
                         for _ in 1..DELIVERY_BATCH {
-                            if !served.attached.conn.has_room() {
+                            if !served.attached.conn.has_room()
+                                || served.attached.conn.output_len() >= DELIVERY_BATCH_BYTES
+                            {
                                 break;
                             }
                             match served.attached.mailbox.try_recv() {
@@ -692,6 +775,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                             );
                         }
                         served.attached.conn.tick(now);
+                        read_retained(&served.broker, &mut served.attached.conn, now);
                     }
                 }
             }
@@ -714,8 +798,8 @@ enum Woke {
     Timer,
 }
 
-/// Flushes what is left, hands the session on, closes the socket, and uncounts the
-/// connection.
+/// Flushes what is left, hands the session on, closes the socket, and (dropping
+/// `served`) uncounts the connection.
 async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     mut served: Served<S>,
     outcome: String,
@@ -723,36 +807,44 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut fanout = Fanout::default();
     let _ = flush(&mut served, &mut fanout).await;
-    let Served {
-        broker,
-        mut io,
-        attached,
-    } = served;
-    let broker = &broker;
-    let io = &mut io;
-    let Attached {
-        conn,
-        mailbox,
-        qio: _,
-        info,
-    } = attached;
-    let client_id = conn.client_id().clone();
+    let client_id = served.attached.conn.client_id().clone();
     // Closing with unread input makes the kernel send RST, which can destroy the
     // DISCONNECT we just wrote before the client reads it. So when roost ends the
     // connection, it half-closes, settles the session, then reads and discards what
     // the client still sends, for a short while.
-    let linger = conn.close_reason().is_some_and(|c| !c.by_client);
-    let _ = io.stream.shutdown().await;
+    let linger = served
+        .attached
+        .conn
+        .close_reason()
+        .is_some_and(|c| !c.by_client);
+    served.io.shut_down().await;
     debug!(client_id = %client_id, "disconnected: {outcome}");
-    let (session, will) = conn.finish();
+    if served
+        .attached
+        .conn
+        .close_reason()
+        .is_some_and(|c| c.reason == ReasonCode::ReceiveMaximumExceeded)
+    {
+        served
+            .broker
+            .metrics
+            .limit_tripped(Limit::InboundInflight, 1);
+    }
+    let (session, will) = served.attached.conn.finish();
     end_session(
-        broker, &client_id, info.id, session, will, taken_over, mailbox,
+        &served.broker,
+        &client_id,
+        served.attached.info.id,
+        session,
+        will,
+        taken_over,
+        &mut served.attached.mailbox,
     )
     .await;
     if linger {
-        let _ = tokio::time::timeout(LINGER, io.discard_until_eof()).await;
+        let _ = tokio::time::timeout(LINGER, served.io.discard_until_eof()).await;
     }
-    broker.remove_connection(info.peer.ip());
+    // Dropping `served` gives the connection's count back.
 }
 
 /// Authenticates the client of `connect` and checks its will topic against the ACL.
@@ -767,7 +859,11 @@ async fn admit(
     if !transport_authenticated
         && let Err((code, why)) = broker.auth.authenticate(connect, client_id, peer).await
     {
-        broker.metrics.auth_failed(AuthFailure::from_code(code));
+        if code == ReasonCode::ServerBusy {
+            broker.metrics.limit_tripped(Limit::AuthWaiting, 1);
+        } else {
+            broker.metrics.auth_failed(AuthFailure::from_code(code));
+        }
         return Err((code, why));
     }
     let access = broker
@@ -908,8 +1004,17 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// How long a connection that roost closed keeps reading (and discarding) input.
+/// How long a connection that roost closed keeps reading (and discarding) input; also
+/// the longest wait for a transport's own close (a TLS close_notify or a WebSocket
+/// close frame to a peer that reads nothing would wait for ever).
 const LINGER: Duration = Duration::from_secs(1);
+
+/// Bytes a client must take within `slow_consumer_timeout` to count as progressing.
+const WRITE_PROGRESS: usize = 16 * 1024;
+
+/// Output past which a batch of deliveries stops, to be written before more are taken:
+/// 256 deliveries of large messages would otherwise be encoded at once.
+const DELIVERY_BATCH_BYTES: usize = 256 * 1024;
 
 /// Hands the session to the broker (stored or ended) or to the connection that took
 /// the client id over.
@@ -921,7 +1026,7 @@ async fn end_session(
     mut session: Session,
     will: Option<roost_core::LastWill>,
     taken_over: Option<tokio::sync::oneshot::Sender<Handover>>,
-    mut mailbox: Mailbox,
+    mailbox: &mut Mailbox,
 ) {
     // Queue messages this connection held go back to their queues now, for another
     // consumer (or this client when it returns); the session does not keep them.
@@ -929,7 +1034,7 @@ async fn end_session(
     session.drop_queue_deliveries();
     let (mut session, will, reply) = match taken_over {
         Some(reply) => (session, will, reply),
-        None => match broker.detach(conn_id, session, will, &mut mailbox) {
+        None => match broker.detach(conn_id, session, will, mailbox) {
             None => return,
             // Taken over while we were ending: the successor waits for the session.
             Some((session, will)) => loop {
@@ -993,20 +1098,24 @@ fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
         // (A block of its own, so the writes' list is gone while the output is written.)
         {
             let mut ops = std::mem::take(&mut fanout.ops);
-            // Copies into capturing queues are acknowledged only once stored.
-            for capture in std::mem::take(&mut fanout.captures) {
-                capture.await;
-            }
-            if !fanout.blocked.is_empty() {
-                // Backpressure: the acknowledgements wait until slow subscribers have room.
-                let blocked = std::mem::take(&mut fanout.blocked);
-                // Boxed: rare, and its state would otherwise enlarge every connection's task.
+            if let Some(waits) = fanout.waits.take() {
+                // Boxed: rare, and its state would otherwise enlarge every connection's
+                // task. Copies into capturing queues are acknowledged only once stored;
+                // with slow subscribers, the acknowledgements wait until they have room.
+                let broker = &served.broker;
                 ops.extend(
-                    Box::pin(send_blocked(
-                        blocked,
-                        served.broker.delivery_wait(),
-                        &served.broker.metrics,
-                    ))
+                    Box::pin(async move {
+                        let Waits {
+                            blocked, captures, ..
+                        } = *waits;
+                        for capture in captures {
+                            capture.await;
+                        }
+                        if blocked.is_empty() {
+                            return Vec::new();
+                        }
+                        send_blocked(blocked, broker.delivery_wait(), &broker.metrics).await
+                    })
                     .await,
                 );
             }
@@ -1046,6 +1155,7 @@ fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
             Limit::SubscriptionsPerClient,
             u64::from(counts.subscriptions_refused),
         );
+
         if served.attached.conn.has_output() {
             let out = served.attached.conn.take_output();
             if let Err(e) = served.io.write(&served.broker, &out).await {
@@ -1112,7 +1222,18 @@ fn run_events(
         match event {
             Event::Publish(msg) => {
                 broker.metrics.received(msg.qos, msg.payload.len());
-                overflowed |= broker.publish(msg, fanout);
+                overflowed |= broker.publish(msg, fanout, false).unwrap_or(false);
+            }
+            Event::RetainedPublish { msg, ack } => {
+                broker.metrics.received(msg.qos, msg.payload.len());
+                let reason = match broker.publish(msg, fanout, true) {
+                    Ok(o) => {
+                        overflowed |= o;
+                        ReasonCode::Success
+                    }
+                    Err(_) => ReasonCode::QuotaExceeded,
+                };
+                conn.resolve_ack(ack, reason);
             }
             Event::Subscribe { .. } if queue_subscription(broker, conn, qio, &event) => {}
             Event::Subscribe {
@@ -1123,8 +1244,8 @@ fn run_events(
                 ..
             } => {
                 broker.subscribe(&filter, conn.client_id(), options, identifier);
-                for d in broker.retained_for(&filter, options, identifier, existed, now) {
-                    conn.deliver(d, now);
+                if let Some(scan) = broker.retained_to_send(&filter, options, existed) {
+                    conn.read_retained(scan, options, identifier);
                 }
             }
             Event::Unsubscribe { filter } => {
@@ -1155,7 +1276,21 @@ fn run_events(
     }
     acks.settle(broker, conn.client_id());
     conn.recycle_events(events);
+    // The first step of new subscriptions' retained messages goes out with their SUBACK.
+    read_retained(broker, conn, now);
     overflowed
+}
+
+/// Takes one step of the oldest unfinished reading of retained messages, if the
+/// connection has room for more; the serving loop comes back for the next step once
+/// this one is written (see [`Connection::retained_wanted`]).
+fn read_retained(broker: &Broker, conn: &mut Connection, now: Instant) {
+    let Some((scan, max)) = conn.retained_wanted() else {
+        return;
+    };
+    let mut found = Vec::new();
+    let done = broker.read_retained(scan, max, now, &mut found);
+    conn.deliver_retained(found, done, now);
 }
 
 /// Acks of one connection for one queue and group, gathered in arrival order.
@@ -1317,14 +1452,21 @@ fn start_produce(
     }
 }
 
-/// Joins the consumer group a `$queue/` subscription names; false for other filters.
-fn queue_subscription(broker: &Broker, conn: &Connection, qio: &QueueIo, event: &Event) -> bool {
+/// Joins the consumer group a `$queue/` subscription names, and settles its place in
+/// the SUBACK with the outcome; false for other filters.
+fn queue_subscription(
+    broker: &Broker,
+    conn: &mut Connection,
+    qio: &QueueIo,
+    event: &Event,
+) -> bool {
     let Event::Subscribe {
         filter,
         options,
         identifier,
         consumer_group,
-        ..
+        existed,
+        held,
     } = event
     else {
         return false;
@@ -1336,12 +1478,9 @@ fn queue_subscription(broker: &Broker, conn: &Connection, qio: &QueueIo, event: 
         broker
             .queues
             .get(&f.queue)
-            .ok_or_else(|| "no such queue".to_string())
+            .ok_or_else(|| roost_queue::QueueError::NotFound(f.queue.clone()))
     } else {
-        broker
-            .queues
-            .get_or_create(&f.queue)
-            .map_err(|e| e.to_string())
+        broker.queues.get_or_create(&f.queue)
     };
     // v5 consumers take as many as their Receive Maximum; 3.x ones the queue's window.
     let window = if conn.version().is_v5() {
@@ -1356,16 +1495,27 @@ fn queue_subscription(broker: &Broker, conn: &Connection, qio: &QueueIo, event: 
         *identifier,
         conn.version(),
     ));
-    match queue.and_then(|q| {
-        q.join(&f.group, conn.client_id().clone(), window, sink)
-            .map_err(|e| e.to_string())
-    }) {
+    let joined = queue.and_then(|q| q.join(&f.group, conn.client_id().clone(), window, sink));
+    let outcome = match joined {
         Ok(()) => {
-            debug!(client_id = %conn.client_id(), queue = %f.queue, group = %f.group, "joined queue group")
+            debug!(client_id = %conn.client_id(), queue = %f.queue, group = %f.group, "joined queue group");
+            Ok(())
         }
         Err(e) => {
-            info!(client_id = %conn.client_id(), queue = %f.queue, "cannot consume from queue: {e}")
+            info!(client_id = %conn.client_id(), queue = %f.queue, "cannot consume from queue: {e}");
+            let limit = match e {
+                roost_queue::QueueError::TooManyQueues { .. } => Some(Limit::Queues),
+                roost_queue::QueueError::TooManyGroups { .. } => Some(Limit::ConsumerGroups),
+                _ => None,
+            };
+            if let Some(limit) = limit {
+                broker.metrics.limit_tripped(limit, 1);
+            }
+            Err(queues::subscribe_reason(&e))
         }
+    };
+    if let Some(slot) = held {
+        conn.settle_subscription(*slot, filter, *existed, outcome);
     }
     true
 }
@@ -1403,6 +1553,9 @@ fn queue_publish(
                 Ok(q) => q,
                 Err(e) => {
                     debug!(client_id = %conn.client_id(), queue = %name, "cannot produce: {e}");
+                    if matches!(e, roost_queue::QueueError::TooManyQueues { .. }) {
+                        broker.metrics.limit_tripped(Limit::Queues, 1);
+                    }
                     return resolve(conn, e.reason_code());
                 }
             };

@@ -59,11 +59,27 @@ pub enum Limit {
     QueuedBytes,
     /// `slow_consumer_timeout_ms`: a client disconnected.
     SlowConsumer,
+    /// `max_auth_waiting`: a CONNECT refused with 0x89 (server busy).
+    AuthWaiting,
+    /// `max_sessions`: a CONNECT refused.
+    Sessions,
+    /// `max_retained_messages`: a retained message not retained.
+    RetainedMessages,
+    /// `max_retained_bytes`: a retained message not retained.
+    RetainedBytes,
+    /// `max_queues`: a queue not created.
+    Queues,
+    /// `max_consumer_groups`: a consumer group not created.
+    ConsumerGroups,
+    /// `max_inflight` inbound: a client sent more unacknowledged QoS 1/2 publishes than
+    /// its Receive Maximum (v5: disconnected with 0x93; 3.x: not read from until
+    /// acknowledgements make room).
+    InboundInflight,
 }
 
 impl Limit {
     /// Every limit, in the order `/metrics` lists them.
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 15] = [
         Limit::Connections,
         Limit::ConnectionsPerIp,
         Limit::ConnectRate,
@@ -72,6 +88,13 @@ impl Limit {
         Limit::SubscriptionsPerClient,
         Limit::QueuedBytes,
         Limit::SlowConsumer,
+        Limit::AuthWaiting,
+        Limit::Sessions,
+        Limit::RetainedMessages,
+        Limit::RetainedBytes,
+        Limit::Queues,
+        Limit::ConsumerGroups,
+        Limit::InboundInflight,
     ];
 
     /// The label value: the config key of the limit.
@@ -85,6 +108,13 @@ impl Limit {
             Limit::SubscriptionsPerClient => "max_subscriptions_per_client",
             Limit::QueuedBytes => "max_queued_bytes",
             Limit::SlowConsumer => "slow_consumer_timeout_ms",
+            Limit::AuthWaiting => "max_auth_waiting",
+            Limit::Sessions => "max_sessions",
+            Limit::RetainedMessages => "max_retained_messages",
+            Limit::RetainedBytes => "max_retained_bytes",
+            Limit::Queues => "max_queues",
+            Limit::ConsumerGroups => "max_consumer_groups",
+            Limit::InboundInflight => "max_inflight",
         }
     }
 }

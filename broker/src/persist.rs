@@ -262,7 +262,14 @@ fn writer(
         let result = if failed.load(Ordering::Acquire) {
             Err(StoreError::Failed)
         } else {
-            let r = write_jobs(&spaces, &jobs).and_then(|()| match durability {
+            // A panic in the store (an assertion on a record it cannot take) fails the
+            // store like an I/O error would, rather than leaving every later write
+            // waiting on a dead thread.
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_jobs(&spaces, &jobs)
+            }))
+            .unwrap_or(Err(StoreError::Failed));
+            let r = written.and_then(|()| match durability {
                 Durability::Fsync => sync(&spaces).map_err(db_err),
                 Durability::Buffered => Ok(()),
             });

@@ -25,6 +25,7 @@ use roost_core::{
 use crate::acl::{Access, Authorizer};
 use crate::config::Config;
 use crate::persist::Op;
+use crate::retained::Scan;
 use crate::scram;
 use crate::session::{
     Delivery, Inflight, InflightState, QueueBound, QueueFull, QueueRef, Session, SubscriptionRecord,
@@ -81,6 +82,15 @@ impl Default for Limits {
 pub enum Event {
     /// Route this message to subscribers (and store it if retained).
     Publish(Arc<Message>),
+    /// A v5 QoS 1/2 retained publish: route and retain it, or refuse it with 0x97 when
+    /// the retained bounds leave no room, then resolve `ack` (see
+    /// [`Connection::resolve_ack`]).
+    RetainedPublish {
+        /// The message.
+        msg: Arc<Message>,
+        /// The deferred acknowledgement.
+        ack: AckToken,
+    },
     /// Add (or replace) this subscription in the router, then send retained messages
     /// as its options say.
     Subscribe {
@@ -92,8 +102,13 @@ pub enum Event {
         identifier: Option<u32>,
         /// True when the session already had this subscription (retain handling 1).
         existed: bool,
-        /// The v5 `consumer-group` user property, for `$queue/` subscriptions.
-        consumer_group: Option<String>,
+        /// The v5 `consumer-group` user property, for `$queue/` subscriptions (shared by
+        /// every queue filter of the SUBSCRIBE, and absent for other filters).
+        consumer_group: Option<Arc<str>>,
+        /// For a `$queue/` subscription from a SUBSCRIBE: the SUBACK waits for the
+        /// broker to say whether the queue and group could be joined (or created), with
+        /// [`Connection::settle_subscription`].
+        held: Option<HeldSlot>,
     },
     /// Remove this subscription from the router.
     Unsubscribe {
@@ -119,6 +134,47 @@ pub enum Event {
 
 /// Identifies a deferred acknowledgement of an inbound publish.
 pub type AckToken = u64;
+
+/// A filter's place in a SUBACK that waits for the broker (see [`Event::Subscribe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldSlot {
+    packet_id: PacketId,
+    index: usize,
+}
+
+/// A SUBACK waiting for the broker's word on its `$queue/` filters.
+#[derive(Debug)]
+struct HeldSubAck {
+    packet_id: PacketId,
+    reasons: Vec<ReasonCode>,
+    /// Places of repeated filters, each with the place whose reason code it repeats.
+    repeats: Vec<(usize, usize)>,
+    /// Filters not settled yet.
+    open: usize,
+}
+
+/// The places of a SUBSCRIBE's filters that repeat a later one, each with that later
+/// place: a filter given twice is subscribed once, with its last options (as if each
+/// replaced the one before), and every place gets the same reason code. Without this
+/// one packet of a few thousand copies of one filter would be as many subscriptions'
+/// work (and retained messages).
+fn repeated_filters(filters: &[(String, SubscriptionOptions)]) -> Vec<(usize, usize)> {
+    if filters.len() < 2 {
+        return Vec::new();
+    }
+    let mut last = std::collections::HashMap::with_capacity(filters.len());
+    for (i, (raw, _)) in filters.iter().enumerate() {
+        last.insert(raw.as_str(), i);
+    }
+    filters
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (raw, _))| {
+            let at = last.get(raw.as_str()).copied().unwrap_or(i);
+            (at != i).then_some((i, at))
+        })
+        .collect()
+}
 
 /// An acknowledgement of an inbound QoS 1/2 publish, kept in arrival order: MQTT
 /// wants PUBACKs (and PUBRECs) in the order of their PUBLISHes, and a queue publish is
@@ -164,6 +220,11 @@ pub enum ConnectRefusal {
     Close(&'static str),
 }
 
+/// Longest client id accepted. The session store keys a session's records by its client
+/// id and a few bytes more, and its keys hold at most 65535 bytes; MQTT allows a 65535
+/// byte id, so the longest few are refused (0x85, 3.x return code 2) rather than stored.
+pub const MAX_CLIENT_ID_BYTES: usize = 65_000;
+
 /// Checks a CONNECT and decides the session parameters. `assign_id` makes a client id
 /// when the client sent none and may have one.
 pub fn plan_connect(
@@ -207,6 +268,11 @@ pub fn plan_connect(
             ));
         }
         (Arc::<str>::from(assign_id()), true)
+    } else if c.client_id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(ConnectRefusal::Code(
+            ReasonCode::ClientIdentifierNotValid,
+            "client id longer than 65000 bytes",
+        ));
     } else {
         (Arc::<str>::from(c.client_id.as_str()), false)
     };
@@ -317,7 +383,26 @@ struct Extensions {
     outbound_aliases: std::collections::HashMap<String, u16>,
     /// Set for a client that authenticated with SCRAM: it may re-authenticate.
     reauth: Option<ReAuth>,
+    /// SUBACKs waiting for the broker to settle their `$queue/` filters, in order.
+    held_subacks: Vec<HeldSubAck>,
+    /// New subscriptions' retained messages still to send, in order.
+    retained_reads: std::collections::VecDeque<RetainedRead>,
 }
+
+/// A new subscription's reading of the retained messages, a chunk at a time.
+#[derive(Debug)]
+struct RetainedRead {
+    scan: Scan,
+    options: SubscriptionOptions,
+    identifier: Option<u32>,
+}
+
+/// Most retained messages taken in one chunk.
+const RETAINED_CHUNK: usize = 256;
+
+/// Output past which no more retained messages are taken until it is written: QoS 0
+/// ones go straight to the output, so this is what paces them to the socket.
+const RETAINED_OUTPUT_MAX: usize = 64 * 1024;
 
 /// What a SCRAM-authenticated connection needs to re-authenticate (AUTH 0x19).
 #[derive(Debug)]
@@ -458,7 +543,12 @@ impl Connection {
         }
     }
 
-    /// True when there are bytes waiting to be written.
+    /// Bytes waiting to be written.
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// True when there is output to write.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
     }
@@ -493,6 +583,89 @@ impl Connection {
     /// connection stops taking them, which makes publishers wait.
     pub fn has_room(&self) -> bool {
         self.limits.max_queued.has_room(&self.session.pending)
+    }
+
+    /// Sends `filter`'s retained messages to the client, a chunk at a time (see
+    /// [`Connection::retained_wanted`]).
+    pub fn read_retained(
+        &mut self,
+        scan: Scan,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) {
+        self.extensions
+            .get_or_insert_default()
+            .retained_reads
+            .push_back(RetainedRead {
+                scan,
+                options,
+                identifier,
+            });
+    }
+
+    /// How many retained messages the connection takes now for its oldest unfinished
+    /// read, with that read's scan: none while its output or session queue is full.
+    pub fn retained_wanted(&mut self) -> Option<(&mut Scan, usize)> {
+        let wanted = self.retained_room();
+        let read = self.extensions.as_mut()?.retained_reads.front_mut()?;
+        (wanted > 0).then_some((&mut read.scan, wanted))
+    }
+
+    /// True when [`Connection::retained_wanted`] has a step to take now.
+    pub fn wants_retained(&self) -> bool {
+        self.retained_room() > 0
+    }
+
+    fn retained_room(&self) -> usize {
+        let Some(read) = self
+            .extensions
+            .as_ref()
+            .and_then(|e| e.retained_reads.front())
+        else {
+            return 0;
+        };
+        if self.out.len() >= RETAINED_OUTPUT_MAX || self.close.is_some() {
+            return 0;
+        }
+        match read.options.qos {
+            QoS::AtMostOnce => RETAINED_CHUNK,
+            _ => self
+                .limits
+                .max_queued
+                .messages
+                .saturating_sub(self.session.pending.len())
+                .min(RETAINED_CHUNK),
+        }
+    }
+
+    /// Delivers what a step of the oldest retained read found; `done` ends that read.
+    pub fn deliver_retained(&mut self, found: Vec<Arc<Message>>, done: bool, now: Instant) {
+        let Some(read) = self
+            .extensions
+            .as_mut()
+            .and_then(|e| e.retained_reads.front())
+        else {
+            return;
+        };
+        let (options, identifier) = (read.options, read.identifier);
+        for msg in found {
+            let qos = msg.qos.min(options.qos);
+            self.deliver(
+                Delivery {
+                    msg,
+                    qos,
+                    retain: true,
+                    subscription_ids: identifier.into_iter().collect(),
+                    share: None,
+                    seq: None,
+                    queue: None,
+                },
+                now,
+            );
+        }
+        if done && let Some(e) = self.extensions.as_mut() {
+            e.retained_reads.pop_front();
+        }
     }
 
     /// Events for the broker, in order.
@@ -568,10 +741,14 @@ impl Connection {
         self.fail(e.reason_code(), &e.to_string());
     }
 
-    /// Consumes the connection when it has ended: the session to keep (or drop) and
-    /// the will to publish, if any.
-    pub fn finish(self) -> (Session, Option<LastWill>) {
-        (self.session, self.will.map(|w| *w))
+    /// Takes the session to keep (or drop) and the will to publish, if any, from a
+    /// connection that has ended (which is left with an empty session).
+    pub fn finish(&mut self) -> (Session, Option<LastWill>) {
+        let empty = Session::new(self.session.client_id.clone());
+        (
+            std::mem::replace(&mut self.session, empty),
+            self.will.take().map(|w| *w),
+        )
     }
 
     /// Handles one packet from the client.
@@ -776,6 +953,15 @@ impl Connection {
                 );
             }
         }
+        if p.qos != QoS::AtMostOnce && self.inbound_unacknowledged() >= self.limits.max_inflight {
+            // A 3.x client is not read from while it is at the bound (see
+            // `inbound_full`), so only a v5 client that ignores its Receive Maximum
+            // (QoS 1 publishes whose acknowledgements wait for a queue) gets here.
+            return self.fail(
+                ReasonCode::ReceiveMaximumExceeded,
+                "more unacknowledged publishes than receive maximum",
+            );
+        }
         let packet_id = p.packet_id;
         let qos = p.qos;
         if !self.may(Access::Write, &p.topic) {
@@ -806,8 +992,41 @@ impl Connection {
             self.events.push(Event::QueuePublish { msg, ack });
             return;
         }
+        if msg.retain && qos != QoS::AtMostOnce && self.version.is_v5() {
+            // Only the broker knows whether there is room to retain it.
+            let ack = self.defer_ack(packet_id, qos);
+            if let Some(a) = self.acks.back_mut() {
+                a.why = "retained message bounds reached";
+            }
+            self.events.push(Event::RetainedPublish { msg, ack });
+            return;
+        }
         self.events.push(Event::Publish(msg));
         self.ack_publish(packet_id, qos, ReasonCode::Success, "");
+    }
+
+    /// Inbound QoS 1/2 publishes the client has no PUBACK/PUBCOMP for yet: QoS 1 ones
+    /// whose acknowledgement waits (for a queue, or behind one that does) and QoS 2
+    /// ones before PUBREL. What the client's Receive Maximum bounds.
+    fn inbound_unacknowledged(&self) -> u16 {
+        let cheap = self.acks.len() + self.session.incoming_qos2.len();
+        if cheap < usize::from(self.limits.max_inflight) {
+            // An upper bound (QoS 2 acks are counted twice) that is already under it.
+            return cheap as u16;
+        }
+        let qos1 = self
+            .acks
+            .iter()
+            .filter(|a| a.qos == QoS::AtLeastOnce)
+            .count();
+        u16::try_from(qos1 + self.session.incoming_qos2.len()).unwrap_or(u16::MAX)
+    }
+
+    /// True while a 3.x client is at its bound of unacknowledged inbound publishes
+    /// (`max_inflight`; 3.x has no Receive Maximum to tell it): it is not read from
+    /// until acknowledgements make room, so its pending acknowledgements stay bounded.
+    pub fn inbound_full(&self) -> bool {
+        !self.version.is_v5() && self.acks.len() >= usize::from(self.limits.max_inflight)
     }
 
     /// Acknowledges an inbound publish now, or after the deferred ones before it.
@@ -976,14 +1195,23 @@ impl Connection {
 
     fn on_subscribe(&mut self, s: Subscribe) {
         let identifier = s.properties.subscription_identifiers.first().copied();
-        let consumer_group = s
+        let consumer_group: Option<Arc<str>> = s
             .properties
             .user_properties
             .iter()
             .find(|(k, _)| k == "consumer-group")
-            .map(|(_, v)| v.clone());
+            .map(|(_, v)| v.as_str().into());
+        let repeats = repeated_filters(&s.filters);
         let mut reasons = Vec::with_capacity(s.filters.len());
-        for (raw, options) in s.filters {
+        let mut held = 0;
+        // `repeats` is in the order of the places.
+        let mut next_repeat = repeats.iter().map(|&(at, _)| at).peekable();
+        for (i, (raw, options)) in s.filters.into_iter().enumerate() {
+            if next_repeat.next_if_eq(&i).is_some() {
+                // Given its reason code when the SUBACK is sent, from the last place.
+                reasons.push(ReasonCode::Success);
+                continue;
+            }
             let parsed = match topic::parse_filter(&raw) {
                 Ok(f) if topic::level_count(f.filter) <= self.limits.max_topic_levels => f,
                 _ => {
@@ -1022,28 +1250,96 @@ impl Connection {
                 .insert(raw.clone(), record)
                 .is_some();
             self.record_dirty = true;
+            let queue = crate::queues::is_queue_filter(&raw);
+            let slot = queue.then(|| {
+                held += 1;
+                HeldSlot {
+                    packet_id: s.packet_id,
+                    index: reasons.len(),
+                }
+            });
             self.events.push(Event::Subscribe {
                 filter: raw,
                 options,
                 identifier,
                 existed,
-                consumer_group: consumer_group.clone(),
+                consumer_group: consumer_group.clone().filter(|_| queue),
+                held: slot,
             });
             reasons.push(ReasonCode::granted(options.qos));
+        }
+        if held > 0 {
+            self.extensions
+                .get_or_insert_default()
+                .held_subacks
+                .push(HeldSubAck {
+                    packet_id: s.packet_id,
+                    reasons,
+                    repeats,
+                    open: held,
+                });
+        } else {
+            self.send_suback(s.packet_id, reasons, &repeats);
+        }
+    }
+
+    fn send_suback(
+        &mut self,
+        packet_id: PacketId,
+        mut reasons: Vec<ReasonCode>,
+        repeats: &[(usize, usize)],
+    ) {
+        for &(at, from) in repeats {
+            reasons[at] = reasons[from];
         }
         let why = if reasons.contains(&ReasonCode::NotAuthorized) {
             "not authorized"
         } else if reasons.contains(&ReasonCode::QuotaExceeded) {
-            "too many subscriptions"
+            "quota exceeded"
         } else {
             "invalid topic filter"
         };
         let properties = self.problem_properties(reasons.iter().any(|r| r.is_error()), why);
         self.send(Packet::SubAck(SubAck {
-            packet_id: s.packet_id,
+            packet_id,
             reasons,
             properties,
         }));
+    }
+
+    /// The broker's word on a `$queue/` subscription of a held SUBACK (see
+    /// [`Event::Subscribe`]): `Err` refuses it with that reason code (and the session
+    /// forgets the filter, unless it had it before). The SUBACK is sent once each of
+    /// its queue filters is settled.
+    pub fn settle_subscription(
+        &mut self,
+        slot: HeldSlot,
+        filter: &str,
+        existed: bool,
+        outcome: Result<(), ReasonCode>,
+    ) {
+        let Some(extensions) = self.extensions.as_mut() else {
+            return;
+        };
+        let Some(at) = extensions
+            .held_subacks
+            .iter()
+            .position(|h| h.packet_id == slot.packet_id)
+        else {
+            return;
+        };
+        let held = &mut extensions.held_subacks[at];
+        if let (Err(code), Some(reason)) = (outcome, held.reasons.get_mut(slot.index)) {
+            *reason = code;
+        }
+        held.open -= 1;
+        let done = (held.open == 0).then(|| extensions.held_subacks.remove(at));
+        if outcome.is_err() && !existed {
+            self.session.subscriptions.remove(filter);
+        }
+        if let Some(done) = done {
+            self.send_suback(done.packet_id, done.reasons, &done.repeats);
+        }
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) {
@@ -1159,7 +1455,13 @@ impl Connection {
         // later ones the alias alone (MQTT 5.0 §3.3.2.3.4); aliases live as long as
         // this network connection, so a resumed session starts afresh.
         if self.client_alias_maximum > 0 {
-            let most = usize::from(self.client_alias_maximum);
+            // The client's maximum, but no more than the broker's own: each alias holds
+            // a copy of its topic for the connection's life, and the client picks the
+            // number.
+            let most = usize::from(
+                self.client_alias_maximum
+                    .min(self.limits.topic_alias_maximum),
+            );
             let aliases = &mut self.extensions.get_or_insert_default().outbound_aliases;
             if let Some(&alias) = aliases.get(&d.msg.topic) {
                 view.topic = "";

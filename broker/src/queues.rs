@@ -180,6 +180,18 @@ fn decode_headers(headers: &Bytes) -> (Properties, String) {
     }
 }
 
+/// The SUBACK reason code of a `$queue/` subscription that failed with `e`.
+pub fn subscribe_reason(e: &roost_queue::QueueError) -> ReasonCode {
+    use roost_queue::QueueError;
+    match e {
+        QueueError::TooManyQueues { .. } | QueueError::TooManyGroups { .. } => {
+            ReasonCode::QuotaExceeded
+        }
+        QueueError::InvalidName(_) | QueueError::InvalidFilter(_) => ReasonCode::TopicFilterInvalid,
+        _ => ReasonCode::UnspecifiedError,
+    }
+}
+
 /// The reason code a producer gets for a failed produce.
 pub fn produce_reason(e: &ProduceError) -> ReasonCode {
     e.reason_code()

@@ -107,6 +107,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         declared.map_err(|e| anyhow::anyhow!("queues.{name}: {e}"))?;
     }
+    // After the declared queues: the bound is for what clients and the API create.
+    queues.set_max_queues(config.max_queues);
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
     let broker = Broker::new(config, store, auth, queues);
     broker.restore(loaded);
@@ -120,6 +122,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ))
     });
     let memory = tokio::spawn(crate::memory::release_after_disconnects(broker.clone()));
+    let offline_timers = tokio::spawn(broker.clone().run_offline_timers());
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -188,6 +191,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         connections.shutdown().await;
     }
     queue_timers.abort();
+    offline_timers.abort();
     memory.abort();
     if let Some(sys) = sys_topics {
         sys.abort();

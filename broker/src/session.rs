@@ -182,11 +182,23 @@ pub struct SubscriptionRecord {
     pub identifier: Option<u32>,
 }
 
-/// The hasher of a session's own maps: fixed keys make each map 16 bytes smaller than
-/// with `RandomState`, in every connected client. Only the client chooses these keys
-/// (its filters and packet ids), so colliding ones could slow down no one but itself,
-/// within its subscription and in-flight limits.
-pub type FixedState = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+/// The hasher of a session's own maps: keyed once per process, at random, and held in
+/// no map, so each map is 16 bytes smaller than with its own `RandomState` (in every
+/// connected client). The keys must not be fixed: the client chooses what goes in
+/// these maps (its filters), and a set of filters precomputed to collide would make
+/// every lookup a scan of them, on a worker thread other clients share.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessKeyed;
+
+impl std::hash::BuildHasher for ProcessKeyed {
+    type Hasher = std::collections::hash_map::DefaultHasher;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        KEYS.get_or_init(Default::default).build_hasher()
+    }
+}
 
 /// The session state of one client id.
 #[derive(Debug)]
@@ -194,13 +206,13 @@ pub struct Session {
     /// Client identifier (possibly assigned by the broker).
     pub client_id: Arc<str>,
     /// Subscriptions by raw filter (with any `$share/<group>/` prefix).
-    pub subscriptions: HashMap<String, SubscriptionRecord, FixedState>,
+    pub subscriptions: HashMap<String, SubscriptionRecord, ProcessKeyed>,
     /// Outgoing QoS 1/2 messages in send order.
     pub inflight: VecDeque<Inflight>,
     /// Messages waiting for a free slot in the window or for the client to return.
     pub pending: Pending,
     /// Incoming QoS 2 packet ids for which PUBREC was sent and PUBREL not yet seen.
-    pub incoming_qos2: HashSet<PacketId, FixedState>,
+    pub incoming_qos2: HashSet<PacketId, ProcessKeyed>,
     /// Seconds the session lives after its connection ends (`u32::MAX`: forever).
     pub expiry_interval: u32,
     /// A will waiting for its delay to pass (set when the connection ended). Boxed:

@@ -92,6 +92,12 @@ async fn upgrade_and_serve(
         }
     };
     let mut stop = shutdown.clone();
+    // Held until the handshake is done (dropped with it below, or with the task).
+    let counter = broker.clone();
+    let Some(handshaking) = counter.start_handshake(HANDSHAKES_IN_PROGRESS) else {
+        debug!(%peer, "closed: {HANDSHAKES_IN_PROGRESS} handshakes in progress");
+        return;
+    };
     macro_rules! handshake {
         ($what:literal, $fut:expr) => {
             tokio::select! {
@@ -113,9 +119,13 @@ async fn upgrade_and_serve(
     // Every task is as large as the largest state its future can be in, so the TLS and
     // WebSocket paths are boxed: a plain TCP connection does not pay for them.
     match (transport, acceptor) {
-        (Transport::Tcp, _) => connection::serve(broker, stream, peer, None, shutdown).await,
+        (Transport::Tcp, _) => {
+            drop(handshaking);
+            connection::serve(broker, stream, peer, None, shutdown).await
+        }
         (Transport::Ws, _) => {
             let ws = handshake!("WebSocket", websocket::accept(stream, max_message));
+            drop(handshaking);
             Box::pin(connection::serve(broker, ws, peer, None, shutdown)).await;
         }
         (Transport::Tls, Some(acceptor)) => {
@@ -124,6 +134,7 @@ async fn upgrade_and_serve(
                 let identity = peer_identity(use_cn, &tls, peer)?;
                 Ok::<_, String>((tls, identity))
             });
+            drop(handshaking);
             Box::pin(connection::serve(broker, tls, peer, identity, shutdown)).await;
         }
         (Transport::Wss, Some(acceptor)) => {
@@ -136,11 +147,19 @@ async fn upgrade_and_serve(
                 Ok::<_, String>((ws, identity))
             };
             let (ws, identity) = handshake!("TLS/WebSocket", both);
+            drop(handshaking);
             Box::pin(connection::serve(broker, ws, peer, identity, shutdown)).await;
         }
         (Transport::Tls | Transport::Wss, None) => {}
     }
 }
+
+/// Most TLS and WebSocket handshakes in progress at once. A handshake comes before the
+/// connection counts against `max_connections` (the CONNECT is inside it), and holds a
+/// task, a socket and the TLS or HTTP state for up to `connect_timeout`, so this is
+/// what bounds a flood of clients that start one and never finish it. Past it,
+/// new ones are closed at once.
+const HANDSHAKES_IN_PROGRESS: usize = 1024;
 
 /// The username the client certificate gives with `tls_use_cn_as_username`. A verified
 /// certificate without a Common Name is refused rather than falling back to whatever

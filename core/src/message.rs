@@ -50,6 +50,29 @@ impl Message {
         }
     }
 
+    /// What holding the message costs, roughly, in bytes: its topic, payload and the
+    /// variable-size properties (each user property with the two strings' bookkeeping).
+    /// Byte bounds count this rather than the payload alone, so a message of empty
+    /// payload and a megabyte of user properties is not taken for free.
+    pub fn weight(&self) -> usize {
+        let p = &self.properties;
+        let strings = [&p.content_type, &p.response_topic]
+            .into_iter()
+            .flatten()
+            .map(String::len)
+            .sum::<usize>();
+        let user: usize = p
+            .user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>())
+            .sum();
+        self.topic.len()
+            + self.payload.len()
+            + strings
+            + p.correlation_data.as_ref().map_or(0, Bytes::len)
+            + user
+    }
+
     /// True when the message's expiry interval has passed at `now`.
     pub fn is_expired(&self, now: Instant) -> bool {
         self.remaining_expiry(now) == Some(0)

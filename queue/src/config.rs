@@ -58,6 +58,11 @@ pub struct QueueConfig {
     pub segment_bytes: u64,
     /// With `buffered` durability: how often the logs are synced, in milliseconds.
     pub sync_interval_ms: u64,
+    /// Consumer groups the queue may have; a subscription naming one more is refused
+    /// ([`QueueError::TooManyGroups`]). 0: no limit. Groups are named by clients, and
+    /// each keeps its progress and in-flight state, so this bounds what they can make
+    /// the broker hold.
+    pub max_consumer_groups: u32,
 }
 
 impl Default for QueueConfig {
@@ -77,6 +82,7 @@ impl Default for QueueConfig {
             consumer_window: 32,
             segment_bytes: 16 << 20,
             sync_interval_ms: 1_000,
+            max_consumer_groups: 1_000,
         }
     }
 }

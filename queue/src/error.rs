@@ -25,6 +25,24 @@ pub enum QueueError {
     /// The queue was deleted while the call was in progress.
     #[error("queue {0:?} was deleted")]
     Deleted(String),
+    /// Creating the queue would pass the registry's `max_queues`.
+    #[error("queue {name:?} not created: {max} queues exist (max_queues)")]
+    TooManyQueues {
+        /// The queue that was not created.
+        name: String,
+        /// The limit.
+        max: usize,
+    },
+    /// Creating the group would pass the queue's `max_consumer_groups`.
+    #[error("group {group:?} not created: queue {queue:?} has {max} groups (max_consumer_groups)")]
+    TooManyGroups {
+        /// The queue.
+        queue: String,
+        /// The group that was not created.
+        group: String,
+        /// The limit.
+        max: u32,
+    },
     /// Reading or writing a queue's config file failed.
     #[error("queue config file {}: {reason}", path.display())]
     ConfigFile {
@@ -45,6 +63,9 @@ impl QueueError {
             QueueError::InvalidName(_) => ReasonCode::TopicNameInvalid,
             QueueError::InvalidFilter(_) => ReasonCode::TopicFilterInvalid,
             QueueError::NotFound(_) | QueueError::Deleted(_) => ReasonCode::TopicNameInvalid,
+            QueueError::TooManyQueues { .. } | QueueError::TooManyGroups { .. } => {
+                ReasonCode::QuotaExceeded
+            }
             _ => ReasonCode::UnspecifiedError,
         }
     }

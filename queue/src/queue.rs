@@ -825,7 +825,18 @@ impl Queue {
         } else {
             window
         };
+        let max_groups = self.inner.config.read().max_consumer_groups;
         self.with_state(|q, st| {
+            if max_groups > 0
+                && st.groups.len() >= max_groups as usize
+                && !st.groups.contains_key(key)
+            {
+                return Err(QueueError::TooManyGroups {
+                    queue: q.inner.name.to_string(),
+                    group: key.to_string(),
+                    max: max_groups,
+                });
+            }
             q.ensure_group(st, key);
             if let Some(slot) = st.groups.get_mut(key) {
                 slot.sinks.insert(consumer.clone(), sink);
@@ -833,8 +844,8 @@ impl Queue {
                 debug!(queue = %q.inner.name, group = %key, consumer = %consumer, "joined");
             }
             q.dispatch_all(st, now_ms());
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     fn ensure_group(&self, st: &mut State, key: &GroupKey) {

@@ -40,6 +40,8 @@ struct Registry {
     storage: Arc<Storage>,
     defaults: QueueConfig,
     auto_create: bool,
+    /// Most queues that may exist (0: no limit); see [`Queues::set_max_queues`].
+    max_queues: std::sync::atomic::AtomicUsize,
     queues: RwLock<BTreeMap<String, Queue>>,
     /// Serialises create/update/delete (which touch files).
     admin: Mutex<()>,
@@ -130,6 +132,7 @@ impl Queues {
             storage,
             defaults,
             auto_create,
+            max_queues: Default::default(),
             queues: RwLock::new(queues),
             admin: Mutex::new(()),
         };
@@ -170,6 +173,15 @@ impl Queues {
         }
     }
 
+    /// Bounds the number of queues: [`Queues::create`] (and so auto-creation) fails
+    /// with [`QueueError::TooManyQueues`] once `max` exist; 0 lifts the bound. Queues
+    /// already open stay, however many they are.
+    pub fn set_max_queues(&self, max: usize) {
+        self.inner
+            .max_queues
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Creates queue `name` with `config`.
     pub fn create(&self, name: &str, config: QueueConfig) -> Result<Queue, QueueError> {
         if !valid_queue_name(name) {
@@ -177,8 +189,21 @@ impl Queues {
         }
         config.validate()?;
         let _admin = self.inner.admin.lock();
-        if self.inner.queues.read().contains_key(name) {
-            return Err(QueueError::AlreadyExists(name.to_owned()));
+        {
+            let queues = self.inner.queues.read();
+            if queues.contains_key(name) {
+                return Err(QueueError::AlreadyExists(name.to_owned()));
+            }
+            let max = self
+                .inner
+                .max_queues
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if max > 0 && queues.len() >= max {
+                return Err(QueueError::TooManyQueues {
+                    name: name.to_owned(),
+                    max,
+                });
+            }
         }
         self.write_config(name, &config)?;
         let mut notes = Vec::new();
