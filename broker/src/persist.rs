@@ -84,6 +84,9 @@ pub enum Op {
     Barrier,
 }
 
+/// Largest memtable of a keyspace before it is flushed to disk.
+const MEMTABLE_BYTES: u64 = 8 << 20;
+
 struct Job {
     ops: Vec<Op>,
     done: Option<oneshot::Sender<Result<(), StoreError>>>,
@@ -159,9 +162,14 @@ impl Store {
         sync_interval: Duration,
     ) -> Result<(Store, Loaded), StoreError> {
         let db = Database::builder(dir).open().map_err(db_err)?;
+        // Memtables of 8 MiB (fjall's default is 64 MiB per keyspace): session records
+        // are small and rewritten often (every connect and disconnect of a persistent
+        // session), and five 64 MiB memtables would be most of an idle broker's memory.
         let ks = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(db_err)
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+            .map_err(db_err)
         };
         let spaces = Spaces {
             sessions: ks("sessions")?,
