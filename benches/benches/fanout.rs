@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use roost_benches::{CountingAlloc, Flamegraph, allocations_per_op};
-use roost_broker::auth::Auth;
-use roost_broker::broker::{Attach, Broker, ClientInfo, ConnectionHandle, Fanout, Mailbox};
-use roost_broker::config::Config;
-use roost_broker::persist::Store;
 use roost_core::{Message, Properties, ProtocolVersion, QoS, SubscriptionOptions};
+use roost_engine::auth::AllowAll;
+use roost_engine::broker::{Attach, Broker, ClientInfo, ConnectionHandle, Fanout, Mailbox};
+use roost_engine::store::MemoryStore;
 use roost_queue::Queues;
 
 #[global_allocator]
@@ -46,24 +45,15 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    let (store, _) = Store::open(
-        &dir.path().join("state"),
-        config.storage.durability,
-        Duration::from_millis(config.storage.sync_interval_ms),
-    )
-    .expect("store opens");
-    let (queues, _) = Queues::open(
-        dir.path().join("queues"),
-        config.queue_defaults.clone(),
-        true,
-    )
-    .expect("queues open");
-    let auth = Auth::from_config(&config).expect("auth");
-    let broker = Broker::new(config, store, auth, queues);
+    // Clean sessions store nothing: the store is not on the path measured.
+    let (queues, _) =
+        Queues::open(dir.path().join("queues"), Default::default(), true).expect("queues open");
+    let broker = Broker::new(
+        Default::default(),
+        Arc::new(MemoryStore::default()),
+        Arc::new(AllowAll),
+        queues,
+    );
 
     let options = SubscriptionOptions {
         qos: QoS::AtLeastOnce,
@@ -72,7 +62,7 @@ fn setup() -> Setup {
     let mut mailboxes = Vec::with_capacity(SUBSCRIBERS);
     for i in 0..SUBSCRIBERS {
         let client_id: Arc<str> = Arc::from(format!("sub-{i}"));
-        let (tx, rx) = roost_broker::mailbox(broker.delivery_capacity());
+        let (tx, rx) = roost_engine::mailbox::mailbox(broker.delivery_capacity());
         let handle = ConnectionHandle {
             mailbox: tx,
             info: Arc::new(ClientInfo {

@@ -14,40 +14,21 @@
 //!   a crafted client id cannot widen a rule.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use roost_core::topic;
 
-/// What a client asks to do with a topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Receive a message published to this topic name.
-    Read,
-    /// Publish to this topic name (the will topic included).
-    Write,
-    /// Subscribe to this topic filter (the filter after any `$share/<group>/`).
-    Subscribe,
-}
+pub use roost_engine::access::{Access, Authorizer};
 
-impl Access {
-    fn bit(self) -> u8 {
-        match self {
-            Access::Read => 1,
-            Access::Write => 2,
-            Access::Subscribe => 4,
-        }
+/// The bit of an [`Access`] in a rule's permission set.
+fn bit(access: Access) -> u8 {
+    match access {
+        Access::Read => 1,
+        Access::Write => 2,
+        Access::Subscribe => 4,
     }
-}
-
-/// Decides what one connected client may do. The protocol state machine asks it before
-/// routing a PUBLISH, granting a subscription and delivering a message.
-pub trait Authorizer: Send + Sync + fmt::Debug {
-    /// True when the client may do `access` on `topic` (a name, or a filter for
-    /// [`Access::Subscribe`]).
-    fn allows(&self, access: Access, topic: &str) -> bool;
 }
 
 /// Why an ACL file was refused; names the line.
@@ -211,7 +192,7 @@ impl Acl {
             .map_or(&[][..], Vec::as_slice);
         let mut allowed = false;
         for rule in self.everyone.iter().chain(user_rules).chain(client_rules) {
-            if rule.perms & access.bit() == 0 || (allowed && rule.allow) {
+            if rule.perms & bit(access) == 0 || (allowed && rule.allow) {
                 continue;
             }
             if rule_applies(rule, who, access, topic) {
@@ -341,10 +322,10 @@ fn parse_perms(text: &str) -> Result<u8, String> {
     let mut bits = 0;
     for p in text.split(',') {
         bits |= match p.trim() {
-            "read" => Access::Read.bit(),
-            "write" => Access::Write.bit(),
-            "subscribe" => Access::Subscribe.bit(),
-            "all" => Access::Read.bit() | Access::Write.bit() | Access::Subscribe.bit(),
+            "read" => bit(Access::Read),
+            "write" => bit(Access::Write),
+            "subscribe" => bit(Access::Subscribe),
+            "all" => bit(Access::Read) | bit(Access::Write) | bit(Access::Subscribe),
             other => {
                 return Err(format!(
                     "unknown permission {other:?} (expected read, write, subscribe or all)"

@@ -26,8 +26,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use crate::broker::Broker;
-use crate::metrics::{AuthFailure, DropReason, Limit};
+use roost_engine::broker::Broker;
+use roost_engine::metrics::{AuthFailure, DropReason, Limit};
 use roost_storage::latency::LatencySnapshot;
 
 /// Largest request line plus headers.
@@ -40,12 +40,18 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 64;
 const MAX_HEADERS: usize = 64;
 
+/// What the admin API serves: the broker, and the settings of the API itself.
+pub struct Api {
+    /// The broker it reports on and acts on.
+    pub broker: Arc<Broker>,
+    /// `admin_token`: the bearer token required on everything but `/health`, `/ready`.
+    pub token: Option<String>,
+    /// `queue_defaults`: the settings a queue created by `PUT` starts from.
+    pub queue_defaults: QueueConfig,
+}
+
 /// Serves admin requests on `listener` until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    broker: Arc<Broker>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut requests = JoinSet::new();
     loop {
@@ -56,10 +62,10 @@ pub async fn serve(
                         debug!(%peer, "admin connection refused: too many");
                         continue;
                     };
-                    let broker = broker.clone();
+                    let api = api.clone();
                     requests.spawn(async move {
                         let _ = stream.set_nodelay(true);
-                        serve_one(&broker, stream).await;
+                        serve_one(&api, stream).await;
                         drop(permit);
                     });
                 }
@@ -76,9 +82,9 @@ pub async fn serve(
 }
 
 /// Reads one request, answers it, closes.
-async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(broker: &Broker, mut stream: S) {
+async fn serve_one<S: AsyncRead + AsyncWrite + Unpin>(api: &Api, mut stream: S) {
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream)).await {
-        Ok(Ok(request)) => handle(broker, &request).await,
+        Ok(Ok(request)) => handle(api, &request).await,
         Ok(Err(ReadError::Http(response))) => response,
         Ok(Err(ReadError::Closed)) => return,
         Err(_) => Response::error(408, "request not received in time"),
@@ -365,11 +371,12 @@ fn bearer_matches(header: Option<&str>, token: &str) -> bool {
 }
 
 /// Answers one request.
-async fn handle(broker: &Broker, request: &Request) -> Response {
+async fn handle(api: &Api, request: &Request) -> Response {
+    let broker = &*api.broker;
     let Some(route) = Route::parse(&request.path) else {
         return Response::error(404, "no such endpoint");
     };
-    if let Some(token) = &broker.config.admin_token
+    if let Some(token) = &api.token
         && !route.public()
         && !bearer_matches(request.authorization.as_deref(), token)
     {
@@ -401,7 +408,7 @@ async fn handle(broker: &Broker, request: &Request) -> Response {
             Some(q) => Response::json(200, &queue_json(&q.info())),
             None => not_found(&name),
         },
-        ("PUT", Route::Queue(name)) => put_queue(broker, &name, body),
+        ("PUT", Route::Queue(name)) => put_queue(broker, &api.queue_defaults, &name, body),
         ("DELETE", Route::Queue(name)) => match broker.queues.delete(&name) {
             Ok(()) => Response::json(200, &json!({ "deleted": name })),
             Err(e) => queue_error(&e),
@@ -509,11 +516,11 @@ fn ready(broker: &Broker) -> Response {
 /// Creates queue `name`, or changes its settings: the body's keys (a JSON object of
 /// queue settings, possibly empty) apply over the queue's current settings, or over
 /// `queue_defaults` for a new queue.
-fn put_queue(broker: &Broker, name: &str, body: &[u8]) -> Response {
+fn put_queue(broker: &Broker, defaults: &QueueConfig, name: &str, body: &[u8]) -> Response {
     let existing = broker.queues.get(name);
     let base = existing
         .as_ref()
-        .map_or_else(|| broker.config.queue_defaults.clone(), |q| q.config());
+        .map_or_else(|| defaults.clone(), |q| q.config());
     let config = match merge_config(&base, body) {
         Ok(c) => c,
         Err(why) => return Response::error(400, &why),

@@ -33,10 +33,10 @@ use crate::acl::{Acl, AclHandle, Authorizer};
 use crate::auth_hook::{AuthHook, HookAnswer, HookRequest};
 use crate::config::{Config, HookErrorPolicy};
 use crate::passwd::PasswordFile;
-use crate::scram::{Credentials, Verifier};
+use roost_engine::scram::{Credentials, Verifier};
 
-/// Why a CONNECT is refused: the CONNACK code and a short reason for the log.
-pub type Refusal = (ReasonCode, &'static str);
+pub use roost_engine::auth::Refusal;
+use roost_engine::auth::{Authenticator, Verdict};
 
 /// Bounds a kind of credential check: how many run at once, how many CONNECTs may wait
 /// for one, and how many of those places one source address may hold. A password check
@@ -356,6 +356,29 @@ impl Auth {
     }
 }
 
+impl Authenticator for Auth {
+    fn authenticate<'a>(
+        &'a self,
+        connect: &'a Connect,
+        client_id: &'a str,
+        peer: SocketAddr,
+    ) -> Verdict<'a> {
+        Box::pin(Auth::authenticate(self, connect, client_id, peer))
+    }
+
+    fn authorizer(
+        &self,
+        username: Option<&str>,
+        client_id: &Arc<str>,
+    ) -> Option<Arc<dyn Authorizer>> {
+        Auth::authorizer(self, username, client_id)
+    }
+
+    fn scram(&self) -> Arc<dyn Credentials> {
+        Auth::scram(self)
+    }
+}
+
 /// The SCRAM verifiers of the password file in force.
 struct ScramCredentials {
     passwords: Arc<ArcSwap<PasswordFile>>,
@@ -558,7 +581,7 @@ mod tests {
         let files = Files::new("scram");
         let path = files.dir.join("passwd");
         let mut file = PasswordFile::default();
-        let v1 = Verifier::generate("one", crate::scram::DEFAULT_ITERATIONS).expect("v");
+        let v1 = Verifier::generate("one", roost_engine::scram::DEFAULT_ITERATIONS).expect("v");
         file.set("alice", cheap_hash("one"), Some(v1.clone()))
             .expect("set");
         file.save(&path).expect("save");
@@ -571,7 +594,7 @@ mod tests {
         let credentials = auth.scram();
         assert_eq!(credentials.verifier("alice"), Some(v1));
         assert_eq!(credentials.verifier("bob"), None);
-        let v2 = Verifier::generate("two", crate::scram::DEFAULT_ITERATIONS).expect("v");
+        let v2 = Verifier::generate("two", roost_engine::scram::DEFAULT_ITERATIONS).expect("v");
         file.set("alice", cheap_hash("two"), Some(v2.clone()))
             .expect("set");
         file.set("bob", cheap_hash("three"), None).expect("set");

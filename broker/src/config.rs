@@ -3,6 +3,12 @@
 //! Every key of the TOML file is also a flag (`max_inflight` is `--max-inflight`); a
 //! flag given on the command line wins over the file. Unknown keys and bad values are
 //! errors that name the key, never silently ignored.
+//!
+//! Each part owns its settings: the engine's limits are [`Settings`] (one list,
+//! `roost_engine::for_each_setting!`, from which the flags below are made too), the
+//! queues' are `roost_queue::QueueConfig`, and what only the shell needs (listeners,
+//! TLS, authentication, storage, logging) is here. In the file they are all top-level
+//! keys (and `[storage]`, `[auth_hook]`, `[queue_defaults]`, `[queues.<name>]` tables).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,11 +18,39 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::persist::Durability;
+use roost_engine::Settings;
+
+macro_rules! engine_flags {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $value:literal; )*) => {
+        /// The flags of the engine's settings: `--max-inflight N` for `max_inflight`.
+        #[derive(Debug, Default, clap::Args)]
+        pub struct EngineFlags {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, value_name = $value)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl EngineFlags {
+            /// Sets each setting given on the command line.
+            pub fn apply(self, settings: &mut Settings) {
+                $( if let Some(v) = self.$name { settings.$name = v; } )*
+            }
+        }
+    };
+}
+
+roost_engine::for_each_setting!(engine_flags);
 
 /// The broker's settings after merging defaults, file and flags.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// The limits every client meets: top-level keys of the file like the others, read
+    /// into the engine's own settings (see [`Config::from_toml`]).
+    #[serde(skip)]
+    pub engine: Settings,
     /// TCP listeners for MQTT (all protocol versions on each).
     pub bind: Vec<SocketAddr>,
     /// Directory for roost's data; created when missing and locked while running.
@@ -26,63 +60,8 @@ pub struct Config {
     /// Log line format: `text` (human-readable) or `json` (one JSON object per line,
     /// with the structured fields such as `client_id`, for log collectors).
     pub log_format: LogFormat,
-    /// Largest MQTT packet accepted, in bytes, fixed header included. Announced to
-    /// v5 clients as Maximum Packet Size.
-    pub max_packet_size: u32,
-    /// Unacknowledged QoS 1/2 messages allowed in each direction per client: the
-    /// Receive Maximum announced to v5 clients, and the cap of the outbound window.
-    pub max_inflight: u16,
-    /// QoS 1/2 messages held per session while it is offline or its window is full;
-    /// past this, new messages for that session are dropped (and counted in the log).
-    pub max_queued_messages: usize,
-    /// Most levels a topic name or filter may have.
-    pub max_topic_levels: usize,
-    /// Most simultaneous client connections; further CONNECTs are refused.
-    pub max_connections: usize,
-    /// Topic aliases a v5 client may use towards the broker (0 disables them).
-    pub topic_alias_maximum: u16,
-    /// Longest keep-alive accepted, in seconds; a v5 client asking for more (or for 0)
-    /// is told the Server Keep Alive. 0 means no limit.
-    pub max_keep_alive: u16,
-    /// Longest session expiry granted, in seconds (4294967295 = sessions never expire).
-    /// Also applies to MQTT 3.x persistent sessions (clean session = 0).
-    pub session_expiry_max: u32,
-    /// Seconds a new connection has to send its CONNECT.
-    pub connect_timeout: u16,
     /// Seconds between updates of the `$SYS/broker/...` status topics; 0 turns them off.
     pub sys_interval: u64,
-    /// How long, in milliseconds, a QoS 1/2 publish waits for room at a subscriber
-    /// whose queue is full before the message is dropped for that subscriber (and the
-    /// subscriber is treated as stalled until it has room again). Publishers are
-    /// slowed to the pace of their subscribers instead of losing messages.
-    pub max_delivery_wait_ms: u64,
-    /// Most simultaneous connections from one source IP address; further CONNECTs
-    /// from it are refused (0x97 / 3.1.1 code 3). 0: no limit, the default, because
-    /// whole fleets often reach a broker through one NAT address.
-    pub max_connections_per_ip: usize,
-    /// New connections accepted per second across all listeners, with bursts of up to
-    /// one second's worth; past it CONNECT is refused with 0x9F (3.1.1: code 3), which
-    /// spreads out a reconnect storm. 0: no limit (the default).
-    pub max_connect_rate: u32,
-    /// PUBLISH packets per second one client may send, with bursts of up to one
-    /// second's worth. A client over it is throttled: roost stops reading from its
-    /// socket until it is back under, so nothing is dropped. 0: no limit (the default).
-    pub max_publish_rate: u32,
-    /// PUBLISH payload bytes per second one client may send; throttled like
-    /// `max_publish_rate`. 0: no limit (the default).
-    pub max_publish_bytes_rate: u64,
-    /// Subscriptions one client may hold; further new filters are refused (SUBACK
-    /// 0x97 / 3.1.1 0x80). 0: no limit. Default 10000.
-    pub max_subscriptions_per_client: usize,
-    /// Payload bytes of QoS 1/2 messages held per session (beside
-    /// `max_queued_messages`); past it, new messages for that session are dropped and
-    /// counted. 0: no byte bound. Default 64 MiB.
-    pub max_queued_bytes: u64,
-    /// A client whose outbound buffer stays full this long with no progress (its
-    /// socket takes no bytes, or its session queue stays at its bound because it
-    /// acknowledges nothing) is disconnected (v5: DISCONNECT 0x97). Its session, if
-    /// persistent, keeps queueing. 0: never. Default 60000.
-    pub slow_consumer_timeout_ms: u64,
     /// Password checks (argon2, ~19 MiB and tens of milliseconds each) run at once.
     /// Default: one per CPU core.
     pub max_auth_checks: usize,
@@ -91,17 +70,6 @@ pub struct Config {
     /// past it a client is refused with CONNACK 0x89 server busy (3.x: return code 3)
     /// at once. Default 64.
     pub max_auth_waiting: usize,
-    /// Sessions held, connected or stored (a persistent session stays after its
-    /// client leaves, until it expires); a CONNECT that would create one more is
-    /// refused with CONNACK 0x97 (3.x: return code 3). 0: no limit. Default 1000000.
-    pub max_sessions: usize,
-    /// Retained messages held; a retained publish to a new topic past it is not
-    /// retained (v5 QoS 1/2: refused with PUBACK/PUBREC 0x97). 0: no limit. Default
-    /// 1000000.
-    pub max_retained_messages: usize,
-    /// Payload and topic bytes of all retained messages together; past it as
-    /// `max_retained_messages`. 0: no limit. Default 256 MiB.
-    pub max_retained_bytes: u64,
     /// `$queue/` queues that clients and the admin API may create; a publish or
     /// subscribe that would create one more is refused (PUBACK 0x97, SUBACK 0x97 /
     /// 3.x 0x80). Queues declared in the file are always created. 0: no limit.
@@ -155,7 +123,7 @@ pub struct Config {
 }
 
 /// The `[auth_hook]` table: an HTTP service asked whether a client may connect.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthHookConfig {
     /// `http://host:port/path` to POST the client's credentials to (no TLS).
@@ -181,7 +149,7 @@ impl AuthHookConfig {
 }
 
 /// What a client is told when the auth hook cannot answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HookErrorPolicy {
     /// CONNACK 0x86 bad username or password (3.x return code 4): the client should not
@@ -193,7 +161,7 @@ pub enum HookErrorPolicy {
 }
 
 /// The `[storage]` table: how durable stored state is.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// `fsync`: acknowledge after fdatasync (survives power loss); `buffered`:
@@ -215,33 +183,14 @@ impl Default for StorageConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            engine: Settings::default(),
             bind: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
             data_dir: PathBuf::from("./data"),
             log_level: "info".into(),
             log_format: LogFormat::Text,
-            max_packet_size: 1024 * 1024,
-            max_inflight: 1024,
-            max_queued_messages: 1000,
-            max_topic_levels: 128,
-            max_connections: 100_000,
-            topic_alias_maximum: 32,
-            max_keep_alive: 65535,
-            session_expiry_max: u32::MAX,
-            connect_timeout: 10,
             sys_interval: 10,
-            max_delivery_wait_ms: 5000,
-            max_connections_per_ip: 0,
-            max_connect_rate: 0,
-            max_publish_rate: 0,
-            max_publish_bytes_rate: 0,
-            max_subscriptions_per_client: 10_000,
-            max_queued_bytes: 64 * 1024 * 1024,
-            slow_consumer_timeout_ms: 60_000,
             max_auth_checks: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_auth_waiting: 64,
-            max_sessions: 1_000_000,
-            max_retained_messages: 1_000_000,
-            max_retained_bytes: 256 * 1024 * 1024,
             max_queues: 1000,
             tls_bind: Vec::new(),
             ws_bind: Vec::new(),
@@ -274,6 +223,9 @@ pub struct Cli {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The engine's settings (the limits every client meets), one flag each.
+    #[command(flatten)]
+    pub engine: EngineFlags,
     /// Listen for MQTT on ADDR:PORT; repeat for several listeners [default: 0.0.0.0:1883].
     #[arg(long, value_name = "ADDR:PORT")]
     pub bind: Vec<SocketAddr>,
@@ -286,75 +238,15 @@ pub struct Cli {
     /// Log format: text or json [default: text].
     #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
     pub log_format: Option<LogFormat>,
-    /// Largest packet accepted, in bytes [default: 1048576].
-    #[arg(long, value_name = "BYTES")]
-    pub max_packet_size: Option<u32>,
-    /// Unacknowledged QoS 1/2 messages per client and direction [default: 1024].
-    #[arg(long, value_name = "N")]
-    pub max_inflight: Option<u16>,
-    /// QoS 1/2 messages queued per session before new ones are dropped [default: 1000].
-    #[arg(long, value_name = "N")]
-    pub max_queued_messages: Option<usize>,
-    /// Most levels in a topic name or filter [default: 128].
-    #[arg(long, value_name = "N")]
-    pub max_topic_levels: Option<usize>,
-    /// Most simultaneous connections [default: 100000].
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-    /// Topic aliases a v5 client may use towards the broker; 0 disables [default: 32].
-    #[arg(long, value_name = "N")]
-    pub topic_alias_maximum: Option<u16>,
-    /// Longest keep-alive in seconds; 0 means no limit [default: 65535].
-    #[arg(long, value_name = "SECONDS")]
-    pub max_keep_alive: Option<u16>,
-    /// Longest session expiry in seconds [default: 4294967295, never].
-    #[arg(long, value_name = "SECONDS")]
-    pub session_expiry_max: Option<u32>,
-    /// Seconds a new connection has to send CONNECT [default: 10].
-    #[arg(long, value_name = "SECONDS")]
-    pub connect_timeout: Option<u16>,
     /// Seconds between `$SYS/broker/...` status updates; 0 turns them off [default: 10].
     #[arg(long, value_name = "SECONDS")]
     pub sys_interval: Option<u64>,
-    /// Milliseconds a QoS 1/2 publish waits for a full subscriber before dropping for it [default: 5000].
-    #[arg(long, value_name = "MS")]
-    pub max_delivery_wait_ms: Option<u64>,
-    /// Most connections from one IP address; 0: no limit [default: 0].
-    #[arg(long, value_name = "N")]
-    pub max_connections_per_ip: Option<usize>,
-    /// New connections accepted per second; 0: no limit [default: 0].
-    #[arg(long, value_name = "PER_SECOND")]
-    pub max_connect_rate: Option<u32>,
-    /// PUBLISH packets per second per client before it is throttled; 0: no limit [default: 0].
-    #[arg(long, value_name = "PER_SECOND")]
-    pub max_publish_rate: Option<u32>,
-    /// PUBLISH payload bytes per second per client before it is throttled; 0: no limit [default: 0].
-    #[arg(long, value_name = "BYTES_PER_SECOND")]
-    pub max_publish_bytes_rate: Option<u64>,
-    /// Subscriptions per client; 0: no limit [default: 10000].
-    #[arg(long, value_name = "N")]
-    pub max_subscriptions_per_client: Option<usize>,
-    /// Payload bytes of QoS 1/2 messages queued per session; 0: no byte bound [default: 67108864].
-    #[arg(long, value_name = "BYTES")]
-    pub max_queued_bytes: Option<u64>,
-    /// Milliseconds a client's outbound buffer may stay full before it is disconnected; 0: never [default: 60000].
-    #[arg(long, value_name = "MS")]
-    pub slow_consumer_timeout_ms: Option<u64>,
     /// Password checks run at once [default: one per CPU core].
     #[arg(long, value_name = "N")]
     pub max_auth_checks: Option<usize>,
     /// CONNECTs waiting for a password check before more get CONNACK 0x89 [default: 64].
     #[arg(long, value_name = "N")]
     pub max_auth_waiting: Option<usize>,
-    /// Sessions held, connected or stored; 0: no limit [default: 1000000].
-    #[arg(long, value_name = "N")]
-    pub max_sessions: Option<usize>,
-    /// Retained messages held; 0: no limit [default: 1000000].
-    #[arg(long, value_name = "N")]
-    pub max_retained_messages: Option<usize>,
-    /// Bytes of retained messages held; 0: no limit [default: 268435456].
-    #[arg(long, value_name = "BYTES")]
-    pub max_retained_bytes: Option<u64>,
     /// `$queue/` queues clients and the admin API may create; 0: no limit [default: 1000].
     #[arg(long, value_name = "N")]
     pub max_queues: Option<usize>,
@@ -436,7 +328,7 @@ fn parse_hook_error(s: &str) -> Result<HookErrorPolicy, String> {
 }
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -503,31 +395,12 @@ impl Config {
             data_dir,
             log_level,
             log_format,
-            max_packet_size,
-            max_inflight,
-            max_queued_messages,
-            max_topic_levels,
-            max_connections,
-            topic_alias_maximum,
-            max_keep_alive,
-            session_expiry_max,
-            connect_timeout,
             sys_interval,
-            max_delivery_wait_ms,
-            max_connections_per_ip,
-            max_connect_rate,
-            max_publish_rate,
-            max_publish_bytes_rate,
-            max_subscriptions_per_client,
-            max_queued_bytes,
-            slow_consumer_timeout_ms,
             max_auth_checks,
             max_auth_waiting,
-            max_sessions,
-            max_retained_messages,
-            max_retained_bytes,
             max_queues
         );
+        cli.engine.apply(&mut config.engine);
         if let Some(d) = cli.storage_durability {
             config.storage.durability = d;
         }
@@ -556,9 +429,19 @@ impl Config {
         Config::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
     }
 
-    /// Parses TOML text (keys as in [`Config`]).
+    /// Parses TOML text: the engine's keys (see [`Settings::KEYS`]) into
+    /// [`Config::engine`], the others into the rest of [`Config`]; a key that is
+    /// neither is an error that names it.
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut engine = toml::Table::new();
+        for key in Settings::KEYS {
+            if let Some(v) = table.remove(*key) {
+                engine.insert((*key).to_owned(), v);
+            }
+        }
+        let mut config: Config = table.try_into().map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.engine = engine.try_into().map_err(|e| anyhow::anyhow!("{e}"))?;
         config.validate()?;
         Ok(config)
     }
@@ -577,31 +460,12 @@ impl Config {
         self.validate_tls()?;
         self.validate_auth()?;
         self.validate_admin()?;
-        // The smallest useful packet: a CONNECT with a short client id is ~14 bytes.
-        if self.max_packet_size < 64 || self.max_packet_size > 268_435_460 {
-            bail!(
-                "max_packet_size: {} is outside 64..=268435460",
-                self.max_packet_size
-            );
-        }
-        if self.max_inflight == 0 {
-            bail!("max_inflight: must be at least 1");
-        }
-        if self.max_topic_levels == 0 {
-            bail!("max_topic_levels: must be at least 1");
-        }
-        if self.max_connections == 0 {
-            bail!("max_connections: must be at least 1");
-        }
+        self.engine.validate().map_err(|e| anyhow::anyhow!(e))?;
         if self.max_auth_checks == 0 {
             bail!("max_auth_checks: must be at least 1");
         }
-
         if self.storage.sync_interval_ms == 0 {
             bail!("storage.sync_interval_ms: must be at least 1");
-        }
-        if self.connect_timeout == 0 {
-            bail!("connect_timeout: must be at least 1 second");
         }
         let level = self.log_level.trim();
         let simple = ["error", "warn", "info", "debug", "trace", "off"];
@@ -753,6 +617,84 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The keys of a value serialized to JSON; nested tables as `table.key`.
+    fn keys(value: serde_json::Value, prefix: &str) -> Vec<String> {
+        match value {
+            serde_json::Value::Object(map) => map
+                .into_iter()
+                .map(|(k, _)| format!("{prefix}{k}"))
+                .collect(),
+            other => panic!("not a table: {other}"),
+        }
+    }
+
+    /// The README's configuration table lists every key roost reads, and no other:
+    /// each part's settings struct is the truth (the engine's `Settings`, the shell's
+    /// `Config` with its `[storage]` and `[auth_hook]` tables), and the example of
+    /// `[queue_defaults]` in the Queues section names every queue setting.
+    #[test]
+    fn the_readme_documents_every_key_and_no_other() {
+        let readme = include_str!("../../README.md");
+        let table = &readme[readme.find("## Configuration").expect("section")
+            ..readme.find("## Secure deployment").expect("next section")];
+        let documented: std::collections::BTreeSet<String> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(str::to_owned)
+            .collect();
+        let config = Config::default();
+        let mut real: std::collections::BTreeSet<String> =
+            Settings::KEYS.iter().map(|k| (*k).to_owned()).collect();
+        for key in keys(serde_json::to_value(&config).expect("json"), "") {
+            match key.as_str() {
+                "storage" => real.extend(keys(
+                    serde_json::to_value(&config.storage).expect("json"),
+                    "storage.",
+                )),
+                "auth_hook" => real.extend(keys(
+                    serde_json::to_value(AuthHookConfig {
+                        url: "http://h/".into(),
+                        timeout_ms: 1,
+                        cache_seconds: 1,
+                        on_error: HookErrorPolicy::Deny,
+                    })
+                    .expect("json"),
+                    "auth_hook.",
+                )),
+                _ => {
+                    real.insert(key);
+                }
+            }
+        }
+        let missing: Vec<_> = real.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&real).collect();
+        assert!(
+            missing.is_empty() && unknown.is_empty(),
+            "README table lacks {missing:?} and names keys roost does not read: {unknown:?}"
+        );
+
+        let queues = &readme[readme.find("\n[queue_defaults]\n").expect("example") + 1..];
+        let example: std::collections::BTreeSet<String> = queues
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty() && !l.starts_with("```"))
+            .filter_map(|l| l.trim_start_matches("# ").split_once(" = "))
+            .map(|(k, _)| k.trim().to_owned())
+            .collect();
+        let queue_keys: std::collections::BTreeSet<String> = keys(
+            serde_json::to_value(roost_queue::QueueConfig::default()).expect("json"),
+            "",
+        )
+        .into_iter()
+        .filter(|k| k != "capture_filters")
+        .collect();
+        assert_eq!(
+            example, queue_keys,
+            "the [queue_defaults] example in the README"
+        );
+    }
+
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().expect("defaults");
@@ -769,7 +711,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.bind.len(), 2);
-        assert_eq!(c.max_inflight, 7);
+        assert_eq!(c.engine.max_inflight, 7);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
     }
 
@@ -1034,8 +976,8 @@ mod tests {
             "127.0.0.1:1",
         ]);
         let c = Config::from_cli(cli).expect("valid");
-        assert_eq!(c.max_inflight, 6);
-        assert_eq!(c.max_queued_messages, 9);
+        assert_eq!(c.engine.max_inflight, 6);
+        assert_eq!(c.engine.max_queued_messages, 9);
         assert_eq!(c.bind, vec![SocketAddr::from(([127, 0, 0, 1], 1))]);
         std::fs::remove_dir_all(&dir).ok();
     }

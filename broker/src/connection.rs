@@ -23,20 +23,20 @@ use tracing::{debug, info};
 
 use crate::acl::{Access, Authorizer};
 use crate::auth;
-use crate::broker::{
-    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, Waits,
-    send_blocked,
-};
-use crate::mailbox;
-use crate::metrics::{AuthFailure, DropReason, Limit};
-use crate::protocol::{self, AckToken, ConnectPlan, ConnectRefusal, Connection, Event};
-use crate::queues::{self, QueueTopic};
-use crate::rate::PublishBudget;
-use crate::scram;
-use crate::session::{Delivery, Session};
 use futures_util::future::Either;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use roost_core::Message;
+use roost_engine::broker::{
+    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, Waits,
+    send_blocked,
+};
+use roost_engine::mailbox;
+use roost_engine::metrics::{AuthFailure, DropReason, Limit};
+use roost_engine::protocol::{self, AckToken, ConnectPlan, ConnectRefusal, Connection, Event};
+use roost_engine::queues::{self, QueueTopic};
+use roost_engine::rate::PublishBudget;
+use roost_engine::scram;
+use roost_engine::session::{Delivery, Session};
 
 /// Most deliveries taken from the mailbox before the output is flushed, so a busy
 /// subscriber still reads its socket and answers pings.
@@ -389,7 +389,7 @@ async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(
         return;
     };
     let wait = REFUSAL_WAIT.min(Duration::from_secs(u64::from(
-        broker.config.connect_timeout,
+        broker.limits.connect_timeout,
     )));
     if let Ok(Ok(Some(Packet::Connect(c)))) =
         tokio::time::timeout(wait, io.read_packet(broker, None)).await
@@ -420,7 +420,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     peer_identity: Option<String>,
 ) -> Result<Attached, String> {
-    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    let timeout = Duration::from_secs(u64::from(broker.limits.connect_timeout));
     let first = tokio::time::timeout(timeout, io.read_packet(broker, None))
         .await
         .map_err(|_| "no CONNECT in time".to_string())?;
@@ -596,8 +596,8 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
         // Fields are reached through `served` (rather than bound to names of their own,
         // which the task would store besides).
         let mut budget = PublishBudget::new(
-            served.broker.config.max_publish_rate,
-            served.broker.config.max_publish_bytes_rate,
+            served.broker.limits.max_publish_rate,
+            served.broker.limits.max_publish_bytes_rate,
             Instant::now(),
         )
         .map(Box::new);
@@ -895,7 +895,7 @@ async fn enhanced_authentication<S: AsyncRead + AsyncWrite + Unpin>(
     if !connect.protocol.is_v5() || connect.properties.authentication_method.is_none() {
         return Ok(None);
     }
-    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    let timeout = Duration::from_secs(u64::from(broker.limits.connect_timeout));
     let mut scram_user = None;
     let exchange = scram_exchange(broker, io, connect, &mut scram_user);
     let outcome = tokio::time::timeout(timeout, exchange)
@@ -1056,7 +1056,7 @@ async fn end_session(
         // Queue deliveries went back to their queues above (and were built for this
         // connection's protocol version): the session does not keep them.
         if d.queue.is_none() {
-            session.enqueue_offline(d, broker.limits.max_queued);
+            session.enqueue_offline(d, broker.limits.max_queued());
         }
     }
     let delay = will
@@ -1296,12 +1296,17 @@ fn read_retained(broker: &Broker, conn: &mut Connection, now: Instant) {
 /// Acks of one connection for one queue and group, gathered in arrival order.
 #[derive(Default)]
 struct PendingAcks {
-    target: Option<Arc<crate::session::QueueRef>>,
+    target: Option<Arc<roost_engine::session::QueueRef>>,
     ids: Vec<roost_queue::MessageId>,
 }
 
 impl PendingAcks {
-    fn push(&mut self, broker: &Broker, client_id: &str, queue: Arc<crate::session::QueueRef>) {
+    fn push(
+        &mut self,
+        broker: &Broker,
+        client_id: &str,
+        queue: Arc<roost_engine::session::QueueRef>,
+    ) {
         let same = self
             .target
             .as_ref()
@@ -1639,25 +1644,19 @@ fn sleep_until(deadline: Option<Instant>) -> impl Future<Output = ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::persist::Store;
+    use roost_engine::auth::AllowAll;
+    use roost_engine::store::MemoryStore;
     use roost_queue::Queues;
 
     fn broker(dir: &std::path::Path) -> Arc<Broker> {
-        let config = Config {
-            data_dir: dir.to_path_buf(),
-            ..Config::default()
-        };
-        let (store, _) = Store::open(
-            &dir.join("state"),
-            config.storage.durability,
-            Duration::from_millis(config.storage.sync_interval_ms),
-        )
-        .expect("store opens");
         let (queues, _) =
-            Queues::open(dir.join("queues"), config.queue_defaults.clone(), true).expect("queues");
-        let auth = crate::auth::Auth::from_config(&config).expect("auth");
-        Broker::new(config, store, auth, queues)
+            Queues::open(dir.join("queues"), Default::default(), true).expect("queues");
+        Broker::new(
+            Default::default(),
+            Arc::new(MemoryStore::default()),
+            Arc::new(AllowAll),
+            queues,
+        )
     }
 
     /// An idle client costs its task's future (plus small heap state): what is only

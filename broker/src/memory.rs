@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::Broker;
+use roost_engine::broker::Broker;
 
 /// Connections that must have closed since the last release before the next one.
 const CLOSED_BEFORE_RELEASE: usize = 1000;

@@ -24,7 +24,7 @@ use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 
-use crate::scram::{self, Verifier};
+use roost_engine::scram::{self, Verifier};
 
 /// Why a password file could not be used.
 #[derive(Debug, thiserror::Error)]

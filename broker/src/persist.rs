@@ -24,21 +24,20 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use roost_core::codec::{self, PublishView};
-use roost_core::{
-    LastWill, Message, Packet, PacketId, ProtocolVersion, QoS, RetainHandling, SubscriptionOptions,
-};
-use thiserror::Error;
+use roost_core::PacketId;
 use tokio::sync::oneshot;
 
-use crate::session::{Delivery, Inflight, InflightState, Session, ShareRef, SubscriptionRecord};
+use roost_engine::record::{
+    Loaded, StoredSession, decode_entry, decode_retained, decode_session, unix_ms,
+};
+use roost_engine::session::{Inflight, InflightState};
+use roost_engine::store::{Op, SessionStore, StoreError, Ticket};
 
 /// When an acknowledged write counts as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// After `fdatasync`: survives power loss.
@@ -47,68 +46,12 @@ pub enum Durability {
     Buffered,
 }
 
-/// A store failure. After one, the store accepts no more writes.
-#[derive(Debug, Clone, Error)]
-pub enum StoreError {
-    /// The embedded database reported an error.
-    #[error("storage error: {0}")]
-    Database(String),
-    /// An earlier write or sync failed; the store is read-only.
-    #[error("storage failed earlier and is read-only")]
-    Failed,
-}
-
-/// One change to durable state.
-#[derive(Debug, Clone)]
-pub enum Op {
-    /// Insert or replace a session record.
-    PutSession(Arc<str>, Vec<u8>),
-    /// Delete a session and everything it has stored.
-    DeleteSession(Arc<str>),
-    /// Store a queued message for a session.
-    PutEntry(Arc<str>, u64, Vec<u8>),
-    /// Record that an entry was sent with a packet id (and how far its flow got).
-    PutInflight(Arc<str>, u64, PacketId, InflightState),
-    /// Delete an entry (delivered, expired or dropped).
-    DeleteEntry(Arc<str>, u64),
-    /// Record an incoming QoS 2 packet id awaiting PUBREL.
-    PutInbound(Arc<str>, PacketId),
-    /// Forget an incoming QoS 2 packet id.
-    DeleteInbound(Arc<str>, PacketId),
-    /// Store a retained message.
-    PutRetained(String, Vec<u8>),
-    /// Clear a retained message.
-    DeleteRetained(String),
-    /// Nothing to write: a ticket for it resolves once everything queued before it
-    /// is stored.
-    Barrier,
-}
-
 /// Largest memtable of a keyspace before it is flushed to disk.
 const MEMTABLE_BYTES: u64 = 8 << 20;
 
 struct Job {
     ops: Vec<Op>,
     done: Option<oneshot::Sender<Result<(), StoreError>>>,
-}
-
-/// Resolves when the ops it was given for are stored.
-#[derive(Debug)]
-pub struct Ticket(Option<oneshot::Receiver<Result<(), StoreError>>>);
-
-impl Ticket {
-    /// A ticket for nothing: resolves at once.
-    pub fn ready() -> Ticket {
-        Ticket(None)
-    }
-
-    /// Waits until the ops are stored.
-    pub async fn wait(self) -> Result<(), StoreError> {
-        match self.0 {
-            None => Ok(()),
-            Some(rx) => rx.await.unwrap_or(Err(StoreError::Failed)),
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -126,32 +69,6 @@ struct Spaces {
 pub struct Store {
     jobs: std::sync::mpsc::Sender<Job>,
     failed: Arc<AtomicBool>,
-}
-
-/// A session as found on disk at startup.
-#[derive(Debug)]
-pub struct StoredSession {
-    /// The session, with its queue and in-flight messages in their original order.
-    pub session: Session,
-    /// True when the client was connected when roost stopped (crash or kill).
-    pub connected: bool,
-    /// Wall-clock time of disconnection, ms since the epoch (0 if connected).
-    pub disconnected_at_ms: u64,
-    /// The will (of the live connection if `connected`, else one awaiting its delay).
-    pub will: Option<LastWill>,
-}
-
-/// Everything loaded at startup.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    /// Stored sessions.
-    pub sessions: Vec<StoredSession>,
-    /// Retained messages (expired ones already left out).
-    pub retained: Vec<Message>,
-    /// The next free entry sequence number.
-    pub next_seq: u64,
-    /// What could not be decoded and was deleted, one line each, for the log.
-    pub dropped: Vec<String>,
 }
 
 impl Store {
@@ -189,16 +106,17 @@ impl Store {
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok((Store { jobs, failed }, loaded))
     }
+}
 
-    /// Queues `ops`; the ticket resolves once they are stored.
-    pub fn submit(&self, ops: Vec<Op>) -> Ticket {
+impl SessionStore for Store {
+    fn submit(&self, ops: Vec<Op>) -> Ticket {
         if ops.is_empty() {
             return Ticket::ready();
         }
         let (tx, rx) = oneshot::channel();
         if self.failed.load(Ordering::Acquire) {
             let _ = tx.send(Err(StoreError::Failed));
-            return Ticket(Some(rx));
+            return Ticket::new(rx);
         }
         let job = Job {
             ops,
@@ -209,16 +127,14 @@ impl Store {
         {
             let _ = done.send(Err(StoreError::Failed));
         }
-        Ticket(Some(rx))
+        Ticket::new(rx)
     }
 
-    /// True once a write or sync failed: the store is read-only from then on.
-    pub fn is_failed(&self) -> bool {
+    fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
-    /// Queues `ops` that nobody waits for (timers, cleanup); they keep their order.
-    pub fn submit_detached(&self, ops: Vec<Op>) {
+    fn submit_detached(&self, ops: Vec<Op>) {
         if !ops.is_empty() {
             let _ = self.jobs.send(Job { ops, done: None });
         }
@@ -519,7 +435,7 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
 
     for item in spaces.retained.iter() {
         let (key, value) = item.into_inner().map_err(db_err)?;
-        match decode_message(&mut Reader(&value), now, now_ms) {
+        match decode_retained(&value, now, now_ms) {
             Some(m) if !m.is_expired(now) => loaded.retained.push(m),
             Some(_) => corrupt.push((spaces.retained.clone(), key.to_vec())),
             None => {
@@ -545,284 +461,14 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
     Ok(loaded)
 }
 
-// ----- encodings -----
-//
-// Every record starts with a format version byte (1). Strings and byte strings are a
-// u16 big-endian length then the bytes; messages are an MQTT 5.0 PUBLISH packet as
-// the codec writes it, preceded by the time of receipt and the publisher's id.
-
-const FORMAT: u8 = 1;
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Wall-clock time (ms since the epoch) of a monotonic instant in the past.
-pub fn instant_to_unix_ms(at: Instant) -> u64 {
-    let age = Instant::now().saturating_duration_since(at);
-    unix_ms().saturating_sub(age.as_millis() as u64)
-}
-
-fn put_str(out: &mut Vec<u8>, s: &[u8]) {
-    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&s[..usize::from(len)]);
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<&'a str> {
-        let n = usize::from(self.u16()?);
-        std::str::from_utf8(self.take(n)?).ok()
-    }
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.0)
-    }
-}
-
-/// Encodes a message (topic, payload, QoS, retain, properties, receipt time, publisher).
-pub fn encode_message(msg: &Message, out: &mut Vec<u8>) {
-    out.extend_from_slice(&instant_to_unix_ms(msg.received_at).to_be_bytes());
-    match &msg.publisher {
-        Some(p) => {
-            out.push(1);
-            put_str(out, p.as_bytes());
-        }
-        None => out.push(0),
-    }
-    let view = PublishView {
-        dup: false,
-        qos: msg.qos,
-        retain: msg.retain,
-        topic: &msg.topic,
-        packet_id: 1,
-        properties: &msg.properties,
-        subscription_identifiers: &[],
-        message_expiry_interval: msg.properties.message_expiry_interval,
-        topic_alias: None,
-        payload: &msg.payload,
-    };
-    let mut buf = BytesMut::new();
-    // A message we accepted always re-encodes (its fields came through the decoder).
-    let _ = codec::encode_publish(&view, ProtocolVersion::V5, &mut buf);
-    out.extend_from_slice(&buf);
-}
-
-fn decode_message(r: &mut Reader<'_>, now: Instant, now_ms: u64) -> Option<Message> {
-    let received_ms = r.u64()?;
-    let publisher = match r.u8()? {
-        0 => None,
-        _ => Some(Arc::<str>::from(r.str()?)),
-    };
-    let mut buf = BytesMut::from(r.rest());
-    let Ok(Some(Packet::Publish(p))) =
-        codec::decode(&mut buf, Some(ProtocolVersion::V5), usize::MAX)
-    else {
-        return None;
-    };
-    let age = Duration::from_millis(now_ms.saturating_sub(received_ms));
-    Some(Message {
-        topic: p.topic,
-        payload: p.payload,
-        qos: p.qos,
-        retain: p.retain,
-        properties: p.properties,
-        publisher,
-        received_at: now.checked_sub(age).unwrap_or(now),
-    })
-}
-
-/// Encodes a queued delivery (per-subscriber fields, then the message).
-pub fn encode_entry(d: &Delivery) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + d.msg.payload.len() + d.msg.topic.len());
-    out.push(FORMAT);
-    out.push(d.qos as u8);
-    out.push(u8::from(d.retain));
-    out.extend_from_slice(&(d.subscription_ids.len() as u16).to_be_bytes());
-    for id in &d.subscription_ids {
-        out.extend_from_slice(&id.to_be_bytes());
-    }
-    match &d.share {
-        Some(s) => {
-            out.push(1);
-            put_str(&mut out, s.group.as_bytes());
-            put_str(&mut out, s.filter.as_bytes());
-        }
-        None => out.push(0),
-    }
-    encode_message(&d.msg, &mut out);
-    out
-}
-
-fn decode_entry(value: &[u8], now: Instant, now_ms: u64) -> Option<Delivery> {
-    let mut r = Reader(value);
-    if r.u8()? != FORMAT {
-        return None;
-    }
-    let qos = QoS::from_u8(r.u8()?)?;
-    let retain = r.u8()? != 0;
-    let n = r.u16()?;
-    let subscription_ids = (0..n).map(|_| r.u32()).collect::<Option<Box<[u32]>>>()?;
-    let share = match r.u8()? {
-        0 => None,
-        _ => Some(Arc::new(ShareRef {
-            group: r.str()?.into(),
-            filter: r.str()?.into(),
-        })),
-    };
-    let msg = decode_message(&mut r, now, now_ms)?;
-    Some(Delivery {
-        msg: Arc::new(msg),
-        qos,
-        retain,
-        subscription_ids,
-        share,
-        seq: None,
-        queue: None,
-    })
-}
-
-/// Encodes a retained message.
-pub fn encode_retained(msg: &Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + msg.payload.len() + msg.topic.len());
-    encode_message(msg, &mut out);
-    out
-}
-
-/// Encodes a session record.
-pub fn encode_session(session: &Session, connected: bool, will: Option<&LastWill>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    out.push(FORMAT);
-    out.extend_from_slice(&session.expiry_interval.to_be_bytes());
-    out.push(u8::from(connected));
-    out.extend_from_slice(&unix_ms().to_be_bytes());
-    out.extend_from_slice(&(session.subscriptions.len() as u32).to_be_bytes());
-    for (filter, record) in &session.subscriptions {
-        put_str(&mut out, filter.as_bytes());
-        let o = record.options;
-        let options = (o.qos as u8)
-            | (u8::from(o.no_local) << 2)
-            | (u8::from(o.retain_as_published) << 3)
-            | ((o.retain_handling as u8) << 4);
-        out.push(options);
-        match record.identifier {
-            Some(id) => {
-                out.push(1);
-                out.extend_from_slice(&id.to_be_bytes());
-            }
-            None => out.push(0),
-        }
-    }
-    match will {
-        Some(w) => {
-            out.push(1);
-            let msg = Message {
-                topic: w.topic.clone(),
-                payload: w.payload.clone(),
-                qos: w.qos,
-                retain: w.retain,
-                properties: w.properties.clone(),
-                publisher: None,
-                received_at: Instant::now(),
-            };
-            // The will delay is not a PUBLISH property: keep it beside the message.
-            out.extend_from_slice(&w.properties.will_delay_interval.unwrap_or(0).to_be_bytes());
-            encode_message(&msg, &mut out);
-        }
-        None => out.push(0),
-    }
-    out
-}
-
-fn decode_session(client: &str, value: &[u8], now: Instant, now_ms: u64) -> Option<StoredSession> {
-    let mut r = Reader(value);
-    if r.u8()? != FORMAT {
-        return None;
-    }
-    let expiry = r.u32()?;
-    let connected = r.u8()? != 0;
-    let disconnected_at_ms = r.u64()?;
-    let mut session = Session::new(client.into());
-    session.expiry_interval = expiry;
-    for _ in 0..r.u32()? {
-        let filter = r.str()?.to_owned();
-        let b = r.u8()?;
-        let options = SubscriptionOptions {
-            qos: QoS::from_u8(b & 0b11)?,
-            no_local: b & 0b100 != 0,
-            retain_as_published: b & 0b1000 != 0,
-            retain_handling: match (b >> 4) & 0b11 {
-                0 => RetainHandling::SendAtSubscribe,
-                1 => RetainHandling::SendIfNew,
-                2 => RetainHandling::DoNotSend,
-                _ => return None,
-            },
-        };
-        let identifier = match r.u8()? {
-            0 => None,
-            _ => Some(r.u32()?),
-        };
-        session.subscriptions.insert(
-            filter,
-            SubscriptionRecord {
-                options,
-                identifier,
-            },
-        );
-    }
-    let will = match r.u8()? {
-        0 => None,
-        _ => {
-            let delay = r.u32()?;
-            let m = decode_message(&mut r, now, now_ms)?;
-            let mut properties = m.properties;
-            properties.will_delay_interval = (delay > 0).then_some(delay);
-            Some(LastWill {
-                topic: m.topic,
-                payload: m.payload,
-                qos: m.qos,
-                retain: m.retain,
-                properties,
-            })
-        }
-    };
-    Some(StoredSession {
-        session,
-        connected,
-        disconnected_at_ms: if connected { 0 } else { disconnected_at_ms },
-        will,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
     use roost_core::Properties;
+    use roost_core::{Message, QoS};
+    use roost_engine::record::{encode_entry, encode_retained, encode_session};
+    use roost_engine::session::{Delivery, Session, ShareRef};
 
     fn payload_of(d: &Delivery) -> Bytes {
         d.msg.payload.clone()
@@ -858,61 +504,6 @@ mod tests {
             seq: None,
             queue: None,
         }
-    }
-
-    #[test]
-    fn entry_round_trip() {
-        let d = delivery(b"payload");
-        let back = decode_entry(&encode_entry(&d), Instant::now(), unix_ms()).expect("decodes");
-        assert_eq!(back.qos, d.qos);
-        assert_eq!(back.subscription_ids, d.subscription_ids);
-        assert_eq!(back.share, d.share);
-        assert_eq!(back.msg.topic, "t/x");
-        assert_eq!(payload_of(&back), "payload");
-        assert_eq!(
-            back.msg.properties.user_properties,
-            d.msg.properties.user_properties
-        );
-        assert_eq!(back.msg.publisher.as_deref(), Some("pub"));
-        assert!(
-            back.msg
-                .remaining_expiry(Instant::now())
-                .is_some_and(|s| s > 95)
-        );
-        assert!(decode_entry(&encode_entry(&d)[..20], Instant::now(), unix_ms()).is_none());
-    }
-
-    #[test]
-    fn session_round_trip() {
-        let mut s = Session::new("c".into());
-        s.expiry_interval = 77;
-        s.subscriptions.insert(
-            "$share/g/a/+".into(),
-            SubscriptionRecord {
-                options: SubscriptionOptions {
-                    qos: QoS::ExactlyOnce,
-                    no_local: true,
-                    retain_as_published: true,
-                    retain_handling: RetainHandling::DoNotSend,
-                },
-                identifier: Some(12),
-            },
-        );
-        let mut will = LastWill {
-            topic: "w".into(),
-            payload: Bytes::from_static(b"bye"),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            properties: Properties::default(),
-        };
-        will.properties.will_delay_interval = Some(5);
-        let bytes = encode_session(&s, false, Some(&will));
-        let back = decode_session("c", &bytes, Instant::now(), unix_ms()).expect("decodes");
-        assert_eq!(back.session.expiry_interval, 77);
-        assert_eq!(back.session.subscriptions, s.subscriptions);
-        assert!(!back.connected);
-        assert!(back.disconnected_at_ms > 0);
-        assert_eq!(back.will, Some(will));
     }
 
     #[test]

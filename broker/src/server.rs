@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,11 +16,11 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::auth::Auth;
-use crate::broker::Broker;
 use crate::config::Config;
 use crate::persist::Store;
 use crate::tls::TlsContext;
 use crate::transport::{self, Transport};
+use roost_engine::broker::Broker;
 use roost_queue::Queues;
 
 /// How long connections get to close after shutdown is signalled.
@@ -32,7 +33,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let signal = shutdown_signal();
     let _lock = lock_data_dir(&config.data_dir)?;
     let tls = TlsContext::from_config(&config)?;
-    let auth = Auth::from_config(&config)?;
+    let auth = Arc::new(Auth::from_config(&config)?);
     let mut listeners = Vec::new();
     for (transport, addrs) in [
         (Transport::Tcp, &config.bind),
@@ -110,13 +111,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // After the declared queues: the bound is for what clients and the API create.
     queues.set_max_queues(config.max_queues);
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
-    let broker = Broker::new(config, store, auth, queues);
+    let broker = Broker::new(config.engine.clone(), Arc::new(store), auth.clone(), queues);
     broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let sys_topics = (broker.config.sys_interval > 0).then(|| {
+    let sys_topics = (config.sys_interval > 0).then(|| {
         tokio::spawn(crate::sys::publish_periodically(
             broker.clone(),
-            Duration::from_secs(broker.config.sys_interval),
+            Duration::from_secs(config.sys_interval),
             std::time::Instant::now(),
             shutdown_rx.clone(),
         ))
@@ -150,11 +151,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(tls) = &tls {
         acceptors.spawn(reload_tls(tls.clone(), reload.clone()));
     }
-    acceptors.spawn(reload_auth(broker.clone(), reload.clone()));
+    acceptors.spawn(reload_auth(auth.clone(), reload.clone()));
+    let admin = Arc::new(crate::admin::Api {
+        broker: broker.clone(),
+        token: config.admin_token.clone(),
+        queue_defaults: config.queue_defaults.clone(),
+    });
     for listener in admin_listeners {
         acceptors.spawn(crate::admin::serve(
             listener,
-            broker.clone(),
+            admin.clone(),
             shutdown_rx.clone(),
         ));
     }
@@ -261,10 +267,10 @@ async fn reload_tls(tls: std::sync::Arc<TlsContext>, mut reload: watch::Receiver
 
 /// Reads the password and ACL files again on each SIGHUP; connections stay up. A file
 /// that fails to load keeps its previous version in force.
-async fn reload_auth(broker: std::sync::Arc<Broker>, mut reload: watch::Receiver<u64>) {
+async fn reload_auth(auth: Arc<Auth>, mut reload: watch::Receiver<u64>) {
     while reload.changed().await.is_ok() {
-        let b = broker.clone();
-        match tokio::task::spawn_blocking(move || b.auth.reload()).await {
+        let a = auth.clone();
+        match tokio::task::spawn_blocking(move || a.reload()).await {
             Ok(errors) => {
                 for e in errors {
                     warn!("reload failed, keeping the previous version: {e}");

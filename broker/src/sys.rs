@@ -11,8 +11,8 @@ use bytes::Bytes;
 use roost_core::{Message, Properties, QoS};
 use tokio::sync::watch;
 
-use crate::broker::Broker;
-use crate::metrics::DropReason;
+use roost_engine::broker::Broker;
+use roost_engine::metrics::DropReason;
 
 /// Publishes the status topics every `interval` until shutdown.
 pub async fn publish_periodically(

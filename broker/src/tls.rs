@@ -24,6 +24,9 @@ use crate::config::Config;
 
 /// The TLS settings shared by every TLS listener, reloadable from the same files.
 pub struct TlsContext {
+    /// `tls_use_cn_as_username`: a verified client certificate's Common Name is the
+    /// client's username.
+    pub use_cn_as_username: bool,
     files: TlsFiles,
     current: ArcSwap<ServerConfig>,
 }
@@ -53,6 +56,7 @@ impl TlsContext {
         };
         let server = build_server_config(&files)?;
         Ok(Some(Arc::new(TlsContext {
+            use_cn_as_username: config.tls_use_cn_as_username,
             files,
             current: ArcSwap::from_pointee(server),
         })))

@@ -15,10 +15,10 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
-use crate::broker::Broker;
 use crate::connection;
 use crate::tls::{self, TlsContext};
 use crate::websocket;
+use roost_engine::broker::Broker;
 
 /// What a listener speaks on top of TCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,11 +78,11 @@ async fn upgrade_and_serve(
     tls: Option<Arc<TlsContext>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let timeout = Duration::from_secs(u64::from(broker.config.connect_timeout));
+    let timeout = Duration::from_secs(u64::from(broker.limits.connect_timeout));
     // A WebSocket message holds at most about one maximum-size packet (plus slack for a
     // client that packs a small packet next to it).
-    let max_message = broker.config.max_packet_size as usize + 1024;
-    let use_cn = broker.config.tls_use_cn_as_username;
+    let max_message = broker.limits.max_packet_size as usize + 1024;
+    let use_cn = tls.as_ref().is_some_and(|t| t.use_cn_as_username);
     let acceptor = match (transport.uses_tls(), &tls) {
         (false, _) => None,
         (true, Some(tls)) => Some(tls.acceptor()),

@@ -105,6 +105,11 @@ impl OfflineTimers {
         self.state.lock().by_client.len()
     }
 
+    /// True when no offline session has a deadline.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Waits until the next deadline has come (or an earlier one was scheduled, which
     /// the caller finds out by looking again).
     pub async fn wait(&self) {

@@ -235,7 +235,7 @@ impl DeliverySink for QueueSink {
         let Some(sender) = self.sender.upgrade() else {
             return false;
         };
-        let Ok(permit) = sender.try_reserve() else {
+        let Some(permit) = sender.try_reserve() else {
             return false;
         };
         permit.send(to_delivery(d, self));

@@ -25,16 +25,16 @@ use roost_core::{LastWill, Message, QoS, RetainHandling};
 use roost_router::{Matches, Router, Subscription};
 use tokio::sync::oneshot;
 
-use crate::auth::Auth;
-use crate::config::Config;
+use crate::auth::Authenticator;
 use crate::lifecycle::{Deadlines, OfflineTimers};
 use crate::mailbox::{self, TrySendError};
 use crate::metrics::{DropReason, Limit, Metrics};
-use crate::persist::{self, Loaded, Op, Store};
-use crate::protocol::Limits;
 use crate::rate::TokenBucket;
+use crate::record::{self as persist, Loaded};
 use crate::retained::{self, Retained, Scan};
 use crate::session::{Delivery, QueueFull, Session, ShareRef};
+use crate::settings::Settings;
+use crate::store::{Op, SessionStore};
 use roost_queue::Queues;
 
 const SHARDS: usize = 64;
@@ -330,12 +330,10 @@ pub enum Attach {
 
 /// Shared broker state; one per process, behind an `Arc`.
 pub struct Broker {
-    /// Limits every connection enforces.
-    pub limits: Arc<Limits>,
-    /// The configuration the broker runs with.
-    pub config: Config,
+    /// The limits every client meets.
+    pub limits: Arc<Settings>,
     /// Who may connect, and the ACL each connection is held to.
-    pub auth: Auth,
+    pub auth: Arc<dyn Authenticator>,
     /// The `$queue/` work queues.
     pub queues: Queues,
     /// Counters for `/metrics`.
@@ -362,22 +360,28 @@ pub struct Broker {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// New connections allowed, under `max_connect_rate`.
     connect_rate: Option<Mutex<TokenBucket>>,
-    store: Store,
+    store: Arc<dyn SessionStore>,
     /// Next key for a stored delivery; keys only grow, so a session's stored queue
     /// reads back in order.
     next_seq: AtomicU64,
 }
 
 impl Broker {
-    /// A broker over `store`; call [`Broker::restore`] with what the store loaded.
-    pub fn new(config: Config, store: Store, auth: Auth, queues: Queues) -> Arc<Broker> {
+    /// A broker with `settings` over `store`; call [`Broker::restore`] with what the
+    /// store loaded.
+    pub fn new(
+        settings: Settings,
+        store: Arc<dyn SessionStore>,
+        auth: Arc<dyn Authenticator>,
+        queues: Queues,
+    ) -> Arc<Broker> {
         let retained = Retained::new(retained::Bounds {
-            messages: config.max_retained_messages,
-            bytes: config.max_retained_bytes,
+            messages: settings.max_retained_messages,
+            bytes: settings.max_retained_bytes,
         });
-        let connect_rate = (config.max_connect_rate > 0).then(|| {
+        let connect_rate = (settings.max_connect_rate > 0).then(|| {
             Mutex::new(TokenBucket::new(
-                f64::from(config.max_connect_rate),
+                f64::from(settings.max_connect_rate),
                 Instant::now(),
             ))
         });
@@ -386,8 +390,7 @@ impl Broker {
         Arc::new(Broker {
             queues,
             metrics: Arc::default(),
-            limits: Arc::new(Limits::from_config(&config)),
-            config,
+            limits: Arc::new(settings),
             auth,
             router: Router::new(),
             shards: (0..SHARDS)
@@ -411,8 +414,8 @@ impl Broker {
     }
 
     /// The durable store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn SessionStore {
+        &*self.store
     }
 
     /// Brings back what the store loaded at startup: retained messages and sessions
@@ -505,7 +508,7 @@ impl Broker {
         {
             return Err(Limit::ConnectRate);
         }
-        let max = self.config.max_connections;
+        let max = self.limits.max_connections;
         let n = self
             .connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -514,7 +517,7 @@ impl Broker {
             .map_err(|_| Limit::Connections)?;
         self.connections_max.fetch_max(n + 1, Ordering::Relaxed);
         self.connections_peak.fetch_max(n + 1, Ordering::Relaxed);
-        let per_ip = self.config.max_connections_per_ip;
+        let per_ip = self.limits.max_connections_per_ip;
         if per_ip > 0 {
             let mut counts = self.per_ip.lock();
             let n = counts.entry(ip).or_insert(0);
@@ -550,7 +553,7 @@ impl Broker {
     /// Uncounts a connection admitted by [`Broker::try_add_connection`].
     pub fn remove_connection(&self, ip: IpAddr) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
-        if self.config.max_connections_per_ip > 0 {
+        if self.limits.max_connections_per_ip > 0 {
             let mut counts = self.per_ip.lock();
             if let Some(n) = counts.get_mut(&ip) {
                 *n -= 1;
@@ -665,7 +668,7 @@ impl Broker {
         let key = self.key(client_id);
         let previous = {
             let mut shard = self.shard(key).lock();
-            let max = self.config.max_sessions;
+            let max = self.limits.max_sessions;
             if max > 0 && self.session_count() >= max && shard.get(key).is_none() {
                 self.metrics.limit_tripped(Limit::Sessions, 1);
                 return Attach::Refused;
@@ -760,7 +763,7 @@ impl Broker {
                     // Handled below with the others, outside the lock.
                     session.pending.push_back(d);
                 } else {
-                    session.enqueue_offline(d, self.limits.max_queued);
+                    session.enqueue_offline(d, self.limits.max_queued());
                 }
             }
             if ours && session.is_persistent() {
@@ -1222,12 +1225,12 @@ impl Broker {
                 } else if stored {
                     // Stored before it can reach the subscriber: reserve the slot first.
                     match h.mailbox.try_reserve() {
-                        Ok(permit) => {
+                        Some(permit) => {
                             self.store_delivery(client_id, &mut d, out);
                             permit.send(d);
                             Ok(())
                         }
-                        Err(()) => Err(d),
+                        None => Err(d),
                     }
                 } else {
                     h.mailbox.try_send(d).map_err(TrySendError::into_inner)
@@ -1273,7 +1276,7 @@ impl Broker {
                 }
                 if let Err(full) = self
                     .limits
-                    .max_queued
+                    .max_queued()
                     .check(&session.pending, d.msg.payload.len())
                 {
                     session.dropped = session.dropped.saturating_add(1);
@@ -1352,17 +1355,17 @@ impl Broker {
 
     /// How long a client's outbound buffer may stay full (`None`: no limit).
     pub fn slow_consumer_timeout(&self) -> Option<Duration> {
-        let ms = self.config.slow_consumer_timeout_ms;
+        let ms = self.limits.slow_consumer_timeout_ms;
         (ms > 0).then(|| Duration::from_millis(ms))
     }
 
     /// How long a publisher waits for room at a full subscriber.
     pub fn delivery_wait(&self) -> Duration {
-        Duration::from_millis(self.config.max_delivery_wait_ms)
+        Duration::from_millis(self.limits.max_delivery_wait_ms)
     }
 
     /// Capacity of a connection's delivery channel.
     pub fn delivery_capacity(&self) -> usize {
-        self.limits.max_queued.messages.max(16)
+        self.limits.max_queued_messages.max(16)
     }
 }

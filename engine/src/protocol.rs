@@ -22,60 +22,17 @@ use roost_core::{
     UnsubAck, Unsubscribe,
 };
 
-use crate::acl::{Access, Authorizer};
-use crate::config::Config;
-use crate::persist::Op;
+use crate::access::{Access, Authorizer};
 use crate::retained::Scan;
 use crate::scram;
 use crate::session::{
-    Delivery, Inflight, InflightState, QueueBound, QueueFull, QueueRef, Session, SubscriptionRecord,
+    Delivery, Inflight, InflightState, QueueFull, QueueRef, Session, SubscriptionRecord,
 };
+use crate::settings::Settings;
+use crate::store::Op;
 
-/// The limits a connection enforces, taken from the configuration.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest inbound packet, fixed header included.
-    pub max_packet_size: u32,
-    /// Receive Maximum announced to clients; also caps the outbound window.
-    pub max_inflight: u16,
-    /// Per-session queue bound.
-    pub max_queued: QueueBound,
-    /// Subscriptions a client may hold (0: no limit).
-    pub max_subscriptions: usize,
-    /// Most levels in a topic name or filter.
-    pub max_topic_levels: usize,
-    /// Topic aliases accepted from a v5 client.
-    pub topic_alias_maximum: u16,
-    /// Longest keep-alive granted (0: no limit).
-    pub max_keep_alive: u16,
-    /// Longest session expiry granted.
-    pub session_expiry_max: u32,
-}
-
-impl Limits {
-    /// The limits of a configuration.
-    pub fn from_config(c: &Config) -> Self {
-        Limits {
-            max_packet_size: c.max_packet_size,
-            max_inflight: c.max_inflight,
-            max_queued: QueueBound {
-                messages: c.max_queued_messages,
-                bytes: c.max_queued_bytes,
-            },
-            max_subscriptions: c.max_subscriptions_per_client,
-            max_topic_levels: c.max_topic_levels,
-            topic_alias_maximum: c.topic_alias_maximum,
-            max_keep_alive: c.max_keep_alive,
-            session_expiry_max: c.session_expiry_max,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits::from_config(&Config::default())
-    }
-}
+/// The limits a connection enforces: the engine's [`Settings`].
+pub type Limits = Settings;
 
 /// What the broker must do on behalf of a connection.
 #[derive(Debug, Clone)]
@@ -560,7 +517,7 @@ impl Connection {
         if self.record_dirty && self.session.is_persistent() {
             self.record_dirty = false;
             self.session.stored = true;
-            let record = crate::persist::encode_session(&self.session, true, self.will.as_deref());
+            let record = crate::record::encode_session(&self.session, true, self.will.as_deref());
             self.session
                 .journal
                 .push(Op::PutSession(self.session.client_id.clone(), record));
@@ -582,7 +539,7 @@ impl Connection {
     /// True while the session queue can take more deliveries; when it is full the
     /// connection stops taking them, which makes publishers wait.
     pub fn has_room(&self) -> bool {
-        self.limits.max_queued.has_room(&self.session.pending)
+        self.limits.max_queued().has_room(&self.session.pending)
     }
 
     /// Sends `filter`'s retained messages to the client, a chunk at a time (see
@@ -631,8 +588,7 @@ impl Connection {
             QoS::AtMostOnce => RETAINED_CHUNK,
             _ => self
                 .limits
-                .max_queued
-                .messages
+                .max_queued_messages
                 .saturating_sub(self.session.pending.len())
                 .min(RETAINED_CHUNK),
         }
@@ -793,7 +749,7 @@ impl Connection {
     pub fn deliver(&mut self, d: Delivery, now: Instant) {
         if self.close.is_some() {
             // Keep QoS 1/2 with the session; it outlives this connection.
-            self.session.enqueue_offline(d, self.limits.max_queued);
+            self.session.enqueue_offline(d, self.limits.max_queued());
             return;
         }
         if d.msg.is_expired(now) || !self.may(Access::Read, &d.msg.topic) {
@@ -808,7 +764,7 @@ impl Connection {
             && self.session.inflight.len() < usize::from(self.send_window)
         {
             self.send_new(d, now);
-        } else if let Err(full) = self.session.enqueue(d, self.limits.max_queued) {
+        } else if let Err(full) = self.session.enqueue(d, self.limits.max_queued()) {
             self.counts.dropped_queue_full += 1;
             if full == QueueFull::Bytes {
                 self.counts.dropped_over_bytes += 1;
@@ -1230,7 +1186,7 @@ impl Connection {
                 reasons.push(ReasonCode::NotAuthorized);
                 continue;
             }
-            let max = self.limits.max_subscriptions;
+            let max = self.limits.max_subscriptions_per_client;
             if max > 0
                 && self.session.subscriptions.len() >= max
                 && !self.session.subscriptions.contains_key(&raw)
@@ -1389,7 +1345,7 @@ impl Connection {
             return;
         }
         let Some(packet_id) = self.session.allocate_packet_id() else {
-            let _ = self.session.enqueue(d, self.limits.max_queued);
+            let _ = self.session.enqueue(d, self.limits.max_queued());
             return;
         };
         if self.write_publish(&d, packet_id, false, now) {
@@ -1603,10 +1559,8 @@ mod tests {
     fn limits() -> Arc<Limits> {
         Arc::new(Limits {
             max_inflight: 4,
-            max_queued: QueueBound {
-                messages: 8,
-                bytes: 0,
-            },
+            max_queued_messages: 8,
+            max_queued_bytes: 0,
             topic_alias_maximum: 3,
             max_keep_alive: 60,
             ..Limits::default()
@@ -2104,7 +2058,7 @@ mod tests {
     fn queued_messages_are_sent_on_resume() {
         let now = Instant::now();
         let mut session = Session::new("c1".into());
-        session.enqueue_offline(delivery(QoS::AtLeastOnce, b"q", now), limits().max_queued);
+        session.enqueue_offline(delivery(QoS::AtLeastOnce, b"q", now), limits().max_queued());
         let mut c = connect_packet(V5);
         c.clean_start = false;
         let (mut conn, _) = open(c, Some(session), now);
@@ -2241,7 +2195,7 @@ mod tests {
     fn subscriptions_past_the_limit_are_refused_with_quota_exceeded() {
         let now = Instant::now();
         let limits = Arc::new(Limits {
-            max_subscriptions: 2,
+            max_subscriptions_per_client: 2,
             ..(*limits()).clone()
         });
         let plan = plan_connect(&connect_packet(V5), &limits, || "x".into()).expect("plan");
@@ -2633,11 +2587,11 @@ mod tests {
         let mut session = Session::new("c1".into());
         session.enqueue_offline(
             delivery_on("no/4", QoS::AtLeastOnce, now),
-            limits().max_queued,
+            limits().max_queued(),
         );
         session.enqueue_offline(
             delivery_on("ok/5", QoS::AtLeastOnce, now),
-            limits().max_queued,
+            limits().max_queued(),
         );
         let mut c = connect_packet(V5);
         c.clean_start = false;

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use roost_core::{LastWill, Message, PacketId, QoS, SubscriptionOptions};
 
-use crate::persist::Op;
+use crate::store::Op;
 
 /// The share group and filter a delivery came through, so that it can go to another
 /// member if this one leaves with it unacknowledged.

@@ -147,13 +147,13 @@ pub struct Receiver<T, C> {
 
 impl<T, C> Sender<T, C> {
     /// Reserves a slot, if there is room and the receiver still takes deliveries.
-    pub fn try_reserve(&self) -> Result<Permit<'_, T, C>, ()> {
+    pub fn try_reserve(&self) -> Option<Permit<'_, T, C>> {
         let mut state = self.shared.state.lock();
         if state.refuses() || !state.has_room(self.shared.capacity) {
-            return Err(());
+            return None;
         }
         state.reserved += 1;
-        Ok(Permit {
+        Some(Permit {
             shared: &self.shared,
         })
     }
@@ -466,7 +466,7 @@ mod tests {
         let (tx, rx) = new(2);
         let permit = tx.try_reserve().expect("room");
         tx.try_send(1).expect("room");
-        assert!(tx.try_reserve().is_err(), "full: one queued, one reserved");
+        assert!(tx.try_reserve().is_none(), "full: one queued, one reserved");
         assert_eq!(tx.try_send(2), Err(TrySendError::Full(2)));
         drop(permit);
         tx.try_reserve()
@@ -522,7 +522,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         rx.close();
         assert_eq!(blocked.await.expect("joined"), Err(8));
-        assert!(tx.try_reserve().is_err());
+        assert!(tx.try_reserve().is_none());
         assert_eq!(tx.try_send(9), Err(TrySendError::Closed(9)));
         assert_eq!(rx.recv().await, Some(7));
         assert_eq!(rx.recv().await, None, "closed and drained");
