@@ -156,6 +156,47 @@ def test_metrics_counters_move(broker_with):
     assert wait_for(lambda: value(api.metrics(), "roost_connections") == 0)
 
 
+def test_disconnect_reasons_are_counted(broker_with):
+    """roost_disconnects_total{reason} moves for each way a connection ends."""
+    b, port = admin_broker(broker_with, sys_interval=0)
+    api = Admin(port)
+
+    def count(reason):
+        return value(api.metrics(), "roost_disconnects_total", reason=reason)
+
+    reasons = ["client_disconnect", "client_closed", "keep_alive_timeout", "protocol_error",
+               "taken_over", "admin_kick", "receive_maximum_exceeded"]
+    assert all(count(r) == 0 for r in reasons), api.metrics()
+    c = mqttraw.RawClient(b.host, b.port, 5)
+    c.connect("dr-normal")
+    c.disconnect()
+    c = mqttraw.RawClient(b.host, b.port, 4)
+    c.connect("dr-closed")
+    c.close()
+    c = mqttraw.RawClient(b.host, b.port, 4)
+    c.connect("dr-keepalive", keepalive=1)
+    c.wait_closed(5)
+    c = mqttraw.RawClient(b.host, b.port, 4)
+    c.connect("dr-bad")
+    c.send(b"\xf0\x00")  # packet type 15 is reserved
+    c.wait_closed(5)
+    old = mqttraw.RawClient(b.host, b.port, 4)
+    old.connect("dr-twice")
+    new = mqttraw.RawClient(b.host, b.port, 4)
+    new.connect("dr-twice")
+    old.wait_closed(5)
+    new.disconnect()
+    k = mqttraw.RawClient(b.host, b.port, 4)
+    k.connect("dr-kick")
+    assert api.json("DELETE", "/api/v1/clients/dr-kick") == {"disconnected": "dr-kick"}
+    k.wait_closed(5)
+    expected = {"client_disconnect": 2, "client_closed": 1, "keep_alive_timeout": 1,
+                "protocol_error": 1, "taken_over": 1, "admin_kick": 1,
+                "receive_maximum_exceeded": 0}
+    assert wait_for(lambda: {r: count(r) for r in reasons} == expected), (
+        {r: count(r) for r in reasons})
+
+
 def test_dropped_messages_are_counted(broker_with):
     """An offline session's queue past max_queued_messages drops, and /metrics says so."""
     b, port = admin_broker(broker_with, max_queued_messages=2)

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use roost_engine::broker::Broker;
-use roost_engine::metrics::{AuthFailure, DropReason, Limit};
+use roost_engine::metrics::{AuthFailure, DisconnectReason, DropReason, Limit};
 use roost_storage::latency::LatencySnapshot;
 
 /// Largest request line plus headers.
@@ -717,6 +717,13 @@ fn render_metrics(broker: &Broker) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    counter_family(
+        &mut out,
+        "roost_disconnects_total",
+        "Client connections ended (after CONNACK), by why.",
+        "reason",
+        DisconnectReason::ALL.map(|why| (why.label(), m.disconnects(why))),
+    );
     counter_family(
         &mut out,
         "roost_auth_failures_total",

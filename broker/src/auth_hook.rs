@@ -21,7 +21,45 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::AuthHookConfig;
+use serde::Deserialize;
+
+/// The `[auth_hook]` table: an HTTP service asked whether a client may connect.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthHookConfig {
+    /// `http://host:port/path` to POST the client's credentials to (no TLS).
+    pub url: String,
+    /// Longest wait for the hook's answer, in milliseconds.
+    #[serde(default = "AuthHookConfig::default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Seconds an allow/deny answer is reused for the same credentials (0: no cache).
+    #[serde(default = "AuthHookConfig::default_cache_seconds")]
+    pub cache_seconds: u64,
+    /// How to answer when the hook is down or answers nonsense.
+    #[serde(default)]
+    pub on_error: HookErrorPolicy,
+}
+
+impl AuthHookConfig {
+    pub(crate) fn default_timeout_ms() -> u64 {
+        2000
+    }
+    pub(crate) fn default_cache_seconds() -> u64 {
+        60
+    }
+}
+
+/// What a client is told when the auth hook cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookErrorPolicy {
+    /// CONNACK 0x86 bad username or password (3.x return code 4): the client should not
+    /// simply retry.
+    Deny,
+    /// CONNACK 0x88 server unavailable (3.x return code 3): try again later.
+    #[default]
+    Unavailable,
+}
 
 /// Most cached answers; past it, expired ones are purged, then the cache is cleared.
 const CACHE_MAX: usize = 10_000;

@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Deserialize;
 
+pub use crate::auth_hook::{AuthHookConfig, HookErrorPolicy};
 use crate::persist::Durability;
 use roost_engine::Settings;
 
@@ -120,44 +121,6 @@ pub struct Config {
     /// `queue_defaults`, e.g. `capture_filters = ["sensors/#"]`); created at startup
     /// or updated to these settings.
     pub queues: std::collections::BTreeMap<String, roost_queue::QueueConfig>,
-}
-
-/// The `[auth_hook]` table: an HTTP service asked whether a client may connect.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthHookConfig {
-    /// `http://host:port/path` to POST the client's credentials to (no TLS).
-    pub url: String,
-    /// Longest wait for the hook's answer, in milliseconds.
-    #[serde(default = "AuthHookConfig::default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Seconds an allow/deny answer is reused for the same credentials (0: no cache).
-    #[serde(default = "AuthHookConfig::default_cache_seconds")]
-    pub cache_seconds: u64,
-    /// How to answer when the hook is down or answers nonsense.
-    #[serde(default)]
-    pub on_error: HookErrorPolicy,
-}
-
-impl AuthHookConfig {
-    fn default_timeout_ms() -> u64 {
-        2000
-    }
-    fn default_cache_seconds() -> u64 {
-        60
-    }
-}
-
-/// What a client is told when the auth hook cannot answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HookErrorPolicy {
-    /// CONNACK 0x86 bad username or password (3.x return code 4): the client should not
-    /// simply retry.
-    Deny,
-    /// CONNACK 0x88 server unavailable (3.x return code 3): try again later.
-    #[default]
-    Unavailable,
 }
 
 /// The `[storage]` table: how durable stored state is.

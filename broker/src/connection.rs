@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use roost_core::codec;
-use roost_core::{Auth, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, QoS, ReasonCode};
+use roost_core::{Auth, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -24,23 +24,14 @@ use tracing::{debug, info};
 use crate::acl::{Access, Authorizer};
 use crate::auth;
 use futures_util::future::Either;
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use roost_core::Message;
-use roost_engine::broker::{
-    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, Waits,
-    send_blocked,
-};
-use roost_engine::mailbox;
-use roost_engine::metrics::{AuthFailure, DropReason, Limit};
-use roost_engine::protocol::{self, AckToken, ConnectPlan, ConnectRefusal, Connection, Event};
-use roost_engine::queues::{self, QueueTopic};
+use roost_engine::broker::{Broker, Control, Fanout, Handover};
+use roost_engine::client::{Admitted, Client};
+use roost_engine::metrics::{AuthFailure, DisconnectReason, Limit};
+use roost_engine::protocol::{self, AckToken, ConnectPlan, ConnectRefusal};
+use roost_engine::queues;
 use roost_engine::rate::PublishBudget;
 use roost_engine::scram;
-use roost_engine::session::{Delivery, Session};
-
-/// Most deliveries taken from the mailbox before the output is flushed, so a busy
-/// subscriber still reads its socket and answers pings.
-const DELIVERY_BATCH: usize = 256;
+use roost_engine::session::Delivery;
 
 /// Serves one accepted socket until it closes.
 ///
@@ -68,10 +59,8 @@ where
         let Some(s) = served.as_mut() else {
             return;
         };
-        let (outcome, taken_over) = serve_session(s).await;
-        let ending = served
-            .take()
-            .map(|s| Box::pin(finish(s, outcome, taken_over)));
+        let taken_over = serve_session(s).await;
+        let ending = served.take().map(|s| Box::pin(finish(s, taken_over)));
         if let Some(ending) = ending {
             ending.await;
         }
@@ -87,7 +76,7 @@ where
 struct Served<S> {
     broker: Arc<Broker>,
     io: Io<S>,
-    attached: Attached,
+    attached: Client,
 }
 
 impl<S> Drop for Served<S> {
@@ -148,6 +137,7 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin>(
                 let conn = &mut attached.conn;
                 conn.disconnect(
                     ReasonCode::ServerShuttingDown,
+                    DisconnectReason::ServerShutdown,
                     "server shutting down",
                     false,
                 );
@@ -402,15 +392,6 @@ async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(
     debug!("connection refused: {} reached", limit.label());
 }
 
-/// A client past its CONNECT: what the connection task serves until it ends.
-struct Attached {
-    conn: Connection,
-    mailbox: Mailbox,
-    qio: QueueIo,
-    /// The connection's id and peer address, among others.
-    info: Arc<ClientInfo>,
-}
-
 /// Reads and answers the CONNECT, authenticates, and attaches the session (resumed,
 /// taken over or new). Run boxed: its state is needed once, not for the connection's
 /// whole life.
@@ -419,7 +400,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut Io<S>,
     peer: SocketAddr,
     peer_identity: Option<String>,
-) -> Result<Attached, String> {
+) -> Result<Client, String> {
     let timeout = Duration::from_secs(u64::from(broker.limits.connect_timeout));
     let first = tokio::time::timeout(timeout, io.read_packet(broker, None))
         .await
@@ -498,91 +479,18 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(format!("CONNECT refused ({code:?}): {why}"));
         }
     };
-    let (mailbox_tx, mailbox) = mailbox::mailbox(broker.delivery_capacity());
-    let qio = QueueIo::new(mailbox_tx.downgrade());
-    let info = Arc::new(ClientInfo {
-        id: broker.next_id(),
-        persistent: plan.session_expiry > 0,
-        stalled: Default::default(),
-        overflowed: Default::default(),
-        peer,
-        protocol: connect.protocol,
-        username: connect.username.clone(),
-        connected_at_ms: roost_queue::now_ms(),
-    });
-    let handle = ConnectionHandle {
-        mailbox: mailbox_tx,
-        info: info.clone(),
-    };
-    let previous = match broker.attach(&client_id, plan.clean_start, handle) {
-        Attach::Refused => {
-            info!(client_id = %client_id, %peer, "connection refused: max_sessions reached");
+    let version = connect.protocol;
+    let admitted = Admitted { access, scram_user };
+    match Client::attach(broker, connect, &plan, peer, admitted).await {
+        Ok(client) => Ok(client),
+        Err((code, why)) => {
             let mut out = BytesMut::new();
-            let why = "too many sessions";
-            protocol::write_refusal(connect.protocol, ReasonCode::QuotaExceeded, why, &mut out);
+            protocol::write_refusal(version, code, why, &mut out);
             let _ = io.write(broker, &out).await;
             io.close_gracefully().await;
-            return Err(format!("CONNECT refused: {why}"));
+            Err(format!("CONNECT refused ({code:?}): {why}"))
         }
-        Attach::Fresh => None,
-        Attach::Resumed(s) => Some(*s),
-        Attach::TakingOver(rx) => match rx.await {
-            Ok(Handover {
-                mut session,
-                delayed_will,
-            }) => {
-                // A session with expiry 0 ends with its network connection, which
-                // the takeover just closed: nothing is left to resume.
-                if plan.clean_start || !session.is_persistent() {
-                    session.pending_will = delayed_will.map(Box::new);
-                    broker.discard_session(session);
-                    None
-                } else {
-                    // Reconnecting before the will delay passed cancels the will.
-                    Some(session)
-                }
-            }
-            Err(_) => None,
-        },
-    };
-    let session_present = previous.is_some();
-    let session = previous.unwrap_or_else(|| Session::new(client_id.clone()));
-    let mut conn = Connection::accept(
-        *connect,
-        &plan,
-        session,
-        session_present,
-        broker.limits.clone(),
-        access,
-        Instant::now(),
-    );
-    if let Some(user) = scram_user {
-        conn.enable_reauthentication(user, broker.auth.scram());
     }
-    debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
-    // A resumed session's queue subscriptions join their groups again.
-    let queue_subs: Vec<Event> = conn
-        .subscriptions()
-        .filter(|(raw, _)| queues::is_queue_filter(raw))
-        .map(|(raw, r)| Event::Subscribe {
-            filter: raw.clone(),
-            options: r.options,
-            identifier: r.identifier,
-            existed: true,
-            consumer_group: None,
-            held: None,
-        })
-        .collect();
-    for event in queue_subs {
-        queue_subscription(broker, &mut conn, &qio, &event);
-    }
-
-    Ok(Attached {
-        conn,
-        mailbox,
-        qio,
-        info,
-    })
 }
 
 /// Serves an attached session until the connection is to end. Returns why, and the
@@ -591,7 +499,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 #[allow(clippy::manual_async_fn)]
 fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
     served: &mut Served<S>,
-) -> impl Future<Output = (String, Option<tokio::sync::oneshot::Sender<Handover>>)> + '_ {
+) -> impl Future<Output = Option<tokio::sync::oneshot::Sender<Handover>>> + '_ {
     async move {
         // Fields are reached through `served` (rather than bound to names of their own,
         // which the task would store besides).
@@ -602,17 +510,26 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .map(Box::new);
         let mut outbound_full_since = None;
-        if let Err(e) = flush(served, &mut Fanout::default()).await {
-            return (e, None);
+        // What the client sent right behind its CONNECT (a SUBSCRIBE, typically) takes
+        // effect now, before the CONNACK's session record is stored: another client may
+        // already be publishing what it subscribes to. (A block of its own, so the task
+        // does not carry this fan-out while it waits later.)
+        {
+            let mut fanout = Fanout::default();
+            handle_buffered(served, &mut budget, &mut fanout, Instant::now());
+            if flush(served, &mut fanout).await.is_err() {
+                return None;
+            }
         }
         loop {
-            if let Some(close) = served.attached.conn.close_reason() {
-                break (close.why.clone(), None);
+            if served.attached.conn.close_reason().is_some() {
+                break None;
             }
 
-            // One timer serves the keep-alive, the end of a throttle and the slow-consumer
-            // limit, so the idle connection's task stays small (and these temporaries end
-            // before the await, so the task does not carry them).
+            // One timer serves the keep-alive, the end of a throttle, the slow-consumer
+            // limit and retained messages still to send, so the idle connection's task
+            // stays small (and these temporaries end before the await, so the task does
+            // not carry them).
             let (deadline, held_back) = {
                 let throttle = budget
                     .as_mut()
@@ -620,25 +537,12 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(until) = throttle {
                     served.attached.conn.hold_reads_until(until);
                 }
-                let slow = slow_consumer_deadline(
-                    &served.broker,
-                    &served.attached.conn,
-                    &mut outbound_full_since,
-                );
-                // Retained messages still to send for a new subscription: at once.
-                let retained = served.attached.conn.wants_retained().then(Instant::now);
-                let deadline = [
-                    served.attached.conn.next_deadline(),
-                    throttle,
-                    slow,
-                    retained,
-                ]
-                .into_iter()
-                .flatten()
-                .min();
+                let client = served
+                    .attached
+                    .next_deadline(&served.broker, &mut outbound_full_since);
                 (
-                    deadline,
-                    served.attached.qio.is_held_back()
+                    client.into_iter().chain(throttle).min(),
+                    served.attached.queues.is_held_back()
                         || throttle.is_some()
                         || served.attached.conn.inbound_full(),
                 )
@@ -649,7 +553,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             // woke the task is in a block of its own, gone before the flush.
             let mut fanout;
             {
-                let room_needed = served.attached.qio.room_needed();
+                let room_needed = served.attached.queues.room_needed();
                 let woke = tokio::select! {
                     // A 3.x producer held back by a full queue, or a client over its publish
                     // rate, is not read from meanwhile.
@@ -657,131 +561,87 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     // A full session queue leaves deliveries in the mailbox, so publishers
                     // wait for this client instead of messages being dropped.
                     Some(d) = served.attached.mailbox.recv(), if served.attached.conn.has_room() => Woke::Delivery(d),
-                    Some((token, reason)) = next_produce(&mut served.attached.qio), if served.attached.qio.is_producing() => Woke::Produced(token, reason),
-                    _ = wait_for_room(room_needed), if held_back => Woke::Room,
+                    Some((token, reason)) = queues::next_produce(&mut served.attached.queues), if served.attached.queues.is_producing() => Woke::Produced(token, reason),
+                    _ = queues::wait_for_room(room_needed), if held_back => Woke::Room,
                     Some(request) = served.attached.mailbox.recv_control() => Woke::Control(request),
                     _ = sleep_until(deadline) => Woke::Timer,
                 };
                 fanout = Fanout::default();
+                let now = Instant::now();
                 match woke {
                     Woke::Read(read) => match read {
                         Ok(Some(packet)) => {
-                            let now = Instant::now();
                             charge(&mut budget, &packet, now);
-                            served.attached.conn.handle(packet, now);
-                            // Decode what else is already buffered before writing back (a
-                            // throttled client's rest waits in the buffer).
-                            while served.attached.conn.close_reason().is_none()
-                                && !over_budget(&mut budget, now)
-                                && !served.attached.conn.inbound_full()
-                            {
-                                match codec::decode(
-                                    &mut served.io.read_buf,
-                                    Some(served.attached.conn.version()),
-                                    served.broker.limits.max_packet_size as usize,
-                                ) {
-                                    Ok(Some(p)) => {
-                                        run_attached(
-                                            &served.broker,
-                                            &mut served.attached,
-                                            &mut fanout,
-                                        );
-                                        charge(&mut budget, &p, now);
-                                        served.attached.conn.handle(p, now);
-                                    }
-                                    Ok(None) => break,
-                                    Err(e) => {
-                                        run_attached(
-                                            &served.broker,
-                                            &mut served.attached,
-                                            &mut fanout,
-                                        );
-                                        served.attached.conn.decode_error(&e);
-                                    }
-                                }
-                            }
-                            run_attached(&served.broker, &mut served.attached, &mut fanout);
+                            served
+                                .attached
+                                .handle(&served.broker, packet, now, &mut fanout);
+                            // Handle what else is already buffered before writing back
+                            // (a throttled client's rest waits in the buffer).
+                            handle_buffered(served, &mut budget, &mut fanout, now);
                         }
-                        Ok(None) => break ("socket closed by client".into(), None),
-                        Err(ReadError::Io(e)) => break (format!("read error: {e}"), None),
-                        Err(ReadError::Decode(e)) => served.attached.conn.decode_error(&e),
+                        Ok(None) => served
+                            .attached
+                            .conn
+                            .lost(DisconnectReason::ClientClosed, "socket closed by client"),
+                        Err(ReadError::Io(e)) => served
+                            .attached
+                            .conn
+                            .lost(DisconnectReason::NetworkError, &format!("read error: {e}")),
+                        Err(ReadError::Decode(e)) => {
+                            served
+                                .attached
+                                .decode_error(&served.broker, &e, &mut fanout)
+                        }
                     },
-                    Woke::Delivery(d) => {
-                        let now = Instant::now();
-                        served.attached.conn.deliver(d, now);
-                        for _ in 1..DELIVERY_BATCH {
-                            if !served.attached.conn.has_room()
-                                || served.attached.conn.output_len() >= DELIVERY_BATCH_BYTES
-                            {
-                                break;
-                            }
-                            match served.attached.mailbox.try_recv() {
-                                Some(d) => served.attached.conn.deliver(d, now),
-                                None => break,
-                            }
-                        }
-                    }
-                    Woke::Produced(token, reason) => {
-                        served.attached.conn.resolve_ack(token, reason);
-                        // Produces of one commit resolve together: acknowledge them in one write.
-                        while let Some((token, reason)) = served.attached.qio.next_produced() {
-                            served.attached.conn.resolve_ack(token, reason);
-                        }
-                        served.attached.qio.tidy();
-                    }
-                    Woke::Room => served.attached.qio.start_waiting(),
-                    Woke::Control(request) => match request {
-                        Control::TakeOver { reply } => {
-                            served.attached.conn.disconnect(
-                                ReasonCode::SessionTakenOver,
-                                "session taken over",
-                                true,
-                            );
+                    Woke::Delivery(d) => served.attached.deliver_batch(d, now),
+                    Woke::Produced(token, reason) => served.attached.produced(token, reason),
+                    Woke::Room => served.attached.queues.start_waiting(),
+                    Woke::Control(request) => {
+                        if let Some(reply) = served.attached.control(request) {
                             // The loop's flush is skipped: `finish` writes the
                             // DISCONNECT before the session is handed over.
-                            break ("session taken over".into(), Some(reply));
+                            break Some(reply);
                         }
-                        Control::Shutdown => {
-                            served.attached.conn.disconnect(
-                                ReasonCode::ServerShuttingDown,
-                                "server shutting down",
-                                false,
-                            );
-                        }
-                        Control::Kick => {
-                            info!(client_id = %served.attached.conn.client_id(), "disconnected by an administrator");
-                            served.attached.conn.disconnect(
-                                ReasonCode::AdministrativeAction,
-                                "disconnected by an administrator",
-                                true,
-                            );
-                        }
-                    },
+                    }
                     Woke::Timer => {
-                        let now = Instant::now();
-                        if slow_consumer_deadline(
-                            &served.broker,
-                            &served.attached.conn,
-                            &mut outbound_full_since,
-                        )
-                        .is_some_and(|t| now >= t)
-                        {
-                            served.broker.metrics.limit_tripped(Limit::SlowConsumer, 1);
-                            info!(client_id = %served.attached.conn.client_id(), "disconnected: slow consumer (outbound buffer full for slow_consumer_timeout_ms)");
-                            served.attached.conn.disconnect(
-                                ReasonCode::QuotaExceeded,
-                                "slow consumer: outbound buffer full",
-                                true,
-                            );
-                        }
-                        served.attached.conn.tick(now);
-                        read_retained(&served.broker, &mut served.attached.conn, now);
+                        served
+                            .attached
+                            .on_timer(&served.broker, now, &mut outbound_full_since)
                     }
                 }
             }
-            if let Err(e) = flush(served, &mut fanout).await {
-                break (e, None);
+            if flush(served, &mut fanout).await.is_err() {
+                break None;
             }
+        }
+    }
+}
+
+/// Handles the packets already in the read buffer, each one's events carried out
+/// before the next is handled. Stops early when the connection is to close, when the
+/// client is over its publish rate, or when a 3.x client is at its bound of
+/// unacknowledged publishes (the rest waits in the buffer).
+fn handle_buffered<S>(
+    served: &mut Served<S>,
+    budget: &mut Option<Box<PublishBudget>>,
+    fanout: &mut Fanout,
+    now: Instant,
+) {
+    while served.attached.conn.close_reason().is_none()
+        && !over_budget(budget, now)
+        && !served.attached.conn.inbound_full()
+    {
+        match codec::decode(
+            &mut served.io.read_buf,
+            Some(served.attached.conn.version()),
+            served.broker.limits.max_packet_size as usize,
+        ) {
+            Ok(Some(p)) => {
+                charge(budget, &p, now);
+                served.attached.handle(&served.broker, p, now, fanout);
+            }
+            Ok(None) => break,
+            Err(e) => served.attached.decode_error(&served.broker, &e, fanout),
         }
     }
 }
@@ -802,12 +662,10 @@ enum Woke {
 /// `served`) uncounts the connection.
 async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
     mut served: Served<S>,
-    outcome: String,
     taken_over: Option<tokio::sync::oneshot::Sender<Handover>>,
 ) {
     let mut fanout = Fanout::default();
     let _ = flush(&mut served, &mut fanout).await;
-    let client_id = served.attached.conn.client_id().clone();
     // Closing with unread input makes the kernel send RST, which can destroy the
     // DISCONNECT we just wrote before the client reads it. So when roost ends the
     // connection, it half-closes, settles the session, then reads and discards what
@@ -818,29 +676,10 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
         .close_reason()
         .is_some_and(|c| !c.by_client);
     served.io.shut_down().await;
-    debug!(client_id = %client_id, "disconnected: {outcome}");
-    if served
-        .attached
-        .conn
-        .close_reason()
-        .is_some_and(|c| c.reason == ReasonCode::ReceiveMaximumExceeded)
-    {
-        served
-            .broker
-            .metrics
-            .limit_tripped(Limit::InboundInflight, 1);
+    if let Some(close) = served.attached.conn.close_reason() {
+        debug!(client_id = %served.attached.conn.client_id(), reason = close.kind.label(), "disconnected: {}", close.why);
     }
-    let (session, will) = served.attached.conn.finish();
-    end_session(
-        &served.broker,
-        &client_id,
-        served.attached.info.id,
-        session,
-        will,
-        taken_over,
-        &mut served.attached.mailbox,
-    )
-    .await;
+    served.attached.end(&served.broker, taken_over).await;
     if linger {
         let _ = tokio::time::timeout(LINGER, served.io.discard_until_eof()).await;
     }
@@ -1012,159 +851,34 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Bytes a client must take within `slow_consumer_timeout` to count as progressing.
 const WRITE_PROGRESS: usize = 16 * 1024;
 
-/// Output past which a batch of deliveries stops, to be written before more are taken:
-/// 256 deliveries of large messages would otherwise be encoded at once.
-const DELIVERY_BATCH_BYTES: usize = 256 * 1024;
-
-/// Hands the session to the broker (stored or ended) or to the connection that took
-/// the client id over.
-#[allow(clippy::too_many_arguments)]
-async fn end_session(
-    broker: &Arc<Broker>,
-    client_id: &Arc<str>,
-    conn_id: u64,
-    mut session: Session,
-    will: Option<roost_core::LastWill>,
-    taken_over: Option<tokio::sync::oneshot::Sender<Handover>>,
-    mailbox: &mut Mailbox,
-) {
-    // Queue messages this connection held go back to their queues now, for another
-    // consumer (or this client when it returns); the session does not keep them.
-    broker.queues.leave_all(client_id);
-    session.drop_queue_deliveries();
-    let (mut session, will, reply) = match taken_over {
-        Some(reply) => (session, will, reply),
-        None => match broker.detach(conn_id, session, will, mailbox) {
-            None => return,
-            // Taken over while we were ending: the successor waits for the session.
-            Some((session, will)) => loop {
-                match mailbox.recv_control().await {
-                    Some(Control::TakeOver { reply }) => break (session, will, reply),
-                    // Already ending.
-                    Some(Control::Kick | Control::Shutdown) => {}
-                    None => {
-                        broker.discard_session(session);
-                        return;
-                    }
-                }
-            },
-        },
-    };
-    // The map no longer holds our sender: drain what was routed to us before.
-    mailbox.close();
-    while let Some(d) = mailbox.recv().await {
-        // Queue deliveries went back to their queues above (and were built for this
-        // connection's protocol version): the session does not keep them.
-        if d.queue.is_none() {
-            session.enqueue_offline(d, broker.limits.max_queued());
-        }
-    }
-    let delay = will
-        .as_ref()
-        .and_then(|w| w.properties.will_delay_interval)
-        .unwrap_or(0);
-    let delayed_will = if delay == 0 {
-        if let Some(w) = will {
-            broker.publish_will_now(client_id, w);
-        }
-        None
-    } else {
-        will
-    };
-    if let Err(Handover {
-        mut session,
-        delayed_will,
-    }) = reply.send(Handover {
-        session,
-        delayed_will,
-    }) {
-        // The successor gave up waiting: end the session as if it had none.
-        session.pending_will = delayed_will.map(Box::new);
-        broker.discard_session(session);
-    }
-}
-
 /// Carries out pending events, stores what they and the session changed, and only
 /// then writes the output: nothing is acknowledged before it is stored.
 #[allow(clippy::manual_async_fn)]
 fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
     served: &'a mut Served<S>,
     fanout: &'a mut Fanout,
-) -> impl Future<Output = Result<(), String>> + 'a {
+) -> impl Future<Output = Result<(), ()>> + 'a {
     // An async block, not an `async fn`, which would store its arguments twice; and
     // fields are reached through `served`, not bound to names the task would store.
     async move {
-        run_attached(&served.broker, &mut served.attached, fanout);
-        // (A block of its own, so the writes' list is gone while the output is written.)
-        {
-            let mut ops = std::mem::take(&mut fanout.ops);
-            if let Some(waits) = fanout.waits.take() {
-                // Boxed: rare, and its state would otherwise enlarge every connection's
-                // task. Copies into capturing queues are acknowledged only once stored;
-                // with slow subscribers, the acknowledgements wait until they have room.
-                let broker = &served.broker;
-                ops.extend(
-                    Box::pin(async move {
-                        let Waits {
-                            blocked, captures, ..
-                        } = *waits;
-                        for capture in captures {
-                            capture.await;
-                        }
-                        if blocked.is_empty() {
-                            return Vec::new();
-                        }
-                        send_blocked(blocked, broker.delivery_wait(), &broker.metrics).await
-                    })
-                    .await,
-                );
-            }
-            // Routing's writes first: the session's own journal may finish what routing began.
-            ops.append(&mut served.attached.conn.take_store_ops());
-            if !ops.is_empty() {
-                let ticket = served.broker.store().submit(ops);
-                if let Err(e) = ticket.wait().await {
-                    tracing::error!(client_id = %served.attached.conn.client_id(), "cannot store session state: {e}");
-                    // The acknowledgements in the output promise what was not stored.
-                    let _ = served.attached.conn.take_output();
-                    served.attached.conn.disconnect(
-                        ReasonCode::UnspecifiedError,
-                        "storage failure",
-                        true,
-                    );
-                }
-            }
-        }
-        let counts = served.attached.conn.take_counts();
-        for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
-            .into_iter()
-            .enumerate()
-        {
-            served
-                .broker
-                .metrics
-                .sent(qos, u64::from(counts.sent[i]), counts.sent_bytes[i]);
-        }
-        let m = &served.broker.metrics;
-        m.dropped(
-            DropReason::SessionQueueFull,
-            u64::from(counts.dropped_queue_full),
-        );
-        m.limit_tripped(Limit::QueuedBytes, u64::from(counts.dropped_over_bytes));
-        m.limit_tripped(
-            Limit::SubscriptionsPerClient,
-            u64::from(counts.subscriptions_refused),
-        );
-
+        served.attached.commit(&served.broker, fanout).await;
         if served.attached.conn.has_output() {
             let out = served.attached.conn.take_output();
             if let Err(e) = served.io.write(&served.broker, &out).await {
                 if e.kind() == std::io::ErrorKind::TimedOut {
                     served.broker.metrics.limit_tripped(Limit::SlowConsumer, 1);
                     info!(client_id = %served.attached.conn.client_id(), "disconnected: slow consumer (took no data for slow_consumer_timeout_ms)");
-                    return Err("slow consumer: the socket took no data".into());
+                    served.attached.conn.lost(
+                        DisconnectReason::SlowConsumer,
+                        "slow consumer: the socket took no data",
+                    );
+                } else {
+                    served
+                        .attached
+                        .conn
+                        .lost(DisconnectReason::NetworkError, &format!("write error: {e}"));
                 }
-                return Err(format!("write error: {e}"));
+                return Err(());
             }
         }
         // QoS 0 was dropped for a full mailbox: let the subscribers these publishes
@@ -1187,422 +901,6 @@ fn flush<'a, S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// [`run_events`] for an attached session, noting in its `ClientInfo` that a publish
-/// overflowed a subscriber's mailbox (the flush then yields).
-fn run_attached(broker: &Arc<Broker>, attached: &mut Attached, fanout: &mut Fanout) {
-    if run_events(broker, &mut attached.conn, fanout, &mut attached.qio) {
-        attached.info.overflowed.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Carries out what the protocol asked of the broker. True when a publish overflowed
-/// a subscriber's mailbox (see [`Broker::publish`]).
-fn run_events(
-    broker: &Arc<Broker>,
-    conn: &mut Connection,
-    fanout: &mut Fanout,
-    qio: &mut QueueIo,
-) -> bool {
-    let mut events = conn.take_event_buffer();
-    if events.is_empty() {
-        conn.recycle_events(events);
-        return false;
-    }
-    let mut overflowed = false;
-    let now = Instant::now();
-    // PUBACKs of queue deliveries that arrived together settle together: one lock, one
-    // dispatch and one progress record per group instead of one each.
-    let mut acks = PendingAcks::default();
-    for event in events.drain(..) {
-        if let Event::QueueSettle { queue, nack: false } = event {
-            acks.push(broker, conn.client_id(), queue);
-            continue;
-        }
-        acks.settle(broker, conn.client_id());
-        match event {
-            Event::Publish(msg) => {
-                broker.metrics.received(msg.qos, msg.payload.len());
-                overflowed |= broker.publish(msg, fanout, false).unwrap_or(false);
-            }
-            Event::RetainedPublish { msg, ack } => {
-                broker.metrics.received(msg.qos, msg.payload.len());
-                let reason = match broker.publish(msg, fanout, true) {
-                    Ok(o) => {
-                        overflowed |= o;
-                        ReasonCode::Success
-                    }
-                    Err(_) => ReasonCode::QuotaExceeded,
-                };
-                conn.resolve_ack(ack, reason);
-            }
-            Event::Subscribe { .. } if queue_subscription(broker, conn, qio, &event) => {}
-            Event::Subscribe {
-                filter,
-                options,
-                identifier,
-                existed,
-                ..
-            } => {
-                broker.subscribe(&filter, conn.client_id(), options, identifier);
-                if let Some(scan) = broker.retained_to_send(&filter, options, existed) {
-                    conn.read_retained(scan, options, identifier);
-                }
-            }
-            Event::Unsubscribe { filter } => {
-                if let Some(f) = queues::parse_filter(&filter, None) {
-                    // The group of a v5 `consumer-group` subscription is not in the
-                    // filter: leave every group of that queue this client is in.
-                    if let Some(q) = broker.queues.get(&f.queue) {
-                        q.leave_all(conn.client_id());
-                    }
-                } else {
-                    broker.unsubscribe(&filter, conn.client_id());
-                }
-            }
-            Event::QueuePublish { msg, ack } => {
-                broker.metrics.received(msg.qos, msg.payload.len());
-                queue_publish(broker, conn, qio, &msg, ack)
-            }
-            Event::QueueSettle { queue, nack } => {
-                if let Some(q) = broker.queues.get(&queue.queue) {
-                    if nack {
-                        q.nack(conn.client_id(), Some(&queue.group), &queue.id);
-                    } else {
-                        drop(q.ack(conn.client_id(), Some(&queue.group), &queue.id));
-                    }
-                }
-            }
-        }
-    }
-    acks.settle(broker, conn.client_id());
-    conn.recycle_events(events);
-    // The first step of new subscriptions' retained messages goes out with their SUBACK.
-    read_retained(broker, conn, now);
-    overflowed
-}
-
-/// Takes one step of the oldest unfinished reading of retained messages, if the
-/// connection has room for more; the serving loop comes back for the next step once
-/// this one is written (see [`Connection::retained_wanted`]).
-fn read_retained(broker: &Broker, conn: &mut Connection, now: Instant) {
-    let Some((scan, max)) = conn.retained_wanted() else {
-        return;
-    };
-    let mut found = Vec::new();
-    let done = broker.read_retained(scan, max, now, &mut found);
-    conn.deliver_retained(found, done, now);
-}
-
-/// Acks of one connection for one queue and group, gathered in arrival order.
-#[derive(Default)]
-struct PendingAcks {
-    target: Option<Arc<roost_engine::session::QueueRef>>,
-    ids: Vec<roost_queue::MessageId>,
-}
-
-impl PendingAcks {
-    fn push(
-        &mut self,
-        broker: &Broker,
-        client_id: &str,
-        queue: Arc<roost_engine::session::QueueRef>,
-    ) {
-        let same = self
-            .target
-            .as_ref()
-            .is_some_and(|t| t.queue == queue.queue && t.group == queue.group);
-        if !same {
-            self.settle(broker, client_id);
-        }
-        self.ids.push(queue.id.clone());
-        if !same {
-            self.target = Some(queue);
-        }
-    }
-
-    fn settle(&mut self, broker: &Broker, client_id: &str) {
-        let Some(target) = self.target.take() else {
-            return;
-        };
-        if let Some(q) = broker.queues.get(&target.queue) {
-            drop(q.ack_many(client_id, Some(&target.group), &self.ids));
-        }
-        self.ids.clear();
-    }
-}
-
-/// What a connection needs for `$queue/` traffic: a weak handle on its own mailbox
-/// (for the queues' sinks) and the produces whose acknowledgements wait.
-struct QueueIo {
-    sender: mailbox::WeakSender<Delivery, Control>,
-    /// Created on the first produce and dropped when none is left (boxed: most
-    /// connections never produce to a queue, and an idle one carries 8 bytes).
-    work: Option<Box<QueueWork>>,
-}
-
-/// A connection's queue produces in progress.
-#[derive(Default)]
-struct QueueWork {
-    /// Polled by the connection task itself (no task per produce).
-    produces: FuturesUnordered<ProduceAck>,
-    /// 3.x queue publishes waiting for room in a full queue, in arrival order.
-    waiting: std::collections::VecDeque<WaitingProduce>,
-}
-
-/// A produce whose acknowledgement waits for its append.
-type ProduceAck =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (AckToken, ReasonCode)> + Send>>;
-
-struct WaitingProduce {
-    queue: roost_queue::Queue,
-    message: roost_queue::NewMessage,
-    ack: Option<AckToken>,
-}
-
-impl QueueIo {
-    fn new(sender: mailbox::WeakSender<Delivery, Control>) -> Self {
-        QueueIo { sender, work: None }
-    }
-
-    fn work(&mut self) -> &mut QueueWork {
-        self.work.get_or_insert_with(Default::default)
-    }
-
-    /// A 3.x produce waits for room: the client is not read from meanwhile.
-    fn is_held_back(&self) -> bool {
-        self.work.as_ref().is_some_and(|w| !w.waiting.is_empty())
-    }
-
-    /// Some produce waits for its acknowledgement.
-    fn is_producing(&self) -> bool {
-        self.work.as_ref().is_some_and(|w| !w.produces.is_empty())
-    }
-
-    /// An acknowledgement that is ready now, if any.
-    fn next_produced(&mut self) -> Option<(AckToken, ReasonCode)> {
-        let work = self.work.as_mut()?;
-        futures_util::FutureExt::now_or_never(work.produces.next()).flatten()
-    }
-
-    /// Gives the produce state back once nothing is in progress.
-    fn tidy(&mut self) {
-        if self
-            .work
-            .as_ref()
-            .is_some_and(|w| w.produces.is_empty() && w.waiting.is_empty())
-        {
-            self.work = None;
-        }
-    }
-
-    /// What the front waiting produce needs room in, if any.
-    fn room_needed(&self) -> Option<(roost_queue::Queue, u64)> {
-        self.work
-            .as_ref()?
-            .waiting
-            .front()
-            .map(|w| (w.queue.clone(), w.message.payload.len() as u64))
-    }
-
-    /// Starts the waiting produces that now fit, in order.
-    fn start_waiting(&mut self) {
-        while let Some(w) = self.work.as_ref().and_then(|w| w.waiting.front()) {
-            if !w.queue.has_room(w.message.payload.len() as u64) {
-                break;
-            }
-            if let Some(w) = self.work.as_mut().and_then(|w| w.waiting.pop_front()) {
-                start_produce(self, &w.queue, w.message, w.ack, false);
-            }
-        }
-        self.tidy();
-    }
-}
-
-/// Queues the append now (so one connection's messages keep their order) and resolves
-/// the acknowledgement when it is durable. A 3.x producer that loses a race for the
-/// last room waits for more rather than be told nothing (it has no reason codes).
-fn start_produce(
-    qio: &mut QueueIo,
-    queue: &roost_queue::Queue,
-    message: roost_queue::NewMessage,
-    ack: Option<AckToken>,
-    v5: bool,
-) {
-    // Only a 3.x producer tries again, so only it keeps a copy (cheap: shared bytes).
-    let again = (!v5).then(|| (queue.clone(), message.clone()));
-    let first = queue.produce(message);
-    let produce = async move {
-        let mut result = first.await;
-        if let Some((queue, message)) = again {
-            while let Err(roost_queue::ProduceError::QuotaExceeded { .. }) = result {
-                queue.wait_for_room(message.payload.len() as u64).await;
-                // Boxed: rare, and inline it would enlarge every produce's future.
-                result = Box::pin(queue.produce(message.clone())).await;
-            }
-        }
-        match result {
-            Ok(_) => ReasonCode::Success,
-            Err(e) => queues::produce_reason(&e),
-        }
-    };
-    match ack {
-        Some(token) => {
-            qio.work()
-                .produces
-                .push(Box::pin(async move { (token, produce.await) }));
-        }
-        None => {
-            tokio::spawn(produce);
-        }
-    }
-}
-
-/// Joins the consumer group a `$queue/` subscription names, and settles its place in
-/// the SUBACK with the outcome; false for other filters.
-fn queue_subscription(
-    broker: &Broker,
-    conn: &mut Connection,
-    qio: &QueueIo,
-    event: &Event,
-) -> bool {
-    let Event::Subscribe {
-        filter,
-        options,
-        identifier,
-        consumer_group,
-        existed,
-        held,
-    } = event
-    else {
-        return false;
-    };
-    let Some(f) = queues::parse_filter(filter, consumer_group.as_deref()) else {
-        return false;
-    };
-    let queue = if f.queue.ends_with(roost_queue::DEAD_LETTER_SUFFIX) {
-        broker
-            .queues
-            .get(&f.queue)
-            .ok_or_else(|| roost_queue::QueueError::NotFound(f.queue.clone()))
-    } else {
-        broker.queues.get_or_create(&f.queue)
-    };
-    // v5 consumers take as many as their Receive Maximum; 3.x ones the queue's window.
-    let window = if conn.version().is_v5() {
-        u32::try_from(conn.send_window()).unwrap_or(u32::MAX)
-    } else {
-        0
-    };
-    let sink = Arc::new(queues::QueueSink::new(
-        qio.sender.clone(),
-        &f,
-        options.qos,
-        *identifier,
-        conn.version(),
-    ));
-    let joined = queue.and_then(|q| q.join(&f.group, conn.client_id().clone(), window, sink));
-    let outcome = match joined {
-        Ok(()) => {
-            debug!(client_id = %conn.client_id(), queue = %f.queue, group = %f.group, "joined queue group");
-            Ok(())
-        }
-        Err(e) => {
-            info!(client_id = %conn.client_id(), queue = %f.queue, "cannot consume from queue: {e}");
-            let limit = match e {
-                roost_queue::QueueError::TooManyQueues { .. } => Some(Limit::Queues),
-                roost_queue::QueueError::TooManyGroups { .. } => Some(Limit::ConsumerGroups),
-                _ => None,
-            };
-            if let Some(limit) = limit {
-                broker.metrics.limit_tripped(limit, 1);
-            }
-            Err(queues::subscribe_reason(&e))
-        }
-    };
-    if let Some(slot) = held {
-        conn.settle_subscription(*slot, filter, *existed, outcome);
-    }
-    true
-}
-
-/// Stores a `$queue/` publish (or settles by message id) and arranges its
-/// acknowledgement: resolved when the message is durable in its queue.
-fn queue_publish(
-    broker: &Broker,
-    conn: &mut Connection,
-    qio: &mut QueueIo,
-    msg: &Message,
-    ack: Option<AckToken>,
-) {
-    let resolve = |conn: &mut Connection, reason| {
-        if let Some(token) = ack {
-            conn.resolve_ack(token, reason);
-        }
-    };
-    match queues::parse_topic(&msg.topic) {
-        Some(QueueTopic::Settle(name, how)) => {
-            let id = queues::user_property(msg, "message-id").and_then(|v| v.parse().ok());
-            let settled = match (broker.queues.get(name), id) {
-                (Some(q), Some(id)) => queues::settle(&q, conn.client_id(), &id, how),
-                _ => false,
-            };
-            let reason = if settled {
-                ReasonCode::Success
-            } else {
-                ReasonCode::UnspecifiedError
-            };
-            resolve(conn, reason);
-        }
-        Some(QueueTopic::Produce(name, rest)) => {
-            let queue = match broker.queues.get_or_create(name) {
-                Ok(q) => q,
-                Err(e) => {
-                    debug!(client_id = %conn.client_id(), queue = %name, "cannot produce: {e}");
-                    if matches!(e, roost_queue::QueueError::TooManyQueues { .. }) {
-                        broker.metrics.limit_tripped(Limit::Queues, 1);
-                    }
-                    return resolve(conn, e.reason_code());
-                }
-            };
-            let message = queues::new_message(msg, rest);
-            let v5 = conn.version().is_v5();
-            // 3.x has no quota reason code: a full queue holds the producer back (its
-            // PUBACK waits and roost stops reading from it) until there is room, and
-            // its later queue publishes wait behind, in order.
-            if !v5 && (qio.is_held_back() || !queue.has_room(message.payload.len() as u64)) {
-                qio.work().waiting.push_back(WaitingProduce {
-                    queue,
-                    message,
-                    ack,
-                });
-                return;
-            }
-            start_produce(qio, &queue, message, ack, v5);
-        }
-        None => resolve(conn, ReasonCode::TopicNameInvalid),
-    }
-}
-
-// The futures a connection task waits on are built by plain functions, not `async fn`s
-// (which would store their arguments twice): they are part of every idle task.
-
-fn wait_for_room(needed: Option<(roost_queue::Queue, u64)>) -> impl Future<Output = ()> {
-    match needed {
-        // Boxed: only a held-back 3.x producer waits here.
-        Some((queue, bytes)) => Either::Left(Box::pin(async move {
-            queue.wait_for_room(bytes).await;
-        })),
-        None => Either::Right(std::future::pending()),
-    }
-}
-
-fn next_produce(qio: &mut QueueIo) -> impl Future<Output = Option<(AckToken, ReasonCode)>> + '_ {
-    std::future::poll_fn(move |cx| match qio.work.as_mut() {
-        Some(w) => w.produces.poll_next_unpin(cx),
-        None => Poll::Pending,
-    })
-}
-
 /// Charges a PUBLISH read from the client against its publish budget.
 fn charge(budget: &mut Option<Box<PublishBudget>>, packet: &Packet, now: Instant) {
     if let (Some(b), Packet::Publish(p)) = (budget, packet) {
@@ -1615,23 +913,6 @@ fn over_budget(budget: &mut Option<Box<PublishBudget>>, now: Instant) -> bool {
     budget
         .as_mut()
         .is_some_and(|b| b.throttled_until(now).is_some())
-}
-
-/// When the client is to be disconnected as a slow consumer, if its outbound buffer
-/// is full now: its session queue is at its bound because it does not acknowledge
-/// what is in flight, so it takes no more deliveries and publishers wait on it or drop
-/// for it. Any progress (an acknowledgement that makes room) restarts the clock.
-fn slow_consumer_deadline(
-    broker: &Broker,
-    conn: &Connection,
-    full_since: &mut Option<Instant>,
-) -> Option<Instant> {
-    let limit = broker.slow_consumer_timeout()?;
-    if conn.has_room() {
-        *full_since = None;
-        return None;
-    }
-    Some(*full_since.get_or_insert_with(Instant::now) + limit)
 }
 
 fn sleep_until(deadline: Option<Instant>) -> impl Future<Output = ()> {
@@ -1682,6 +963,7 @@ mod tests {
         // the wait, and the protocol state shrank. tokio allocates the task (with 112
         // bytes of its own) in 128-byte lines: up to 784 bytes keeps it in 7 lines
         // (896 bytes) instead of 11. Growth past this is a regression.
+        println!("an idle connection task: {size} bytes");
         assert!(size <= 784, "connection task is {size} bytes");
     }
 }

@@ -26,11 +26,11 @@ use roost_router::{Matches, Router, Subscription};
 use tokio::sync::oneshot;
 
 use crate::auth::Authenticator;
-use crate::lifecycle::{Deadlines, OfflineTimers};
+use crate::lifecycle::OfflineTimers;
 use crate::mailbox::{self, TrySendError};
 use crate::metrics::{DropReason, Limit, Metrics};
 use crate::rate::TokenBucket;
-use crate::record::{self as persist, Loaded};
+use crate::record as persist;
 use crate::retained::{self, Retained, Scan};
 use crate::session::{Delivery, QueueFull, Session, ShareRef};
 use crate::settings::Settings;
@@ -44,11 +44,18 @@ thread_local! {
     /// (shard, hash of the client id, index), kept per thread so that ordering them
     /// allocates nothing per publish.
     static ORDER: std::cell::Cell<Vec<(usize, u64, usize)>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
-    /// Set when a delivery is dropped because its subscriber's mailbox is full; what
-    /// [`Broker::publish`] returns. Per thread rather than in [`Fanout`], which every
-    /// connection task carries (and whose size is every idle connection's cost).
-    static OVERFLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// What became of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// Handed to the subscriber (or queued for it, or waiting for room at it).
+    Yes,
+    /// Not taken: no such session, an offline one for QoS 0, or tried online only.
+    No,
+    /// Dropped because the subscriber's mailbox was full: its publisher should let
+    /// subscribers run before it routes more.
+    Overflowed,
 }
 
 /// Counts one more in `count` unless it holds `max` already; the guard gives it back.
@@ -226,7 +233,7 @@ pub struct SessionInfo {
 /// A client id with its hash (from the broker's hasher): the hash picks the shard and
 /// is reused for the lookup inside it, so a client id is hashed once per lookup.
 #[derive(Clone, Copy)]
-struct Key<'a> {
+pub(crate) struct Key<'a> {
     id: &'a str,
     hash: u64,
 }
@@ -239,7 +246,7 @@ fn shard_index(hash: u64) -> usize {
 }
 
 /// One shard of the session map: the slot of each client id in it.
-struct Shard {
+pub(crate) struct Shard {
     slots: HashTable<(Arc<str>, Slot)>,
     /// The broker's hasher, to rehash entries when the table grows.
     hasher: RandomState,
@@ -257,20 +264,20 @@ impl Shard {
         }
     }
 
-    fn get(&self, key: Key<'_>) -> Option<&Slot> {
+    pub(crate) fn get(&self, key: Key<'_>) -> Option<&Slot> {
         self.slots
             .find(key.hash, |(id, _)| **id == *key.id)
             .map(|(_, slot)| slot)
     }
 
-    fn get_mut(&mut self, key: Key<'_>) -> Option<&mut Slot> {
+    pub(crate) fn get_mut(&mut self, key: Key<'_>) -> Option<&mut Slot> {
         self.slots
             .find_mut(key.hash, |(id, _)| **id == *key.id)
             .map(|(_, slot)| slot)
     }
 
     /// Puts `slot` in place for `key` (whose id is `id`), returning the one it replaces.
-    fn insert(&mut self, key: Key<'_>, id: &Arc<str>, slot: Slot) -> Option<Slot> {
+    pub(crate) fn insert(&mut self, key: Key<'_>, id: &Arc<str>, slot: Slot) -> Option<Slot> {
         debug_assert_eq!(key.id, &**id);
         let hasher = &self.hasher;
         match self.slots.entry(
@@ -287,7 +294,7 @@ impl Shard {
         }
     }
 
-    fn remove(&mut self, key: Key<'_>) -> Option<Slot> {
+    pub(crate) fn remove(&mut self, key: Key<'_>) -> Option<Slot> {
         let entry = self
             .slots
             .find_entry(key.hash, |(id, _)| **id == *key.id)
@@ -296,17 +303,17 @@ impl Shard {
         Some(entry.remove().0.1)
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Slot)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Slot)> {
         self.slots.iter().map(|(id, slot)| (id, slot))
     }
 
-    fn values(&self) -> impl Iterator<Item = &Slot> {
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Slot> {
         self.slots.iter().map(|(_, slot)| slot)
     }
 }
 
 #[derive(Debug)]
-enum Slot {
+pub(crate) enum Slot {
     Online(ConnectionHandle),
     Offline {
         session: Box<Session>,
@@ -338,32 +345,32 @@ pub struct Broker {
     pub queues: Queues,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
-    router: Router,
-    shards: Vec<Mutex<Shard>>,
+    pub(crate) router: Router,
+    pub(crate) shards: Vec<Mutex<Shard>>,
     /// Sessions in the map, live and stored (see [`Shard::total`]).
-    sessions: Arc<AtomicUsize>,
-    hasher: RandomState,
-    retained: RwLock<Retained>,
-    next_id: AtomicU64,
-    connections: AtomicUsize,
+    pub(crate) sessions: Arc<AtomicUsize>,
+    pub(crate) hasher: RandomState,
+    pub(crate) retained: RwLock<Retained>,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) connections: AtomicUsize,
     /// Most connections open at once since start.
-    connections_max: AtomicUsize,
+    pub(crate) connections_max: AtomicUsize,
     /// Most connections open at once since [`Broker::take_connection_peak`].
-    connections_peak: AtomicUsize,
+    pub(crate) connections_peak: AtomicUsize,
     /// When offline sessions' wills are due and when they expire.
-    timers: OfflineTimers,
+    pub(crate) timers: OfflineTimers,
     /// Refused connections being answered (see [`Broker::start_refusal`]).
-    refusing: AtomicUsize,
+    pub(crate) refusing: AtomicUsize,
     /// TLS and WebSocket handshakes in progress (see [`Broker::start_handshake`]).
-    handshakes: AtomicUsize,
+    pub(crate) handshakes: AtomicUsize,
     /// Connections per source address, kept only under `max_connections_per_ip`.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// New connections allowed, under `max_connect_rate`.
-    connect_rate: Option<Mutex<TokenBucket>>,
-    store: Arc<dyn SessionStore>,
+    pub(crate) connect_rate: Option<Mutex<TokenBucket>>,
+    pub(crate) store: Arc<dyn SessionStore>,
     /// Next key for a stored delivery; keys only grow, so a session's stored queue
     /// reads back in order.
-    next_seq: AtomicU64,
+    pub(crate) next_seq: AtomicU64,
 }
 
 impl Broker {
@@ -416,82 +423,6 @@ impl Broker {
     /// The durable store.
     pub fn store(&self) -> &dyn SessionStore {
         &*self.store
-    }
-
-    /// Brings back what the store loaded at startup: retained messages and sessions
-    /// (offline, with their subscriptions, queues and in-flight messages). Time spent
-    /// down counts against session expiry and will delay; a client that was connected
-    /// when roost stopped lost its connection then, so its will applies.
-    pub fn restore(self: &Arc<Self>, loaded: Loaded) {
-        self.next_seq.store(loaded.next_seq, Ordering::Relaxed);
-        {
-            let mut retained = self.retained.write();
-            for m in loaded.retained {
-                retained.load(m);
-            }
-        }
-        let now_ms = persist::instant_to_unix_ms(Instant::now());
-        let mut out = Fanout::default();
-        let mut ended = Vec::new();
-        let mut wills = Vec::new();
-        for stored in loaded.sessions {
-            let mut session = stored.session;
-            session.stored = true;
-            let client = session.client_id.clone();
-            let down_for = if stored.connected {
-                0
-            } else {
-                u32::try_from(now_ms.saturating_sub(stored.disconnected_at_ms) / 1000)
-                    .unwrap_or(u32::MAX)
-            };
-            let expiry_left = match session.expiry_interval {
-                u32::MAX => u32::MAX,
-                e => e.saturating_sub(down_for),
-            };
-            let mut will = stored.will;
-            let will_delay_left = will
-                .as_ref()
-                .and_then(|w| w.properties.will_delay_interval)
-                .map_or(0, |d| d.saturating_sub(down_for));
-            if expiry_left == 0 {
-                session.pending_will = will.map(Box::new);
-                ended.push(session);
-                continue;
-            }
-            if will_delay_left == 0
-                && let Some(w) = will.take()
-            {
-                wills.push((client.clone(), w));
-            }
-            session.pending_will = will.map(Box::new);
-            for (filter, record) in &session.subscriptions {
-                self.subscribe(filter, &client, record.options, record.identifier);
-            }
-            if stored.connected || will_delay_left == 0 {
-                // Now it is disconnected as of this start (and any will is gone).
-                let record =
-                    persist::encode_session(&session, false, session.pending_will.as_deref());
-                out.ops.push(Op::PutSession(client.clone(), record));
-            }
-            let generation = self.next_id();
-            let key = self.key(&client);
-            self.shard(key).lock().insert(
-                key,
-                &client,
-                Slot::Offline {
-                    session: Box::new(session),
-                    generation,
-                },
-            );
-            self.schedule_offline_timers(client, generation, will_delay_left, expiry_left);
-        }
-        self.finish_detached(out);
-        for session in ended {
-            self.discard_session(session);
-        }
-        for (client, will) in wills {
-            self.publish_will_now(&client, will);
-        }
     }
 
     /// A fresh unique number (connection ids, generations, assigned client ids).
@@ -644,294 +575,15 @@ impl Broker {
     }
 
     /// The client id with its hash, which picks the shard and finds the slot in it.
-    fn key<'a>(&self, client_id: &'a str) -> Key<'a> {
+    pub(crate) fn key<'a>(&self, client_id: &'a str) -> Key<'a> {
         Key {
             id: client_id,
             hash: self.hasher.hash_one(client_id),
         }
     }
 
-    fn shard(&self, key: Key<'_>) -> &Mutex<Shard> {
+    pub(crate) fn shard(&self, key: Key<'_>) -> &Mutex<Shard> {
         &self.shards[shard_index(key.hash)]
-    }
-
-    /// Registers `handle` as the live connection of `client_id` and says what became
-    /// of the previous session. With `clean_start` a stored session is discarded here
-    /// (its subscriptions leave the router and a pending will is published). A new
-    /// session past `max_sessions` is refused.
-    pub fn attach(
-        self: &Arc<Self>,
-        client_id: &Arc<str>,
-        clean_start: bool,
-        handle: ConnectionHandle,
-    ) -> Attach {
-        let key = self.key(client_id);
-        let previous = {
-            let mut shard = self.shard(key).lock();
-            let max = self.limits.max_sessions;
-            if max > 0 && self.session_count() >= max && shard.get(key).is_none() {
-                self.metrics.limit_tripped(Limit::Sessions, 1);
-                return Attach::Refused;
-            }
-            shard.insert(key, client_id, Slot::Online(handle))
-        };
-        // Connected again: an offline session's will and expiry no longer apply.
-        self.timers.cancel(client_id);
-        match previous {
-            None => Attach::Fresh,
-            Some(Slot::Online(old)) => {
-                let (tx, rx) = oneshot::channel();
-                if old
-                    .mailbox
-                    .control(Control::TakeOver { reply: tx })
-                    .is_err()
-                {
-                    // The old task is gone without detaching: nothing to hand over.
-                    return Attach::Fresh;
-                }
-                Attach::TakingOver(rx)
-            }
-            Some(Slot::Offline { session, .. }) => {
-                if clean_start {
-                    self.discard_session(*session);
-                    Attach::Fresh
-                } else {
-                    Attach::Resumed(session)
-                }
-            }
-        }
-    }
-
-    /// Ends a session for good: its subscriptions leave the router, a will still
-    /// waiting for its delay is published now (the session's end ends the delay).
-    pub fn discard_session(self: &Arc<Self>, mut session: Session) {
-        for filter in session.subscriptions.keys() {
-            self.unsubscribe(filter, &session.client_id);
-        }
-        let client_id = session.client_id.clone();
-        let shared = session.take_shared();
-        let mut out = Fanout {
-            ops: std::mem::take(&mut session.journal),
-            ..Fanout::default()
-        };
-        for d in shared {
-            self.redeliver_shared(d, &client_id, &mut out);
-        }
-        if session.stored {
-            out.ops.push(Op::DeleteSession(client_id.clone()));
-        }
-        if let Some(will) = session.pending_will.take() {
-            self.publish_will(&client_id, *will, &mut out);
-        }
-        self.finish_detached(out);
-    }
-
-    /// Called when a connection task ends (not by takeover). Keeps the session if it
-    /// has a non-zero expiry, else discards it; publishes or schedules the will.
-    ///
-    /// If another connection has meanwhile taken the client id, the session and will
-    /// are given back: the caller hands them over (see [`Control::TakeOver`]).
-    pub fn detach(
-        self: &Arc<Self>,
-        conn_id: u64,
-        mut session: Session,
-        will: Option<LastWill>,
-        deliveries: &mut Mailbox,
-    ) -> Option<(Session, Option<LastWill>)> {
-        let client_id = session.client_id.clone();
-        // Messages that came through a shared subscription go to another member now.
-        let shared = session.take_shared();
-        let mut will_now = None;
-        let mut timers = None;
-        let mut out = Fanout::default();
-        {
-            let key = self.key(&client_id);
-            let mut shard = self.shard(key).lock();
-            let ours = matches!(shard.get(key), Some(Slot::Online(h)) if h.info.id == conn_id);
-            if !ours && matches!(shard.get(key), Some(Slot::Online(_))) {
-                drop(shard);
-                for d in shared {
-                    self.redeliver_shared(d, &client_id, &mut out);
-                }
-                self.finish_detached(out);
-                return Some((session, will));
-            }
-            // Under the shard lock nobody can route into our channel any more: what
-            // is in it now is all there will be.
-            while let Some(d) = deliveries.try_recv() {
-                if d.share.is_some() {
-                    // Handled below with the others, outside the lock.
-                    session.pending.push_back(d);
-                } else {
-                    session.enqueue_offline(d, self.limits.max_queued());
-                }
-            }
-            if ours && session.is_persistent() {
-                let will_delay = will
-                    .as_ref()
-                    .and_then(|w| w.properties.will_delay_interval)
-                    .unwrap_or(0);
-                if will_delay == 0 {
-                    will_now = will;
-                } else {
-                    session.pending_will = will.map(Box::new);
-                }
-                let generation = self.next_id();
-                timers = Some((generation, will_delay, session.expiry_interval));
-                let late_shared = session.take_shared();
-                out.ops.append(&mut session.journal);
-                session.stored = true;
-                let record =
-                    persist::encode_session(&session, false, session.pending_will.as_deref());
-                out.ops.push(Op::PutSession(client_id.clone(), record));
-                shard.insert(
-                    key,
-                    &client_id,
-                    Slot::Offline {
-                        session: Box::new(session),
-                        generation,
-                    },
-                );
-                drop(shard);
-                for d in shared.into_iter().chain(late_shared) {
-                    self.redeliver_shared(d, &client_id, &mut out);
-                }
-            } else {
-                if ours {
-                    shard.remove(key);
-                }
-                drop(shard);
-                for d in shared {
-                    self.redeliver_shared(d, &client_id, &mut out);
-                }
-                // Zero expiry (or a stale slot): the session ends with the connection,
-                // so any will delay is cut short.
-                will_now = will;
-                self.finish_detached(std::mem::take(&mut out));
-                self.discard_session(session);
-            }
-        }
-        if let Some(w) = will_now {
-            self.publish_will(&client_id, w, &mut out);
-        }
-        self.finish_detached(out);
-        if let Some((generation, will_delay, expiry)) = timers {
-            self.schedule_offline_timers(client_id, generation, will_delay, expiry);
-        }
-        None
-    }
-
-    /// Schedules an offline session's delayed will and expiry (seconds from now) on
-    /// the broker's one clock of offline sessions ([`Broker::run_offline_timers`]).
-    fn schedule_offline_timers(
-        &self,
-        client_id: Arc<str>,
-        generation: u64,
-        will_delay: u32,
-        expiry: u32,
-    ) {
-        let now = Instant::now();
-        let after = |secs: u32| now + Duration::from_secs(u64::from(secs));
-        self.timers.schedule(
-            &client_id,
-            Deadlines {
-                generation,
-                // A will delay as long as the expiry ends with the session.
-                will_at: (will_delay > 0 && will_delay < expiry).then(|| after(will_delay)),
-                expire_at: (expiry != u32::MAX).then(|| after(expiry)),
-            },
-        );
-    }
-
-    /// Serves the offline sessions' deadlines until the broker is dropped: the one
-    /// task that publishes delayed wills and ends expired sessions.
-    pub async fn run_offline_timers(self: Arc<Self>) {
-        loop {
-            let now = Instant::now();
-            for (client, deadlines) in self.timers.take_due(now) {
-                self.offline_deadline(&client, deadlines, now);
-            }
-            self.timers.wait().await;
-        }
-    }
-
-    /// Offline sessions with a will or expiry scheduled.
-    pub fn offline_timer_count(&self) -> usize {
-        self.timers.len()
-    }
-
-    /// An offline session's deadline has come: its session expires, or its delayed
-    /// will is published (and its expiry scheduled again). Nothing happens if the
-    /// client has connected since (the session in the map is another generation).
-    fn offline_deadline(self: &Arc<Self>, client: &Arc<str>, deadlines: Deadlines, now: Instant) {
-        let key = self.key(client);
-        let ours = |slot: Option<&Slot>| matches!(slot, Some(Slot::Offline { generation, .. }) if *generation == deadlines.generation);
-        if deadlines.expire_at.is_some_and(|t| t <= now) {
-            let expired = {
-                let mut shard = self.shard(key).lock();
-                match ours(shard.get(key)).then(|| shard.remove(key)).flatten() {
-                    Some(Slot::Offline { session, .. }) => Some(session),
-                    _ => None,
-                }
-            };
-            if let Some(session) = expired {
-                tracing::debug!(client_id = %client, "session expired");
-                self.discard_session(*session);
-            }
-            return;
-        }
-        let mut out = Fanout::default();
-        let will = {
-            let mut shard = self.shard(key).lock();
-            if !ours(shard.get(key)) {
-                return;
-            }
-            match shard.get_mut(key) {
-                Some(Slot::Offline { session, .. }) => {
-                    let will = session.pending_will.take().map(|w| *w);
-                    if will.is_some() && session.stored {
-                        let record = persist::encode_session(session, false, None);
-                        out.ops.push(Op::PutSession(client.clone(), record));
-                    }
-                    will
-                }
-                _ => None,
-            }
-        };
-        self.timers.schedule(
-            client,
-            Deadlines {
-                will_at: None,
-                ..deadlines
-            },
-        );
-        if let Some(w) = will {
-            self.publish_will(client, w, &mut out);
-        }
-        self.finish_detached(out);
-    }
-
-    /// Publishes a will message now, as from `client_id`, storing what it queues.
-    pub fn publish_will_now(&self, client_id: &Arc<str>, will: LastWill) {
-        let mut out = Fanout::default();
-        self.publish_will(client_id, will, &mut out);
-        self.finish_detached(out);
-    }
-
-    fn publish_will(&self, client_id: &Arc<str>, will: LastWill, out: &mut Fanout) {
-        tracing::debug!(client_id = %client_id, topic = %will.topic, "publishing will");
-        let mut properties = will.properties;
-        properties.will_delay_interval = None;
-        let msg = Arc::new(Message {
-            topic: will.topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            properties,
-            publisher: Some(client_id.clone()),
-            received_at: Instant::now(),
-        });
-        let _ = self.publish(msg, out, false);
     }
 
     /// Adds a subscription of `client_id` to the router. `raw` may be `$share/...`.
@@ -945,10 +597,6 @@ impl Broker {
         let Ok(f) = topic::parse_filter(raw) else {
             return;
         };
-        // Queue subscriptions are queue group memberships, not routes.
-        if crate::queues::is_queue_filter(raw) {
-            return;
-        }
         self.router.subscribe(
             f.share_group,
             f.filter,
@@ -962,9 +610,6 @@ impl Broker {
 
     /// Removes a subscription of `client_id` from the router.
     pub fn unsubscribe(&self, raw: &str, client_id: &str) {
-        if crate::queues::is_queue_filter(raw) {
-            return;
-        }
         if let Ok(f) = topic::parse_filter(raw) {
             self.router.unsubscribe(f.share_group, f.filter, client_id);
         }
@@ -1025,7 +670,6 @@ impl Broker {
         out: &mut Fanout,
         refuse_unretainable: bool,
     ) -> Result<bool, retained::Full> {
-        OVERFLOWED.set(false);
         if msg.retain {
             let change = self.retained.write().apply(&msg);
             match change {
@@ -1055,15 +699,15 @@ impl Broker {
         self.capture(&msg, out);
         let mut matches = Matches::default();
         self.router.matches(&msg.topic, &mut matches);
-        self.deliver_direct(&msg, &matches.direct, out);
+        let mut overflowed = self.deliver_direct(&msg, &matches.direct, out);
         for group in &matches.shared {
             let share = Arc::new(ShareRef {
                 group: group.group.clone(),
                 filter: group.filter.clone(),
             });
-            self.deliver_shared(&msg, group, share, None, out);
+            overflowed |= self.deliver_shared(&msg, group, share, None, out) == Taken::Overflowed;
         }
-        Ok(OVERFLOWED.take())
+        Ok(overflowed)
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the
@@ -1072,8 +716,10 @@ impl Broker {
     /// Each client id is hashed once: the hash orders the matches (so a client's
     /// subscriptions sit together and each shard's clients are adjacent, where sorting
     /// by the ids themselves compared strings), picks the shard, and finds the slot.
-    /// Each shard is locked once for all of its clients.
-    fn deliver_direct(&self, msg: &Arc<Message>, subs: &[Subscription], out: &mut Fanout) {
+    /// Each shard is locked once for all of its clients. True when a delivery was
+    /// dropped for a full mailbox.
+    fn deliver_direct(&self, msg: &Arc<Message>, subs: &[Subscription], out: &mut Fanout) -> bool {
+        let mut overflowed = false;
         let mut order = ORDER.take();
         order.clear();
         order.extend(subs.iter().enumerate().map(|(i, s)| {
@@ -1108,7 +754,7 @@ impl Broker {
                 }
                 let Some(qos) = qos else { continue };
                 let key = Key { id: client, hash };
-                self.deliver_to(
+                overflowed |= self.deliver_to(
                     shard.get_mut(key),
                     client,
                     Delivery {
@@ -1122,10 +768,11 @@ impl Broker {
                     },
                     false,
                     out,
-                );
+                ) == Taken::Overflowed;
             }
         }
         ORDER.set(order);
+        overflowed
     }
 
     /// Picks one member of a share group, round-robin over those online; if none is
@@ -1137,7 +784,7 @@ impl Broker {
         share: Arc<ShareRef>,
         except: Option<&str>,
         out: &mut Fanout,
-    ) -> bool {
+    ) -> Taken {
         let candidates: Vec<usize> = group
             .rotation()
             .filter(|&i| Some(&*group.members[i].client_id) != except)
@@ -1153,21 +800,21 @@ impl Broker {
         };
         for &i in &candidates {
             let s = &group.members[i];
-            if self.deliver(&s.client_id, make(s), true, out) {
-                return true;
+            if self.deliver(&s.client_id, make(s), true, out) == Taken::Yes {
+                return Taken::Yes;
             }
         }
         if let Some(&i) = candidates.first() {
             let s = &group.members[i];
             return self.deliver(&s.client_id, make(s), false, out);
         }
-        false
+        Taken::No
     }
 
     /// Gives a delivery that a leaving member had to another member of its group.
     /// Without another member it goes back to the leaving client's session, which
     /// keeps it if it is stored (persistent).
-    fn redeliver_shared(&self, d: Delivery, leaving: &Arc<str>, out: &mut Fanout) {
+    pub(crate) fn redeliver_shared(&self, d: Delivery, leaving: &Arc<str>, out: &mut Fanout) {
         let Some(share) = d.share.clone() else {
             self.deliver(leaving, d, false, out);
             return;
@@ -1179,7 +826,7 @@ impl Broker {
             .iter()
             .find(|g| g.group == share.group && g.filter == share.filter);
         if let Some(group) = group
-            && self.deliver_shared(&d.msg, group, share, Some(leaving), out)
+            && self.deliver_shared(&d.msg, group, share, Some(leaving), out) == Taken::Yes
         {
             return;
         }
@@ -1190,14 +837,14 @@ impl Broker {
     /// with `online_only`). A QoS 1/2 delivery to a persistent session is stored first.
     /// A QoS 1/2 delivery to a connection whose channel is full goes to `out`'s blocked
     /// (the publisher waits for room, bounded) unless that connection is known to be
-    /// stalled. Returns false when it was not taken.
-    fn deliver(
+    /// stalled.
+    pub(crate) fn deliver(
         &self,
         client_id: &Arc<str>,
         d: Delivery,
         online_only: bool,
         out: &mut Fanout,
-    ) -> bool {
+    ) -> Taken {
         let key = self.key(client_id);
         let mut shard = self.shard(key).lock();
         self.deliver_to(shard.get_mut(key), client_id, d, online_only, out)
@@ -1211,7 +858,7 @@ impl Broker {
         mut d: Delivery,
         online_only: bool,
         out: &mut Fanout,
-    ) -> bool {
+    ) -> Taken {
         match slot {
             Some(Slot::Online(h)) => {
                 let stored = h.info.persistent && d.qos != QoS::AtMostOnce;
@@ -1238,7 +885,7 @@ impl Broker {
                 match taken {
                     Ok(()) => {
                         h.info.stalled.store(false, Ordering::Relaxed);
-                        true
+                        Taken::Yes
                     }
                     Err(mut d)
                         if !online_only
@@ -1257,22 +904,22 @@ impl Broker {
                             client: h.info.clone(),
                             delivery: d,
                         });
-                        true
+                        Taken::Yes
                     }
                     Err(_) => {
-                        // A shared delivery tried online-only goes to another member.
-                        if !online_only {
-                            self.metrics.dropped(DropReason::SlowSubscriber, 1);
-                            OVERFLOWED.set(true);
-                        }
                         tracing::debug!(client_id = %client_id, "client not keeping up, message dropped");
-                        false
+                        // A shared delivery tried online-only goes to another member.
+                        if online_only {
+                            return Taken::No;
+                        }
+                        self.metrics.dropped(DropReason::SlowSubscriber, 1);
+                        Taken::Overflowed
                     }
                 }
             }
             Some(Slot::Offline { session, .. }) if !online_only => {
                 if d.qos == QoS::AtMostOnce {
-                    return false;
+                    return Taken::No;
                 }
                 if let Err(full) = self
                     .limits
@@ -1285,20 +932,20 @@ impl Broker {
                         self.metrics.limit_tripped(Limit::QueuedBytes, 1);
                     }
                     tracing::debug!(client_id = %client_id, "offline queue full, message dropped");
-                    return false;
+                    return Taken::No;
                 }
                 self.store_delivery(client_id, &mut d, out);
                 session.pending.push_back(d);
-                true
+                Taken::Yes
             }
-            _ => false,
+            _ => Taken::No,
         }
     }
 
     /// Stores a delivery to a persistent session. The write is queued now, before the
     /// delivery can reach the subscriber (whose own later writes for it must come
     /// after), and the publisher waits for a barrier behind it before acknowledging.
-    fn store_delivery(&self, client_id: &Arc<str>, d: &mut Delivery, out: &mut Fanout) {
+    pub(crate) fn store_delivery(&self, client_id: &Arc<str>, d: &mut Delivery, out: &mut Fanout) {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let entry = persist::encode_entry(d);
         self.store
@@ -1331,7 +978,7 @@ impl Broker {
 
     /// Stores what a routing step outside any connection produced, and waits in the
     /// background (bounded) for room for its blocked deliveries.
-    fn finish_detached(&self, out: Fanout) {
+    pub(crate) fn finish_detached(&self, out: Fanout) {
         self.store.submit_detached(out.ops);
         let Some(waits) = out.waits else {
             return;

@@ -40,6 +40,81 @@ impl DropReason {
     }
 }
 
+/// Why a client's connection ended (the `reason` label of `roost_disconnects_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The client closed the socket without DISCONNECT (its will is published).
+    ClientClosed,
+    /// The network failed: a read or write error.
+    NetworkError,
+    /// Nothing came from the client for 1.5 keep-alive periods.
+    KeepAliveTimeout,
+    /// The client broke the protocol: a malformed packet or a packet out of place.
+    ProtocolError,
+    /// The client sent more unacknowledged QoS 1/2 publishes than its Receive Maximum.
+    ReceiveMaximumExceeded,
+    /// A re-authentication failed.
+    NotAuthorized,
+    /// Another connection took the client id over.
+    TakenOver,
+    /// The server is shutting down.
+    ServerShutdown,
+    /// An administrator disconnected the client.
+    AdminKick,
+    /// The client took no data, or acknowledged nothing, for `slow_consumer_timeout_ms`.
+    SlowConsumer,
+    /// The session store failed: what the client was to be told is stored was not.
+    StorageFailure,
+}
+
+impl DisconnectReason {
+    /// Every reason, in the order `/metrics` lists them.
+    pub const ALL: [DisconnectReason; 12] = [
+        DisconnectReason::ClientDisconnect,
+        DisconnectReason::ClientClosed,
+        DisconnectReason::NetworkError,
+        DisconnectReason::KeepAliveTimeout,
+        DisconnectReason::ProtocolError,
+        DisconnectReason::ReceiveMaximumExceeded,
+        DisconnectReason::NotAuthorized,
+        DisconnectReason::TakenOver,
+        DisconnectReason::ServerShutdown,
+        DisconnectReason::AdminKick,
+        DisconnectReason::SlowConsumer,
+        DisconnectReason::StorageFailure,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientDisconnect => "client_disconnect",
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::NetworkError => "network_error",
+            DisconnectReason::KeepAliveTimeout => "keep_alive_timeout",
+            DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::ReceiveMaximumExceeded => "receive_maximum_exceeded",
+            DisconnectReason::NotAuthorized => "not_authorized",
+            DisconnectReason::TakenOver => "taken_over",
+            DisconnectReason::ServerShutdown => "server_shutdown",
+            DisconnectReason::AdminKick => "admin_kick",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::StorageFailure => "storage_failure",
+        }
+    }
+
+    /// Why the server ends a connection with DISCONNECT `code` for a protocol breach.
+    pub fn of_failure(code: ReasonCode) -> DisconnectReason {
+        match code {
+            ReasonCode::KeepAliveTimeout => DisconnectReason::KeepAliveTimeout,
+            ReasonCode::ReceiveMaximumExceeded => DisconnectReason::ReceiveMaximumExceeded,
+            ReasonCode::NotAuthorized => DisconnectReason::NotAuthorized,
+            _ => DisconnectReason::ProtocolError,
+        }
+    }
+}
+
 /// An overload limit (the `limit` label of `roost_limit_trips_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -177,6 +252,7 @@ pub struct Metrics {
     network_out: AtomicU64,
     connections_accepted: AtomicU64,
     limits: [AtomicU64; Limit::ALL.len()],
+    disconnects: [AtomicU64; DisconnectReason::ALL.len()],
     auth_failures: [AtomicU64; AuthFailure::ALL.len()],
 }
 
@@ -221,6 +297,16 @@ impl Metrics {
         if n > 0 {
             self.limits[limit as usize].fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a connection that ended, by why.
+    pub fn disconnected(&self, why: DisconnectReason) {
+        self.disconnects[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections ended for `why` so far.
+    pub fn disconnects(&self, why: DisconnectReason) -> u64 {
+        self.disconnects[why as usize].load(Ordering::Relaxed)
     }
 
     /// Counts a client that failed to authenticate.

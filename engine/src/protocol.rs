@@ -23,6 +23,8 @@ use roost_core::{
 };
 
 use crate::access::{Access, Authorizer};
+use crate::metrics::DisconnectReason;
+use crate::queues::QueueFilter;
 use crate::retained::Scan;
 use crate::scram;
 use crate::session::{
@@ -59,18 +61,33 @@ pub enum Event {
         identifier: Option<u32>,
         /// True when the session already had this subscription (retain handling 1).
         existed: bool,
-        /// The v5 `consumer-group` user property, for `$queue/` subscriptions (shared by
-        /// every queue filter of the SUBSCRIBE, and absent for other filters).
-        consumer_group: Option<Arc<str>>,
-        /// For a `$queue/` subscription from a SUBSCRIBE: the SUBACK waits for the
-        /// broker to say whether the queue and group could be joined (or created), with
-        /// [`Connection::settle_subscription`].
-        held: Option<HeldSlot>,
     },
     /// Remove this subscription from the router.
     Unsubscribe {
         /// Raw filter, as subscribed.
         filter: String,
+    },
+    /// Join (or create) the consumer group a `$queue/` subscription names.
+    QueueSubscribe {
+        /// Raw filter, as the session keeps it.
+        filter: String,
+        /// The queue, group and filter it names.
+        parsed: QueueFilter,
+        /// Subscription options (the QoS of deliveries).
+        options: SubscriptionOptions,
+        /// Subscription identifier.
+        identifier: Option<u32>,
+        /// True when the session already had this subscription.
+        existed: bool,
+        /// For a subscription from a SUBSCRIBE: the SUBACK waits for the broker to say
+        /// whether the queue and group could be joined (or created), with
+        /// [`Connection::settle_subscription`]. `None` when a resumed session rejoins.
+        held: Option<HeldSlot>,
+    },
+    /// Leave the groups of a `$queue/` subscription's queue.
+    QueueUnsubscribe {
+        /// The queue.
+        queue: String,
     },
     /// Store this `$queue/...` publish in its queue, then resolve its acknowledgement
     /// (`ack`, absent for QoS 0) with [`Connection::resolve_ack`].
@@ -132,6 +149,10 @@ fn repeated_filters(filters: &[(String, SubscriptionOptions)]) -> Vec<(usize, us
         })
         .collect()
 }
+
+/// Longest `consumer-group` user property taken on a `$queue/` subscription (each
+/// subscription keeps a copy; a queue name may have 128 bytes).
+const MAX_CONSUMER_GROUP: usize = 256;
 
 /// An acknowledgement of an inbound QoS 1/2 publish, kept in arrival order: MQTT
 /// wants PUBACKs (and PUBRECs) in the order of their PUBLISHes, and a queue publish is
@@ -281,6 +302,8 @@ pub struct Close {
     pub why: String,
     /// The reason code sent in DISCONNECT, or received from the client.
     pub reason: ReasonCode,
+    /// Why, as counted in `/metrics`.
+    pub kind: DisconnectReason,
     /// True when the client ended the connection with DISCONNECT.
     pub by_client: bool,
 }
@@ -542,6 +565,26 @@ impl Connection {
         self.limits.max_queued().has_room(&self.session.pending)
     }
 
+    /// The events that make a resumed session's `$queue/` subscriptions join their
+    /// groups again (the group a v5 `consumer-group` property named is not kept: they
+    /// join `$share/<group>/` groups, or `default`).
+    pub fn resumed_queue_subscriptions(&self) -> Vec<Event> {
+        self.session
+            .subscriptions
+            .iter()
+            .filter_map(|(raw, r)| {
+                Some(Event::QueueSubscribe {
+                    parsed: crate::queues::parse_filter(raw, None)?,
+                    filter: raw.clone(),
+                    options: r.options,
+                    identifier: r.identifier,
+                    existed: true,
+                    held: None,
+                })
+            })
+            .collect()
+    }
+
     /// Sends `filter`'s retained messages to the client, a chunk at a time (see
     /// [`Connection::retained_wanted`]).
     pub fn read_retained(
@@ -676,15 +719,36 @@ impl Connection {
     }
 
     /// Ends the connection by the server's decision (takeover, shutdown). A v5 client
-    /// is told why. `keep_will` says whether the will is still published.
-    pub fn disconnect(&mut self, reason: ReasonCode, why: &str, keep_will: bool) {
+    /// is told why (`reason`); `kind` is what `/metrics` counts. `keep_will` says
+    /// whether the will is still published.
+    pub fn disconnect(
+        &mut self,
+        reason: ReasonCode,
+        kind: DisconnectReason,
+        why: &str,
+        keep_will: bool,
+    ) {
         if self.close.is_some() {
             return;
         }
         if !keep_will {
             self.will = None;
         }
-        self.server_disconnect(reason, why);
+        self.server_disconnect(reason, kind, why);
+    }
+
+    /// Ends the connection because the socket did: closed by the client without a
+    /// DISCONNECT, or failed. The will is published.
+    pub fn lost(&mut self, kind: DisconnectReason, why: &str) {
+        if self.close.is_none() {
+            self.close = Some(Box::new(Close {
+                why: why.to_owned(),
+                reason: ReasonCode::UnspecifiedError,
+                kind,
+                // The client's end went: nothing to linger for.
+                by_client: true,
+            }));
+        }
     }
 
     /// What was counted since the last call (and resets the counts).
@@ -1151,12 +1215,12 @@ impl Connection {
 
     fn on_subscribe(&mut self, s: Subscribe) {
         let identifier = s.properties.subscription_identifiers.first().copied();
-        let consumer_group: Option<Arc<str>> = s
+        let consumer_group = s
             .properties
             .user_properties
             .iter()
             .find(|(k, _)| k == "consumer-group")
-            .map(|(_, v)| v.as_str().into());
+            .map(|(_, v)| v.as_str());
         let repeats = repeated_filters(&s.filters);
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut held = 0;
@@ -1186,6 +1250,13 @@ impl Connection {
                 reasons.push(ReasonCode::NotAuthorized);
                 continue;
             }
+            // `$queue/` filters are told apart here, once: they name consumer groups to
+            // join, not routes.
+            let queue = crate::queues::parse_filter(&raw, consumer_group);
+            if queue.is_some() && consumer_group.is_some_and(|g| g.len() > MAX_CONSUMER_GROUP) {
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
             let max = self.limits.max_subscriptions_per_client;
             if max > 0
                 && self.session.subscriptions.len() >= max
@@ -1206,22 +1277,29 @@ impl Connection {
                 .insert(raw.clone(), record)
                 .is_some();
             self.record_dirty = true;
-            let queue = crate::queues::is_queue_filter(&raw);
-            let slot = queue.then(|| {
-                held += 1;
-                HeldSlot {
-                    packet_id: s.packet_id,
-                    index: reasons.len(),
+            match queue {
+                Some(parsed) => {
+                    held += 1;
+                    let slot = HeldSlot {
+                        packet_id: s.packet_id,
+                        index: reasons.len(),
+                    };
+                    self.events.push(Event::QueueSubscribe {
+                        filter: raw,
+                        parsed,
+                        options,
+                        identifier,
+                        existed,
+                        held: Some(slot),
+                    });
                 }
-            });
-            self.events.push(Event::Subscribe {
-                filter: raw,
-                options,
-                identifier,
-                existed,
-                consumer_group: consumer_group.clone().filter(|_| queue),
-                held: slot,
-            });
+                None => self.events.push(Event::Subscribe {
+                    filter: raw,
+                    options,
+                    identifier,
+                    existed,
+                }),
+            }
             reasons.push(ReasonCode::granted(options.qos));
         }
         if held > 0 {
@@ -1303,7 +1381,11 @@ impl Connection {
         for raw in u.filters {
             if self.session.subscriptions.remove(&raw).is_some() {
                 self.record_dirty = true;
-                self.events.push(Event::Unsubscribe { filter: raw });
+                self.events
+                    .push(match crate::queues::parse_filter(&raw, None) {
+                        Some(f) => Event::QueueUnsubscribe { queue: f.queue },
+                        None => Event::Unsubscribe { filter: raw },
+                    });
                 reasons.push(ReasonCode::Success);
             } else {
                 reasons.push(ReasonCode::NoSubscriptionExisted);
@@ -1333,6 +1415,7 @@ impl Connection {
         self.close = Some(Box::new(Close {
             why: format!("client sent DISCONNECT ({:?})", d.reason),
             reason: d.reason,
+            kind: DisconnectReason::ClientDisconnect,
             by_client: true,
         }));
     }
@@ -1482,11 +1565,11 @@ impl Connection {
     /// is published.
     fn fail(&mut self, reason: ReasonCode, why: &str) {
         if self.close.is_none() {
-            self.server_disconnect(reason, why);
+            self.server_disconnect(reason, DisconnectReason::of_failure(reason), why);
         }
     }
 
-    fn server_disconnect(&mut self, reason: ReasonCode, why: &str) {
+    fn server_disconnect(&mut self, reason: ReasonCode, kind: DisconnectReason, why: &str) {
         if self.version.is_v5() {
             let mut d = Disconnect {
                 reason,
@@ -1500,6 +1583,7 @@ impl Connection {
         self.close = Some(Box::new(Close {
             why: why.to_owned(),
             reason,
+            kind,
             by_client: false,
         }));
     }
@@ -2395,7 +2479,12 @@ mod tests {
         assert!(conn.finish().1.is_some(), "protocol error keeps the will");
 
         let (mut conn, _) = open(with_will(V5), None, now);
-        conn.disconnect(ReasonCode::ServerShuttingDown, "bye", false);
+        conn.disconnect(
+            ReasonCode::ServerShuttingDown,
+            DisconnectReason::ServerShutdown,
+            "bye",
+            false,
+        );
         assert_eq!(
             disconnect_reason(&output(&mut conn, V5)),
             Some(ReasonCode::ServerShuttingDown)

@@ -58,14 +58,7 @@ pub struct QueueRef {
     pub id: roost_queue::MessageId,
 }
 
-/// Where an outgoing QoS 1/2 message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InflightState {
-    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
-    Published,
-    /// PUBREL sent, waiting for PUBCOMP.
-    Released,
-}
+pub use crate::store::InflightState;
 
 /// An outgoing QoS 1/2 message that is not acknowledged yet.
 #[derive(Debug, Clone)]
@@ -238,6 +231,14 @@ pub struct Session {
 const ISSUED_UNKNOWN: u16 = u16::MAX;
 
 impl Session {
+    /// The subscriptions that are routes, not `$queue/` consumer groups (which the
+    /// queues keep, joined again when the session resumes).
+    pub fn routes(&self) -> impl Iterator<Item = (&String, &SubscriptionRecord)> {
+        self.subscriptions
+            .iter()
+            .filter(|(filter, _)| !crate::queues::is_queue_filter(filter))
+    }
+
     /// A fresh, empty session.
     pub fn new(client_id: Arc<str>) -> Self {
         Session {

@@ -14,8 +14,6 @@ use roost_core::PacketId;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::session::InflightState;
-
 /// A store failure. After one, the store accepts no more writes.
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
@@ -76,6 +74,15 @@ impl Ticket {
             Some(rx) => rx.await.unwrap_or(Err(StoreError::Failed)),
         }
     }
+}
+
+/// Where an outgoing QoS 1/2 message stands (stored with it once it is sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
 }
 
 /// Where the engine's [`Op`]s are made durable, in the order they are submitted.

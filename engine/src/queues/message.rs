@@ -1,0 +1,86 @@
+//! What a publish becomes in a queue, and back: the stored message of a produce or a
+//! capture (its properties kept as headers), read again on delivery. Depends on
+//! nothing of the engine, so the router's side (captures) and the queues' side share it.
+
+use bytes::{Bytes, BytesMut};
+use roost_core::codec::{self, PublishView};
+use roost_core::{Message, Packet, Properties, ProtocolVersion, QoS};
+use roost_queue::NewMessage;
+
+/// A user property of a message.
+pub fn user_property<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
+    msg.properties
+        .user_properties
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The message to store for a PUBLISH to a queue: its properties travel as headers.
+pub fn new_message(msg: &Message, subtopic: &str) -> NewMessage {
+    NewMessage {
+        subtopic: subtopic.to_owned(),
+        partition_key: partition_key(msg),
+        headers: encode_headers(&msg.properties, ""),
+        payload: msg.payload.clone(),
+    }
+}
+
+/// The copy of an ordinary publish that a queue's capture filter matched: its whole
+/// topic is the subtopic (what consumer filters match) and the original topic.
+pub fn captured_message(msg: &Message) -> NewMessage {
+    NewMessage {
+        subtopic: msg.topic.clone(),
+        partition_key: partition_key(msg),
+        headers: encode_headers(&msg.properties, &msg.topic),
+        payload: msg.payload.clone(),
+    }
+}
+
+fn partition_key(msg: &Message) -> Option<Bytes> {
+    user_property(msg, "partition-key").map(|k| Bytes::copy_from_slice(k.as_bytes()))
+}
+
+/// The stored headers of a publish to `$queue/` without properties (the common case):
+/// what [`encode_headers`] writes for it (a v5 PUBLISH, QoS 0, remaining length 3: an
+/// empty topic and an empty property list). Shared instead of encoded per message, and
+/// recognised on delivery without decoding.
+pub(super) const NO_HEADERS: &[u8] = &[0x30, 0x03, 0x00, 0x00, 0x00];
+
+/// Properties as stored with a queue message: an MQTT 5.0 PUBLISH with no payload,
+/// so the codec does the work and validates it on the way back. Its topic is the
+/// original topic of a captured publish, empty for a publish to `$queue/`.
+pub(super) fn encode_headers(properties: &Properties, original_topic: &str) -> Bytes {
+    if original_topic.is_empty() && *properties == Properties::default() {
+        return Bytes::from_static(NO_HEADERS);
+    }
+    let empty = Bytes::new();
+    let view = PublishView {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: original_topic,
+        packet_id: 0,
+        properties,
+        subscription_identifiers: &[],
+        message_expiry_interval: None,
+        topic_alias: None,
+        payload: &empty,
+    };
+    let mut buf = BytesMut::new();
+    // Properties that came through the decoder always encode again.
+    let _ = codec::encode_publish(&view, ProtocolVersion::V5, &mut buf);
+    buf.freeze()
+}
+
+/// The properties and the original topic (empty unless captured) of stored headers.
+pub(super) fn decode_headers(headers: &Bytes) -> (Properties, String) {
+    if headers[..] == *NO_HEADERS {
+        return (Properties::default(), String::new());
+    }
+    let mut buf = BytesMut::from(&headers[..]);
+    match codec::decode(&mut buf, Some(ProtocolVersion::V5), usize::MAX) {
+        Ok(Some(Packet::Publish(p))) => (p.properties, p.topic),
+        _ => (Properties::default(), String::new()),
+    }
+}
