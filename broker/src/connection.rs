@@ -506,7 +506,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
         let mut budget = PublishBudget::new(
             served.broker.limits.max_publish_rate,
             served.broker.limits.max_publish_bytes_rate,
-            Instant::now(),
+            roost_engine::clock::now(),
         )
         .map(Box::new);
         let mut outbound_full_since = None;
@@ -516,7 +516,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
         // does not carry this fan-out while it waits later.)
         {
             let mut fanout = Fanout::default();
-            handle_buffered(served, &mut budget, &mut fanout, Instant::now());
+            handle_buffered(served, &mut budget, &mut fanout, roost_engine::clock::now());
             if flush(served, &mut fanout).await.is_err() {
                 return None;
             }
@@ -533,7 +533,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
             let (deadline, held_back) = {
                 let throttle = budget
                     .as_mut()
-                    .and_then(|b| b.throttle(Instant::now(), &served.broker.metrics));
+                    .and_then(|b| b.throttle(roost_engine::clock::now(), &served.broker.metrics));
                 if let Some(until) = throttle {
                     served.attached.conn.hold_reads_until(until);
                 }
@@ -567,7 +567,7 @@ fn serve_session<S: AsyncRead + AsyncWrite + Unpin>(
                     _ = sleep_until(deadline) => Woke::Timer,
                 };
                 fanout = Fanout::default();
-                let now = Instant::now();
+                let now = roost_engine::clock::now();
                 match woke {
                     Woke::Read(read) => match read {
                         Ok(Some(packet)) => {

@@ -389,7 +389,7 @@ impl Broker {
         let connect_rate = (settings.max_connect_rate > 0).then(|| {
             Mutex::new(TokenBucket::new(
                 f64::from(settings.max_connect_rate),
-                Instant::now(),
+                crate::clock::now(),
             ))
         });
         let hasher = RandomState::new();
@@ -435,7 +435,7 @@ impl Broker {
     /// [`Broker::remove_connection`].
     pub fn try_add_connection(&self, ip: IpAddr) -> Result<(), Limit> {
         if let Some(bucket) = &self.connect_rate
-            && !bucket.lock().try_take(1.0, Instant::now())
+            && !bucket.lock().try_take(1.0, crate::clock::now())
         {
             return Err(Limit::ConnectRate);
         }

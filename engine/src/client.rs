@@ -109,7 +109,7 @@ impl Client {
             session_present,
             broker.limits.clone(),
             admitted.access,
-            Instant::now(),
+            crate::clock::now(),
         );
         if let Some(user) = admitted.scram_user {
             conn.enable_reauthentication(user, broker.auth.scram());
@@ -222,7 +222,7 @@ impl Client {
             *full_since = None;
             return None;
         }
-        Some(*full_since.get_or_insert_with(Instant::now) + limit)
+        Some(*full_since.get_or_insert_with(crate::clock::now) + limit)
     }
 
     /// The next time [`Client::on_timer`] has something to do: the keep-alive, the
@@ -234,7 +234,7 @@ impl Client {
     ) -> Option<Instant> {
         let slow = self.slow_consumer_deadline(broker, full_since);
         // Retained messages still to send for a new subscription: at once.
-        let retained = self.conn.wants_retained().then(Instant::now);
+        let retained = self.conn.wants_retained().then(crate::clock::now);
         [self.conn.next_deadline(), slow, retained]
             .into_iter()
             .flatten()
@@ -387,7 +387,7 @@ fn run_events(
         return false;
     }
     let mut overflowed = false;
-    let now = Instant::now();
+    let now = crate::clock::now();
     // PUBACKs of queue deliveries that arrived together settle together: one lock, one
     // dispatch and one progress record per group instead of one each.
     let mut acks = queues::PendingAcks::default();

@@ -14,6 +14,7 @@ pub mod access;
 pub mod auth;
 pub mod broker;
 pub mod client;
+pub mod clock;
 pub mod lifecycle;
 pub mod mailbox;
 pub mod metrics;

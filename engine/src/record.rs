@@ -55,7 +55,7 @@ pub fn unix_ms() -> u64 {
 
 /// Wall-clock time (ms since the epoch) of a monotonic instant in the past.
 pub fn instant_to_unix_ms(at: Instant) -> u64 {
-    let age = Instant::now().saturating_duration_since(at);
+    let age = crate::clock::now().saturating_duration_since(at);
     unix_ms().saturating_sub(age.as_millis() as u64)
 }
 
@@ -248,7 +248,7 @@ pub fn encode_session(session: &Session, connected: bool, will: Option<&LastWill
                 retain: w.retain,
                 properties: w.properties.clone(),
                 publisher: None,
-                received_at: Instant::now(),
+                received_at: crate::clock::now(),
             };
             // The will delay is not a PUBLISH property: keep it beside the message.
             out.extend_from_slice(&w.properties.will_delay_interval.unwrap_or(0).to_be_bytes());

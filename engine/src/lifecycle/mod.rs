@@ -44,7 +44,7 @@ impl Broker {
                 retained.load(m);
             }
         }
-        let now_ms = persist::instant_to_unix_ms(Instant::now());
+        let now_ms = persist::instant_to_unix_ms(crate::clock::now());
         let mut out = Fanout::default();
         let mut ended = Vec::new();
         let mut wills = Vec::new();
@@ -283,7 +283,7 @@ impl Broker {
         will_delay: u32,
         expiry: u32,
     ) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let after = |secs: u32| now + Duration::from_secs(u64::from(secs));
         self.timers.schedule(
             &client_id,
@@ -300,7 +300,7 @@ impl Broker {
     /// task that publishes delayed wills and ends expired sessions.
     pub async fn run_offline_timers(self: Arc<Self>) {
         loop {
-            let now = Instant::now();
+            let now = crate::clock::now();
             for (client, deadlines) in self.timers.take_due(now) {
                 self.offline_deadline(&client, deadlines, now);
             }
@@ -382,7 +382,7 @@ impl Broker {
             retain: will.retain,
             properties,
             publisher: Some(client_id.clone()),
-            received_at: Instant::now(),
+            received_at: crate::clock::now(),
         });
         let _ = self.publish(msg, out, false);
     }

@@ -15,7 +15,6 @@ mod message;
 mod topic;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use roost_core::{Message, Properties, ProtocolVersion, QoS, ReasonCode};
 use roost_queue::{DeliverySink, MessageId, ProduceError, Queue, QueueDelivery};
@@ -125,7 +124,7 @@ fn to_delivery(d: QueueDelivery, sink: &QueueSink) -> Delivery {
             retain: false,
             properties,
             publisher: None,
-            received_at: Instant::now(),
+            received_at: crate::clock::now(),
         }),
         qos,
         retain: false,
