@@ -17,8 +17,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Deserialize;
 
-pub use crate::auth_hook::{AuthHookConfig, HookErrorPolicy};
-use crate::persist::Durability;
+use crate::persistence::session_store::Durability;
+pub use crate::security::auth_hook::{AuthHookConfig, HookErrorPolicy};
 use roost_engine::Settings;
 
 macro_rules! engine_flags {
@@ -279,7 +279,7 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Add, change (-b or prompt) or delete (-D) a user in a password file.
-    Passwd(crate::passwd::PasswdArgs),
+    Passwd(crate::security::passwd::PasswdArgs),
 }
 
 fn parse_hook_error(s: &str) -> Result<HookErrorPolicy, String> {
@@ -563,7 +563,7 @@ impl Config {
 
     fn validate_auth(&self) -> anyhow::Result<()> {
         if let Some(h) = &self.auth_hook {
-            crate::auth_hook::HookUrl::parse(&h.url)
+            crate::security::auth_hook::HookUrl::parse(&h.url)
                 .map_err(|e| anyhow::anyhow!("auth_hook.url: {e}"))?;
             if h.timeout_ms == 0 || h.timeout_ms > 60_000 {
                 bail!(

@@ -15,11 +15,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::auth::Auth;
 use crate::config::Config;
-use crate::persist::Store;
-use crate::tls::TlsContext;
-use crate::transport::{self, Transport};
+use crate::net::tls::TlsContext;
+use crate::net::transport::{self, Transport};
+use crate::persistence::session_store::Store;
+use crate::security::auth::Auth;
 use roost_engine::broker::Broker;
 use roost_queue::Queues;
 
@@ -115,14 +115,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let sys_topics = (config.sys_interval > 0).then(|| {
-        tokio::spawn(crate::sys::publish_periodically(
+        tokio::spawn(crate::operations::sys::publish_periodically(
             broker.clone(),
             Duration::from_secs(config.sys_interval),
             std::time::Instant::now(),
             shutdown_rx.clone(),
         ))
     });
-    let memory = tokio::spawn(crate::memory::release_after_disconnects(broker.clone()));
+    let memory = tokio::spawn(crate::operations::memory::release_after_disconnects(
+        broker.clone(),
+    ));
     let offline_timers = tokio::spawn(broker.clone().run_offline_timers());
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
@@ -152,13 +154,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         acceptors.spawn(reload_tls(tls.clone(), reload.clone()));
     }
     acceptors.spawn(reload_auth(auth.clone(), reload.clone()));
-    let admin = Arc::new(crate::admin::Api {
+    let admin = Arc::new(crate::operations::admin::Api {
         broker: broker.clone(),
         token: config.admin_token.clone(),
         queue_defaults: config.queue_defaults.clone(),
     });
     for listener in admin_listeners {
-        acceptors.spawn(crate::admin::serve(
+        acceptors.spawn(crate::operations::admin::serve(
             listener,
             admin.clone(),
             shutdown_rx.clone(),

@@ -744,7 +744,7 @@ fn render_metrics(broker: &Broker) -> String {
         "# HELP {name} Duration of fdatasync calls: the session store (state) and the queue logs (queues).\n# TYPE {name} histogram"
     );
     for (store, latency) in [
-        ("state", &crate::persist::STATE_SYNCS),
+        ("state", &crate::persistence::session_store::STATE_SYNCS),
         ("queues", &roost_storage::latency::DATA_SYNCS),
     ] {
         render_histogram(

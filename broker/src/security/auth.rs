@@ -29,10 +29,10 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use roost_core::{Connect, ProtocolVersion, ReasonCode};
 
-use crate::acl::{Acl, AclHandle, Authorizer};
-use crate::auth_hook::{AuthHook, HookAnswer, HookRequest};
 use crate::config::{Config, HookErrorPolicy};
-use crate::passwd::PasswordFile;
+use crate::security::acl::{Acl, AclHandle, Authorizer};
+use crate::security::auth_hook::{AuthHook, HookAnswer, HookRequest};
+use crate::security::passwd::PasswordFile;
 use roost_engine::scram::{Credentials, Verifier};
 
 pub use roost_engine::auth::Refusal;
@@ -421,10 +421,10 @@ fn log_acl_loaded(acl: &Acl, path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acl::Access;
     use crate::config::AuthHookConfig;
-    use crate::passwd::PasswordFile;
-    use crate::passwd::tests::cheap_hash;
+    use crate::security::acl::Access;
+    use crate::security::passwd::PasswordFile;
+    use crate::security::passwd::tests::cheap_hash;
 
     struct Files {
         dir: PathBuf,

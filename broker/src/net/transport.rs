@@ -15,9 +15,9 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
-use crate::connection;
-use crate::tls::{self, TlsContext};
-use crate::websocket;
+use crate::net::connection;
+use crate::net::tls::{self, TlsContext};
+use crate::net::websocket;
 use roost_engine::broker::Broker;
 
 /// What a listener speaks on top of TCP.

@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::acl::{Access, Authorizer};
-use crate::auth;
+use crate::security::acl::{Access, Authorizer};
+use crate::security::auth;
 use futures_util::future::Either;
 use roost_engine::broker::{Broker, Control, Fanout, Handover};
 use roost_engine::client::{Admitted, Client};
