@@ -15,6 +15,7 @@ pub mod codec;
 pub mod message;
 pub mod packet;
 pub mod properties;
+mod qos;
 pub mod reason;
 pub mod topic;
 

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use crate::properties::Properties;
 use crate::reason::ReasonCode;
 
+pub use crate::qos::QoS;
+
 /// The protocol level a client announced in its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum ProtocolVersion {
@@ -34,30 +36,6 @@ impl ProtocolVersion {
     /// True for MQTT 5.0, the only version with properties and reason codes on acks.
     pub fn is_v5(self) -> bool {
         self == ProtocolVersion::V5
-    }
-}
-
-/// Quality of service of a message or the maximum of a subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub enum QoS {
-    /// QoS 0: fire and forget.
-    #[default]
-    AtMostOnce = 0,
-    /// QoS 1: PUBACK flow; duplicates possible.
-    AtLeastOnce = 1,
-    /// QoS 2: PUBREC/PUBREL/PUBCOMP flow; exactly once.
-    ExactlyOnce = 2,
-}
-
-impl QoS {
-    /// The QoS for a wire value, `None` for 3 or above.
-    pub fn from_u8(v: u8) -> Option<QoS> {
-        match v {
-            0 => Some(QoS::AtMostOnce),
-            1 => Some(QoS::AtLeastOnce),
-            2 => Some(QoS::ExactlyOnce),
-            _ => None,
-        }
     }
 }
 

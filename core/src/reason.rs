@@ -1,5 +1,7 @@
 //! MQTT 5.0 reason codes and their MQTT 3.x counterparts.
 
+use crate::qos::QoS;
+
 /// An MQTT 5.0 reason code. The same numeric space serves CONNACK, PUBACK & co.,
 /// SUBACK, UNSUBACK, DISCONNECT and AUTH; some values mean different things per packet
 /// (0x00 is Success, Normal disconnection and Granted QoS 0), hence the aliases below.
@@ -147,11 +149,11 @@ impl ReasonCode {
     }
 
     /// The SUBACK reason code granting `qos`.
-    pub fn granted(qos: crate::QoS) -> ReasonCode {
+    pub fn granted(qos: QoS) -> ReasonCode {
         match qos {
-            crate::QoS::AtMostOnce => ReasonCode::Success,
-            crate::QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
-            crate::QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            QoS::AtMostOnce => ReasonCode::Success,
+            QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+            QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
         }
     }
 }

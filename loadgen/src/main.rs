@@ -59,7 +59,7 @@ fn main() -> ExitCode {
                 Ok(summary.render())
             };
             match text {
-                Ok(t) => print_out(&t),
+                Ok(t) => run::print_out(&t),
                 Err(e) => eprintln!("roost-bench: cannot write JSON: {e}"),
             }
             0
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
                 (cli.common.json, e.downcast_ref::<SetupFailed>())
                 && let Ok(j) = serde_json::to_string_pretty(summary)
             {
-                print_out(&(j + "\n"));
+                run::print_out(&(j + "\n"));
             }
             eprintln!("roost-bench: {}", e.root_cause_or_self());
             1
@@ -94,13 +94,6 @@ fn main() -> ExitCode {
     // Do not wait for connections still open in tasks: the report is out.
     runtime.shutdown_background();
     ExitCode::from(code)
-}
-
-/// Writes to stdout, ignoring a closed pipe (`roost-bench ... | head`).
-pub(crate) fn print_out(text: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// The error's message without the `SetupFailed` context wrapper.

@@ -297,6 +297,13 @@ fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Writes to stdout, ignoring a closed pipe (`roost-bench ... | head`).
+pub(crate) fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 /// The progress display: an indicatif spinner line on a terminal, plain lines when
 /// piped (to stderr with --json, so stdout carries only the JSON).
 struct Progress {
@@ -337,7 +344,7 @@ impl Progress {
         match &self.bar {
             Some(b) => b.set_message(line),
             None if self.to_stderr => eprintln!("{line}"),
-            None => crate::print_out(&(line + "\n")),
+            None => print_out(&(line + "\n")),
         }
     }
 

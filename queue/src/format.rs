@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::GroupKey;
+use crate::group::GroupKey;
 
 const VERSION: u8 = 1;
 const FLAG_ORIGIN: u8 = 1;

@@ -18,12 +18,50 @@
 //! Group invariants: each partition has at most one owner, always a member; a member's
 //! `inflight` equals the number of `inflight` entries naming it across all cursors and
 //! never exceeds its window (deliveries stop at the window; the counter only falls).
+//!
+//! [`GroupKey`], the name of a group, lives here too: the queue shell keys its groups by
+//! it and the progress records (`format.rs`) write it, so it sits below both.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Identifies one consumer (the broker uses the MQTT client id).
 pub type ConsumerId = Arc<str>;
+
+/// A consumer group on one queue: the group name plus the optional filter, matched
+/// against a message's subtopic. Consumers with different filters are different groups.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    /// The group name (`default` when a subscription names none).
+    pub group: Arc<str>,
+    /// The MQTT topic filter after the queue name, if any.
+    pub filter: Option<Arc<str>>,
+}
+
+impl GroupKey {
+    /// A key from its parts.
+    pub fn new(group: &str, filter: Option<&str>) -> GroupKey {
+        GroupKey {
+            group: Arc::from(group),
+            filter: filter.map(Arc::from),
+        }
+    }
+
+    pub(crate) fn matches(&self, subtopic: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|f| roost_core::topic::matches(f, subtopic))
+    }
+}
+
+impl std::fmt::Display for GroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.filter {
+            Some(filter) => write!(f, "{}[{}]", self.group, filter),
+            None => f.write_str(&self.group),
+        }
+    }
+}
 
 /// Redelivery settings of a queue, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -60,10 +60,9 @@ mod registry;
 pub use config::{Durability, MAX_PARTITIONS, QueueConfig};
 pub use error::{ProduceError, QueueError};
 pub use format::{DeadReason, InvalidMessageId, MessageId, Origin};
-pub use group::ConsumerId;
+pub use group::{ConsumerId, GroupKey};
 pub use queue::{
-    DeliverySink, GroupInfo, GroupKey, NewMessage, Queue, QueueDelivery, QueueInfo, ResetTo,
-    Settled, now_ms,
+    DeliverySink, GroupInfo, NewMessage, Queue, QueueDelivery, QueueInfo, ResetTo, Settled, now_ms,
 };
 pub use registry::{DEAD_LETTER_SUFFIX, Queues, valid_queue_name};
 

@@ -33,7 +33,7 @@ use crate::error::{ProduceError, QueueError};
 use crate::format::{
     self, DeadReason, MAX_SUBTOPIC, MessageId, Origin, Progress, Snapshot, decode_message,
 };
-use crate::group::{ConsumerId, Group, Nack, Settings, Settle};
+use crate::group::{ConsumerId, Group, GroupKey, Nack, Settings, Settle};
 
 /// Milliseconds since the Unix epoch: the clock of timestamps, deadlines and backoffs.
 pub fn now_ms() -> u64 {
@@ -41,41 +41,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// A consumer group on one queue: the group name plus the optional filter, matched
-/// against a message's subtopic. Consumers with different filters are different groups.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GroupKey {
-    /// The group name (`default` when a subscription names none).
-    pub group: Arc<str>,
-    /// The MQTT topic filter after the queue name, if any.
-    pub filter: Option<Arc<str>>,
-}
-
-impl GroupKey {
-    /// A key from its parts.
-    pub fn new(group: &str, filter: Option<&str>) -> GroupKey {
-        GroupKey {
-            group: Arc::from(group),
-            filter: filter.map(Arc::from),
-        }
-    }
-
-    fn matches(&self, subtopic: &str) -> bool {
-        self.filter
-            .as_deref()
-            .is_none_or(|f| roost_core::topic::matches(f, subtopic))
-    }
-}
-
-impl std::fmt::Display for GroupKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.filter {
-            Some(filter) => write!(f, "{}[{}]", self.group, filter),
-            None => f.write_str(&self.group),
-        }
-    }
 }
 
 /// A message to produce.

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicUsize;
 
 use parking_lot::RwLock;
 
-use crate::{Matches, SharedMatch, Subscription};
+use crate::subscription::{Matches, SharedMatch, Subscription};
 
 /// A trie node: the subscriptions whose filter ends here, and the next levels.
 #[derive(Debug, Default)]

@@ -37,7 +37,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::Result;
 use crate::journal::{self, JournalFile};
-use crate::log::{Completion, LogInner, PendingAppend};
+use crate::log::{CommitQueue, Completion, LogInner, PendingAppend};
 use crate::{Durability, Offset};
 
 /// What appenders, the committer, the journal thread and the sync pool share.
@@ -131,24 +131,6 @@ impl CommitShared {
         Ok(())
     }
 
-    /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
-    /// storage has stopped.
-    pub(crate) fn schedule(&self, log: Arc<LogInner>) -> bool {
-        let (queue, wake) = if log.config.durability == Durability::Fsync {
-            (&self.journal, &self.journal_wake)
-        } else {
-            (&self.queue, &self.wake)
-        };
-        let mut q = queue.lock();
-        if q.stopped {
-            return false;
-        }
-        q.ready.push(log);
-        drop(q);
-        wake.notify_one();
-        true
-    }
-
     fn submit(&self, job: Job) -> std::result::Result<(), Job> {
         let mut p = self.pool.lock();
         if p.stopped {
@@ -182,6 +164,28 @@ impl CommitShared {
 
     fn job_done(&self) {
         self.pool.lock().active -= 1;
+    }
+}
+
+impl CommitQueue for CommitShared {
+    fn queued(&self) -> &AtomicUsize {
+        &self.queued
+    }
+
+    fn schedule(&self, log: Arc<LogInner>) -> bool {
+        let (queue, wake) = if log.config.durability == Durability::Fsync {
+            (&self.journal, &self.journal_wake)
+        } else {
+            (&self.queue, &self.wake)
+        };
+        let mut q = queue.lock();
+        if q.stopped {
+            return false;
+        }
+        q.ready.push(log);
+        drop(q);
+        wake.notify_one();
+        true
     }
 }
 

@@ -98,6 +98,7 @@ mod format;
 mod journal;
 pub mod latency;
 mod log;
+mod offset;
 mod segment;
 mod storage;
 
@@ -106,10 +107,8 @@ pub use log::{
     Append, DamagedSegment, Deleted, Durability, Log, LogConfig, LogRecord, LogStats, ReadLimit,
     Record, Recovery, Retention, TruncatedTail,
 };
+pub use offset::Offset;
 pub use storage::Storage;
-
-/// The position of a record in its log.
-pub type Offset = u64;
 
 #[cfg(test)]
 mod tests;

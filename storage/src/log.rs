@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +32,6 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::Offset;
-use crate::commit::CommitShared;
 use crate::error::{Error, Result, io_err};
 use crate::format::{self, IndexEntry, MAX_FRAME, RECORD_OVERHEAD, TimeEntry};
 use crate::segment::{
@@ -326,7 +325,10 @@ impl Log {
         let schedule = {
             let mut p = self.inner.pending.lock();
             p.appends.push(PendingAppend { records, tx });
-            self.inner.committer.queued.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .committer
+                .queued()
+                .fetch_add(1, Ordering::Relaxed);
             !std::mem::replace(&mut p.scheduled, true)
         };
         if schedule && !self.inner.committer.schedule(self.inner.clone()) {
@@ -336,7 +338,10 @@ impl Log {
                 std::mem::take(&mut p.appends)
             };
             let n = stranded.len();
-            self.inner.committer.queued.fetch_sub(n, Ordering::Relaxed);
+            self.inner
+                .committer
+                .queued()
+                .fetch_sub(n, Ordering::Relaxed);
             for a in stranded {
                 let _ = a.tx.send(Err(Error::Closed));
             }
@@ -562,6 +567,20 @@ pub(crate) struct Writer {
     arena: bytes::BytesMut,
 }
 
+/// What a log needs of the group committer (`commit.rs`, which implements it for its
+/// shared state): the count of queued appends, and the way onto a writer's ready queue.
+/// A trait so that this file does not name the committer: the committer's queues hold
+/// logs and each log holds its committer, and only one of the two files may name the
+/// other without an import circle.
+pub(crate) trait CommitQueue: Send + Sync {
+    /// Appends queued on any log and not yet taken by a writer.
+    fn queued(&self) -> &AtomicUsize;
+
+    /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
+    /// storage has stopped.
+    fn schedule(&self, log: Arc<LogInner>) -> bool;
+}
+
 pub(crate) struct LogInner {
     pub(crate) name: String,
     /// This incarnation of the log (see `journal.rs`), kept in `log.id` in its directory.
@@ -578,7 +597,7 @@ pub(crate) struct LogInner {
     failed: AtomicBool,
     failure: Mutex<Option<Arc<io::Error>>>,
     closed: AtomicBool,
-    committer: Arc<CommitShared>,
+    committer: Arc<dyn CommitQueue>,
     stats: Stats,
     #[cfg(test)]
     faults: Faults,
@@ -649,7 +668,7 @@ impl LogInner {
         name: String,
         dir: PathBuf,
         config: LogConfig,
-        committer: Arc<CommitShared>,
+        committer: Arc<dyn CommitQueue>,
     ) -> Result<(Arc<LogInner>, Recovery)> {
         if !dir.exists() {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -788,7 +807,7 @@ impl LogInner {
         drop(w);
         let stranded = std::mem::take(&mut self.pending.lock().appends);
         let n = stranded.len();
-        self.committer.queued.fetch_sub(n, Ordering::Relaxed);
+        self.committer.queued().fetch_sub(n, Ordering::Relaxed);
         for a in stranded {
             let _ = a.tx.send(Err(Error::Closed));
         }
@@ -833,7 +852,7 @@ impl LogInner {
             std::mem::take(&mut p.appends)
         };
         self.committer
-            .queued
+            .queued()
             .fetch_sub(stranded.len(), Ordering::Relaxed);
         for a in stranded {
             let _ = a.tx.send(Err(Error::Closed));

@@ -6,7 +6,7 @@
 
 use bytes::{Buf, BytesMut};
 
-use super::DecodeError;
+use super::error::DecodeError;
 use super::props::{self, PropSet};
 use super::wire::{Reader, remaining_length};
 use crate::packet::*;
@@ -17,7 +17,19 @@ fn malformed(why: &'static str) -> DecodeError {
     DecodeError::MalformedPacket(why)
 }
 
-pub(super) fn decode(
+/// Decodes one packet from the front of `buf`, advancing it past the packet.
+///
+/// `version` is `None` until CONNECT has been read: then only CONNECT is accepted and
+/// its own protocol level decides how it is parsed. Returns `Ok(None)` when `buf` holds
+/// no complete packet yet. `max_packet_size` bounds the whole packet (fixed header
+/// included) and is checked as soon as the fixed header is readable.
+///
+/// A CONNECT is decoded whatever `version` says (a second CONNECT is the caller's
+/// protocol error to report). On `Ok(None)` nothing is consumed; after an error the
+/// offending packet may or may not have been consumed, and the connection is expected
+/// to be closed. Topic name/filter rules (wildcards, empty names, `$share/`) are not
+/// checked here: see [`crate::topic`].
+pub fn decode(
     buf: &mut BytesMut,
     version: Option<ProtocolVersion>,
     max_packet_size: usize,

@@ -10,35 +10,29 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::props::{PropSet, PropsOut};
-use super::wire::{Counter, MAX_VARINT, Sink, Writer, put_varint, varint_len};
-use super::{EncodeError, PublishView};
+use super::error::EncodeError;
+use super::props::PropSet;
+use super::publish_view::PublishView;
+use super::sink::{Counter, PropsOut, Sink, Writer};
+use super::wire::{MAX_VARINT, put_varint, varint_len};
 use crate::packet::*;
 use crate::reason::ReasonCode;
 
-/// The PUBLISH view of an owned PUBLISH: its own properties supply every field.
-pub(super) fn view_of(p: &Publish) -> PublishView<'_> {
-    PublishView {
-        dup: p.dup,
-        qos: p.qos,
-        retain: p.retain,
-        topic: &p.topic,
-        packet_id: p.packet_id,
-        properties: &p.properties,
-        subscription_identifiers: &p.properties.subscription_identifiers,
-        message_expiry_interval: p.properties.message_expiry_interval,
-        topic_alias: p.properties.topic_alias,
-        payload: &p.payload,
-    }
-}
-
-pub(super) fn encode(
+/// Appends `packet` encoded for `version` to `buf`.
+///
+/// 3.x drops every property and ack reason code; 5.0 writes only the properties the
+/// spec allows in that packet, and uses the short forms of acks, DISCONNECT and AUTH
+/// whenever the content allows. CONNECT is written with the name and level of
+/// `version` (not of its `protocol` field). A PUBLISH at QoS 0 is written without DUP.
+/// Nothing is appended when an error is returned. A subscription identifier above
+/// 268,435,455 is reported as [`EncodeError::FieldTooLong`].
+pub fn encode(
     packet: &Packet,
     version: ProtocolVersion,
     buf: &mut BytesMut,
 ) -> Result<(), EncodeError> {
     if let Packet::Publish(p) = packet {
-        return encode_publish(&view_of(p), version, buf);
+        return encode_publish(&PublishView::of(p), version, buf);
     }
     if matches!(packet, Packet::Auth(_)) && !version.is_v5() {
         return Err(EncodeError::NotInVersion);
@@ -49,9 +43,12 @@ pub(super) fn encode(
     write_frame(header, &counter, buf, |w| body(packet, version, w))
 }
 
-pub(super) fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
+/// The encoded size of `packet` for `version`, fixed header included.
+///
+/// Equals the bytes [`encode`] appends when it succeeds; 0 for AUTH in 3.x.
+pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
     if let Packet::Publish(p) = packet {
-        return publish_len(&view_of(p), version);
+        return publish_len(&PublishView::of(p), version);
     }
     if matches!(packet, Packet::Auth(_)) && !version.is_v5() {
         return 0;
@@ -61,7 +58,8 @@ pub(super) fn encoded_len(packet: &Packet, version: ProtocolVersion) -> usize {
     frame_len(counter.len)
 }
 
-pub(super) fn encode_publish(
+/// Appends a PUBLISH built from borrowed parts to `buf`.
+pub fn encode_publish(
     view: &PublishView<'_>,
     version: ProtocolVersion,
     buf: &mut BytesMut,
@@ -73,7 +71,8 @@ pub(super) fn encode_publish(
     })
 }
 
-pub(super) fn publish_len(view: &PublishView<'_>, version: ProtocolVersion) -> usize {
+/// The encoded size of a PUBLISH built from borrowed parts, fixed header included.
+pub fn publish_len(view: &PublishView<'_>, version: ProtocolVersion) -> usize {
     let mut counter = Counter::default();
     publish_body(view, version, &mut counter);
     frame_len(counter.len)
@@ -156,7 +155,7 @@ fn body<S: Sink>(packet: &Packet, v: ProtocolVersion, s: &mut S) {
                 s.u8(c.code.to_v3_connack());
             }
         }
-        Packet::Publish(p) => publish_body(&view_of(p), v, s),
+        Packet::Publish(p) => publish_body(&PublishView::of(p), v, s),
         Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
             s.u16(r.packet_id);
             if v.is_v5() {

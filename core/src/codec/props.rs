@@ -3,12 +3,11 @@
 //! Which property may appear in which packet follows table 2-4 of the 5.0 spec, kept
 //! here as one bit mask per packet (bit n = identifier n; every identifier is below 64).
 //! The decoder rejects a property outside its packet's mask as malformed; the encoder
-//! silently leaves such a property out, so whatever it writes the decoder accepts.
+//! silently leaves such a property out (see `PropsOut` in `sink`), so whatever it
+//! writes the decoder accepts.
 
-use bytes::Bytes;
-
-use super::DecodeError;
-use super::wire::{Reader, Sink};
+use super::error::DecodeError;
+use super::wire::Reader;
 use crate::properties::{Properties, id};
 
 /// The property sets of table 2-4; the will properties of CONNECT are a set of their own.
@@ -38,7 +37,7 @@ const fn bits(ids: &[u8]) -> u64 {
     mask
 }
 
-const fn bit(identifier: u8) -> u64 {
+pub(super) const fn bit(identifier: u8) -> u64 {
     1u64 << identifier
 }
 
@@ -241,188 +240,4 @@ pub(super) fn decode(r: &mut Reader, set: PropSet) -> Result<Properties, DecodeE
         }
     }
     Ok(p)
-}
-
-/// Properties to write: a [`Properties`] restricted to one packet's set, with the three
-/// per-subscriber PUBLISH fields taken from outside it (see `PublishView`).
-pub(super) struct PropsOut<'a> {
-    pub(super) props: &'a Properties,
-    pub(super) subscription_identifiers: &'a [u32],
-    pub(super) message_expiry_interval: Option<u32>,
-    pub(super) topic_alias: Option<u16>,
-    pub(super) allowed: u64,
-}
-
-impl<'a> PropsOut<'a> {
-    /// The properties of `props` that `set` allows, as they are.
-    pub(super) fn of(props: &'a Properties, set: PropSet) -> Self {
-        PropsOut {
-            props,
-            subscription_identifiers: &props.subscription_identifiers,
-            message_expiry_interval: props.message_expiry_interval,
-            topic_alias: props.topic_alias,
-            allowed: set.allowed(),
-        }
-    }
-
-    /// Size of the properties, without their length prefix.
-    pub(super) fn content_len(&self) -> usize {
-        let mut c = super::wire::Counter::default();
-        self.content(&mut c);
-        c.len
-    }
-
-    /// Property length prefix and the properties.
-    pub(super) fn write<S: Sink>(&self, s: &mut S) {
-        s.properties(self);
-    }
-
-    /// The properties without their length prefix.
-    pub(super) fn content<S: Sink>(&self, s: &mut S) {
-        let p = self.props;
-        let on = |ident: u8| self.allowed & bit(ident) != 0;
-        fn byte<S: Sink>(s: &mut S, ident: u8, v: Option<u8>) {
-            if let Some(v) = v {
-                s.u8(ident);
-                s.u8(v);
-            }
-        }
-        fn two<S: Sink>(s: &mut S, ident: u8, v: Option<u16>) {
-            if let Some(v) = v {
-                s.u8(ident);
-                s.u16(v);
-            }
-        }
-        fn four<S: Sink>(s: &mut S, ident: u8, v: Option<u32>) {
-            if let Some(v) = v {
-                s.u8(ident);
-                s.u32(v);
-            }
-        }
-        fn string<S: Sink>(s: &mut S, ident: u8, v: &Option<String>) {
-            if let Some(v) = v {
-                s.u8(ident);
-                s.string(v);
-            }
-        }
-        fn binary<S: Sink>(s: &mut S, ident: u8, v: &Option<Bytes>) {
-            if let Some(v) = v {
-                s.u8(ident);
-                s.binary(v);
-            }
-        }
-
-        if on(id::PAYLOAD_FORMAT_INDICATOR) {
-            byte(s, id::PAYLOAD_FORMAT_INDICATOR, p.payload_format_indicator);
-        }
-        if on(id::MESSAGE_EXPIRY_INTERVAL) {
-            four(s, id::MESSAGE_EXPIRY_INTERVAL, self.message_expiry_interval);
-        }
-        if on(id::CONTENT_TYPE) {
-            string(s, id::CONTENT_TYPE, &p.content_type);
-        }
-        if on(id::RESPONSE_TOPIC) {
-            string(s, id::RESPONSE_TOPIC, &p.response_topic);
-        }
-        if on(id::CORRELATION_DATA) {
-            binary(s, id::CORRELATION_DATA, &p.correlation_data);
-        }
-        if on(id::SUBSCRIPTION_IDENTIFIER) {
-            for &v in self.subscription_identifiers {
-                s.u8(id::SUBSCRIPTION_IDENTIFIER);
-                s.varint(v as usize);
-            }
-        }
-        if on(id::SESSION_EXPIRY_INTERVAL) {
-            four(s, id::SESSION_EXPIRY_INTERVAL, p.session_expiry_interval);
-        }
-        if on(id::ASSIGNED_CLIENT_IDENTIFIER) {
-            string(
-                s,
-                id::ASSIGNED_CLIENT_IDENTIFIER,
-                &p.assigned_client_identifier,
-            );
-        }
-        if on(id::SERVER_KEEP_ALIVE) {
-            two(s, id::SERVER_KEEP_ALIVE, p.server_keep_alive);
-        }
-        if on(id::AUTHENTICATION_METHOD) {
-            string(s, id::AUTHENTICATION_METHOD, &p.authentication_method);
-        }
-        if on(id::AUTHENTICATION_DATA) {
-            binary(s, id::AUTHENTICATION_DATA, &p.authentication_data);
-        }
-        if on(id::REQUEST_PROBLEM_INFORMATION) {
-            byte(
-                s,
-                id::REQUEST_PROBLEM_INFORMATION,
-                p.request_problem_information,
-            );
-        }
-        if on(id::WILL_DELAY_INTERVAL) {
-            four(s, id::WILL_DELAY_INTERVAL, p.will_delay_interval);
-        }
-        if on(id::REQUEST_RESPONSE_INFORMATION) {
-            byte(
-                s,
-                id::REQUEST_RESPONSE_INFORMATION,
-                p.request_response_information,
-            );
-        }
-        if on(id::RESPONSE_INFORMATION) {
-            string(s, id::RESPONSE_INFORMATION, &p.response_information);
-        }
-        if on(id::SERVER_REFERENCE) {
-            string(s, id::SERVER_REFERENCE, &p.server_reference);
-        }
-        if on(id::REASON_STRING) {
-            string(s, id::REASON_STRING, &p.reason_string);
-        }
-        if on(id::RECEIVE_MAXIMUM) {
-            two(s, id::RECEIVE_MAXIMUM, p.receive_maximum);
-        }
-        if on(id::TOPIC_ALIAS_MAXIMUM) {
-            two(s, id::TOPIC_ALIAS_MAXIMUM, p.topic_alias_maximum);
-        }
-        if on(id::TOPIC_ALIAS) {
-            two(s, id::TOPIC_ALIAS, self.topic_alias);
-        }
-        if on(id::MAXIMUM_QOS) {
-            byte(s, id::MAXIMUM_QOS, p.maximum_qos);
-        }
-        if on(id::RETAIN_AVAILABLE) {
-            byte(s, id::RETAIN_AVAILABLE, p.retain_available);
-        }
-        if on(id::USER_PROPERTY) {
-            for (name, value) in &p.user_properties {
-                s.u8(id::USER_PROPERTY);
-                s.string(name);
-                s.string(value);
-            }
-        }
-        if on(id::MAXIMUM_PACKET_SIZE) {
-            four(s, id::MAXIMUM_PACKET_SIZE, p.maximum_packet_size);
-        }
-        if on(id::WILDCARD_SUBSCRIPTION_AVAILABLE) {
-            byte(
-                s,
-                id::WILDCARD_SUBSCRIPTION_AVAILABLE,
-                p.wildcard_subscription_available,
-            );
-        }
-        if on(id::SUBSCRIPTION_IDENTIFIER_AVAILABLE) {
-            byte(
-                s,
-                id::SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-                p.subscription_identifier_available,
-            );
-        }
-        if on(id::SHARED_SUBSCRIPTION_AVAILABLE) {
-            byte(
-                s,
-                id::SHARED_SUBSCRIPTION_AVAILABLE,
-                p.shared_subscription_available,
-            );
-        }
-    }
 }

@@ -10,7 +10,9 @@ use proptest::strategy::Union;
 use super::props::PropSet;
 use super::*;
 use crate::packet::ProtocolVersion::{V3_1, V3_1_1, V5};
-use crate::properties::id;
+use crate::packet::*;
+use crate::properties::{Properties, id};
+use crate::reason::ReasonCode;
 
 /// Any string without U+0000 (the only one the spec forbids outright).
 fn text() -> impl Strategy<Value = String> {

@@ -4,7 +4,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::*;
 use crate::packet::ProtocolVersion::{V3_1, V3_1_1, V5};
-use crate::properties::id;
+use crate::packet::*;
+use crate::properties::{Properties, id};
+use crate::reason::ReasonCode;
 
 const MAX: usize = 1 << 20;
 

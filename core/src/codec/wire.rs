@@ -4,15 +4,12 @@
 //! end means the remaining length was too short for the content (malformed), and binary
 //! fields and the PUBLISH payload are zero-copy slices of the read buffer.
 //!
-//! Writing: every packet body is described once, against the [`Sink`] trait, and that
-//! single description is run twice: through a [`Counter`] (sizes, field-limit checks)
-//! and then through a [`Writer`] into a buffer already reserved to the exact size. One
-//! description is what keeps `encoded_len` equal to the bytes `encode` writes.
+//! Writing: Variable Byte Integers and the field limits; the encoder's two passes over a
+//! packet body are in `sink`.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::DecodeError;
-use super::props::PropsOut;
+use super::error::DecodeError;
 
 /// Largest value of a Variable Byte Integer (four bytes), hence of a remaining length.
 pub(super) const MAX_VARINT: usize = 268_435_455;
@@ -154,124 +151,5 @@ pub(super) fn put_varint(buf: &mut BytesMut, mut v: usize) {
             return;
         }
         buf.put_u8(digit | 0x80);
-    }
-}
-
-/// The shape of a packet body, as seen by the two passes of the encoder.
-pub(super) trait Sink {
-    fn u8(&mut self, v: u8);
-    fn u16(&mut self, v: u16);
-    fn u32(&mut self, v: u32);
-    fn varint(&mut self, v: usize);
-    /// Binary Data: two-byte length prefix and the bytes.
-    fn binary(&mut self, b: &[u8]);
-    /// Bytes as they are, without a length prefix (the PUBLISH payload).
-    fn raw(&mut self, b: &[u8]);
-    /// UTF-8 Encoded String: same layout as binary data.
-    fn string(&mut self, s: &str) {
-        self.binary(s.as_bytes());
-    }
-    /// A 5.0 property block: property length, then the properties.
-    fn properties(&mut self, p: &PropsOut<'_>);
-}
-
-/// Property blocks one packet can hold: CONNECT has two, its own and the will's.
-const PROPERTY_BLOCKS: usize = 2;
-
-/// First encoder pass: adds up sizes and notes fields that cannot be encoded.
-#[derive(Default)]
-pub(super) struct Counter {
-    /// Bytes the body takes.
-    pub(super) len: usize,
-    /// A string/binary field over 65,535 bytes, or a varint value over the maximum.
-    pub(super) field_too_long: bool,
-    /// Lengths of the property blocks in body order, so the writing pass need not
-    /// size them again.
-    property_lens: [usize; PROPERTY_BLOCKS],
-    blocks: usize,
-}
-
-impl Counter {
-    /// The writing pass for the body this counter has sized.
-    pub(super) fn writer<'a>(&self, buf: &'a mut BytesMut) -> Writer<'a> {
-        Writer {
-            buf,
-            property_lens: self.property_lens,
-            next: 0,
-        }
-    }
-}
-
-impl Sink for Counter {
-    fn u8(&mut self, _: u8) {
-        self.len += 1;
-    }
-    fn u16(&mut self, _: u16) {
-        self.len += 2;
-    }
-    fn u32(&mut self, _: u32) {
-        self.len += 4;
-    }
-    fn varint(&mut self, v: usize) {
-        self.field_too_long |= v > MAX_VARINT;
-        self.len += varint_len(v);
-    }
-    fn binary(&mut self, b: &[u8]) {
-        self.field_too_long |= b.len() > MAX_FIELD;
-        self.len += 2 + b.len();
-    }
-    fn raw(&mut self, b: &[u8]) {
-        self.len += b.len();
-    }
-    fn properties(&mut self, p: &PropsOut<'_>) {
-        let mut inner = Counter::default();
-        p.content(&mut inner);
-        if let Some(slot) = self.property_lens.get_mut(self.blocks) {
-            *slot = inner.len;
-        }
-        self.blocks += 1;
-        self.varint(inner.len);
-        self.len += inner.len;
-        self.field_too_long |= inner.field_too_long;
-    }
-}
-
-/// Second encoder pass: writes into a buffer reserved by the caller to the exact size,
-/// after the [`Counter`] pass found every field encodable.
-pub(super) struct Writer<'a> {
-    buf: &'a mut BytesMut,
-    property_lens: [usize; PROPERTY_BLOCKS],
-    next: usize,
-}
-
-impl Sink for Writer<'_> {
-    fn u8(&mut self, v: u8) {
-        self.buf.put_u8(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.buf.put_u16(v);
-    }
-    fn u32(&mut self, v: u32) {
-        self.buf.put_u32(v);
-    }
-    fn varint(&mut self, v: usize) {
-        put_varint(self.buf, v);
-    }
-    fn binary(&mut self, b: &[u8]) {
-        // The Counter pass rejected anything longer, so the cast cannot truncate.
-        self.buf.put_u16(b.len() as u16);
-        self.buf.put_slice(b);
-    }
-    fn raw(&mut self, b: &[u8]) {
-        self.buf.put_slice(b);
-    }
-    fn properties(&mut self, p: &PropsOut<'_>) {
-        let len = match self.property_lens.get(self.next) {
-            Some(&len) => len,
-            None => p.content_len(),
-        };
-        self.next += 1;
-        put_varint(self.buf, len);
-        p.content(self);
     }
 }
