@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every roost test: formatting, lints, unit and property tests, a bounded run of the
-# decoder fuzz target, then the end-to-end suite against the release binary with real MQTT
-# clients (paho, mosquitto_pub/sub, MQTT.js under Node.js).
+# Runs every roost test: formatting, the import-circle check, lints, unit and property
+# tests, a bounded run of the decoder fuzz target, then the end-to-end suite against the
+# release binary with real MQTT clients (paho, mosquitto_pub/sub, MQTT.js under Node.js).
 # Installs what the tests need (mosquitto-clients, Node.js and MQTT.js, Python packages,
 # cargo-fuzz) when missing.
 #
@@ -44,6 +44,9 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== no import circle between the files of any crate"
+python3 scripts/import_cycles.py
+python3 -m pytest -q scripts/test_import_cycles.py
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
