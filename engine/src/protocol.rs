@@ -856,25 +856,29 @@ impl Connection {
                 "AUTH with another authentication method than CONNECT's",
             );
         }
-        let data = a.properties.authentication_data.as_deref().unwrap_or(&[]);
-        let reply = match (a.reason, reauth.exchange.take()) {
-            (ReasonCode::ReAuthenticate, None) => {
-                match scram::Exchange::start(data, &*reauth.credentials) {
-                    Ok((exchange, first)) => {
+        let reply = match reauth.exchange.take() {
+            // AUTH 0x19 starts a re-authentication with the client-first-message.
+            None if a.reason == ReasonCode::ReAuthenticate => {
+                let data = a.properties.authentication_data.as_deref().unwrap_or(&[]);
+                scram::begin(data, &*reauth.credentials)
+                    .map(|(exchange, server_first)| {
                         reauth.exchange = Some(exchange);
-                        Ok((ReasonCode::ContinueAuthentication, first))
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
+                        server_first
+                    })
+                    .map_err(|e| e.to_string())
             }
-            (ReasonCode::ContinueAuthentication, Some(exchange)) => match exchange.finish(data) {
-                Ok(done) if done.username == reauth.username => {
-                    Ok((ReasonCode::Success, done.server_final))
-                }
-                Ok(_) => Err("re-authenticated as another user".to_owned()),
-                Err(e) => Err(e.to_string()),
+            Some(exchange) => match scram::client_final(&a) {
+                Ok(data) => match exchange.finish(data) {
+                    Ok(done) if done.username == reauth.username => {
+                        tracing::debug!(client_id = %self.session.client_id, "re-authenticated");
+                        Ok(scram::auth_packet(ReasonCode::Success, done.server_final))
+                    }
+                    Ok(_) => Err("re-authenticated as another user".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(why) => return self.fail(ReasonCode::ProtocolError, why),
             },
-            _ => {
+            None => {
                 return self.fail(
                     ReasonCode::ProtocolError,
                     "AUTH reason code out of sequence",
@@ -882,18 +886,7 @@ impl Connection {
             }
         };
         match reply {
-            Ok((reason, data)) => {
-                let mut auth = roost_core::Auth {
-                    reason,
-                    properties: Default::default(),
-                };
-                auth.properties.authentication_method = Some(scram::METHOD.to_owned());
-                auth.properties.authentication_data = Some(data.into());
-                self.send(Packet::Auth(auth));
-                if reason == ReasonCode::Success {
-                    tracing::debug!(client_id = %self.session.client_id, "re-authenticated");
-                }
-            }
+            Ok(auth) => self.send(Packet::Auth(auth)),
             Err(why) => self.fail(
                 ReasonCode::NotAuthorized,
                 &format!("re-authentication failed: {why}"),

@@ -243,6 +243,54 @@ impl Verifier {
     }
 }
 
+// ----- the exchange as MQTT 5 carries it (section 4.12) -----
+//
+// The client-first-message comes in CONNECT (or AUTH 0x19, re-authentication) with the
+// Authentication Method; the server answers AUTH 0x18 with its server-first-message;
+// the client's AUTH 0x18 carries the client-final-message; the server ends with its
+// server-final-message, in CONNACK (or AUTH 0x00). The connection task (at CONNECT) and
+// the protocol state machine (re-authentication) both run it through these two steps.
+
+/// An AUTH packet of this method with `reason` and `data`.
+pub fn auth_packet(reason: ReasonCode, data: Vec<u8>) -> roost_core::Auth {
+    let mut auth = roost_core::Auth {
+        reason,
+        ..roost_core::Auth::default()
+    };
+    auth.properties.authentication_method = Some(METHOD.to_owned());
+    auth.properties.authentication_data = Some(data.into());
+    auth
+}
+
+/// The first step: the exchange to continue and the AUTH 0x18 that carries the
+/// server-first-message, for a `client_first` message.
+pub fn begin(
+    client_first: &[u8],
+    credentials: &dyn Credentials,
+) -> Result<(Exchange, roost_core::Auth), ScramError> {
+    let (exchange, server_first) = Exchange::start(client_first, credentials)?;
+    Ok((
+        exchange,
+        auth_packet(ReasonCode::ContinueAuthentication, server_first),
+    ))
+}
+
+/// The client-final-message of an AUTH that continues an exchange (reason 0x18, this
+/// method); otherwise why the AUTH breaks the sequence.
+pub fn client_final(auth: &roost_core::Auth) -> Result<&[u8], &'static str> {
+    if auth.properties.authentication_method.as_deref() != Some(METHOD) {
+        return Err("AUTH with another authentication method");
+    }
+    if auth.reason != ReasonCode::ContinueAuthentication {
+        return Err("AUTH reason code out of sequence");
+    }
+    Ok(auth
+        .properties
+        .authentication_data
+        .as_deref()
+        .unwrap_or(&[]))
+}
+
 /// A SCRAM exchange after the server-first-message, waiting for the client-final-message.
 #[derive(Debug)]
 pub struct Exchange {

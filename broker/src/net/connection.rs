@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use roost_core::codec;
-use roost_core::{Auth, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode};
+use roost_core::{ConnAck, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -807,33 +807,19 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let credentials = broker.auth.scram();
     let client_first = connect.properties.authentication_data.as_deref();
     let (exchange, server_first) =
-        scram::Exchange::start(client_first.unwrap_or(&[]), &*credentials).map_err(refusal)?;
+        scram::begin(client_first.unwrap_or(&[]), &*credentials).map_err(refusal)?;
     *user = Some(exchange.username().to_owned());
-    let mut auth = Auth {
-        reason: ReasonCode::ContinueAuthentication,
-        ..Auth::default()
-    };
-    auth.properties.authentication_method = Some(scram::METHOD.to_owned());
-    auth.properties.authentication_data = Some(server_first.into());
     let mut out = BytesMut::new();
-    let _ = codec::encode(&Packet::Auth(auth), ProtocolVersion::V5, &mut out);
+    let _ = codec::encode(&Packet::Auth(server_first), ProtocolVersion::V5, &mut out);
     io.write(broker, &out)
         .await
         .map_err(|e| AuthEnd::Close(format!("write error: {e}")))?;
     let protocol_error = |why: &str| AuthEnd::Refuse(ReasonCode::ProtocolError, why.into(), None);
     match io.read_packet(broker, Some(ProtocolVersion::V5)).await {
-        Ok(Some(Packet::Auth(a)))
-            if a.reason == ReasonCode::ContinueAuthentication
-                && a.properties.authentication_method.as_deref() == Some(scram::METHOD) =>
-        {
-            let client_final = a.properties.authentication_data.as_deref();
-            exchange
-                .finish(client_final.unwrap_or(&[]))
-                .map_err(refusal)
-        }
-        Ok(Some(Packet::Auth(_))) => Err(protocol_error(
-            "AUTH out of sequence or with another authentication method",
-        )),
+        Ok(Some(Packet::Auth(a))) => match scram::client_final(&a) {
+            Ok(data) => exchange.finish(data).map_err(refusal),
+            Err(why) => Err(protocol_error(why)),
+        },
         Ok(Some(Packet::Disconnect(_)) | None) => {
             Err(AuthEnd::Close("client left during authentication".into()))
         }
