@@ -362,7 +362,10 @@ def test_subscribe_hash_over_many_retained_is_paced_by_the_subscriber(broker_wit
     assert len(seen) == n
     m = api.metrics()
     assert value(m, "roost_messages_dropped_total", reason="session_queue_full") == 0
-    assert status(b, "VmRSS") < rss0 + 64 * 1024
+    rss = status(b, "VmRSS")
+    print(f"{n} retained messages read by SUBSCRIBE # at the subscriber's pace: "
+          f"RSS {rss0 // 1024} -> {rss // 1024} MiB, peak {status(b, 'VmHWM') // 1024} MiB")
+    assert rss < rss0 + 64 * 1024
     s.disconnect()
     p.disconnect()
 
@@ -453,6 +456,26 @@ def test_one_subscribe_repeating_a_filter_is_one_subscription(broker_with):
     assert value(api.metrics(), "roost_subscriptions") >= 1
     s.disconnect()
     assert_broker_serves(b)
+
+
+def test_user_properties_count_against_the_session_byte_bound(broker_with):
+    """A message of empty payload and 60 KB of user properties was counted as 0 bytes by
+    max_queued_bytes: an offline session held 1,000 of them (60 MB) under a 64 KiB bound."""
+    b, api = with_admin(broker_with, max_queued_bytes=65536)
+    s = w.RawClient(b.host, b.port, 5)
+    s.connect("props-sub", clean=False, properties={w.SESSION_EXPIRY: 3600})
+    s.subscribe("props/t", qos=1)
+    s.disconnect()
+    p = w.RawClient(b.host, b.port, 5)
+    p.connect(uid("props-pub"))
+    heavy = [(w.USER_PROPERTY, ("k", "v" * 30_000)), (w.USER_PROPERTY, ("k2", "v" * 30_000))]
+    for i in range(10):
+        p.publish("props/t", b"", qos=1, pid=i + 1, properties=heavy)
+        p.expect(w.PUBACK)
+    m = api.metrics()
+    assert value(m, "roost_messages_dropped_total", reason="offline_queue_full") == 9, (
+        "the first 60 KB message fits in 64 KiB, each of the next would pass it")
+    p.disconnect()
 
 
 @pytest.mark.parametrize("version", [4, 5])

@@ -160,7 +160,9 @@ def test_max_subscriptions_per_client(broker_with, raw, uid, version):
 
 
 def test_max_queued_bytes_bounds_an_offline_queue(broker_with, raw, uid):
-    b, api = limited_broker(broker_with, max_queued_bytes=1000)
+    # Each message weighs its 400-byte payload, its topic and the ~440 bytes of the
+    # message itself.
+    b, api = limited_broker(broker_with, max_queued_bytes=2000)
     t = "it/" + uid
     sub = raw(b, 4)
     sub.connect(uid + "-s", clean=False)
@@ -169,7 +171,7 @@ def test_max_queued_bytes_bounds_an_offline_queue(broker_with, raw, uid):
     sub.close()
     publish_acked(b, 4, t, [bytes([i]) * 400 for i in range(1, 6)])
     m = api.metrics()
-    # 400 + 400 fit in 1000 bytes; the next three would not.
+    # Two fit in 2000 bytes; the next three would not.
     assert value(m, "roost_limit_trips_total", limit="max_queued_bytes") == 3
     assert value(m, "roost_messages_dropped_total", reason="offline_queue_full") == 3
     back = raw(b, 4)

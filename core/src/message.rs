@@ -50,10 +50,12 @@ impl Message {
         }
     }
 
-    /// What holding the message costs, roughly, in bytes: its topic, payload and the
+    /// What holding the message costs, roughly, in bytes: the struct itself (its
+    /// properties are inline: a few hundred bytes), its topic, payload and the
     /// variable-size properties (each user property with the two strings' bookkeeping).
-    /// Byte bounds count this rather than the payload alone, so a message of empty
-    /// payload and a megabyte of user properties is not taken for free.
+    /// Byte bounds count this rather than the payload alone, so neither a message of
+    /// empty payload and a megabyte of user properties, nor a million small retained
+    /// messages, is taken for free.
     pub fn weight(&self) -> usize {
         let p = &self.properties;
         let strings = [&p.content_type, &p.response_topic]
@@ -66,7 +68,8 @@ impl Message {
             .iter()
             .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>())
             .sum();
-        self.topic.len()
+        std::mem::size_of::<Message>()
+            + self.topic.len()
             + self.payload.len()
             + strings
             + p.correlation_data.as_ref().map_or(0, Bytes::len)

@@ -924,7 +924,7 @@ impl Broker {
                 if let Err(full) = self
                     .limits
                     .max_queued()
-                    .check(&session.pending, d.msg.payload.len())
+                    .check(&session.pending, d.msg.weight())
                 {
                     session.dropped = session.dropped.saturating_add(1);
                     self.metrics.dropped(DropReason::OfflineQueueFull, 1);

@@ -284,9 +284,11 @@ mod tests {
 
     #[test]
     fn bounds_refuse_new_topics_but_not_replacements_or_clears() {
+        // Room for two small messages and 100 bytes more.
+        let small = weight(&msg("a", "1"));
         let mut r = Retained::new(Bounds {
             messages: 2,
-            bytes: 100,
+            bytes: 2 * small + 100,
         });
         r.apply(&msg("a", "1")).expect("fits");
         r.apply(&msg("b", "2")).expect("fits");

@@ -90,14 +90,16 @@ pub enum QueueFull {
 }
 
 impl QueueBound {
-    /// Why `pending` cannot take a message of `payload` bytes, if it cannot. A message
-    /// larger than the whole byte bound is still taken by an empty queue, so the bound
-    /// never makes a session unable to receive a large message at all.
-    pub fn check(&self, pending: &Pending, payload: usize) -> Result<(), QueueFull> {
+    /// Why `pending` cannot take a message of `bytes` (its [`Message::weight`]), if it
+    /// cannot. A message larger than the whole byte bound is still taken by an empty
+    /// queue, so the bound never makes a session unable to receive a large message.
+    ///
+    /// [`Message::weight`]: roost_core::Message::weight
+    pub fn check(&self, pending: &Pending, bytes: usize) -> Result<(), QueueFull> {
         if pending.len() >= self.messages {
             return Err(QueueFull::Messages);
         }
-        if self.bytes > 0 && !pending.is_empty() && pending.bytes() + payload as u64 > self.bytes {
+        if self.bytes > 0 && !pending.is_empty() && pending.bytes() + bytes as u64 > self.bytes {
             return Err(QueueFull::Bytes);
         }
         Ok(())
@@ -109,7 +111,9 @@ impl QueueBound {
     }
 }
 
-/// Messages a session holds for later, in order, with their payload bytes counted.
+/// Messages a session holds for later, in order, with their bytes counted (topic,
+/// payload and properties: a message of empty payload and a megabyte of user
+/// properties is not taken for free).
 #[derive(Debug, Default)]
 pub struct Pending {
     items: VecDeque<Delivery>,
@@ -127,21 +131,21 @@ impl Pending {
         self.items.is_empty()
     }
 
-    /// Payload bytes held.
+    /// Bytes held ([`roost_core::Message::weight`] of each).
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
     /// Appends (bounds are the caller's business: see [`QueueBound::check`]).
     pub fn push_back(&mut self, d: Delivery) {
-        self.bytes += d.msg.payload.len() as u64;
+        self.bytes += d.msg.weight() as u64;
         self.items.push_back(d);
     }
 
     /// Takes the oldest.
     pub fn pop_front(&mut self) -> Option<Delivery> {
         let d = self.items.pop_front()?;
-        self.bytes -= d.msg.payload.len() as u64;
+        self.bytes -= d.msg.weight() as u64;
         Some(d)
     }
 
@@ -151,7 +155,7 @@ impl Pending {
         self.items.retain(|d| {
             let kept = keep(d);
             if kept {
-                bytes += d.msg.payload.len() as u64;
+                bytes += d.msg.weight() as u64;
             }
             kept
         });
@@ -270,7 +274,7 @@ impl Session {
 
     /// Appends to `pending` unless it is full (then counts a drop).
     pub fn enqueue(&mut self, d: Delivery, bound: QueueBound) -> Result<(), QueueFull> {
-        if let Err(full) = bound.check(&self.pending, d.msg.payload.len()) {
+        if let Err(full) = bound.check(&self.pending, d.msg.weight()) {
             self.dropped = self.dropped.saturating_add(1);
             self.forget(&d);
             return Err(full);
@@ -502,21 +506,22 @@ mod tests {
     #[test]
     fn byte_bound_counts_payloads_and_admits_one_oversized_message() {
         let mut s = Session::new("c".into());
+        // What a test delivery weighs: its topic and its 1-byte payload.
+        let w = delivery(QoS::AtLeastOnce).msg.weight() as u64;
         let bound = QueueBound {
             messages: 100,
-            bytes: 2,
+            bytes: 2 * w,
         };
-        // Each test delivery carries a 1-byte payload.
         assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
         assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
         assert_eq!(
             s.enqueue(delivery(QoS::AtLeastOnce), bound),
             Err(QueueFull::Bytes)
         );
-        assert_eq!(s.pending.bytes(), 2);
+        assert_eq!(s.pending.bytes(), 2 * w);
         assert!(!bound.has_room(&s.pending));
         assert!(s.pending.pop_front().is_some());
-        assert_eq!(s.pending.bytes(), 1);
+        assert_eq!(s.pending.bytes(), w);
         assert!(bound.has_room(&s.pending));
         s.pending.retain(|_| false);
         assert_eq!(s.pending.bytes(), 0);

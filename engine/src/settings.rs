@@ -49,8 +49,9 @@ macro_rules! for_each_setting {
             /// Subscriptions one client may hold; further new filters are refused (SUBACK
             /// 0x97 / 3.x 0x80). 0: no limit. Default 10000.
             max_subscriptions_per_client: usize = 10_000, "N";
-            /// Payload bytes of QoS 1/2 messages held per session (beside
-            /// `max_queued_messages`); past it, new messages for that session are dropped
+            /// Memory of QoS 1/2 messages held per session (each its topic, payload,
+            /// properties and the message itself: `Message::weight`), beside
+            /// `max_queued_messages`; past it, new messages for that session are dropped
             /// and counted. 0: no byte bound. Default 67108864 (64 MiB).
             max_queued_bytes: u64 = 64 * 1024 * 1024, "BYTES";
             /// A client whose outbound buffer stays full this long with no progress (its
@@ -73,7 +74,7 @@ macro_rules! for_each_setting {
             /// retained (v5 QoS 1/2: refused with PUBACK/PUBREC 0x97, not routed). 0: no
             /// limit. Default 1000000.
             max_retained_messages: usize = 1_000_000, "N";
-            /// Topic, payload and property bytes of all retained messages together; past
+            /// Memory of all retained messages together (`Message::weight` of each); past
             /// it as `max_retained_messages`. 0: no limit. Default 268435456 (256 MiB).
             max_retained_bytes: u64 = 256 * 1024 * 1024, "BYTES";
             /// Topic aliases a v5 client may use towards the broker (0 disables them),
