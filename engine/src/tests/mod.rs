@@ -9,6 +9,7 @@ mod lifecycle;
 mod limits;
 mod qos;
 mod queues;
+mod restart;
 mod retained;
 mod shared;
 mod takeover;

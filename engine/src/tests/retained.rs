@@ -240,3 +240,66 @@ async fn a_retained_will_is_kept_for_later_subscribers() {
     assert_eq!(payloads(&got), ["offline"]);
     assert!(got[0].retain);
 }
+
+#[tokio::test(start_paused = true)]
+async fn many_retained_messages_are_all_sent_once_in_steps() {
+    let mut h = Harness::new().await;
+    let (publ, _) = h.connect(v5("pub")).await;
+    let topics: Vec<String> = (0..600).map(|i| format!("r/{i}")).collect();
+    h.send_all(
+        publ,
+        topics
+            .iter()
+            .map(|t| retain(t, "x", QoS::AtMostOnce, 0))
+            .collect(),
+    )
+    .await;
+    let (sub, _) = h.connect(v5("sub")).await;
+    h.send(sub, subscribe(1, "r/#", QoS::AtMostOnce)).await;
+    let mut got: Vec<String> = after_suback(h.take(sub))
+        .into_iter()
+        .map(|p| p.topic)
+        .collect();
+    got.sort_unstable();
+    let mut expected = topics.clone();
+    expected.sort_unstable();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retained_messages_at_qos1_are_paced_by_the_session_queue_and_all_arrive() {
+    let mut h = Harness::with(crate::settings::Settings {
+        max_queued_messages: 50,
+        ..Default::default()
+    })
+    .await;
+    let (publ, _) = h.connect(v5("pub")).await;
+    let topics: Vec<String> = (0..300).map(|i| format!("r/{i}")).collect();
+    h.send_all(
+        publ,
+        topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| retain(t, "x", QoS::AtLeastOnce, i as u16 + 1))
+            .collect(),
+    )
+    .await;
+    let (sub, _) = h.connect(v5("sub").receive_maximum(10)).await;
+    h.send(sub, subscribe(1, "r/#", QoS::AtLeastOnce)).await;
+    let mut got = Vec::new();
+    let mut packets = after_suback(h.take(sub));
+    for _ in 0..100 {
+        if packets.is_empty() {
+            break;
+        }
+        assert!(packets.len() <= 10, "at most 10 in flight");
+        let acks = packets.iter().map(|p| puback(p.packet_id)).collect();
+        got.extend(packets.into_iter().map(|p| p.topic));
+        h.send_all(sub, acks).await;
+        packets = h.take_publishes(sub);
+    }
+    got.sort_unstable();
+    let mut expected = topics.clone();
+    expected.sort_unstable();
+    assert_eq!(got, expected);
+}

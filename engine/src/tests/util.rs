@@ -40,6 +40,7 @@
 //! make a publisher wait. `$queue/` redelivery runs on the wall clock in milliseconds:
 //! move it with [`Harness::tick_queues`].
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,8 +59,10 @@ use crate::broker::{Broker, Fanout, Handover};
 use crate::client::{Admitted, Client};
 use crate::metrics::DisconnectReason;
 use crate::protocol::{self, ConnectRefusal};
+use crate::record::{self, Loaded, StoredSession};
+use crate::session::Inflight;
 use crate::settings::Settings;
-use crate::store::MemoryStore;
+use crate::store::{InflightState, MemoryStore, Op, SessionStore};
 
 /// A client of the harness, by the order it connected in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +89,8 @@ pub struct Harness {
     pub store: Arc<MemoryStore>,
     peers: Vec<Peer>,
     timers: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    /// The queues' directories (one per broker started, see [`Harness::restart`]).
+    _dirs: Vec<tempfile::TempDir>,
 }
 
 impl Drop for Harness {
@@ -106,19 +110,39 @@ impl Harness {
 
     /// A broker with `settings`.
     pub async fn with(settings: Settings) -> Harness {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let (queues, _notes) =
-            roost_queue::Queues::open(dir.path(), Default::default(), true).expect("queues");
         let store = Arc::new(MemoryStore::default());
-        let broker = Broker::new(settings, store.clone(), Arc::new(AllowAll), queues);
+        let (broker, dir) = start(settings, store.clone());
         let timers = tokio::spawn(broker.clone().run_offline_timers());
         Harness {
             broker,
             store,
             peers: Vec::new(),
             timers,
-            _dir: dir,
+            _dirs: vec![dir],
         }
+    }
+
+    /// The broker process dies and starts again `down` later (wall-clock time, as its
+    /// store records it; the paused clock does not move): every connection is gone
+    /// without ending (no DISCONNECT, no will, no detach), and a new broker restores
+    /// what the old one stored. Clients of before stay ended. (`$queue/` queues start
+    /// empty: they have their own storage.)
+    pub async fn restart(&mut self, down: Duration) {
+        for peer in &mut self.peers {
+            peer.ended = true;
+        }
+        self.timers.abort();
+        let ops = self.store.ops();
+        let loaded = load(&ops, down);
+        let store = Arc::new(MemoryStore::default());
+        store.submit_detached(ops);
+        let (broker, dir) = start((*self.broker.limits).clone(), store.clone());
+        broker.restore(loaded);
+        self.timers = tokio::spawn(broker.clone().run_offline_timers());
+        self.broker = broker;
+        self.store = store;
+        self._dirs.push(dir);
+        settle_tasks().await;
     }
 
     /// Connects a client (taking over a connected one with its client id, which the
@@ -435,6 +459,107 @@ impl Harness {
         let peer = self.peer(id);
         peer.ended = true;
         peer.client.end(&broker, taken_over).await;
+    }
+}
+
+/// A broker over `store`, with queues in a new temporary directory.
+fn start(settings: Settings, store: Arc<MemoryStore>) -> (Arc<Broker>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (queues, _notes) =
+        roost_queue::Queues::open(dir.path(), Default::default(), true).expect("queues");
+    let broker = Broker::new(settings, store, Arc::new(AllowAll), queues);
+    (broker, dir)
+}
+
+/// What a store that made `ops` durable loads at startup, `down` after they were
+/// written: the ops replayed as the broker's store applies them (keys overwritten,
+/// a session deleted with everything it stored), then decoded as the broker's loader
+/// does (`broker/src/persist.rs`).
+fn load(ops: &[Op], down: Duration) -> Loaded {
+    type Key = (Arc<str>, u64);
+    let mut sessions: BTreeMap<Arc<str>, Vec<u8>> = BTreeMap::new();
+    let mut entries: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
+    let mut inflight: BTreeMap<Key, (PacketId, InflightState)> = BTreeMap::new();
+    let mut inbound: BTreeSet<(Arc<str>, PacketId)> = BTreeSet::new();
+    let mut retained: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for op in ops {
+        match op.clone() {
+            Op::PutSession(c, v) => {
+                sessions.insert(c, v);
+            }
+            Op::DeleteSession(c) => {
+                sessions.remove(&c);
+                entries.retain(|(client, _), _| *client != c);
+                inflight.retain(|(client, _), _| *client != c);
+                inbound.retain(|(client, _)| *client != c);
+            }
+            Op::PutEntry(c, seq, v) => {
+                entries.insert((c, seq), v);
+            }
+            Op::PutInflight(c, seq, pid, state) => {
+                inflight.insert((c, seq), (pid, state));
+            }
+            Op::DeleteEntry(c, seq) => {
+                entries.remove(&(c.clone(), seq));
+                inflight.remove(&(c, seq));
+            }
+            Op::PutInbound(c, pid) => {
+                inbound.insert((c, pid));
+            }
+            Op::DeleteInbound(c, pid) => {
+                inbound.remove(&(c, pid));
+            }
+            Op::PutRetained(t, v) => {
+                retained.insert(t, v);
+            }
+            Op::DeleteRetained(t) => {
+                retained.remove(&t);
+            }
+            Op::Barrier => {}
+        }
+    }
+    let now = crate::clock::now();
+    let now_ms = record::unix_ms();
+    let down_ms = u64::try_from(down.as_millis()).unwrap_or(u64::MAX);
+    let mut stored: BTreeMap<Arc<str>, StoredSession> = BTreeMap::new();
+    for (client, value) in &sessions {
+        let mut s = record::decode_session(client, value, now, now_ms).expect("a valid record");
+        if !s.connected {
+            s.disconnected_at_ms = s.disconnected_at_ms.saturating_sub(down_ms);
+        }
+        stored.insert(client.clone(), s);
+    }
+    let mut next_seq = 1;
+    for ((client, seq), value) in &entries {
+        next_seq = next_seq.max(seq + 1);
+        let Some(s) = stored.get_mut(client) else {
+            continue;
+        };
+        let mut d = record::decode_entry(value, now, now_ms).expect("a valid entry");
+        d.seq = Some(*seq);
+        match inflight.get(&(client.clone(), *seq)) {
+            Some(&(packet_id, state)) => s.session.inflight.push_back(Inflight {
+                packet_id,
+                delivery: d,
+                state,
+            }),
+            None => s.session.pending.push_back(d),
+        }
+    }
+    for (client, pid) in inbound {
+        if let Some(s) = stored.get_mut(&client) {
+            s.session.incoming_qos2.insert(pid);
+        }
+    }
+    Loaded {
+        sessions: stored.into_values().collect(),
+        retained: retained
+            .values()
+            .filter_map(|v| record::decode_retained(v, now, now_ms))
+            .filter(|m| !m.is_expired(now))
+            .collect(),
+        next_seq,
+        dropped: Vec::new(),
     }
 }
 
