@@ -149,3 +149,40 @@ async fn retained_messages_come_back_after_a_restart() {
     assert_eq!((p.topic.as_str(), &p.payload[..]), ("a", &b"kept"[..]));
     assert_eq!(out.len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_session_resumed_with_expiry_0_does_not_come_back_after_a_restart() {
+    let mut h = Harness::new().await;
+    let (a, _) = h.connect(v5("a").expiry(600)).await;
+    h.send(a, subscribe(1, "t", QoS::AtLeastOnce)).await;
+    h.lose(a).await;
+    // Back, now with a session that ends with the connection.
+    let (_a, ack) = h.connect(v5("a").resume()).await;
+    assert!(ack.session_present);
+    h.restart(SEC).await;
+    assert!(
+        !h.has_session("a"),
+        "the connection it ended with is gone, so is the session"
+    );
+    let (_, ack) = h.connect(v5("a").resume()).await;
+    assert!(!ack.session_present);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_will_cancelled_by_a_reconnection_is_not_published_after_a_restart() {
+    let mut h = Harness::new().await;
+    let (watch, _) = h.connect(v5("watch").expiry(600)).await;
+    h.send(watch, subscribe(1, "will/#", QoS::AtLeastOnce))
+        .await;
+    h.take(watch);
+    let (a, _) = h
+        .connect(v5("a").expiry(600).will(will("will/a", "stale", Some(60))))
+        .await;
+    h.lose(a).await;
+    // Reconnecting before the delay cancels that will; this connection has none.
+    h.connect(v5("a").resume()).await;
+    h.restart(SEC).await;
+    let (watch, _) = h.connect(v5("watch").resume().expiry(600)).await;
+    h.sleep(120 * SEC).await;
+    assert!(h.take(watch).is_empty(), "the cancelled will came back");
+}
