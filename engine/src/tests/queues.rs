@@ -217,3 +217,124 @@ async fn a_qos2_queue_delivery_is_settled_by_pubcomp() {
     h.send(consumer, pubcomp(got[0].packet_id)).await;
     assert_eq!(group_state(&h), (0, 0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_persistent_consumer_gets_what_was_produced_while_it_was_away() {
+    let mut h = Harness::new().await;
+    let (consumer, _) = h.connect(v311("worker", false)).await;
+    h.send(
+        consumer,
+        subscribe(1, "$share/g/$queue/jobs", QoS::AtLeastOnce),
+    )
+    .await;
+    h.take(consumer);
+    let (producer, _) = h.connect(v5("producer")).await;
+    h.send(
+        producer,
+        publish("$queue/jobs", "held", QoS::AtLeastOnce, 1),
+    )
+    .await;
+    assert_eq!(payloads(&h.take_publishes(consumer)), ["held"]);
+    h.lose(consumer).await;
+    h.send(producer, publish("$queue/jobs", "new", QoS::AtLeastOnce, 2))
+        .await;
+    assert_eq!(h.take(producer), [puback(1), puback(2)]);
+
+    let (consumer, ack) = h.connect(v311("worker", false)).await;
+    assert!(ack.session_present);
+    let got = h.take_publishes(consumer);
+    let mut got_payloads = payloads(&got);
+    got_payloads.sort_unstable();
+    assert_eq!(
+        got_payloads,
+        ["held", "new"],
+        "the unsettled one comes again"
+    );
+    for p in &got {
+        h.send(consumer, puback(p.packet_id)).await;
+    }
+    assert_eq!(group_state(&h), (0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_unsubscribe_a_consumer_gets_no_more_queue_messages() {
+    let (mut h, consumer, producer) = queue().await;
+    h.send(
+        consumer,
+        Packet::Unsubscribe(roost_core::Unsubscribe {
+            packet_id: 2,
+            filters: vec!["$share/g/$queue/jobs".into()],
+            ..Default::default()
+        }),
+    )
+    .await;
+    let [Packet::UnsubAck(ack)] = &h.take(consumer)[..] else {
+        panic!("UNSUBACK");
+    };
+    assert_eq!(ack.reasons, [ReasonCode::Success]);
+    h.send(
+        producer,
+        publish("$queue/jobs", "work", QoS::AtLeastOnce, 1),
+    )
+    .await;
+    assert_eq!(h.take(producer), [puback(1)], "stored all the same");
+    assert!(h.take(consumer).is_empty());
+}
+
+/// A queue `jobs` that holds one unsettled message at most.
+fn create_small_queue(h: &Harness) {
+    h.broker
+        .queues
+        .create(
+            "jobs",
+            roost_queue::QueueConfig {
+                max_depth: 1,
+                ..Default::default()
+            },
+        )
+        .expect("queue created");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_v5_produce_to_a_full_queue_is_refused_0x97() {
+    let mut h = Harness::new().await;
+    create_small_queue(&h);
+    let (producer, _) = h.connect(v5("producer")).await;
+    h.send(producer, publish("$queue/jobs", "a", QoS::AtLeastOnce, 1))
+        .await;
+    assert_eq!(h.take(producer), [puback(1)]);
+    h.send(producer, publish("$queue/jobs", "b", QoS::AtLeastOnce, 2))
+        .await;
+    let [Packet::PubAck(ack)] = &h.take(producer)[..] else {
+        panic!("PUBACK");
+    };
+    assert_eq!((ack.packet_id, ack.reason), (2, ReasonCode::QuotaExceeded));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_v311_producer_to_a_full_queue_waits_for_room_instead() {
+    let mut h = Harness::new().await;
+    create_small_queue(&h);
+    let (consumer, _) = h.connect(v5("worker")).await;
+    h.send(
+        consumer,
+        subscribe(1, "$share/g/$queue/jobs", QoS::AtLeastOnce),
+    )
+    .await;
+    h.take(consumer);
+    let (producer, _) = h.connect(v311("producer", true)).await;
+    h.send(producer, publish("$queue/jobs", "a", QoS::AtLeastOnce, 1))
+        .await;
+    assert_eq!(h.take(producer), [puback(1)]);
+    let a = h.take_publishes(consumer);
+    h.send(producer, publish("$queue/jobs", "b", QoS::AtLeastOnce, 2))
+        .await;
+    assert!(
+        h.take(producer).is_empty(),
+        "no PUBACK while the queue is full"
+    );
+    // Settling a makes room: b is stored, acknowledged and delivered.
+    h.send(consumer, puback(a[0].packet_id)).await;
+    assert_eq!(h.take(producer), [puback(2)]);
+    assert_eq!(payloads(&h.take_publishes(consumer)), ["b"]);
+}
