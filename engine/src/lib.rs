@@ -28,4 +28,7 @@ pub mod session;
 pub mod settings;
 pub mod store;
 
+#[cfg(test)]
+mod tests;
+
 pub use settings::Settings;

@@ -430,6 +430,9 @@ impl Connection {
         let props = &connect.properties;
         session.expiry_interval = plan.session_expiry;
         session.pending_will = None;
+        if !session.is_persistent() {
+            session.unstore();
+        }
         let send_window = if version.is_v5() {
             props
                 .receive_maximum

@@ -386,6 +386,24 @@ impl Session {
         out
     }
 
+    /// Deletes the stored copy of a session that is no longer persistent (resumed with
+    /// expiry 0): it now ends with its connection, so no record of it may stay in the
+    /// store, where a restart would bring it back with its old expiry and delayed will.
+    /// Its messages are no longer stored either.
+    pub fn unstore(&mut self) {
+        if !self.stored {
+            return;
+        }
+        self.stored = false;
+        self.journal.push(Op::DeleteSession(self.client_id.clone()));
+        for f in &mut self.inflight {
+            f.delivery.seq = None;
+        }
+        for d in &mut self.pending.items {
+            d.seq = None;
+        }
+    }
+
     /// Removes every queue delivery: when the connection goes, the queue hands them
     /// to another consumer (or to this one when it returns), not the session.
     pub fn drop_queue_deliveries(&mut self) {

@@ -1,0 +1,15 @@
+//! The engine as its clients meet it, served by the in-process [`util::Harness`] (its
+//! top comment says how to write a test). One file per topic.
+
+mod util;
+
+mod closing;
+mod keep_alive;
+mod lifecycle;
+mod limits;
+mod qos;
+mod queues;
+mod restart;
+mod retained;
+mod shared;
+mod takeover;
