@@ -569,15 +569,15 @@ impl Connection {
     }
 
     /// The events that make a resumed session's `$queue/` subscriptions join their
-    /// groups again (the group a v5 `consumer-group` property named is not kept: they
-    /// join `$share/<group>/` groups, or `default`).
+    /// groups again (the `$share/<group>/` of the filter, or the `consumer-group`
+    /// property kept with the subscription, or `default`).
     pub fn resumed_queue_subscriptions(&self) -> Vec<Event> {
         self.session
             .subscriptions
             .iter()
             .filter_map(|(raw, r)| {
                 Some(Event::QueueSubscribe {
-                    parsed: crate::queues::parse_filter(raw, None)?,
+                    parsed: crate::queues::parse_filter(raw, r.consumer_group.as_deref())?,
                     filter: raw.clone(),
                     options: r.options,
                     identifier: r.identifier,
@@ -1266,6 +1266,7 @@ impl Connection {
             let record = SubscriptionRecord {
                 options,
                 identifier,
+                consumer_group: consumer_group.filter(|_| queue.is_some()).map(Arc::from),
             };
             let existed = self
                 .session

@@ -46,6 +46,10 @@ pub struct Loaded {
 
 const FORMAT: u8 = 1;
 
+/// The bit of a subscription's options byte that says its consumer group follows the
+/// identifier (records written before the group was kept have it clear, and read the same).
+const GROUP_FOLLOWS: u8 = 6;
+
 /// Milliseconds since the Unix epoch, now.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -228,7 +232,8 @@ pub fn encode_session(session: &Session, connected: bool, will: Option<&LastWill
         let options = (o.qos as u8)
             | (u8::from(o.no_local) << 2)
             | (u8::from(o.retain_as_published) << 3)
-            | ((o.retain_handling as u8) << 4);
+            | ((o.retain_handling as u8) << 4)
+            | (u8::from(record.consumer_group.is_some()) << GROUP_FOLLOWS);
         out.push(options);
         match record.identifier {
             Some(id) => {
@@ -236,6 +241,9 @@ pub fn encode_session(session: &Session, connected: bool, will: Option<&LastWill
                 out.extend_from_slice(&id.to_be_bytes());
             }
             None => out.push(0),
+        }
+        if let Some(group) = &record.consumer_group {
+            put_str(&mut out, group.as_bytes());
         }
     }
     match will {
@@ -293,11 +301,16 @@ pub fn decode_session(
             0 => None,
             _ => Some(r.u32()?),
         };
+        let consumer_group = match b >> GROUP_FOLLOWS & 1 {
+            1 => Some(Arc::from(r.str()?)),
+            _ => None,
+        };
         session.subscriptions.insert(
             filter,
             SubscriptionRecord {
                 options,
                 identifier,
+                consumer_group,
             },
         );
     }
@@ -403,6 +416,7 @@ mod tests {
                     retain_handling: RetainHandling::DoNotSend,
                 },
                 identifier: Some(12),
+                consumer_group: Some("billing".into()),
             },
         );
         let mut will = LastWill {

@@ -171,12 +171,16 @@ impl std::ops::Index<usize> for Pending {
 }
 
 /// A subscription as the session remembers it (the router holds the matching copy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionRecord {
     /// Options from SUBSCRIBE.
     pub options: SubscriptionOptions,
     /// Subscription identifier (5.0).
     pub identifier: Option<u32>,
+    /// The v5 `consumer-group` user property of a `$queue/` subscription, which names
+    /// its group and is not in the filter: the group it joins again when the session
+    /// resumes.
+    pub consumer_group: Option<Arc<str>>,
 }
 
 /// The hasher of a session's own maps: keyed once per process, at random, and held in

@@ -339,14 +339,11 @@ async fn a_v311_producer_to_a_full_queue_waits_for_room_instead() {
     assert_eq!(payloads(&h.take_publishes(consumer)), ["b"]);
 }
 
-/// Fails today: a resumed session's `$queue/` subscriptions rejoin their groups from
-/// the filter alone (`Connection::resumed_queue_subscriptions`), and a v5
-/// `consumer-group` property is not in the filter nor kept in the session, so the
-/// consumer comes back in the group `default`: it gets again what `billing` had
-/// settled, and `billing` is left without members, holding the queue's depth. Run
-/// with `--ignored` once the group is kept with the subscription.
+/// A v5 `consumer-group` property is not in the filter: the session keeps it with the
+/// subscription, so the consumer comes back in its group (it came back in `default`,
+/// got again what `billing` had settled, and left `billing` without members, holding
+/// the queue's depth).
 #[tokio::test(start_paused = true)]
-#[ignore = "known bug: a resumed consumer-group subscription rejoins the group default"]
 async fn a_resumed_consumer_group_subscription_stays_in_its_group() {
     let mut h = Harness::new().await;
     let (consumer, _) = h.connect(v5("worker").expiry(600)).await;
