@@ -1,16 +1,18 @@
 //! The bytes of durable records: sessions, queued and in-flight messages, retained
 //! messages. What a [`crate::store::SessionStore`] writes and reads back at startup.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use roost_core::codec::{self, PublishView};
 use roost_core::{
-    LastWill, Message, Packet, ProtocolVersion, QoS, RetainHandling, SubscriptionOptions,
+    LastWill, Message, Packet, PacketId, ProtocolVersion, QoS, RetainHandling, SubscriptionOptions,
 };
 
-use crate::session::{Delivery, Session, ShareRef, SubscriptionRecord};
+use crate::session::{Delivery, Inflight, Session, ShareRef, SubscriptionRecord};
+use crate::store::InflightState;
 
 /// A session as found on disk at startup.
 #[derive(Debug)]
@@ -36,6 +38,131 @@ pub struct Loaded {
     pub next_seq: u64,
     /// What could not be decoded and was deleted, one line each, for the log.
     pub dropped: Vec<String>,
+}
+
+// ----- loading -----
+
+/// What became of one stored record at startup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Taken into the loaded state.
+    Kept,
+    /// Not needed any more (left behind by a session that is gone, or expired): the
+    /// store deletes it, silently.
+    Stale,
+    /// Cannot be decoded: the store deletes it (what was lost is in
+    /// [`Loaded::dropped`], for the log).
+    Damaged,
+}
+
+/// The rules of loading stored records into sessions and retained messages at startup,
+/// for any store: it hands the records in, kind by kind (sessions first, then the
+/// in-flight states, then the queued messages in sequence order, then the rest), and
+/// deletes what [`Read`] says is not kept. Queued messages join their session's
+/// in-flight list when they have an in-flight state, else its queue, in order.
+#[derive(Debug)]
+pub struct Loader {
+    now: Instant,
+    now_ms: u64,
+    sessions: HashMap<Arc<str>, StoredSession>,
+    states: HashMap<(Arc<str>, u64), (PacketId, InflightState)>,
+    max_seq: u64,
+    loaded: Loaded,
+}
+
+impl Default for Loader {
+    fn default() -> Self {
+        Loader::new()
+    }
+}
+
+impl Loader {
+    /// A loader reading times against now.
+    pub fn new() -> Loader {
+        Loader {
+            now: crate::clock::now(),
+            now_ms: unix_ms(),
+            sessions: HashMap::new(),
+            states: HashMap::new(),
+            max_seq: 0,
+            loaded: Loaded::default(),
+        }
+    }
+
+    /// A session record of `client`.
+    pub fn session(&mut self, client: &str, value: &[u8]) -> Read {
+        match decode_session(client, value, self.now, self.now_ms) {
+            Some(s) => {
+                self.sessions.insert(s.session.client_id.clone(), s);
+                Read::Kept
+            }
+            None => self.damaged(format!("session record {client:?}: cannot be decoded")),
+        }
+    }
+
+    /// The in-flight state of `client`'s queued message `seq`.
+    pub fn inflight(&mut self, client: &str, seq: u64, packet_id: PacketId, state: InflightState) {
+        self.states.insert((client.into(), seq), (packet_id, state));
+    }
+
+    /// `client`'s queued message `seq`.
+    pub fn entry(&mut self, client: &str, seq: u64, value: &[u8]) -> Read {
+        self.max_seq = self.max_seq.max(seq);
+        let Some(stored) = self.sessions.get_mut(client) else {
+            return Read::Stale;
+        };
+        let Some(mut delivery) = decode_entry(value, self.now, self.now_ms) else {
+            return self.damaged(format!(
+                "queued message {seq} of session {client:?}: cannot be decoded"
+            ));
+        };
+        delivery.seq = Some(seq);
+        match self.states.get(&(stored.session.client_id.clone(), seq)) {
+            Some(&(packet_id, state)) => stored.session.inflight.push_back(Inflight {
+                packet_id,
+                delivery,
+                state,
+            }),
+            None => stored.session.pending.push_back(delivery),
+        }
+        Read::Kept
+    }
+
+    /// An inbound QoS 2 packet id of `client` awaiting PUBREL.
+    pub fn inbound(&mut self, client: &str, packet_id: PacketId) -> Read {
+        match self.sessions.get_mut(client) {
+            Some(stored) => {
+                stored.session.incoming_qos2.insert(packet_id);
+                Read::Kept
+            }
+            None => Read::Stale,
+        }
+    }
+
+    /// The retained message of `topic`.
+    pub fn retained(&mut self, topic: &str, value: &[u8]) -> Read {
+        match decode_retained(value, self.now, self.now_ms) {
+            Some(m) if !m.is_expired(self.now) => {
+                self.loaded.retained.push(m);
+                Read::Kept
+            }
+            Some(_) => Read::Stale,
+            None => self.damaged(format!("retained message on {topic:?}: cannot be decoded")),
+        }
+    }
+
+    /// Notes a damaged record (`line` says which, for the log).
+    pub fn damaged(&mut self, line: String) -> Read {
+        self.loaded.dropped.push(line);
+        Read::Damaged
+    }
+
+    /// What was loaded, with the damaged records in `dropped`.
+    pub fn finish(mut self) -> Loaded {
+        self.loaded.next_seq = self.max_seq + 1;
+        self.loaded.sessions = self.sessions.into_values().collect();
+        self.loaded
+    }
 }
 
 // ----- encodings -----

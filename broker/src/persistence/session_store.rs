@@ -24,16 +24,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use roost_core::PacketId;
 use tokio::sync::oneshot;
 
-use roost_engine::record::{
-    Loaded, StoredSession, decode_entry, decode_retained, decode_session, unix_ms,
-};
-use roost_engine::session::{Inflight, InflightState};
+use roost_engine::record::{Loaded, Loader, Read};
+use roost_engine::session::InflightState;
 use roost_engine::store::{Op, SessionStore, StoreError, Ticket};
 
 /// When an acknowledged write counts as stored.
@@ -345,32 +343,24 @@ fn split_key(key: &[u8]) -> Option<(&str, &[u8])> {
 // ----- loading -----
 
 fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
-    let mut loaded = Loaded::default();
+    let mut loader = Loader::new();
     let mut corrupt: Vec<(Keyspace, Vec<u8>)> = Vec::new();
-    let now = Instant::now();
-    let now_ms = unix_ms();
-
-    let mut sessions: HashMap<Arc<str>, StoredSession> = HashMap::new();
+    let mut note = |read: Read, space: &Keyspace, key: &[u8]| {
+        if read != Read::Kept {
+            corrupt.push((space.clone(), key.to_vec()));
+        }
+    };
     for item in spaces.sessions.iter() {
         let (key, value) = item.into_inner().map_err(db_err)?;
-        let decoded = std::str::from_utf8(&key)
-            .ok()
-            .and_then(|client| decode_session(client, &value, now, now_ms));
-        match decoded {
-            Some(s) => {
-                sessions.insert(s.session.client_id.clone(), s);
-            }
-            None => {
-                loaded.dropped.push(format!(
-                    "session record {:?}: cannot be decoded",
-                    String::from_utf8_lossy(&key)
-                ));
-                corrupt.push((spaces.sessions.clone(), key.to_vec()));
-            }
-        }
+        let read = match std::str::from_utf8(&key) {
+            Ok(client) => loader.session(client, &value),
+            Err(_) => loader.damaged(format!(
+                "session record {:?}: cannot be decoded",
+                String::from_utf8_lossy(&key)
+            )),
+        };
+        note(read, &spaces.sessions, &key);
     }
-
-    let mut states: HashMap<Vec<u8>, (PacketId, InflightState)> = HashMap::new();
     for item in spaces.inflight.iter() {
         let (key, value) = item.into_inner().map_err(db_err)?;
         let state = match value.get(2) {
@@ -378,76 +368,37 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
             Some(2) => Some(InflightState::Released),
             _ => None,
         };
-        match (value.get(..2), state) {
-            (Some(pid), Some(state)) => {
-                states.insert(key.to_vec(), (u16::from_be_bytes([pid[0], pid[1]]), state));
+        match (split_seq_key(&key), value.get(..2), state) {
+            (Some((client, seq)), Some(pid), Some(state)) => {
+                loader.inflight(client, seq, u16::from_be_bytes([pid[0], pid[1]]), state);
             }
-            _ => corrupt.push((spaces.inflight.clone(), key.to_vec())),
+            _ => note(Read::Damaged, &spaces.inflight, &key),
         }
     }
-
-    let mut max_seq = 0u64;
+    // Keys sort by client, then sequence: each session's messages come in order.
     for item in spaces.entries.iter() {
         let (key, value) = item.into_inner().map_err(db_err)?;
-        let parsed = split_key(&key).and_then(|(client, rest)| {
-            let seq = u64::from_be_bytes(rest.try_into().ok()?);
-            Some((client, seq))
-        });
-        let Some((client, seq)) = parsed else {
-            corrupt.push((spaces.entries.clone(), key.to_vec()));
-            continue;
+        let read = match split_seq_key(&key) {
+            Some((client, seq)) => loader.entry(client, seq, &value),
+            None => Read::Damaged,
         };
-        max_seq = max_seq.max(seq);
-        let Some(stored) = sessions.get_mut(client) else {
-            // Left behind by a session that is gone: clean up silently.
-            corrupt.push((spaces.entries.clone(), key.to_vec()));
-            continue;
-        };
-        let Some(mut delivery) = decode_entry(&value, now, now_ms) else {
-            loaded.dropped.push(format!(
-                "queued message {seq} of session {client:?}: cannot be decoded"
-            ));
-            corrupt.push((spaces.entries.clone(), key.to_vec()));
-            continue;
-        };
-        delivery.seq = Some(seq);
-        match states.get(&key[..]) {
-            Some(&(packet_id, state)) => stored.session.inflight.push_back(Inflight {
-                packet_id,
-                delivery,
-                state,
-            }),
-            None => stored.session.pending.push_back(delivery),
-        }
+        note(read, &spaces.entries, &key);
     }
-
     for item in spaces.inbound.iter() {
         let key = item.key().map_err(db_err)?;
         let parsed = split_key(&key)
             .and_then(|(client, rest)| Some((client, u16::from_be_bytes(rest.try_into().ok()?))));
-        match parsed.and_then(|(client, pid)| Some((sessions.get_mut(client)?, pid))) {
-            Some((stored, pid)) => {
-                stored.session.incoming_qos2.insert(pid);
-            }
-            None => corrupt.push((spaces.inbound.clone(), key.to_vec())),
-        }
+        let read = match parsed {
+            Some((client, pid)) => loader.inbound(client, pid),
+            None => Read::Damaged,
+        };
+        note(read, &spaces.inbound, &key);
     }
-
     for item in spaces.retained.iter() {
         let (key, value) = item.into_inner().map_err(db_err)?;
-        match decode_retained(&value, now, now_ms) {
-            Some(m) if !m.is_expired(now) => loaded.retained.push(m),
-            Some(_) => corrupt.push((spaces.retained.clone(), key.to_vec())),
-            None => {
-                loaded.dropped.push(format!(
-                    "retained message on {:?}: cannot be decoded",
-                    String::from_utf8_lossy(&key)
-                ));
-                corrupt.push((spaces.retained.clone(), key.to_vec()));
-            }
-        }
+        let read = loader.retained(&String::from_utf8_lossy(&key), &value);
+        note(read, &spaces.retained, &key);
     }
-
     if !corrupt.is_empty() {
         let mut batch = spaces.db.batch();
         for (ks, key) in corrupt {
@@ -456,9 +407,13 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
         batch.commit().map_err(db_err)?;
         spaces.db.persist(PersistMode::SyncData).map_err(db_err)?;
     }
-    loaded.next_seq = max_seq + 1;
-    loaded.sessions = sessions.into_values().collect();
-    Ok(loaded)
+    Ok(loader.finish())
+}
+
+/// Splits a `client 0x00 sequence` key.
+fn split_seq_key(key: &[u8]) -> Option<(&str, u64)> {
+    let (client, rest) = split_key(key)?;
+    Some((client, u64::from_be_bytes(rest.try_into().ok()?)))
 }
 
 #[cfg(test)]
@@ -487,7 +442,7 @@ mod tests {
             retain: true,
             properties,
             publisher: Some("pub".into()),
-            received_at: Instant::now(),
+            received_at: std::time::Instant::now(),
         }
     }
 

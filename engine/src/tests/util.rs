@@ -59,8 +59,7 @@ use crate::broker::{Broker, Fanout, Handover};
 use crate::client::{Admitted, Client};
 use crate::metrics::DisconnectReason;
 use crate::protocol::{self, ConnectRefusal};
-use crate::record::{self, Loaded, StoredSession};
-use crate::session::Inflight;
+use crate::record::{Loaded, Loader, Read};
 use crate::settings::Settings;
 use crate::store::{InflightState, MemoryStore, Op, SessionStore};
 
@@ -518,49 +517,37 @@ fn load(ops: &[Op], down: Duration) -> Loaded {
             Op::Barrier => {}
         }
     }
-    let now = crate::clock::now();
-    let now_ms = record::unix_ms();
-    let down_ms = u64::try_from(down.as_millis()).unwrap_or(u64::MAX);
-    let mut stored: BTreeMap<Arc<str>, StoredSession> = BTreeMap::new();
+    // Fed to the loading rules the way the broker's store feeds them: sessions, then
+    // in-flight states, then queued messages in order, then the rest.
+    let mut loader = Loader::new();
     for (client, value) in &sessions {
-        let mut s = record::decode_session(client, value, now, now_ms).expect("a valid record");
+        assert_eq!(loader.session(client, value), Read::Kept, "a valid record");
+    }
+    for ((client, seq), &(packet_id, state)) in &inflight {
+        loader.inflight(client, *seq, packet_id, state);
+    }
+    for ((client, seq), value) in &entries {
+        assert_ne!(
+            loader.entry(client, *seq, value),
+            Read::Damaged,
+            "a valid entry"
+        );
+    }
+    for (client, pid) in inbound {
+        loader.inbound(&client, pid);
+    }
+    for (topic, value) in &retained {
+        loader.retained(topic, value);
+    }
+    let mut loaded = loader.finish();
+    // Time spent down, as the store's clock would have seen it.
+    let down_ms = u64::try_from(down.as_millis()).unwrap_or(u64::MAX);
+    for s in &mut loaded.sessions {
         if !s.connected {
             s.disconnected_at_ms = s.disconnected_at_ms.saturating_sub(down_ms);
         }
-        stored.insert(client.clone(), s);
     }
-    let mut next_seq = 1;
-    for ((client, seq), value) in &entries {
-        next_seq = next_seq.max(seq + 1);
-        let Some(s) = stored.get_mut(client) else {
-            continue;
-        };
-        let mut d = record::decode_entry(value, now, now_ms).expect("a valid entry");
-        d.seq = Some(*seq);
-        match inflight.get(&(client.clone(), *seq)) {
-            Some(&(packet_id, state)) => s.session.inflight.push_back(Inflight {
-                packet_id,
-                delivery: d,
-                state,
-            }),
-            None => s.session.pending.push_back(d),
-        }
-    }
-    for (client, pid) in inbound {
-        if let Some(s) = stored.get_mut(&client) {
-            s.session.incoming_qos2.insert(pid);
-        }
-    }
-    Loaded {
-        sessions: stored.into_values().collect(),
-        retained: retained
-            .values()
-            .filter_map(|v| record::decode_retained(v, now, now_ms))
-            .filter(|m| !m.is_expired(now))
-            .collect(),
-        next_seq,
-        dropped: Vec::new(),
-    }
+    loaded
 }
 
 /// Lets the other tasks of this runtime (the offline timers) run what is ready.
