@@ -111,6 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // After the declared queues: the bound is for what clients and the API create.
     queues.set_max_queues(config.max_queues);
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
+    let state_syncs = store.sync_latency();
     let broker = Broker::new(config.engine.clone(), Arc::new(store), auth.clone(), queues);
     broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -156,6 +157,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     acceptors.spawn(reload_auth(auth.clone(), reload.clone()));
     let admin = Arc::new(crate::operations::admin::Api {
         broker: broker.clone(),
+        state_syncs,
         token: config.admin_token.clone(),
         queue_defaults: config.queue_defaults.clone(),
     });
