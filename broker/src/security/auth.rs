@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use roost_core::{Connect, ProtocolVersion, ReasonCode};
+use roost_core::{Connect, ProtocolVersion};
 
 use crate::config::{Config, HookErrorPolicy};
 use crate::security::acl::{Acl, AclHandle, Authorizer};
@@ -54,12 +54,6 @@ struct CheckGate {
     max_waiting: usize,
     max_per_address: usize,
 }
-
-/// The refusal of a CONNECT that found its [`CheckGate`] full.
-const BUSY: Refusal = (
-    ReasonCode::ServerBusy,
-    "too many authentications in progress",
-);
 
 /// A place at a [`CheckGate`], given back when dropped (also when the connection times
 /// out or goes away while it waits).
@@ -116,7 +110,7 @@ impl CheckGate {
             let mut by_address = self.by_address.lock();
             let n = by_address.entry(address).or_insert(0);
             if *n >= self.max_per_address {
-                return Err(BUSY);
+                return Err(Refusal::Busy);
             }
             *n += 1;
         }
@@ -136,10 +130,10 @@ impl CheckGate {
                 (n < self.max_waiting).then_some(n + 1)
             });
         if in_line.is_err() {
-            return Err(BUSY);
+            return Err(Refusal::Busy);
         }
         let _waiting = Waiting(&self.waiting);
-        let permit = self.running.acquire().await.map_err(|_| BUSY)?;
+        let permit = self.running.acquire().await.map_err(|_| Refusal::Busy)?;
         Ok(Turn {
             _running: permit,
             _place: place,
@@ -160,7 +154,8 @@ pub struct Auth {
     scram: Arc<ScramCredentials>,
     acl: Option<Arc<AclHandle>>,
     hook: Option<AuthHook>,
-    hook_error: ReasonCode,
+    /// How a client is refused when the hook cannot answer (`auth_hook.on_error`).
+    hook_error: Refusal,
     /// Password checks (`max_auth_checks`, `max_auth_waiting`).
     password_checks: CheckGate,
     /// Questions to the hook ([`HOOK_REQUESTS`], `max_auth_waiting`).
@@ -194,9 +189,8 @@ impl Auth {
             Some(h) => Some(AuthHook::new(h).map_err(|e| anyhow::anyhow!("auth_hook.url: {e}"))?),
             None => None,
         };
-        let hook_error = match config.auth_hook.as_ref().map(|h| h.on_error) {
-            Some(HookErrorPolicy::Deny) => ReasonCode::BadUserNameOrPassword,
-            _ => ReasonCode::ServerUnavailable,
+        let hook_error = Refusal::HookUnavailable {
+            deny: config.auth_hook.as_ref().map(|h| h.on_error) == Some(HookErrorPolicy::Deny),
         };
         let passwords = Arc::new(ArcSwap::from_pointee(passwords));
         let mut secret = [0u8; 32];
@@ -265,13 +259,10 @@ impl Auth {
             if self.allow_anonymous {
                 return Ok(());
             }
-            if self.hook.is_some() {
-                return self.ask_hook(connect, client_id, peer).await;
+            if let Some(hook) = &self.hook {
+                return self.ask_hook(hook, connect, client_id, peer).await;
             }
-            return Err((
-                ReasonCode::NotAuthorized,
-                "anonymous clients are not allowed",
-            ));
+            return Err(Refusal::AnonymousNotAllowed);
         };
         let passwords = self.passwords.load_full();
         if passwords.contains(user) || (self.password_path.is_some() && self.hook.is_none()) {
@@ -285,34 +276,26 @@ impl Auth {
             return if ok {
                 Ok(())
             } else {
-                Err((
-                    ReasonCode::BadUserNameOrPassword,
-                    "bad username or password",
-                ))
+                Err(Refusal::BadCredentials)
             };
         }
-        if self.hook.is_some() {
-            return self.ask_hook(connect, client_id, peer).await;
+        if let Some(hook) = &self.hook {
+            return self.ask_hook(hook, connect, client_id, peer).await;
         }
         if self.allow_anonymous {
             Ok(())
         } else {
-            Err((
-                ReasonCode::NotAuthorized,
-                "no password file or auth hook to check the username against",
-            ))
+            Err(Refusal::NoCredentialCheck)
         }
     }
 
     async fn ask_hook(
         &self,
+        hook: &AuthHook,
         connect: &Connect,
         client_id: &str,
         peer: SocketAddr,
     ) -> Result<(), Refusal> {
-        let Some(hook) = &self.hook else {
-            return Err((ReasonCode::NotAuthorized, "no auth hook"));
-        };
         let request = HookRequest {
             client_id,
             username: connect.username.as_deref(),
@@ -329,11 +312,8 @@ impl Auth {
         drop(turn);
         match answer {
             HookAnswer::Allow => Ok(()),
-            HookAnswer::Deny => Err((
-                ReasonCode::BadUserNameOrPassword,
-                "refused by the auth hook",
-            )),
-            HookAnswer::Error => Err((self.hook_error, "the auth hook is unavailable")),
+            HookAnswer::Deny => Err(Refusal::HookDenied),
+            HookAnswer::Error => Err(self.hook_error),
         }
     }
 
@@ -425,6 +405,7 @@ mod tests {
     use crate::security::acl::Access;
     use crate::security::passwd::PasswordFile;
     use crate::security::passwd::tests::cheap_hash;
+    use roost_core::ReasonCode;
 
     struct Files {
         dir: PathBuf,
@@ -479,7 +460,7 @@ mod tests {
             .await
         {
             Ok(()) => ReasonCode::Success,
-            Err((code, _)) => code,
+            Err(refusal) => refusal.reason_code(),
         }
     }
 
