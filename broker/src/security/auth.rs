@@ -25,14 +25,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use arc_swap::ArcSwap;
 use roost_core::{Connect, ProtocolVersion};
 
 use crate::config::{Config, HookErrorPolicy};
-use crate::security::acl::{Acl, AclHandle, Authorizer};
+use crate::security::acl::{Acl, AclError, AclHandle, Authorizer};
 use crate::security::auth_hook::{AuthHook, HookAnswer, HookRequest};
-use crate::security::passwd::PasswordFile;
+use crate::security::passwd::{PasswdError, PasswordFile};
 use roost_engine::scram::{Credentials, Verifier};
 
 pub use roost_engine::auth::Refusal;
@@ -141,6 +140,24 @@ impl CheckGate {
     }
 }
 
+/// Why the authentication state cannot be set up (at start) or a file of it reloaded
+/// (on SIGHUP); each message names the config key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// The `password_file` cannot be read or parsed.
+    #[error("password_file: {0}")]
+    PasswordFile(#[source] PasswdError),
+    /// The `acl_file` cannot be read or parsed.
+    #[error("acl_file: {0}")]
+    AclFile(#[source] AclError),
+    /// The hook's `auth_hook.url` is not one roost can ask.
+    #[error("auth_hook.url: {0}")]
+    HookUrl(String),
+    /// The system's random number generator failed (SCRAM's stand-in salts need it).
+    #[error("cannot draw random bytes for SCRAM")]
+    Random,
+}
+
 /// Requests to the auth hook in flight at once (each is a TCP connection to it).
 const HOOK_REQUESTS: usize = 256;
 
@@ -164,10 +181,10 @@ pub struct Auth {
 
 impl Auth {
     /// Reads the password and ACL files the configuration names; errors name the file.
-    pub fn from_config(config: &Config) -> anyhow::Result<Auth> {
+    pub fn from_config(config: &Config) -> Result<Auth, AuthSetupError> {
         let passwords = match &config.password_file {
             Some(path) => {
-                let file = PasswordFile::load(path).context("password_file")?;
+                let file = PasswordFile::load(path).map_err(AuthSetupError::PasswordFile)?;
                 tracing::info!(
                     users = file.len(),
                     "password file {} loaded",
@@ -179,14 +196,14 @@ impl Auth {
         };
         let acl = match &config.acl_file {
             Some(path) => {
-                let acl = Acl::load(path).context("acl_file")?;
+                let acl = Acl::load(path).map_err(AuthSetupError::AclFile)?;
                 log_acl_loaded(&acl, path);
                 Some(AclHandle::new(acl))
             }
             None => None,
         };
         let hook = match &config.auth_hook {
-            Some(h) => Some(AuthHook::new(h).map_err(|e| anyhow::anyhow!("auth_hook.url: {e}"))?),
+            Some(h) => Some(AuthHook::new(h).map_err(AuthSetupError::HookUrl)?),
             None => None,
         };
         let hook_error = Refusal::HookUnavailable {
@@ -195,7 +212,7 @@ impl Auth {
         let passwords = Arc::new(ArcSwap::from_pointee(passwords));
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-            .map_err(|_| anyhow::anyhow!("cannot draw random bytes for SCRAM"))?;
+            .map_err(|_| AuthSetupError::Random)?;
         Ok(Auth {
             password_path: config.password_file.clone(),
             acl_path: config.acl_file.clone(),
@@ -215,7 +232,7 @@ impl Auth {
 
     /// Reads the password file and the ACL file again (SIGHUP). Each file that fails
     /// keeps its previous version; the errors are returned for the log.
-    pub fn reload(&self) -> Vec<String> {
+    pub fn reload(&self) -> Vec<AuthSetupError> {
         let mut errors = Vec::new();
         if let Some(path) = &self.password_path {
             match PasswordFile::load(path) {
@@ -227,7 +244,7 @@ impl Auth {
                     );
                     self.passwords.store(Arc::new(file));
                 }
-                Err(e) => errors.push(format!("password_file: {e}")),
+                Err(e) => errors.push(AuthSetupError::PasswordFile(e)),
             }
         }
         if let (Some(path), Some(handle)) = (&self.acl_path, &self.acl) {
@@ -236,7 +253,7 @@ impl Auth {
                     log_acl_loaded(&acl, path);
                     handle.replace(acl);
                 }
-                Err(e) => errors.push(format!("acl_file: {e}")),
+                Err(e) => errors.push(AuthSetupError::AclFile(e)),
             }
         }
         if let Some(hook) = &self.hook {
@@ -549,7 +566,12 @@ mod tests {
         files.acl("everyone\nallow sing b\n");
         let errors = auth.reload();
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].contains("password_file") && errors[1].contains("acl_file"));
+        assert!(matches!(
+            &errors[..],
+            [AuthSetupError::PasswordFile(_), AuthSetupError::AclFile(_)]
+        ));
+        assert!(errors[0].to_string().starts_with("password_file: "));
+        assert!(errors[1].to_string().starts_with("acl_file: "));
         assert_eq!(
             code(&auth, Some("bob"), Some("two")).await,
             ReasonCode::Success
@@ -592,13 +614,13 @@ mod tests {
             ..Config::default()
         };
         let e = Auth::from_config(&config).expect_err("missing");
-        assert!(format!("{e:#}").contains("password_file"), "{e:#}");
+        assert!(e.to_string().contains("password_file"), "{e}");
         let config = Config {
             acl_file: Some(PathBuf::from("/nonexistent/roost/acl")),
             ..Config::default()
         };
         let e = Auth::from_config(&config).expect_err("missing");
-        assert!(format!("{e:#}").contains("acl_file"), "{e:#}");
+        assert!(e.to_string().contains("acl_file"), "{e}");
     }
 
     #[tokio::test]
