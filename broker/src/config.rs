@@ -13,7 +13,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -316,9 +315,54 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
     }
 }
 
+/// Why the configuration cannot be used. Every message names the key at fault (or the
+/// file, then the key), as the user wrote it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file cannot be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The `--config` file holds an error (the key's, in `source`).
+    #[error("in config file {}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        source: Box<ConfigError>,
+    },
+    /// Not TOML, or a key that is unknown or has a value of the wrong type (the toml
+    /// parser's message names the key).
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    /// A value that parses but makes no sense, or keys that need one another.
+    #[error("{key}: {why}")]
+    Invalid {
+        /// The key (or keys) at fault, as in the file.
+        key: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// One of the engine's settings is out of range (the message starts with its key).
+    #[error("{0}")]
+    Settings(String),
+}
+
+/// A [`ConfigError::Invalid`].
+fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        why: why.into(),
+    }
+}
+
 impl Config {
     /// Builds the configuration from parsed flags, reading `--config` if given.
-    pub fn from_cli(cli: Cli) -> anyhow::Result<Config> {
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
         let mut config = match &cli.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -386,74 +430,86 @@ impl Config {
     }
 
     /// Reads a TOML file; errors name the file and the offending key.
-    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        Config::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Parses TOML text: the engine's keys (see [`Settings::KEYS`]) into
     /// [`Config::engine`], the others into the rest of [`Config`]; a key that is
     /// neither is an error that names it.
-    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text)?;
         let mut engine = toml::Table::new();
         for key in Settings::KEYS {
             if let Some(v) = table.remove(*key) {
                 engine.insert((*key).to_owned(), v);
             }
         }
-        let mut config: Config = table.try_into().map_err(|e| anyhow::anyhow!("{e}"))?;
-        config.engine = engine.try_into().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut config: Config = table.try_into()?;
+        config.engine = engine.try_into()?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks values that parse but make no sense; the error names the key.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.bind.is_empty()
             && self.tls_bind.is_empty()
             && self.ws_bind.is_empty()
             && self.wss_bind.is_empty()
         {
-            bail!(
-                "bind: at least one listen address is needed (bind, tls_bind, ws_bind or wss_bind)"
-            );
+            return Err(invalid(
+                "bind",
+                "at least one listen address is needed (bind, tls_bind, ws_bind or wss_bind)",
+            ));
         }
         self.validate_tls()?;
         self.validate_auth()?;
         self.validate_admin()?;
-        self.engine.validate().map_err(|e| anyhow::anyhow!(e))?;
+        self.engine.validate().map_err(ConfigError::Settings)?;
         if self.max_auth_checks == 0 {
-            bail!("max_auth_checks: must be at least 1");
+            return Err(invalid("max_auth_checks", "must be at least 1"));
         }
         if self.storage.sync_interval_ms == 0 {
-            bail!("storage.sync_interval_ms: must be at least 1");
+            return Err(invalid("storage.sync_interval_ms", "must be at least 1"));
         }
         let level = self.log_level.trim();
         let simple = ["error", "warn", "info", "debug", "trace", "off"];
         if level.is_empty()
             || (!level.contains('=') && !simple.contains(&level.to_ascii_lowercase().as_str()))
         {
-            bail!(
-                "log_level: {:?} is not one of error, warn, info, debug, trace, off",
-                self.log_level
-            );
+            return Err(invalid(
+                "log_level",
+                format!(
+                    "{:?} is not one of error, warn, info, debug, trace, off",
+                    self.log_level
+                ),
+            ));
         }
         Ok(())
     }
 
     /// TLS keys must come together: a TLS listener needs a certificate and key, and the
     /// client-certificate keys need a TLS listener to apply to.
-    fn validate_tls(&self) -> anyhow::Result<()> {
+    fn validate_tls(&self) -> Result<(), ConfigError> {
         let tls_listener = !self.tls_bind.is_empty() || !self.wss_bind.is_empty();
         for (key, listeners) in [("tls_bind", &self.tls_bind), ("wss_bind", &self.wss_bind)] {
             if !listeners.is_empty() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
-                bail!("{key}: a TLS listener needs both tls_cert and tls_key");
+                return Err(invalid(
+                    key,
+                    "a TLS listener needs both tls_cert and tls_key",
+                ));
             }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            bail!("tls_cert and tls_key: set both or neither");
+            return Err(invalid("tls_cert and tls_key", "set both or neither"));
         }
         if !tls_listener {
             for (key, set) in [
@@ -462,14 +518,18 @@ impl Config {
                 ("tls_use_cn_as_username", self.tls_use_cn_as_username),
             ] {
                 if set {
-                    bail!("{key}: set, but there is no tls_bind or wss_bind listener to use it");
+                    return Err(invalid(
+                        key,
+                        "set, but there is no tls_bind or wss_bind listener to use it",
+                    ));
                 }
             }
         }
         if self.tls_use_cn_as_username && self.tls_client_ca.is_none() {
-            bail!(
-                "tls_use_cn_as_username: needs tls_client_ca (client certificates are only verified with it)"
-            );
+            return Err(invalid(
+                "tls_use_cn_as_username",
+                "needs tls_client_ca (client certificates are only verified with it)",
+            ));
         }
         Ok(())
     }
@@ -477,18 +537,24 @@ impl Config {
 
 impl Config {
     /// The admin API controls queues and clients: beyond loopback it needs a token.
-    fn validate_admin(&self) -> anyhow::Result<()> {
+    fn validate_admin(&self) -> Result<(), ConfigError> {
         if let Some(token) = &self.admin_token {
             if token.trim().is_empty() || token.chars().any(|c| c.is_ascii_control()) {
-                bail!("admin_token: must be non-empty printable text");
+                return Err(invalid("admin_token", "must be non-empty printable text"));
             }
             if self.admin_bind.is_empty() {
-                bail!("admin_token: set, but there is no admin_bind listener to use it");
+                return Err(invalid(
+                    "admin_token",
+                    "set, but there is no admin_bind listener to use it",
+                ));
             }
         } else if let Some(addr) = self.admin_bind.iter().find(|a| !a.ip().is_loopback()) {
-            bail!(
-                "admin_bind: {addr} is not a loopback address, so admin_token is required (the admin API can delete queues and disconnect clients)"
-            );
+            return Err(invalid(
+                "admin_bind",
+                format!(
+                    "{addr} is not a loopback address, so admin_token is required (the admin API can delete queues and disconnect clients)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -515,7 +581,7 @@ impl Config {
         acl_file: Option<PathBuf>,
         allow_anonymous: Option<bool>,
         hook: AuthHookFlags,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ConfigError> {
         if password_file.is_some() {
             self.password_file = password_file;
         }
@@ -539,13 +605,16 @@ impl Config {
             }
         }
         let set = [
-            ("timeout_ms", hook.timeout_ms.is_some()),
-            ("cache_seconds", hook.cache_seconds.is_some()),
-            ("on_error", hook.on_error.is_some()),
+            ("auth_hook.timeout_ms", hook.timeout_ms.is_some()),
+            ("auth_hook.cache_seconds", hook.cache_seconds.is_some()),
+            ("auth_hook.on_error", hook.on_error.is_some()),
         ];
         let Some(h) = &mut self.auth_hook else {
             if let Some((key, _)) = set.iter().find(|(_, s)| *s) {
-                bail!("auth_hook.{key}: set, but there is no auth_hook.url (--auth-hook-url)");
+                return Err(invalid(
+                    key,
+                    "set, but there is no auth_hook.url (--auth-hook-url)",
+                ));
             }
             return Ok(());
         };
@@ -561,15 +630,15 @@ impl Config {
         Ok(())
     }
 
-    fn validate_auth(&self) -> anyhow::Result<()> {
+    fn validate_auth(&self) -> Result<(), ConfigError> {
         if let Some(h) = &self.auth_hook {
             crate::security::auth_hook::HookUrl::parse(&h.url)
-                .map_err(|e| anyhow::anyhow!("auth_hook.url: {e}"))?;
+                .map_err(|why| invalid("auth_hook.url", why))?;
             if h.timeout_ms == 0 || h.timeout_ms > 60_000 {
-                bail!(
-                    "auth_hook.timeout_ms: {} is outside 1..=60000",
-                    h.timeout_ms
-                );
+                return Err(invalid(
+                    "auth_hook.timeout_ms",
+                    format!("{} is outside 1..=60000", h.timeout_ms),
+                ));
             }
         }
         Ok(())
@@ -681,19 +750,19 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = Config::from_toml("max_infligth = 3\n").expect_err("unknown key");
-        assert!(format!("{e:#}").contains("max_infligth"), "{e:#}");
+        assert!(e.to_string().contains("max_infligth"), "{e}");
     }
 
     #[test]
     fn bad_value_is_named() {
         let e = Config::from_toml("max_inflight = \"many\"\n").expect_err("bad type");
-        assert!(format!("{e:#}").contains("max_inflight"), "{e:#}");
+        assert!(e.to_string().contains("max_inflight"), "{e}");
         let e = Config::from_toml("max_inflight = 0\n").expect_err("zero");
-        assert!(format!("{e:#}").contains("max_inflight"), "{e:#}");
+        assert!(e.to_string().contains("max_inflight"), "{e}");
         let e = Config::from_toml("bind = [\"nowhere\"]\n").expect_err("bad addr");
-        assert!(format!("{e:#}").contains("bind"), "{e:#}");
+        assert!(e.to_string().contains("bind"), "{e}");
         let e = Config::from_toml("log_level = \"loud\"\n").expect_err("bad level");
-        assert!(format!("{e:#}").contains("log_level"), "{e:#}");
+        assert!(e.to_string().contains("log_level"), "{e}");
     }
 
     #[test]
@@ -743,7 +812,7 @@ mod tests {
         ] {
             let e = Config::from_toml(text).expect_err(text);
             for name in names {
-                assert!(format!("{e:#}").contains(name), "{text}: {e:#}");
+                assert!(e.to_string().contains(name), "{text}: {e}");
             }
         }
     }
@@ -776,7 +845,7 @@ mod tests {
         assert!(c.tls_use_cn_as_username);
         let cli = Cli::parse_from(["roost", "--tls-bind", "127.0.0.1:8883"]);
         let e = Config::from_cli(cli).expect_err("no cert");
-        assert!(format!("{e:#}").contains("tls_cert"), "{e:#}");
+        assert!(e.to_string().contains("tls_cert"), "{e}");
     }
 
     #[test]
@@ -842,11 +911,11 @@ mod tests {
             ("allow_anonymous = \"maybe\"\n", "allow_anonymous"),
         ] {
             let e = Config::from_toml(text).expect_err(text);
-            assert!(format!("{e:#}").contains(key), "{text}: {e:#}");
+            assert!(e.to_string().contains(key), "{text}: {e}");
         }
         let cli = Cli::parse_from(["roost", "--auth-hook-timeout-ms", "5"]);
         let e = Config::from_cli(cli).expect_err("no url");
-        assert!(format!("{e:#}").contains("auth_hook.timeout_ms"), "{e:#}");
+        assert!(e.to_string().contains("auth_hook.timeout_ms"), "{e}");
         assert!(Cli::try_parse_from(["roost", "--allow-anonymous", "perhaps"]).is_err());
     }
 
@@ -878,7 +947,7 @@ mod tests {
         ] {
             let e = Config::from_toml(text).expect_err(text);
             for name in names {
-                assert!(format!("{e:#}").contains(name), "{text}: {e:#}");
+                assert!(e.to_string().contains(name), "{text}: {e}");
             }
         }
         let cli = Cli::parse_from([
@@ -895,7 +964,7 @@ mod tests {
         assert_eq!(c.admin_token.as_deref(), Some("t"));
         let cli = Cli::parse_from(["roost", "--admin-bind", "0.0.0.0:8081"]);
         let e = Config::from_cli(cli).expect_err("no token");
-        assert!(format!("{e:#}").contains("admin_token"), "{e:#}");
+        assert!(e.to_string().contains("admin_token"), "{e}");
     }
 
     #[test]
@@ -918,9 +987,31 @@ mod tests {
         assert_eq!(c.storage.durability, Durability::Buffered);
         assert_eq!(c.storage.sync_interval_ms, 250);
         let e = Config::from_toml("[storage]\ndurability = \"sometimes\"\n").expect_err("bad mode");
-        assert!(format!("{e:#}").contains("durability"), "{e:#}");
+        assert!(e.to_string().contains("durability"), "{e}");
         let e = Config::from_toml("[storage]\nfsync = true\n").expect_err("unknown key");
-        assert!(format!("{e:#}").contains("fsync"), "{e:#}");
+        assert!(e.to_string().contains("fsync"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file_then_the_key() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("roost.toml");
+        let e = Config::from_file(&file).expect_err("missing");
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot read config file {}: ", file.display())),
+            "{e}"
+        );
+        std::fs::write(&file, "max_auth_checks = 0\n").expect("write");
+        let e = Config::from_file(&file).expect_err("invalid");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "in config file {}: max_auth_checks: must be at least 1",
+                file.display()
+            )
+        );
     }
 
     #[test]

@@ -11,10 +11,11 @@ fn main() -> ExitCode {
     if let Some(config::Command::Passwd(args)) = cli.command.take() {
         return roost_broker::run_passwd(args);
     }
+    // The library's errors carry their causes in their messages: `{e}` says it all.
     let config = match config::Config::from_cli(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("roost: {e:#}");
+            eprintln!("roost: {e}");
             return ExitCode::from(2);
         }
     };
@@ -49,8 +50,8 @@ fn main() -> ExitCode {
     match runtime.block_on(server::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("roost: {e:#}");
+            tracing::error!("{e}");
+            eprintln!("roost: {e}");
             ExitCode::FAILURE
         }
     }

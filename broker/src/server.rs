@@ -5,11 +5,11 @@
 //! once they are closed or a grace period has passed.
 
 use std::fs::File;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -21,13 +21,111 @@ use crate::net::transport::{self, Transport};
 use crate::persistence::session_store::Store;
 use crate::security::auth::Auth;
 use roost_engine::broker::Broker;
-use roost_queue::Queues;
+use roost_engine::store::StoreError;
+use roost_queue::{QueueError, Queues};
+
+pub use crate::net::tls::TlsError;
+pub use crate::security::acl::AclError;
+pub use crate::security::auth::AuthSetupError;
+pub use crate::security::passwd::PasswdError;
+
+/// Why the broker could not start: what failed (the data directory, a listener, the
+/// TLS or authentication files, the session store, the queues) and where.
+///
+/// Like every error of this crate, its message already ends with its cause (which is
+/// also its `source`): print it with `{}`. A printer of source chains (anyhow's `{:#}`)
+/// would repeat the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory cannot be created.
+    #[error("cannot create data directory {}: {source}", dir.display())]
+    CreateDataDir {
+        /// The directory (`data_dir`).
+        dir: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The data directory's lock file cannot be opened.
+    #[error("cannot open {}: {source}", path.display())]
+    OpenLockFile {
+        /// The lock file, `roost.lock` in the data directory.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// Another roost process holds the data directory's lock.
+    #[error("data directory {} is in use by another roost process", dir.display())]
+    DataDirInUse {
+        /// The directory (`data_dir`).
+        dir: PathBuf,
+    },
+    /// The data directory's lock file cannot be locked.
+    #[error("cannot lock {}: {source}", path.display())]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The TLS certificate, key or CA files.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The password file, the ACL file or the auth hook.
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+    /// An MQTT listener cannot listen (`bind`, `tls_bind`, `ws_bind`, `wss_bind`).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// An admin API listener cannot listen (`admin_bind`).
+    #[error("admin_bind: cannot listen on {addr}: {source}")]
+    AdminListen {
+        /// The address.
+        addr: SocketAddr,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The session store cannot be opened.
+    #[error(
+        "cannot open the session store in {}: {source}. If this directory was not written by roost, or is damaged beyond repair, move it away to start empty",
+        dir.display()
+    )]
+    SessionStore {
+        /// Its directory, `state` in the data directory.
+        dir: PathBuf,
+        /// What the store said.
+        source: StoreError,
+    },
+    /// The queues cannot be opened.
+    #[error(
+        "cannot open the queues in {}: {source}. If this directory was not written by roost, move it away to start without queues",
+        dir.display()
+    )]
+    Queues {
+        /// Their directory, `queues` in the data directory.
+        dir: PathBuf,
+        /// What the queues said.
+        source: QueueError,
+    },
+    /// A queue declared in the file (`[queues.<name>]`) cannot be created or updated.
+    #[error("queues.{name}: {source}")]
+    DeclaredQueue {
+        /// The queue's name.
+        name: String,
+        /// What the queues said.
+        source: QueueError,
+    },
+}
 
 /// How long connections get to close after shutdown is signalled.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the broker until SIGINT/SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config) -> Result<(), StartError> {
     // Installed before anything listens: a SIGTERM that follows the first connection
     // must shut down cleanly, not kill the process with the default action.
     let signal = shutdown_signal();
@@ -44,7 +142,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         for addr in addrs {
             let listener = TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
+                .map_err(|source| StartError::Listen {
+                    addr: *addr,
+                    source,
+                })?;
             info!(
                 "listening for {} on {}",
                 transport.describe(),
@@ -57,7 +158,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for addr in &config.admin_bind {
         let listener = TcpListener::bind(addr)
             .await
-            .with_context(|| format!("admin_bind: cannot listen on {addr}"))?;
+            .map_err(|source| StartError::AdminListen {
+                addr: *addr,
+                source,
+            })?;
         info!(
             "admin API on http://{}",
             listener.local_addr().unwrap_or(*addr)
@@ -70,11 +174,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.storage.durability,
         Duration::from_millis(config.storage.sync_interval_ms),
     )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the session store in {}: {e}. If this directory was not written by roost, or is damaged beyond repair, move it away to start empty",
-            state_dir.display()
-        )
+    .map_err(|source| StartError::SessionStore {
+        dir: state_dir.clone(),
+        source,
     })?;
     for line in &loaded.dropped {
         warn!("dropped from the session store: {line}");
@@ -92,11 +194,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.queue_defaults.clone(),
         config.queue_auto_create,
     )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the queues in {}: {e}. If this directory was not written by roost, move it away to start without queues",
-            queue_dir.display()
-        )
+    .map_err(|source| StartError::Queues {
+        dir: queue_dir.clone(),
+        source,
     })?;
     for note in &notes {
         warn!("queue recovery: {note}");
@@ -106,11 +206,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Some(_) => queues.update(name, queue_config.clone()),
             None => queues.create(name, queue_config.clone()),
         };
-        declared.map_err(|e| anyhow::anyhow!("queues.{name}: {e}"))?;
+        declared.map_err(|source| StartError::DeclaredQueue {
+            name: name.clone(),
+            source,
+        })?;
     }
     // After the declared queues: the bound is for what clients and the API create.
     queues.set_max_queues(config.max_queues);
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
+    let state_syncs = store.sync_latency();
     let broker = Broker::new(config.engine.clone(), Arc::new(store), auth.clone(), queues);
     broker.restore(loaded);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -156,6 +260,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     acceptors.spawn(reload_auth(auth.clone(), reload.clone()));
     let admin = Arc::new(crate::operations::admin::Api {
         broker: broker.clone(),
+        state_syncs,
         token: config.admin_token.clone(),
         queue_defaults: config.queue_defaults.clone(),
     });
@@ -215,25 +320,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Creates the data directory and takes an exclusive lock on it, so two brokers
 /// never share one directory.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+fn lock_data_dir(dir: &Path) -> Result<File, StartError> {
+    std::fs::create_dir_all(dir).map_err(|source| StartError::CreateDataDir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let path = dir.join("roost.lock");
-    let file = File::options()
+    let file = match File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    {
+        Ok(file) => file,
+        Err(source) => return Err(StartError::OpenLockFile { path, source }),
+    };
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "data directory {} is in use by another roost process",
-            dir.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::DataDirInUse {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StartError::Lock { path, source }),
     }
 }
 
@@ -262,7 +369,7 @@ async fn reload_tls(tls: std::sync::Arc<TlsContext>, mut reload: watch::Receiver
     while reload.changed().await.is_ok() {
         match tls.reload() {
             Ok(()) => info!("TLS certificates reloaded"),
-            Err(e) => warn!("TLS reload failed, keeping the previous certificates: {e:#}"),
+            Err(e) => warn!("TLS reload failed, keeping the previous certificates: {e}"),
         }
     }
 }
@@ -300,5 +407,37 @@ fn shutdown_signal() -> impl std::future::Future<Output = &'static str> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two brokers never share a data directory: the second is told who holds it.
+    #[test]
+    fn a_locked_data_dir_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = dir.path().join("data");
+        let _held = lock_data_dir(&data).expect("first lock");
+        let e = lock_data_dir(&data).expect_err("second lock");
+        assert!(matches!(e, StartError::DataDirInUse { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "data directory {} is in use by another roost process",
+                data.display()
+            )
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").expect("write");
+        let e = lock_data_dir(&file).expect_err("not a directory");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot create data directory {}: ",
+                file.display()
+            )),
+            "{e}"
+        );
     }
 }

@@ -94,7 +94,7 @@ impl Client {
         let previous = match broker.attach(&client_id, plan.clean_start, handle) {
             Attach::Refused => {
                 info!(client_id = %client_id, %peer, "connection refused: max_sessions reached");
-                return Err((ReasonCode::QuotaExceeded, "too many sessions"));
+                return Err(Refusal::TooManySessions);
             }
             Attach::Fresh => None,
             Attach::Resumed(s) => Some(*s),

@@ -37,6 +37,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::Result;
 use crate::journal::{self, JournalFile};
+use crate::latency::SyncLatency;
 use crate::log::{CommitQueue, Completion, LogInner, PendingAppend};
 use crate::{Durability, Offset};
 
@@ -53,6 +54,8 @@ pub(crate) struct CommitShared {
     laps_wake: Condvar,
     /// Appends queued on any log and not yet taken by a writer.
     pub(crate) queued: AtomicUsize,
+    /// Every data-file fdatasync of this storage: the journal's and each log's.
+    pub(crate) syncs: SyncLatency,
     /// Test hook: the next journal write fails.
     #[cfg(test)]
     pub(crate) journal_fault: std::sync::atomic::AtomicBool,
@@ -117,6 +120,7 @@ impl CommitShared {
             }),
             laps_wake: Condvar::new(),
             queued: AtomicUsize::new(0),
+            syncs: SyncLatency::new(),
             #[cfg(test)]
             journal_fault: std::sync::atomic::AtomicBool::new(false),
         }
@@ -170,6 +174,10 @@ impl CommitShared {
 impl CommitQueue for CommitShared {
     fn queued(&self) -> &AtomicUsize {
         &self.queued
+    }
+
+    fn syncs(&self) -> &SyncLatency {
+        &self.syncs
     }
 
     fn schedule(&self, log: Arc<LogInner>) -> bool {
@@ -428,8 +436,6 @@ impl Journal {
             self.failed = Some(Arc::new(io::Error::other(e.to_string())));
             return Err(e);
         }
-        #[cfg(not(test))]
-        let _ = shared;
         let Some(file) = &self.file else {
             return Err(io::Error::other("no journal file"));
         };
@@ -437,7 +443,7 @@ impl Journal {
         let r = file.file.write_all_at(buf, self.pos).and_then(|()| {
             let started = Instant::now();
             let r = file.file.sync_data();
-            crate::latency::DATA_SYNCS.record(started.elapsed());
+            shared.syncs.record(started.elapsed());
             r
         });
         match r {

@@ -3,6 +3,10 @@
 //! Buckets are fixed (Prometheus style, upper bounds in seconds) so recording is one
 //! relaxed atomic add per bucket hit plus the sum and count: cheap next to the
 //! fdatasync it measures, and safe to call from any thread.
+//!
+//! Each store owns its histogram ([`crate::Storage::sync_latency`] for the logs of a
+//! storage directory); there is no process-wide one, so two storages (or two tests)
+//! never count into each other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -44,7 +48,7 @@ impl Default for SyncLatency {
 }
 
 impl SyncLatency {
-    /// An empty histogram (usable in a `static`).
+    /// An empty histogram.
     pub const fn new() -> Self {
         SyncLatency {
             buckets: [const { AtomicU64::new(0) }; BUCKETS.len() + 1],
@@ -83,9 +87,6 @@ impl SyncLatency {
         }
     }
 }
-
-/// Every data-file fdatasync of every [`crate::Log`] in this process.
-pub static DATA_SYNCS: SyncLatency = SyncLatency::new();
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 use crate::Offset;
 use crate::error::{Error, Result, io_err};
 use crate::format::{self, IndexEntry, MAX_FRAME, RECORD_OVERHEAD, TimeEntry};
+use crate::latency::SyncLatency;
 use crate::segment::{
     self, DATA_EXT, INDEX_EXT, Indexer, ReadStep, Segment, SegmentPaths, TIME_EXT,
 };
@@ -576,6 +577,9 @@ pub(crate) trait CommitQueue: Send + Sync {
     /// Appends queued on any log and not yet taken by a writer.
     fn queued(&self) -> &AtomicUsize;
 
+    /// Where the fdatasyncs of the storage's data files are timed.
+    fn syncs(&self) -> &SyncLatency;
+
     /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
     /// storage has stopped.
     fn schedule(&self, log: Arc<LogInner>) -> bool;
@@ -1000,7 +1004,7 @@ impl LogInner {
         }
         let started = std::time::Instant::now();
         w.data.sync_data()?;
-        crate::latency::DATA_SYNCS.record(started.elapsed());
+        self.committer.syncs().record(started.elapsed());
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

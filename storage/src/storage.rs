@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use crate::commit::{CommitShared, Committer};
 use crate::error::{Error, Result, io_err};
 use crate::journal;
+use crate::latency::SyncLatency;
 use crate::log::{Log, LogConfig, LogInner, Recovery, stored_id};
 
 /// A storage directory: one subdirectory per log, all logs written by one shared
@@ -82,6 +83,12 @@ impl Storage {
     /// The storage directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The durations of this storage's data-file fdatasyncs (the journal's and every
+    /// log's, recovery's included), for the broker's `/metrics`.
+    pub fn sync_latency(&self) -> &SyncLatency {
+        &self.committer.shared().syncs
     }
 
     /// Names of the logs on disk, open or not, sorted.

@@ -980,6 +980,19 @@ async fn reads_served_from_the_in_memory_tail_match_reads_from_disk() {
     }
 }
 
+/// Each storage times its own fdatasyncs (for `/metrics`): an `Fsync` append is
+/// counted by the storage it went to, and not by another one in the same process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_storage_times_its_own_syncs() {
+    let (dir_a, dir_b) = (temp(), temp());
+    let a = Storage::open(dir_a.path()).expect("open");
+    let b = Storage::open(dir_b.path()).expect("open");
+    let (log, _) = a.open_log("q", LogConfig::default()).expect("open log");
+    log.append(vec![rec(0)]).await.expect("append");
+    assert!(a.sync_latency().snapshot().count() >= 1);
+    assert_eq!(b.sync_latency().snapshot().count(), 0);
+}
+
 mod model {
     //! Random append / read / reopen / truncate sequences against an in-memory model.
 

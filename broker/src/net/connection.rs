@@ -470,25 +470,27 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     {
         Ok(access) => access,
-        Err((code, why)) => {
-            info!(client_id = %client_id, %peer, username = ?connect.username, "connection refused ({code:?}): {why}");
+        Err(refusal) => {
+            let code = refusal.reason_code();
+            info!(client_id = %client_id, %peer, username = ?connect.username, "connection refused ({code:?}): {refusal}");
             let mut out = BytesMut::new();
-            protocol::write_refusal(connect.protocol, code, why, &mut out);
+            protocol::write_refusal(connect.protocol, code, &refusal.to_string(), &mut out);
             let _ = io.write(broker, &out).await;
             io.close_gracefully().await;
-            return Err(format!("CONNECT refused ({code:?}): {why}"));
+            return Err(format!("CONNECT refused ({code:?}): {refusal}"));
         }
     };
     let version = connect.protocol;
     let admitted = Admitted { access, scram_user };
     match Client::attach(broker, connect, &plan, peer, admitted).await {
         Ok(client) => Ok(client),
-        Err((code, why)) => {
+        Err(refusal) => {
+            let code = refusal.reason_code();
             let mut out = BytesMut::new();
-            protocol::write_refusal(version, code, why, &mut out);
+            protocol::write_refusal(version, code, &refusal.to_string(), &mut out);
             let _ = io.write(broker, &out).await;
             io.close_gracefully().await;
-            Err(format!("CONNECT refused ({code:?}): {why}"))
+            Err(format!("CONNECT refused ({code:?}): {refusal}"))
         }
     }
 }
@@ -696,14 +698,15 @@ async fn admit(
     transport_authenticated: bool,
 ) -> Result<Option<Arc<dyn Authorizer>>, auth::Refusal> {
     if !transport_authenticated
-        && let Err((code, why)) = broker.auth.authenticate(connect, client_id, peer).await
+        && let Err(refusal) = broker.auth.authenticate(connect, client_id, peer).await
     {
-        if code == ReasonCode::ServerBusy {
-            broker.metrics.limit_tripped(Limit::AuthWaiting, 1);
-        } else {
-            broker.metrics.auth_failed(AuthFailure::from_code(code));
+        if let Some(limit) = refusal.limit() {
+            broker.metrics.limit_tripped(limit, 1);
         }
-        return Err((code, why));
+        if let Some(failure) = refusal.auth_failure() {
+            broker.metrics.auth_failed(failure);
+        }
+        return Err(refusal);
     }
     let access = broker
         .auth
@@ -711,10 +714,7 @@ async fn admit(
     if let (Some(acl), Some(will)) = (&access, &connect.will)
         && !acl.allows(Access::Write, &will.topic)
     {
-        return Err((
-            ReasonCode::NotAuthorized,
-            "the will topic is not writable for this client",
-        ));
+        return Err(auth::Refusal::WillNotWritable);
     }
     Ok(access)
 }

@@ -9,18 +9,89 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 use rustls::RootCertStore;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::Config;
+
+/// Why the TLS settings cannot be built from the files: each message names the config
+/// key whose file is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A TLS listener without a certificate or key (the configuration's check comes
+    /// first; this guards a `Config` built otherwise).
+    #[error("tls_bind/wss_bind: a TLS listener needs tls_cert and tls_key")]
+    NoCertificateConfigured,
+    /// A certificate file (`tls_cert`, `tls_client_ca`) cannot be read or parsed.
+    #[error("{key}: cannot read {}: {source}", path.display())]
+    ReadCertificates {
+        /// The config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("{key}: no PEM certificate in {}", path.display())]
+    NoCertificate {
+        /// The config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The `tls_key` file holds no private key roost can use.
+    #[error("tls_key: no usable private key in {}: {source}", path.display())]
+    PrivateKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: pem::Error,
+    },
+    /// The crypto provider offers neither TLS 1.2 nor 1.3.
+    #[error("TLS: the crypto provider does not support TLS 1.2/1.3: {source}")]
+    Provider {
+        /// What rustls said.
+        source: rustls::Error,
+    },
+    /// A certificate of `tls_client_ca` is not a usable CA certificate.
+    #[error("tls_client_ca: bad CA certificate in {}: {source}", path.display())]
+    BadCaCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+    /// No client-certificate verifier can be built from the CAs of `tls_client_ca`.
+    #[error("tls_client_ca: cannot use the CAs in {}: {source}", path.display())]
+    ClientVerifier {
+        /// The file.
+        path: PathBuf,
+        /// What rustls said.
+        source: VerifierBuilderError,
+    },
+    /// The certificate of `tls_cert` and the key of `tls_key` do not go together.
+    #[error(
+        "tls_cert/tls_key: {} and {} do not make a usable certificate and key pair: {source}",
+        cert.display(),
+        key.display()
+    )]
+    KeyPair {
+        /// The `tls_cert` file.
+        cert: PathBuf,
+        /// The `tls_key` file.
+        key: PathBuf,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+}
 
 /// The TLS settings shared by every TLS listener, reloadable from the same files.
 pub struct TlsContext {
@@ -42,12 +113,12 @@ struct TlsFiles {
 impl TlsContext {
     /// Loads the certificates when a TLS listener is configured; `None` otherwise.
     /// Errors name the config key whose file is at fault.
-    pub fn from_config(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
+    pub fn from_config(config: &Config) -> Result<Option<Arc<TlsContext>>, TlsError> {
         if config.tls_bind.is_empty() && config.wss_bind.is_empty() {
             return Ok(None);
         }
         let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-            bail!("tls_bind/wss_bind: a TLS listener needs tls_cert and tls_key");
+            return Err(TlsError::NoCertificateConfigured);
         };
         let files = TlsFiles {
             cert: cert.clone(),
@@ -68,60 +139,72 @@ impl TlsContext {
     }
 
     /// Re-reads the PEM files and swaps the new settings in; on error the old stay.
-    pub fn reload(&self) -> anyhow::Result<()> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let server = build_server_config(&self.files)?;
         self.current.store(Arc::new(server));
         Ok(())
     }
 }
 
-fn build_server_config(files: &TlsFiles) -> anyhow::Result<ServerConfig> {
+fn build_server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = read_certs(&files.cert, "tls_cert")?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        anyhow::anyhow!(
-            "tls_key: no usable private key in {}: {e}",
-            files.key.display()
-        )
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::PrivateKey {
+        path: files.key.clone(),
+        source,
     })?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .context("TLS: the crypto provider does not support TLS 1.2/1.3")?;
+        .map_err(|source| TlsError::Provider { source })?;
     let builder = match &files.client_ca {
         Some(ca) => builder.with_client_cert_verifier(client_verifier(ca, provider)?),
         None => builder.with_no_client_auth(),
     };
-    builder.with_single_cert(certs, key).with_context(|| {
-        format!(
-            "tls_cert/tls_key: {} and {} do not make a usable certificate and key pair",
-            files.cert.display(),
-            files.key.display()
-        )
-    })
+    builder
+        .with_single_cert(certs, key)
+        .map_err(|source| TlsError::KeyPair {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
+        })
 }
 
 /// Requires every client to present a certificate issued by one of the CAs in `ca`.
 fn client_verifier(
     ca: &Path,
     provider: Arc<CryptoProvider>,
-) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca, "tls_client_ca")? {
         roots
             .add(cert)
-            .with_context(|| format!("tls_client_ca: bad CA certificate in {}", ca.display()))?;
+            .map_err(|source| TlsError::BadCaCertificate {
+                path: ca.to_path_buf(),
+                source,
+            })?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .with_context(|| format!("tls_client_ca: cannot use the CAs in {}", ca.display()))
+        .map_err(|source| TlsError::ClientVerifier {
+            path: ca.to_path_buf(),
+            source,
+        })
 }
 
-fn read_certs(path: &Path, key: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+/// The certificates of the PEM file `path`, named by the config `key`.
+fn read_certs(path: &Path, key: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("{key}: cannot read {}: {e}", path.display()))?;
+        .map_err(|source| TlsError::ReadCertificates {
+            key,
+            path: path.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        bail!("{key}: no PEM certificate in {}", path.display());
+        return Err(TlsError::NoCertificate {
+            key,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
@@ -290,7 +373,7 @@ mod tests {
         // A broken key file fails the reload and names the key; the old settings stay.
         std::fs::write(&key_path, "not a key").expect("write");
         let e = tls.reload().expect_err("bad key");
-        assert!(format!("{e:#}").contains("tls_key"), "{e:#}");
+        assert!(e.to_string().contains("tls_key"), "{e}");
         let _ = tls.acceptor();
         std::fs::write(&key_path, key.serialize_pem()).expect("write");
 
@@ -301,13 +384,13 @@ mod tests {
         let e = TlsContext::from_config(&bad)
             .err()
             .expect("missing cert file");
-        assert!(format!("{e:#}").contains("tls_cert"), "{e:#}");
+        assert!(e.to_string().contains("tls_cert"), "{e}");
 
         let bad = Config {
             tls_client_ca: Some(key_path.clone()),
             ..config
         };
         let e = TlsContext::from_config(&bad).err().expect("no CA in file");
-        assert!(format!("{e:#}").contains("tls_client_ca"), "{e:#}");
+        assert!(e.to_string().contains("tls_client_ca"), "{e}");
     }
 }

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 use roost_engine::broker::Broker;
 use roost_engine::metrics::{AuthFailure, DisconnectReason, DropReason, Limit};
-use roost_storage::latency::LatencySnapshot;
+use roost_storage::latency::{LatencySnapshot, SyncLatency};
 
 /// Largest request line plus headers.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -44,6 +44,10 @@ const MAX_HEADERS: usize = 64;
 pub struct Api {
     /// The broker it reports on and acts on.
     pub broker: Arc<Broker>,
+    /// The session store's fdatasync durations (the broker holds the store only as
+    /// the engine's `SessionStore`, which knows nothing of them). The queue logs' are
+    /// reached through the broker's queues.
+    pub state_syncs: Arc<SyncLatency>,
     /// `admin_token`: the bearer token required on everything but `/health`, `/ready`.
     pub token: Option<String>,
     /// `queue_defaults`: the settings a queue created by `PUT` starts from.
@@ -398,7 +402,7 @@ async fn handle(api: &Api, request: &Request) -> Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: Vec::new(),
-            body: render_metrics(broker).into_bytes(),
+            body: render_metrics(broker, &api.state_syncs).into_bytes(),
         },
         (_, Route::Queues) => {
             let list: Vec<Value> = broker.queues.list().iter().map(queue_json).collect();
@@ -616,8 +620,9 @@ fn queue_json(info: &QueueInfo) -> Value {
     })
 }
 
-/// The Prometheus text exposition of the broker's gauges and counters.
-fn render_metrics(broker: &Broker) -> String {
+/// The Prometheus text exposition of the broker's gauges and counters, and of the
+/// fdatasync durations of the session store (`state_syncs`) and of the queue logs.
+fn render_metrics(broker: &Broker, state_syncs: &SyncLatency) -> String {
     let m = &broker.metrics;
     let mut out = String::with_capacity(4096);
     let mut gauge = |name: &str, help: &str, value: usize| {
@@ -744,8 +749,8 @@ fn render_metrics(broker: &Broker) -> String {
         "# HELP {name} Duration of fdatasync calls: the session store (state) and the queue logs (queues).\n# TYPE {name} histogram"
     );
     for (store, latency) in [
-        ("state", &crate::persistence::session_store::STATE_SYNCS),
-        ("queues", &roost_storage::latency::DATA_SYNCS),
+        ("state", state_syncs),
+        ("queues", broker.queues.storage().sync_latency()),
     ] {
         render_histogram(
             name,

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use roost_core::PacketId;
+use roost_storage::latency::SyncLatency;
 use tokio::sync::oneshot;
 
 use roost_engine::record::{Loaded, Loader, Read};
@@ -67,6 +68,8 @@ struct Spaces {
 pub struct Store {
     jobs: std::sync::mpsc::Sender<Job>,
     failed: Arc<AtomicBool>,
+    /// The durations of the writer's fdatasyncs, for `/metrics`.
+    syncs: Arc<SyncLatency>,
 }
 
 impl Store {
@@ -97,12 +100,36 @@ impl Store {
         let loaded = load(&spaces)?;
         let (jobs, rx) = std::sync::mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
+        let syncs = Arc::new(SyncLatency::new());
         let writer_failed = failed.clone();
+        let writer_syncs = syncs.clone();
         std::thread::Builder::new()
             .name("roost-store".into())
-            .spawn(move || writer(spaces, rx, durability, sync_interval, writer_failed))
+            .spawn(move || {
+                writer(
+                    spaces,
+                    rx,
+                    durability,
+                    sync_interval,
+                    writer_failed,
+                    &writer_syncs,
+                )
+            })
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
-        Ok((Store { jobs, failed }, loaded))
+        Ok((
+            Store {
+                jobs,
+                failed,
+                syncs,
+            },
+            loaded,
+        ))
+    }
+
+    /// The durations of this store's fdatasyncs (the `store="state"` series of
+    /// `roost_storage_fsync_seconds`).
+    pub fn sync_latency(&self) -> Arc<SyncLatency> {
+        self.syncs.clone()
     }
 }
 
@@ -161,6 +188,7 @@ fn writer(
     durability: Durability,
     sync_interval: Duration,
     failed: Arc<AtomicBool>,
+    syncs: &SyncLatency,
 ) {
     let mut dirty = false;
     loop {
@@ -168,7 +196,7 @@ fn writer(
             Ok(job) => job,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if dirty && !failed.load(Ordering::Acquire) {
-                    if let Err(e) = sync(&spaces) {
+                    if let Err(e) = sync(&spaces, syncs) {
                         fail(&failed, &e.to_string());
                     }
                     dirty = false;
@@ -192,7 +220,7 @@ fn writer(
             }))
             .unwrap_or(Err(StoreError::Failed));
             let r = written.and_then(|()| match durability {
-                Durability::Fsync => sync(&spaces).map_err(db_err),
+                Durability::Fsync => sync(&spaces, syncs).map_err(db_err),
                 Durability::Buffered => Ok(()),
             });
             if let Err(e) = &r {
@@ -212,15 +240,11 @@ fn writer(
     }
 }
 
-/// Every fdatasync of the session store in this process, for `/metrics`.
-pub static STATE_SYNCS: roost_storage::latency::SyncLatency =
-    roost_storage::latency::SyncLatency::new();
-
-/// Makes the store's writes durable, timing it.
-fn sync(spaces: &Spaces) -> Result<(), fjall::Error> {
+/// Makes the store's writes durable, timing it into `syncs`.
+fn sync(spaces: &Spaces, syncs: &SyncLatency) -> Result<(), fjall::Error> {
     let started = std::time::Instant::now();
     let r = spaces.db.persist(PersistMode::SyncData);
-    STATE_SYNCS.record(started.elapsed());
+    syncs.record(started.elapsed());
     r
 }
 
@@ -493,9 +517,18 @@ mod tests {
                 Op::DeleteSession("gone".into()),
             ];
             rt.block_on(store.submit(ops).wait()).expect("stored");
+            assert!(
+                store.sync_latency().snapshot().count() >= 1,
+                "the fsync write was timed"
+            );
         }
-        let (_store, loaded) =
+        let (store, loaded) =
             Store::open(&dir, Durability::Fsync, Duration::from_secs(1)).expect("reopen");
+        assert_eq!(
+            store.sync_latency().snapshot().count(),
+            0,
+            "each store counts its own syncs"
+        );
         assert_eq!(loaded.sessions.len(), 1);
         let s = &loaded.sessions[0].session;
         assert!(loaded.sessions[0].connected);

@@ -25,14 +25,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use arc_swap::ArcSwap;
-use roost_core::{Connect, ProtocolVersion, ReasonCode};
+use roost_core::{Connect, ProtocolVersion};
 
 use crate::config::{Config, HookErrorPolicy};
-use crate::security::acl::{Acl, AclHandle, Authorizer};
+use crate::security::acl::{Acl, AclError, AclHandle, Authorizer};
 use crate::security::auth_hook::{AuthHook, HookAnswer, HookRequest};
-use crate::security::passwd::PasswordFile;
+use crate::security::passwd::{PasswdError, PasswordFile};
 use roost_engine::scram::{Credentials, Verifier};
 
 pub use roost_engine::auth::Refusal;
@@ -54,12 +53,6 @@ struct CheckGate {
     max_waiting: usize,
     max_per_address: usize,
 }
-
-/// The refusal of a CONNECT that found its [`CheckGate`] full.
-const BUSY: Refusal = (
-    ReasonCode::ServerBusy,
-    "too many authentications in progress",
-);
 
 /// A place at a [`CheckGate`], given back when dropped (also when the connection times
 /// out or goes away while it waits).
@@ -116,7 +109,7 @@ impl CheckGate {
             let mut by_address = self.by_address.lock();
             let n = by_address.entry(address).or_insert(0);
             if *n >= self.max_per_address {
-                return Err(BUSY);
+                return Err(Refusal::Busy);
             }
             *n += 1;
         }
@@ -136,15 +129,33 @@ impl CheckGate {
                 (n < self.max_waiting).then_some(n + 1)
             });
         if in_line.is_err() {
-            return Err(BUSY);
+            return Err(Refusal::Busy);
         }
         let _waiting = Waiting(&self.waiting);
-        let permit = self.running.acquire().await.map_err(|_| BUSY)?;
+        let permit = self.running.acquire().await.map_err(|_| Refusal::Busy)?;
         Ok(Turn {
             _running: permit,
             _place: place,
         })
     }
+}
+
+/// Why the authentication state cannot be set up (at start) or a file of it reloaded
+/// (on SIGHUP); each message names the config key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// The `password_file` cannot be read or parsed.
+    #[error("password_file: {0}")]
+    PasswordFile(#[source] PasswdError),
+    /// The `acl_file` cannot be read or parsed.
+    #[error("acl_file: {0}")]
+    AclFile(#[source] AclError),
+    /// The hook's `auth_hook.url` is not one roost can ask.
+    #[error("auth_hook.url: {0}")]
+    HookUrl(String),
+    /// The system's random number generator failed (SCRAM's stand-in salts need it).
+    #[error("cannot draw random bytes for SCRAM")]
+    Random,
 }
 
 /// Requests to the auth hook in flight at once (each is a TCP connection to it).
@@ -160,7 +171,8 @@ pub struct Auth {
     scram: Arc<ScramCredentials>,
     acl: Option<Arc<AclHandle>>,
     hook: Option<AuthHook>,
-    hook_error: ReasonCode,
+    /// How a client is refused when the hook cannot answer (`auth_hook.on_error`).
+    hook_error: Refusal,
     /// Password checks (`max_auth_checks`, `max_auth_waiting`).
     password_checks: CheckGate,
     /// Questions to the hook ([`HOOK_REQUESTS`], `max_auth_waiting`).
@@ -169,10 +181,10 @@ pub struct Auth {
 
 impl Auth {
     /// Reads the password and ACL files the configuration names; errors name the file.
-    pub fn from_config(config: &Config) -> anyhow::Result<Auth> {
+    pub fn from_config(config: &Config) -> Result<Auth, AuthSetupError> {
         let passwords = match &config.password_file {
             Some(path) => {
-                let file = PasswordFile::load(path).context("password_file")?;
+                let file = PasswordFile::load(path).map_err(AuthSetupError::PasswordFile)?;
                 tracing::info!(
                     users = file.len(),
                     "password file {} loaded",
@@ -184,24 +196,23 @@ impl Auth {
         };
         let acl = match &config.acl_file {
             Some(path) => {
-                let acl = Acl::load(path).context("acl_file")?;
+                let acl = Acl::load(path).map_err(AuthSetupError::AclFile)?;
                 log_acl_loaded(&acl, path);
                 Some(AclHandle::new(acl))
             }
             None => None,
         };
         let hook = match &config.auth_hook {
-            Some(h) => Some(AuthHook::new(h).map_err(|e| anyhow::anyhow!("auth_hook.url: {e}"))?),
+            Some(h) => Some(AuthHook::new(h).map_err(AuthSetupError::HookUrl)?),
             None => None,
         };
-        let hook_error = match config.auth_hook.as_ref().map(|h| h.on_error) {
-            Some(HookErrorPolicy::Deny) => ReasonCode::BadUserNameOrPassword,
-            _ => ReasonCode::ServerUnavailable,
+        let hook_error = Refusal::HookUnavailable {
+            deny: config.auth_hook.as_ref().map(|h| h.on_error) == Some(HookErrorPolicy::Deny),
         };
         let passwords = Arc::new(ArcSwap::from_pointee(passwords));
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-            .map_err(|_| anyhow::anyhow!("cannot draw random bytes for SCRAM"))?;
+            .map_err(|_| AuthSetupError::Random)?;
         Ok(Auth {
             password_path: config.password_file.clone(),
             acl_path: config.acl_file.clone(),
@@ -221,7 +232,7 @@ impl Auth {
 
     /// Reads the password file and the ACL file again (SIGHUP). Each file that fails
     /// keeps its previous version; the errors are returned for the log.
-    pub fn reload(&self) -> Vec<String> {
+    pub fn reload(&self) -> Vec<AuthSetupError> {
         let mut errors = Vec::new();
         if let Some(path) = &self.password_path {
             match PasswordFile::load(path) {
@@ -233,7 +244,7 @@ impl Auth {
                     );
                     self.passwords.store(Arc::new(file));
                 }
-                Err(e) => errors.push(format!("password_file: {e}")),
+                Err(e) => errors.push(AuthSetupError::PasswordFile(e)),
             }
         }
         if let (Some(path), Some(handle)) = (&self.acl_path, &self.acl) {
@@ -242,7 +253,7 @@ impl Auth {
                     log_acl_loaded(&acl, path);
                     handle.replace(acl);
                 }
-                Err(e) => errors.push(format!("acl_file: {e}")),
+                Err(e) => errors.push(AuthSetupError::AclFile(e)),
             }
         }
         if let Some(hook) = &self.hook {
@@ -265,13 +276,10 @@ impl Auth {
             if self.allow_anonymous {
                 return Ok(());
             }
-            if self.hook.is_some() {
-                return self.ask_hook(connect, client_id, peer).await;
+            if let Some(hook) = &self.hook {
+                return self.ask_hook(hook, connect, client_id, peer).await;
             }
-            return Err((
-                ReasonCode::NotAuthorized,
-                "anonymous clients are not allowed",
-            ));
+            return Err(Refusal::AnonymousNotAllowed);
         };
         let passwords = self.passwords.load_full();
         if passwords.contains(user) || (self.password_path.is_some() && self.hook.is_none()) {
@@ -285,34 +293,26 @@ impl Auth {
             return if ok {
                 Ok(())
             } else {
-                Err((
-                    ReasonCode::BadUserNameOrPassword,
-                    "bad username or password",
-                ))
+                Err(Refusal::BadCredentials)
             };
         }
-        if self.hook.is_some() {
-            return self.ask_hook(connect, client_id, peer).await;
+        if let Some(hook) = &self.hook {
+            return self.ask_hook(hook, connect, client_id, peer).await;
         }
         if self.allow_anonymous {
             Ok(())
         } else {
-            Err((
-                ReasonCode::NotAuthorized,
-                "no password file or auth hook to check the username against",
-            ))
+            Err(Refusal::NoCredentialCheck)
         }
     }
 
     async fn ask_hook(
         &self,
+        hook: &AuthHook,
         connect: &Connect,
         client_id: &str,
         peer: SocketAddr,
     ) -> Result<(), Refusal> {
-        let Some(hook) = &self.hook else {
-            return Err((ReasonCode::NotAuthorized, "no auth hook"));
-        };
         let request = HookRequest {
             client_id,
             username: connect.username.as_deref(),
@@ -329,11 +329,8 @@ impl Auth {
         drop(turn);
         match answer {
             HookAnswer::Allow => Ok(()),
-            HookAnswer::Deny => Err((
-                ReasonCode::BadUserNameOrPassword,
-                "refused by the auth hook",
-            )),
-            HookAnswer::Error => Err((self.hook_error, "the auth hook is unavailable")),
+            HookAnswer::Deny => Err(Refusal::HookDenied),
+            HookAnswer::Error => Err(self.hook_error),
         }
     }
 
@@ -425,6 +422,7 @@ mod tests {
     use crate::security::acl::Access;
     use crate::security::passwd::PasswordFile;
     use crate::security::passwd::tests::cheap_hash;
+    use roost_core::ReasonCode;
 
     struct Files {
         dir: PathBuf,
@@ -479,7 +477,7 @@ mod tests {
             .await
         {
             Ok(()) => ReasonCode::Success,
-            Err((code, _)) => code,
+            Err(refusal) => refusal.reason_code(),
         }
     }
 
@@ -568,7 +566,12 @@ mod tests {
         files.acl("everyone\nallow sing b\n");
         let errors = auth.reload();
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].contains("password_file") && errors[1].contains("acl_file"));
+        assert!(matches!(
+            &errors[..],
+            [AuthSetupError::PasswordFile(_), AuthSetupError::AclFile(_)]
+        ));
+        assert!(errors[0].to_string().starts_with("password_file: "));
+        assert!(errors[1].to_string().starts_with("acl_file: "));
         assert_eq!(
             code(&auth, Some("bob"), Some("two")).await,
             ReasonCode::Success
@@ -611,13 +614,13 @@ mod tests {
             ..Config::default()
         };
         let e = Auth::from_config(&config).expect_err("missing");
-        assert!(format!("{e:#}").contains("password_file"), "{e:#}");
+        assert!(e.to_string().contains("password_file"), "{e}");
         let config = Config {
             acl_file: Some(PathBuf::from("/nonexistent/roost/acl")),
             ..Config::default()
         };
         let e = Auth::from_config(&config).expect_err("missing");
-        assert!(format!("{e:#}").contains("acl_file"), "{e:#}");
+        assert!(e.to_string().contains("acl_file"), "{e}");
     }
 
     #[tokio::test]

@@ -318,18 +318,58 @@ pub struct PasswdArgs {
     pub password: Option<String>,
 }
 
+/// Why `roost passwd` left the file as it was.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    /// The file cannot be read, parsed or written, or the user cannot be stored.
+    #[error(transparent)]
+    File(#[from] PasswdError),
+    /// `-D` with a password.
+    #[error("-D takes no password")]
+    PasswordToDelete,
+    /// `-D` on a file that does not exist.
+    #[error("{} does not exist", .0.display())]
+    NoFile(PathBuf),
+    /// `-D` of a user the file does not have.
+    #[error("no user {user:?} in {}", file.display())]
+    NoUser {
+        /// The username.
+        user: String,
+        /// The file.
+        file: PathBuf,
+    },
+    /// `-b` without a password.
+    #[error("-b needs a password after the username")]
+    NoPassword,
+    /// A password without `-b`.
+    #[error("a password on the command line needs -b (or leave it out to be asked)")]
+    PasswordWithoutBatch,
+    /// The prompt cannot read from the terminal.
+    #[error("cannot read the password from the terminal: {0}")]
+    Terminal(#[source] std::io::Error),
+    /// The two passwords typed at the prompt differ.
+    #[error("the passwords do not match")]
+    Mismatch,
+    /// An empty password typed at the prompt.
+    #[error("empty password")]
+    EmptyPassword,
+    /// The password cannot be made into a SCRAM verifier.
+    #[error("{0} (SCRAM needs it; --no-scram stores the password for CONNECT only)")]
+    Scram(#[source] scram::ScramError),
+}
+
 /// Runs `roost passwd`; messages go to stderr.
 pub fn run(args: PasswdArgs) -> ExitCode {
     match passwd(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("roost passwd: {e:#}");
+            eprintln!("roost passwd: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
+fn passwd(args: PasswdArgs) -> Result<(), CommandError> {
     let exists = args.file.exists();
     let mut file = if exists {
         PasswordFile::load(&args.file)?
@@ -338,52 +378,46 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
     };
     if args.delete {
         if args.password.is_some() {
-            anyhow::bail!("-D takes no password");
+            return Err(CommandError::PasswordToDelete);
         }
         if !exists {
-            anyhow::bail!("{} does not exist", args.file.display());
+            return Err(CommandError::NoFile(args.file));
         }
         if !file.remove(&args.user) {
-            anyhow::bail!("no user {:?} in {}", args.user, args.file.display());
+            return Err(CommandError::NoUser {
+                user: args.user,
+                file: args.file,
+            });
         }
         file.save(&args.file)?;
         return Ok(());
     }
     let password = match (args.batch, args.password) {
         (true, Some(p)) => p,
-        (true, None) => anyhow::bail!("-b needs a password after the username"),
-        (false, Some(_)) => {
-            anyhow::bail!("a password on the command line needs -b (or leave it out to be asked)")
-        }
+        (true, None) => return Err(CommandError::NoPassword),
+        (false, Some(_)) => return Err(CommandError::PasswordWithoutBatch),
         (false, None) => prompt()?,
     };
     let hash = hash_password(password.as_bytes())?;
     let scram = if args.no_scram {
         None
     } else {
-        Some(
-            Verifier::generate(&password, args.scram_iterations).map_err(|e| {
-                anyhow::anyhow!(
-                    "{e} (SCRAM needs it; --no-scram stores the password for CONNECT only)"
-                )
-            })?,
-        )
+        Some(Verifier::generate(&password, args.scram_iterations).map_err(CommandError::Scram)?)
     };
     file.set(&args.user, hash, scram)?;
     file.save(&args.file)?;
     Ok(())
 }
 
-fn prompt() -> anyhow::Result<String> {
-    let first = rpassword::prompt_password("Password: ")
-        .map_err(|e| anyhow::anyhow!("cannot read the password from the terminal: {e}"))?;
-    let second = rpassword::prompt_password("Reenter password: ")
-        .map_err(|e| anyhow::anyhow!("cannot read the password from the terminal: {e}"))?;
+fn prompt() -> Result<String, CommandError> {
+    let first = rpassword::prompt_password("Password: ").map_err(CommandError::Terminal)?;
+    let second =
+        rpassword::prompt_password("Reenter password: ").map_err(CommandError::Terminal)?;
     if first != second {
-        anyhow::bail!("the passwords do not match");
+        return Err(CommandError::Mismatch);
     }
     if first.is_empty() {
-        anyhow::bail!("empty password");
+        return Err(CommandError::EmptyPassword);
     }
     Ok(first)
 }
