@@ -54,7 +54,7 @@ use roost_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::auth::{AllowAll, Refusal};
+use crate::auth::AllowAll;
 use crate::broker::{Broker, Fanout, Handover};
 use crate::client::{Admitted, Client};
 use crate::metrics::DisconnectReason;
@@ -155,13 +155,16 @@ impl Harness {
     }
 
     /// [`Harness::connect`], or the CONNACK code that refused the client.
-    pub async fn try_connect(&mut self, connect: Connect) -> Result<(Id, ConnAck), Refusal> {
+    pub async fn try_connect(
+        &mut self,
+        connect: Connect,
+    ) -> Result<(Id, ConnAck), (ReasonCode, String)> {
         let plan = protocol::plan_connect(&connect, &self.broker.limits, || {
             format!("roost-{:016x}", self.broker.next_id())
         })
         .map_err(|r| match r {
-            ConnectRefusal::Code(code, why) => (code, why),
-            ConnectRefusal::Close(why) => (ReasonCode::ProtocolError, why),
+            ConnectRefusal::Code(code, why) => (code, why.to_owned()),
+            ConnectRefusal::Close(why) => (ReasonCode::ProtocolError, why.to_owned()),
         })?;
         let peer: SocketAddr = ([127, 0, 0, 1], 1024 + self.peers.len() as u16).into();
         let broker = self.broker.clone();
@@ -182,7 +185,10 @@ impl Harness {
             self.drive_once().await;
         }
         assert!(attach.is_finished(), "attach never finished");
-        let client = attach.await.expect("attach did not panic")?;
+        let client = attach
+            .await
+            .expect("attach did not panic")
+            .map_err(|refusal| (refusal.reason_code(), refusal.to_string()))?;
         let id = Id(self.peers.len());
         self.peers.push(Peer {
             client,
