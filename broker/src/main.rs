@@ -37,10 +37,21 @@ fn main() -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    // Tasks woken by one poll of the sockets run in the order their sockets became ready.
+    // tokio's LIFO slot would run the last one first: a PUBLISH that arrived just after
+    // another client's SUBSCRIBE was routed before the subscription existed whenever a
+    // worker woke to both at once (a client sending both without yielding its CPU).
+    // The knob is behind tokio's `tokio_unstable` cfg, set in .cargo/config.toml.
+    #[cfg(tokio_unstable)]
+    runtime.disable_lifo_slot();
+    #[cfg(not(tokio_unstable))]
+    tracing::warn!(
+        "built without --cfg tokio_unstable (RUSTFLAGS replaces .cargo/config.toml): \
+         a PUBLISH may be routed before a SUBSCRIBE that reached roost just before it"
+    );
+    let runtime = match runtime.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("roost: cannot start the async runtime: {e}");
