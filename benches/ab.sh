@@ -5,6 +5,7 @@
 # alike. Prints one line per run and a summary of each row's runs.
 #
 #   benches/ab.sh OLD_ROOST NEW_ROOST [ROUNDS]     (ROUNDS defaults to 2)
+#   AB_ROWS=idle benches/ab.sh ...                  only the rows whose name matches
 #
 # roost-bench is target/release/roost-bench (built if missing) or $ROOST_BENCH_BIN.
 set -euo pipefail
@@ -65,6 +66,7 @@ ROWS=(
 for round in $(seq "$ROUNDS"); do
     for r in "${ROWS[@]}"; do
         name=${r%%|*}; read -r -a args <<<"${r#*|}"
+        [[ "$name" =~ ${AB_ROWS:-.} ]] || continue
         if [ $((round % 2)) = 1 ]; then order="A B"; else order="B A"; fi
         for who in $order; do
             if [ "$who" = A ]; then bin=$A; else bin=$B; fi

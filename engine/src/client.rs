@@ -67,16 +67,19 @@ impl Client {
     /// from the connection that has its client id (which is told to close and hands the
     /// session over), or new. Writes the CONNACK (and what a resumed session resends)
     /// into the connection's output. Refused past `max_sessions`.
-    pub async fn attach(
-        broker: &Arc<Broker>,
+    ///
+    /// The session map changes at the call; the future waits only for a takeover's
+    /// handover. (Not an `async fn`, which would keep its arguments twice: this future
+    /// is part of every connection's handshake, and its size costs memory per client.)
+    pub fn attach<'a>(
+        broker: &'a Arc<Broker>,
         connect: Box<Connect>,
-        plan: &ConnectPlan,
+        plan: &'a ConnectPlan,
         peer: std::net::SocketAddr,
         admitted: Admitted,
-    ) -> Result<Client, Refusal> {
+    ) -> impl std::future::Future<Output = Result<Client, Refusal>> + 'a {
         let client_id = plan.client_id.clone();
         let (mailbox_tx, mailbox) = mailbox::mailbox(broker.delivery_capacity());
-        let queue_io = QueueIo::new(mailbox_tx.downgrade());
         let info = Arc::new(ClientInfo {
             id: broker.next_id(),
             persistent: plan.session_expiry > 0,
@@ -87,23 +90,45 @@ impl Client {
             username: connect.username.clone(),
             connected_at_ms: roost_queue::now_ms(),
         });
-        let handle = ConnectionHandle {
-            mailbox: mailbox_tx,
-            info: info.clone(),
-        };
-        let previous = match broker.attach(&client_id, plan.clean_start, handle) {
-            Attach::Refused => {
-                info!(client_id = %client_id, %peer, "connection refused: max_sessions reached");
-                return Err(Refusal::TooManySessions);
-            }
-            Attach::Fresh => None,
-            Attach::Resumed(s) => Some(*s),
-            Attach::TakingOver(rx) => broker.take_over(rx.await.ok(), plan.clean_start),
-        };
+        let queue_io = QueueIo::new(mailbox_tx.downgrade());
+        let found = broker.attach(
+            &client_id,
+            plan.clean_start,
+            ConnectionHandle {
+                mailbox: mailbox_tx,
+                info: info.clone(),
+            },
+        );
+        async move {
+            let previous = match found {
+                Attach::Refused => {
+                    info!(client_id = %plan.client_id, %peer, "connection refused: max_sessions reached");
+                    return Err(Refusal::TooManySessions);
+                }
+                Attach::Fresh => None,
+                Attach::Resumed(s) => Some(*s),
+                Attach::TakingOver(rx) => broker.take_over(rx.await.ok(), plan.clean_start),
+            };
+            let parts = (mailbox, queue_io, info);
+            Ok(Client::accept(
+                broker, *connect, plan, previous, admitted, parts,
+            ))
+        }
+    }
+
+    /// Accepts the CONNECT on the session found for it.
+    fn accept(
+        broker: &Broker,
+        connect: Connect,
+        plan: &ConnectPlan,
+        previous: Option<Session>,
+        admitted: Admitted,
+        (mailbox, queues, info): (Mailbox, QueueIo, Arc<ClientInfo>),
+    ) -> Client {
         let session_present = previous.is_some();
-        let session = previous.unwrap_or_else(|| Session::new(client_id.clone()));
-        let mut conn = Connection::accept(
-            *connect,
+        let session = previous.unwrap_or_else(|| Session::new(plan.client_id.clone()));
+        let conn = Connection::accept(
+            connect,
             plan,
             session,
             session_present,
@@ -111,21 +136,23 @@ impl Client {
             admitted.access,
             crate::clock::now(),
         );
-        if let Some(user) = admitted.scram_user {
-            conn.enable_reauthentication(user, broker.auth.scram());
-        }
-        debug!(client_id = %client_id, %peer, version = ?conn.version(), session_present, "client connected");
         let mut client = Client {
             conn,
             mailbox,
-            queues: queue_io,
+            queues,
             info,
         };
+        if let Some(user) = admitted.scram_user {
+            client
+                .conn
+                .enable_reauthentication(user, broker.auth.scram());
+        }
+        debug!(client_id = %plan.client_id, peer = %client.info.peer, version = ?client.conn.version(), session_present, "client connected");
         // A resumed session's queue subscriptions join their groups again.
         for event in client.conn.resumed_queue_subscriptions() {
             queues::subscribe(broker, &mut client.conn, &client.queues, &event);
         }
-        Ok(client)
+        client
     }
 
     /// Handles one packet from the client and carries out what it asked of the broker

@@ -405,26 +405,19 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let first = tokio::time::timeout(timeout, io.read_packet(broker, None))
         .await
         .map_err(|_| "no CONNECT in time".to_string())?;
-    let mut connect: Box<Connect> = match first {
-        Ok(Some(Packet::Connect(c))) => c,
-        Ok(Some(_)) => return Err("first packet was not CONNECT".into()),
-        Ok(None) => return Err("closed before CONNECT".into()),
-        Err(ReadError::Io(e)) => return Err(format!("read error: {e}")),
-        Err(ReadError::Decode(e)) => {
-            // Only an unsupported protocol level is answered (3.1.1 return code 1);
-            // anything else malformed in a CONNECT is closed on silently.
-            if let DecodeError::UnsupportedProtocolVersion(_) = e {
-                let mut out = BytesMut::new();
-                protocol::write_refusal(
-                    roost_core::ProtocolVersion::V3_1_1,
-                    ReasonCode::UnsupportedProtocolVersion,
-                    "",
-                    &mut out,
-                );
-                let _ = io.write(broker, &out).await;
-                io.close_gracefully().await;
+    // The first packet is taken apart before anything else is awaited: a packet is
+    // large, and held across an await it would be part of every handshake's state.
+    let mut connect = match first_connect(first) {
+        Ok(connect) => connect,
+        Err((why, answer)) => {
+            if answer {
+                // Only an unsupported protocol level is answered (3.1.1 return code 1);
+                // anything else malformed in a CONNECT is closed on silently.
+                let version = roost_core::ProtocolVersion::V3_1_1;
+                let code = ReasonCode::UnsupportedProtocolVersion;
+                Box::pin(refuse(broker, io, version, code, String::new())).await;
             }
-            return Err(format!("bad CONNECT: {e}"));
+            return Err(why);
         }
     };
     // A client the transport proved (verified certificate) needs no password.
@@ -441,10 +434,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             if code == ReasonCode::BadAuthenticationMethod {
                 broker.metrics.auth_failed(AuthFailure::BadMethod);
             }
-            let mut out = BytesMut::new();
-            protocol::write_refusal(connect.protocol, code, why, &mut out);
-            let _ = io.write(broker, &out).await;
-            io.close_gracefully().await;
+            Box::pin(refuse(broker, io, connect.protocol, code, why.to_owned())).await;
             return Err(format!("CONNECT refused ({code:?}): {why}"));
         }
         Err(ConnectRefusal::Close(why)) => return Err(format!("CONNECT refused: {why}")),
@@ -473,10 +463,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         Err(refusal) => {
             let code = refusal.reason_code();
             info!(client_id = %client_id, %peer, username = ?connect.username, "connection refused ({code:?}): {refusal}");
-            let mut out = BytesMut::new();
-            protocol::write_refusal(connect.protocol, code, &refusal.to_string(), &mut out);
-            let _ = io.write(broker, &out).await;
-            io.close_gracefully().await;
+            let why = refusal.to_string();
+            Box::pin(refuse(broker, io, connect.protocol, code, why)).await;
             return Err(format!("CONNECT refused ({code:?}): {refusal}"));
         }
     };
@@ -486,13 +474,40 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(client) => Ok(client),
         Err(refusal) => {
             let code = refusal.reason_code();
-            let mut out = BytesMut::new();
-            protocol::write_refusal(version, code, &refusal.to_string(), &mut out);
-            let _ = io.write(broker, &out).await;
-            io.close_gracefully().await;
+            Box::pin(refuse(broker, io, version, code, refusal.to_string())).await;
             Err(format!("CONNECT refused ({code:?}): {refusal}"))
         }
     }
+}
+
+/// The CONNECT a connection's first read brought, or why there is none and whether the
+/// client is to be told (an unsupported protocol level).
+fn first_connect(first: Result<Option<Packet>, ReadError>) -> Result<Box<Connect>, (String, bool)> {
+    match first {
+        Ok(Some(Packet::Connect(c))) => Ok(c),
+        Ok(Some(_)) => Err(("first packet was not CONNECT".into(), false)),
+        Ok(None) => Err(("closed before CONNECT".into(), false)),
+        Err(ReadError::Io(e)) => Err((format!("read error: {e}"), false)),
+        Err(ReadError::Decode(e)) => Err((
+            format!("bad CONNECT: {e}"),
+            matches!(e, DecodeError::UnsupportedProtocolVersion(_)),
+        )),
+    }
+}
+
+/// Answers a CONNECT with a CONNACK that refuses it, and closes. (Callers box it: a
+/// refusal is rare, and its state would otherwise be part of every handshake.)
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    broker: &Broker,
+    io: &mut Io<S>,
+    version: roost_core::ProtocolVersion,
+    code: ReasonCode,
+    why: String,
+) {
+    let mut out = BytesMut::new();
+    protocol::write_refusal(version, code, &why, &mut out);
+    let _ = io.write(broker, &out).await;
+    io.close_gracefully().await;
 }
 
 /// Serves an attached session until the connection is to end. Returns why, and the
