@@ -11,5 +11,6 @@ mod qos;
 mod queues;
 mod restart;
 mod retained;
+mod seam;
 mod shared;
 mod takeover;
