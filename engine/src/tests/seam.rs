@@ -16,7 +16,7 @@ use crate::broker::{Attach, ClientInfo, ConnectionHandle};
 async fn a_subscriber_elsewhere_gets_what_is_routed_to_it_through_its_mailbox() {
     let mut h = Harness::new().await;
     let remote: Arc<str> = "node-2/sub".into();
-    let (tx, mut rx) = crate::mailbox::mailbox(16);
+    let (tx, rx) = crate::mailbox::mailbox(16);
     let info = Arc::new(ClientInfo {
         id: h.broker.next_id(),
         persistent: false,
