@@ -990,7 +990,7 @@ impl Broker {
             tokio::spawn(capture);
         }
         if !blocked.is_empty() {
-            let wait = self.delivery_wait();
+            let wait = self.limits.delivery_wait();
             let store = self.store.clone();
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
@@ -998,17 +998,6 @@ impl Broker {
                 store.submit_detached(undo);
             });
         }
-    }
-
-    /// How long a client's outbound buffer may stay full (`None`: no limit).
-    pub fn slow_consumer_timeout(&self) -> Option<Duration> {
-        let ms = self.limits.slow_consumer_timeout_ms;
-        (ms > 0).then(|| Duration::from_millis(ms))
-    }
-
-    /// How long a publisher waits for room at a full subscriber.
-    pub fn delivery_wait(&self) -> Duration {
-        Duration::from_millis(self.limits.max_delivery_wait_ms)
     }
 
     /// Capacity of a connection's delivery channel.

@@ -280,7 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
                 // Another WRITE_PROGRESS bytes taken: the stall clock starts again.
                 stall_timer = None;
             }
-            let Some(limit) = broker.slow_consumer_timeout() else {
+            let Some(limit) = broker.limits.slow_consumer_timeout() else {
                 return Poll::Pending;
             };
             let timer = stall_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -378,9 +378,7 @@ async fn refuse_over_limit<S: AsyncRead + AsyncWrite + Unpin>(
         debug!("connection closed unanswered: {} reached", limit.label());
         return;
     };
-    let wait = REFUSAL_WAIT.min(Duration::from_secs(u64::from(
-        broker.limits.connect_timeout,
-    )));
+    let wait = REFUSAL_WAIT.min(broker.limits.connect_timeout());
     if let Ok(Ok(Some(Packet::Connect(c)))) =
         tokio::time::timeout(wait, io.read_packet(broker, None)).await
     {
@@ -401,7 +399,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     peer_identity: Option<String>,
 ) -> Result<Client, String> {
-    let timeout = Duration::from_secs(u64::from(broker.limits.connect_timeout));
+    let timeout = broker.limits.connect_timeout();
     let first = tokio::time::timeout(timeout, io.read_packet(broker, None))
         .await
         .map_err(|_| "no CONNECT in time".to_string())?;
@@ -749,7 +747,7 @@ async fn enhanced_authentication<S: AsyncRead + AsyncWrite + Unpin>(
     if !connect.protocol.is_v5() || connect.properties.authentication_method.is_none() {
         return Ok(None);
     }
-    let timeout = Duration::from_secs(u64::from(broker.limits.connect_timeout));
+    let timeout = broker.limits.connect_timeout();
     let mut scram_user = None;
     let exchange = scram_exchange(broker, io, connect, &mut scram_user);
     let outcome = tokio::time::timeout(timeout, exchange)

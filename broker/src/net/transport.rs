@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::Either;
 use tokio::net::TcpStream;
@@ -78,7 +77,7 @@ async fn upgrade_and_serve(
     tls: Option<Arc<TlsContext>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let timeout = Duration::from_secs(u64::from(broker.limits.connect_timeout));
+    let timeout = broker.limits.connect_timeout();
     // A WebSocket message holds at most about one maximum-size packet (plus slack for a
     // client that packs a small packet next to it).
     let max_message = broker.limits.max_packet_size as usize + 1024;
