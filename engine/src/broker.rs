@@ -59,7 +59,9 @@ pub(crate) enum Taken {
 }
 
 /// Counts one more in `count` unless it holds `max` already; the guard gives it back.
-fn enter(count: &AtomicUsize, max: usize) -> Option<impl Drop + '_> {
+/// Serves answered refusals, handshakes in progress and the credential checks waiting
+/// in line (the shell's auth gate).
+pub fn enter(count: &AtomicUsize, max: usize) -> Option<impl Drop + '_> {
     struct Entered<'a>(&'a AtomicUsize);
     impl Drop for Entered<'_> {
         fn drop(&mut self) {

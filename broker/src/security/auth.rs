@@ -73,15 +73,6 @@ impl Drop for Place<'_> {
     }
 }
 
-/// Counts a CONNECT waiting at a [`CheckGate`] for as long as it waits.
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 /// A turn to run one check: held while it runs.
 struct Turn<'a> {
     _running: tokio::sync::SemaphorePermit<'a>,
@@ -104,7 +95,6 @@ impl CheckGate {
     /// A turn to run one check for a client at `address`, waiting in line if there is
     /// room in it for that address.
     async fn enter(&self, address: std::net::IpAddr) -> Result<Turn<'_>, Refusal> {
-        use std::sync::atomic::Ordering;
         {
             let mut by_address = self.by_address.lock();
             let n = by_address.entry(address).or_insert(0);
@@ -123,15 +113,10 @@ impl CheckGate {
                 _place: place,
             });
         }
-        let in_line = self
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_waiting).then_some(n + 1)
-            });
-        if in_line.is_err() {
+        // Counted as waiting for as long as it waits.
+        let Some(_waiting) = roost_engine::broker::enter(&self.waiting, self.max_waiting) else {
             return Err(Refusal::Busy);
-        }
-        let _waiting = Waiting(&self.waiting);
+        };
         let permit = self.running.acquire().await.map_err(|_| Refusal::Busy)?;
         Ok(Turn {
             _running: permit,
