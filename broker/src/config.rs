@@ -120,6 +120,59 @@ pub struct Config {
     /// `queue_defaults`, e.g. `capture_filters = ["sensors/#"]`); created at startup
     /// or updated to these settings.
     pub queues: std::collections::BTreeMap<String, roost_queue::QueueConfig>,
+    /// This node's part in a cluster (the `[cluster]` table); unset: a single node.
+    pub cluster: Option<ClusterTable>,
+}
+
+/// The `[cluster]` table (flags `--node-id`, `--cluster-bind`, `--cluster-peers`,
+/// `--cluster-name`, `--cluster-join`).
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTable {
+    /// This node's id, at least 1, unique in the cluster.
+    pub node_id: u64,
+    /// The node-to-node listener (trusted network only: no TLS or authentication).
+    pub bind: SocketAddr,
+    /// The initial members as `"ID@HOST:PORT"`, this node included; the same list on
+    /// every node.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// The cluster's name: nodes with different names refuse each other. Default `roost`.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// A node joining a running cluster: it waits to be added through the admin API
+    /// instead of forming a cluster with `peers`.
+    #[serde(default)]
+    pub join: bool,
+}
+
+fn default_cluster_name() -> String {
+    "roost".into()
+}
+
+impl ClusterTable {
+    /// The engine-free settings of `roost-cluster`, checked.
+    pub fn to_cluster_config(&self) -> Result<roost_cluster::ClusterConfig, ConfigError> {
+        let peers = roost_cluster::ClusterConfig::parse_peers(&self.peers.join(","))
+            .map_err(|why| invalid("cluster.peers", why))?;
+        if self.node_id == 0 {
+            return Err(invalid("cluster.node_id", "must be at least 1"));
+        }
+        if !self.join && !peers.is_empty() && !peers.contains_key(&self.node_id) {
+            return Err(invalid(
+                "cluster.peers",
+                format!("does not name this node (node_id {})", self.node_id),
+            ));
+        }
+        Ok(roost_cluster::ClusterConfig {
+            node_id: self.node_id,
+            bind: self.bind,
+            peers,
+            name: self.name.clone(),
+            join: self.join,
+            timing: roost_cluster::Timing::default(),
+        })
+    }
 }
 
 /// The `[storage]` table: how durable stored state is.
@@ -171,6 +224,7 @@ impl Default for Config {
             queue_defaults: roost_queue::QueueConfig::default(),
             queue_auto_create: true,
             queues: Default::default(),
+            cluster: None,
         }
     }
 }
@@ -272,6 +326,21 @@ pub struct Cli {
     /// storage.sync_interval_ms: sync interval of buffered durability [default: 1000].
     #[arg(long, value_name = "MS")]
     pub storage_sync_interval_ms: Option<u64>,
+    /// `cluster.node_id`: this node's id in a cluster (at least 1).
+    #[arg(long, value_name = "N")]
+    pub node_id: Option<u64>,
+    /// `cluster.bind`: the node-to-node listener.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub cluster_bind: Option<SocketAddr>,
+    /// `cluster.peers`: the initial members, `ID@HOST:PORT,ID@HOST:PORT,...`.
+    #[arg(long, value_name = "LIST")]
+    pub cluster_peers: Option<String>,
+    /// `cluster.name`: nodes of different clusters refuse each other.
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// `cluster.join`: join a running cluster (wait to be added) instead of forming one.
+    #[arg(long)]
+    pub cluster_join: bool,
 }
 
 /// Subcommands of `roost` (without one, roost runs the broker).
@@ -414,6 +483,33 @@ impl Config {
         if let Some(ms) = cli.storage_sync_interval_ms {
             config.storage.sync_interval_ms = ms;
         }
+        if cli.node_id.is_some()
+            || cli.cluster_bind.is_some()
+            || cli.cluster_peers.is_some()
+            || cli.cluster_name.is_some()
+            || cli.cluster_join
+        {
+            let table = config.cluster.get_or_insert_with(|| ClusterTable {
+                node_id: 0,
+                bind: SocketAddr::from(([127, 0, 0, 1], 7883)),
+                peers: Vec::new(),
+                name: default_cluster_name(),
+                join: false,
+            });
+            if let Some(id) = cli.node_id {
+                table.node_id = id;
+            }
+            if let Some(bind) = cli.cluster_bind {
+                table.bind = bind;
+            }
+            if let Some(peers) = cli.cluster_peers {
+                table.peers = peers.split(',').map(str::to_owned).collect();
+            }
+            if let Some(name) = cli.cluster_name {
+                table.name = name;
+            }
+            table.join |= cli.cluster_join;
+        }
         config.apply_auth_flags(
             cli.password_file,
             cli.acl_file,
@@ -473,6 +569,9 @@ impl Config {
         self.validate_tls()?;
         self.validate_auth()?;
         self.validate_admin()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.to_cluster_config()?;
+        }
         self.engine.validate().map_err(ConfigError::Settings)?;
         if self.max_auth_checks == 0 {
             return Err(invalid("max_auth_checks", "must be at least 1"));
@@ -693,6 +792,17 @@ mod tests {
                     })
                     .expect("json"),
                     "auth_hook.",
+                )),
+                "cluster" => real.extend(keys(
+                    serde_json::to_value(ClusterTable {
+                        node_id: 1,
+                        bind: SocketAddr::from(([127, 0, 0, 1], 7883)),
+                        peers: Vec::new(),
+                        name: default_cluster_name(),
+                        join: false,
+                    })
+                    .expect("json"),
+                    "cluster.",
                 )),
                 _ => {
                     real.insert(key);

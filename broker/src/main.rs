@@ -24,7 +24,10 @@ fn main() -> ExitCode {
     let directives = if config.log_level.contains('=') {
         config.log_level.clone()
     } else {
-        format!("{},fjall=warn,lsm_tree=warn", config.log_level)
+        format!(
+            "{},fjall=warn,lsm_tree=warn,openraft=warn",
+            config.log_level
+        )
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -111,6 +111,9 @@ pub enum StartError {
         /// What the queues said.
         source: QueueError,
     },
+    /// The cluster (`[cluster]`) cannot start: its listener, its control-plane data.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// A queue declared in the file (`[queues.<name>]`) cannot be created or updated.
     #[error("queues.{name}: {source}")]
     DeclaredQueue {
@@ -217,6 +220,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let state_syncs = store.sync_latency();
     let broker = Broker::new(config.engine.clone(), Arc::new(store), auth.clone(), queues);
     broker.restore(loaded);
+    let cluster = match &config.cluster {
+        Some(table) => {
+            let cluster_config = table
+                .to_cluster_config()
+                .map_err(|e| StartError::Cluster(e.to_string()))?;
+            let dir = config.data_dir.join("cluster");
+            let cluster = roost_cluster::Cluster::start(cluster_config, &dir, broker.clone())
+                .await
+                .map_err(StartError::Cluster)?;
+            info!(
+                node_id = table.node_id,
+                "cluster node listening for peers on {}", cluster.bind
+            );
+            Some(Arc::new(cluster))
+        }
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let sys_topics = (config.sys_interval > 0).then(|| {
         tokio::spawn(crate::operations::sys::publish_periodically(
@@ -263,6 +283,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         state_syncs,
         token: config.admin_token.clone(),
         queue_defaults: config.queue_defaults.clone(),
+        cluster: cluster.clone(),
     });
     for listener in admin_listeners {
         acceptors.spawn(crate::operations::admin::serve(
@@ -302,6 +323,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if drained.is_err() {
         warn!("{} connections did not close in time", connections.len());
         connections.shutdown().await;
+    }
+    if let Some(cluster) = &cluster {
+        cluster.shut_down().await;
     }
     queue_timers.abort();
     offline_timers.abort();

@@ -29,6 +29,7 @@ use crate::auth::Authenticator;
 use crate::lifecycle::OfflineTimers;
 use crate::mailbox::{self, TrySendError};
 use crate::metrics::{DropReason, Limit, Metrics};
+use crate::peers::{Peers, ShareKey, Wait};
 use crate::rate::TokenBucket;
 use crate::record as persist;
 use crate::retained::{self, Retained, Scan};
@@ -116,13 +117,14 @@ pub struct Waits {
     /// says at once that a connection has nothing blocked, so routing a batch with a
     /// few blocked subscribers does not scan the blocked list for every delivery.
     pub blocked_mask: u64,
-    /// Copies into queues whose capture filters matched, to wait for before
-    /// acknowledging (already queued for writing, in order).
-    pub captures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// What else to wait for before acknowledging: copies into queues whose capture
+    /// filters matched (already queued for writing, in order), other nodes storing a
+    /// forwarded message, a new route becoming known cluster-wide.
+    pub pending: Vec<Wait>,
 }
 
 impl Fanout {
-    fn waits(&mut self) -> &mut Waits {
+    pub(crate) fn waits(&mut self) -> &mut Waits {
         self.waits.get_or_insert_default()
     }
 
@@ -130,7 +132,7 @@ impl Fanout {
     pub fn only_ops(&self) -> bool {
         self.waits
             .as_ref()
-            .is_none_or(|w| w.blocked.is_empty() && w.captures.is_empty())
+            .is_none_or(|w| w.blocked.is_empty() && w.pending.is_empty())
     }
 }
 
@@ -373,6 +375,8 @@ pub struct Broker {
     /// Next key for a stored delivery; keys only grow, so a session's stored queue
     /// reads back in order.
     pub(crate) next_seq: AtomicU64,
+    /// The other nodes, when this one is part of a cluster (set once, at start).
+    pub(crate) peers: std::sync::OnceLock<Arc<dyn Peers>>,
 }
 
 impl Broker {
@@ -419,7 +423,35 @@ impl Broker {
             connect_rate,
             store,
             next_seq: AtomicU64::new(1),
+            peers: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this broker one node of a cluster: publishes go to `peers` too, and
+    /// subscriptions are told to them. Set once, before clients are served; false if
+    /// peers were set already.
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) -> bool {
+        if self.peers.set(peers.clone()).is_err() {
+            return false;
+        }
+        // Subscriptions restored before this node joined its cluster are routes too.
+        for shard in &self.shards {
+            for slot in shard.lock().values() {
+                if let Slot::Offline { session, .. } = slot {
+                    for (raw, _) in session.routes() {
+                        if let Ok(f) = topic::parse_filter(raw) {
+                            drop(peers.subscribed(f.share_group, f.filter));
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// The other nodes, if this broker is one node of a cluster.
+    pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
+        self.peers.get()
     }
 
     /// The durable store.
@@ -589,17 +621,17 @@ impl Broker {
     }
 
     /// Adds a subscription of `client_id` to the router. `raw` may be `$share/...`.
+    /// In a cluster, a new subscription may have to wait for its route to be known
+    /// cluster-wide before its SUBACK: that is the returned wait.
     pub fn subscribe(
         &self,
         raw: &str,
         client_id: &Arc<str>,
         options: roost_core::SubscriptionOptions,
         identifier: Option<u32>,
-    ) {
-        let Ok(f) = topic::parse_filter(raw) else {
-            return;
-        };
-        self.router.subscribe(
+    ) -> Option<Wait> {
+        let f = topic::parse_filter(raw).ok()?;
+        let replaced = self.router.subscribe(
             f.share_group,
             f.filter,
             Subscription {
@@ -608,12 +640,19 @@ impl Broker {
                 identifier,
             },
         );
+        if replaced {
+            return None;
+        }
+        self.peers.get()?.subscribed(f.share_group, f.filter)
     }
 
     /// Removes a subscription of `client_id` from the router.
     pub fn unsubscribe(&self, raw: &str, client_id: &str) {
-        if let Ok(f) = topic::parse_filter(raw) {
-            self.router.unsubscribe(f.share_group, f.filter, client_id);
+        if let Ok(f) = topic::parse_filter(raw)
+            && self.router.unsubscribe(f.share_group, f.filter, client_id)
+            && let Some(peers) = self.peers.get()
+        {
+            peers.unsubscribed(f.share_group, f.filter);
         }
     }
 
@@ -701,8 +740,32 @@ impl Broker {
         self.capture(&msg, out);
         let mut matches = Matches::default();
         self.router.matches(&msg.topic, &mut matches);
+        let taken = match self.peers.get() {
+            Some(peers) => {
+                let shared: Vec<ShareKey> = matches
+                    .shared
+                    .iter()
+                    .map(|g| ShareKey {
+                        group: g.group.clone(),
+                        filter: g.filter.clone(),
+                    })
+                    .collect();
+                let forwarded = peers.forward(&msg, &shared);
+                if let Some(wait) = forwarded.wait {
+                    out.waits().pending.push(wait);
+                }
+                forwarded.taken
+            }
+            None => Vec::new(),
+        };
         let mut overflowed = self.deliver_direct(&msg, &matches.direct, out);
         for group in &matches.shared {
+            if taken
+                .iter()
+                .any(|k| k.group == group.group && k.filter == group.filter)
+            {
+                continue;
+            }
             let share = Arc::new(ShareRef {
                 group: group.group.clone(),
                 filter: group.filter.clone(),
@@ -710,6 +773,45 @@ impl Broker {
             overflowed |= self.deliver_shared(&msg, group, share, None, out) == Taken::Overflowed;
         }
         Ok(overflowed)
+    }
+
+    /// Routes a message another node forwarded: to every matching local subscription,
+    /// and to this node's members of the share groups in `shared` (the sender took
+    /// their turn for this node). A retained message is kept here too (each node keeps
+    /// every retained message). Never forwarded again.
+    pub fn publish_from_peer(&self, msg: Arc<Message>, shared: &[ShareKey], out: &mut Fanout) {
+        if msg.retain {
+            let change = self.retained.write().apply(&msg);
+            match change {
+                Ok(retained::Change::Stored) => out.ops.push(Op::PutRetained(
+                    msg.topic.clone(),
+                    persist::encode_retained(&msg),
+                )),
+                Ok(retained::Change::Cleared) => {
+                    out.ops.push(Op::DeleteRetained(msg.topic.clone()));
+                }
+                Ok(retained::Change::None) => {}
+                Err(full) => {
+                    tracing::debug!(topic = %msg.topic, "retained message from a peer not kept: {full:?} bound reached");
+                }
+            }
+        }
+        let mut matches = Matches::default();
+        self.router.matches(&msg.topic, &mut matches);
+        self.deliver_direct(&msg, &matches.direct, out);
+        for group in &matches.shared {
+            if !shared
+                .iter()
+                .any(|k| k.group == group.group && k.filter == group.filter)
+            {
+                continue;
+            }
+            let share = Arc::new(ShareRef {
+                group: group.group.clone(),
+                filter: group.filter.clone(),
+            });
+            self.deliver_shared(&msg, group, share, None, out);
+        }
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the
@@ -963,7 +1065,7 @@ impl Broker {
         for queue in self.queues.capturing(&msg.topic) {
             let produce = queue.produce(crate::queues::captured_message(msg));
             let name = queue.name().to_owned();
-            out.waits().captures.push(Box::pin(async move {
+            out.waits().pending.push(Box::pin(async move {
                 if let Err(e) = produce.await {
                     tracing::warn!(queue = %name, "captured message not stored: {e}");
                 }
@@ -986,10 +1088,10 @@ impl Broker {
             return;
         };
         let Waits {
-            blocked, captures, ..
+            blocked, pending, ..
         } = *waits;
-        for capture in captures {
-            tokio::spawn(capture);
+        for wait in pending {
+            tokio::spawn(wait);
         }
         if !blocked.is_empty() {
             let wait = self.limits.delivery_wait();
@@ -1000,6 +1102,29 @@ impl Broker {
                 store.submit_detached(undo);
             });
         }
+    }
+
+    /// Carries out what a routing step outside any connection produced (a message
+    /// from another node) and waits until it is stored: what it left pending, room at
+    /// blocked subscribers (bounded), then its store writes.
+    pub async fn settle(&self, out: Fanout) -> Result<(), crate::store::StoreError> {
+        let mut ops = out.ops;
+        if let Some(waits) = out.waits {
+            let Waits {
+                blocked, pending, ..
+            } = *waits;
+            for wait in pending {
+                wait.await;
+            }
+            ops.extend(send_blocked(blocked, self.limits.delivery_wait(), &self.metrics).await);
+        }
+        self.store.submit(ops).wait().await
+    }
+
+    /// True when a session of `client_id` is here (live or stored).
+    pub fn has_session(&self, client_id: &str) -> bool {
+        let key = self.key(client_id);
+        self.shard(key).lock().get(key).is_some()
     }
 
     /// Capacity of a connection's delivery channel.

@@ -360,14 +360,15 @@ impl Client {
     }
 }
 
-/// Waits for a publisher's captures to be stored and for room at its blocked
+/// Waits for what a publisher's routing left pending (captures, other nodes, routes)
+/// and for room at its blocked
 /// subscribers; returns the store writes that undo deliveries dropped meanwhile.
 async fn wait_for(broker: &Broker, waits: Waits) -> Vec<crate::store::Op> {
     let Waits {
-        blocked, captures, ..
+        blocked, pending, ..
     } = waits;
-    for capture in captures {
-        capture.await;
+    for wait in pending {
+        wait.await;
     }
     if blocked.is_empty() {
         return Vec::new();
@@ -446,7 +447,10 @@ fn run_events(
                 identifier,
                 existed,
             } => {
-                broker.subscribe(&filter, conn.client_id(), options, identifier);
+                if let Some(wait) = broker.subscribe(&filter, conn.client_id(), options, identifier)
+                {
+                    fanout.waits().pending.push(wait);
+                }
                 if let Some(scan) = broker.retained_to_send(&filter, options, existed) {
                     conn.read_retained(scan, options, identifier);
                 }

@@ -18,6 +18,7 @@ pub mod clock;
 pub mod lifecycle;
 pub mod mailbox;
 pub mod metrics;
+pub mod peers;
 pub mod protocol;
 pub mod queues;
 pub mod rate;

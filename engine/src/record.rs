@@ -465,6 +465,85 @@ pub fn decode_session(
     })
 }
 
+// ----- a session moving to another node -----
+
+/// Encodes a whole session (its record, in-flight and queued messages in order, and
+/// the inbound QoS 2 ids) for another node, which reads it with [`decode_transfer`]:
+/// the same records the store holds, in one buffer, so a moved session is read back
+/// by the same rules as one loaded at startup.
+pub fn encode_transfer(session: &Session) -> Vec<u8> {
+    fn frame(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
+        out.push(kind);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+    let mut out = Vec::new();
+    out.push(FORMAT);
+    frame(
+        &mut out,
+        b'S',
+        &encode_session(session, false, session.pending_will.as_deref()),
+    );
+    for f in &session.inflight {
+        let mut body = Vec::new();
+        body.extend_from_slice(&f.packet_id.to_be_bytes());
+        body.push(match f.state {
+            InflightState::Published => 0,
+            InflightState::Released => 1,
+        });
+        body.extend_from_slice(&encode_entry(&f.delivery));
+        frame(&mut out, b'F', &body);
+    }
+    for i in 0..session.pending.len() {
+        frame(&mut out, b'Q', &encode_entry(&session.pending[i]));
+    }
+    for id in &session.incoming_qos2 {
+        frame(&mut out, b'I', &id.to_be_bytes());
+    }
+    out
+}
+
+/// Reads a session written by [`encode_transfer`] for `client`; `None` if it is
+/// damaged (or names no session). Its deliveries' store keys are the buffer's own,
+/// to be replaced by the receiving node's ([`crate::broker::Broker::adopt`]).
+pub fn decode_transfer(client: &str, value: &[u8]) -> Option<StoredSession> {
+    let mut r = Reader(value);
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let mut loader = Loader::new();
+    let mut seq = 0u64;
+    while !r.0.is_empty() {
+        let kind = r.u8()?;
+        let n = r.u32()? as usize;
+        let body = r.take(n)?;
+        let read = match kind {
+            b'S' => loader.session(client, body),
+            b'F' => {
+                let mut b = Reader(body);
+                let packet_id = b.u16()?;
+                let state = match b.u8()? {
+                    0 => InflightState::Published,
+                    _ => InflightState::Released,
+                };
+                seq += 1;
+                loader.inflight(client, seq, packet_id, state);
+                loader.entry(client, seq, b.rest())
+            }
+            b'Q' => {
+                seq += 1;
+                loader.entry(client, seq, body)
+            }
+            b'I' => loader.inbound(client, u16::from_be_bytes(body.try_into().ok()?)),
+            _ => return None,
+        };
+        if read != Read::Kept {
+            return None;
+        }
+    }
+    loader.finish().sessions.pop()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,6 +606,66 @@ mod tests {
                 .is_some_and(|s| s > 95)
         );
         assert!(decode_entry(&encode_entry(&d)[..20], Instant::now(), unix_ms()).is_none());
+    }
+
+    #[test]
+    fn a_moved_session_reads_back_whole() {
+        let mut s = Session::new("mover".into());
+        s.expiry_interval = 300;
+        s.subscriptions.insert(
+            "a/+".into(),
+            SubscriptionRecord {
+                options: SubscriptionOptions::default(),
+                identifier: Some(4),
+                consumer_group: None,
+            },
+        );
+        s.inflight.push_back(Inflight {
+            packet_id: 7,
+            delivery: delivery(b"in flight"),
+            state: InflightState::Released,
+        });
+        s.pending.push_back(delivery(b"queued 1"));
+        s.pending.push_back(delivery(b"queued 2"));
+        s.incoming_qos2.insert(42);
+        s.pending_will = Some(Box::new(LastWill {
+            topic: "w".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties {
+                will_delay_interval: Some(30),
+                ..Properties::default()
+            },
+        }));
+        let bytes = encode_transfer(&s);
+        let stored = decode_transfer("mover", &bytes).expect("decodes");
+        assert_eq!(
+            stored
+                .will
+                .as_ref()
+                .map(|w| (w.topic.as_str(), w.properties.will_delay_interval)),
+            Some(("w", Some(30)))
+        );
+        let back = stored.session;
+        assert_eq!(back.expiry_interval, 300);
+        assert_eq!(back.subscriptions.len(), 1);
+        assert_eq!(back.inflight.len(), 1);
+        assert_eq!(back.inflight[0].packet_id, 7);
+        assert_eq!(back.inflight[0].state, InflightState::Released);
+        assert_eq!(payload_of(&back.inflight[0].delivery), "in flight");
+        let queued: Vec<Bytes> = (0..back.pending.len())
+            .map(|i| payload_of(&back.pending[i]))
+            .collect();
+        assert_eq!(queued, ["queued 1", "queued 2"]);
+        assert!(back.incoming_qos2.contains(&42));
+        // Damage anywhere is refused, never half-read.
+        for cut in [1, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(
+                decode_transfer("mover", &bytes[..cut]).is_none(),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

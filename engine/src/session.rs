@@ -142,6 +142,11 @@ impl Pending {
         self.items.push_back(d);
     }
 
+    /// Each held message, oldest first, to change what is not counted (store keys).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Delivery> {
+        self.items.iter_mut()
+    }
+
     /// Takes the oldest.
     pub fn pop_front(&mut self) -> Option<Delivery> {
         let d = self.items.pop_front()?;

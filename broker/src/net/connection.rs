@@ -19,7 +19,7 @@ use roost_core::codec;
 use roost_core::{ConnAck, Connect, DecodeError, Packet, ProtocolVersion, ReasonCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::security::acl::{Access, Authorizer};
 use crate::security::auth;
@@ -467,6 +467,24 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let version = connect.protocol;
+    // In a cluster the client id becomes this node's first (its session moves here
+    // if another node had it); without a majority nobody can say whose it is.
+    if let Some(peers) = broker.peers() {
+        match peers.claim(&client_id).await {
+            Ok(Some(moved)) => {
+                if let Err(e) = broker.adopt(moved).await {
+                    warn!(client_id = %client_id, "moved session not stored: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(_) => {
+                let code = ReasonCode::ServerUnavailable;
+                let why = "the cluster cannot reach a majority".to_owned();
+                Box::pin(refuse(broker, io, version, code, why)).await;
+                return Err("CONNECT refused: the cluster has no majority".into());
+            }
+        }
+    }
     let admitted = Admitted { access, scram_user };
     match Client::attach(broker, connect, &plan, peer, admitted).await {
         Ok(client) => Ok(client),

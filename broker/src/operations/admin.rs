@@ -52,6 +52,8 @@ pub struct Api {
     pub token: Option<String>,
     /// `queue_defaults`: the settings a queue created by `PUT` starts from.
     pub queue_defaults: QueueConfig,
+    /// This node's cluster, when it is part of one.
+    pub cluster: Option<Arc<roost_cluster::Cluster>>,
 }
 
 /// Serves admin requests on `listener` until `shutdown` turns true.
@@ -295,6 +297,9 @@ enum Route {
     Clients,
     Client(String),
     Sessions,
+    Cluster,
+    Members,
+    Member(String),
 }
 
 impl Route {
@@ -319,6 +324,11 @@ impl Route {
             ["api", "v1", "clients"] => Route::Clients,
             ["api", "v1", "clients", c] if !c.is_empty() => Route::Client((*c).to_owned()),
             ["api", "v1", "sessions"] => Route::Sessions,
+            ["api", "v1", "cluster"] => Route::Cluster,
+            ["api", "v1", "cluster", "members"] => Route::Members,
+            ["api", "v1", "cluster", "members", id] if !id.is_empty() => {
+                Route::Member((*id).to_owned())
+            }
             _ => return None,
         })
     }
@@ -331,7 +341,10 @@ impl Route {
             | Route::Metrics
             | Route::Queues
             | Route::Clients
-            | Route::Sessions => &["GET"],
+            | Route::Sessions
+            | Route::Cluster => &["GET"],
+            Route::Members => &["POST"],
+            Route::Member(_) => &["DELETE"],
             Route::Queue(_) => &["GET", "PUT", "DELETE"],
             Route::Purge(_) | Route::Reset(..) => &["POST"],
             Route::Client(_) => &["DELETE"],
@@ -402,7 +415,13 @@ async fn handle(api: &Api, request: &Request) -> Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: Vec::new(),
-            body: render_metrics(broker, &api.state_syncs).into_bytes(),
+            body: {
+                let mut text = render_metrics(broker, &api.state_syncs);
+                if let Some(c) = &api.cluster {
+                    text.push_str(&render_cluster_metrics(c));
+                }
+                text.into_bytes()
+            },
         },
         (_, Route::Queues) => {
             let list: Vec<Value> = broker.queues.list().iter().map(queue_json).collect();
@@ -478,8 +497,134 @@ async fn handle(api: &Api, request: &Request) -> Response {
                 .collect();
             Response::json(200, &Value::Array(sessions))
         }
+        (_, Route::Cluster) => match &api.cluster {
+            Some(c) => Response::json(200, &cluster_json(&c.node.status())),
+            None => Response::error(404, "this node is not part of a cluster"),
+        },
+        (_, Route::Members) => {
+            let Some(c) = &api.cluster else {
+                return Response::error(404, "this node is not part of a cluster");
+            };
+            let (id, addr) = match parse_member(body) {
+                Ok(m) => m,
+                Err(why) => return Response::error(400, &why),
+            };
+            let change = roost_cluster::MemberChange::Add {
+                id,
+                addr: addr.clone(),
+            };
+            match c.change_members(change).await {
+                Ok(()) => Response::json(200, &cluster_json(&c.node.status())),
+                Err(e) => Response::error(503, &format!("member {id} not added: {e}")),
+            }
+        }
+        (_, Route::Member(id)) => {
+            let Some(c) = &api.cluster else {
+                return Response::error(404, "this node is not part of a cluster");
+            };
+            let Some(id) = id.parse::<u64>().ok().filter(|&i| i >= 1) else {
+                return Response::error(400, "a member id is a number >= 1");
+            };
+            match c
+                .change_members(roost_cluster::MemberChange::Remove { id })
+                .await
+            {
+                Ok(()) => Response::json(200, &cluster_json(&c.node.status())),
+                Err(e) => Response::error(503, &format!("member {id} not removed: {e}")),
+            }
+        }
         _ => Response::error(405, "method not allowed"),
     }
+}
+
+/// The cluster's lines of `/metrics`.
+fn render_cluster_metrics(c: &roost_cluster::Cluster) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = &c.node.counters;
+    let status = c.node.status();
+    let up = status.members.iter().filter(|m| m.up).count();
+    let mut out = String::new();
+    for (name, help, kind, value) in [
+        (
+            "roost_cluster_members",
+            "Members of the cluster.",
+            "gauge",
+            status.members.len() as u64,
+        ),
+        (
+            "roost_cluster_members_up",
+            "Members this node has a live link to (itself included).",
+            "gauge",
+            up as u64,
+        ),
+        (
+            "roost_cluster_leader",
+            "The control plane's leader as this node knows it (0: none).",
+            "gauge",
+            status.leader.unwrap_or(0),
+        ),
+        (
+            "roost_cluster_forwarded_total",
+            "Messages sent to another node (once per node).",
+            "counter",
+            n.forwarded.load(Relaxed),
+        ),
+        (
+            "roost_cluster_received_total",
+            "Messages received from another node.",
+            "counter",
+            n.received.load(Relaxed),
+        ),
+        (
+            "roost_cluster_forward_dropped_total",
+            "Messages for another node that its link could not take (down or full).",
+            "counter",
+            c.node.forward_dropped(),
+        ),
+        (
+            "roost_cluster_sessions_moved_in_total",
+            "Sessions that moved here from another node.",
+            "counter",
+            n.sessions_in.load(Relaxed),
+        ),
+        (
+            "roost_cluster_sessions_moved_out_total",
+            "Sessions that moved from here to another node.",
+            "counter",
+            n.sessions_out.load(Relaxed),
+        ),
+        (
+            "roost_cluster_claims_refused_total",
+            "CONNECTs refused because no majority could be reached.",
+            "counter",
+            n.claims_refused.load(Relaxed),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
+}
+
+fn cluster_json(status: &roost_cluster::Status) -> Value {
+    serde_json::to_value(status).unwrap_or(Value::Null)
+}
+
+/// The body of `POST /api/v1/cluster/members`: `{"id": N, "cluster_addr": "HOST:PORT"}`.
+fn parse_member(body: &[u8]) -> Result<(u64, String), String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let id = v
+        .get("id")
+        .and_then(Value::as_u64)
+        .filter(|&i| i >= 1)
+        .ok_or("\"id\" must be a number >= 1")?;
+    let addr = v
+        .get("cluster_addr")
+        .and_then(Value::as_str)
+        .filter(|a| a.contains(':'))
+        .ok_or("\"cluster_addr\" must be \"HOST:PORT\"")?;
+    Ok((id, addr.to_owned()))
 }
 
 fn not_found(name: &str) -> Response {

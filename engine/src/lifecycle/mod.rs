@@ -25,11 +25,15 @@ use tokio::sync::oneshot;
 pub mod timers;
 pub use timers::{Deadlines, OfflineTimers};
 
-use crate::broker::{Attach, Broker, ConnectionHandle, Control, Fanout, Handover, Mailbox, Slot};
+use crate::broker::{
+    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, Slot,
+};
 use crate::metrics::Limit;
+use crate::record::StoredSession;
 use crate::record::{self as persist, Loaded};
 use crate::session::Session;
 use crate::store::Op;
+use crate::store::Ticket;
 
 impl Broker {
     /// Brings back what the store loaded at startup: retained messages and sessions
@@ -79,7 +83,8 @@ impl Broker {
             }
             session.pending_will = will.map(Box::new);
             for (filter, record) in session.routes() {
-                self.subscribe(filter, &client, record.options, record.identifier);
+                // (No cluster is joined yet: `Broker::set_peers` tells it these routes.)
+                drop(self.subscribe(filter, &client, record.options, record.identifier));
             }
             if stored.connected || will_delay_left == 0 {
                 // Now it is disconnected as of this start (and any will is gone).
@@ -474,6 +479,147 @@ impl Broker {
             // The successor gave up waiting: end the session as if it had none.
             session.pending_will = delayed_will.map(Box::new);
             self.discard_session(session);
+        }
+    }
+
+    /// Gives up this node's session of `client_id` because the client is now another
+    /// node's (cluster): a live connection is taken over (closed with v5 0x8E, as by
+    /// any takeover; a will without delay is published as then), an offline session
+    /// is taken out of the map, and the session's routes and stored copy leave this
+    /// node. Returns the session if it outlives its connection, for the new owner;
+    /// a session with expiry 0 ends here.
+    ///
+    /// The session is taken the way a new local connection would take it (a
+    /// placeholder attaches), so a connection ending at the same moment hands it over
+    /// instead of losing it.
+    pub async fn release(self: &Arc<Self>, client_id: &Arc<str>) -> Option<Session> {
+        let (placeholder, mut mailbox) = crate::mailbox::mailbox(self.delivery_capacity());
+        let info = Arc::new(ClientInfo {
+            id: self.next_id(),
+            persistent: true,
+            stalled: Default::default(),
+            overflowed: Default::default(),
+            peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            protocol: roost_core::ProtocolVersion::V5,
+            username: None,
+            connected_at_ms: persist::unix_ms(),
+        });
+        let id = info.id;
+        let found = self.attach(
+            client_id,
+            false,
+            ConnectionHandle {
+                mailbox: placeholder,
+                info,
+            },
+        );
+        let session = match found {
+            Attach::Resumed(session) => Some(*session),
+            Attach::TakingOver(rx) => rx.await.ok().map(|h| {
+                let mut session = h.session;
+                session.pending_will = h.delayed_will.map(Box::new);
+                session
+            }),
+            Attach::Fresh | Attach::Refused => None,
+        };
+        // The placeholder leaves the map (unless a local connection took its place).
+        let key = self.key(client_id);
+        {
+            let mut shard = self.shard(key).lock();
+            if matches!(shard.get(key), Some(Slot::Online(h)) if h.info.id == id) {
+                shard.remove(key);
+            }
+        }
+        let mut session = session?;
+        mailbox.close();
+        while let Some(d) = mailbox.try_recv() {
+            session.enqueue_offline(d, self.limits.max_queued());
+        }
+        if !session.is_persistent() {
+            self.discard_session(session);
+            return None;
+        }
+        for (filter, _) in session.routes() {
+            self.unsubscribe(filter, client_id);
+        }
+        let mut ops = std::mem::take(&mut session.journal);
+        if session.stored {
+            ops.push(Op::DeleteSession(client_id.clone()));
+            session.stored = false;
+        }
+        self.store.submit_detached(ops);
+        Some(session)
+    }
+
+    /// Takes in a session that moved here from another node (see
+    /// [`Broker::release`]): it is stored under this node's keys and put in the map
+    /// offline, its subscriptions routed, ready for the connection that claimed it to
+    /// attach. The future resolves once it is stored and its routes are known
+    /// cluster-wide (so a publish anywhere after the CONNACK finds it).
+    pub fn adopt(
+        self: &Arc<Self>,
+        stored: StoredSession,
+    ) -> impl std::future::Future<Output = Result<(), crate::store::StoreError>> + Send + use<>
+    {
+        let mut session = stored.session;
+        let client = session.client_id.clone();
+        let mut ops = Vec::new();
+        let key = self.key(&client);
+        let previous = self.shard(key).lock().remove(key);
+        match previous {
+            Some(Slot::Offline { session, .. }) => self.discard_session(*session),
+            Some(Slot::Online(h)) => {
+                // Cannot happen while the control plane gives a client id one owner; a
+                // stale connection is closed rather than left beside the session.
+                let _ = h.mailbox.control(Control::Kick);
+            }
+            None => {}
+        }
+        let seq = || self.next_seq.fetch_add(1, Ordering::Relaxed);
+        for f in &mut session.inflight {
+            let s = seq();
+            f.delivery.seq = Some(s);
+            ops.push(Op::PutEntry(
+                client.clone(),
+                s,
+                persist::encode_entry(&f.delivery),
+            ));
+            ops.push(Op::PutInflight(client.clone(), s, f.packet_id, f.state));
+        }
+        for d in session.pending.iter_mut() {
+            let s = seq();
+            d.seq = Some(s);
+            ops.push(Op::PutEntry(client.clone(), s, persist::encode_entry(d)));
+        }
+        for &id in &session.incoming_qos2 {
+            ops.push(Op::PutInbound(client.clone(), id));
+        }
+        session.pending_will = session.pending_will.take().or(stored.will.map(Box::new));
+        let record = persist::encode_session(&session, false, session.pending_will.as_deref());
+        // The session record first: a store reads entries only for known sessions.
+        ops.insert(0, Op::PutSession(client.clone(), record));
+        session.stored = true;
+        let routes: Vec<crate::peers::Wait> = session
+            .routes()
+            .filter_map(|(filter, record)| {
+                self.subscribe(filter, &client, record.options, record.identifier)
+            })
+            .collect();
+        let generation = self.next_id();
+        self.shard(key).lock().insert(
+            key,
+            &client,
+            Slot::Offline {
+                session: Box::new(session),
+                generation,
+            },
+        );
+        let ticket: Ticket = self.store.submit(ops);
+        async move {
+            for route in routes {
+                route.await;
+            }
+            ticket.wait().await
         }
     }
 }

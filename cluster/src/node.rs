@@ -1,0 +1,535 @@
+//! One node of a cluster at work: the engine's [`Peers`] (publishes out to other
+//! nodes, routes, claims) and the [`Handler`] of what its links bring in (publishes
+//! from other nodes, session moves, consensus traffic).
+//!
+//! Session ownership: every CONNECT claims its client id through the control plane
+//! (one write; refused with "server unavailable" where no majority can be reached).
+//! The claim names the previous owner, which the new owner asks for the session; the
+//! previous owner also acts on the applied claim by itself (closing the old connection
+//! with 0x8E and keeping the session ready for [`DEPARTING_FOR`]), so a client id has
+//! one live owner even when the request is lost. A node that was down or cut off when
+//! its clients moved finds out once it has caught up with the log, and gives up those
+//! sessions then.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use roost_core::{Message, QoS};
+use roost_engine::broker::{Broker, Fanout};
+use roost_engine::peers::{Claim, Forwarded, Peers, ShareKey, Unavailable, Wait};
+use roost_engine::record;
+use roost_engine::session::Session;
+use roost_router::Matches;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::consensus::Consensus;
+use crate::link::{Handler, Link, Links};
+use crate::raft::state::Applied;
+use crate::raft::types::{Command, NodeId, Outcome};
+use crate::request::Request;
+use crate::routes::{Route, node_of};
+
+/// How long a session that moved away waits here for its new owner to fetch it.
+pub const DEPARTING_FOR: Duration = Duration::from_secs(30);
+/// How long a publisher waits for other nodes to store a forwarded QoS 1/2 message.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+/// How long a new owner waits for the previous owner to hand a session over.
+const TAKE_WAIT: Duration = Duration::from_secs(3);
+
+type Departing = Arc<tokio::sync::Mutex<Option<Session>>>;
+
+/// A route change to propose, with who waits for it.
+type RouteChange = ((bool, Route), Option<oneshot::Sender<()>>);
+
+/// Counters of the data plane.
+#[derive(Default)]
+pub struct Counters {
+    /// Messages sent to another node.
+    pub forwarded: AtomicU64,
+    /// Messages received from another node.
+    pub received: AtomicU64,
+    /// Sessions that moved here from another node.
+    pub sessions_in: AtomicU64,
+    /// Sessions that moved from here to another node.
+    pub sessions_out: AtomicU64,
+    /// CONNECTs refused because the control plane was out of reach.
+    pub claims_refused: AtomicU64,
+}
+
+/// A running node.
+pub struct Node {
+    pub(crate) me: NodeId,
+    pub(crate) consensus: Arc<dyn Consensus>,
+    pub(crate) links: Arc<Links>,
+    broker: Arc<Broker>,
+    /// Local subscriptions per route (a route stands while its count is positive).
+    local: Mutex<HashMap<Route, usize>>,
+    route_tx: mpsc::UnboundedSender<RouteChange>,
+    departing: Mutex<HashMap<String, (u64, Departing)>>,
+    next_request: AtomicU64,
+    /// Set once the node has applied the log it had when it started.
+    caught_up: AtomicBool,
+    start_index: u64,
+    /// Data-plane counters.
+    pub counters: Arc<Counters>,
+}
+
+impl Node {
+    pub(crate) fn new(
+        me: NodeId,
+        consensus: Arc<dyn Consensus>,
+        links: Arc<Links>,
+        broker: Arc<Broker>,
+        start_index: u64,
+    ) -> Arc<Node> {
+        let (route_tx, route_rx) = mpsc::unbounded_channel();
+        let node = Arc::new(Node {
+            me,
+            consensus,
+            links,
+            broker,
+            local: Mutex::default(),
+            route_tx,
+            departing: Mutex::default(),
+            // Unique across restarts without storing anything: claims of one start
+            // never reuse another start's ids.
+            next_request: AtomicU64::new(record::unix_ms() << 16),
+            caught_up: AtomicBool::new(false),
+            start_index,
+            counters: Arc::default(),
+        });
+        tokio::spawn(node.clone().propose_routes(route_rx));
+        node
+    }
+
+    /// Proposes route changes in order, as many as are queued in one write; retries
+    /// what could not be committed.
+    async fn propose_routes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<RouteChange>) {
+        let mut batch = Vec::new();
+        let mut waiters = Vec::new();
+        loop {
+            if batch.is_empty() {
+                let Some((change, waiter)) = rx.recv().await else {
+                    return;
+                };
+                batch.push(change);
+                waiters.extend(waiter);
+            }
+            while let Ok((change, waiter)) = rx.try_recv() {
+                batch.push(change);
+                waiters.extend(waiter);
+            }
+            let cmd = Command::Routes {
+                node: self.me,
+                changes: batch.clone(),
+            };
+            match self.consensus.propose(cmd).await {
+                Ok(_) => batch.clear(),
+                Err(e) => {
+                    debug!("route changes not committed yet ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            // A subscriber waits for the first attempt only: without a majority its
+            // SUBACK is not held for ever (local delivery works meanwhile).
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    /// Acts on what the control plane applied.
+    pub(crate) async fn follow(self: Arc<Self>, mut applied: mpsc::UnboundedReceiver<Applied>) {
+        while let Some(a) = applied.recv().await {
+            match a {
+                Applied::Claimed {
+                    client,
+                    owner,
+                    index,
+                    ..
+                } => {
+                    if owner != self.me && index > self.start_index {
+                        self.depart(client, index);
+                    }
+                }
+                Applied::Membership => {
+                    let members = self.consensus.state().members();
+                    for (id, addr, _) in &members {
+                        self.links.know(*id, addr.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Client `client` is now another node's (claim at `epoch`): if it has a session
+    /// here, take it from its connection and keep it for the new owner a while.
+    fn depart(self: &Arc<Self>, client: String, epoch: u64) {
+        if !self.broker.has_session(&client) {
+            return;
+        }
+        let slot: Departing = Arc::default();
+        let Ok(guard) = slot.clone().try_lock_owned() else {
+            return;
+        };
+        self.departing
+            .lock()
+            .insert(client.clone(), (epoch, slot.clone()));
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut guard = guard;
+            let id: Arc<str> = client.as_str().into();
+            *guard = node.broker.release(&id).await;
+            drop(guard);
+            if slot.lock().await.is_some() {
+                info!(client_id = %client, "client connected to another node: session handed over");
+            }
+            tokio::time::sleep(DEPARTING_FOR).await;
+            let stale = {
+                let mut departing = node.departing.lock();
+                match departing.get(&client) {
+                    Some((e, s)) if *e == epoch && Arc::ptr_eq(s, &slot) => {
+                        departing.remove(&client)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some((_, slot)) = stale
+                && let Some(session) = slot.lock().await.take()
+            {
+                debug!(client_id = %client, "moved session never fetched: ended");
+                node.broker.discard_session(session);
+            }
+        });
+    }
+
+    /// Waits until the node has applied the log it started with, then gives up the
+    /// sessions that moved elsewhere meanwhile and states its routes afresh.
+    pub(crate) async fn catch_up(self: Arc<Self>) {
+        while self.consensus.applied_index() < self.start_index {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.caught_up.store(true, Ordering::Relaxed);
+        let state = self.consensus.state().clone();
+        for s in self.broker.sessions() {
+            if state.owner(&s.client_id).is_some_and(|o| o != self.me) {
+                info!(client_id = %s.client_id, "session owned by another node since: ended here");
+                if let Some(session) = self.broker.release(&s.client_id).await {
+                    drop(session);
+                }
+            }
+        }
+        let keep: Vec<Route> = self.local.lock().keys().cloned().collect();
+        loop {
+            let cmd = Command::SetRoutes {
+                node: self.me,
+                keep: keep.clone(),
+            };
+            match self.consensus.propose(cmd).await {
+                Ok(_) => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Messages for another node that its link could not take.
+    pub fn forward_dropped(&self) -> u64 {
+        self.links.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The cluster as this node sees it.
+    pub fn status(&self) -> Status {
+        let members = self
+            .consensus
+            .state()
+            .members()
+            .into_iter()
+            .map(|(id, addr, voter)| Member {
+                id,
+                up: id == self.me || self.links.is_up(id),
+                cluster_addr: addr,
+                voter,
+            })
+            .collect();
+        Status {
+            node_id: self.me,
+            leader: self.consensus.leader(),
+            members,
+            caught_up: self.caught_up.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn take_session(&self, client: String, epoch: u64) -> Result<Bytes, String> {
+        // The claim must be applied here first, so its departure has begun.
+        let deadline = tokio::time::Instant::now() + TAKE_WAIT;
+        while self.consensus.applied_index() < epoch && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let slot = self.departing.lock().get(&client).map(|(_, s)| s.clone());
+        let session = match slot {
+            Some(slot) => slot.lock().await.take(),
+            None if self.broker.has_session(&client) => {
+                let id: Arc<str> = client.as_str().into();
+                self.broker.release(&id).await
+            }
+            None => None,
+        };
+        Ok(match session {
+            Some(session) => {
+                self.counters.sessions_out.fetch_add(1, Ordering::Relaxed);
+                Bytes::from(record::encode_transfer(&session))
+            }
+            None => Bytes::new(),
+        })
+    }
+}
+
+/// What `GET /api/v1/cluster` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// This node.
+    pub node_id: NodeId,
+    /// The control plane's leader, as this node knows it.
+    pub leader: Option<NodeId>,
+    /// The members.
+    pub members: Vec<Member>,
+    /// True once this node has applied the log it started with.
+    pub caught_up: bool,
+}
+
+/// A member as [`Status`] shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Member {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its cluster address.
+    pub cluster_addr: String,
+    /// This node has a live link to it (always true for this node).
+    pub up: bool,
+    /// A voting member (not a learner still catching up).
+    pub voter: bool,
+}
+
+fn route_of(share_group: Option<&str>, filter: &str) -> Route {
+    Route {
+        share: share_group.map(str::to_owned),
+        filter: filter.to_owned(),
+    }
+}
+
+impl Peers for Node {
+    fn forward(&self, msg: &Arc<Message>, shared: &[ShareKey]) -> Forwarded {
+        let mut matches = Matches::default();
+        self.consensus
+            .state()
+            .routes
+            .matches(&msg.topic, &mut matches);
+        // Per destination node: the share groups it takes (present: it gets the message).
+        let mut plan: BTreeMap<NodeId, Vec<ShareKey>> = BTreeMap::new();
+        for s in &matches.direct {
+            if let Some(n) = node_of(s)
+                && n != self.me
+                && self.links.is_up(n)
+            {
+                plan.entry(n).or_default();
+            }
+        }
+        let mut taken = Vec::new();
+        for g in &matches.shared {
+            let key = ShareKey {
+                group: g.group.clone(),
+                filter: g.filter.clone(),
+            };
+            let here = shared.contains(&key);
+            let chosen = g
+                .rotation()
+                .filter_map(|i| node_of(&g.members[i]))
+                .find(|&n| {
+                    if n == self.me {
+                        here
+                    } else {
+                        self.links.is_up(n)
+                    }
+                });
+            match chosen {
+                Some(n) if n != self.me => {
+                    plan.entry(n).or_default().push(key.clone());
+                    taken.push(key);
+                }
+                _ => {}
+            }
+        }
+        if msg.retain {
+            // Every node keeps every retained message.
+            for n in self.links.up() {
+                plan.entry(n).or_default();
+            }
+        }
+        if plan.is_empty() {
+            return Forwarded { taken, wait: None };
+        }
+        let mut encoded = Vec::with_capacity(64 + msg.payload.len() + msg.topic.len());
+        record::encode_message(msg, &mut encoded);
+        let encoded = Bytes::from(encoded);
+        let want_ack = msg.qos != QoS::AtMostOnce;
+        let mut acks = Vec::new();
+        for (n, shared) in plan {
+            let sent = self
+                .links
+                .get(n)
+                .ok_or(crate::link::LinkError::Unreachable(n))
+                .and_then(|l| l.publish(shared, encoded.clone(), want_ack));
+            match sent {
+                Ok(ack) => {
+                    self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                    acks.extend(ack);
+                }
+                Err(_) => {
+                    self.links.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let wait: Option<Wait> = (!acks.is_empty()).then(|| {
+            Box::pin(async move {
+                let all = async {
+                    for ack in acks {
+                        let _ = ack.await;
+                    }
+                };
+                let _ = tokio::time::timeout(ACK_WAIT, all).await;
+            }) as Wait
+        });
+        Forwarded { taken, wait }
+    }
+
+    fn subscribed(&self, share_group: Option<&str>, filter: &str) -> Option<Wait> {
+        let route = route_of(share_group, filter);
+        {
+            let mut local = self.local.lock();
+            let n = local.entry(route.clone()).or_insert(0);
+            *n += 1;
+            if *n > 1 {
+                return None;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = self.route_tx.send(((true, route), Some(tx)));
+        Some(Box::pin(async move {
+            let _ = rx.await;
+        }))
+    }
+
+    fn unsubscribed(&self, share_group: Option<&str>, filter: &str) {
+        let route = route_of(share_group, filter);
+        {
+            let mut local = self.local.lock();
+            match local.get_mut(&route) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    return;
+                }
+                Some(_) => {
+                    local.remove(&route);
+                }
+                None => return,
+            }
+        }
+        let _ = self.route_tx.send(((false, route), None));
+    }
+
+    fn claim(&self, client_id: &Arc<str>) -> Claim {
+        let cmd = Command::Claim {
+            client: client_id.to_string(),
+            node: self.me,
+            request: self.next_request.fetch_add(1, Ordering::Relaxed),
+        };
+        let consensus = self.consensus.clone();
+        let links = self.links.clone();
+        let client = client_id.clone();
+        let counters = self.counters.clone();
+        Box::pin(async move {
+            let outcome = consensus.propose(cmd).await.map_err(|e| {
+                counters.claims_refused.fetch_add(1, Ordering::Relaxed);
+                warn!(client_id = %client, "CONNECT refused: cannot claim the client id: {e}");
+                Unavailable
+            })?;
+            let Outcome::Claimed {
+                epoch,
+                previous: Some(previous),
+            } = outcome
+            else {
+                return Ok(None);
+            };
+            let request = Request::TakeSession {
+                client: client.to_string(),
+                epoch,
+            };
+            let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+            match links.request(previous, body, TAKE_WAIT).await {
+                Ok(bytes) if bytes.is_empty() => Ok(None),
+                Ok(bytes) => match record::decode_transfer(&client, &bytes) {
+                    Some(session) => {
+                        counters.sessions_in.fetch_add(1, Ordering::Relaxed);
+                        info!(client_id = %client, from = previous, "session moved here");
+                        Ok(Some(session))
+                    }
+                    None => {
+                        warn!(client_id = %client, from = previous, "moved session is damaged: starting a new one");
+                        Ok(None)
+                    }
+                },
+                Err(e) => {
+                    info!(client_id = %client, from = previous, "session not moved ({e}): starting a new one");
+                    Ok(None)
+                }
+            }
+        })
+    }
+}
+
+impl Handler for Node {
+    fn request(
+        self: Arc<Self>,
+        _from: NodeId,
+        body: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, String>> + Send>> {
+        Box::pin(async move {
+            let request: Request =
+                serde_json::from_slice(&body).map_err(|e| format!("malformed request: {e}"))?;
+            match request {
+                Request::TakeSession { client, epoch } => self.take_session(client, epoch).await,
+                other => self.consensus.answer(other).await,
+            }
+        })
+    }
+
+    fn publish(self: Arc<Self>, link: Arc<Link>, ack: u64, shared: Vec<ShareKey>, message: Bytes) {
+        let now = roost_engine::clock::now();
+        let Some(msg) = record::decode_retained(&message, now, record::unix_ms()) else {
+            warn!(node = link.node, "undecodable message from a peer dropped");
+            return;
+        };
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let mut out = Fanout::default();
+        self.broker
+            .publish_from_peer(Arc::new(msg), &shared, &mut out);
+        if ack == 0 && out.ops.is_empty() && out.only_ops() {
+            return;
+        }
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            match broker.settle(out).await {
+                Ok(()) if ack != 0 => {
+                    link.send(crate::wire::Frame::Acked { id: ack });
+                }
+                Ok(()) => {}
+                Err(e) => warn!("message from node {} not stored: {e}", link.node),
+            }
+        });
+    }
+}

@@ -1,0 +1,59 @@
+//! The control plane's types as openraft sees them: node ids, the commands its log
+//! carries and what applying them answers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::routes::Route;
+
+/// A node's id (`--node-id`, at least 1).
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The control plane's type configuration.
+    pub TypeConfig: D = Command, R = Outcome, SnapshotData = std::io::Cursor<Vec<u8>>
+);
+
+/// A change to the control plane's state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Command {
+    /// `node` takes client id `client` (a CONNECT there). `request` makes a retried
+    /// proposal answer as the first one did.
+    Claim {
+        /// The client id.
+        client: String,
+        /// The node the client connected to.
+        node: NodeId,
+        /// Unique per attempt, for retries.
+        request: u64,
+    },
+    /// Routes of `node` that came or went, in order (batched: a burst of new
+    /// filters is one write).
+    Routes {
+        /// The node.
+        node: NodeId,
+        /// `(true, route)`: it has a local subscriber now; `(false, route)`: no more.
+        changes: Vec<(bool, Route)>,
+    },
+    /// Forget every route of `node` except `keep` (a node that restarted states what
+    /// it has).
+    SetRoutes {
+        /// The node.
+        node: NodeId,
+        /// Its routes now.
+        keep: Vec<Route>,
+    },
+}
+
+/// What applying a [`Command`] answered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Outcome {
+    /// A claim: its epoch, and the node that owned the client before, if another.
+    Claimed {
+        /// The claim's epoch (its log index).
+        epoch: u64,
+        /// The previous owner, when it was another node.
+        previous: Option<NodeId>,
+    },
+    /// Anything else.
+    Done,
+}

@@ -1,0 +1,204 @@
+"""Clusters of real roost processes for the cluster tests.
+
+Two layouts:
+- loopback: every node on 127.0.0.1 with its own MQTT, cluster and admin ports (works
+  without privileges);
+- netns: each node in its own network namespace (10.88.X.N on a bridge), so the tests
+  can cut links for real with routes that refuse the other side's address (root only).
+  The test process reaches every node through the bridge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from broker import Broker, accepts, free_port, roost_binary
+
+TOKEN = "cluster-test-token"
+
+_instances = itertools.count()
+
+
+def can_use_netns() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+def _ip(*args, check=True):
+    r = subprocess.run(["ip", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+    return r
+
+
+class Node(Broker):
+    """One cluster node: a Broker with a cluster listener and an admin API."""
+
+    def __init__(self, node_id, host, cluster_port, peers, ns=None, name="roost", join=False):
+        super().__init__({})
+        self.node_id = node_id
+        self.host = host
+        self.ns = ns
+        if ns is not None:
+            self.port = 1883
+            self.admin_port = 8080
+        else:
+            self.admin_port = free_port()
+        self.cluster_port = cluster_port
+        self.cluster_addr = f"{host}:{cluster_port}"
+        self.config = {
+            "admin_bind": [f"{host}:{self.admin_port}"],
+            "admin_token": TOKEN,
+            "cluster": {"node_id": node_id, "bind": self.cluster_addr, "peers": peers,
+                        "name": name, "join": join},
+        }
+
+    def command(self):
+        cmd = super().command()
+        if self.ns is not None:
+            return ["ip", "netns", "exec", self.ns, *cmd]
+        return cmd
+
+    def start(self, timeout=15.0):
+        # The log of an earlier life (before a kill) is kept beside the new one.
+        if self.log_path.exists():
+            with open(self.dir / "earlier.log", "ab") as f:
+                f.write(self.log_path.read_bytes())
+        return super().start(timeout)
+
+    def api(self, method, path, body=None, timeout=5.0):
+        req = urllib.request.Request(
+            f"http://{self.host}:{self.admin_port}{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def status(self, timeout=2.0):
+        code, body = self.api("GET", "/api/v1/cluster", timeout=timeout)
+        assert code == 200, (code, body)
+        return body
+
+
+class Cluster:
+    """`n` nodes, started together; `netns=True` puts each in its own namespace."""
+
+    def __init__(self, n, netns=False):
+        self.netns = netns
+        self.nodes: dict[int, Node] = {}
+        self.cuts: list[tuple[str, str]] = []
+        tag = (os.getpid() * 7 + next(_instances)) % 100000
+        if netns:
+            self.tag = f"rq{tag}"
+            self.subnet = f"10.88.{tag % 250}"
+            self.bridge = f"{self.tag}b"
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            hosts = {}
+            for i in range(1, n + 1):
+                ns = f"{self.tag}n{i}"
+                _ip("netns", "add", ns)
+                _ip("link", "add", f"{self.tag}h{i}", "type", "veth", "peer", "name", f"{self.tag}v{i}")
+                _ip("link", "set", f"{self.tag}h{i}", "master", self.bridge, "up")
+                _ip("link", "set", f"{self.tag}v{i}", "netns", ns)
+                _ip("-n", ns, "addr", "add", f"{self.subnet}.{i}/24", "dev", f"{self.tag}v{i}")
+                _ip("-n", ns, "link", "set", f"{self.tag}v{i}", "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                hosts[i] = (f"{self.subnet}.{i}", 7000, ns)
+        else:
+            hosts = {i: ("127.0.0.1", free_port(), None) for i in range(1, n + 1)}
+        peers = [f"{i}@{h}:{p}" for i, (h, p, _) in hosts.items()]
+        self.peers = peers
+        for i, (h, p, ns) in hosts.items():
+            self.nodes[i] = Node(i, h, p, peers, ns=ns)
+
+    def __getitem__(self, i) -> Node:
+        return self.nodes[i]
+
+    def start(self):
+        for node in self.nodes.values():
+            node.start()
+        self.wait_stable()
+        return self
+
+    def alive(self):
+        return [i for i, n in self.nodes.items() if n.alive()]
+
+    def leader(self, among=None, timeout=10.0):
+        """The leader every node of `among` (default: the live ones) agrees on."""
+        among = among or self.alive()
+        deadline = time.monotonic() + timeout
+        seen = None
+        while time.monotonic() < deadline:
+            try:
+                seen = [self.nodes[i].status()["leader"] for i in among]
+            except Exception:
+                seen = None
+            if seen and seen[0] is not None and len(set(seen)) == 1 and seen[0] in among:
+                return seen[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no agreed leader among {among}: {seen}")
+
+    def wait_stable(self, among=None, timeout=20.0):
+        """A leader agreed on by `among`, each of them linked to all the others."""
+        among = among or self.alive()
+        deadline = time.monotonic() + timeout
+        leader = self.leader(among, timeout)
+        while time.monotonic() < deadline:
+            ok = True
+            for i in among:
+                st = self.nodes[i].status()
+                up = {m["id"] for m in st["members"] if m["up"]}
+                if not set(among) <= up or not st["caught_up"]:
+                    ok = False
+            if ok:
+                return leader
+            time.sleep(0.05)
+        raise AssertionError("cluster did not settle: " +
+                             str({i: self.nodes[i].status() for i in among}))
+
+    def others(self, *not_these):
+        return [i for i in self.nodes if i not in not_these]
+
+    # -- network cuts (netns only) -------------------------------------------------------
+    def cut(self, side_a, side_b):
+        """Nodes of side_a can no longer reach nodes of side_b, nor the other way."""
+        assert self.netns
+        for a in side_a:
+            for b in side_b:
+                for x, y in ((a, b), (b, a)):
+                    ns = self.nodes[x].ns
+                    _ip("-n", ns, "route", "add", "prohibit", f"{self.nodes[y].host}/32")
+                    self.cuts.append((ns, f"{self.nodes[y].host}/32"))
+
+    def heal(self):
+        for ns, dst in self.cuts:
+            _ip("-n", ns, "route", "del", "prohibit", dst, check=False)
+        self.cuts.clear()
+
+    def cleanup(self):
+        for node in self.nodes.values():
+            node.cleanup()
+        if self.netns:
+            self.heal()
+            for i, node in self.nodes.items():
+                _ip("link", "del", f"{self.tag}h{i}", check=False)
+                _ip("netns", "del", node.ns, check=False)
+            _ip("link", "del", self.bridge, check=False)
+
+
+def reachable(node: Node) -> bool:
+    return accepts(node.port, node.host)
+
+
+__all__ = ["Cluster", "Node", "can_use_netns", "reachable", "roost_binary", "TOKEN"]
