@@ -421,7 +421,7 @@ impl Queue {
         };
         let mut ledger = Ledger::default();
         replay(&name, &progress, &logs, &mut state, &mut ledger, notes);
-        let (dedup, last_values) = rebuild_indexes(&name, &logs, &config, &state, notes);
+        let (dedup, last_values) = rebuild_indexes(&name, dlq, &logs, &config, &state, notes);
         let stored = logs.iter().map(Log::next_offset).sum();
         let stored_bytes = logs.iter().map(Log::size_bytes).sum();
         let queue = Queue {
@@ -1720,13 +1720,14 @@ fn drops_of(st: &State) -> Vec<Progress> {
 /// each partition key among the messages some group may still get.
 fn rebuild_indexes(
     name: &str,
+    dlq: bool,
     logs: &[Log],
     config: &QueueConfig,
     st: &State,
     notes: &mut Vec<String>,
 ) -> (Dedup, Vec<HashMap<Bytes, u64>>) {
     let mut dedup = Dedup::default();
-    let last_value = config.last_value && !name.ends_with(crate::DEAD_LETTER_SUFFIX);
+    let last_value = config.last_value && !dlq;
     let mut newest = if last_value {
         vec![HashMap::new(); logs.len()]
     } else {

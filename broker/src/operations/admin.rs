@@ -1105,6 +1105,7 @@ mod tests {
                 lag: 2,
                 in_flight: 1,
                 waiting: 0,
+                delayed: 0,
             }],
             dead_letters: 0,
         };
