@@ -101,6 +101,7 @@ fn produce_consume(c: &mut Criterion) {
                                             partition_key: None,
                                             headers: Bytes::new(),
                                             payload: payload.clone(),
+                                            ..NewMessage::default()
                                         };
                                         queue.produce(msg).await.expect("produce");
                                         std::hint::black_box(n);

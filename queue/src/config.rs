@@ -63,6 +63,18 @@ pub struct QueueConfig {
     /// each keeps its progress and in-flight state, so this bounds what they can make
     /// the broker hold.
     pub max_consumer_groups: u32,
+    /// A produce whose `dedup-id` the queue stored within this many milliseconds is
+    /// acknowledged as a success and not stored again. The ids are kept in the message
+    /// records, so this holds across restarts (opening the queue reads this window of
+    /// every partition).
+    pub dedup_window_ms: u64,
+    /// Most `dedup-id`s remembered at once; past it the oldest are forgotten before
+    /// their window ends (each costs about 100 bytes of memory).
+    pub dedup_max_ids: u64,
+    /// A last-value queue: per `partition-key`, a group that has not consumed a
+    /// message yet gets only the newest one (older ones of the key are skipped as
+    /// settled). For device-state feeds. Messages without a key are all delivered.
+    pub last_value: bool,
 }
 
 impl Default for QueueConfig {
@@ -83,6 +95,9 @@ impl Default for QueueConfig {
             segment_bytes: 16 << 20,
             sync_interval_ms: 1_000,
             max_consumer_groups: 1_000,
+            dedup_window_ms: 120_000,
+            dedup_max_ids: 1_000_000,
+            last_value: false,
         }
     }
 }
@@ -117,6 +132,9 @@ impl QueueConfig {
         }
         if self.sync_interval_ms == 0 {
             return bad("sync_interval_ms must be at least 1".into());
+        }
+        if self.dedup_max_ids == 0 {
+            return bad("dedup_max_ids must be at least 1".into());
         }
         for f in &self.capture_filters {
             if roost_core::topic::validate_filter(f).is_err() || f.starts_with("$queue/") {
@@ -161,6 +179,7 @@ impl QueueConfig {
         QueueConfig {
             partitions: 1,
             capture_filters: Vec::new(),
+            last_value: false,
             ..self.clone()
         }
     }

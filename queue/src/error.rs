@@ -89,6 +89,14 @@ pub enum ProduceError {
     /// The queue was deleted.
     #[error("queue {0:?} was deleted")]
     Deleted(String),
+    /// A queue property of the produce (`dedup-id`, `delay-ms`, `deliver-at`,
+    /// `partition-key`, `ack-message-id`) is malformed or too long.
+    #[error("invalid queue property: {0}")]
+    InvalidProperty(&'static str),
+    /// An `ack-message-id` names a message that is not outstanding for this consumer
+    /// (unknown, settled already, or held by another consumer): nothing was stored.
+    #[error("message {0} is not held by this consumer")]
+    NotHeld(String),
     /// The append failed; the message was not stored.
     #[error(transparent)]
     Storage(#[from] roost_storage::Error),
@@ -101,6 +109,9 @@ impl ProduceError {
             ProduceError::QuotaExceeded { .. } => ReasonCode::QuotaExceeded,
             ProduceError::SubtopicTooLong(_) => ReasonCode::TopicNameInvalid,
             ProduceError::Deleted(_) => ReasonCode::TopicNameInvalid,
+            ProduceError::InvalidProperty(_) => ReasonCode::ImplementationSpecificError,
+            // As a `$ack` of a message the consumer does not hold.
+            ProduceError::NotHeld(_) => ReasonCode::UnspecifiedError,
             ProduceError::Storage(_) => ReasonCode::UnspecifiedError,
         }
     }

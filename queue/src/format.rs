@@ -6,9 +6,14 @@
 //!
 //! ```text
 //! version   u8    1
-//! flags     u8    bit 0: a dead-letter origin follows the subtopic
+//! flags     u8    bit 0: a dead-letter origin follows the subtopic; bits 1-4: the
+//!                 fields below in this order (absent when their bit is clear)
 //! sub_len   u16   then the subtopic (UTF-8)
 //! [origin: partition u32, offset u64, delivery_count u32, reason u8]
+//! [bit 1 dedup:      len u16, the `dedup-id`]
+//! [bit 2 deliver_at: u64, ms since the epoch: no group gets it before then]
+//! [bit 3 key:        len u16, the `partition-key` (kept for last-value queues)]
+//! [bit 4 transfer:   len u16, source queue name, txn u64: written by a transfer]
 //! opaque    rest  the broker's headers, as produced
 //! ```
 //!
@@ -22,8 +27,19 @@
 //! 5 purge     partition u32, offset u64  the queue's floor: nothing below is delivered
 //! 6 snapshot  floors: n u32, n x u64; groups: n u32, n x (key, partitions u32,
 //!             partitions x (committed u64, acked n u32, n x u64))
+//! 7 transfer  txn u64, drop u8, keys n u32 x key, partition u32, offset u64,
+//!             target len u16 + name, target_partition u32, headers len u32 + bytes,
+//!             payload len u32 + bytes: settles (partition, offset) for `keys` (or, with drop,
+//!             for every group, present and future) and stands for the target record
+//! 8 done      txn u64: the transfer's target record is stored
+//! 9 drop      partition u32, n u32, n x offset u64: delivered to no group
 //! key = group_len u16, group, has_filter u8, [filter_len u16, filter]
 //! ```
+//!
+//! A transfer (atomic ack-and-produce, dead-letter redrive) is one record in the
+//! source's progress log: once it is durable the settle and the produce both count.
+//! The target record is appended after it and tagged with the txn, so recovery can
+//! tell whether the append happened before a crash (see `Queues::open`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -35,6 +51,10 @@ use crate::group::GroupKey;
 
 const VERSION: u8 = 1;
 const FLAG_ORIGIN: u8 = 1;
+const FLAG_DEDUP: u8 = 1 << 1;
+const FLAG_DELIVER_AT: u8 = 1 << 2;
+const FLAG_KEY: u8 = 1 << 3;
+const FLAG_TRANSFER: u8 = 1 << 4;
 
 /// The address of one message: `<queue>:<partition>:<offset>`, the `message-id` user
 /// property of a delivery, which a consumer hands back to `$ack`, `$nack` or `$reject`.
@@ -104,16 +124,50 @@ pub struct Origin {
 pub(crate) struct MessageHeader {
     pub subtopic: Bytes,
     pub origin: Option<Origin>,
+    pub meta: Meta,
     pub headers: Bytes,
 }
+
+/// What the queue itself reads from a stored message besides its subtopic and origin.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    /// The producer's `dedup-id`.
+    pub dedup_id: Option<Bytes>,
+    /// Delivered to no group before this time (ms since the epoch).
+    pub deliver_at: Option<u64>,
+    /// The partition key (stored for last-value queues only).
+    pub key: Option<Bytes>,
+    /// The transfer that wrote this record: source queue name and txn.
+    pub transfer: Option<(Bytes, u64)>,
+}
+
+/// Longest `dedup-id` or partition key the queue header stores.
+pub(crate) const MAX_META_BYTES: usize = 1024;
 
 /// Longest subtopic (an MQTT topic is at most 65535 bytes).
 pub(crate) const MAX_SUBTOPIC: usize = u16::MAX as usize;
 
-pub(crate) fn encode_message(subtopic: &str, origin: Option<&Origin>, headers: &[u8]) -> Bytes {
+pub(crate) fn encode_message(
+    subtopic: &str,
+    origin: Option<&Origin>,
+    meta: &Meta,
+    headers: &[u8],
+) -> Bytes {
+    let short = |b: &Bytes| b.slice(..b.len().min(MAX_META_BYTES));
+    let mut flags = if origin.is_some() { FLAG_ORIGIN } else { 0 };
+    for (bit, on) in [
+        (FLAG_DEDUP, meta.dedup_id.is_some()),
+        (FLAG_DELIVER_AT, meta.deliver_at.is_some()),
+        (FLAG_KEY, meta.key.is_some()),
+        (FLAG_TRANSFER, meta.transfer.is_some()),
+    ] {
+        if on {
+            flags |= bit;
+        }
+    }
     let mut b = BytesMut::with_capacity(4 + subtopic.len() + 17 + headers.len());
     b.put_u8(VERSION);
-    b.put_u8(if origin.is_some() { FLAG_ORIGIN } else { 0 });
+    b.put_u8(flags);
     b.put_u16_le(u16::try_from(subtopic.len()).unwrap_or(u16::MAX));
     b.put_slice(&subtopic.as_bytes()[..subtopic.len().min(MAX_SUBTOPIC)]);
     if let Some(o) = origin {
@@ -124,6 +178,25 @@ pub(crate) fn encode_message(subtopic: &str, origin: Option<&Origin>, headers: &
             DeadReason::MaxDeliveries => 1,
             DeadReason::Rejected => 2,
         });
+    }
+    if let Some(d) = &meta.dedup_id {
+        let d = short(d);
+        b.put_u16_le(d.len() as u16);
+        b.put_slice(&d);
+    }
+    if let Some(t) = meta.deliver_at {
+        b.put_u64_le(t);
+    }
+    if let Some(k) = &meta.key {
+        let k = short(k);
+        b.put_u16_le(k.len() as u16);
+        b.put_slice(&k);
+    }
+    if let Some((source, txn)) = &meta.transfer {
+        let s = short(source);
+        b.put_u16_le(s.len() as u16);
+        b.put_slice(&s);
+        b.put_u64_le(*txn);
     }
     b.put_slice(headers);
     b.freeze()
@@ -151,9 +224,27 @@ pub(crate) fn decode_message(raw: &Bytes) -> Option<MessageHeader> {
     } else {
         None
     };
+    let mut meta = Meta::default();
+    if flags & FLAG_DEDUP != 0 {
+        let n = usize::from(r.u16()?);
+        meta.dedup_id = Some(r.bytes(n)?);
+    }
+    if flags & FLAG_DELIVER_AT != 0 {
+        meta.deliver_at = Some(r.u64()?);
+    }
+    if flags & FLAG_KEY != 0 {
+        let n = usize::from(r.u16()?);
+        meta.key = Some(r.bytes(n)?);
+    }
+    if flags & FLAG_TRANSFER != 0 {
+        let n = usize::from(r.u16()?);
+        let source = r.bytes(n)?;
+        meta.transfer = Some((source, r.u64()?));
+    }
     Some(MessageHeader {
         subtopic,
         origin,
+        meta,
         headers: raw.slice(r.pos..),
     })
 }
@@ -167,6 +258,34 @@ pub(crate) enum Progress {
     Delete(GroupKey),
     Purge(u32, u64),
     Snapshot(Snapshot),
+    Transfer(Transfer),
+    TransferDone(u64),
+    Drop(u32, Vec<u64>),
+}
+
+/// One durable step that settles a message of this queue and stands for a record
+/// stored in another (or the same) queue: see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Transfer {
+    /// Unique within the source queue; tags the target record.
+    pub txn: u64,
+    /// Settle for every group, present and future (a redrive out of a dead-letter
+    /// queue), rather than for `keys`.
+    pub drop: bool,
+    /// The groups whose delivery it settles.
+    pub keys: Vec<GroupKey>,
+    /// The settled message.
+    pub partition: u32,
+    /// The settled message.
+    pub offset: u64,
+    /// The queue the new record goes to.
+    pub target: String,
+    /// Its partition there.
+    pub target_partition: u32,
+    /// The target record's headers (queue header included, tagged with `txn`).
+    pub headers: Bytes,
+    /// The target record's payload.
+    pub payload: Bytes,
 }
 
 /// One partition's durable progress: committed offset and the settled offsets above it.
@@ -226,6 +345,37 @@ impl Progress {
                 b.put_u8(5);
                 b.put_u32_le(*p);
                 b.put_u64_le(*o);
+            }
+            Progress::Transfer(t) => {
+                b.put_u8(7);
+                b.put_u64_le(t.txn);
+                b.put_u8(u8::from(t.drop));
+                b.put_u32_le(t.keys.len() as u32);
+                for k in &t.keys {
+                    put_key(&mut b, k);
+                }
+                b.put_u32_le(t.partition);
+                b.put_u64_le(t.offset);
+                let target = &t.target.as_bytes()[..t.target.len().min(u16::MAX as usize)];
+                b.put_u16_le(target.len() as u16);
+                b.put_slice(target);
+                b.put_u32_le(t.target_partition);
+                b.put_u32_le(t.headers.len() as u32);
+                b.put_slice(&t.headers);
+                b.put_u32_le(t.payload.len() as u32);
+                b.put_slice(&t.payload);
+            }
+            Progress::TransferDone(txn) => {
+                b.put_u8(8);
+                b.put_u64_le(*txn);
+            }
+            Progress::Drop(p, offsets) => {
+                b.put_u8(9);
+                b.put_u32_le(*p);
+                b.put_u32_le(offsets.len() as u32);
+                for &o in offsets {
+                    b.put_u64_le(o);
+                }
             }
             Progress::Snapshot(s) => {
                 b.put_u8(6);
@@ -290,6 +440,44 @@ impl Progress {
                     groups.push((k, parts));
                 }
                 Progress::Snapshot(Snapshot { floors, groups })
+            }
+            7 => {
+                let txn = r.u64()?;
+                let drop = r.u8()? != 0;
+                let n = r.count(3)?;
+                let mut keys = Vec::with_capacity(n);
+                for _ in 0..n {
+                    keys.push(r.key()?);
+                }
+                let partition = r.u32()?;
+                let offset = r.u64()?;
+                let target = r.string()?.to_string();
+                let target_partition = r.u32()?;
+                let hlen = usize::try_from(r.u32()?).ok()?;
+                let headers = r.bytes(hlen)?;
+                let plen = usize::try_from(r.u32()?).ok()?;
+                let payload = r.bytes(plen)?;
+                Progress::Transfer(Transfer {
+                    txn,
+                    drop,
+                    keys,
+                    partition,
+                    offset,
+                    target,
+                    target_partition,
+                    headers,
+                    payload,
+                })
+            }
+            8 => Progress::TransferDone(r.u64()?),
+            9 => {
+                let p = r.u32()?;
+                let n = r.count(8)?;
+                let mut offsets = Vec::with_capacity(n);
+                for _ in 0..n {
+                    offsets.push(r.u64()?);
+                }
+                Progress::Drop(p, offsets)
             }
             _ => return None,
         };
@@ -385,15 +573,30 @@ mod tests {
             delivery_count: 5,
             reason: DeadReason::Rejected,
         };
+        let meta = Meta {
+            dedup_id: Some(Bytes::from_static(b"d-1")),
+            deliver_at: Some(77),
+            key: Some(Bytes::from_static(b"k")),
+            transfer: Some((Bytes::from_static(b"src"), 9)),
+        };
+        for meta in [Meta::default(), meta] {
+            let raw = encode_message("dev/1", Some(&o), &meta, b"props");
+            let h = decode_message(&raw);
+            assert_eq!(h.as_ref().map(|h| &h.meta), Some(&meta));
+            assert_eq!(h.map(|h| h.headers), Some(Bytes::from_static(b"props")));
+            for n in 0..raw.len() {
+                let _ = decode_message(&raw.slice(..n));
+            }
+        }
         for origin in [None, Some(o)] {
-            let raw = encode_message("dev/1", origin.as_ref(), b"props");
+            let raw = encode_message("dev/1", origin.as_ref(), &Meta::default(), b"props");
             let h = decode_message(&raw);
             assert_eq!(h.as_ref().map(|h| &h.subtopic[..]), Some(&b"dev/1"[..]));
             assert_eq!(h.as_ref().map(|h| &h.headers[..]), Some(&b"props"[..]));
             assert_eq!(h.and_then(|h| h.origin), origin);
         }
         for n in 0..8 {
-            let raw = encode_message("dev/1", None, b"");
+            let raw = encode_message("dev/1", None, &Meta::default(), b"");
             let _ = decode_message(&raw.slice(..n.min(raw.len())));
         }
         assert_eq!(decode_message(&Bytes::from_static(&[9, 0, 0, 0])), None);
@@ -411,6 +614,19 @@ mod tests {
                 floors: vec![1, 2],
                 groups: vec![(key("g", None), vec![(5, vec![7, 9]), (0, vec![])])],
             }),
+            Progress::Transfer(Transfer {
+                txn: 5,
+                drop: false,
+                keys: vec![key("g", None), key("h", Some("a/#"))],
+                partition: 2,
+                offset: 40,
+                target: "out".into(),
+                target_partition: 1,
+                headers: Bytes::from_static(b"hdr"),
+                payload: Bytes::from_static(b"body"),
+            }),
+            Progress::TransferDone(5),
+            Progress::Drop(0, vec![3, 4, 9]),
         ];
         for p in all {
             let raw = p.encode();

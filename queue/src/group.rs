@@ -11,8 +11,10 @@
 //!   never in `acked`;
 //! - an offset in `committed..next` that is not in `acked` is in exactly one of
 //!   `inflight` (held by a consumer), `retry` (waiting to be redelivered, possibly after a
-//!   backoff) or `dying` (its dead-letter append is in progress) — except right after
-//!   restore or reset, when `next == committed` and nothing is outstanding;
+//!   backoff), `delayed` (its `deliver_at` has not come: first delivery waits, later
+//!   offsets go ahead) or `dying` (its dead-letter or transfer append is in progress) —
+//!   except right after restore or reset, when `next == committed` and nothing is
+//!   outstanding;
 //! - new offsets are handed out in increasing order: first delivery is in offset order.
 //!
 //! Group invariants: each partition has at most one owner, always a member; a member's
@@ -119,6 +121,10 @@ pub(crate) struct Cursor {
     inflight: BTreeMap<u64, InFlight>,
     retry: BTreeMap<u64, Retry>,
     dying: BTreeMap<u64, u32>,
+    /// Messages whose first delivery waits for their `deliver_at`: offset -> due, and
+    /// the same ordered by due time (what [`Group::pick`] looks at).
+    delayed: BTreeMap<u64, u64>,
+    delayed_due: BTreeSet<(u64, u64)>,
 }
 
 impl Cursor {
@@ -177,7 +183,19 @@ impl Cursor {
         }
     }
 
-    #[cfg(test)]
+    fn undelay(&mut self, offset: u64) -> bool {
+        match self.delayed.remove(&offset) {
+            Some(due) => self.delayed_due.remove(&(due, offset)),
+            None => false,
+        }
+    }
+
+    /// Keeps only the delayed offsets `keep` says yes to.
+    fn retain_delayed(&mut self, keep: impl Fn(u64) -> bool) {
+        self.delayed.retain(|&o, _| keep(o));
+        self.delayed_due.retain(|&(_, o)| keep(o));
+    }
+
     fn is_settled(&self, offset: u64) -> bool {
         offset < self.committed || self.acked.contains(&offset)
     }
@@ -199,7 +217,8 @@ pub(crate) struct Pick {
     pub offset: u64,
     /// Deliveries before this one (0 for a first delivery).
     pub count: u32,
-    /// A redelivery (from `retry`) rather than the next new offset.
+    /// A redelivery (from `retry`) or a delayed message now due (from `delayed`), rather
+    /// than the next new offset: read alone, and already matched against the filter.
     pub retry: bool,
 }
 
@@ -393,7 +412,7 @@ impl Group {
     }
 
     /// What to deliver next on partition `p`, whose log ends at `end`: the lowest due
-    /// redelivery, else the next new offset; `None` when the partition has no owner, the
+    /// redelivery, else the delayed message due first (if due), else the next new offset; `None` when the partition has no owner, the
     /// owner's window is full, or nothing is ready.
     pub fn pick(&self, p: usize, end: u64, now: u64) -> Option<Pick> {
         let owner = self.owner(p)?;
@@ -407,6 +426,16 @@ impl Group {
                 consumer: owner.clone(),
                 offset,
                 count: r.count,
+                retry: true,
+            });
+        }
+        if let Some(&(due, offset)) = c.delayed_due.first()
+            && due <= now
+        {
+            return Some(Pick {
+                consumer: owner.clone(),
+                offset,
+                count: 0,
                 retry: true,
             });
         }
@@ -425,7 +454,7 @@ impl Group {
             return;
         };
         if pick.retry {
-            if c.retry.remove(&pick.offset).is_none() {
+            if c.retry.remove(&pick.offset).is_none() && !c.undelay(pick.offset) {
                 return;
             }
         } else {
@@ -457,6 +486,25 @@ impl Group {
             c.next += 1;
             c.settle_offset(offset);
         }
+    }
+
+    /// Holds back the new offset `offset` of partition `p` until `due` (its
+    /// `deliver_at`): later offsets are delivered meanwhile, and it is picked, as a
+    /// first delivery, once `due` has passed.
+    pub fn defer(&mut self, p: usize, offset: u64, due: u64) {
+        if let Some(c) = self.cursors.get_mut(p)
+            && offset == c.next
+        {
+            c.next += 1;
+            c.advance_next();
+            c.delayed.insert(offset, due);
+            c.delayed_due.insert((due, offset));
+        }
+    }
+
+    /// Messages held back for their `deliver_at`, across partitions.
+    pub fn delayed(&self) -> u64 {
+        self.cursors.iter().map(|c| c.delayed.len() as u64).sum()
     }
 
     fn take_inflight(&mut self, p: usize, offset: u64, consumer: &str) -> Option<InFlight> {
@@ -611,6 +659,7 @@ impl Group {
         if let Some(c) = self.cursors.get_mut(p) {
             c.retry.remove(&offset);
             c.dying.remove(&offset);
+            c.undelay(offset);
             c.settle_offset(offset);
         }
     }
@@ -632,6 +681,7 @@ impl Group {
         }
         c.retry = c.retry.split_off(&start);
         c.dying = c.dying.split_off(&start);
+        c.retain_delayed(|o| o >= start);
         c.next = c.next.max(c.committed);
         c.advance_next();
     }
@@ -649,13 +699,13 @@ impl Group {
         if let Some(c) = self.cursors.get_mut(p) {
             // split_off leaves the offsets below `end` in place.
             let _beyond = c.acked.split_off(&end);
+            c.retain_delayed(|o| o < end);
             c.next = c.next.min(end).max(c.committed);
             c.advance_next();
         }
     }
 
     /// Whether `offset` of partition `p` is settled in this group.
-    #[cfg(test)]
     pub fn is_settled(&self, p: usize, offset: u64) -> bool {
         self.cursors.get(p).is_some_and(|c| c.is_settled(offset))
     }

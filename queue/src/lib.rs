@@ -51,9 +51,11 @@
 #![deny(missing_docs)]
 
 mod config;
+mod dedup;
 mod error;
 mod format;
 mod group;
+mod ledger;
 mod queue;
 mod registry;
 
@@ -61,6 +63,7 @@ pub use config::{Durability, MAX_PARTITIONS, QueueConfig};
 pub use error::{ProduceError, QueueError};
 pub use format::{DeadReason, InvalidMessageId, MessageId, Origin};
 pub use group::{ConsumerId, GroupKey};
+pub use queue::transfer::{Redrive, RedriveReport};
 pub use queue::{
     DeliverySink, GroupInfo, NewMessage, Queue, QueueDelivery, QueueInfo, ResetTo, Settled, now_ms,
 };

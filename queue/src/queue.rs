@@ -15,7 +15,9 @@
 //! replayed; anything delivered but not durably settled is delivered again, with its
 //! delivery count starting over at 1 (in-flight state and counts are not persisted).
 
-use std::collections::BTreeMap;
+pub(crate) mod transfer;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,11 +31,14 @@ use roost_storage::{Append, Log, LogConfig, ReadLimit, Record, Storage};
 use tracing::{debug, warn};
 
 use crate::config::QueueConfig;
+use crate::dedup::{Claim, Dedup, Outcome};
 use crate::error::{ProduceError, QueueError};
 use crate::format::{
-    self, DeadReason, MAX_SUBTOPIC, MessageId, Origin, Progress, Snapshot, decode_message,
+    self, DeadReason, MAX_META_BYTES, MAX_SUBTOPIC, MessageId, Meta, Origin, Progress, Snapshot,
+    decode_message,
 };
 use crate::group::{ConsumerId, Group, GroupKey, Nack, Settings, Settle};
+use crate::ledger::{Ledger, Recovered};
 
 /// Milliseconds since the Unix epoch: the clock of timestamps, deadlines and backoffs.
 pub fn now_ms() -> u64 {
@@ -55,6 +60,11 @@ pub struct NewMessage {
     pub headers: Bytes,
     /// The message body.
     pub payload: Bytes,
+    /// The `dedup-id` user property: stored once per queue within `dedup_window_ms`.
+    pub dedup_id: Option<Bytes>,
+    /// From `delay-ms` or `deliver-at`: no group gets the message before this time
+    /// (ms since the epoch); later messages go ahead of it.
+    pub deliver_at: Option<u64>,
 }
 
 /// One message handed to a consumer.
@@ -121,6 +131,8 @@ pub struct GroupInfo {
     pub in_flight: u64,
     /// Messages waiting for a redelivery backoff.
     pub waiting: u64,
+    /// Messages held back for their `deliver_at` (`delay-ms`).
+    pub delayed: u64,
 }
 
 /// A queue's state for the admin API.
@@ -175,6 +187,24 @@ struct DeadItem {
     reason: DeadReason,
 }
 
+/// What a dispatch settles without delivering, on one partition.
+struct Skip<'a> {
+    /// Offsets delivered to no group (see `State::dropped`).
+    dropped: &'a BTreeSet<u64>,
+    /// In a last-value queue: partition key -> newest offset.
+    newest: Option<&'a HashMap<Bytes, u64>>,
+}
+
+impl Skip<'_> {
+    fn skips(&self, offset: u64, key: Option<&Bytes>) -> bool {
+        self.dropped.contains(&offset)
+            || key
+                .zip(self.newest)
+                .and_then(|(k, newest)| newest.get(k))
+                .is_some_and(|&o| o > offset)
+    }
+}
+
 /// One group with its members' sinks.
 struct Slot {
     group: Group,
@@ -200,6 +230,9 @@ struct State {
     floor_of: Vec<u64>,
     /// Scratch for the partitions an ack touched.
     touched: Vec<usize>,
+    /// Per partition: offsets above `floors` delivered to no group, present or future
+    /// (dead letters a redrive moved back). Offsets reaching the floor raise it.
+    dropped: Vec<BTreeSet<u64>>,
 }
 
 pub(crate) struct Inner {
@@ -231,6 +264,13 @@ pub(crate) struct Inner {
     room: tokio::sync::Notify,
     deleted: AtomicBool,
     dead_letters: Option<Queue>,
+    /// The `dedup-id`s stored within the window.
+    dedup: Mutex<Dedup>,
+    /// Per partition of a last-value queue (empty otherwise): partition key -> the
+    /// newest offset stored with it.
+    last_values: Mutex<Vec<HashMap<Bytes, u64>>>,
+    /// Transfers out of this queue in progress, and those replay found unfinished.
+    ledger: Mutex<Ledger>,
 }
 
 /// One durable queue. Cheap to clone; clones share the queue.
@@ -299,6 +339,24 @@ impl Drop for Reservation {
     }
 }
 
+/// A produce whose append is queued: the partition, the append, its reservation
+/// against the limits, its framed size, and its partition key if the queue keeps last
+/// values.
+type Started = (usize, Append, Reservation, u64, Option<Bytes>);
+
+/// How a produce began (see [`Queue::produce`]).
+enum Begun {
+    /// Its `dedup-id` was stored already, as this message.
+    Duplicate(MessageId),
+    /// A produce with its `dedup-id` is in flight: wait for that one's outcome.
+    Wait(tokio::sync::watch::Receiver<Outcome>, NewMessage),
+    /// Appending; with the claimed `dedup-id` to report the outcome for.
+    Started(
+        Result<Started, ProduceError>,
+        Option<(Bytes, tokio::sync::watch::Sender<Outcome>)>,
+    ),
+}
+
 impl Queue {
     /// Opens (creating if needed) the logs of queue `name` and replays its progress.
     /// `notes` collects what recovery repaired, for the caller to log.
@@ -359,8 +417,11 @@ impl Queue {
             ends: Vec::new(),
             floor_of: Vec::new(),
             touched: Vec::new(),
+            dropped: vec![BTreeSet::new(); logs.len()],
         };
-        replay(&name, &progress, &logs, &mut state, notes);
+        let mut ledger = Ledger::default();
+        replay(&name, &progress, &logs, &mut state, &mut ledger, notes);
+        let (dedup, last_values) = rebuild_indexes(&name, dlq, &logs, &config, &state, notes);
         let stored = logs.iter().map(Log::next_offset).sum();
         let stored_bytes = logs.iter().map(Log::size_bytes).sum();
         let queue = Queue {
@@ -385,6 +446,9 @@ impl Queue {
                 room: tokio::sync::Notify::new(),
                 deleted: AtomicBool::new(false),
                 dead_letters,
+                dedup: Mutex::new(dedup),
+                last_values: Mutex::new(last_values),
+                ledger: Mutex::new(ledger),
             }),
         };
         {
@@ -497,47 +561,157 @@ impl Queue {
     /// this returns, so produces issued one after another keep their order; the future
     /// resolves with the message's id once it is durable under the queue's durability.
     /// Fails with [`ProduceError::QuotaExceeded`] at `max_depth` or `max_bytes`.
+    ///
+    /// A message with a `dedup_id` the queue stored within `dedup_window_ms` is not
+    /// stored again: the future resolves with the id of the stored one. While one with
+    /// that id is being appended, another waits for its outcome.
     pub fn produce(
         &self,
         msg: NewMessage,
     ) -> impl Future<Output = Result<MessageId, ProduceError>> + Send + 'static {
-        let started = self.start_produce(msg, None);
+        let mut begun = self.begin_produce(msg);
         let this = self.clone();
         async move {
-            let (partition, append, reservation, size) = started?;
-            let result = append.await;
-            drop(reservation);
-            let offset = result?;
-            this.inner.stored.fetch_add(1, Ordering::SeqCst);
-            this.inner.stored_bytes.fetch_add(size, Ordering::SeqCst);
-            // The records of one commit resolve together: the first produce's dispatch
-            // offers them all, the others skip theirs.
-            let seen = this.inner.dispatched_end.lock().get(partition).copied();
-            if seen.is_none_or(|end| end <= offset) || this.inner.refused.load(Ordering::SeqCst) {
-                this.kick();
+            loop {
+                match begun {
+                    Begun::Duplicate(id) => return Ok(id),
+                    Begun::Wait(mut rx, msg) => {
+                        let first = rx
+                            .wait_for(Option::is_some)
+                            .await
+                            .ok()
+                            .and_then(|o| o.clone())
+                            .flatten();
+                        match first {
+                            Some(id) => return Ok(id),
+                            // The first failed: this one is a first attempt now.
+                            None => begun = this.begin_produce(msg),
+                        }
+                    }
+                    Begun::Started(started, claim) => {
+                        let result = match started {
+                            Ok(s) => this.finish_produce(s).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Some((id, tx)) = claim {
+                            let stored = result.as_ref().ok().cloned();
+                            this.inner
+                                .dedup
+                                .lock()
+                                .finish(&id, stored.clone(), now_ms());
+                            let _ = tx.send(Some(stored));
+                        }
+                        return result;
+                    }
+                }
             }
-            Ok(MessageId {
-                queue: this.inner.name.clone(),
-                partition: partition as u32,
-                offset,
-            })
         }
     }
 
-    #[allow(clippy::type_complexity)]
+    /// The synchronous half of a produce: the dedup check, then the append is queued.
+    fn begin_produce(&self, msg: NewMessage) -> Begun {
+        let Some(id) = msg.dedup_id.clone() else {
+            return Begun::Started(self.start_produce(msg, None), None);
+        };
+        if id.len() > MAX_META_BYTES {
+            return Begun::Started(
+                Err(ProduceError::InvalidProperty("dedup-id too long")),
+                None,
+            );
+        }
+        let (window, max) = {
+            let c = self.inner.config.read();
+            (c.dedup_window_ms, c.dedup_max_ids)
+        };
+        let claim = self.inner.dedup.lock().claim(&id, now_ms(), window, max);
+        match claim {
+            Claim::Stored(mid) => Begun::Duplicate(mid),
+            Claim::Pending(rx) => Begun::Wait(rx, msg),
+            Claim::Claimed(tx) => {
+                let started = self.start_produce(msg, None);
+                if started.is_err() {
+                    self.inner.dedup.lock().finish(&id, None, now_ms());
+                    let _ = tx.send(Some(None));
+                    return Begun::Started(started, None);
+                }
+                Begun::Started(started, Some((id, tx)))
+            }
+        }
+    }
+
+    async fn finish_produce(&self, started: Started) -> Result<MessageId, ProduceError> {
+        let (partition, append, reservation, size, key) = started;
+        let result = append.await;
+        drop(reservation);
+        let offset = result?;
+        self.stored(partition, offset, size, key.as_ref());
+        Ok(MessageId {
+            queue: self.inner.name.clone(),
+            partition: partition as u32,
+            offset,
+        })
+    }
+
+    /// A record of `size` bytes (partition key `key`, for a last-value queue) is
+    /// durable at `offset` of `partition`: count it and offer it.
+    fn stored(&self, partition: usize, offset: u64, size: u64, key: Option<&Bytes>) {
+        self.inner.stored.fetch_add(1, Ordering::SeqCst);
+        self.inner.stored_bytes.fetch_add(size, Ordering::SeqCst);
+        if let Some(key) = key
+            && let Some(newest) = self.inner.last_values.lock().get_mut(partition)
+        {
+            let o = newest.entry(key.clone()).or_insert(offset);
+            *o = (*o).max(offset);
+        }
+        // The records of one commit resolve together: the first produce's dispatch
+        // offers them all, the others skip theirs.
+        let seen = self.inner.dispatched_end.lock().get(partition).copied();
+        if seen.is_none_or(|end| end <= offset) || self.inner.refused.load(Ordering::SeqCst) {
+            self.kick();
+        }
+    }
+
+    /// The queue header of a new message: its dedup id, delivery time, and (in a
+    /// last-value queue) its partition key.
+    fn meta_of(&self, msg: &NewMessage) -> Result<Meta, ProduceError> {
+        let last_value = self.inner.config.read().last_value;
+        let key = msg.partition_key.clone().filter(|_| last_value);
+        if key.as_ref().is_some_and(|k| k.len() > MAX_META_BYTES) {
+            return Err(ProduceError::InvalidProperty("partition-key too long"));
+        }
+        if msg
+            .dedup_id
+            .as_ref()
+            .is_some_and(|k| k.len() > MAX_META_BYTES)
+        {
+            return Err(ProduceError::InvalidProperty("dedup-id too long"));
+        }
+        Ok(Meta {
+            dedup_id: msg.dedup_id.clone(),
+            deliver_at: msg.deliver_at,
+            key,
+            transfer: None,
+        })
+    }
+
     fn start_produce(
         &self,
         msg: NewMessage,
         origin: Option<(Origin, u64)>,
-    ) -> Result<(usize, Append, Reservation, u64), ProduceError> {
+    ) -> Result<Started, ProduceError> {
         if self.inner.deleted.load(Ordering::SeqCst) {
             return Err(ProduceError::Deleted(self.inner.name.to_string()));
         }
         if msg.subtopic.len() > MAX_SUBTOPIC {
             return Err(ProduceError::SubtopicTooLong(msg.subtopic.len()));
         }
-        let headers =
-            format::encode_message(&msg.subtopic, origin.as_ref().map(|o| &o.0), &msg.headers);
+        let meta = self.meta_of(&msg)?;
+        let headers = format::encode_message(
+            &msg.subtopic,
+            origin.as_ref().map(|o| &o.0),
+            &meta,
+            &msg.headers,
+        );
         // The record as framed by storage: 29 bytes of overhead.
         let size = (29 + headers.len() + msg.payload.len()) as u64;
         let reservation = self.reserve(size)?;
@@ -555,7 +729,7 @@ impl Queue {
             None => Record::now(headers, msg.payload),
         };
         let append = log.append(vec![record]);
-        Ok((partition, append, reservation, size))
+        Ok((partition, append, reservation, size, meta.key))
     }
 
     /// Runs `f` on the locked state, then any dispatch kicked meanwhile.
@@ -655,12 +829,19 @@ impl Queue {
         let start = st.rotate % n;
         let timeout = st.settings.ack_timeout_ms;
         let mut dirty = false;
+        let newest = self.inner.last_values.lock();
+        let no_drops = BTreeSet::new();
         for (key, slot) in st.groups.iter_mut() {
             for i in 0..n {
                 let p = (start + i) % n;
-                dirty |= self.dispatch(key, slot, p, &logs[p], ends[p], now, timeout);
+                let skip = Skip {
+                    dropped: st.dropped.get(p).unwrap_or(&no_drops),
+                    newest: newest.get(p),
+                };
+                dirty |= self.dispatch(key, slot, p, &logs[p], ends[p], now, timeout, &skip);
             }
         }
+        drop(newest);
         st.dirty |= dirty;
         self.inner.dispatched_end.lock().clone_from(&ends);
         st.ends = ends;
@@ -679,6 +860,7 @@ impl Queue {
         end: u64,
         now: u64,
         timeout: u64,
+        skip: &Skip<'_>,
     ) -> bool {
         let mut changed = false;
         // Records read ahead for the next picks: the read's own Vec, consumed in place
@@ -735,9 +917,27 @@ impl Queue {
                 changed = true;
                 continue;
             };
+            if skip.skips(pick.offset, h.meta.key.as_ref()) {
+                // Redriven out of this dead-letter queue, or not the newest value of
+                // its key: settled without a delivery.
+                if pick.retry {
+                    slot.group.replay_settled(p, pick.offset);
+                } else {
+                    slot.group.skip(p, pick.offset);
+                }
+                changed = true;
+                continue;
+            }
             if !pick.retry && !key.matches(subtopic) {
                 slot.group.skip(p, pick.offset);
                 changed = true;
+                continue;
+            }
+            if !pick.retry
+                && let Some(due) = h.meta.deliver_at
+                && due > now
+            {
+                slot.group.defer(p, pick.offset, due);
                 continue;
             }
             let Some(sink) = slot.sinks.get(&pick.consumer) else {
@@ -1109,11 +1309,12 @@ impl Queue {
                 partition_key: None,
                 headers: h.headers,
                 payload: record.payload,
+                ..NewMessage::default()
             };
             let started = dlq.start_produce(msg, Some((origin, record.timestamp)));
             let handle = tokio::runtime::Handle::try_current();
             match (started, handle) {
-                (Ok((_, append, reservation, size)), Ok(handle)) => {
+                (Ok((_, append, reservation, size, _)), Ok(handle)) => {
                     let this = self.clone();
                     let dlq = dlq.clone();
                     handle.spawn(async move {
@@ -1218,9 +1419,9 @@ impl Queue {
         self.check_deleted()?;
         let snapshot = {
             let mut st = self.inner.state.lock();
-            std::mem::take(&mut st.dirty).then(|| snapshot_of(&st))
+            std::mem::take(&mut st.dirty).then(|| (snapshot_of(&st), drops_of(&st)))
         };
-        if let Some(snap) = snapshot {
+        if let Some((snap, drops)) = snapshot {
             let truncatable: Vec<u64> = {
                 let logs = self.logs();
                 (0..logs.len())
@@ -1234,10 +1435,17 @@ impl Queue {
                     })
                     .collect()
             };
-            let appended = self.append_progress(vec![Progress::Snapshot(snap)]).await;
+            // The snapshot does not hold the dropped offsets: they follow it.
+            let mut records = vec![Progress::Snapshot(snap)];
+            records.extend(drops);
+            let appended = self.append_progress(records).await;
             match appended {
                 Ok(offset) => {
-                    self.inner.progress.truncate_before(offset)?;
+                    // An unfinished transfer's record stays until its target is stored.
+                    let keep = self.inner.ledger.lock().keep_from();
+                    self.inner
+                        .progress
+                        .truncate_before(keep.map_or(offset, |k| k.min(offset)))?;
                     self.inner.state.lock().truncatable = truncatable;
                 }
                 Err(e) => {
@@ -1366,6 +1574,7 @@ impl Queue {
                         .sum(),
                     in_flight: s.group.inflight(),
                     waiting: s.group.waiting(),
+                    delayed: s.group.delayed(),
                 })
                 .collect()
         };
@@ -1397,6 +1606,7 @@ impl Queue {
                 *self.inner.logs.write() = logs.into();
                 st.floors.resize(want, 0);
                 st.truncatable.resize(want, 0);
+                st.dropped.resize(want, BTreeSet::new());
                 for slot in st.groups.values_mut() {
                     slot.group.add_partitions(&added);
                 }
@@ -1409,6 +1619,16 @@ impl Queue {
         }
         for log in self.logs().iter() {
             log.set_retention(config.retention());
+        }
+        {
+            // Turning last-value on applies to messages stored from now on (only they
+            // carry their key in the queue header).
+            let mut newest = self.inner.last_values.lock();
+            if config.last_value && !self.inner.is_dead_letter_queue {
+                newest.resize(self.logs().len(), HashMap::new());
+            } else {
+                newest.clear();
+            }
         }
         self.inner.state.lock().settings = settings;
         let mut cfg = config;
@@ -1462,6 +1682,111 @@ fn partition_floor(st: &State, p: usize, log: &Log) -> u64 {
     floor.max(held).min(log.next_offset())
 }
 
+/// Offsets `offsets` of partition `p` (whose log starts at `start`) go to no group,
+/// present or future: settled in every group, remembered for groups made later, and
+/// the floor raised over those that reach it.
+fn apply_drop(st: &mut State, p: usize, offsets: &[u64], start: u64) {
+    let (Some(dropped), Some(floor)) = (st.dropped.get_mut(p), st.floors.get_mut(p)) else {
+        return;
+    };
+    dropped.extend(offsets.iter().copied());
+    let mut f = (*floor).max(start);
+    while dropped.remove(&f) {
+        f += 1;
+    }
+    if f > *floor {
+        *floor = f;
+    }
+    *dropped = dropped.split_off(floor);
+    for slot in st.groups.values_mut() {
+        for &o in offsets {
+            slot.group.replay_settled(p, o);
+        }
+    }
+}
+
+/// The dropped offsets as progress records (written after a snapshot, which lacks them).
+fn drops_of(st: &State) -> Vec<Progress> {
+    st.dropped
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(p, d)| Progress::Drop(p as u32, d.iter().copied().collect()))
+        .collect()
+}
+
+/// Reads what the in-memory indexes need back from the partitions: the `dedup-id`s
+/// stored within `dedup_window_ms`, and for a last-value queue the newest offset of
+/// each partition key among the messages some group may still get.
+fn rebuild_indexes(
+    name: &str,
+    dlq: bool,
+    logs: &[Log],
+    config: &QueueConfig,
+    st: &State,
+    notes: &mut Vec<String>,
+) -> (Dedup, Vec<HashMap<Bytes, u64>>) {
+    let mut dedup = Dedup::default();
+    let last_value = config.last_value && !dlq;
+    let mut newest = if last_value {
+        vec![HashMap::new(); logs.len()]
+    } else {
+        Vec::new()
+    };
+    let since = now_ms().saturating_sub(config.dedup_window_ms);
+    let queue: Arc<str> = Arc::from(name);
+    for (p, log) in logs.iter().enumerate() {
+        let dedup_from = match log.offset_for_timestamp(since) {
+            Ok(o) => o,
+            Err(e) => {
+                notes.push(format!(
+                    "queue {name} partition {p}: dedup ids not read back ({e})"
+                ));
+                log.next_offset()
+            }
+        };
+        let mut from = if last_value {
+            let floor = st.floors.get(p).copied().unwrap_or(0);
+            log.start_offset().max(floor)
+        } else {
+            dedup_from
+        };
+        while from < log.next_offset() {
+            let batch = match log.read(from, ReadLimit::bytes(1 << 20)) {
+                Ok(b) if !b.is_empty() => b,
+                Ok(_) => break,
+                Err(e) => {
+                    notes.push(format!(
+                        "queue {name} partition {p}: unreadable from offset {from} ({e}); \
+                         dedup ids and last values after it are not known"
+                    ));
+                    break;
+                }
+            };
+            for rec in batch {
+                from = rec.offset + 1;
+                let Some(h) = decode_message(&rec.headers) else {
+                    continue;
+                };
+                if let Some(id) = h.meta.dedup_id
+                    && rec.offset >= dedup_from
+                {
+                    let mid = MessageId {
+                        queue: queue.clone(),
+                        partition: p as u32,
+                        offset: rec.offset,
+                    };
+                    dedup.insert(id, mid, rec.timestamp);
+                }
+                if let (Some(k), Some(m)) = (h.meta.key, newest.get_mut(p)) {
+                    m.insert(k, rec.offset);
+                }
+            }
+        }
+    }
+    (dedup, newest)
+}
+
 fn snapshot_of(st: &State) -> Snapshot {
     Snapshot {
         floors: st.floors.clone(),
@@ -1482,7 +1807,14 @@ fn snapshot_of(st: &State) -> Snapshot {
 }
 
 /// Rebuilds the groups from the progress log.
-fn replay(name: &str, progress: &Log, logs: &[Log], st: &mut State, notes: &mut Vec<String>) {
+fn replay(
+    name: &str,
+    progress: &Log,
+    logs: &[Log],
+    st: &mut State,
+    ledger: &mut Ledger,
+    notes: &mut Vec<String>,
+) {
     let n = logs.len();
     let starts = |floors: &[u64]| -> Vec<u64> {
         logs.iter()
@@ -1546,6 +1878,35 @@ fn replay(name: &str, progress: &Log, logs: &[Log], st: &mut State, notes: &mut 
                         slot.group.clamp_start(p as usize, o);
                     }
                 }
+                Progress::Transfer(t) => {
+                    let p = t.partition as usize;
+                    if t.drop {
+                        let start = logs.get(p).map_or(0, Log::start_offset);
+                        apply_drop(st, p, &[t.offset], start);
+                    } else {
+                        for k in &t.keys {
+                            if let Some(slot) = st.groups.get_mut(k) {
+                                slot.group.replay_settled(p, t.offset);
+                            }
+                        }
+                    }
+                    ledger.saw_txn(t.txn);
+                    ledger.recovered.insert(
+                        t.txn,
+                        Recovered {
+                            timestamp: rec.timestamp,
+                            transfer: t,
+                        },
+                    );
+                }
+                Progress::TransferDone(txn) => {
+                    ledger.saw_txn(txn);
+                    ledger.recovered.remove(&txn);
+                }
+                Progress::Drop(p, offsets) => {
+                    let start = logs.get(p as usize).map_or(0, Log::start_offset);
+                    apply_drop(st, p as usize, &offsets, start);
+                }
                 Progress::Snapshot(s) => {
                     st.floors = s.floors;
                     st.floors.resize(n, 0);
@@ -1579,6 +1940,7 @@ fn replay(name: &str, progress: &Log, logs: &[Log], st: &mut State, notes: &mut 
         ));
     }
     st.floors.resize(n, 0);
+    st.dropped.resize(n, BTreeSet::new());
     for slot in st.groups.values_mut() {
         if slot.group.partitions() < n {
             let missing = n - slot.group.partitions();

@@ -119,6 +119,18 @@ impl Queues {
             let queue = Queue::open(storage.clone(), name, config, &mut notes)?;
             queues.insert(name.to_owned(), queue);
         }
+        // Transfers (ack-and-produce, redrive) cut short by a crash: finish them before
+        // anyone can consume, so their settle and their new record are both visible.
+        let find = |name: &str| match name.strip_suffix(DEAD_LETTER_SUFFIX) {
+            Some(base) => queues.get(base).and_then(|q| q.dead_letters().cloned()),
+            None => queues.get(name).cloned(),
+        };
+        for q in queues.values() {
+            notes.extend(q.recover_transfers(find));
+            if let Some(d) = q.dead_letters() {
+                notes.extend(d.recover_transfers(find));
+            }
+        }
         for log in storage.log_names()? {
             let owner = log.split_once('.').map(|(_, n)| n);
             if owner.is_none_or(|n| !queues.contains_key(n)) {

@@ -10,6 +10,8 @@ use tokio::sync::mpsc;
 
 use crate::*;
 
+mod beyond;
+
 type Rx = mpsc::UnboundedReceiver<QueueDelivery>;
 
 /// Takes everything offered.
@@ -63,6 +65,7 @@ fn msg(subtopic: &str, payload: &str) -> NewMessage {
         partition_key: None,
         headers: Bytes::from_static(b"h"),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
+        ..NewMessage::default()
     }
 }
 

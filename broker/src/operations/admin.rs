@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use roost_queue::{GroupKey, QueueConfig, QueueError, QueueInfo, ResetTo};
+use roost_queue::{GroupKey, QueueConfig, QueueError, QueueInfo, Redrive, ResetTo};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -293,6 +293,7 @@ enum Route {
     Queues,
     Queue(String),
     Purge(String),
+    Redrive(String),
     Reset(String, String),
     Clients,
     Client(String),
@@ -318,6 +319,7 @@ impl Route {
             ["api", "v1", "queues"] => Route::Queues,
             ["api", "v1", "queues", q] if !q.is_empty() => Route::Queue((*q).to_owned()),
             ["api", "v1", "queues", q, "purge"] => Route::Purge((*q).to_owned()),
+            ["api", "v1", "queues", q, "dlq", "redrive"] => Route::Redrive((*q).to_owned()),
             ["api", "v1", "queues", q, "groups", g, "reset"] if !g.is_empty() => {
                 Route::Reset((*q).to_owned(), (*g).to_owned())
             }
@@ -346,7 +348,7 @@ impl Route {
             Route::Members => &["POST"],
             Route::Member(_) => &["DELETE"],
             Route::Queue(_) => &["GET", "PUT", "DELETE"],
-            Route::Purge(_) | Route::Reset(..) => &["POST"],
+            Route::Purge(_) | Route::Redrive(_) | Route::Reset(..) => &["POST"],
             Route::Client(_) => &["DELETE"],
         }
     }
@@ -443,6 +445,32 @@ async fn handle(api: &Api, request: &Request) -> Response {
             },
             Err(e) => queue_error(&e),
         },
+        (_, Route::Redrive(name)) => {
+            let Some(queue) = broker.queues.get(&name) else {
+                return not_found(&name);
+            };
+            let which = match parse_redrive(body) {
+                Ok(w) => w,
+                Err(why) => return Response::error(400, &why),
+            };
+            match queue.redrive(which).await {
+                Ok(r) => Response::json(
+                    200,
+                    &json!({
+                        "queue": name,
+                        "redriven": r.moved.len(),
+                        "moved": r.moved.iter().map(|(from, to)| json!({
+                            "from": from.to_string(),
+                            "to": to.to_string(),
+                        })).collect::<Vec<_>>(),
+                        "missing": r.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "stopped": r.stopped,
+                        "dead_letters": queue.info().dead_letters,
+                    }),
+                ),
+                Err(e) => queue_error(&e),
+            }
+        }
         (_, Route::Reset(name, group)) => {
             let Some(queue) = broker.queues.get(&name) else {
                 return not_found(&name);
@@ -732,6 +760,34 @@ fn parse_reset(body: &[u8]) -> Result<(ResetTo, Option<String>), String> {
     Ok((to, b.filter))
 }
 
+/// The body of a redrive: empty or `{}` for every dead letter, `{"count": n}` for the
+/// oldest n, `{"message_ids": [...]}` for those (as the dead-letter queue delivers them).
+fn parse_redrive(body: &[u8]) -> Result<Redrive, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        count: Option<u64>,
+        message_ids: Option<Vec<String>>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Redrive::All);
+    }
+    let b: Body = serde_json::from_slice(body).map_err(|e| format!("bad redrive body: {e}"))?;
+    match (b.count, b.message_ids) {
+        (None, None) => Ok(Redrive::All),
+        (Some(n), None) => Ok(Redrive::Count(n)),
+        (None, Some(ids)) => ids
+            .iter()
+            .map(|i| {
+                i.parse()
+                    .map_err(|e: roost_queue::InvalidMessageId| e.to_string())
+            })
+            .collect::<Result<_, _>>()
+            .map(Redrive::Ids),
+        (Some(_), Some(_)) => Err("give \"count\" or \"message_ids\", not both".into()),
+    }
+}
+
 fn protocol_name(v: roost_core::ProtocolVersion) -> &'static str {
     match v {
         roost_core::ProtocolVersion::V3_1 => "3.1",
@@ -752,6 +808,7 @@ fn queue_json(info: &QueueInfo) -> Value {
                 "lag": g.lag,
                 "in_flight": g.in_flight,
                 "waiting": g.waiting,
+                "delayed": g.delayed,
             })
         })
         .collect();
@@ -1078,6 +1135,29 @@ mod tests {
             Some(Route::Purge("orders".into()))
         );
         assert_eq!(
+            Route::parse("/api/v1/queues/orders/dlq/redrive"),
+            Some(Route::Redrive("orders".into()))
+        );
+        assert_eq!(parse_redrive(b""), Ok(Redrive::All));
+        assert_eq!(parse_redrive(b"{\"count\": 3}"), Ok(Redrive::Count(3)));
+        assert!(matches!(
+            parse_redrive(b"{\"message_ids\": [\"q$dlq:0:4\"]}"),
+            Ok(Redrive::Ids(ids)) if ids.len() == 1 && ids[0].offset == 4
+        ));
+        for bad in [
+            &b"{\"count\": -1}"[..],
+            b"{\"message_ids\": [\"x\"]}",
+            b"{\"cnt\": 1}",
+            b"[",
+            b"{\"count\": 1, \"message_ids\": []}",
+        ] {
+            assert!(
+                parse_redrive(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
             Route::parse("/api/v1/queues/orders/groups/billing%2Feu/reset"),
             Some(Route::Reset("orders".into(), "billing/eu".into()))
         );
@@ -1170,6 +1250,7 @@ mod tests {
                 lag: 2,
                 in_flight: 1,
                 waiting: 0,
+                delayed: 0,
             }],
             dead_letters: 0,
         };

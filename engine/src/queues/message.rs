@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use roost_core::codec::{self, PublishView};
 use roost_core::{Message, Packet, Properties, ProtocolVersion, QoS};
-use roost_queue::NewMessage;
+use roost_queue::{NewMessage, ProduceError};
 
 /// A user property of a message.
 pub fn user_property<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
@@ -16,25 +16,60 @@ pub fn user_property<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// The message to store for a PUBLISH to a queue: its properties travel as headers.
-pub fn new_message(msg: &Message, subtopic: &str) -> NewMessage {
-    NewMessage {
+/// The message to store for a PUBLISH to a queue: its properties travel as headers;
+/// the user properties `partition-key`, `dedup-id`, `delay-ms` and `deliver-at` are
+/// read by the queue. A `delay-ms` or `deliver-at` that is not a whole number of
+/// milliseconds is refused.
+pub fn new_message(msg: &Message, subtopic: &str) -> Result<NewMessage, ProduceError> {
+    Ok(NewMessage {
         subtopic: subtopic.to_owned(),
         partition_key: partition_key(msg),
         headers: encode_headers(&msg.properties, ""),
         payload: msg.payload.clone(),
-    }
+        dedup_id: dedup_id(msg),
+        deliver_at: deliver_at(msg, roost_queue::now_ms())?,
+    })
 }
 
 /// The copy of an ordinary publish that a queue's capture filter matched: its whole
-/// topic is the subtopic (what consumer filters match) and the original topic.
+/// topic is the subtopic (what consumer filters match) and the original topic. A
+/// malformed delay is ignored here (the publish itself went through).
 pub fn captured_message(msg: &Message) -> NewMessage {
     NewMessage {
         subtopic: msg.topic.clone(),
         partition_key: partition_key(msg),
         headers: encode_headers(&msg.properties, &msg.topic),
         payload: msg.payload.clone(),
+        dedup_id: dedup_id(msg),
+        deliver_at: deliver_at(msg, roost_queue::now_ms()).ok().flatten(),
     }
+}
+
+fn dedup_id(msg: &Message) -> Option<Bytes> {
+    user_property(msg, "dedup-id").map(|k| Bytes::copy_from_slice(k.as_bytes()))
+}
+
+/// When a message may be delivered: `deliver-at` (Unix ms) or now + `delay-ms`; the
+/// later if both are given.
+fn deliver_at(msg: &Message, now: u64) -> Result<Option<u64>, ProduceError> {
+    let number = |name: &str, why: &'static str| {
+        user_property(msg, name)
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| ProduceError::InvalidProperty(why))
+            })
+            .transpose()
+    };
+    let delay = number("delay-ms", "delay-ms is not a number of milliseconds")?;
+    let at = number(
+        "deliver-at",
+        "deliver-at is not a Unix time in milliseconds",
+    )?;
+    Ok(match (delay.map(|d| now.saturating_add(d)), at) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    })
 }
 
 fn partition_key(msg: &Message) -> Option<Bytes> {

@@ -442,7 +442,16 @@ pub fn publish(
                     return resolve(conn, e.reason_code());
                 }
             };
-            let message = new_message(msg, rest);
+            let message = match new_message(msg, rest) {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(client_id = %conn.client_id(), queue = %name, "produce refused: {e}");
+                    return resolve(conn, produce_reason(&e));
+                }
+            };
+            if let Some(held) = user_property(msg, "ack-message-id") {
+                return ack_and_produce(broker, conn, qio, &queue, held, message, ack);
+            }
             let v5 = conn.version().is_v5();
             // 3.x has no quota reason code: a full queue holds the producer back (its
             // PUBACK waits and roost stops reading from it) until there is room, and
@@ -458,6 +467,52 @@ pub fn publish(
             start_produce(qio, &queue, message, ack, v5);
         }
         None => resolve(conn, ReasonCode::TopicNameInvalid),
+    }
+}
+
+/// Atomic ack-and-produce: the produce carries `ack-message-id`, the `message-id` of a
+/// delivery this client holds; the queue settles that delivery and stores `message` in
+/// one durable step, and the acknowledgement says whether both happened.
+fn ack_and_produce(
+    broker: &Broker,
+    conn: &mut Connection,
+    qio: &mut QueueIo,
+    target: &Queue,
+    held: &str,
+    message: roost_queue::NewMessage,
+    ack: Option<AckToken>,
+) {
+    let source = held
+        .parse::<MessageId>()
+        .ok()
+        .and_then(|id| Some((broker.queues.get(&id.queue)?, id)));
+    let Some((source, id)) = source else {
+        debug!(client_id = %conn.client_id(), ack_message_id = held, "ack-and-produce of an unknown message");
+        if let Some(token) = ack {
+            conn.resolve_ack(token, ReasonCode::UnspecifiedError);
+        }
+        return;
+    };
+    let transfer = source.ack_and_produce(conn.client_id(), &id, target, message);
+    let client_id = conn.client_id().clone();
+    let produce = async move {
+        match transfer.await {
+            Ok(_) => ReasonCode::Success,
+            Err(e) => {
+                debug!(client_id = %client_id, "ack-and-produce failed: {e}");
+                produce_reason(&e)
+            }
+        }
+    };
+    match ack {
+        Some(token) => {
+            qio.work()
+                .produces
+                .push(Box::pin(async move { (token, produce.await) }));
+        }
+        None => {
+            tokio::spawn(produce);
+        }
     }
 }
 
