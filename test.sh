@@ -22,6 +22,8 @@ done
 need_apt=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+# Network namespaces for the cluster tests' real network cuts (integration/cluster.py).
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # MQTT.js runs under Node.js (integration/test_mqttjs.py).
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)

@@ -55,12 +55,21 @@ class Node(Broker):
         self.config = {
             "admin_bind": [f"{host}:{self.admin_port}"],
             "admin_token": TOKEN,
-            "cluster": {"node_id": node_id, "bind": self.cluster_addr, "peers": peers,
-                        "name": name, "join": join},
         }
+        if ns is not None:
+            # The `[cluster]` table of the config file...
+            self.config["cluster"] = {"node_id": node_id, "bind": self.cluster_addr,
+                                      "peers": peers, "name": name, "join": join}
+            self.flags = []
+        else:
+            # ... or the flags (both are the contract).
+            self.flags = ["--node-id", str(node_id), "--cluster-bind", self.cluster_addr,
+                          "--cluster-peers", ",".join(peers), "--cluster-name", name]
+            if join:
+                self.flags.append("--cluster-join")
 
     def command(self):
-        cmd = super().command()
+        cmd = super().command() + self.flags
         if self.ns is not None:
             return ["ip", "netns", "exec", self.ns, *cmd]
         return cmd
@@ -166,6 +175,16 @@ class Cluster:
             time.sleep(0.05)
         raise AssertionError("cluster did not settle: " +
                              str({i: self.nodes[i].status() for i in among}))
+
+    def add_node(self, node_id):
+        """A new node (loopback layout) started with --cluster-join: it waits to be
+        added through the admin API."""
+        assert not self.netns
+        port = free_port()
+        node = Node(node_id, "127.0.0.1", port, self.peers + [f"{node_id}@127.0.0.1:{port}"],
+                    join=True)
+        self.nodes[node_id] = node
+        return node.start()
 
     def others(self, *not_these):
         return [i for i in self.nodes if i not in not_these]

@@ -274,3 +274,35 @@ def test_bad_peers_are_refused_with_a_log_line(c3, made, what, send, logged):
     client(made, node, 4).publish(t, b"still fine", qos=1)
     assert sub.get().payload == b"still fine"
     assert all(m["up"] for m in node.status()["members"])
+
+
+def test_members_are_added_and_removed_through_the_admin_api(c3, made):
+    new = c3.add_node(4)
+    try:
+        code, body = c3[1].api("POST", "/api/v1/cluster/members",
+                               {"id": 4, "cluster_addr": new.cluster_addr}, timeout=15)
+        assert code == 200, body
+        c3.wait_stable(among=[1, 2, 3, 4])
+        st = new.status()
+        assert {m["id"] for m in st["members"]} == {1, 2, 3, 4}
+        assert st["leader"] in (1, 2, 3, 4)
+        t = tid()
+        sub = client(made, new, 4)
+        sub.subscribe(t, qos=1)
+        client(made, c3[2], 4).publish(t, b"to the new node", qos=1)
+        assert sub.get().payload == b"to the new node"
+        sub.disconnect()
+        code, body = c3[2].api("DELETE", "/api/v1/cluster/members/4", timeout=15)
+        assert code == 200, body
+        deadline = time.monotonic() + 10
+        while 4 in {m["id"] for m in c3[1].status()["members"]}:
+            assert time.monotonic() < deadline, c3[1].status()
+            time.sleep(0.05)
+        assert c3.leader(among=[1, 2, 3]) in (1, 2, 3)
+        code, body = c3[1].api("POST", "/api/v1/cluster/members", {"id": 0})
+        assert code == 400, body
+        code, body = c3[1].api("DELETE", "/api/v1/cluster/members/x")
+        assert code == 400, body
+    finally:
+        new.cleanup()
+        del c3.nodes[4]

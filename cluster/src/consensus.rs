@@ -42,6 +42,13 @@ pub trait Consensus: Send + Sync + 'static {
     /// Answers a consensus request from a peer (Raft's messages, proposals and
     /// membership changes forwarded to the leader).
     fn answer(&self, request: Request) -> BoxFuture<'_, Result<Bytes, String>>;
+    /// Stands for election now (the leader is known to be gone).
+    fn elect(&self) -> BoxFuture<'_, ()>;
+    /// How long after its last word a leader's lease lasts: votes for another node are
+    /// refused until then.
+    fn lease(&self) -> std::time::Duration;
+    /// The voting members.
+    fn voters(&self) -> Vec<NodeId>;
     /// Stops taking part.
     fn shut_down(&self) -> BoxFuture<'_, ()>;
 }

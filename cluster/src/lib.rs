@@ -128,6 +128,9 @@ impl Cluster {
             start_index,
         );
         links.set_handler(node.clone());
+        let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
+        links.on_down(down_tx);
+        tokio::spawn(node.clone().watch_leader(down_rx));
         for (id, addr) in &config.peers {
             links.know(*id, addr.clone());
         }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
-use roost_engine::peers::ShareKey;
+use roost_engine::peers::{ShareKey, Wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -116,40 +116,55 @@ impl Link {
         }
     }
 
-    /// Forwards a message; with `want_ack`, returns what resolves once the peer
-    /// stored it (or the link closed). `Err` when it could not be queued.
+    /// Forwards a message. Without `want_ack` (QoS 0) it is dropped when the link's
+    /// queue is full (`Err`, counted by the caller). With `want_ack` it is the
+    /// publisher's to wait for: the returned future waits for room in the queue if
+    /// there is none (back-pressure, as for a local subscriber without room), then
+    /// for the peer to say it stored the message (or for the link to close).
     pub fn publish(
         &self,
         shared: Vec<ShareKey>,
         message: Bytes,
         want_ack: bool,
-    ) -> Result<Option<oneshot::Receiver<()>>, LinkError> {
-        let (ack, rx) = if want_ack {
-            let id = self.next();
-            let (tx, rx) = oneshot::channel();
-            self.pending.lock().insert(id, tx);
-            (id, Some(rx))
-        } else {
-            (0, None)
-        };
-        if !self.send(Frame::Publish {
-            ack,
+    ) -> Result<Option<Wait>, LinkError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(LinkError::Unreachable(self.node));
+        }
+        if !want_ack {
+            return match self.tx.try_send(Frame::Publish {
+                ack: 0,
+                shared,
+                message,
+            }) {
+                Ok(()) => Ok(None),
+                Err(_) => Err(LinkError::Full(self.node)),
+            };
+        }
+        let id = self.next();
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let frame = Frame::Publish {
+            ack: id,
             shared,
             message,
-        }) {
-            if ack != 0 {
-                self.pending.lock().remove(&ack);
-            }
-            return Err(LinkError::Full(self.node));
-        }
-        Ok(rx.map(|rx| {
-            let (done_tx, done_rx) = oneshot::channel();
-            tokio::spawn(async move {
+        };
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(Some(Box::pin(async move {
                 let _ = rx.await;
-                let _ = done_tx.send(());
-            });
-            done_rx
-        }))
+            }))),
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                let queue = self.tx.clone();
+                Ok(Some(Box::pin(async move {
+                    if queue.send(frame).await.is_ok() {
+                        let _ = rx.await;
+                    }
+                })))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.pending.lock().remove(&id);
+                Err(LinkError::Unreachable(self.node))
+            }
+        }
     }
 
     fn close(&self) {
@@ -170,6 +185,8 @@ pub struct Links {
     handler: std::sync::OnceLock<Arc<dyn Handler>>,
     /// Forwarded publishes that could not be queued (link down or full).
     pub dropped: AtomicU64,
+    /// Told the id of each peer whose link went down.
+    down: std::sync::OnceLock<mpsc::UnboundedSender<NodeId>>,
 }
 
 impl Links {
@@ -184,7 +201,13 @@ impl Links {
             dialing: Mutex::default(),
             handler: std::sync::OnceLock::new(),
             dropped: AtomicU64::new(0),
+            down: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where to hear of links that went down (once).
+    pub fn on_down(&self, tx: mpsc::UnboundedSender<NodeId>) {
+        let _ = self.down.set(tx);
     }
 
     /// Sets what handles incoming traffic (once).
@@ -442,6 +465,9 @@ impl Links {
             }
         }
         info!(node, "cluster link down: {why}");
+        if let Some(tx) = self.down.get() {
+            let _ = tx.send(node);
+        }
     }
 
     fn dispatch(&self, link: &Arc<Link>, frame: Frame) {

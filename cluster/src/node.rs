@@ -145,6 +145,7 @@ impl Node {
 
     /// Acts on what the control plane applied.
     pub(crate) async fn follow(self: Arc<Self>, mut applied: mpsc::UnboundedReceiver<Applied>) {
+        let mut members = std::collections::BTreeSet::new();
         while let Some(a) = applied.recv().await {
             match a {
                 Applied::Claimed {
@@ -158,10 +159,20 @@ impl Node {
                     }
                 }
                 Applied::Membership => {
-                    let members = self.consensus.state().members();
-                    for (id, addr, _) in &members {
+                    let now = self.consensus.state().members();
+                    for (id, addr, _) in &now {
                         self.links.know(*id, addr.clone());
                     }
+                    let now: std::collections::BTreeSet<NodeId> =
+                        now.into_iter().map(|(id, _, _)| id).collect();
+                    // A removed member is not dialed or sent anything any more.
+                    for gone in members.difference(&now) {
+                        if *gone != self.me {
+                            info!(node = gone, "no longer a member: link closed");
+                            self.links.forget(*gone);
+                        }
+                    }
+                    members = now;
                 }
             }
         }
@@ -206,6 +217,46 @@ impl Node {
                 node.broker.discard_session(session);
             }
         });
+    }
+
+    /// When the link to the leader goes down (a killed process closes its sockets at
+    /// once), stands for election as soon as the leader's lease has run out, unless
+    /// a new leader is known by then. The survivors stagger by rank so that one of
+    /// them asks first and the others vote for it rather than split the vote.
+    pub(crate) async fn watch_leader(self: Arc<Self>, mut down: mpsc::UnboundedReceiver<NodeId>) {
+        while let Some(gone) = down.recv().await {
+            if self.consensus.leader() != Some(gone) {
+                continue;
+            }
+            let rank = self
+                .consensus
+                .voters()
+                .into_iter()
+                .filter(|&v| v != gone)
+                .position(|v| v == self.me);
+            let Some(rank) = rank else { continue };
+            let node = self.clone();
+            tokio::spawn(async move {
+                // Past the lease by a margin (the voters heard the leader's last
+                // heartbeat a little after this node may have), then again while no
+                // leader emerges (a refused or split vote).
+                let mut wait =
+                    node.consensus.lease() + Duration::from_millis(15 + 30 * rank as u64);
+                for _ in 0..4 {
+                    tokio::time::sleep(wait).await;
+                    let leader = node.consensus.leader();
+                    if leader.is_some() && leader != Some(gone) {
+                        return;
+                    }
+                    debug!(
+                        gone,
+                        "leader's link is down and its lease over: standing for election"
+                    );
+                    node.consensus.elect().await;
+                    wait = Duration::from_millis(40 + 20 * rank as u64);
+                }
+            });
+        }
     }
 
     /// Waits until the node has applied the log it started with, then gives up the
@@ -398,10 +449,12 @@ impl Peers for Node {
             Box::pin(async move {
                 let all = async {
                     for ack in acks {
-                        let _ = ack.await;
+                        ack.await;
                     }
                 };
-                let _ = tokio::time::timeout(ACK_WAIT, all).await;
+                if tokio::time::timeout(ACK_WAIT, all).await.is_err() {
+                    debug!("another node did not confirm a forwarded message in time");
+                }
             }) as Wait
         });
         Forwarded { taken, wait }

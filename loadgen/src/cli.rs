@@ -66,6 +66,11 @@ pub struct Common {
     /// Broker MQTT port.
     #[arg(long, global = true, default_value_t = 1883)]
     pub port: u16,
+    /// Brokers the subscribers connect to instead of --host/--port (comma separated
+    /// HOST:PORT), each taking an equal share of them in order: publishers on one node
+    /// of a cluster, subscribers on the others.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub sub_broker: Vec<String>,
     /// Local addresses to bind client sockets to, round-robin (comma separated).
     /// Each address has its own ~28K ephemeral ports towards one broker address, so
     /// 127.0.0.1,127.0.0.2,127.0.0.3 allows ~84K connections to a loopback broker.

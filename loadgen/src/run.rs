@@ -425,6 +425,21 @@ pub async fn run(cli: &Cli, ctl: Arc<Control>) -> Result<Summary> {
         source_ips: c.source_ip.clone(),
         timeout: c.connect_timeout,
     };
+    let mut sub_targets = Vec::new();
+    for b in &c.sub_broker {
+        let addr: SocketAddr = tokio::net::lookup_host(b.as_str())
+            .await
+            .with_context(|| format!("cannot resolve subscriber broker {b:?}"))?
+            .next()
+            .with_context(|| format!("subscriber broker {b:?} has no address"))?;
+        sub_targets.push(Target {
+            addr,
+            ..target.clone()
+        });
+    }
+    if sub_targets.is_empty() {
+        sub_targets.push(target.clone());
+    }
     let total_conns = plan.subscribers.len() + plan.others.len();
     if total_conns == 0 {
         bail!("nothing to do: no connections in this scenario");
@@ -467,7 +482,13 @@ pub async fn run(cli: &Cli, ctl: Arc<Control>) -> Result<Summary> {
         let (ctl, senders, target) = (ctl.clone(), senders.clone(), target.clone());
         let rate = plan.connect_rate;
         tokio::spawn(async move {
-            open_all(subs, 0, &target, 0.0, &senders, &ctl, !is_conn).await;
+            // Subscribers in equal shares over their brokers, in order.
+            let share = n_subs.div_ceil(sub_targets.len()).max(1);
+            let mut subs = subs.into_iter();
+            for (j, sub_target) in sub_targets.iter().enumerate() {
+                let part: Vec<_> = subs.by_ref().take(share).collect();
+                open_all(part, j * share, sub_target, 0.0, &senders, &ctl, !is_conn).await;
+            }
             if ctl.failed.load(Relaxed) == 0 || is_conn {
                 open_all(others, n_subs, &target, rate, &senders, &ctl, !is_conn).await;
             }
