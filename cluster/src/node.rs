@@ -43,8 +43,14 @@ const TAKE_WAIT: Duration = Duration::from_secs(3);
 
 type Departing = Arc<tokio::sync::Mutex<Option<Session>>>;
 
-/// A route change to propose, with who waits for it.
-type RouteChange = ((bool, Route), Option<oneshot::Sender<()>>);
+/// Work for the one task that proposes this node's routes, in order.
+enum RouteWork {
+    /// A route came (true) or went (false); the sender is told once it was proposed.
+    Change(bool, Route, Option<oneshot::Sender<()>>),
+    /// State every route of this node afresh (after a restart): what the local
+    /// subscriptions are when it is proposed, which covers every change queued before.
+    Resync,
+}
 
 /// Counters of the data plane.
 #[derive(Default)]
@@ -69,7 +75,7 @@ pub struct Node {
     broker: Arc<Broker>,
     /// Local subscriptions per route (a route stands while its count is positive).
     local: Mutex<HashMap<Route, usize>>,
-    route_tx: mpsc::UnboundedSender<RouteChange>,
+    route_tx: mpsc::UnboundedSender<RouteWork>,
     departing: Mutex<HashMap<String, (u64, Departing)>>,
     next_request: AtomicU64,
     /// Set once the node has applied the log it had when it started.
@@ -108,28 +114,39 @@ impl Node {
     }
 
     /// Proposes route changes in order, as many as are queued in one write; retries
-    /// what could not be committed.
-    async fn propose_routes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<RouteChange>) {
+    /// what could not be committed. A resync in a batch replaces the batch: the local
+    /// subscriptions are updated before their changes are queued, so the routes they
+    /// give at that moment include every change of the batch.
+    async fn propose_routes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<RouteWork>) {
         let mut batch = Vec::new();
+        let mut resync = false;
         let mut waiters = Vec::new();
         loop {
-            if batch.is_empty() {
-                let Some((change, waiter)) = rx.recv().await else {
+            if batch.is_empty() && !resync {
+                let Some(work) = rx.recv().await else {
                     return;
                 };
-                batch.push(change);
-                waiters.extend(waiter);
+                take(work, &mut batch, &mut resync, &mut waiters);
             }
-            while let Ok((change, waiter)) = rx.try_recv() {
-                batch.push(change);
-                waiters.extend(waiter);
+            while let Ok(work) = rx.try_recv() {
+                take(work, &mut batch, &mut resync, &mut waiters);
             }
-            let cmd = Command::Routes {
-                node: self.me,
-                changes: batch.clone(),
+            let cmd = if resync {
+                Command::SetRoutes {
+                    node: self.me,
+                    keep: self.local.lock().keys().cloned().collect(),
+                }
+            } else {
+                Command::Routes {
+                    node: self.me,
+                    changes: batch.clone(),
+                }
             };
             match self.consensus.propose(cmd).await {
-                Ok(_) => batch.clear(),
+                Ok(_) => {
+                    batch.clear();
+                    resync = false;
+                }
                 Err(e) => {
                     debug!("route changes not committed yet ({e}); retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -275,17 +292,7 @@ impl Node {
                 }
             }
         }
-        let keep: Vec<Route> = self.local.lock().keys().cloned().collect();
-        loop {
-            let cmd = Command::SetRoutes {
-                node: self.me,
-                keep: keep.clone(),
-            };
-            match self.consensus.propose(cmd).await {
-                Ok(_) => break,
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-            }
-        }
+        let _ = self.route_tx.send(RouteWork::Resync);
     }
 
     /// Messages for another node that its link could not take.
@@ -337,6 +344,22 @@ impl Node {
             }
             None => Bytes::new(),
         })
+    }
+}
+
+/// Adds one piece of route work to the batch being built.
+fn take(
+    work: RouteWork,
+    batch: &mut Vec<(bool, Route)>,
+    resync: &mut bool,
+    waiters: &mut Vec<oneshot::Sender<()>>,
+) {
+    match work {
+        RouteWork::Change(add, route, waiter) => {
+            batch.push((add, route));
+            waiters.extend(waiter);
+        }
+        RouteWork::Resync => *resync = true,
     }
 }
 
@@ -471,7 +494,7 @@ impl Peers for Node {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let _ = self.route_tx.send(((true, route), Some(tx)));
+        let _ = self.route_tx.send(RouteWork::Change(true, route, Some(tx)));
         Some(Box::pin(async move {
             let _ = rx.await;
         }))
@@ -492,7 +515,7 @@ impl Peers for Node {
                 None => return,
             }
         }
-        let _ = self.route_tx.send(((false, route), None));
+        let _ = self.route_tx.send(RouteWork::Change(false, route, None));
     }
 
     fn claim(&self, client_id: &Arc<str>) -> Claim {
