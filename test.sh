@@ -31,7 +31,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-if ! python3 -c "import paho.mqtt, pytest, pytest_timeout, cryptography" >/dev/null 2>&1; then
+if ! python3 -c "import paho.mqtt, pytest, pytest_timeout, cryptography, yaml" >/dev/null 2>&1; then
     echo "== installing Python test packages"
     python3 -m pip install -q -r integration/requirements.txt
 fi
