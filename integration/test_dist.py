@@ -31,12 +31,16 @@ def test_version_names_the_release_and_the_commit():
     assert re.fullmatch(r"roost \d+\.\d+\.\d+ \(commit ([0-9a-f]{12}|unknown)\)", out), out
 
 
-def run_dist_config(extra_args, tmp: Path):
-    """roost on dist/roost.toml as shipped, with the listeners and data directory moved
-    to this test's by flags (which win over the file)."""
+def run_dist_config(extra_args, tmp: Path, appended=""):
+    """roost on dist/roost.toml as shipped (plus `appended` TOML), with the listeners and
+    data directory moved to this test's by flags (which win over the file)."""
     port = free_port()
+    config = DIST / "roost.toml"
+    if appended:
+        config = tmp / "roost.toml"
+        config.write_text((DIST / "roost.toml").read_text() + "\n" + appended)
     log = open(tmp / "roost.log", "wb")
-    proc = subprocess.Popen([roost_binary(), "--config", str(DIST / "roost.toml"),
+    proc = subprocess.Popen([roost_binary(), "--config", str(config),
                              "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp / "data"),
                              *extra_args], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -99,7 +103,11 @@ def test_dashboard_and_alerts_query_only_exported_metrics(tmp_path):
     # A running roost with a queue, a consumer group and traffic, so every family has
     # samples, not just its HELP line.
     admin_port = free_port()
-    proc, port = run_dist_config(["--admin-bind", f"127.0.0.1:{admin_port}"], tmp_path)
+    # A bridge to a port nobody listens on, for the bridge families.
+    bridge = ('[[bridge]]\nname = "nowhere"\naddress = "127.0.0.1:%d"\n'
+              'topics = [{ filter = "b/#", direction = "out" }]\n' % free_port())
+    proc, port = run_dist_config(["--admin-bind", f"127.0.0.1:{admin_port}"], tmp_path,
+                                 appended=bridge)
     try:
         wait_port(admin_port)
         worker = mqttraw.RawClient("127.0.0.1", port, 4)

@@ -129,6 +129,8 @@ pub struct Config {
     /// Create a queue on the first publish or subscribe to `$queue/<name>`; when false,
     /// only existing queues can be used.
     pub queue_auto_create: bool,
+    /// Bridges to other brokers (`[[bridge]]` tables; see the README).
+    pub bridge: Vec<crate::bridge::BridgeConfig>,
     /// Queues declared in the file (`[queues.<name>]` tables with the keys of
     /// `queue_defaults`, e.g. `capture_filters = ["sensors/#"]`); created at startup
     /// or updated to these settings.
@@ -188,6 +190,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             queue_defaults: roost_queue::QueueConfig::default(),
             queue_auto_create: true,
+            bridge: Vec::new(),
             queues: Default::default(),
         }
     }
@@ -533,6 +536,7 @@ impl Config {
         }
         self.validate_tls()?;
         self.validate_auth()?;
+        self.validate_bridges()?;
         self.validate_admin()?;
         self.engine.validate().map_err(ConfigError::Settings)?;
         if self.max_auth_checks == 0 {
@@ -597,6 +601,22 @@ impl Config {
 }
 
 impl Config {
+    /// Each bridge's settings make sense, and names are unique.
+    fn validate_bridges(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for b in &self.bridge {
+            b.validate()
+                .map_err(|why| invalid("bridge", format!("{:?}: {why}", b.name)))?;
+            if !names.insert(&b.name) {
+                return Err(invalid(
+                    "bridge",
+                    format!("two bridges are named {:?}", b.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The admin API controls queues and clients: beyond loopback it needs a token.
     fn validate_admin(&self) -> Result<(), ConfigError> {
         if let Some(token) = &self.admin_token {
@@ -802,10 +822,10 @@ mod tests {
         let mut table = String::new();
         for line in text.lines() {
             let line = line.trim_start_matches('#').trim();
-            if let Some(header) = line.strip_prefix('[') {
+            if let Some(header) = line.strip_prefix("[[").or(line.strip_prefix('[')) {
                 let header = header.split(']').next().unwrap_or_default();
                 table = header.split('.').next().unwrap_or_default().to_owned();
-                if table == "queue_defaults" || table == "queues" {
+                if matches!(table.as_str(), "queue_defaults" | "queues" | "bridge") {
                     named.insert(table.clone());
                 }
                 continue;
@@ -814,6 +834,10 @@ mod tests {
                 continue;
             };
             if key.contains(' ') {
+                continue;
+            }
+            if table == "bridge" {
+                // The `[[bridge]]` keys are checked by the bridge's own tests.
                 continue;
             }
             named.insert(match table.as_str() {

@@ -373,6 +373,10 @@ pub struct Broker {
     /// Next key for a stored delivery; keys only grow, so a session's stored queue
     /// reads back in order.
     pub(crate) next_seq: AtomicU64,
+    /// Publishers whose messages a queue does not capture: (publisher, queue). A bridge
+    /// republishes what comes from its remote under its own id, and its outgoing queue
+    /// must not send that back.
+    pub(crate) capture_exclusions: RwLock<Vec<(Arc<str>, String)>>,
 }
 
 impl Broker {
@@ -419,7 +423,14 @@ impl Broker {
             connect_rate,
             store,
             next_seq: AtomicU64::new(1),
+            capture_exclusions: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Messages published under `publisher`'s id are not captured by the queue named
+    /// `queue` (a bridge's incoming messages are not copied into its outgoing queue).
+    pub fn exclude_from_capture(&self, publisher: Arc<str>, queue: String) {
+        self.capture_exclusions.write().push((publisher, queue));
     }
 
     /// The durable store.
@@ -961,6 +972,15 @@ impl Broker {
     /// Copies a publish into every queue whose capture filters match its topic.
     fn capture(&self, msg: &Message, out: &mut Fanout) {
         for queue in self.queues.capturing(&msg.topic) {
+            if let Some(publisher) = &msg.publisher
+                && self
+                    .capture_exclusions
+                    .read()
+                    .iter()
+                    .any(|(p, q)| p == publisher && q == queue.name())
+            {
+                continue;
+            }
             let produce = queue.produce(crate::queues::captured_message(msg));
             let name = queue.name().to_owned();
             out.waits().captures.push(Box::pin(async move {

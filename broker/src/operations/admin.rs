@@ -52,6 +52,8 @@ pub struct Api {
     pub token: Option<String>,
     /// `queue_defaults`: the settings a queue created by `PUT` starts from.
     pub queue_defaults: QueueConfig,
+    /// The bridges, for `/api/v1/bridges` and their metrics.
+    pub bridges: crate::bridge::Bridges,
 }
 
 /// Serves admin requests on `listener` until `shutdown` turns true.
@@ -295,6 +297,7 @@ enum Route {
     Clients,
     Client(String),
     Sessions,
+    Bridges,
 }
 
 impl Route {
@@ -317,6 +320,7 @@ impl Route {
                 Route::Reset((*q).to_owned(), (*g).to_owned())
             }
             ["api", "v1", "clients"] => Route::Clients,
+            ["api", "v1", "bridges"] => Route::Bridges,
             ["api", "v1", "clients", c] if !c.is_empty() => Route::Client((*c).to_owned()),
             ["api", "v1", "sessions"] => Route::Sessions,
             _ => return None,
@@ -331,6 +335,7 @@ impl Route {
             | Route::Metrics
             | Route::Queues
             | Route::Clients
+            | Route::Bridges
             | Route::Sessions => &["GET"],
             Route::Queue(_) => &["GET", "PUT", "DELETE"],
             Route::Purge(_) | Route::Reset(..) => &["POST"],
@@ -402,8 +407,16 @@ async fn handle(api: &Api, request: &Request) -> Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: Vec::new(),
-            body: render_metrics(broker, &api.state_syncs).into_bytes(),
+            body: {
+                let mut text = render_metrics(broker, &api.state_syncs);
+                api.bridges.render_metrics(&mut text);
+                text.into_bytes()
+            },
         },
+        (_, Route::Bridges) => {
+            let list = api.bridges.list().iter().map(|b| b.to_json()).collect();
+            Response::json(200, &Value::Array(list))
+        }
         (_, Route::Queues) => {
             let list: Vec<Value> = broker.queues.list().iter().map(queue_json).collect();
             Response::json(200, &Value::Array(list))
