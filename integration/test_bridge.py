@@ -374,3 +374,35 @@ def test_bad_bridge_settings_name_the_key(tmp_path):
     r = subprocess.run([roost_binary(), "--config", str(conf), "--data-dir",
                         str(tmp_path / "d")], capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "bridge" in r.stderr and "address" in r.stderr, r.stderr
+
+
+def test_a_bridge_over_tls_with_a_client_certificate(tmp_path, pki):
+    """roost A bridges out to roost B's TLS listener, which requires client certificates
+    from the test CA; a bridge that trusts another CA does not connect."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "c").mkdir()
+    tls_port = free_port()
+    b = start_roost(tmp_path / "b", [], extra=[
+        f'tls_bind = ["127.0.0.1:{tls_port}"]', f'tls_cert = "{pki.server.cert_path}"',
+        f'tls_key = "{pki.server.key_path}"', f'tls_client_ca = "{pki.ca.cert_path}"'])
+    wait_port(tls_port)
+    bridge = {"name": "secure", "address": f"127.0.0.1:{tls_port}", "tls": True,
+              "ca_file": str(pki.ca.cert_path), "cert_file": str(pki.client.cert_path),
+              "key_file": str(pki.client.key_path),
+              "topics": [{"filter": "tls/#", "direction": "out", "qos": 1}]}
+    a = start_roost(tmp_path / "a", [bridge])
+    rogue = start_roost(tmp_path / "c", [dict(bridge, ca_file=str(pki.rogue_ca.cert_path))])
+    try:
+        assert wait_for(lambda: bridge_state(a, "secure")["up"], 10)
+        sink = Sink(b.port, "tls/#")
+        publish_many(a.port, [("tls/x", "over tls")])
+        assert wait_for(lambda: sink.messages(), 10)
+        assert sink.messages()[0][:2] == ("tls/x", "over tls")
+        sink.close()
+        state = bridge_state(rogue, "secure")
+        assert not state["up"] and "TLS" in (state["last_error"] or ""), state
+    finally:
+        stop_roost(rogue)
+        stop_roost(a)
+        stop_roost(b)
