@@ -298,11 +298,15 @@ enum Route {
     Client(String),
     Sessions,
     Bridges,
+    Dashboard(super::dashboard::Asset),
 }
 
 impl Route {
     /// The route of `path`, with its segments percent-decoded; `None`: 404.
     fn parse(path: &str) -> Option<Route> {
+        if let Some(asset) = super::dashboard::asset(path) {
+            return Some(Route::Dashboard(asset));
+        }
         let segments: Vec<String> = path
             .strip_prefix('/')?
             .split('/')
@@ -336,6 +340,7 @@ impl Route {
             | Route::Queues
             | Route::Clients
             | Route::Bridges
+            | Route::Dashboard(_)
             | Route::Sessions => &["GET"],
             Route::Queue(_) => &["GET", "PUT", "DELETE"],
             Route::Purge(_) | Route::Reset(..) => &["POST"],
@@ -344,7 +349,7 @@ impl Route {
     }
 
     fn public(&self) -> bool {
-        matches!(self, Route::Health | Route::Ready)
+        matches!(self, Route::Health | Route::Ready | Route::Dashboard(_))
     }
 }
 
@@ -412,6 +417,12 @@ async fn handle(api: &Api, request: &Request) -> Response {
                 api.bridges.render_metrics(&mut text);
                 text.into_bytes()
             },
+        },
+        (_, Route::Dashboard(asset)) => Response {
+            status: 200,
+            content_type: asset.content_type,
+            headers: vec!["Cache-Control: no-cache".into()],
+            body: asset.body.to_vec(),
         },
         (_, Route::Bridges) => {
             let list = api.bridges.list().iter().map(|b| b.to_json()).collect();
@@ -935,6 +946,9 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(Route::parse("/health"), Some(Route::Health));
+        assert!(matches!(Route::parse("/"), Some(Route::Dashboard(_))));
+        assert!(Route::parse("/").is_some_and(|r| r.public()));
+        assert_eq!(Route::parse("/api/v1/bridges"), Some(Route::Bridges));
         assert_eq!(Route::parse("/metrics"), Some(Route::Metrics));
         assert_eq!(Route::parse("/api/v1/queues"), Some(Route::Queues));
         assert_eq!(
@@ -954,9 +968,9 @@ mod tests {
             Some(Route::Client("dev 1".into()))
         );
         assert_eq!(Route::parse("/api/v1/sessions"), Some(Route::Sessions));
+        // "/" is the dashboard now.
         for bad in [
             "",
-            "/",
             "/api/v1/queues/",
             "/api/v2/queues",
             "/api/v1/clients/%zz",
