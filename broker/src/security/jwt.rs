@@ -562,6 +562,57 @@ mod tests {
         assert!(!access.expect("acl").allows(Access::Write, "a"));
     }
 
+    /// A JWKS file with two EC keys: the token's `kid` picks its key, an unknown `kid`
+    /// is refused, and a token signed by the other key does not pass as this one.
+    #[test]
+    fn a_jwks_file_picks_the_key_by_kid() {
+        let dir = tempfile::tempdir().expect("dir");
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let keys: Vec<rcgen::KeyPair> = (0..2)
+            .map(|_| rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key"))
+            .collect();
+        let jwks: Vec<serde_json::Value> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                // The raw public key is the uncompressed point: 0x04, x, y.
+                let raw = k.public_key_raw();
+                json!({"kty": "EC", "crv": "P-256", "kid": format!("k{i}"),
+                       "x": b64(&raw[1..33]), "y": b64(&raw[33..65])})
+            })
+            .collect();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, json!({ "keys": jwks }).to_string()).expect("write");
+        let v = TokenVerifier::load(&JwtSettings {
+            key: KeySource::PublicKey(path),
+            username_claim: "client".into(),
+            audience: None,
+            issuer: None,
+        })
+        .expect("jwks loads");
+        let sign = |key: &rcgen::KeyPair, kid: &str| {
+            let mut header = JwtHeader::new(Algorithm::ES256);
+            header.kid = Some(kid.into());
+            let pem = key.serialize_pem();
+            encode(
+                &header,
+                &json!({"client": "dev-7", "exp": now() + 60}),
+                &EncodingKey::from_ec_pem(pem.as_bytes()).expect("pem"),
+            )
+            .expect("encode")
+        };
+        let ok = v.verify(sign(&keys[1], "k1").as_bytes(), "c").expect("k1");
+        assert_eq!(ok.username, "dev-7");
+        assert_eq!(
+            v.verify(sign(&keys[0], "k1").as_bytes(), "c").map(|_| ()),
+            Err(TokenProblem::BadSignature)
+        );
+        assert_eq!(
+            v.verify(sign(&keys[0], "k9").as_bytes(), "c").map(|_| ()),
+            Err(TokenProblem::UnknownKey)
+        );
+    }
+
     #[test]
     fn short_secrets_and_unusable_key_files_are_startup_errors() {
         let dir = tempfile::tempdir().expect("dir");
