@@ -20,7 +20,9 @@ fn main() {
     let commit = match std::env::var("ROOST_GIT_COMMIT") {
         Ok(c) if !c.trim().is_empty() => c.trim().to_owned(),
         _ => {
-            // Build again when HEAD moves: HEAD itself, and the branch it points to.
+            // Build again when HEAD moves: HEAD itself, and the branch it points to (a
+            // loose ref, or packed-refs). Only files that exist: cargo takes a missing
+            // one for a change and would rebuild the broker every time.
             for path in [
                 git(&["rev-parse", "--git-path", "HEAD"]),
                 git(&["symbolic-ref", "-q", "HEAD"])
@@ -29,6 +31,7 @@ fn main() {
             ]
             .into_iter()
             .flatten()
+            .filter(|p| std::path::Path::new(p).exists())
             {
                 println!("cargo:rerun-if-changed={path}");
             }
