@@ -2,8 +2,8 @@
 # Runs every roost test: formatting, the import-circle check, lints, unit and property
 # tests, a bounded run of the decoder fuzz target, then the end-to-end suite against the
 # release binary with real MQTT clients (paho, mosquitto_pub/sub, MQTT.js under Node.js).
-# Installs what the tests need (mosquitto-clients, Node.js and MQTT.js, Python packages,
-# cargo-fuzz) when missing.
+# Installs what the tests need (mosquitto, mosquitto-clients, Chromium, Node.js and MQTT.js,
+# Python packages, cargo-fuzz) when missing.
 #
 #   ./test.sh              everything, as CI runs it
 #   ./test.sh --no-fuzz    skip the fuzz step (also ROOST_FUZZ_SECONDS=0); the fuzz step
@@ -27,13 +27,15 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # MQTT.js runs under Node.js (integration/test_mqttjs.py).
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# The dashboard test drives a real browser (integration/test_dashboard.py).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "== installing ${need_apt[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-if ! python3 -c "import paho.mqtt, pytest, pytest_timeout, cryptography" >/dev/null 2>&1; then
+if ! python3 -c "import paho.mqtt, pytest, pytest_timeout, cryptography, yaml" >/dev/null 2>&1; then
     echo "== installing Python test packages"
     python3 -m pip install -q -r integration/requirements.txt
 fi

@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::persistence::session_store::Durability;
 pub use crate::security::auth_hook::{AuthHookConfig, HookErrorPolicy};
+use crate::security::jwt::{JwtSettings, KeySource};
 use roost_engine::Settings;
 
 macro_rules! engine_flags {
@@ -108,6 +109,18 @@ pub struct Config {
     pub allow_anonymous: Option<bool>,
     /// HTTP authentication hook (the `[auth_hook]` table).
     pub auth_hook: Option<AuthHookConfig>,
+    /// HMAC secret (HS256/384/512) that signs the JWTs clients give as their CONNECT
+    /// password; re-read on SIGHUP.
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM RSA or EC public key, or a JWKS file, that verifies the JWTs clients give as
+    /// their CONNECT password (RS*, PS*, ES256/384); re-read on SIGHUP.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// The JWT claim that names the user (it becomes the client's username).
+    pub jwt_username_claim: String,
+    /// The `aud` a JWT must name; unset: not checked.
+    pub jwt_audience: Option<String>,
+    /// The `iss` a JWT must have; unset: not checked.
+    pub jwt_issuer: Option<String>,
     /// Durable storage (the `[storage]` table).
     pub storage: StorageConfig,
     /// Settings of `$queue/` queues created on first use (the `[queue_defaults]`
@@ -116,6 +129,8 @@ pub struct Config {
     /// Create a queue on the first publish or subscribe to `$queue/<name>`; when false,
     /// only existing queues can be used.
     pub queue_auto_create: bool,
+    /// Bridges to other brokers (`[[bridge]]` tables; see the README).
+    pub bridge: Vec<crate::bridge::BridgeConfig>,
     /// Queues declared in the file (`[queues.<name>]` tables with the keys of
     /// `queue_defaults`, e.g. `capture_filters = ["sensors/#"]`); created at startup
     /// or updated to these settings.
@@ -220,21 +235,36 @@ impl Default for Config {
             acl_file: None,
             allow_anonymous: None,
             auth_hook: None,
+            jwt_secret_file: None,
+            jwt_public_key_file: None,
+            jwt_username_claim: "sub".into(),
+            jwt_audience: None,
+            jwt_issuer: None,
             storage: StorageConfig::default(),
             queue_defaults: roost_queue::QueueConfig::default(),
             queue_auto_create: true,
+            bridge: Vec::new(),
             queues: Default::default(),
             cluster: None,
         }
     }
 }
 
+/// What `roost --version` prints: the crate's version and the git commit it was built
+/// from (`unknown` when built without git; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ROOST_GIT_COMMIT"),
+    ")"
+);
+
 /// roost: an MQTT 3.1 / 3.1.1 / 5.0 broker.
 ///
 /// Every flag can also be set in the TOML file given with --config, under the same name
 /// with underscores (e.g. `max_inflight = 64`); flags win over the file.
 #[derive(Debug, Parser)]
-#[command(name = "roost", version)]
+#[command(name = "roost", version = VERSION)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
@@ -317,6 +347,21 @@ pub struct Cli {
     /// cannot answer [default: unavailable].
     #[arg(long, value_name = "POLICY", value_parser = parse_hook_error)]
     pub auth_hook_on_error: Option<HookErrorPolicy>,
+    /// HMAC secret (HS256/384/512) of the JWTs clients give as their password.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key or JWKS file of the JWTs clients give as their password.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWT claim that names the user [default: sub].
+    #[arg(long, value_name = "CLAIM")]
+    pub jwt_username_claim: Option<String>,
+    /// `aud` a JWT must name [default: not checked].
+    #[arg(long, value_name = "AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// `iss` a JWT must have [default: not checked].
+    #[arg(long, value_name = "ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// `roost passwd`: manage a password file (run `roost passwd --help`).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -464,6 +509,25 @@ impl Config {
         if cli.admin_token.is_some() {
             config.admin_token = cli.admin_token;
         }
+        for (flag, key) in [
+            (cli.jwt_secret_file, &mut config.jwt_secret_file),
+            (cli.jwt_public_key_file, &mut config.jwt_public_key_file),
+        ] {
+            if flag.is_some() {
+                *key = flag;
+            }
+        }
+        for (flag, key) in [
+            (cli.jwt_audience, &mut config.jwt_audience),
+            (cli.jwt_issuer, &mut config.jwt_issuer),
+        ] {
+            if flag.is_some() {
+                *key = flag;
+            }
+        }
+        if let Some(claim) = cli.jwt_username_claim {
+            config.jwt_username_claim = claim;
+        }
         macro_rules! flag {
             ($($name:ident),*) => { $( if let Some(v) = cli.$name { config.$name = v; } )* };
         }
@@ -568,6 +632,7 @@ impl Config {
         }
         self.validate_tls()?;
         self.validate_auth()?;
+        self.validate_bridges()?;
         self.validate_admin()?;
         if let Some(cluster) = &self.cluster {
             cluster.to_cluster_config()?;
@@ -635,6 +700,22 @@ impl Config {
 }
 
 impl Config {
+    /// Each bridge's settings make sense, and names are unique.
+    fn validate_bridges(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for b in &self.bridge {
+            b.validate()
+                .map_err(|why| invalid("bridge", format!("{:?}: {why}", b.name)))?;
+            if !names.insert(&b.name) {
+                return Err(invalid(
+                    "bridge",
+                    format!("two bridges are named {:?}", b.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The admin API controls queues and clients: beyond loopback it needs a token.
     fn validate_admin(&self) -> Result<(), ConfigError> {
         if let Some(token) = &self.admin_token {
@@ -670,8 +751,24 @@ pub struct AuthHookFlags {
 impl Config {
     /// Whether clients without a username may connect, after the default applies.
     pub fn allow_anonymous_in_force(&self) -> bool {
-        self.allow_anonymous
-            .unwrap_or(self.password_file.is_none() && self.auth_hook.is_none())
+        self.allow_anonymous.unwrap_or(
+            self.password_file.is_none() && self.auth_hook.is_none() && self.jwt().is_none(),
+        )
+    }
+
+    /// The JWT settings, when a key file is configured.
+    pub fn jwt(&self) -> Option<JwtSettings> {
+        let key = match (&self.jwt_secret_file, &self.jwt_public_key_file) {
+            (Some(p), _) => KeySource::Secret(p.clone()),
+            (None, Some(p)) => KeySource::PublicKey(p.clone()),
+            (None, None) => return None,
+        };
+        Some(JwtSettings {
+            key,
+            username_claim: self.jwt_username_claim.clone(),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+        })
     }
 
     fn apply_auth_flags(
@@ -730,6 +827,29 @@ impl Config {
     }
 
     fn validate_auth(&self) -> Result<(), ConfigError> {
+        if self.jwt_secret_file.is_some() && self.jwt_public_key_file.is_some() {
+            return Err(invalid(
+                "jwt_secret_file and jwt_public_key_file",
+                "set one or the other",
+            ));
+        }
+        if self.jwt_username_claim.is_empty() {
+            return Err(invalid("jwt_username_claim", "must not be empty"));
+        }
+        if self.jwt().is_none() {
+            for (key, set) in [
+                ("jwt_audience", self.jwt_audience.is_some()),
+                ("jwt_issuer", self.jwt_issuer.is_some()),
+                ("jwt_username_claim", self.jwt_username_claim != "sub"),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        "set, but there is no jwt_secret_file or jwt_public_key_file",
+                    ));
+                }
+            }
+        }
         if let Some(h) = &self.auth_hook {
             crate::security::auth_hook::HookUrl::parse(&h.url)
                 .map_err(|why| invalid("auth_hook.url", why))?;
@@ -759,21 +879,10 @@ mod tests {
         }
     }
 
-    /// The README's configuration table lists every key roost reads, and no other:
-    /// each part's settings struct is the truth (the engine's `Settings`, the shell's
-    /// `Config` with its `[storage]` and `[auth_hook]` tables), and the example of
-    /// `[queue_defaults]` in the Queues section names every queue setting.
-    #[test]
-    fn the_readme_documents_every_key_and_no_other() {
-        let readme = include_str!("../../README.md");
-        let table = &readme[readme.find("## Configuration").expect("section")
-            ..readme.find("## Secure deployment").expect("next section")];
-        let documented: std::collections::BTreeSet<String> = table
-            .lines()
-            .filter_map(|l| l.strip_prefix("| `"))
-            .filter_map(|l| l.split('`').next())
-            .map(str::to_owned)
-            .collect();
+    /// Every key roost reads, from each part's settings struct (the engine's
+    /// `Settings`, the shell's `Config` with its `[storage]` and `[auth_hook]` tables);
+    /// tables of their own (`queue_defaults`, `queues`) by their name.
+    fn every_key() -> std::collections::BTreeSet<String> {
         let config = Config::default();
         let mut real: std::collections::BTreeSet<String> =
             Settings::KEYS.iter().map(|k| (*k).to_owned()).collect();
@@ -809,6 +918,73 @@ mod tests {
                 }
             }
         }
+        real
+    }
+
+    /// dist/roost.toml, the example operators install, parses as it is, and names every
+    /// key roost reads (set, or commented out) and every `[queue_defaults]` key.
+    #[test]
+    fn the_dist_example_parses_and_names_every_key() {
+        let text = include_str!("../../dist/roost.toml");
+        let config = Config::from_toml(text).expect("dist/roost.toml parses");
+        assert_eq!(config.jwt_username_claim, "sub");
+        let mut named = std::collections::BTreeSet::new();
+        let mut table = String::new();
+        for line in text.lines() {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(header) = line.strip_prefix("[[").or(line.strip_prefix('[')) {
+                let header = header.split(']').next().unwrap_or_default();
+                table = header.split('.').next().unwrap_or_default().to_owned();
+                if matches!(table.as_str(), "queue_defaults" | "queues" | "bridge") {
+                    named.insert(table.clone());
+                }
+                continue;
+            }
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            if key.contains(' ') {
+                continue;
+            }
+            if table == "bridge" {
+                // The `[[bridge]]` keys are checked by the bridge's own tests.
+                continue;
+            }
+            named.insert(match table.as_str() {
+                "" => key.to_owned(),
+                "queue_defaults" | "queues" => format!("queue_defaults.{key}"),
+                t => format!("{t}.{key}"),
+            });
+        }
+        let mut wanted = every_key();
+        wanted.extend(keys(
+            serde_json::to_value(roost_queue::QueueConfig::default()).expect("json"),
+            "queue_defaults.",
+        ));
+        let missing: Vec<_> = wanted.difference(&named).collect();
+        let unknown: Vec<_> = named.difference(&wanted).collect();
+        assert!(
+            missing.is_empty() && unknown.is_empty(),
+            "dist/roost.toml lacks {missing:?} and names keys roost does not read: {unknown:?}"
+        );
+    }
+
+    /// The README's configuration table lists every key roost reads, and no other:
+    /// each part's settings struct is the truth (the engine's `Settings`, the shell's
+    /// `Config` with its `[storage]` and `[auth_hook]` tables), and the example of
+    /// `[queue_defaults]` in the Queues section names every queue setting.
+    #[test]
+    fn the_readme_documents_every_key_and_no_other() {
+        let readme = include_str!("../../README.md");
+        let table = &readme[readme.find("## Configuration").expect("section")
+            ..readme.find("## Secure deployment").expect("next section")];
+        let documented: std::collections::BTreeSet<String> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(str::to_owned)
+            .collect();
+        let real = every_key();
         let missing: Vec<_> = real.difference(&documented).collect();
         let unknown: Vec<_> = documented.difference(&real).collect();
         assert!(

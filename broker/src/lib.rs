@@ -6,10 +6,12 @@
 //! - [`security`]: the password file, the auth hook, ACLs;
 //! - [`persistence`]: the session store on disk;
 //! - [`operations`]: the admin API and metrics, `$SYS` topics, memory;
+//! - [`bridge`]: connections to other brokers that forward topics each way;
 //! - [`config`]: the configuration (the engine's settings and the shell's own), and
 //!   [`server`]: the start and orderly stop of it all.
 #![deny(missing_docs)]
 
+pub mod bridge;
 pub mod config;
 mod net;
 mod operations;

@@ -73,6 +73,9 @@ pub enum StartError {
     /// The password file, the ACL file or the auth hook.
     #[error(transparent)]
     Auth(#[from] AuthSetupError),
+    /// A bridge cannot start (its queue, password file or TLS files).
+    #[error(transparent)]
+    Bridge(#[from] crate::bridge::BridgeError),
     /// An MQTT listener cannot listen (`bind`, `tls_bind`, `ws_bind`, `wss_bind`).
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -214,6 +217,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             source,
         })?;
     }
+    let bridges = crate::bridge::Bridges::prepare(&queues, &config.bridge)?;
     // After the declared queues: the bound is for what clients and the API create.
     queues.set_max_queues(config.max_queues);
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
@@ -250,6 +254,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         broker.clone(),
     ));
     let offline_timers = tokio::spawn(broker.clone().run_offline_timers());
+    let mut bridge_tasks = bridges.start(&broker, &shutdown_rx)?;
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -284,6 +289,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         token: config.admin_token.clone(),
         queue_defaults: config.queue_defaults.clone(),
         cluster: cluster.clone(),
+        bridges: bridges.clone(),
     });
     for listener in admin_listeners {
         acceptors.spawn(crate::operations::admin::serve(
@@ -327,6 +333,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if let Some(cluster) = &cluster {
         cluster.shut_down().await;
     }
+    // Bridges send their DISCONNECT on the flag; give them a moment to.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while bridge_tasks.join_next().await.is_some() {}
+    })
+    .await;
+    bridge_tasks.shutdown().await;
     queue_timers.abort();
     offline_timers.abort();
     memory.abort();

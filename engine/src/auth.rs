@@ -53,6 +53,63 @@ pub enum Refusal {
     /// A new session past `max_sessions`: 0x97 quota exceeded (3.x: 3).
     #[error("too many sessions")]
     TooManySessions,
+    /// The CONNECT password is a token (JWT) that does not prove who the client is:
+    /// 0x86 (3.x: 4). The text names the problem, never the token.
+    #[error("bad token: {0}")]
+    BadToken(TokenProblem),
+}
+
+/// Why a token (a JWT given as the CONNECT password) is refused: what the log line and
+/// the v5 reason string name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenProblem {
+    /// Not three base64url parts with a JSON header and claims.
+    #[error("malformed")]
+    Malformed,
+    /// `alg: none`: an unsigned token.
+    #[error("unsigned (alg none)")]
+    Unsigned,
+    /// Signed with an algorithm the configured key does not serve.
+    #[error("algorithm not accepted")]
+    WrongAlgorithm,
+    /// The signature does not verify with the configured key.
+    #[error("bad signature")]
+    BadSignature,
+    /// Past its `exp`.
+    #[error("expired")]
+    Expired,
+    /// Before its `nbf`.
+    #[error("not yet valid")]
+    NotYetValid,
+    /// Its `aud` is not `jwt_audience`.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// Its `iss` is not `jwt_issuer`.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// It lacks the `jwt_username_claim`, or that claim is not a non-empty string.
+    #[error("no username claim")]
+    NoUsername,
+    /// Its `acl` claim is not `{"pub": [filters], "sub": [filters]}`.
+    #[error("bad acl claim")]
+    BadAcl,
+    /// Its `kid` names no key of the JWKS file.
+    #[error("unknown key id")]
+    UnknownKey,
+}
+
+/// What a successful authentication tells about the client, beyond letting it in.
+#[derive(Debug, Default)]
+pub struct Grant {
+    /// Who the credentials prove the client to be (a token's username claim); it
+    /// replaces the CONNECT's username, for the ACL and everything after.
+    pub username: Option<String>,
+    /// When the credentials stop being valid (a token's `exp`): the connection is closed
+    /// then, v5 clients with DISCONNECT 0x87.
+    pub expires_at: Option<std::time::SystemTime>,
+    /// What the credentials allow (a token's `acl` claim): the client is held to it as
+    /// well as to the ACL file, so it can only narrow what the file allows.
+    pub narrowing: Option<Arc<dyn Authorizer>>,
 }
 
 impl Refusal {
@@ -60,6 +117,7 @@ impl Refusal {
     pub fn reason_code(&self) -> ReasonCode {
         match self {
             Refusal::BadCredentials
+            | Refusal::BadToken(_)
             | Refusal::HookDenied
             | Refusal::HookUnavailable { deny: true } => ReasonCode::BadUserNameOrPassword,
             Refusal::AnonymousNotAllowed
@@ -76,6 +134,7 @@ impl Refusal {
     pub fn auth_failure(&self) -> Option<AuthFailure> {
         match self {
             Refusal::BadCredentials
+            | Refusal::BadToken(_)
             | Refusal::HookDenied
             | Refusal::HookUnavailable { deny: true } => Some(AuthFailure::BadCredentials),
             Refusal::AnonymousNotAllowed | Refusal::NoCredentialCheck => {
@@ -94,6 +153,7 @@ impl Refusal {
             Refusal::Busy => Some(Limit::AuthWaiting),
             Refusal::TooManySessions => Some(Limit::Sessions),
             Refusal::BadCredentials
+            | Refusal::BadToken(_)
             | Refusal::AnonymousNotAllowed
             | Refusal::NoCredentialCheck
             | Refusal::HookDenied
@@ -104,12 +164,13 @@ impl Refusal {
 }
 
 /// A boxed future of an authentication.
-pub type Verdict<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+pub type Verdict<'a> = Pin<Box<dyn Future<Output = Result<Grant, Refusal>> + Send + 'a>>;
 
 /// Decides who may connect and what each connection may do.
 pub trait Authenticator: Send + Sync {
     /// Whether the client of `connect` (with `client_id` in use, from `peer`) may
-    /// connect. May take time (a password hash, a question to a service).
+    /// connect, and what its credentials grant. May take time (a password hash, a
+    /// question to a service).
     fn authenticate<'a>(
         &'a self,
         connect: &'a Connect,
@@ -153,7 +214,7 @@ impl Authenticator for AllowAll {
         _client_id: &'a str,
         _peer: SocketAddr,
     ) -> Verdict<'a> {
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(Ok(Grant::default())))
     }
 
     fn authorizer(
@@ -242,6 +303,13 @@ mod tests {
                 "too many sessions",
                 None,
                 Some(Limit::Sessions),
+            ),
+            (
+                Refusal::BadToken(TokenProblem::Expired),
+                C::BadUserNameOrPassword,
+                "bad token: expired",
+                Some(F::BadCredentials),
+                None,
             ),
         ] {
             assert_eq!(refusal.reason_code(), code, "{refusal:?}");

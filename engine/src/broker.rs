@@ -377,6 +377,10 @@ pub struct Broker {
     pub(crate) next_seq: AtomicU64,
     /// The other nodes, when this one is part of a cluster (set once, at start).
     pub(crate) peers: std::sync::OnceLock<Arc<dyn Peers>>,
+    /// Publishers whose messages a queue does not capture: (publisher, queue). A bridge
+    /// republishes what comes from its remote under its own id, and its outgoing queue
+    /// must not send that back.
+    pub(crate) capture_exclusions: RwLock<Vec<(Arc<str>, String)>>,
 }
 
 impl Broker {
@@ -424,6 +428,7 @@ impl Broker {
             store,
             next_seq: AtomicU64::new(1),
             peers: std::sync::OnceLock::new(),
+            capture_exclusions: RwLock::new(Vec::new()),
         })
     }
 
@@ -452,6 +457,12 @@ impl Broker {
     /// The other nodes, if this broker is one node of a cluster.
     pub fn peers(&self) -> Option<&Arc<dyn Peers>> {
         self.peers.get()
+    }
+
+    /// Messages published under `publisher`'s id are not captured by the queue named
+    /// `queue` (a bridge's incoming messages are not copied into its outgoing queue).
+    pub fn exclude_from_capture(&self, publisher: Arc<str>, queue: String) {
+        self.capture_exclusions.write().push((publisher, queue));
     }
 
     /// The durable store.
@@ -1063,6 +1074,15 @@ impl Broker {
     /// Copies a publish into every queue whose capture filters match its topic.
     fn capture(&self, msg: &Message, out: &mut Fanout) {
         for queue in self.queues.capturing(&msg.topic) {
+            if let Some(publisher) = &msg.publisher
+                && self
+                    .capture_exclusions
+                    .read()
+                    .iter()
+                    .any(|(p, q)| p == publisher && q == queue.name())
+            {
+                continue;
+            }
             let produce = queue.produce(crate::queues::captured_message(msg));
             let name = queue.name().to_owned();
             out.waits().pending.push(Box::pin(async move {

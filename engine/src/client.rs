@@ -60,6 +60,8 @@ pub struct Admitted {
     pub access: Option<Arc<dyn Authorizer>>,
     /// The user a SCRAM exchange proved the client to be (it may re-authenticate).
     pub scram_user: Option<String>,
+    /// When the client's credentials expire (a token's `exp`): the connection ends then.
+    pub expires_at: Option<Instant>,
 }
 
 impl Client {
@@ -142,6 +144,9 @@ impl Client {
             queues,
             info,
         };
+        if let Some(at) = admitted.expires_at {
+            client.conn.expire_credentials_at(at);
+        }
         if let Some(user) = admitted.scram_user {
             client
                 .conn

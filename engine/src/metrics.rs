@@ -67,11 +67,13 @@ pub enum DisconnectReason {
     SlowConsumer,
     /// The session store failed: what the client was to be told is stored was not.
     StorageFailure,
+    /// The token the client authenticated with expired (v5: DISCONNECT 0x87).
+    TokenExpired,
 }
 
 impl DisconnectReason {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [DisconnectReason; 12] = [
+    pub const ALL: [DisconnectReason; 13] = [
         DisconnectReason::ClientDisconnect,
         DisconnectReason::ClientClosed,
         DisconnectReason::NetworkError,
@@ -84,6 +86,7 @@ impl DisconnectReason {
         DisconnectReason::AdminKick,
         DisconnectReason::SlowConsumer,
         DisconnectReason::StorageFailure,
+        DisconnectReason::TokenExpired,
     ];
 
     /// The label value.
@@ -101,6 +104,7 @@ impl DisconnectReason {
             DisconnectReason::AdminKick => "admin_kick",
             DisconnectReason::SlowConsumer => "slow_consumer",
             DisconnectReason::StorageFailure => "storage_failure",
+            DisconnectReason::TokenExpired => "token_expired",
         }
     }
 

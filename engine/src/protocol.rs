@@ -367,6 +367,9 @@ struct Extensions {
     held_subacks: Vec<HeldSubAck>,
     /// New subscriptions' retained messages still to send, in order.
     retained_reads: std::collections::VecDeque<RetainedRead>,
+    /// When the client's credentials (a token's `exp`) stop being valid: the connection
+    /// is closed then.
+    credentials_expire: Option<Instant>,
 }
 
 /// A new subscription's reading of the retained messages, a chunk at a time.
@@ -704,19 +707,47 @@ impl Connection {
 
     /// When [`Connection::tick`] must run next (the keep-alive deadline).
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.keep_alive == 0 || self.close.is_some() {
+        if self.close.is_some() {
             return None;
         }
-        // MQTT: the server closes after one and a half keep-alive periods of silence.
+        [self.keep_alive_deadline(), self.credentials_expire()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// MQTT: the server closes after one and a half keep-alive periods of silence.
+    fn keep_alive_deadline(&self) -> Option<Instant> {
+        if self.keep_alive == 0 {
+            return None;
+        }
         let keep_alive = Duration::from_secs(u64::from(self.keep_alive));
         Some(self.last_received + keep_alive + keep_alive / 2)
     }
 
-    /// Advances the clock: enforces the keep-alive.
+    fn credentials_expire(&self) -> Option<Instant> {
+        self.extensions.as_ref()?.credentials_expire
+    }
+
+    /// Holds the connection to credentials that stop being valid at `at` (a token's
+    /// `exp`): [`Connection::tick`] closes it then, a v5 client with DISCONNECT 0x87.
+    pub fn expire_credentials_at(&mut self, at: Instant) {
+        self.extensions.get_or_insert_default().credentials_expire = Some(at);
+    }
+
+    /// Advances the clock: enforces the keep-alive and the credentials' expiry.
     pub fn tick(&mut self, now: Instant) {
-        if let Some(deadline) = self.next_deadline()
-            && now >= deadline
-        {
+        if self.close.is_some() {
+            return;
+        }
+        if self.credentials_expire().is_some_and(|t| now >= t) {
+            tracing::info!(client_id = %self.session.client_id, "disconnected: token expired");
+            self.server_disconnect(
+                ReasonCode::NotAuthorized,
+                DisconnectReason::TokenExpired,
+                "token expired",
+            );
+        } else if self.keep_alive_deadline().is_some_and(|t| now >= t) {
             self.fail(ReasonCode::KeepAliveTimeout, "keep-alive timeout");
         }
     }

@@ -253,6 +253,8 @@ pub(crate) struct Inner {
     /// dispatch. Nothing tells the queue when that channel has room again, so until a
     /// dispatch gets through, every produce dispatches, as acks and the timer do.
     refused: AtomicBool,
+    /// Produces refused at `max_depth` or `max_bytes` since the queue was opened.
+    quota_refusals: AtomicU64,
     round_robin: AtomicU64,
     /// Messages stored (sum of next offsets) and their floor sum: depth = the difference.
     stored: AtomicU64,
@@ -437,6 +439,7 @@ impl Queue {
                 kick: AtomicBool::new(false),
                 dispatched_end: Mutex::new(Vec::new()),
                 refused: AtomicBool::new(false),
+                quota_refusals: AtomicU64::new(0),
                 round_robin: AtomicU64::new(0),
                 stored: AtomicU64::new(stored),
                 floor_sum: AtomicU64::new(0),
@@ -481,6 +484,12 @@ impl Queue {
 
     fn logs(&self) -> Arc<[Log]> {
         self.inner.logs.read().clone()
+    }
+
+    /// Produces refused at `max_depth` or `max_bytes` since the queue was opened (what
+    /// its producers were told no, or what a capture could not keep).
+    pub fn quota_refusals(&self) -> u64 {
+        self.inner.quota_refusals.load(Ordering::Relaxed)
     }
 
     /// Messages counted against `max_depth`: per partition, everything from the oldest
@@ -533,9 +542,12 @@ impl Queue {
             bytes,
         };
         let cfg = inner.config.read();
-        let full = |what| ProduceError::QuotaExceeded {
-            queue: inner.name.to_string(),
-            what,
+        let full = |what| {
+            inner.quota_refusals.fetch_add(1, Ordering::Relaxed);
+            ProduceError::QuotaExceeded {
+                queue: inner.name.to_string(),
+                what,
+            }
         };
         if self.depth() + n > cfg.max_depth {
             return Err(full("max_depth"));

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::security::acl::{Access, Authorizer};
 use crate::security::auth;
 use futures_util::future::Either;
+use roost_engine::auth::Grant;
 use roost_engine::broker::{Broker, Control, Fanout, Handover};
 use roost_engine::client::{Admitted, Client};
 use roost_engine::metrics::{AuthFailure, DisconnectReason, Limit};
@@ -448,9 +449,9 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     .await?;
     // Rare, one-off paths are boxed so their state does not enlarge every idle
     // connection's task for its whole life.
-    let access = match Box::pin(admit(
+    let (access, expires_at) = match Box::pin(admit(
         broker,
-        &connect,
+        &mut connect,
         &client_id,
         peer,
         transport_authenticated || scram_user.is_some(),
@@ -485,7 +486,11 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    let admitted = Admitted { access, scram_user };
+    let admitted = Admitted {
+        access,
+        scram_user,
+        expires_at,
+    };
     match Client::attach(broker, connect, &plan, peer, admitted).await {
         Ok(client) => Ok(client),
         Err(refusal) => {
@@ -720,34 +725,51 @@ async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Authenticates the client of `connect` and checks its will topic against the ACL.
-/// Returns the ACL the connection is held to.
+/// Returns the ACL the connection is held to and when its credentials expire. A token's
+/// user becomes the CONNECT's username.
 async fn admit(
     broker: &Broker,
-    connect: &Connect,
+    connect: &mut Connect,
     client_id: &Arc<str>,
     peer: SocketAddr,
     transport_authenticated: bool,
-) -> Result<Option<Arc<dyn Authorizer>>, auth::Refusal> {
-    if !transport_authenticated
-        && let Err(refusal) = broker.auth.authenticate(connect, client_id, peer).await
-    {
-        if let Some(limit) = refusal.limit() {
-            broker.metrics.limit_tripped(limit, 1);
+) -> Result<(Option<Arc<dyn Authorizer>>, Option<Instant>), auth::Refusal> {
+    let grant = if transport_authenticated {
+        Grant::default()
+    } else {
+        match broker.auth.authenticate(connect, client_id, peer).await {
+            Ok(grant) => grant,
+            Err(refusal) => {
+                if let Some(limit) = refusal.limit() {
+                    broker.metrics.limit_tripped(limit, 1);
+                }
+                if let Some(failure) = refusal.auth_failure() {
+                    broker.metrics.auth_failed(failure);
+                }
+                return Err(refusal);
+            }
         }
-        if let Some(failure) = refusal.auth_failure() {
-            broker.metrics.auth_failed(failure);
-        }
-        return Err(refusal);
+    };
+    if let Some(user) = grant.username {
+        connect.username = Some(user);
     }
-    let access = broker
+    let file = broker
         .auth
         .authorizer(connect.username.as_deref(), client_id);
+    let access = auth::narrow(file, grant.narrowing);
     if let (Some(acl), Some(will)) = (&access, &connect.will)
         && !acl.allows(Access::Write, &will.topic)
     {
         return Err(auth::Refusal::WillNotWritable);
     }
-    Ok(access)
+    // The engine's clock is monotonic: the wall-clock expiry becomes a time on it.
+    let expires_at = grant.expires_at.map(|at| {
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        roost_engine::clock::now() + left
+    });
+    Ok((access, expires_at))
 }
 
 /// Runs the enhanced authentication a v5 CONNECT asks for with its Authentication Method

@@ -54,6 +54,8 @@ pub struct Api {
     pub queue_defaults: QueueConfig,
     /// This node's cluster, when it is part of one.
     pub cluster: Option<Arc<roost_cluster::Cluster>>,
+    /// The bridges, for `/api/v1/bridges` and their metrics.
+    pub bridges: crate::bridge::Bridges,
 }
 
 /// Serves admin requests on `listener` until `shutdown` turns true.
@@ -301,11 +303,16 @@ enum Route {
     Cluster,
     Members,
     Member(String),
+    Bridges,
+    Dashboard(super::dashboard::Asset),
 }
 
 impl Route {
     /// The route of `path`, with its segments percent-decoded; `None`: 404.
     fn parse(path: &str) -> Option<Route> {
+        if let Some(asset) = super::dashboard::asset(path) {
+            return Some(Route::Dashboard(asset));
+        }
         let segments: Vec<String> = path
             .strip_prefix('/')?
             .split('/')
@@ -324,6 +331,7 @@ impl Route {
                 Route::Reset((*q).to_owned(), (*g).to_owned())
             }
             ["api", "v1", "clients"] => Route::Clients,
+            ["api", "v1", "bridges"] => Route::Bridges,
             ["api", "v1", "clients", c] if !c.is_empty() => Route::Client((*c).to_owned()),
             ["api", "v1", "sessions"] => Route::Sessions,
             ["api", "v1", "cluster"] => Route::Cluster,
@@ -344,6 +352,8 @@ impl Route {
             | Route::Queues
             | Route::Clients
             | Route::Sessions
+            | Route::Bridges
+            | Route::Dashboard(_)
             | Route::Cluster => &["GET"],
             Route::Members => &["POST"],
             Route::Member(_) => &["DELETE"],
@@ -354,7 +364,7 @@ impl Route {
     }
 
     fn public(&self) -> bool {
-        matches!(self, Route::Health | Route::Ready)
+        matches!(self, Route::Health | Route::Ready | Route::Dashboard(_))
     }
 }
 
@@ -422,9 +432,20 @@ async fn handle(api: &Api, request: &Request) -> Response {
                 if let Some(c) = &api.cluster {
                     text.push_str(&render_cluster_metrics(c));
                 }
+                api.bridges.render_metrics(&mut text);
                 text.into_bytes()
             },
         },
+        (_, Route::Dashboard(asset)) => Response {
+            status: 200,
+            content_type: asset.content_type,
+            headers: vec!["Cache-Control: no-cache".into()],
+            body: asset.body.to_vec(),
+        },
+        (_, Route::Bridges) => {
+            let list = api.bridges.list().iter().map(|b| b.to_json()).collect();
+            Response::json(200, &Value::Array(list))
+        }
         (_, Route::Queues) => {
             let list: Vec<Value> = broker.queues.list().iter().map(queue_json).collect();
             Response::json(200, &Value::Array(list))
@@ -1124,6 +1145,9 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(Route::parse("/health"), Some(Route::Health));
+        assert!(matches!(Route::parse("/"), Some(Route::Dashboard(_))));
+        assert!(Route::parse("/").is_some_and(|r| r.public()));
+        assert_eq!(Route::parse("/api/v1/bridges"), Some(Route::Bridges));
         assert_eq!(Route::parse("/metrics"), Some(Route::Metrics));
         assert_eq!(Route::parse("/api/v1/queues"), Some(Route::Queues));
         assert_eq!(
@@ -1166,9 +1190,9 @@ mod tests {
             Some(Route::Client("dev 1".into()))
         );
         assert_eq!(Route::parse("/api/v1/sessions"), Some(Route::Sessions));
+        // "/" is the dashboard now.
         for bad in [
             "",
-            "/",
             "/api/v1/queues/",
             "/api/v2/queues",
             "/api/v1/clients/%zz",

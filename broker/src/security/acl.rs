@@ -230,7 +230,7 @@ fn rule_applies(rule: &Rule, who: Identity<'_>, access: Access, topic: &str) -> 
 
 /// Replaces `%u` and `%c`; `None` when a value is missing or could act as a wildcard or
 /// level separator.
-fn expand(filter: &str, who: Identity<'_>) -> Option<String> {
+pub fn expand(filter: &str, who: Identity<'_>) -> Option<String> {
     let safe = |v: &str| !v.is_empty() && !v.contains(['/', '+', '#']);
     let mut out = String::with_capacity(filter.len() + 16);
     let mut rest = filter;

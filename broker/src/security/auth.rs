@@ -12,6 +12,12 @@
 //! With no password file and no hook, usernames are not checked, and `allow_anonymous`
 //! (true by default then) decides for everyone.
 //!
+//! With a JWT key (`jwt_secret_file` or `jwt_public_key_file`), a client that gives a
+//! password and is not a user of the password file is decided by its password as a
+//! token ([`crate::security::jwt`]): a valid one lets it in as the token's user, held to
+//! the token's `acl` claim besides the ACL file, until the token's `exp`; any other
+//! gets 0x86 (3.x: 4) without asking the hook.
+//!
 //! A v5 client may instead authenticate with SCRAM-SHA-256 (enhanced authentication, see
 //! [`crate::scram`]) against the verifiers of the password file ([`Auth::scram`]); the
 //! hook and `allow_anonymous` play no part in that: a client that asks for SCRAM passes
@@ -31,11 +37,12 @@ use roost_core::{Connect, ProtocolVersion};
 use crate::config::{Config, HookErrorPolicy};
 use crate::security::acl::{Acl, AclError, AclHandle, Authorizer};
 use crate::security::auth_hook::{AuthHook, HookAnswer, HookRequest};
+use crate::security::jwt::{JwtSettings, KeyError, Narrowed, TokenVerifier};
 use crate::security::passwd::{PasswdError, PasswordFile};
 use roost_engine::scram::{Credentials, Verifier};
 
 pub use roost_engine::auth::Refusal;
-use roost_engine::auth::{Authenticator, Verdict};
+use roost_engine::auth::{Authenticator, Grant, Verdict};
 
 /// Bounds a kind of credential check: how many run at once, how many CONNECTs may wait
 /// for one, and how many of those places one source address may hold. A password check
@@ -138,6 +145,9 @@ pub enum AuthSetupError {
     /// The hook's `auth_hook.url` is not one roost can ask.
     #[error("auth_hook.url: {0}")]
     HookUrl(String),
+    /// The JWT key file cannot be read or holds no usable key.
+    #[error("{0}")]
+    JwtKey(#[source] KeyError),
     /// The system's random number generator failed (SCRAM's stand-in salts need it).
     #[error("cannot draw random bytes for SCRAM")]
     Random,
@@ -162,6 +172,8 @@ pub struct Auth {
     password_checks: CheckGate,
     /// Questions to the hook ([`HOOK_REQUESTS`], `max_auth_waiting`).
     hook_requests: CheckGate,
+    /// The JWT settings and the verifier of their key file (replaced on SIGHUP).
+    jwt: Option<(JwtSettings, ArcSwap<TokenVerifier>)>,
 }
 
 impl Auth {
@@ -194,6 +206,14 @@ impl Auth {
         let hook_error = Refusal::HookUnavailable {
             deny: config.auth_hook.as_ref().map(|h| h.on_error) == Some(HookErrorPolicy::Deny),
         };
+        let jwt = match config.jwt() {
+            Some(settings) => {
+                let verifier = TokenVerifier::load(&settings).map_err(AuthSetupError::JwtKey)?;
+                tracing::info!("JWT authentication on ({verifier:?})");
+                Some((settings, ArcSwap::from_pointee(verifier)))
+            }
+            None => None,
+        };
         let passwords = Arc::new(ArcSwap::from_pointee(passwords));
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
@@ -212,6 +232,7 @@ impl Auth {
             hook_error,
             password_checks: CheckGate::new(config.max_auth_checks, config.max_auth_waiting),
             hook_requests: CheckGate::new(HOOK_REQUESTS, config.max_auth_waiting),
+            jwt,
         })
     }
 
@@ -241,18 +262,59 @@ impl Auth {
                 Err(e) => errors.push(AuthSetupError::AclFile(e)),
             }
         }
+        if let Some((settings, verifier)) = &self.jwt {
+            match TokenVerifier::load(settings) {
+                Ok(v) => {
+                    tracing::info!("JWT key reloaded");
+                    verifier.store(Arc::new(v));
+                }
+                Err(e) => errors.push(AuthSetupError::JwtKey(e)),
+            }
+        }
         if let Some(hook) = &self.hook {
             hook.clear_cache();
         }
         errors
     }
 
-    /// Decides whether the client of `connect` (with `client_id` in use) may connect.
-    /// The password check is slow by design, so it runs on the blocking pool, a bounded
-    /// number at a time (see [`CheckGate`]).
+    /// Decides whether the client of `connect` (with `client_id` in use) may connect,
+    /// and what its token grants. The password check is slow by design, so it runs on
+    /// the blocking pool, a bounded number at a time (see [`CheckGate`]).
     pub async fn authenticate(
         &self,
         connect: &Connect,
+        client_id: &str,
+        peer: SocketAddr,
+    ) -> Result<Grant, Refusal> {
+        let password = connect.password.as_deref();
+        let passwords = self.passwords.load_full();
+        let listed = connect
+            .username
+            .as_deref()
+            .is_some_and(|u| passwords.contains(u));
+        if let (Some((_, verifier)), Some(token), false) = (&self.jwt, password, listed) {
+            let token = verifier
+                .load()
+                .verify(token, client_id)
+                .map_err(Refusal::BadToken)?;
+            return Ok(Grant {
+                username: Some(token.username),
+                expires_at: token.expires_at,
+                narrowing: token
+                    .access
+                    .map(|a| Arc::new(a) as Arc<dyn crate::security::acl::Authorizer>),
+            });
+        }
+        self.check_password(connect, &passwords, client_id, peer)
+            .await
+            .map(|()| Grant::default())
+    }
+
+    /// The password file, the hook and `allow_anonymous`, as the module's top says.
+    async fn check_password(
+        &self,
+        connect: &Connect,
+        passwords: &Arc<PasswordFile>,
         client_id: &str,
         peer: SocketAddr,
     ) -> Result<(), Refusal> {
@@ -266,9 +328,9 @@ impl Auth {
             }
             return Err(Refusal::AnonymousNotAllowed);
         };
-        let passwords = self.passwords.load_full();
         if passwords.contains(user) || (self.password_path.is_some() && self.hook.is_none()) {
             let turn = self.password_checks.enter(peer.ip()).await?;
+            let passwords = passwords.clone();
             let user = user.to_owned();
             let password = password.map(<[u8]>::to_vec).unwrap_or_default();
             let ok = tokio::task::spawn_blocking(move || passwords.verify(&user, &password))
@@ -335,6 +397,19 @@ impl Auth {
         self.acl
             .as_ref()
             .map(|handle| handle.for_client(username, client_id))
+    }
+}
+
+/// What a client is held to: the ACL file's decision (`file`), narrowed by what its
+/// credentials grant (a token's `acl` claim), when there is either.
+pub fn narrow(
+    file: Option<Arc<dyn Authorizer>>,
+    grant: Option<Arc<dyn Authorizer>>,
+) -> Option<Arc<dyn Authorizer>> {
+    match (file, grant) {
+        (Some(file), Some(token)) => Some(Arc::new(Narrowed { file, token })),
+        (file, None) => file,
+        (None, token) => token,
     }
 }
 
@@ -461,7 +536,7 @@ mod tests {
             .authenticate(&connect(user, password), "c1", peer())
             .await
         {
-            Ok(()) => ReasonCode::Success,
+            Ok(_) => ReasonCode::Success,
             Err(refusal) => refusal.reason_code(),
         }
     }

@@ -38,7 +38,7 @@ pub fn captured_message(msg: &Message) -> NewMessage {
     NewMessage {
         subtopic: msg.topic.clone(),
         partition_key: partition_key(msg),
-        headers: encode_headers(&msg.properties, &msg.topic),
+        headers: encode_stored(&msg.properties, &msg.topic, msg.retain),
         payload: msg.payload.clone(),
         dedup_id: dedup_id(msg),
         deliver_at: deliver_at(msg, roost_queue::now_ms()).ok().flatten(),
@@ -72,6 +72,17 @@ fn deliver_at(msg: &Message, now: u64) -> Result<Option<u64>, ProduceError> {
     })
 }
 
+/// What the stored headers of a captured publish say of it: its properties, its
+/// original topic and its retain flag (a bridge forwards all three). `None` for headers
+/// that do not decode.
+pub fn captured_publish(headers: &Bytes) -> Option<(Properties, String, bool)> {
+    let mut buf = BytesMut::from(&headers[..]);
+    match codec::decode(&mut buf, Some(ProtocolVersion::V5), usize::MAX) {
+        Ok(Some(Packet::Publish(p))) => Some((p.properties, p.topic, p.retain)),
+        _ => None,
+    }
+}
+
 fn partition_key(msg: &Message) -> Option<Bytes> {
     user_property(msg, "partition-key").map(|k| Bytes::copy_from_slice(k.as_bytes()))
 }
@@ -86,6 +97,12 @@ pub(super) const NO_HEADERS: &[u8] = &[0x30, 0x03, 0x00, 0x00, 0x00];
 /// so the codec does the work and validates it on the way back. Its topic is the
 /// original topic of a captured publish, empty for a publish to `$queue/`.
 pub(super) fn encode_headers(properties: &Properties, original_topic: &str) -> Bytes {
+    encode_stored(properties, original_topic, false)
+}
+
+/// [`encode_headers`] with the publish's retain flag kept in the stored PUBLISH's flags
+/// (captured publishes: a bridge forwards it).
+fn encode_stored(properties: &Properties, original_topic: &str, retain: bool) -> Bytes {
     if original_topic.is_empty() && *properties == Properties::default() {
         return Bytes::from_static(NO_HEADERS);
     }
@@ -93,7 +110,7 @@ pub(super) fn encode_headers(properties: &Properties, original_topic: &str) -> B
     let view = PublishView {
         dup: false,
         qos: QoS::AtMostOnce,
-        retain: false,
+        retain,
         topic: original_topic,
         packet_id: 0,
         properties,

@@ -33,7 +33,7 @@ use crate::protocol::{AckToken, Connection, Event};
 use crate::session::{Delivery, QueueRef};
 
 use message::decode_headers;
-pub use message::{captured_message, new_message, user_property};
+pub use message::{captured_message, captured_publish, new_message, user_property};
 pub use topic::{QueueFilter, QueueTopic, Settle, is_queue_filter, parse_filter, parse_topic};
 
 /// The SUBACK reason code of a `$queue/` subscription that failed with `e`.

@@ -63,3 +63,34 @@ async fn the_server_keep_alive_caps_what_a_v5_client_asks_for() {
     h.sleep(SEC).await;
     assert_eq!(h.closed_for(a), Some(DisconnectReason::KeepAliveTimeout));
 }
+
+/// A client whose token expires is closed then, whatever its keep-alive: a v5 client is
+/// told 0x87 (not authorized), a 3.1.1 client's socket just closes.
+#[tokio::test(start_paused = true)]
+async fn a_client_is_closed_when_its_token_expires() {
+    let mut h = Harness::new().await;
+    let at = crate::clock::now() + 30 * SEC;
+    let (a, _) = h
+        .try_connect_until(v5("a").keep_alive(20), Some(at))
+        .await
+        .expect("connected");
+    let (b, _) = h
+        .try_connect_until(v311("b", true), Some(at))
+        .await
+        .expect("connected");
+    for _ in 0..2 {
+        h.sleep(14 * SEC).await;
+        h.send(a, Packet::PingReq).await;
+        assert_eq!(h.take(a), [Packet::PingResp]);
+    }
+    assert!(h.is_connected(a) && h.is_connected(b), "28 s of 30");
+    h.sleep(2 * SEC).await;
+    assert!(!h.is_connected(a) && !h.is_connected(b));
+    assert_eq!(h.closed_for(a), Some(DisconnectReason::TokenExpired));
+    assert_eq!(h.closed_for(b), Some(DisconnectReason::TokenExpired));
+    let [Packet::Disconnect(d)] = &h.take(a)[..] else {
+        panic!("a DISCONNECT for the v5 client");
+    };
+    assert_eq!(d.reason, ReasonCode::NotAuthorized);
+    assert!(h.take(b).is_empty(), "3.1.1: closed without a DISCONNECT");
+}

@@ -159,6 +159,15 @@ impl Harness {
         &mut self,
         connect: Connect,
     ) -> Result<(Id, ConnAck), (ReasonCode, String)> {
+        self.try_connect_until(connect, None).await
+    }
+
+    /// [`Harness::try_connect`] with credentials that expire at `expires_at` (a token).
+    pub async fn try_connect_until(
+        &mut self,
+        connect: Connect,
+        expires_at: Option<std::time::Instant>,
+    ) -> Result<(Id, ConnAck), (ReasonCode, String)> {
         let plan = protocol::plan_connect(&connect, &self.broker.limits, || {
             format!("roost-{:016x}", self.broker.next_id())
         })
@@ -171,6 +180,7 @@ impl Harness {
         let admitted = Admitted {
             access: None,
             scram_user: None,
+            expires_at,
         };
         let attach = tokio::spawn(async move {
             Client::attach(&broker, Box::new(connect), &plan, peer, admitted).await
