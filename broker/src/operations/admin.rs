@@ -657,6 +657,11 @@ fn render_metrics(broker: &Broker, state_syncs: &SyncLatency) -> String {
         usize::try_from(broker.retained_bytes()).unwrap_or(usize::MAX),
     );
     gauge(
+        "roost_queued_bytes",
+        "Bytes of QoS 1/2 messages in all session queues, as max_total_queued_bytes counts them.",
+        usize::try_from(broker.limits.queued.held()).unwrap_or(usize::MAX),
+    );
+    gauge(
         "roost_offline_timers",
         "Offline sessions with a delayed will or an expiry scheduled.",
         broker.offline_timer_count(),

@@ -51,6 +51,9 @@ impl Broker {
         for stored in loaded.sessions {
             let mut session = stored.session;
             session.stored = true;
+            // What was stored is kept even past `max_total_queued_bytes`; new messages
+            // are dropped until the queues drain below it.
+            session.pending.charge_to(&self.limits.queued);
             let client = session.client_id.clone();
             let down_for = if stored.connected {
                 0
@@ -214,7 +217,7 @@ impl Broker {
             while let Some(d) = deliveries.try_recv() {
                 if d.share.is_some() {
                     // Handled below with the others, outside the lock.
-                    session.pending.push_back(d);
+                    session.pending.push_back(d, &self.limits.queued);
                 } else {
                     session.enqueue_offline(d, self.limits.max_queued());
                 }

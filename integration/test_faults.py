@@ -1,0 +1,131 @@
+"""roost under faults (issue 15): each test injects one fault into a real `roost` and
+checks that it keeps serving (or refuses cleanly) and loses nothing it acknowledged.
+
+- a memory flood: thousands of persistent sessions that never read, against
+  `max_total_queued_bytes`;
+- `$queue/` delivery counts across `kill -9` (`max_deliveries` is a real bound).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+import uuid
+
+import pytest
+
+import mqttraw as w
+from broker import IS_MOSQUITTO, Broker, free_port
+from conftest import receive_publishes
+from test_admin import Admin, value
+
+pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="roost's own limits and storage")
+
+MIB = 1024 * 1024
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def create_persistent_sessions(b, ids, topic_of, batch=400):
+    """Each client id connects with a persistent 3.1.1 session, subscribes QoS 1 to
+    topic_of(id) and disconnects, many at a time (one write per client, pipelined)."""
+    for start in range(0, len(ids), batch):
+        socks = {}
+        for cid in ids[start:start + batch]:
+            s = socket.create_connection((b.host, b.port), timeout=10)
+            s.sendall(w.connect_packet(cid, 4, clean=False)
+                      + w.subscribe_packet(1, [(topic_of(cid), 1)], 4)
+                      + w.disconnect_packet(4))
+            socks[s] = b""
+        deadline = time.monotonic() + 60
+        while socks:
+            assert time.monotonic() < deadline, f"{len(socks)} clients never got their SUBACK"
+            ready, _, _ = select.select(list(socks), [], [], 1.0)
+            for s in ready:
+                chunk = s.recv(4096)
+                socks[s] += chunk
+                # CONNACK (4 bytes), then SUBACK 0x90 with return code 1; then the close.
+                if not chunk or len(socks[s]) >= 9:
+                    got = socks.pop(s)
+                    s.close()
+                    assert got[:4] == b"\x20\x02\x00\x00" and got[4:9] == b"\x90\x03\x00\x01\x01", got
+
+
+def publish_window(b, topics_payloads, window=500):
+    """Publishes QoS 1 with up to `window` unacknowledged; returns when every PUBACK came."""
+    pub = w.RawClient(b.host, b.port, 4, timeout=30)
+    pub.connect(f"flood-pub-{uuid.uuid4().hex[:6]}")
+    items = list(topics_payloads)
+    for start in range(0, len(items), window):
+        chunk = items[start:start + window]
+        pub.send(b"".join(w.publish_packet(t, p, qos=1, pid=i + 1)
+                          for i, (t, p) in enumerate(chunk)))
+        for i in range(len(chunk)):
+            ack = pub.expect(w.PUBACK, timeout=30)
+            assert ack.pid == i + 1, ack
+    pub.disconnect()
+
+
+@pytest.mark.timeout(300)
+def test_memory_flood_of_persistent_sessions_that_never_read_stays_bounded(broker_with):
+    """10,000 persistent sessions that never come back to read; 8 messages of 1 KiB for
+    each (110 MB as the bounds count them). Past `max_total_queued_bytes` the messages
+    are dropped and counted, the publisher is never held up, RSS grows by no more than
+    the bound plus a fixed overhead, and what was queued reaches the sessions intact."""
+    bound = 16 * MIB
+    admin = free_port()
+    b = broker_with(max_total_queued_bytes=bound, admin_bind=[f"127.0.0.1:{admin}"],
+                    log_level="info")
+    api = Admin(admin)
+    n, per_session, size = 10_000, 8, 1024
+    tag = uuid.uuid4().hex[:6]
+    ids = [f"fl-{tag}-{i}" for i in range(n)]
+    create_persistent_sessions(b, ids, lambda cid: f"flood/{cid}")
+    assert value(api.metrics(), "roost_sessions") >= n
+    before = rss_bytes(b.proc.pid)
+
+    payload = b"x" * size
+    started = time.monotonic()
+    publish_window(b, ((f"flood/{cid}", b"%d:" % k + payload)
+                       for k in range(per_session) for cid in ids))
+    took = time.monotonic() - started
+    after = rss_bytes(b.proc.pid)
+
+    m = api.metrics()
+    trips = value(m, "roost_limit_trips_total", limit="max_total_queued_bytes")
+    dropped = value(m, "roost_messages_dropped_total", reason="offline_queue_full")
+    held = value(m, "roost_queued_bytes")
+    # Every message weighs its payload, topic and ~440 bytes: most of 80,000 cannot fit.
+    assert trips > n * per_session // 2, (trips, m)
+    assert dropped >= trips
+    assert 0 < held <= bound + 64 * 1024, held
+    growth = after - before
+    overhead = 48 * MIB  # the session store's memtables and caches, allocator slack
+    print(f"flood: {n * per_session} publishes in {took:.1f}s, {int(trips)} dropped, "
+          f"queued {held / MIB:.1f} MiB, RSS {before / MIB:.0f} -> {after / MIB:.0f} MiB")
+    assert growth <= bound + overhead, f"RSS grew {growth / MIB:.0f} MiB past a {bound / MIB:.0f} MiB bound"
+
+    # What was queued is there, in order, for sessions that come back.
+    for cid in ids[:3] + ids[-3:]:
+        c = w.RawClient(b.host, b.port, 4)
+        assert c.connect(cid, clean=False).session_present
+        got = []
+        while True:
+            p = c.recv(0.5)
+            if p is None:
+                break
+            assert p.type == w.PUBLISH and p.topic == f"flood/{cid}", p
+            got.append(p.payload)
+            c.puback(p.pid)
+        assert got == [b"%d:" % k + payload for k in range(len(got))], got[:2]
+        c.disconnect()
+    # Reading gave the bytes back, and the broker takes messages again.
+    assert value(api.metrics(), "roost_queued_bytes") < held
