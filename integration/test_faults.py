@@ -129,3 +129,55 @@ def test_memory_flood_of_persistent_sessions_that_never_read_stays_bounded(broke
         c.disconnect()
     # Reading gave the bytes back, and the broker takes messages again.
     assert value(api.metrics(), "roost_queued_bytes") < held
+
+
+def test_queue_delivery_counts_survive_kill9_and_max_deliveries_holds():
+    """A message nacked once and in flight a second time when roost is killed comes back
+    as delivery 3 (the interrupted one counts); nacked again it reaches max_deliveries
+    (3) and goes to the dead-letter queue instead of a fourth delivery."""
+    q = f"q{uuid.uuid4().hex[:8]}"
+    b = Broker({"queues": {q: {"partitions": 1, "max_deliveries": 3,
+                               "backoff_initial_ms": 10, "backoff_max_ms": 10}}}).start()
+    try:
+        pub = w.RawClient(b.host, b.port, 5)
+        pub.connect(f"p-{q}")
+        pub.publish(f"$queue/{q}", b"poison", qos=1, pid=1)
+        assert pub.expect(w.PUBACK).rc in (None, 0)
+        pub.disconnect()
+
+        def consumer():
+            c = w.RawClient(b.host, b.port, 5)
+            c.connect(f"c-{q}")
+            assert c.subscribe(f"$share/w/$queue/{q}", qos=1).rcs == [1]
+            return c
+
+        def count(p):
+            return dict(p.user_props())["delivery-count"]
+
+        c = consumer()
+        first = receive_publishes(c, 1, ack=False)[0]
+        assert (first.payload, count(first)) == (b"poison", "1")
+        c.ack(w.PUBACK, first.pid, rc=0x80)  # nack: redelivered after the backoff
+        second = receive_publishes(c, 1, ack=False)[0]
+        assert (second.payload, count(second)) == (b"poison", "2")
+        # A durable produce after it: the count of the second delivery is on disk too.
+        pub = w.RawClient(b.host, b.port, 5)
+        pub.connect(f"p2-{q}")
+        pub.publish(f"$queue/{q}-other", b"marker", qos=1, pid=1)
+        assert pub.expect(w.PUBACK).rc in (None, 0)
+
+        b.kill()  # SIGKILL with the second delivery in flight
+        b.log.close()
+        b.start()
+        c = consumer()
+        third = receive_publishes(c, 1, ack=False)[0]
+        assert (third.payload, count(third)) == (b"poison", "3"), third
+        c.ack(w.PUBACK, third.pid, rc=0x80)
+        assert c.recv(1.0) is None, "no fourth delivery past max_deliveries"
+        dlq = w.RawClient(b.host, b.port, 5)
+        dlq.connect(f"d-{q}")
+        dlq.subscribe(f"$share/d/$queue/{q}/$dlq", qos=1)
+        dead = receive_publishes(dlq, 1)[0]
+        assert dead.payload == b"poison"
+    finally:
+        b.cleanup()

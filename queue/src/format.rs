@@ -22,6 +22,9 @@
 //! 5 purge     partition u32, offset u64  the queue's floor: nothing below is delivered
 //! 6 snapshot  floors: n u32, n x u64; groups: n u32, n x (key, partitions u32,
 //!             partitions x (committed u64, acked n u32, n x u64))
+//! 7 delivered key, n u32, n x (partition u32, offset u64, count u32)  deliveries so far
+//!             of unsettled messages (the latest record of an offset wins); written as
+//!             they are handed out, and after each snapshot for all outstanding ones
 //! key = group_len u16, group, has_filter u8, [filter_len u16, filter]
 //! ```
 
@@ -167,6 +170,7 @@ pub(crate) enum Progress {
     Delete(GroupKey),
     Purge(u32, u64),
     Snapshot(Snapshot),
+    Delivered(GroupKey, Vec<(u32, u64, u32)>),
 }
 
 /// One partition's durable progress: committed offset and the settled offsets above it.
@@ -246,6 +250,16 @@ impl Progress {
                     }
                 }
             }
+            Progress::Delivered(k, items) => {
+                b.put_u8(7);
+                put_key(&mut b, k);
+                b.put_u32_le(items.len() as u32);
+                for &(p, o, count) in items {
+                    b.put_u32_le(p);
+                    b.put_u64_le(o);
+                    b.put_u32_le(count);
+                }
+            }
         }
         b.freeze()
     }
@@ -290,6 +304,15 @@ impl Progress {
                     groups.push((k, parts));
                 }
                 Progress::Snapshot(Snapshot { floors, groups })
+            }
+            7 => {
+                let k = r.key()?;
+                let n = r.count(16)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push((r.u32()?, r.u64()?, r.u32()?));
+                }
+                Progress::Delivered(k, items)
             }
             _ => return None,
         };
@@ -411,6 +434,7 @@ mod tests {
                 floors: vec![1, 2],
                 groups: vec![(key("g", None), vec![(5, vec![7, 9]), (0, vec![])])],
             }),
+            Progress::Delivered(key("g", Some("a/#")), vec![(0, 5, 2), (3, u64::MAX, 1)]),
         ];
         for p in all {
             let raw = p.encode();
