@@ -181,3 +181,87 @@ def test_queue_delivery_counts_survive_kill9_and_max_deliveries_holds():
         assert dead.payload == b"poison"
     finally:
         b.cleanup()
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+@pytest.mark.timeout(120)
+def test_slow_disk_delays_neither_qos0_nor_non_durable_traffic_and_stalls_nothing():
+    """Every queue fdatasync takes 200 ms (ROOST_TEST_SLOW_FSYNC_MS): durable queue
+    produces wait for it, QoS 0 and QoS 1 traffic between clean sessions does not, no
+    worker thread is held up (roost_event_loop_stalls_total stays 0), and every produce
+    roost acknowledged is in the queue afterwards."""
+    import threading
+
+    delay = 0.2
+    admin = free_port()
+    b = Broker({"admin_bind": [f"127.0.0.1:{admin}"], "log_level": "info"})
+    b.env = {"ROOST_TEST_SLOW_FSYNC_MS": str(int(delay * 1000))}
+    b.start()
+    try:
+        api = Admin(admin)
+        q = f"slow{uuid.uuid4().hex[:6]}"
+        stop = threading.Event()
+        produced, produce_times, errors = [], [], []
+
+        def producer():
+            try:
+                c = w.RawClient(b.host, b.port, 5, timeout=10)
+                c.connect(f"prod-{q}")
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    started = time.monotonic()
+                    c.publish(f"$queue/{q}/d{i % 4}", b"job-%d" % i, qos=1, pid=i % 60000 + 1)
+                    ack = c.expect(w.PUBACK, timeout=10)
+                    assert ack.rc in (None, 0), ack
+                    produce_times.append(time.monotonic() - started)
+                    produced.append(b"job-%d" % i)
+                c.disconnect()
+            except Exception as e:  # reported by the test below
+                errors.append(e)
+
+        workers = [threading.Thread(target=producer)]
+        workers[0].start()
+        time.sleep(0.5)
+        t = f"fast/{q}"
+        sub = w.RawClient(b.host, b.port, 4)
+        sub.connect(f"sub-{q}")
+        sub.subscribe(t, qos=1)
+        pub = w.RawClient(b.host, b.port, 4)
+        pub.connect(f"pub-{q}")
+        lat = {0: [], 1: []}
+        for i in range(150):
+            qos = i % 2
+            started = time.monotonic()
+            pub.publish(t, b"%d" % i, qos=qos, pid=i + 1)
+            got = sub.expect(w.PUBLISH, timeout=10)
+            lat[qos].append(time.monotonic() - started)
+            assert got.payload == b"%d" % i
+            if got.qos:
+                sub.puback(got.pid)
+            if qos:
+                assert pub.expect(w.PUBACK).pid == i + 1
+            time.sleep(0.005)
+        stop.set()
+        workers[0].join(15)
+        assert not errors, errors
+        assert len(produced) >= 5, produced
+        assert percentile(produce_times, 0.5) >= delay * 0.9, "the slow disk was in effect"
+        for qos in (0, 1):
+            p95 = percentile(lat[qos], 0.95)
+            print(f"QoS {qos} round trip p95 {p95 * 1000:.1f} ms; produce p50 "
+                  f"{percentile(produce_times, 0.5) * 1000:.0f} ms")
+            assert p95 < delay / 2, f"QoS {qos} traffic waited for the disk: p95 {p95:.3f}s"
+        assert value(api.metrics(), "roost_event_loop_stalls_total") == 0
+        # Nothing acknowledged was lost: every produce is in the queue.
+        c = w.RawClient(b.host, b.port, 4)
+        c.connect(f"drain-{q}")
+        c.subscribe(f"$share/g/$queue/{q}", qos=1)
+        got = receive_publishes(c, len(produced), timeout=30)
+        assert sorted(p.payload for p in got) == sorted(produced)
+    finally:
+        b.cleanup()

@@ -13,6 +13,7 @@
 pub mod config;
 mod net;
 mod operations;
+pub use operations::stalls::{STALL_THRESHOLD, StallDetector};
 mod persistence;
 mod security;
 pub mod server;

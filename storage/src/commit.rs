@@ -59,6 +59,9 @@ pub(crate) struct CommitShared {
     /// Test hook: the next journal write fails.
     #[cfg(test)]
     pub(crate) journal_fault: std::sync::atomic::AtomicBool,
+    /// Fault injection (a slow disk): milliseconds every data-file fdatasync waits
+    /// first. 0 in normal operation; see [`crate::Storage::inject_sync_delay`].
+    pub(crate) sync_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A ready queue: the committer's (`Buffered` logs) or the journal thread's (`Fsync`).
@@ -123,6 +126,7 @@ impl CommitShared {
             syncs: SyncLatency::new(),
             #[cfg(test)]
             journal_fault: std::sync::atomic::AtomicBool::new(false),
+            sync_delay_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -178,6 +182,13 @@ impl CommitQueue for CommitShared {
 
     fn syncs(&self) -> &SyncLatency {
         &self.syncs
+    }
+
+    fn before_sync(&self) {
+        let ms = self.sync_delay_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
     }
 
     fn schedule(&self, log: Arc<LogInner>) -> bool {
@@ -442,6 +453,7 @@ impl Journal {
         journal::seal(buf, file.epoch);
         let r = file.file.write_all_at(buf, self.pos).and_then(|()| {
             let started = Instant::now();
+            shared.before_sync();
             let r = file.file.sync_data();
             shared.syncs.record(started.elapsed());
             r

@@ -580,6 +580,9 @@ pub(crate) trait CommitQueue: Send + Sync {
     /// Where the fdatasyncs of the storage's data files are timed.
     fn syncs(&self) -> &SyncLatency;
 
+    /// Called just before each data-file fdatasync (a slow disk can be injected here).
+    fn before_sync(&self);
+
     /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
     /// storage has stopped.
     fn schedule(&self, log: Arc<LogInner>) -> bool;
@@ -1003,6 +1006,7 @@ impl LogInner {
             return Err(io::Error::other("injected fdatasync failure"));
         }
         let started = std::time::Instant::now();
+        self.committer.before_sync();
         w.data.sync_data()?;
         self.committer.syncs().record(started.elapsed());
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);

@@ -5,6 +5,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -178,6 +179,17 @@ impl Storage {
             .collect();
         failed.sort_by(|a, b| a.0.cmp(&b.0));
         failed
+    }
+
+    /// Fault injection for tests of what a slow disk does to the rest of the broker:
+    /// every fdatasync of the journal and of the logs waits `delay` first (on the
+    /// storage's own threads, as a slow device would hold them). Zero turns it off.
+    pub fn inject_sync_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.committer
+            .shared()
+            .sync_delay_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Test hook: make the next journal write fail.

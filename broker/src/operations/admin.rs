@@ -48,6 +48,8 @@ pub struct Api {
     /// the engine's `SessionStore`, which knows nothing of them). The queue logs' are
     /// reached through the broker's queues.
     pub state_syncs: Arc<SyncLatency>,
+    /// Worker stalls of the runtime (`roost_event_loop_stalls_total`).
+    pub stalls: Arc<super::stalls::StallDetector>,
     /// `admin_token`: the bearer token required on everything but `/health`, `/ready`.
     pub token: Option<String>,
     /// `queue_defaults`: the settings a queue created by `PUT` starts from.
@@ -402,7 +404,7 @@ async fn handle(api: &Api, request: &Request) -> Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: Vec::new(),
-            body: render_metrics(broker, &api.state_syncs).into_bytes(),
+            body: render_metrics(broker, &api.state_syncs, &api.stalls).into_bytes(),
         },
         (_, Route::Queues) => {
             let list: Vec<Value> = broker.queues.list().iter().map(queue_json).collect();
@@ -622,7 +624,11 @@ fn queue_json(info: &QueueInfo) -> Value {
 
 /// The Prometheus text exposition of the broker's gauges and counters, and of the
 /// fdatasync durations of the session store (`state_syncs`) and of the queue logs.
-fn render_metrics(broker: &Broker, state_syncs: &SyncLatency) -> String {
+fn render_metrics(
+    broker: &Broker,
+    state_syncs: &SyncLatency,
+    stalls: &super::stalls::StallDetector,
+) -> String {
     let m = &broker.metrics;
     let mut out = String::with_capacity(4096);
     let mut gauge = |name: &str, help: &str, value: usize| {
@@ -720,6 +726,11 @@ fn render_metrics(broker: &Broker, state_syncs: &SyncLatency) -> String {
             "roost_connections_accepted_total",
             "Connections admitted past the connection limits.",
             m.connections_accepted(),
+        ),
+        (
+            "roost_event_loop_stalls_total",
+            "Task polls that held a worker thread over 50 ms (the longest is logged).",
+            stalls.stalls(),
         ),
     ] {
         let _ = writeln!(
