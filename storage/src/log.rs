@@ -471,6 +471,16 @@ pub(crate) struct PendingAppend {
     pub(crate) tx: oneshot::Sender<Result<Offset>>,
 }
 
+impl PendingAppend {
+    /// Bytes its records take framed in a segment.
+    pub(crate) fn framed_bytes(&self) -> u64 {
+        self.records
+            .iter()
+            .map(|r| format::frame_len(r.headers.len(), r.payload.len()) as u64)
+            .sum()
+    }
+}
+
 /// An append written by the committer, waiting to be resolved with its first offset.
 pub(crate) type Completion = (oneshot::Sender<Result<Offset>>, Offset);
 

@@ -61,7 +61,7 @@ impl Storage {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let (files, entries) = journal::open(&dir).map_err(io_err(&dir))?;
-        let shared = Arc::new(CommitShared::new(files));
+        let shared = Arc::new(CommitShared::new(files, &dir));
         let mut recovered = HashMap::new();
         if !entries.is_empty() {
             for (name, entries) in journal::by_log(entries) {
@@ -179,6 +179,12 @@ impl Storage {
             .collect();
         failed.sort_by(|a, b| a.0.cmp(&b.0));
         failed
+    }
+
+    /// Why appends are being refused for lack of space, while they are (see
+    /// [`crate::space`]): for readiness reports.
+    pub fn space_shortage(&self) -> Option<String> {
+        self.committer.shared().space.shortage()
     }
 
     /// Fault injection for tests of what a slow disk does to the rest of the broker:

@@ -512,6 +512,9 @@ fn ready(broker: &Broker) -> Response {
     for (log, e) in broker.queues.storage().failed_logs() {
         reasons.push(format!("queue log {log} failed: {e}"));
     }
+    if let Some(why) = broker.queues.storage().space_shortage() {
+        reasons.push(format!("queue storage refuses writes: {why}"));
+    }
     if reasons.is_empty() {
         Response::json(200, &json!({ "status": "ready" }))
     } else {
