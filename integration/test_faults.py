@@ -265,3 +265,97 @@ def test_slow_disk_delays_neither_qos0_nor_non_durable_traffic_and_stalls_nothin
         assert sorted(p.payload for p in got) == sorted(produced)
     finally:
         b.cleanup()
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+@pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs to fill needs root")
+@pytest.mark.timeout(120)
+def test_full_disk_refuses_queue_produces_cleanly_and_resumes_by_itself():
+    """The data directory is a 32 MiB tmpfs that fills up with queue messages. A v5
+    producer gets PUBACK 0x97, a 3.1.1 producer gets no PUBACK until there is room,
+    /ready says which store and why, pub/sub goes on; when space returns (a filler file
+    is removed) the waiting PUBACK comes by itself, /ready is 200 again, and every
+    acknowledged message is in the queue."""
+    import subprocess
+    import threading
+    import urllib.error
+    import urllib.request
+
+    admin = free_port()
+    b = Broker({"admin_bind": [f"127.0.0.1:{admin}"], "log_level": "info",
+                "storage": {"durability": "fsync"}})
+    data = b.dir / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(data)], check=True)
+    try:
+        filler = data / "filler"
+        filler.write_bytes(b"\0" * (8 * MIB))  # room to give back later
+        b.start()
+
+        def ready():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        assert ready()[0] == 200
+        q = f"full{uuid.uuid4().hex[:6]}"
+        payload = b"p" * (64 * 1024)
+        acked = []
+        v5 = w.RawClient(b.host, b.port, 5)
+        v5.connect(f"v5-{q}")
+        refused = None
+        for i in range(1, 1000):
+            v5.publish(f"$queue/{q}", b"%05d:" % i + payload, qos=1, pid=i)
+            ack = v5.expect(w.PUBACK, timeout=10)
+            assert ack.pid == i
+            if ack.rc not in (None, 0):
+                refused = ack
+                break
+            acked.append(b"%05d:" % i)
+        assert refused is not None and refused.rc == 0x97, refused
+        assert len(acked) > 100, len(acked)
+        status, body = ready()
+        assert status == 503 and "queue storage" in body and "no space" in body, body
+
+        # A 3.1.1 producer: its PUBACK waits while the disk is full.
+        v3 = w.RawClient(b.host, b.port, 4)
+        v3.connect(f"v3-{q}")
+        v3.publish(f"$queue/{q}", b"v3-waits:" + payload, qos=1, pid=7)
+        assert v3.recv(1.5) is None, "3.1.1 PUBACK must wait for room"
+        # Plain pub/sub goes on meanwhile.
+        sub = w.RawClient(b.host, b.port, 4)
+        sub.connect(f"s-{q}")
+        sub.subscribe(f"plain/{q}", qos=1)
+        v5.publish(f"plain/{q}", b"still here", qos=1, pid=900)
+        assert v5.expect(w.PUBACK).rc in (None, 0, 0x10)
+        assert sub.expect(w.PUBLISH).payload == b"still here"
+
+        filler.unlink()  # space returns
+        ack = v3.expect(w.PUBACK, timeout=10)
+        assert ack.pid == 7
+        acked.append(b"v3-waits:")
+        deadline = time.monotonic() + 10
+        while ready()[0] != 200:
+            assert time.monotonic() < deadline, ready()
+            time.sleep(0.2)
+        v5.publish(f"$queue/{q}", b"after:" + payload, qos=1, pid=901)
+        assert v5.expect(w.PUBACK).rc in (None, 0)
+        acked.append(b"after:")
+
+        # Nothing acknowledged was lost, nothing refused was stored.
+        c = w.RawClient(b.host, b.port, 4, timeout=30)
+        c.connect(f"c-{q}")
+        c.subscribe(f"$share/g/$queue/{q}", qos=1)
+        got = receive_publishes(c, len(acked), timeout=30)
+        prefixes = sorted(p.payload.split(b":")[0] + b":" for p in got)
+        assert prefixes == sorted(acked)
+        assert c.recv(1.0) is None
+    finally:
+        b.kill()
+        subprocess.run(["umount", "-l", str(data)], check=False)
+        b.cleanup()
