@@ -4,21 +4,23 @@
 //! (a blocking fsync or a CPU-bound loop in a task, say), which no other metric shows.
 //!
 //! How: tokio's poll hooks (`on_before_task_poll` / `on_after_task_poll`, behind
-//! `tokio_unstable`) mark in the worker's slot when its current poll began, in ticks of
-//! a coarse clock that a watchdog thread advances every [`TICK`]; the watchdog sees a
-//! slot whose poll began more than the threshold ago, counts it once (while it still
-//! runs: a worker stuck for good is counted too), and measures it until it ends. The
-//! hooks cost two relaxed atomic operations per poll, no clock read.
+//! `tokio_unstable`) bump a counter in the worker's slot as each poll begins and ends
+//! (odd while polling). A watchdog thread looks every [`TICK`]: a slot showing the same
+//! odd count on looks more than the threshold apart is one poll that ran that long; it
+//! is counted once (while it still runs: a worker stuck for good is counted too) and
+//! measured until it ends. The hooks cost one relaxed atomic add each and read no
+//! clock; a watchdog that is itself descheduled only sees fewer stalls, never false
+//! ones (the count names one poll, whatever the clock did meanwhile).
 //!
-//! Invariants: a slot is 0 while its thread is not polling, else 1 + the tick its poll
-//! began; a poll is counted at most once.
+//! Invariants: a slot's count is odd exactly while its thread is in a poll; a poll is
+//! counted at most once.
 
 use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// The coarse clock's resolution: stalls are measured to within it.
+/// How often the watchdog looks: stalls are measured to within it.
 pub const TICK: Duration = Duration::from_millis(5);
 
 /// Polls longer than this are stalls.
@@ -33,14 +35,13 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Counts worker stalls of one runtime (see the module documentation).
 #[derive(Debug)]
 pub struct StallDetector {
-    /// Ticks of [`TICK`] since the detector started, advanced by the watchdog.
-    now: AtomicU64,
+    /// Per worker thread: polls begun plus polls ended (odd while polling).
     slots: Box<[AtomicU64]>,
     next_slot: AtomicUsize,
     stalls: AtomicU64,
     /// The longest stall that ended, in milliseconds.
     longest_ms: AtomicU64,
-    threshold_ticks: u64,
+    threshold: Duration,
 }
 
 thread_local! {
@@ -56,14 +57,12 @@ impl StallDetector {
         builder: &mut tokio::runtime::Builder,
         threshold: Duration,
     ) -> std::io::Result<Arc<StallDetector>> {
-        let ticks = (threshold.as_millis() / TICK.as_millis()).max(1) as u64;
         let d = Arc::new(StallDetector {
-            now: AtomicU64::new(0),
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             next_slot: AtomicUsize::new(0),
             stalls: AtomicU64::new(0),
             longest_ms: AtomicU64::new(0),
-            threshold_ticks: ticks,
+            threshold,
         });
         let watched = Arc::downgrade(&d);
         std::thread::Builder::new()
@@ -74,8 +73,8 @@ impl StallDetector {
             let before = d.clone();
             let after = d.clone();
             builder
-                .on_before_task_poll(move |_| before.poll_started())
-                .on_after_task_poll(move |_| after.poll_ended());
+                .on_before_task_poll(move |_| before.bump())
+                .on_after_task_poll(move |_| after.bump());
         }
         #[cfg(not(tokio_unstable))]
         let _ = builder;
@@ -92,7 +91,8 @@ impl StallDetector {
         Duration::from_millis(self.longest_ms.load(Ordering::Relaxed))
     }
 
-    fn slot(&self) -> Option<&AtomicU64> {
+    /// A poll begins or ends on this thread.
+    fn bump(&self) {
         let i = SLOT.with(|s| match s.get() {
             Some(i) => i,
             None => {
@@ -101,36 +101,26 @@ impl StallDetector {
                 i
             }
         });
-        self.slots.get(i)
-    }
-
-    fn poll_started(&self) {
-        if let Some(slot) = self.slot() {
-            slot.store(self.now.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        }
-    }
-
-    fn poll_ended(&self) {
-        if let Some(slot) = self.slot() {
-            slot.store(0, Ordering::Relaxed);
+        if let Some(slot) = self.slots.get(i) {
+            slot.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-/// A stall the watchdog is following: the slot's value when it was counted, and its
-/// length so far.
-#[derive(Clone, Copy, Default)]
+/// The poll the watchdog saw running in a slot: its count, when first seen, and
+/// whether it was counted as a stall.
+#[derive(Clone, Copy)]
 struct Seen {
-    mark: u64,
-    ticks: u64,
+    count: u64,
+    since: Instant,
+    stalled: bool,
 }
 
-/// The watchdog: advances the clock, counts and measures stalls, logs the longest of
-/// each [`LOG_EVERY`]. Ends when the detector is dropped.
+/// The watchdog: counts and measures stalls, logs the longest of each [`LOG_EVERY`].
+/// Ends when the detector is dropped.
 fn watch(detector: std::sync::Weak<StallDetector>) {
-    let start = Instant::now();
-    let mut seen = [Seen::default(); SLOTS];
-    let mut window_longest = 0u64;
+    let mut seen: [Option<Seen>; SLOTS] = [None; SLOTS];
+    let mut window_longest = Duration::ZERO;
     let mut window_stalls = 0u64;
     let mut logged_at = Instant::now();
     loop {
@@ -138,38 +128,44 @@ fn watch(detector: std::sync::Weak<StallDetector>) {
         let Some(d) = detector.upgrade() else {
             return;
         };
-        let now = (start.elapsed().as_millis() / TICK.as_millis()) as u64;
-        d.now.store(now, Ordering::Relaxed);
+        let now = Instant::now();
         for (slot, seen) in d.slots.iter().zip(seen.iter_mut()) {
-            let mark = slot.load(Ordering::Relaxed);
-            if seen.mark != 0 && seen.mark != mark {
-                // The stall we followed ended (at most a tick ago).
-                let ms = seen.ticks * TICK.as_millis() as u64;
-                d.longest_ms.fetch_max(ms, Ordering::Relaxed);
-                window_longest = window_longest.max(ms);
-                *seen = Seen::default();
+            let count = slot.load(Ordering::Relaxed);
+            if let Some(s) = *seen
+                && s.count != count
+            {
+                if s.stalled {
+                    // Ended since the last look.
+                    let took = now.duration_since(s.since);
+                    let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+                    d.longest_ms.fetch_max(ms, Ordering::Relaxed);
+                    window_longest = window_longest.max(took);
+                }
+                *seen = None;
             }
-            if mark == 0 {
+            if count % 2 == 0 {
                 continue;
             }
-            let ticks = now.saturating_sub(mark - 1);
-            if ticks > d.threshold_ticks {
-                if seen.mark != mark {
-                    d.stalls.fetch_add(1, Ordering::Relaxed);
-                    window_stalls += 1;
-                }
-                *seen = Seen { mark, ticks };
+            let s = seen.get_or_insert(Seen {
+                count,
+                since: now,
+                stalled: false,
+            });
+            if !s.stalled && now.duration_since(s.since) > d.threshold {
+                s.stalled = true;
+                d.stalls.fetch_add(1, Ordering::Relaxed);
+                window_stalls += 1;
             }
         }
         if window_stalls > 0 && logged_at.elapsed() >= LOG_EVERY {
             tracing::warn!(
                 stalls = window_stalls,
-                longest_ms = window_longest,
+                longest_ms = window_longest.as_millis() as u64,
                 "event loop stalled: a task held a worker thread for over {} ms",
                 STALL_THRESHOLD.as_millis()
             );
             window_stalls = 0;
-            window_longest = 0;
+            window_longest = Duration::ZERO;
             logged_at = Instant::now();
         }
     }
