@@ -111,6 +111,8 @@ class Broker:
         self.kind = KIND
         self.returncode = None
         self.stopped = False
+        # Extra environment variables for the broker process (fault injection hooks).
+        self.env: dict | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def command(self):
@@ -144,8 +146,9 @@ class Broker:
     def start(self, timeout=15.0):
         cmd = self.command()
         self.log = open(self.log_path, "wb")
+        env = None if self.env is None else {**os.environ, **self.env}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.dir)
+                                     stdin=subprocess.DEVNULL, cwd=self.dir, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

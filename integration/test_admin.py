@@ -8,6 +8,7 @@ urllib, as an operator's curl would.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -109,10 +110,37 @@ def test_health_ready_and_unknown_paths(broker_with):
     assert api.call("PUT", "/api/v1/queues/x", raw=b"{not json")[0] == 400
 
 
-def test_admin_is_off_by_default(broker):
+def listening_ports(pid):
+    """TCP ports the process `pid` listens on: its socket inodes found in
+    /proc/net/tcp{,6} in state LISTEN (0A)."""
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_admin_is_off_by_default(broker, broker_with):
     """Without admin_bind nothing listens but MQTT (the API controls queues and clients)."""
-    log = broker.log_tail()
-    assert "admin API" not in log
+    assert listening_ports(broker.proc.pid) == {broker.port}
+    # The probe sees an admin listener when there is one.
+    b, port = admin_broker(broker_with)
+    assert listening_ports(b.proc.pid) == {b.port, port}
 
 
 def test_metrics_counters_move(broker_with):

@@ -54,18 +54,28 @@ def test_two_groups_each_get_everything_and_members_share(broker, version):
     a2 = raw_subscriber(broker, version, f"$share/a/$queue/{q}")
     b1 = raw_subscriber(broker, version, f"$share/b/$queue/{q}")
     payloads = [f"m{i}".encode() for i in range(40)]
-    publish_acked(broker, version, f"$queue/{q}", payloads)
+    # One source topic per message: they hash to different partitions (one topic's
+    # messages would all land in one partition, owned by one member).
+    for i, payload in enumerate(payloads):
+        publish_acked(broker, version, f"$queue/{q}/dev{i}", [payload])
     got_b = receive_publishes(b1, 40)
     assert sorted(p.payload for p in got_b) == sorted(payloads), "group b gets every message"
-    got_a = []
+    got_a = {a1: [], a2: []}
     deadline = time.monotonic() + 10
-    while len(got_a) < 40 and time.monotonic() < deadline:
+    while sum(map(len, got_a.values())) < 40 and time.monotonic() < deadline:
         for c in (a1, a2):
             p = c.recv(0.05)
             if p is not None and p.type == mqttraw.PUBLISH:
-                got_a.append(p.payload)
+                got_a[c].append(p)
                 c.puback(p.pid)
-    assert sorted(got_a) == sorted(payloads), "group a's members together get every message once"
+    assert sorted(p.payload for ps in got_a.values() for p in ps) == sorted(payloads), \
+        "group a's members together get every message once"
+    assert got_a[a1] and got_a[a2], \
+        f"the members share the work: {len(got_a[a1])} and {len(got_a[a2])} messages"
+    if version == 5:
+        # A partition is owned by one member at a time.
+        parts = [{props(p)["partition"] for p in got_a[c]} for c in (a1, a2)]
+        assert parts[0].isdisjoint(parts[1]), parts
     for c in (a1, a2, b1):
         c.disconnect()
 

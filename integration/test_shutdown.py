@@ -54,5 +54,19 @@ def test_shutdown_with_will_clients_and_inflight_messages_exits_0(broker_with, r
     pub = clients(b, 5)
     for i in range(5):
         pub.publish(t, b"%d" % i, qos=2)
-    time.sleep(0.3)  # sub holds unacknowledged QoS 2 messages
+    sent = [p for p in sub.recv_all(0.5) if p.type == w.PUBLISH]
+    assert [p.payload for p in sent] == [b"%d" % i for i in range(5)], sent
+    # sub holds five unacknowledged QoS 2 messages; willer's will is still pending.
     assert b.terminate(timeout=15) == 0, b.log_tail()
+    closed, _ = willer.wait_closed(2)
+    assert closed
+    # After a restart on the same data, the persistent session has its in-flight
+    # messages, resent with DUP and the same packet ids, and nothing else: a server
+    # shutdown does not publish the will (DISCONNECT 0x8B ends the connection).
+    b.start()
+    again = raw(b, 5)
+    ack = again.connect(uid + "-s", clean=False, properties={w.SESSION_EXPIRY: 60})
+    assert ack.session_present, ack
+    resent = [p for p in again.recv_all(1.0) if p.type == w.PUBLISH]
+    assert [(p.payload, p.pid, p.dup) for p in resent] == \
+        [(p.payload, p.pid, True) for p in sent], resent

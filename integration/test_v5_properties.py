@@ -203,12 +203,21 @@ def test_request_problem_information_0_suppresses_reason_strings(broker, raw, ui
     assert w.REASON_STRING not in pa.props and w.USER_PROPERTY not in pa.props
 
 
-def test_v5_puback_reason_string_is_optional_but_well_formed(broker, raw, uid):
+def test_v5_refused_puback_carries_a_reason_string(broker, raw, uid):
+    """A PUBACK that refuses a message says why in words (and only when it refuses)."""
     c = raw(broker, 5)
     c.connect(uid)
     c.publish("it/" + uid + "/nobody", b"x", qos=1, pid=3)
-    pa = c.expect(w.PUBACK)  # the decoder checks any properties are well formed
-    assert isinstance(pa.props.get(w.REASON_STRING, ""), str)
+    ok = c.expect(w.PUBACK)
+    assert ok.pid == 3 and ok.rc in (None, 0x00, 0x10), ok
+    assert w.REASON_STRING not in ok.props, ok
+    # Payload Format Indicator 1 promises UTF-8; 0xFF is not: 0x99 Payload format invalid.
+    c.publish("it/" + uid + "/nobody", b"\xff\xfe", qos=1, pid=4,
+              properties={w.PAYLOAD_FORMAT: 1})
+    refused = c.expect(w.PUBACK)
+    assert refused.pid == 4 and refused.rc == 0x99, refused
+    why = refused.props.get(w.REASON_STRING)
+    assert isinstance(why, str) and "UTF-8" in why, refused
 
 
 def test_subscription_identifier_on_retained_delivery(broker, raw, clients, uid):

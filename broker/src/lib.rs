@@ -15,6 +15,7 @@ pub mod bridge;
 pub mod config;
 mod net;
 mod operations;
+pub use operations::stalls::{STALL_THRESHOLD, StallDetector};
 mod persistence;
 mod security;
 pub mod server;

@@ -54,6 +54,14 @@ fn main() -> ExitCode {
         "built without --cfg tokio_unstable (RUSTFLAGS replaces .cargo/config.toml): \
          a PUBLISH may be routed before a SUBSCRIBE that reached roost just before it"
     );
+    let stalls =
+        match roost_broker::StallDetector::install(&mut runtime, roost_broker::STALL_THRESHOLD) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("roost: cannot start the stall detector: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let runtime = match runtime.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -61,7 +69,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(server::run(config)) {
+    match runtime.block_on(server::run(config, stalls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -130,8 +130,12 @@ pub enum StartError {
 /// How long connections get to close after shutdown is signalled.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs the broker until SIGINT/SIGTERM.
-pub async fn run(config: Config) -> Result<(), StartError> {
+/// Runs the broker until SIGINT/SIGTERM. `stalls` follows the runtime it runs on
+/// (installed when the runtime was built), for `/metrics`.
+pub async fn run(
+    config: Config,
+    stalls: Arc<crate::operations::stalls::StallDetector>,
+) -> Result<(), StartError> {
     // Installed before anything listens: a SIGTERM that follows the first connection
     // must shut down cleanly, not kill the process with the default action.
     let signal = shutdown_signal();
@@ -206,6 +210,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     })?;
     for note in &notes {
         warn!("queue recovery: {note}");
+    }
+    // Fault injection for the slow-disk test (integration/test_faults.py): every queue
+    // fdatasync waits this long first. Not a setting: no deployment wants it.
+    if let Some(ms) = std::env::var("ROOST_TEST_SLOW_FSYNC_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        warn!(
+            delay_ms = ms,
+            "ROOST_TEST_SLOW_FSYNC_MS: every queue fdatasync is slowed down (fault injection)"
+        );
+        queues
+            .storage()
+            .inject_sync_delay(Duration::from_millis(ms));
     }
     for (name, queue_config) in &config.queues {
         let declared = match queues.get(name) {
@@ -286,6 +304,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let admin = Arc::new(crate::operations::admin::Api {
         broker: broker.clone(),
         state_syncs,
+        stalls,
         token: config.admin_token.clone(),
         queue_defaults: config.queue_defaults.clone(),
         cluster: cluster.clone(),

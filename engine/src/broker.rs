@@ -33,8 +33,8 @@ use crate::peers::{Peers, ShareKey, Wait};
 use crate::rate::TokenBucket;
 use crate::record as persist;
 use crate::retained::{self, Retained, Scan};
-use crate::session::{Delivery, QueueFull, Session, ShareRef};
-use crate::settings::Settings;
+use crate::session::{Delivery, Session, ShareRef};
+use crate::settings::{Limits, Settings};
 use crate::store::{Op, SessionStore};
 use roost_queue::Queues;
 
@@ -342,7 +342,7 @@ pub enum Attach {
 /// Shared broker state; one per process, behind an `Arc`.
 pub struct Broker {
     /// The limits every client meets.
-    pub limits: Arc<Settings>,
+    pub limits: Arc<Limits>,
     /// Who may connect, and the ACL each connection is held to.
     pub auth: Arc<dyn Authenticator>,
     /// The `$queue/` work queues.
@@ -407,7 +407,7 @@ impl Broker {
         Arc::new(Broker {
             queues,
             metrics: Arc::default(),
-            limits: Arc::new(settings),
+            limits: Arc::new(Limits::new(settings)),
             auth,
             router: Router::new(),
             shards: (0..SHARDS)
@@ -1043,14 +1043,14 @@ impl Broker {
                 {
                     session.dropped = session.dropped.saturating_add(1);
                     self.metrics.dropped(DropReason::OfflineQueueFull, 1);
-                    if full == QueueFull::Bytes {
-                        self.metrics.limit_tripped(Limit::QueuedBytes, 1);
+                    if let Some(limit) = Limit::of_queue_full(full) {
+                        self.metrics.limit_tripped(limit, 1);
                     }
                     tracing::debug!(client_id = %client_id, "offline queue full, message dropped");
                     return Taken::No;
                 }
                 self.store_delivery(client_id, &mut d, out);
-                session.pending.push_back(d);
+                session.pending.push_back(d, &self.limits.queued);
                 Taken::Yes
             }
             _ => Taken::No,

@@ -401,6 +401,10 @@ fn count(broker: &Broker, conn: &mut Connection) {
     );
     m.limit_tripped(Limit::QueuedBytes, u64::from(counts.dropped_over_bytes));
     m.limit_tripped(
+        Limit::TotalQueuedBytes,
+        u64::from(counts.dropped_over_total),
+    );
+    m.limit_tripped(
         Limit::SubscriptionsPerClient,
         u64::from(counts.subscriptions_refused),
     );

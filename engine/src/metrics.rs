@@ -136,6 +136,9 @@ pub enum Limit {
     SubscriptionsPerClient,
     /// `max_queued_bytes`: a message dropped for a session.
     QueuedBytes,
+    /// `max_total_queued_bytes`: a message dropped for a session because all sessions
+    /// together hold the most they may.
+    TotalQueuedBytes,
     /// `slow_consumer_timeout_ms`: a client disconnected.
     SlowConsumer,
     /// `max_auth_waiting`: a CONNECT refused with 0x89 (server busy).
@@ -158,7 +161,7 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, in the order `/metrics` lists them.
-    pub const ALL: [Limit; 15] = [
+    pub const ALL: [Limit; 16] = [
         Limit::Connections,
         Limit::ConnectionsPerIp,
         Limit::ConnectRate,
@@ -166,6 +169,7 @@ impl Limit {
         Limit::PublishBytesRate,
         Limit::SubscriptionsPerClient,
         Limit::QueuedBytes,
+        Limit::TotalQueuedBytes,
         Limit::SlowConsumer,
         Limit::AuthWaiting,
         Limit::Sessions,
@@ -175,6 +179,16 @@ impl Limit {
         Limit::ConsumerGroups,
         Limit::InboundInflight,
     ];
+
+    /// The byte limit a full session queue hit, if it was one (the message bound is
+    /// not an overload limit: a queue at `max_queued_messages` is ordinary).
+    pub fn of_queue_full(full: crate::session::QueueFull) -> Option<Limit> {
+        match full {
+            crate::session::QueueFull::Messages => None,
+            crate::session::QueueFull::Bytes => Some(Limit::QueuedBytes),
+            crate::session::QueueFull::Total => Some(Limit::TotalQueuedBytes),
+        }
+    }
 
     /// The label value: the config key of the limit.
     pub fn label(self) -> &'static str {
@@ -186,6 +200,7 @@ impl Limit {
             Limit::PublishBytesRate => "max_publish_bytes_rate",
             Limit::SubscriptionsPerClient => "max_subscriptions_per_client",
             Limit::QueuedBytes => "max_queued_bytes",
+            Limit::TotalQueuedBytes => "max_total_queued_bytes",
             Limit::SlowConsumer => "slow_consumer_timeout_ms",
             Limit::AuthWaiting => "max_auth_waiting",
             Limit::Sessions => "max_sessions",

@@ -30,11 +30,9 @@ use crate::scram;
 use crate::session::{
     Delivery, Inflight, InflightState, QueueFull, QueueRef, Session, SubscriptionRecord,
 };
-use crate::settings::Settings;
 use crate::store::Op;
 
-/// The limits a connection enforces: the engine's [`Settings`].
-pub type Limits = Settings;
+pub use crate::settings::Limits;
 
 /// What the broker must do on behalf of a connection.
 #[derive(Debug, Clone)]
@@ -412,6 +410,8 @@ pub struct Counts {
     pub dropped_queue_full: u32,
     /// Of those, the ones dropped by the byte bound.
     pub dropped_over_bytes: u32,
+    /// Of those, the ones dropped by the broker-wide byte bound.
+    pub dropped_over_total: u32,
     /// Subscriptions refused by `max_subscriptions_per_client`.
     pub subscriptions_refused: u32,
 }
@@ -864,8 +864,10 @@ impl Connection {
             self.send_new(d, now);
         } else if let Err(full) = self.session.enqueue(d, self.limits.max_queued()) {
             self.counts.dropped_queue_full += 1;
-            if full == QueueFull::Bytes {
-                self.counts.dropped_over_bytes += 1;
+            match full {
+                QueueFull::Bytes => self.counts.dropped_over_bytes += 1,
+                QueueFull::Total => self.counts.dropped_over_total += 1,
+                QueueFull::Messages => {}
             }
             tracing::debug!(client_id = %self.session.client_id, "session queue full, message dropped");
         }
@@ -1662,21 +1664,26 @@ fn strip_problem_properties(packet: &mut Packet) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::Settings;
     use bytes::Bytes;
     use roost_core::{Properties, RetainHandling};
 
     const V5: ProtocolVersion = ProtocolVersion::V5;
     const V311: ProtocolVersion = ProtocolVersion::V3_1_1;
 
-    fn limits() -> Arc<Limits> {
-        Arc::new(Limits {
+    fn settings() -> Settings {
+        Settings {
             max_inflight: 4,
             max_queued_messages: 8,
             max_queued_bytes: 0,
             topic_alias_maximum: 3,
             max_keep_alive: 60,
-            ..Limits::default()
-        })
+            ..Settings::default()
+        }
+    }
+
+    fn limits() -> Arc<Limits> {
+        Arc::new(Limits::new(settings()))
     }
 
     fn connect_packet(version: ProtocolVersion) -> Connect {
@@ -2306,10 +2313,10 @@ mod tests {
     #[test]
     fn subscriptions_past_the_limit_are_refused_with_quota_exceeded() {
         let now = Instant::now();
-        let limits = Arc::new(Limits {
+        let limits = Arc::new(Limits::new(Settings {
             max_subscriptions_per_client: 2,
-            ..(*limits()).clone()
-        });
+            ..settings()
+        }));
         let plan = plan_connect(&connect_packet(V5), &limits, || "x".into()).expect("plan");
         let mut conn = Connection::accept(
             connect_packet(V5),

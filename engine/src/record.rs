@@ -11,7 +11,7 @@ use roost_core::{
     LastWill, Message, Packet, PacketId, ProtocolVersion, QoS, RetainHandling, SubscriptionOptions,
 };
 
-use crate::session::{Delivery, Inflight, Session, ShareRef, SubscriptionRecord};
+use crate::session::{Delivery, Inflight, QueuedBytes, Session, ShareRef, SubscriptionRecord};
 use crate::store::InflightState;
 
 /// A session as found on disk at startup.
@@ -68,6 +68,9 @@ pub struct Loader {
     states: HashMap<(Arc<str>, u64), (PacketId, InflightState)>,
     max_seq: u64,
     loaded: Loaded,
+    /// What the loaded session queues are charged to until the broker takes them over
+    /// ([`crate::session::Pending::charge_to`]).
+    queued: Arc<QueuedBytes>,
 }
 
 impl Default for Loader {
@@ -86,6 +89,7 @@ impl Loader {
             states: HashMap::new(),
             max_seq: 0,
             loaded: Loaded::default(),
+            queued: Arc::default(),
         }
     }
 
@@ -123,7 +127,7 @@ impl Loader {
                 delivery,
                 state,
             }),
-            None => stored.session.pending.push_back(delivery),
+            None => stored.session.pending.push_back(delivery, &self.queued),
         }
         Read::Kept
     }
@@ -625,8 +629,9 @@ mod tests {
             delivery: delivery(b"in flight"),
             state: InflightState::Released,
         });
-        s.pending.push_back(delivery(b"queued 1"));
-        s.pending.push_back(delivery(b"queued 2"));
+        let account = Arc::new(crate::session::QueuedBytes::new(0));
+        s.pending.push_back(delivery(b"queued 1"), &account);
+        s.pending.push_back(delivery(b"queued 2"), &account);
         s.incoming_qos2.insert(42);
         s.pending_will = Some(Box::new(LastWill {
             topic: "w".into(),

@@ -6,12 +6,16 @@
 //! - `inflight` keeps send order, so a resumed session resends in the original order;
 //! - `pending` never holds more than the configured `max_queued_messages`, nor more
 //!   payload bytes than `max_queued_bytes` (when set);
+//! - every byte in a `pending` is charged to the broker's [`QueuedBytes`] account while
+//!   it is there, and released when it leaves (taken, dropped, or the session ends), so
+//!   the account is the broker-wide total that `max_total_queued_bytes` bounds;
 //! - every change to a stored delivery (sent, released, done, dropped) and to the
 //!   incoming QoS 2 ids of a persistent session is recorded in `journal`, in order, for
 //!   the owner of the session to hand to the store.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use roost_core::{LastWill, Message, PacketId, QoS, SubscriptionOptions};
@@ -71,13 +75,70 @@ pub struct Inflight {
     pub state: InflightState,
 }
 
+/// The bytes ([`Message::weight`]) of the messages held in the queues of all sessions
+/// of one broker, and their bound (`max_total_queued_bytes`). Per-session bounds alone
+/// let ten thousand persistent sessions that never read take the machine; this one
+/// account, shared by every [`Pending`], keeps the sum bounded.
+///
+/// Charged when a message enters a session queue, released when it leaves; checked
+/// before it enters. The check and the charge are not one atomic step, so the bound can
+/// be passed by at most one message per thread enqueueing at that instant.
+///
+/// [`Message::weight`]: roost_core::Message::weight
+#[derive(Debug, Default)]
+pub struct QueuedBytes {
+    held: AtomicU64,
+    /// 0: no bound.
+    max: u64,
+}
+
+impl QueuedBytes {
+    /// An empty account bounded by `max` bytes (0: no bound).
+    pub fn new(max: u64) -> QueuedBytes {
+        QueuedBytes {
+            held: AtomicU64::new(0),
+            max,
+        }
+    }
+
+    /// Bytes held now in all session queues.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The bound (0: none).
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// True when `bytes` more still fit under the bound.
+    pub fn has_room_for(&self, bytes: u64) -> bool {
+        self.max == 0 || self.held().saturating_add(bytes) <= self.max
+    }
+
+    fn charge(&self, bytes: u64) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn release(&self, bytes: u64) {
+        // Never below zero, even if a caller released twice (it would be a bug).
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(bytes))
+            });
+    }
+}
+
 /// How much a session may hold in [`Pending`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueBound {
+#[derive(Debug, Clone, Copy)]
+pub struct QueueBound<'a> {
     /// Most messages (`max_queued_messages`).
     pub messages: usize,
     /// Most payload bytes (`max_queued_bytes`); 0: no byte bound.
     pub bytes: u64,
+    /// The broker-wide account (`max_total_queued_bytes`).
+    pub total: &'a Arc<QueuedBytes>,
 }
 
 /// Which bound a full session queue hit.
@@ -87,12 +148,15 @@ pub enum QueueFull {
     Messages,
     /// `max_queued_bytes`.
     Bytes,
+    /// `max_total_queued_bytes`: all sessions together hold the most they may.
+    Total,
 }
 
-impl QueueBound {
+impl QueueBound<'_> {
     /// Why `pending` cannot take a message of `bytes` (its [`Message::weight`]), if it
     /// cannot. A message larger than the whole byte bound is still taken by an empty
-    /// queue, so the bound never makes a session unable to receive a large message.
+    /// queue, so the bound never makes a session unable to receive a large message; the
+    /// broker-wide bound has no such exception.
     ///
     /// [`Message::weight`]: roost_core::Message::weight
     pub fn check(&self, pending: &Pending, bytes: usize) -> Result<(), QueueFull> {
@@ -102,10 +166,14 @@ impl QueueBound {
         if self.bytes > 0 && !pending.is_empty() && pending.bytes() + bytes as u64 > self.bytes {
             return Err(QueueFull::Bytes);
         }
+        if !self.total.has_room_for(bytes as u64) {
+            return Err(QueueFull::Total);
+        }
         Ok(())
     }
 
-    /// True while `pending` is below both bounds.
+    /// True while `pending` is below the session's own bounds (the broker-wide one does
+    /// not make publishers wait: past it, messages are dropped).
     pub fn has_room(&self, pending: &Pending) -> bool {
         pending.len() < self.messages && (self.bytes == 0 || pending.bytes() < self.bytes)
     }
@@ -113,65 +181,115 @@ impl QueueBound {
 
 /// Messages a session holds for later, in order, with their bytes counted (topic,
 /// payload and properties: a message of empty payload and a megabyte of user
-/// properties is not taken for free).
+/// properties is not taken for free) and charged to the broker's [`QueuedBytes`].
+///
+/// Size: one pointer, boxed on the first message queued. Every connected client's task
+/// holds its session (see `an_idle_connection_task_stays_small` in the broker), and
+/// most never queue anything; the queue, its byte count and the account it charges are
+/// only paid for by sessions that do.
 #[derive(Debug, Default)]
 pub struct Pending {
+    held: Option<Box<Held>>,
+}
+
+/// What a [`Pending`] holds once something was queued.
+#[derive(Debug)]
+struct Held {
     items: VecDeque<Delivery>,
     bytes: u64,
+    account: Arc<QueuedBytes>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.account.release(self.bytes);
+    }
 }
 
 impl Pending {
     /// Messages held.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.held.as_ref().map_or(0, |h| h.items.len())
     }
 
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.len() == 0
     }
 
     /// Bytes held ([`roost_core::Message::weight`] of each).
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.held.as_ref().map_or(0, |h| h.bytes)
     }
 
-    /// Appends (bounds are the caller's business: see [`QueueBound::check`]).
-    pub fn push_back(&mut self, d: Delivery) {
-        self.bytes += d.msg.weight() as u64;
-        self.items.push_back(d);
-    }
-
-    /// Each held message, oldest first, to change what is not counted (store keys).
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Delivery> {
-        self.items.iter_mut()
+    /// Appends and charges `account` (bounds are the caller's business: see
+    /// [`QueueBound::check`]). A queue keeps the account it was first charged to.
+    pub fn push_back(&mut self, d: Delivery, account: &Arc<QueuedBytes>) {
+        let held = self.held.get_or_insert_with(|| {
+            Box::new(Held {
+                items: VecDeque::new(),
+                bytes: 0,
+                account: account.clone(),
+            })
+        });
+        let w = d.msg.weight() as u64;
+        held.bytes += w;
+        held.account.charge(w);
+        held.items.push_back(d);
     }
 
     /// Takes the oldest.
     pub fn pop_front(&mut self) -> Option<Delivery> {
-        let d = self.items.pop_front()?;
-        self.bytes -= d.msg.weight() as u64;
+        let held = self.held.as_mut()?;
+        let d = held.items.pop_front()?;
+        let w = d.msg.weight() as u64;
+        held.bytes -= w;
+        held.account.release(w);
         Some(d)
     }
 
     /// Keeps only what `keep` accepts, in order.
     pub fn retain(&mut self, mut keep: impl FnMut(&Delivery) -> bool) {
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
         let mut bytes = 0;
-        self.items.retain(|d| {
+        held.items.retain(|d| {
             let kept = keep(d);
             if kept {
                 bytes += d.msg.weight() as u64;
             }
             kept
         });
-        self.bytes = bytes;
+        held.account.release(held.bytes - bytes);
+        held.bytes = bytes;
+    }
+
+    /// Moves the charge of what is held to `account` (a queue keeps the account it was
+    /// first charged to otherwise).
+    pub fn charge_to(&mut self, account: &Arc<QueuedBytes>) {
+        if let Some(held) = self.held.as_mut()
+            && !Arc::ptr_eq(&held.account, account)
+        {
+            held.account.release(held.bytes);
+            account.charge(held.bytes);
+            held.account = account.clone();
+        }
+    }
+
+    /// Every message held, oldest first, to change in place.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Delivery> {
+        self.held.iter_mut().flat_map(|h| h.items.iter_mut())
     }
 }
 
 impl std::ops::Index<usize> for Pending {
     type Output = Delivery;
     fn index(&self, i: usize) -> &Delivery {
-        &self.items[i]
+        match &self.held {
+            Some(h) => &h.items[i],
+            None => panic!("index {i} of an empty session queue"),
+        }
     }
 }
 
@@ -273,7 +391,7 @@ impl Session {
     /// Queues a delivery while no connection is attached. QoS 0 messages are not
     /// kept for offline sessions (the spec allows dropping them); QoS 1/2 are kept up
     /// to `bound`. Returns false when the delivery was dropped.
-    pub fn enqueue_offline(&mut self, d: Delivery, bound: QueueBound) -> bool {
+    pub fn enqueue_offline(&mut self, d: Delivery, bound: QueueBound<'_>) -> bool {
         // A queue delivery goes back to its queue, which redelivers it.
         if d.qos == QoS::AtMostOnce || d.queue.is_some() {
             return false;
@@ -282,13 +400,13 @@ impl Session {
     }
 
     /// Appends to `pending` unless it is full (then counts a drop).
-    pub fn enqueue(&mut self, d: Delivery, bound: QueueBound) -> Result<(), QueueFull> {
+    pub fn enqueue(&mut self, d: Delivery, bound: QueueBound<'_>) -> Result<(), QueueFull> {
         if let Err(full) = bound.check(&self.pending, d.msg.weight()) {
             self.dropped = self.dropped.saturating_add(1);
             self.forget(&d);
             return Err(full);
         }
-        self.pending.push_back(d);
+        self.pending.push_back(d, bound.total);
         Ok(())
     }
 
@@ -408,7 +526,7 @@ impl Session {
         for f in &mut self.inflight {
             f.delivery.seq = None;
         }
-        for d in &mut self.pending.items {
+        for d in self.pending.iter_mut() {
             d.seq = None;
         }
     }
@@ -518,9 +636,11 @@ mod tests {
     #[test]
     fn offline_queue_is_bounded_and_skips_qos0() {
         let mut s = Session::new("c".into());
+        let unbounded = Arc::default();
         let two = QueueBound {
             messages: 2,
             bytes: 0,
+            total: &unbounded,
         };
         assert!(!s.enqueue_offline(delivery(QoS::AtMostOnce), two));
         assert!(s.enqueue_offline(delivery(QoS::AtLeastOnce), two));
@@ -535,9 +655,11 @@ mod tests {
         let mut s = Session::new("c".into());
         // What a test delivery weighs: its topic and its 1-byte payload.
         let w = delivery(QoS::AtLeastOnce).msg.weight() as u64;
+        let unbounded = Arc::default();
         let bound = QueueBound {
             messages: 100,
             bytes: 2 * w,
+            total: &unbounded,
         };
         assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
         assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
@@ -556,11 +678,50 @@ mod tests {
         let tiny = QueueBound {
             messages: 100,
             bytes: 0,
+            total: &unbounded,
         };
         assert_eq!(s.enqueue(delivery(QoS::AtLeastOnce), tiny), Ok(()));
         let mut big = delivery(QoS::AtLeastOnce);
         Arc::make_mut(&mut big.msg).payload = Bytes::from_static(b"0123456789");
         let mut t = Session::new("d".into());
         assert_eq!(t.enqueue(big, bound), Ok(()));
+    }
+
+    #[test]
+    fn broker_wide_bound_spans_sessions_and_is_released_by_every_exit() {
+        let w = delivery(QoS::AtLeastOnce).msg.weight() as u64;
+        let total = Arc::new(QueuedBytes::new(3 * w));
+        let bound = QueueBound {
+            messages: 100,
+            bytes: 0,
+            total: &total,
+        };
+        let (mut a, mut b) = (Session::new("a".into()), Session::new("b".into()));
+        assert_eq!(a.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
+        assert_eq!(a.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
+        assert_eq!(b.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
+        assert_eq!(total.held(), 3 * w);
+        // Full for everyone, the empty session included (no large-message exception).
+        let mut c = Session::new("c".into());
+        assert_eq!(
+            c.enqueue(delivery(QoS::AtLeastOnce), bound),
+            Err(QueueFull::Total)
+        );
+        assert_eq!(c.dropped, 1);
+        // Taking, dropping by filter, and ending the session each give the bytes back.
+        assert!(a.pending.pop_front().is_some());
+        assert_eq!(total.held(), 2 * w);
+        b.pending.retain(|_| false);
+        assert_eq!(total.held(), w);
+        assert_eq!(c.enqueue(delivery(QoS::AtLeastOnce), bound), Ok(()));
+        drop(a);
+        drop(c);
+        assert_eq!(total.held(), 0);
+        // A restored queue moves its charge to the broker's account.
+        let loader = Arc::new(QueuedBytes::new(0));
+        let mut r = Session::new("r".into());
+        r.pending.push_back(delivery(QoS::AtLeastOnce), &loader);
+        r.pending.charge_to(&total);
+        assert_eq!((loader.held(), total.held()), (0, w));
     }
 }

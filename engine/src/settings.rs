@@ -54,6 +54,12 @@ macro_rules! for_each_setting {
             /// `max_queued_messages`; past it, new messages for that session are dropped
             /// and counted. 0: no byte bound. Default 67108864 (64 MiB).
             max_queued_bytes: u64 = 64 * 1024 * 1024, "BYTES";
+            /// Memory of QoS 1/2 messages held in the queues of all sessions together
+            /// (`Message::weight` of each, as `max_queued_bytes` counts them), so that
+            /// thousands of persistent sessions that never read cannot take the machine.
+            /// Past it, new messages for any session's queue are dropped and counted;
+            /// publishers are not held up. 0: no bound. Default 1073741824 (1 GiB).
+            max_total_queued_bytes: u64 = 1024 * 1024 * 1024, "BYTES";
             /// A client whose outbound buffer stays full this long with no progress (its
             /// socket takes less than 16 KiB, or its session queue stays at its bound
             /// because it acknowledges nothing) is disconnected (v5: DISCONNECT 0x97). Its
@@ -92,6 +98,10 @@ macro_rules! for_each_setting {
         }
     };
 }
+
+use std::sync::Arc;
+
+use crate::session::{QueueBound, QueuedBytes};
 
 macro_rules! define_settings {
     ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $value:literal; )*) => {
@@ -141,14 +151,6 @@ impl Settings {
         Ok(())
     }
 
-    /// The bound of each session's queue (`max_queued_messages`, `max_queued_bytes`).
-    pub fn max_queued(&self) -> crate::session::QueueBound {
-        crate::session::QueueBound {
-            messages: self.max_queued_messages,
-            bytes: self.max_queued_bytes,
-        }
-    }
-
     /// How long a client's outbound buffer may stay full (`None`: no limit).
     pub fn slow_consumer_timeout(&self) -> Option<std::time::Duration> {
         let ms = self.slow_consumer_timeout_ms;
@@ -166,13 +168,48 @@ impl Settings {
     }
 }
 
+/// The limits a broker and its connections enforce: the [`Settings`], and the
+/// broker-wide account some of them bound ([`QueuedBytes`] for
+/// `max_total_queued_bytes`). One per broker, shared by every connection.
+#[derive(Debug)]
+pub struct Limits {
+    settings: Settings,
+    /// Bytes queued in all sessions (`max_total_queued_bytes`).
+    pub queued: Arc<QueuedBytes>,
+}
+
+impl Limits {
+    /// The limits of `settings`, with empty accounts.
+    pub fn new(settings: Settings) -> Limits {
+        let queued = Arc::new(QueuedBytes::new(settings.max_total_queued_bytes));
+        Limits { settings, queued }
+    }
+
+    /// The bound of each session's queue (`max_queued_messages`, `max_queued_bytes`,
+    /// and the broker-wide `max_total_queued_bytes`).
+    pub fn max_queued(&self) -> QueueBound<'_> {
+        QueueBound {
+            messages: self.settings.max_queued_messages,
+            bytes: self.settings.max_queued_bytes,
+            total: &self.queued,
+        }
+    }
+}
+
+impl std::ops::Deref for Limits {
+    type Target = Settings;
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn keys_are_the_fields_and_defaults_validate() {
-        assert_eq!(Settings::KEYS.len(), 20);
+        assert_eq!(Settings::KEYS.len(), 21);
         assert!(Settings::KEYS.contains(&"max_inflight"));
         Settings::default().validate().expect("defaults are valid");
         let bad = Settings {

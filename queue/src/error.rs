@@ -97,7 +97,9 @@ pub enum ProduceError {
     /// (unknown, settled already, or held by another consumer): nothing was stored.
     #[error("message {0} is not held by this consumer")]
     NotHeld(String),
-    /// The append failed; the message was not stored.
+    /// The append failed; the message was not stored. [`roost_storage::Error::NoSpace`]
+    /// (the disk is full) is answered like a full queue: 0x97 for v5, a waiting PUBACK
+    /// for 3.1.1 until space returns.
     #[error(transparent)]
     Storage(#[from] roost_storage::Error),
 }
@@ -106,7 +108,10 @@ impl ProduceError {
     /// The PUBACK/PUBREC reason code for a v5 producer.
     pub fn reason_code(&self) -> ReasonCode {
         match self {
-            ProduceError::QuotaExceeded { .. } => ReasonCode::QuotaExceeded,
+            ProduceError::QuotaExceeded { .. }
+            | ProduceError::Storage(roost_storage::Error::NoSpace { .. }) => {
+                ReasonCode::QuotaExceeded
+            }
             ProduceError::SubtopicTooLong(_) => ReasonCode::TopicNameInvalid,
             ProduceError::Deleted(_) => ReasonCode::TopicNameInvalid,
             ProduceError::InvalidProperty(_) => ReasonCode::ImplementationSpecificError,
@@ -114,5 +119,13 @@ impl ProduceError {
             ProduceError::NotHeld(_) => ReasonCode::UnspecifiedError,
             ProduceError::Storage(_) => ReasonCode::UnspecifiedError,
         }
+    }
+
+    /// True when the disk had no room for the message: it may be stored later.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            ProduceError::Storage(roost_storage::Error::NoSpace { .. })
+        )
     }
 }

@@ -33,6 +33,9 @@
 //!             for every group, present and future) and stands for the target record
 //! 8 done      txn u64: the transfer's target record is stored
 //! 9 drop      partition u32, n u32, n x offset u64: delivered to no group
+//! 10 delivered key, n u32, n x (partition u32, offset u64, count u32)  deliveries so far
+//!             of unsettled messages (the latest record of an offset wins); written as
+//!             they are handed out, and after each snapshot for all outstanding ones
 //! key = group_len u16, group, has_filter u8, [filter_len u16, filter]
 //! ```
 //!
@@ -261,6 +264,7 @@ pub(crate) enum Progress {
     Transfer(Transfer),
     TransferDone(u64),
     Drop(u32, Vec<u64>),
+    Delivered(GroupKey, Vec<(u32, u64, u32)>),
 }
 
 /// One durable step that settles a message of this queue and stands for a record
@@ -396,6 +400,16 @@ impl Progress {
                     }
                 }
             }
+            Progress::Delivered(k, items) => {
+                b.put_u8(10);
+                put_key(&mut b, k);
+                b.put_u32_le(items.len() as u32);
+                for &(p, o, count) in items {
+                    b.put_u32_le(p);
+                    b.put_u64_le(o);
+                    b.put_u32_le(count);
+                }
+            }
         }
         b.freeze()
     }
@@ -478,6 +492,15 @@ impl Progress {
                     offsets.push(r.u64()?);
                 }
                 Progress::Drop(p, offsets)
+            }
+            10 => {
+                let k = r.key()?;
+                let n = r.count(16)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push((r.u32()?, r.u64()?, r.u32()?));
+                }
+                Progress::Delivered(k, items)
             }
             _ => return None,
         };
@@ -627,6 +650,7 @@ mod tests {
             }),
             Progress::TransferDone(5),
             Progress::Drop(0, vec![3, 4, 9]),
+            Progress::Delivered(key("g", Some("a/#")), vec![(0, 5, 2), (3, u64::MAX, 1)]),
         ];
         for p in all {
             let raw = p.encode();

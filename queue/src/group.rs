@@ -14,8 +14,12 @@
 //!   backoff), `delayed` (its `deliver_at` has not come: first delivery waits, later
 //!   offsets go ahead) or `dying` (its dead-letter or transfer append is in progress) —
 //!   except right after restore or reset, when `next == committed` and nothing is
-//!   outstanding;
-//! - new offsets are handed out in increasing order: first delivery is in offset order.
+//!   outstanding but the restored delivery counts ([`Group::replay_delivered`]), which
+//!   sit in `retry` at or above `next`; `next` steps over them;
+//! - new offsets are handed out in increasing order: first delivery is in offset order;
+//! - a message is never handed out once it has had `max_deliveries` (a redelivery that
+//!   reaches the bound, from a consumer leaving or from a restored count, waits in
+//!   `retry` for [`Group::expire`] to dead-letter it).
 //!
 //! Group invariants: each partition has at most one owner, always a member; a member's
 //! `inflight` equals the number of `inflight` entries naming it across all cursors and
@@ -177,8 +181,15 @@ impl Cursor {
         self.advance_next();
     }
 
+    /// Steps `next` over settled offsets and over outstanding ones: in normal
+    /// operation everything outstanding is below `next`, but restored delivery counts
+    /// put offsets in `retry` above it, which must not be handed out as new again.
     fn advance_next(&mut self) {
-        while self.acked.contains(&self.next) {
+        while self.acked.contains(&self.next)
+            || self.retry.contains_key(&self.next)
+            || self.inflight.contains_key(&self.next)
+            || self.dying.contains_key(&self.next)
+        {
             self.next += 1;
         }
     }
@@ -194,6 +205,14 @@ impl Cursor {
     fn retain_delayed(&mut self, keep: impl Fn(u64) -> bool) {
         self.delayed.retain(|&o, _| keep(o));
         self.delayed_due.retain(|&(_, o)| keep(o));
+    }
+
+    /// Deliveries so far of every outstanding message that had one, by offset.
+    pub fn delivery_counts(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let inflight = self.inflight.iter().map(|(&o, f)| (o, f.count));
+        let retry = self.retry.iter().map(|(&o, r)| (o, r.count));
+        let dying = self.dying.iter().map(|(&o, &c)| (o, c));
+        inflight.chain(retry).chain(dying).filter(|&(_, c)| c > 0)
     }
 
     fn is_settled(&self, offset: u64) -> bool {
@@ -412,16 +431,21 @@ impl Group {
     }
 
     /// What to deliver next on partition `p`, whose log ends at `end`: the lowest due
-    /// redelivery, else the delayed message due first (if due), else the next new offset; `None` when the partition has no owner, the
+    /// redelivery that has not had `max_deliveries`, else the delayed message due first
+    /// (if due), else the next new offset; `None` when the partition has no owner, the
     /// owner's window is full, or nothing is ready.
-    pub fn pick(&self, p: usize, end: u64, now: u64) -> Option<Pick> {
+    pub fn pick(&self, p: usize, end: u64, now: u64, s: &Settings) -> Option<Pick> {
         let owner = self.owner(p)?;
         let member = self.members.get(owner)?;
         if member.inflight >= member.window {
             return None;
         }
         let c = self.cursors.get(p)?;
-        if let Some((&offset, r)) = c.retry.iter().find(|(_, r)| r.due <= now) {
+        if let Some((&offset, r)) = c
+            .retry
+            .iter()
+            .find(|(_, r)| r.due <= now && !s.exhausted(r.count))
+        {
             return Some(Pick {
                 consumer: owner.clone(),
                 offset,
@@ -578,10 +602,26 @@ impl Group {
     }
 
     /// Ack timeouts: every delivery whose deadline has passed is redelivered now, or
-    /// dead-lettered if it has had `max_deliveries`. Returns the dead letters.
+    /// dead-lettered if it has had `max_deliveries`; so is every redelivery that has had
+    /// them (its consumer left, or its count was restored). Returns the dead letters.
     pub fn expire(&mut self, now: u64, s: &Settings) -> Vec<DeadLetter> {
         let mut dead = Vec::new();
         for (p, c) in self.cursors.iter_mut().enumerate() {
+            let spent: Vec<(u64, u32)> = c
+                .retry
+                .iter()
+                .filter(|(_, r)| s.exhausted(r.count))
+                .map(|(&o, r)| (o, r.count))
+                .collect();
+            for (offset, count) in spent {
+                c.retry.remove(&offset);
+                c.dying.insert(offset, count);
+                dead.push(DeadLetter {
+                    partition: p,
+                    offset,
+                    count,
+                });
+            }
             let expired: Vec<u64> = c
                 .inflight
                 .iter()
@@ -654,6 +694,20 @@ impl Group {
         *c = Cursor::restored(offset, []);
     }
 
+    /// Applies a durable delivery count (replaying progress): `offset` of partition `p`
+    /// was handed out `count` times and is not settled (unless a later settle says so).
+    /// It waits in `retry`, due at once, so its next delivery counts on from there.
+    pub fn replay_delivered(&mut self, p: usize, offset: u64, count: u32) {
+        let Some(c) = self.cursors.get_mut(p) else {
+            return;
+        };
+        if offset < c.committed || c.acked.contains(&offset) || count == 0 {
+            return;
+        }
+        c.retry.insert(offset, Retry { count, due: 0 });
+        c.advance_next();
+    }
+
     /// Applies a durable settle (replaying progress): `offset` counts as settled.
     pub fn replay_settled(&mut self, p: usize, offset: u64) {
         if let Some(c) = self.cursors.get_mut(p) {
@@ -700,6 +754,7 @@ impl Group {
             // split_off leaves the offsets below `end` in place.
             let _beyond = c.acked.split_off(&end);
             c.retain_delayed(|o| o < end);
+            let _gone = c.retry.split_off(&end);
             c.next = c.next.min(end).max(c.committed);
             c.advance_next();
         }

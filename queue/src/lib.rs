@@ -43,9 +43,14 @@
 //! changes memory at once and appends a settle record to the queue's progress log; the
 //! future [`Queue::ack`] returns resolves when that record is durable. After a crash the
 //! progress log is replayed: settled messages whose settle record was durable are never
-//! delivered again; everything else is, **with its delivery count starting again at 1**
-//! (in-flight state, delivery counts and nack backoffs live in memory only, so a message
-//! can get up to `max_deliveries` more attempts after each restart).
+//! delivered again; everything else is, with its delivery count going on from the last
+//! durable one. Each delivery appends its count to the progress log (not awaited: it
+//! is durable with the next commit round), and each snapshot is followed by the counts
+//! of everything outstanding, so a crash forgets at most the deliveries of its last
+//! round. A delivery cut short by a crash counts; a message that has had
+//! `max_deliveries` is dead-lettered after the restart instead of delivered. In-flight
+//! ownership and nack backoffs live in memory only: after a restart everything
+//! unsettled is due at once.
 //! A message is settled by dead-lettering only once its copy in the dead-letter queue is
 //! durable; if that copy fails it stays for redelivery.
 #![deny(missing_docs)]

@@ -839,19 +839,39 @@ impl Queue {
         ends.extend(logs.iter().map(Log::next_offset));
         st.rotate = st.rotate.wrapping_add(1);
         let start = st.rotate % n;
-        let timeout = st.settings.ack_timeout_ms;
+        let settings = st.settings;
         let mut dirty = false;
         let newest = self.inner.last_values.lock();
         let no_drops = BTreeSet::new();
+        let mut counts = Vec::new();
         for (key, slot) in st.groups.iter_mut() {
+            let mut delivered = Vec::new();
             for i in 0..n {
                 let p = (start + i) % n;
                 let skip = Skip {
                     dropped: st.dropped.get(p).unwrap_or(&no_drops),
                     newest: newest.get(p),
                 };
-                dirty |= self.dispatch(key, slot, p, &logs[p], ends[p], now, timeout, &skip);
+                dirty |= self.dispatch(
+                    key,
+                    slot,
+                    p,
+                    &logs[p],
+                    ends[p],
+                    now,
+                    (&settings, &skip),
+                    &mut delivered,
+                );
             }
+            if !delivered.is_empty() {
+                counts.push(Progress::Delivered(key.clone(), delivered));
+            }
+        }
+        if !counts.is_empty() {
+            // Not awaited: the count reaches the disk with the next commit round, so
+            // `max_deliveries` holds across restarts except for deliveries made in the
+            // last round before a crash (see the crate documentation).
+            let _queued = self.append_progress(counts);
         }
         drop(newest);
         st.dirty |= dirty;
@@ -860,8 +880,9 @@ impl Queue {
         dirty
     }
 
-    /// Offers what group `key` has ready on partition `p`. Returns true if progress
-    /// changed (offsets skipped by the filter, or retention clamped the cursor).
+    /// Offers what group `key` has ready on partition `p`, adding each delivery's
+    /// `(partition, offset, count)` to `delivered`. Returns true if progress changed
+    /// (offsets skipped by the filter, or retention clamped the cursor).
     #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &self,
@@ -871,15 +892,15 @@ impl Queue {
         log: &Log,
         end: u64,
         now: u64,
-        timeout: u64,
-        skip: &Skip<'_>,
+        (settings, skip): (&crate::group::Settings, &Skip<'_>),
+        delivered: &mut Vec<(u32, u64, u32)>,
     ) -> bool {
         let mut changed = false;
         // Records read ahead for the next picks: the read's own Vec, consumed in place
         // (an empty one allocates nothing, so a partition with nothing ready costs no
         // allocation).
         let mut ahead = Vec::<roost_storage::LogRecord>::new().into_iter();
-        while let Some(pick) = slot.group.pick(p, end, now) {
+        while let Some(pick) = slot.group.pick(p, end, now, settings) {
             let record = match ahead.next() {
                 Some(r) if !pick.retry && r.offset == pick.offset => r,
                 _ => {
@@ -973,7 +994,8 @@ impl Queue {
                 self.inner.refused.store(true, Ordering::SeqCst);
                 break;
             }
-            slot.group.delivered(p, &pick, now, timeout);
+            slot.group.delivered(p, &pick, now, settings.ack_timeout_ms);
+            delivered.push((p as u32, pick.offset, pick.count + 1));
         }
         changed
     }
@@ -1431,27 +1453,22 @@ impl Queue {
         self.check_deleted()?;
         let snapshot = {
             let mut st = self.inner.state.lock();
-            std::mem::take(&mut st.dirty).then(|| (snapshot_of(&st), drops_of(&st)))
+            std::mem::take(&mut st.dirty).then(|| {
+                let snap = snapshot_of(&st);
+                let truncatable = truncatable_of(&snap, self.logs().len());
+                // Appended under the lock: no settle or delivery record can land
+                // between the state the snapshot shows and the snapshot itself (a
+                // replay would let the snapshot undo it). The dropped offsets and the
+                // delivery counts of what is outstanding follow it, as the snapshot
+                // does not hold them.
+                let mut records = vec![Progress::Snapshot(snap)];
+                records.extend(drops_of(&st));
+                records.extend(delivery_counts_of(&st));
+                (truncatable, self.append_progress(records))
+            })
         };
-        if let Some((snap, drops)) = snapshot {
-            let truncatable: Vec<u64> = {
-                let logs = self.logs();
-                (0..logs.len())
-                    .map(|p| {
-                        let floor = snap.floors.get(p).copied().unwrap_or(0);
-                        snap.groups
-                            .iter()
-                            .filter_map(|(_, parts)| parts.get(p).map(|c| c.0))
-                            .min()
-                            .map_or(floor, |m| m.max(floor))
-                    })
-                    .collect()
-            };
-            // The snapshot does not hold the dropped offsets: they follow it.
-            let mut records = vec![Progress::Snapshot(snap)];
-            records.extend(drops);
-            let appended = self.append_progress(records).await;
-            match appended {
+        if let Some((truncatable, appended)) = snapshot {
+            match appended.await {
                 Ok(offset) => {
                     // An unfinished transfer's record stays until its target is stored.
                     let keep = self.inner.ledger.lock().keep_from();
@@ -1818,6 +1835,38 @@ fn snapshot_of(st: &State) -> Snapshot {
     }
 }
 
+/// Per partition, the offset below which every group (and any purge) is past, as
+/// `snap` records it: the segments before it may go.
+fn truncatable_of(snap: &Snapshot, partitions: usize) -> Vec<u64> {
+    (0..partitions)
+        .map(|p| {
+            let floor = snap.floors.get(p).copied().unwrap_or(0);
+            snap.groups
+                .iter()
+                .filter_map(|(_, parts)| parts.get(p).map(|c| c.0))
+                .min()
+                .map_or(floor, |m| m.max(floor))
+        })
+        .collect()
+}
+
+/// The delivery counts of every group's outstanding messages, one record per group.
+fn delivery_counts_of(st: &State) -> Vec<Progress> {
+    st.groups
+        .iter()
+        .filter_map(|(k, s)| {
+            let items: Vec<(u32, u64, u32)> = s
+                .group
+                .cursors()
+                .iter()
+                .enumerate()
+                .flat_map(|(p, c)| c.delivery_counts().map(move |(o, n)| (p as u32, o, n)))
+                .collect();
+            (!items.is_empty()).then(|| Progress::Delivered(k.clone(), items))
+        })
+        .collect()
+}
+
 /// Rebuilds the groups from the progress log.
 fn replay(
     name: &str,
@@ -1871,6 +1920,13 @@ fn replay(
                     if let Some(slot) = st.groups.get_mut(&k) {
                         for (p, o) in ids {
                             slot.group.replay_settled(p as usize, o);
+                        }
+                    }
+                }
+                Progress::Delivered(k, items) => {
+                    if let Some(slot) = st.groups.get_mut(&k) {
+                        for (p, o, count) in items {
+                            slot.group.replay_delivered(p as usize, o, count);
                         }
                     }
                 }

@@ -39,6 +39,7 @@ use crate::error::Result;
 use crate::journal::{self, JournalFile};
 use crate::latency::SyncLatency;
 use crate::log::{CommitQueue, Completion, LogInner, PendingAppend};
+use crate::space::SpaceGuard;
 use crate::{Durability, Offset};
 
 /// What appenders, the committer, the journal thread and the sync pool share.
@@ -59,6 +60,11 @@ pub(crate) struct CommitShared {
     /// Test hook: the next journal write fails.
     #[cfg(test)]
     pub(crate) journal_fault: std::sync::atomic::AtomicBool,
+    /// Fault injection (a slow disk): milliseconds every data-file fdatasync waits
+    /// first. 0 in normal operation; see [`crate::Storage::inject_sync_delay`].
+    pub(crate) sync_delay_ms: std::sync::atomic::AtomicU64,
+    /// Whether the file system has room for a round (see `space.rs`).
+    pub(crate) space: SpaceGuard,
 }
 
 /// A ready queue: the committer's (`Buffered` logs) or the journal thread's (`Fsync`).
@@ -105,7 +111,7 @@ struct Laps {
 }
 
 impl CommitShared {
-    pub(crate) fn new(files: Vec<JournalFile>) -> CommitShared {
+    pub(crate) fn new(files: Vec<JournalFile>, dir: &std::path::Path) -> CommitShared {
         let mut files = files.into_iter();
         CommitShared {
             queue: Mutex::new(Queue::default()),
@@ -123,6 +129,8 @@ impl CommitShared {
             syncs: SyncLatency::new(),
             #[cfg(test)]
             journal_fault: std::sync::atomic::AtomicBool::new(false),
+            sync_delay_ms: std::sync::atomic::AtomicU64::new(0),
+            space: SpaceGuard::new(dir),
         }
     }
 
@@ -178,6 +186,13 @@ impl CommitQueue for CommitShared {
 
     fn syncs(&self) -> &SyncLatency {
         &self.syncs
+    }
+
+    fn before_sync(&self) {
+        let ms = self.sync_delay_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
     }
 
     fn schedule(&self, log: Arc<LogInner>) -> bool {
@@ -293,6 +308,19 @@ fn resolve(done: &mut Vec<Completion>, result: impl Fn(Offset) -> Result<Offset>
     for (tx, offset) in done.drain(..) {
         let _ = tx.send(result(offset));
     }
+}
+
+/// Refuses `appends` of a round that does not fit on the disk; the log stays writable.
+fn refuse_no_space(shared: &CommitShared, appends: &mut Vec<PendingAppend>) -> bool {
+    let bytes: u64 = appends.iter().map(PendingAppend::framed_bytes).sum();
+    // Segment and journal both take the bytes of an `Fsync` round.
+    let Some(short) = shared.space.check(bytes.saturating_mul(2)) else {
+        return false;
+    };
+    for a in appends.drain(..) {
+        let _ = a.tx.send(Err(shared.space.error(short)));
+    }
+    true
 }
 
 fn fail_all(log: &LogInner, done: &mut Vec<Completion>, rest: &mut Vec<PendingAppend>) {
@@ -442,6 +470,7 @@ impl Journal {
         journal::seal(buf, file.epoch);
         let r = file.file.write_all_at(buf, self.pos).and_then(|()| {
             let started = Instant::now();
+            shared.before_sync();
             let r = file.file.sync_data();
             shared.syncs.record(started.elapsed());
             r
@@ -538,6 +567,9 @@ fn journal_thread(shared: &CommitShared, capacity: u64) {
                 continue;
             }
             shared.queued.fetch_sub(taken, Ordering::Relaxed);
+            if refuse_no_space(shared, &mut appends) {
+                continue;
+            }
             if let Some(e) = &j.failed {
                 log.fail(io::Error::new(e.kind(), e.to_string()));
                 fail_all(&log, &mut Vec::new(), &mut appends);
@@ -650,6 +682,9 @@ fn run(shared: &CommitShared) {
                 continue;
             }
             shared.queued.fetch_sub(taken, Ordering::Relaxed);
+            if refuse_no_space(shared, &mut appends) {
+                continue;
+            }
             match log.write_appends(&mut appends, &mut buf, &mut done, None) {
                 Ok(newly_dirty) => {
                     resolve(&mut done, Ok);

@@ -10,7 +10,8 @@ use crate::Offset;
 ///
 /// The broker maps these onto MQTT: an append that fails with any variant means the
 /// publish was not stored, so a v5 producer gets PUBACK 0x80 (unspecified error) and
-/// a 3.1.1 producer is disconnected rather than acknowledged.
+/// a 3.1.1 producer is disconnected rather than acknowledged; except [`Error::NoSpace`],
+/// which is answered like a full queue (0x97; a 3.1.1 PUBACK waits for space).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file operation failed.
@@ -29,6 +30,18 @@ pub enum Error {
         log: String,
         /// The error that made the log read-only.
         cause: Arc<io::Error>,
+    },
+    /// The file system has too little space left to take the append (a round is
+    /// written only if [`crate::space::RESERVE`] bytes stay free after it). Nothing was
+    /// written and the log stays writable: the append may be tried again later.
+    #[error("no space left in {}: {needed} bytes needed (with reserve), {available} free", path.display())]
+    NoSpace {
+        /// The storage directory.
+        path: PathBuf,
+        /// Bytes the round needed, reserve included.
+        needed: u64,
+        /// Bytes the file system had free.
+        available: u64,
     },
     /// A record's CRC or framing does not check: the data on disk is damaged.
     /// Damaged bytes are never returned as records.

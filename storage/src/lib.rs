@@ -100,6 +100,7 @@ pub mod latency;
 mod log;
 mod offset;
 mod segment;
+pub mod space;
 mod storage;
 
 pub use error::{Error, Result};

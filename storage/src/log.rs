@@ -471,6 +471,16 @@ pub(crate) struct PendingAppend {
     pub(crate) tx: oneshot::Sender<Result<Offset>>,
 }
 
+impl PendingAppend {
+    /// Bytes its records take framed in a segment.
+    pub(crate) fn framed_bytes(&self) -> u64 {
+        self.records
+            .iter()
+            .map(|r| format::frame_len(r.headers.len(), r.payload.len()) as u64)
+            .sum()
+    }
+}
+
 /// An append written by the committer, waiting to be resolved with its first offset.
 pub(crate) type Completion = (oneshot::Sender<Result<Offset>>, Offset);
 
@@ -579,6 +589,9 @@ pub(crate) trait CommitQueue: Send + Sync {
 
     /// Where the fdatasyncs of the storage's data files are timed.
     fn syncs(&self) -> &SyncLatency;
+
+    /// Called just before each data-file fdatasync (a slow disk can be injected here).
+    fn before_sync(&self);
 
     /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
     /// storage has stopped.
@@ -1003,6 +1016,7 @@ impl LogInner {
             return Err(io::Error::other("injected fdatasync failure"));
         }
         let started = std::time::Instant::now();
+        self.committer.before_sync();
         w.data.sync_data()?;
         self.committer.syncs().record(started.elapsed());
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);

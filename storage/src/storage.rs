@@ -5,6 +5,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -60,7 +61,7 @@ impl Storage {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let (files, entries) = journal::open(&dir).map_err(io_err(&dir))?;
-        let shared = Arc::new(CommitShared::new(files));
+        let shared = Arc::new(CommitShared::new(files, &dir));
         let mut recovered = HashMap::new();
         if !entries.is_empty() {
             for (name, entries) in journal::by_log(entries) {
@@ -178,6 +179,23 @@ impl Storage {
             .collect();
         failed.sort_by(|a, b| a.0.cmp(&b.0));
         failed
+    }
+
+    /// Why appends are being refused for lack of space, while they are (see
+    /// [`crate::space`]): for readiness reports.
+    pub fn space_shortage(&self) -> Option<String> {
+        self.committer.shared().space.shortage()
+    }
+
+    /// Fault injection for tests of what a slow disk does to the rest of the broker:
+    /// every fdatasync of the journal and of the logs waits `delay` first (on the
+    /// storage's own threads, as a slow device would hold them). Zero turns it off.
+    pub fn inject_sync_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.committer
+            .shared()
+            .sync_delay_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Test hook: make the next journal write fail.

@@ -1105,3 +1105,74 @@ mod model {
         }
     }
 }
+
+/// A full file system (a small tmpfs, so only as root) refuses appends with
+/// `Error::NoSpace` before writing anything: acknowledged records stay readable, the
+/// log stays writable, and appends go through again once space returns.
+#[tokio::test]
+async fn a_full_disk_refuses_appends_cleanly_and_they_resume_when_space_returns() {
+    let root = fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+    if !root {
+        eprintln!("skipped: mounting a tmpfs to fill needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(dir.path())
+        .status();
+    assert!(
+        mount.is_ok_and(|s| s.success()),
+        "mount tmpfs as root failed"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path().to_path_buf());
+    // Room to give back later, taken before the log fills the rest.
+    let filler = dir.path().join("filler");
+    fs::write(&filler, vec![1u8; 6 << 20]).unwrap_or_else(|e| panic!("{e}"));
+    let storage = Storage::open_with_journal_bytes(dir.path().join("s"), 1 << 20)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (log, _) = storage
+        .open_log("full", LogConfig::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let payload = Bytes::from(vec![7u8; 64 * 1024]);
+    let mut stored = Vec::new();
+    let refused = loop {
+        match log
+            .append(vec![Record::now(Bytes::new(), payload.clone())])
+            .await
+        {
+            Ok(offset) => stored.push(offset),
+            Err(e) => break e,
+        }
+        assert!(stored.len() < 1000, "never refused");
+    };
+    assert!(matches!(refused, Error::NoSpace { .. }), "{refused}");
+    assert!(storage.space_shortage().is_some());
+    assert!(log.failure().is_none(), "the log did not turn read-only");
+    assert!(stored.len() > 20, "{} stored", stored.len());
+    // Refused again while nothing changes; nothing half-written in between.
+    let again = log
+        .append(vec![Record::now(Bytes::new(), payload.clone())])
+        .await;
+    assert!(matches!(again, Err(Error::NoSpace { .. })), "{again:?}");
+    // Everything acknowledged is there.
+    let back = log
+        .read(stored[0], ReadLimit::bytes(usize::MAX))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back.len(), stored.len());
+    // Space returns (the filler goes): appends resume by themselves.
+    fs::remove_file(&filler).unwrap_or_else(|e| panic!("{e}"));
+    assert!(storage.space_shortage().is_none());
+    let next = log
+        .append(vec![Record::now(Bytes::new(), payload.clone())])
+        .await
+        .unwrap_or_else(|e| panic!("after space returned: {e}"));
+    assert_eq!(next, stored[stored.len() - 1] + 1);
+}

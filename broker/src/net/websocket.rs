@@ -274,12 +274,23 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
+    /// The HTTP status the client saw when the upgrade was refused.
+    fn refused_with(client: Result<WebSocketStream<DuplexStream>, WsError>) -> StatusCode {
+        match client {
+            Err(WsError::Http(response)) => response.status(),
+            Err(other) => panic!("refused without an HTTP answer: {other:?}"),
+            Ok(_) => panic!("upgrade accepted"),
+        }
+    }
+
     #[tokio::test]
     async fn wrong_path_or_subprotocol_is_refused() {
         let (server, client) = pair("/other", Some("mqtt")).await;
-        assert!(server.is_err() && client.is_err());
+        assert!(server.is_err());
+        assert_eq!(refused_with(client), StatusCode::NOT_FOUND);
         let (server, client) = pair("/mqtt", Some("chat, superchat")).await;
-        assert!(server.is_err() && client.is_err());
+        assert!(server.is_err());
+        assert_eq!(refused_with(client), StatusCode::BAD_REQUEST);
         let (server, client) = pair("/mqtt?x=1", Some("chat, mqtt")).await;
         assert!(server.is_ok() && client.is_ok());
     }
@@ -291,6 +302,22 @@ mod tests {
         let big = Bytes::from(vec![0u8; 4096]);
         let _ = client.send(Message::Binary(big)).await;
         let mut byte = [0u8; 1];
-        assert!(server.read(&mut byte).await.is_err());
+        let e = server
+            .read(&mut byte)
+            .await
+            .expect_err("oversized message refused");
+        // The refusal is the size bound, not some other failure of the stream.
+        let cause = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<WsError>());
+        assert!(
+            matches!(
+                cause,
+                Some(WsError::Capacity(
+                    tokio_tungstenite::tungstenite::error::CapacityError::MessageTooLong { .. }
+                ))
+            ),
+            "{e:?}"
+        );
     }
 }

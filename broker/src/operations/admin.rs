@@ -48,6 +48,8 @@ pub struct Api {
     /// the engine's `SessionStore`, which knows nothing of them). The queue logs' are
     /// reached through the broker's queues.
     pub state_syncs: Arc<SyncLatency>,
+    /// Worker stalls of the runtime (`roost_event_loop_stalls_total`).
+    pub stalls: Arc<super::stalls::StallDetector>,
     /// `admin_token`: the bearer token required on everything but `/health`, `/ready`.
     pub token: Option<String>,
     /// `queue_defaults`: the settings a queue created by `PUT` starts from.
@@ -428,7 +430,7 @@ async fn handle(api: &Api, request: &Request) -> Response {
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: Vec::new(),
             body: {
-                let mut text = render_metrics(broker, &api.state_syncs);
+                let mut text = render_metrics(broker, &api.state_syncs, &api.stalls);
                 if let Some(c) = &api.cluster {
                     text.push_str(&render_cluster_metrics(c));
                 }
@@ -704,6 +706,9 @@ fn ready(broker: &Broker) -> Response {
     for (log, e) in broker.queues.storage().failed_logs() {
         reasons.push(format!("queue log {log} failed: {e}"));
     }
+    if let Some(why) = broker.queues.storage().space_shortage() {
+        reasons.push(format!("queue storage refuses writes: {why}"));
+    }
     if reasons.is_empty() {
         Response::json(200, &json!({ "status": "ready" }))
     } else {
@@ -845,7 +850,11 @@ fn queue_json(info: &QueueInfo) -> Value {
 
 /// The Prometheus text exposition of the broker's gauges and counters, and of the
 /// fdatasync durations of the session store (`state_syncs`) and of the queue logs.
-fn render_metrics(broker: &Broker, state_syncs: &SyncLatency) -> String {
+fn render_metrics(
+    broker: &Broker,
+    state_syncs: &SyncLatency,
+    stalls: &super::stalls::StallDetector,
+) -> String {
     let m = &broker.metrics;
     let mut out = String::with_capacity(4096);
     let mut gauge = |name: &str, help: &str, value: usize| {
@@ -878,6 +887,11 @@ fn render_metrics(broker: &Broker, state_syncs: &SyncLatency) -> String {
         "roost_retained_bytes",
         "Bytes of retained messages, as max_retained_bytes counts them.",
         usize::try_from(broker.retained_bytes()).unwrap_or(usize::MAX),
+    );
+    gauge(
+        "roost_queued_bytes",
+        "Bytes of QoS 1/2 messages in all session queues, as max_total_queued_bytes counts them.",
+        usize::try_from(broker.limits.queued.held()).unwrap_or(usize::MAX),
     );
     gauge(
         "roost_offline_timers",
@@ -938,6 +952,11 @@ fn render_metrics(broker: &Broker, state_syncs: &SyncLatency) -> String {
             "roost_connections_accepted_total",
             "Connections admitted past the connection limits.",
             m.connections_accepted(),
+        ),
+        (
+            "roost_event_loop_stalls_total",
+            "Task polls that held a worker thread over 50 ms (the longest is logged).",
+            stalls.stalls(),
         ),
     ] {
         let _ = writeln!(

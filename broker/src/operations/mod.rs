@@ -1,7 +1,9 @@
 //! What operators see and touch: the HTTP admin API with `/metrics` and the web
-//! dashboard, the `$SYS` status topics, and giving memory back after disconnect storms.
+//! dashboard, the `$SYS` status topics, giving memory back after disconnect storms,
+//! and the event-loop stall detector.
 
 pub mod admin;
 pub mod dashboard;
 pub mod memory;
+pub mod stalls;
 pub mod sys;

@@ -55,6 +55,9 @@ impl Broker {
         for stored in loaded.sessions {
             let mut session = stored.session;
             session.stored = true;
+            // What was stored is kept even past `max_total_queued_bytes`; new messages
+            // are dropped until the queues drain below it.
+            session.pending.charge_to(&self.limits.queued);
             let client = session.client_id.clone();
             let down_for = if stored.connected {
                 0
@@ -219,7 +222,7 @@ impl Broker {
             while let Some(d) = deliveries.try_recv() {
                 if d.share.is_some() {
                     // Handled below with the others, outside the lock.
-                    session.pending.push_back(d);
+                    session.pending.push_back(d, &self.limits.queued);
                 } else {
                     session.enqueue_offline(d, self.limits.max_queued());
                 }
@@ -562,6 +565,8 @@ impl Broker {
     ) -> impl std::future::Future<Output = Result<(), crate::store::StoreError>> + Send + use<>
     {
         let mut session = stored.session;
+        // Its queue counts against this broker's bound from now on.
+        session.pending.charge_to(&self.limits.queued);
         let client = session.client_id.clone();
         let mut ops = Vec::new();
         let key = self.key(&client);

@@ -305,6 +305,9 @@ impl QueueIo {
     }
 }
 
+/// How often a 3.x produce refused for lack of disk space is tried again.
+const NO_SPACE_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Queues the append now (so one connection's messages keep their order) and resolves
 /// the acknowledgement when it is durable. A 3.x producer that loses a race for the
 /// last room waits for more rather than be told nothing (it has no reason codes).
@@ -321,8 +324,16 @@ fn start_produce(
     let produce = async move {
         let mut result = first.await;
         if let Some((queue, message)) = again {
-            while let Err(roost_queue::ProduceError::QuotaExceeded { .. }) = result {
-                queue.wait_for_room(message.payload.len() as u64).await;
+            loop {
+                match &result {
+                    Err(roost_queue::ProduceError::QuotaExceeded { .. }) => {
+                        queue.wait_for_room(message.payload.len() as u64).await;
+                    }
+                    // The disk is full: nothing says when space returns, so look again
+                    // now and then (the PUBACK waits; the producer's window stops it).
+                    Err(e) if e.is_no_space() => tokio::time::sleep(NO_SPACE_RETRY).await,
+                    _ => break,
+                }
                 // Boxed: rare, and inline it would enlarge every produce's future.
                 result = Box::pin(queue.produce(message.clone())).await;
             }

@@ -18,7 +18,7 @@ fn id(s: &str) -> ConsumerId {
 /// Delivers everything `pick` offers on partition `p` and returns (consumer, offset, count).
 fn drain(g: &mut Group, p: usize, end: u64, now: u64) -> Vec<(String, u64, u32)> {
     let mut out = Vec::new();
-    while let Some(pick) = g.pick(p, end, now) {
+    while let Some(pick) = g.pick(p, end, now, &S) {
         g.delivered(p, &pick, now, S.ack_timeout_ms);
         out.push((pick.consumer.to_string(), pick.offset, pick.count + 1));
     }
@@ -32,7 +32,7 @@ fn first_delivery_in_offset_order_within_window() {
     let got = drain(&mut g, 0, 10, 0);
     assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), [0, 1, 2]);
     assert_eq!(g.inflight_of("a"), 3);
-    assert_eq!(g.pick(0, 10, 0), None, "window full");
+    assert_eq!(g.pick(0, 10, 0, &S), None, "window full");
     assert_eq!(g.ack(0, 1, "a"), Settle::Settled);
     assert_eq!(g.cursor(0).map(Cursor::committed), Some(0), "0 still out");
     assert_eq!(
@@ -50,10 +50,10 @@ fn first_delivery_in_offset_order_within_window() {
 #[test]
 fn nothing_past_the_end_and_no_owner_no_delivery() {
     let mut g = Group::new(&[5, 0]);
-    assert_eq!(g.pick(0, 10, 0), None, "no members");
+    assert_eq!(g.pick(0, 10, 0, &S), None, "no members");
     g.join(id("a"), 10);
     assert_eq!(drain(&mut g, 0, 7, 0).len(), 2, "offsets 5 and 6");
-    assert_eq!(g.pick(0, 7, 0), None);
+    assert_eq!(g.pick(0, 7, 0, &S), None);
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn last_member_leaving_keeps_work_for_the_next() {
     g.join(id("a"), 2);
     drain(&mut g, 0, 4, 0);
     g.leave("a", 0);
-    assert_eq!(g.pick(0, 4, 0), None);
+    assert_eq!(g.pick(0, 4, 0, &S), None);
     g.join(id("z"), 10);
     let got = drain(&mut g, 0, 4, 0);
     assert_eq!(
@@ -207,11 +207,11 @@ fn last_member_leaving_keeps_work_for_the_next() {
 fn skip_settles_unmatched_offsets() {
     let mut g = Group::new(&[0]);
     g.join(id("a"), 10);
-    let pick = g.pick(0, 3, 0);
+    let pick = g.pick(0, 3, 0, &S);
     assert_eq!(pick.as_ref().map(|p| p.offset), Some(0));
     g.skip(0, 0);
     assert_eq!(g.cursor(0).map(Cursor::committed), Some(1));
-    let pick = g.pick(0, 3, 0).map(|p| p.offset);
+    let pick = g.pick(0, 3, 0, &S).map(|p| p.offset);
     assert_eq!(pick, Some(1));
     drain(&mut g, 0, 2, 0);
     g.skip(0, 2);
@@ -333,7 +333,7 @@ impl Sim {
     }
 
     fn deliver(&mut self, p: usize) {
-        while let Some(pick) = self.g.pick(p, self.ends[p], self.now) {
+        while let Some(pick) = self.g.pick(p, self.ends[p], self.now, &S) {
             assert!(
                 !self.settled.contains(&(p, pick.offset)),
                 "settled message delivered"
@@ -478,4 +478,56 @@ proptest! {
         }
         prop_assert_eq!(sim.g.inflight(), 0);
     }
+}
+
+#[test]
+fn restored_counts_go_on_from_where_they_were_and_stop_at_the_bound() {
+    // Before the crash: offsets 0..4 handed out; 1 settled; 0 delivered twice, 2 three
+    // times (the bound), 3 once. After it the cursor is rebuilt from that progress.
+    let mut g = Group::from_cursors(vec![Cursor::restored(0, [1])]);
+    g.replay_delivered(0, 0, 2);
+    g.replay_delivered(0, 2, 3);
+    g.replay_delivered(0, 3, 1);
+    g.replay_delivered(0, 1, 4); // settled: a stale count changes nothing
+    g.join(id("a"), 10);
+    // 2 has had its deliveries: it is not handed out, and the next sweep dead-letters it.
+    let got = drain(&mut g, 0, 6, 0);
+    assert_eq!(
+        got,
+        [
+            ("a".into(), 0, 3),
+            ("a".into(), 3, 2),
+            ("a".into(), 4, 1),
+            ("a".into(), 5, 1)
+        ]
+    );
+    let dead = g.expire(0, &S);
+    assert_eq!(
+        dead,
+        [DeadLetter {
+            partition: 0,
+            offset: 2,
+            count: 3
+        }]
+    );
+    assert!(g.dead_lettered(0, 2));
+    // Offsets are never handed out twice: 3 and 0 are in flight, not new.
+    assert_eq!(g.pick(0, 6, 0, &S), None);
+}
+
+#[test]
+fn a_consumer_leaving_with_a_message_at_the_bound_sends_it_to_dead_letters() {
+    let mut g = Group::new(&[0]);
+    g.join(id("a"), 10);
+    for now in [0, 200, 600] {
+        drain(&mut g, 0, 1, now);
+        if now < 600 {
+            assert!(matches!(g.nack(0, 0, "a", now, &S), Nack::Retry { .. }));
+        }
+    }
+    // Third delivery in flight; the consumer goes away.
+    assert!(g.leave("a", 700));
+    g.join(id("b"), 10);
+    assert_eq!(g.pick(0, 1, 700, &S), None, "not a fourth delivery");
+    assert_eq!(g.expire(700, &S).len(), 1);
 }

@@ -1,0 +1,78 @@
+//! Free space: a round of appends is written only if the file system keeps
+//! [`RESERVE`] bytes free after it.
+//!
+//! Why check instead of waiting for ENOSPC: a write that runs out of space midway leaves
+//! part of a round in a segment or the journal, and a journal write error must fail
+//! every `Fsync` log after it (what the journal holds is unknown). Refused before
+//! anything is written, the round's appenders get [`Error::NoSpace`], every log stays
+//! writable, and appends go through again by themselves once space returns: the next
+//! round checks again. Another writer on the same file system can still fill it between
+//! the check and the write; that case falls back to the write-error path. The reserve
+//! also leaves room for segment rolls, index files and the session store.
+
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::error::Error;
+
+/// Bytes that must stay free after a round is written.
+pub const RESERVE: u64 = 4 * 1024 * 1024;
+
+/// Space a round needed (reserve included) and what the file system had.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shortage {
+    needed: u64,
+    available: u64,
+}
+
+/// The free-space check of one storage directory, and the last refusal while space is
+/// short (for readiness reports).
+#[derive(Debug)]
+pub(crate) struct SpaceGuard {
+    dir: PathBuf,
+    /// The bytes of the last refused round, and why it was refused.
+    short: Mutex<Option<(u64, String)>>,
+}
+
+impl SpaceGuard {
+    pub(crate) fn new(dir: &Path) -> SpaceGuard {
+        SpaceGuard {
+            dir: dir.to_path_buf(),
+            short: Mutex::new(None),
+        }
+    }
+
+    /// `None` if `bytes` can be written and [`RESERVE`] stay free (also when the file
+    /// system cannot be asked: the write itself will say), else what is short.
+    pub(crate) fn check(&self, bytes: u64) -> Option<Shortage> {
+        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        let available = st.f_bavail.saturating_mul(st.f_frsize);
+        let needed = bytes.saturating_add(RESERVE);
+        let mut short = self.short.lock();
+        if available >= needed {
+            *short = None;
+            return None;
+        }
+        let s = Shortage { needed, available };
+        *short = Some((bytes, self.error(s).to_string()));
+        Some(s)
+    }
+
+    /// The error an append refused for `s` gets.
+    pub(crate) fn error(&self, s: Shortage) -> Error {
+        Error::NoSpace {
+            path: self.dir.clone(),
+            needed: s.needed,
+            available: s.available,
+        }
+    }
+
+    /// Why the last round was refused, while space is still short (looked at again
+    /// now: space may have returned with no round since).
+    pub(crate) fn shortage(&self) -> Option<String> {
+        let bytes = self.short.lock().as_ref()?.0;
+        self.check(bytes)?;
+        self.short.lock().as_ref().map(|s| s.1.clone())
+    }
+}
