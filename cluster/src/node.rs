@@ -43,6 +43,12 @@ const TAKE_WAIT: Duration = Duration::from_secs(3);
 
 type Departing = Arc<tokio::sync::Mutex<Option<Session>>>;
 
+/// A CONNECT's claim waiting to be proposed: client id, request id, and who waits.
+type ClaimWork = (String, u64, oneshot::Sender<Result<Outcome, Unavailable>>);
+
+/// Claims proposed in one write at most.
+const CLAIM_BATCH: usize = 1024;
+
 /// Work for the one task that proposes this node's routes, in order.
 enum RouteWork {
     /// A route came (true) or went (false); the sender is told once it was proposed.
@@ -76,6 +82,7 @@ pub struct Node {
     /// Local subscriptions per route (a route stands while its count is positive).
     local: Mutex<HashMap<Route, usize>>,
     route_tx: mpsc::UnboundedSender<RouteWork>,
+    claim_tx: mpsc::UnboundedSender<ClaimWork>,
     departing: Mutex<HashMap<String, (u64, Departing)>>,
     next_request: AtomicU64,
     /// Set once the node has applied the log it had when it started.
@@ -94,6 +101,7 @@ impl Node {
         start_index: u64,
     ) -> Arc<Node> {
         let (route_tx, route_rx) = mpsc::unbounded_channel();
+        let (claim_tx, claim_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
             me,
             consensus,
@@ -101,6 +109,7 @@ impl Node {
             broker,
             local: Mutex::default(),
             route_tx,
+            claim_tx,
             departing: Mutex::default(),
             // Unique across restarts without storing anything: claims of one start
             // never reuse another start's ids.
@@ -110,6 +119,7 @@ impl Node {
             counters: Arc::default(),
         });
         tokio::spawn(node.clone().propose_routes(route_rx));
+        tokio::spawn(node.clone().propose_claims(claim_rx));
         node
     }
 
@@ -157,6 +167,46 @@ impl Node {
             for w in waiters.drain(..) {
                 let _ = w.send(());
             }
+        }
+    }
+
+    /// Proposes the claims of CONNECTs as they come, as many as are waiting in one
+    /// write (a reconnect storm costs a write per batch, not per client). A batch that
+    /// cannot be committed refuses its CONNECTs.
+    async fn propose_claims(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ClaimWork>) {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < CLAIM_BATCH
+                && let Ok(more) = rx.try_recv()
+            {
+                batch.push(more);
+            }
+            let claims = batch
+                .iter()
+                .map(|(client, request, _)| (client.clone(), *request))
+                .collect();
+            let cmd = Command::Claims {
+                node: self.me,
+                claims,
+            };
+            // Proposed in its own task: the next batch gathers meanwhile.
+            let consensus = self.consensus.clone();
+            let waiting: Vec<_> = batch.drain(..).map(|(_, _, tx)| tx).collect();
+            tokio::spawn(async move {
+                match consensus.propose(cmd).await {
+                    Ok(Outcome::Claims(each)) if each.len() == waiting.len() => {
+                        for (tx, outcome) in waiting.into_iter().zip(each) {
+                            let _ = tx.send(Ok(outcome));
+                        }
+                    }
+                    Ok(_) | Err(_) => {
+                        for tx in waiting {
+                            let _ = tx.send(Err(Unavailable));
+                        }
+                    }
+                }
+            });
         }
     }
 
@@ -519,20 +569,16 @@ impl Peers for Node {
     }
 
     fn claim(&self, client_id: &Arc<str>) -> Claim {
-        let cmd = Command::Claim {
-            client: client_id.to_string(),
-            node: self.me,
-            request: self.next_request.fetch_add(1, Ordering::Relaxed),
-        };
-        let consensus = self.consensus.clone();
+        let (tx, rx) = oneshot::channel();
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let _ = self.claim_tx.send((client_id.to_string(), request, tx));
         let links = self.links.clone();
         let client = client_id.clone();
         let counters = self.counters.clone();
         Box::pin(async move {
-            let outcome = consensus.propose(cmd).await.map_err(|e| {
+            let outcome = rx.await.unwrap_or(Err(Unavailable)).inspect_err(|_| {
                 counters.claims_refused.fetch_add(1, Ordering::Relaxed);
-                warn!(client_id = %client, "CONNECT refused: cannot claim the client id: {e}");
-                Unavailable
+                warn!(client_id = %client, "CONNECT refused: cannot claim the client id (no majority)");
             })?;
             let Outcome::Claimed {
                 epoch,

@@ -184,41 +184,45 @@ impl StateMachine {
         Ok(())
     }
 
+    /// `node` takes `client` at log `index` (the claim's epoch).
+    fn claim(&self, index: u64, node: NodeId, client: String, request: u64) -> Outcome {
+        let mut owners = self.state.owners.write();
+        if let Some(o) = owners.get(&client)
+            && o.last.0 == request
+        {
+            return o.last.1.clone();
+        }
+        let previous = owners.get(&client).map(|o| o.node).filter(|&n| n != node);
+        let outcome = Outcome::Claimed {
+            epoch: index,
+            previous,
+        };
+        owners.insert(
+            client.clone(),
+            Owner {
+                node,
+                epoch: index,
+                last: (request, outcome.clone()),
+            },
+        );
+        drop(owners);
+        let _ = self.notify.send(Applied::Claimed {
+            client,
+            owner: node,
+            previous,
+            index,
+        });
+        outcome
+    }
+
     fn apply_command(&self, index: u64, cmd: Command) -> Outcome {
         match cmd {
-            Command::Claim {
-                client,
-                node,
-                request,
-            } => {
-                let mut owners = self.state.owners.write();
-                if let Some(o) = owners.get(&client)
-                    && o.last.0 == request
-                {
-                    return o.last.1.clone();
-                }
-                let previous = owners.get(&client).map(|o| o.node).filter(|&n| n != node);
-                let outcome = Outcome::Claimed {
-                    epoch: index,
-                    previous,
-                };
-                owners.insert(
-                    client.clone(),
-                    Owner {
-                        node,
-                        epoch: index,
-                        last: (request, outcome.clone()),
-                    },
-                );
-                drop(owners);
-                let _ = self.notify.send(Applied::Claimed {
-                    client,
-                    owner: node,
-                    previous,
-                    index,
-                });
-                outcome
-            }
+            Command::Claims { node, claims } => Outcome::Claims(
+                claims
+                    .into_iter()
+                    .map(|(client, request)| self.claim(index, node, client, request))
+                    .collect(),
+            ),
             Command::Routes { node, changes } => {
                 for (add, route) in changes {
                     if add {

@@ -16,15 +16,14 @@ openraft::declare_raft_types!(
 /// A change to the control plane's state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {
-    /// `node` takes client id `client` (a CONNECT there). `request` makes a retried
-    /// proposal answer as the first one did.
-    Claim {
-        /// The client id.
-        client: String,
-        /// The node the client connected to.
+    /// `node` takes these client ids (CONNECTs there), each with a request id that
+    /// makes a retried proposal answer as the first one did. Batched: a burst of
+    /// CONNECTs is one write.
+    Claims {
+        /// The node the clients connected to.
         node: NodeId,
-        /// Unique per attempt, for retries.
-        request: u64,
+        /// (client id, request id).
+        claims: Vec<(String, u64)>,
     },
     /// Routes of `node` that came or went, in order (batched: a burst of new
     /// filters is one write).
@@ -47,6 +46,8 @@ pub enum Command {
 /// What applying a [`Command`] answered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Outcome {
+    /// A batch of claims, in order: each one's outcome ([`Outcome::Claimed`]).
+    Claims(Vec<Outcome>),
     /// A claim: its epoch, and the node that owned the client before, if another.
     Claimed {
         /// The claim's epoch (its log index).
