@@ -118,3 +118,58 @@ impl RouteTable {
         self.router.matches(topic, out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(share: Option<&str>, filter: &str) -> Route {
+        Route {
+            share: share.map(str::to_owned),
+            filter: filter.to_owned(),
+        }
+    }
+
+    fn nodes(t: &RouteTable, topic: &str) -> (Vec<NodeId>, Vec<(String, Vec<NodeId>)>) {
+        let mut m = Matches::default();
+        t.matches(topic, &mut m);
+        let mut direct: Vec<NodeId> = m.direct.iter().filter_map(node_of).collect();
+        direct.sort_unstable();
+        direct.dedup();
+        let shared = m
+            .shared
+            .iter()
+            .map(|g| {
+                let mut n: Vec<NodeId> = g.members.iter().filter_map(node_of).collect();
+                n.sort_unstable();
+                (g.group.to_string(), n)
+            })
+            .collect();
+        (direct, shared)
+    }
+
+    #[test]
+    fn a_match_names_the_nodes_and_share_groups() {
+        let t = RouteTable::default();
+        t.add(1, route(None, "a/+"));
+        t.add(2, route(None, "a/#"));
+        t.add(2, route(None, "a/#")); // again: no change
+        t.add(3, route(Some("g"), "a/b"));
+        t.add(2, route(Some("g"), "a/b"));
+        assert_eq!(
+            nodes(&t, "a/b"),
+            (vec![1, 2], vec![("g".into(), vec![2, 3])])
+        );
+        assert_eq!(nodes(&t, "a/b/c"), (vec![2], vec![]));
+        t.remove(2, &route(Some("g"), "a/b"));
+        assert_eq!(nodes(&t, "a/b").1, vec![("g".to_string(), vec![3])]);
+        // A restarted node states its routes afresh.
+        t.set_node(2, vec![route(None, "x")]);
+        assert_eq!(nodes(&t, "a/b"), (vec![1], vec![("g".into(), vec![3])]));
+        assert_eq!(t.of(2), vec![route(None, "x")]);
+        // A snapshot replaces everything.
+        t.replace(vec![(5, route(None, "#"))]);
+        assert_eq!(nodes(&t, "a/b"), (vec![5], vec![]));
+        assert_eq!(t.all().len(), 1);
+    }
+}

@@ -340,3 +340,102 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> (
+        StateMachine,
+        mpsc::UnboundedReceiver<Applied>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sm = StateMachine::open(Arc::default(), tx, dir.path().join("snapshot.json"))
+            .expect("opens");
+        (sm, rx, dir)
+    }
+
+    fn claim(sm: &StateMachine, index: u64, node: NodeId, client: &str, request: u64) -> Outcome {
+        match sm.apply_command(
+            index,
+            Command::Claims {
+                node,
+                claims: vec![(client.into(), request)],
+            },
+        ) {
+            Outcome::Claims(mut each) => each.remove(0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A claim names the previous owner when it was another node, fences it with a
+    /// later epoch, and a retried proposal (same request id) answers as the first did.
+    #[test]
+    fn claims_move_owners_and_retries_repeat_their_answer() {
+        let (sm, mut applied, _dir) = machine();
+        let first = claim(&sm, 5, 1, "c", 100);
+        assert_eq!(
+            first,
+            Outcome::Claimed {
+                epoch: 5,
+                previous: None
+            }
+        );
+        assert_eq!(
+            claim(&sm, 6, 1, "c", 101),
+            Outcome::Claimed {
+                epoch: 6,
+                previous: None
+            }
+        );
+        let moved = claim(&sm, 9, 2, "c", 200);
+        assert_eq!(
+            moved,
+            Outcome::Claimed {
+                epoch: 9,
+                previous: Some(1)
+            }
+        );
+        assert_eq!(
+            claim(&sm, 12, 2, "c", 200),
+            moved,
+            "a retry is answered as before"
+        );
+        assert_eq!(sm.state.owner("c"), Some(2));
+        let mut seen = Vec::new();
+        while let Ok(Applied::Claimed { owner, index, .. }) = applied.try_recv() {
+            seen.push((owner, index));
+        }
+        assert_eq!(seen, [(1, 5), (1, 6), (2, 9)]);
+    }
+
+    /// The snapshot holds owners and routes; a machine loaded from it has them.
+    #[tokio::test]
+    async fn the_snapshot_restores_owners_and_routes() {
+        let (mut sm, _rx, dir) = machine();
+        claim(&sm, 3, 2, "x", 1);
+        sm.apply_command(
+            4,
+            Command::Routes {
+                node: 2,
+                changes: vec![(
+                    true,
+                    crate::routes::Route {
+                        share: None,
+                        filter: "a/#".into(),
+                    },
+                )],
+            },
+        );
+        sm.state.applied.write().0 = Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 4));
+        sm.build_snapshot().await.expect("snapshot");
+        let (tx, _rx2) = mpsc::unbounded_channel();
+        let back = StateMachine::open(Arc::default(), tx, dir.path().join("snapshot.json"))
+            .expect("opens");
+        assert_eq!(back.state.owner("x"), Some(2));
+        assert_eq!(back.state.routes.of(2).len(), 1);
+        assert_eq!(back.state.last_applied().map(|l| l.index), Some(4));
+    }
+}
