@@ -175,3 +175,29 @@ def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, made, n, 
     client(made, c[m1], 4).publish(t + "/min", b"both ways", qos=1)
     assert back.get().payload == b"both ways"
     moved.close()
+
+
+def test_a_restarted_node_catches_up_with_retained_messages(cluster_of, made):
+    c = cluster_of(3)
+    t = f"ret/{uuid.uuid4().hex[:6]}"
+    pub = client(made, c[1], 5)
+    pub.publish(t + "/changed", b"old", qos=1, retain=True)
+    pub.publish(t + "/cleared", b"gone soon", qos=1, retain=True)
+    pub.publish(t + "/kept", b"same", qos=1, retain=True)
+    time.sleep(0.3)
+    c[3].kill()
+    pub.publish(t + "/changed", b"new", qos=1, retain=True)
+    pub.publish(t + "/cleared", b"", qos=1, retain=True)
+    pub.publish(t + "/added", b"while down", qos=1, retain=True)
+    c[3].start()
+    c.wait_stable(among=[1, 2, 3])
+    deadline = time.monotonic() + 10
+    while True:
+        s = client(made, c[3], 5)
+        s.subscribe(t + "/#", qos=1)
+        got = {m.topic: m.payload for m in s.drain(0.5)}
+        s.disconnect()
+        want = {t + "/changed": b"new", t + "/kept": b"same", t + "/added": b"while down"}
+        if got == want or time.monotonic() > deadline:
+            break
+    assert got == want

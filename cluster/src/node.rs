@@ -343,6 +343,10 @@ impl Node {
             }
         }
         let _ = self.route_tx.send(RouteWork::Resync);
+        if self.start_index > 0 {
+            // Restarted: what changed while this node was down.
+            self.catch_up_retained().await;
+        }
     }
 
     /// Messages for another node that its link could not take.
@@ -369,6 +373,55 @@ impl Node {
             leader: self.consensus.leader(),
             members,
             caught_up: self.caught_up.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every retained message here, for a peer catching up (see [`Request::Retained`]).
+    fn retained_copy(&self) -> Result<Bytes, String> {
+        let mut out = Vec::new();
+        for msg in self.broker.retained_messages() {
+            let record = record::encode_retained(&msg);
+            out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+            out.extend_from_slice(&record);
+            if out.len() > crate::wire::MAX_FRAME - 1024 {
+                return Err("too many retained messages to copy in one answer".into());
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// A node that was down missed the retained messages set and cleared meanwhile:
+    /// it takes them from a peer that is up.
+    async fn catch_up_retained(&self) {
+        let body = Bytes::from(serde_json::to_vec(&Request::Retained).unwrap_or_default());
+        for peer in self.links.up() {
+            let since = roost_engine::clock::now();
+            match self
+                .links
+                .request(peer, body.clone(), Duration::from_secs(10))
+                .await
+            {
+                Ok(bytes) => {
+                    let now = roost_engine::clock::now();
+                    let now_ms = record::unix_ms();
+                    let mut theirs = Vec::new();
+                    let mut rest = &bytes[..];
+                    while rest.len() >= 4 {
+                        let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                        let Some(item) = rest.get(4..4 + n) else {
+                            break;
+                        };
+                        if let Some(m) = record::decode_retained(item, now, now_ms) {
+                            theirs.push(m);
+                        }
+                        rest = &rest[4 + n..];
+                    }
+                    let (taken, cleared) = self.broker.merge_retained(theirs, since);
+                    info!(from = peer, taken, cleared, "retained messages caught up");
+                    return;
+                }
+                Err(e) => warn!(peer, "cannot copy retained messages: {e}"),
+            }
         }
     }
 
@@ -625,6 +678,7 @@ impl Handler for Node {
                 serde_json::from_slice(&body).map_err(|e| format!("malformed request: {e}"))?;
             match request {
                 Request::TakeSession { client, epoch } => self.take_session(client, epoch).await,
+                Request::Retained => self.retained_copy(),
                 other => self.consensus.answer(other).await,
             }
         })

@@ -18,6 +18,9 @@ pub enum Request {
     Propose(Command),
     /// To the leader: change the membership.
     Members(MemberChange),
+    /// Every retained message the peer holds (answer: each as a u32 BE length and
+    /// `roost_engine::record::encode_retained`'s bytes), for a node catching up.
+    Retained,
     /// To a client's previous owner: hand over its session, claimed at `epoch`
     /// (answer: the session's bytes, empty when there is none).
     TakeSession {

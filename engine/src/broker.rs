@@ -697,6 +697,53 @@ impl Broker {
         self.retained.read().scan(scan, max, now, found)
     }
 
+    /// Every retained message, for another node catching up.
+    pub fn retained_messages(&self) -> Vec<Arc<Message>> {
+        self.retained.read().all()
+    }
+
+    /// Takes in another node's retained messages, read from it at `since` (this node
+    /// was down or cut off): a topic it holds with a newer message than here is taken;
+    /// one it does not hold is cleared here, unless this node's message arrived after
+    /// `since` (then the other node's copy was read before it). Returns (taken,
+    /// cleared).
+    pub fn merge_retained(&self, theirs: Vec<Message>, since: Instant) -> (usize, usize) {
+        let mut ops = Vec::new();
+        let (mut taken, mut cleared) = (0, 0);
+        {
+            let mut retained = self.retained.write();
+            let theirs: HashMap<String, Message> =
+                theirs.into_iter().map(|m| (m.topic.clone(), m)).collect();
+            for mine in retained.all() {
+                if !theirs.contains_key(&mine.topic) && mine.received_at < since {
+                    let clear = Arc::new(Message {
+                        payload: bytes::Bytes::new(),
+                        ..(*mine).clone()
+                    });
+                    if retained.apply(&clear) == Ok(retained::Change::Cleared) {
+                        ops.push(Op::DeleteRetained(mine.topic.clone()));
+                        cleared += 1;
+                    }
+                }
+            }
+            for (topic, msg) in theirs {
+                let newer = retained
+                    .get(&topic)
+                    .is_none_or(|mine| mine.received_at < msg.received_at);
+                if !newer {
+                    continue;
+                }
+                let msg = Arc::new(msg);
+                if retained.apply(&msg) == Ok(retained::Change::Stored) {
+                    ops.push(Op::PutRetained(topic, persist::encode_retained(&msg)));
+                    taken += 1;
+                }
+            }
+        }
+        self.store.submit_detached(ops);
+        (taken, cleared)
+    }
+
     /// Number of retained messages.
     pub fn retained_count(&self) -> usize {
         self.retained.read().len()

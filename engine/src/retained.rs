@@ -111,6 +111,16 @@ impl Retained {
         }
     }
 
+    /// Every retained message (shared, not copied).
+    pub fn all(&self) -> Vec<Arc<Message>> {
+        self.by_topic.values().cloned().collect()
+    }
+
+    /// The message retained on `topic`, if any.
+    pub fn get(&self, topic: &str) -> Option<&Arc<Message>> {
+        self.by_topic.get(topic)
+    }
+
     /// Number of retained messages.
     pub fn len(&self) -> usize {
         self.by_topic.len()

@@ -278,7 +278,9 @@ impl Consensus for RaftNode {
                     Err(Ok(leader)) => Err(format!("not the leader (leader: {leader:?})")),
                     Err(Err(why)) => Err(why),
                 },
-                Request::TakeSession { .. } => Err("not a consensus request".into()),
+                Request::TakeSession { .. } | Request::Retained => {
+                    Err("not a consensus request".into())
+                }
             }
         })
     }
