@@ -40,7 +40,8 @@ def _ip(*args, check=True):
 class Node(Broker):
     """One cluster node: a Broker with a cluster listener and an admin API."""
 
-    def __init__(self, node_id, host, cluster_port, peers, ns=None, name="roost", join=False):
+    def __init__(self, node_id, host, cluster_port, peers, ns=None, name="roost", join=False,
+                 token=True):
         super().__init__({})
         self.node_id = node_id
         self.host = host
@@ -52,10 +53,9 @@ class Node(Broker):
             self.admin_port = free_port()
         self.cluster_port = cluster_port
         self.cluster_addr = f"{host}:{cluster_port}"
-        self.config = {
-            "admin_bind": [f"{host}:{self.admin_port}"],
-            "admin_token": TOKEN,
-        }
+        self.config = {"admin_bind": [f"{host}:{self.admin_port}"]}
+        if token:
+            self.config["admin_token"] = TOKEN
         if ns is not None:
             # The `[cluster]` table of the config file...
             self.config["cluster"] = {"node_id": node_id, "bind": self.cluster_addr,
@@ -101,7 +101,7 @@ class Node(Broker):
 class Cluster:
     """`n` nodes, started together; `netns=True` puts each in its own namespace."""
 
-    def __init__(self, n, netns=False):
+    def __init__(self, n, netns=False, token=True):
         self.netns = netns
         self.nodes: dict[int, Node] = {}
         self.cuts: list[tuple[str, str]] = []
@@ -129,7 +129,7 @@ class Cluster:
         peers = [f"{i}@{h}:{p}" for i, (h, p, _) in hosts.items()]
         self.peers = peers
         for i, (h, p, ns) in hosts.items():
-            self.nodes[i] = Node(i, h, p, peers, ns=ns)
+            self.nodes[i] = Node(i, h, p, peers, ns=ns, token=token or netns)
 
     def __getitem__(self, i) -> Node:
         return self.nodes[i]

@@ -117,3 +117,52 @@ def test_the_page_needs_no_token_but_its_data_does(broker_with):
     dom = chromium(base + "/", "--dump-dom")
     assert re.search(r'<form id="login"(?![^>]*hidden)', dom), "login form shown"
     assert 'data-ready="1"' not in dom
+
+
+@pytest.mark.timeout(180)
+def test_the_dashboard_shows_the_cluster_and_redrives_dead_letters(broker_with):
+    """On a cluster node the page lists the nodes and the leader; a queue with dead
+    letters gets a redrive button, and the API it calls moves them back."""
+    import json
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cluster import Cluster
+
+    c = Cluster(3, token=False)
+    try:
+        c.start()
+        node = c[1]
+        worker = mqttraw.RawClient(node.host, node.port, 5)
+        worker.connect("dash-rejecter")
+        worker.subscribe([("$share/w/$queue/dlqd", 1)])
+        pub = mqttraw.RawClient(node.host, node.port, 5)
+        pub.connect("dash-pub")
+        pub.publish("$queue/dlqd", b"bad job", qos=1, pid=1)
+        assert pub.expect(mqttraw.PUBACK).pid == 1
+        m = worker.expect(mqttraw.PUBLISH)
+        mid = dict(m.user_props())["message-id"]
+        worker.publish("$queue/dlqd/$reject", b"", qos=1, pid=7,
+                       properties=[(mqttraw.USER_PROPERTY, ("message-id", mid))])
+        worker.puback(m.pid)
+        assert wait_for(
+            lambda: node.api("GET", "/api/v1/queues/dlqd")[1]["dead_letters"] == 1), \
+            node.api("GET", "/api/v1/queues/dlqd")
+        dom = chromium(f"http://{node.host}:{node.admin_port}/", "--dump-dom")
+        assert 'data-ready="1"' in dom, dom[-3000:]
+        assert re.search(r'<section id="cluster-section"(?![^>]*hidden)', dom), "cluster shown"
+        nodes = cell_texts(dom, "nodes")
+        leader = c.leader()
+        assert "1 (this node)" in nodes and "leader" in nodes, nodes
+        assert nodes.count("up") == 3 and nodes.count("voter") == 3, nodes
+        assert f"leader: node {leader}" in dom
+        assert re.search(r'<button class="redrive" data-queue="dlqd">redrive</button>', dom), \
+            "no redrive button for a queue with dead letters"
+        # What the button posts.
+        code, body = node.api("POST", "/api/v1/queues/dlqd/dlq/redrive", {})
+        assert code == 200, body
+        assert node.api("GET", "/api/v1/queues/dlqd")[1]["dead_letters"] == 0
+        again = worker.expect(mqttraw.PUBLISH, skip=(mqttraw.PUBACK,))
+        assert again.payload == b"bad job", again
+        assert "moved" in json.dumps(body) or body, body
+    finally:
+        c.cleanup()

@@ -26,6 +26,27 @@ async function api(path) {
   return path === "/metrics" ? response.text() : response.json();
 }
 
+/// The cluster as this node sees it, or null when the node is not part of one (404).
+async function cluster() {
+  const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
+  const response = await fetch("/api/v1/cluster", { headers, cache: "no-store" });
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(`/api/v1/cluster: HTTP ${response.status}`);
+  return response.json();
+}
+
+/// Moves a queue's dead letters back into it (POST .../dlq/redrive), then redraws.
+async function redrive(queue) {
+  if (!confirm(`Move every dead letter of ${queue} back into the queue?`)) return;
+  const headers = { "Content-Type": "application/json" };
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  const response = await fetch(`/api/v1/queues/${encodeURIComponent(queue)}/dlq/redrive`, {
+    method: "POST", headers, body: "{}",
+  });
+  $("status").textContent = response.ok ? `dead letters of ${queue} redriven` : `redrive: HTTP ${response.status}`;
+  refresh();
+}
+
 /// Prometheus text format -> Map(name -> [{labels, value}]).
 function parseMetrics(text) {
   const families = new Map();
@@ -121,7 +142,10 @@ function renderQueues(queues) {
   const rows = [];
   for (const q of queues) {
     const depth = remember(`depth:${q.name}`, q.depth);
-    const head = [`<b>${escape(q.name)}</b>`, q.depth, sparkline(depth), q.dead_letters];
+    const dead = q.dead_letters > 0
+      ? `${q.dead_letters} <button class="redrive" data-queue="${escape(q.name)}">redrive</button>`
+      : q.dead_letters;
+    const head = [`<b>${escape(q.name)}</b>`, q.depth, sparkline(depth), dead];
     if (q.groups.length === 0) rows.push([...head, "<i>no group</i>", "", "", "", "", ""]);
     q.groups.forEach((g, i) => {
       const key = `${q.name}/${g.group}/${g.filter ?? ""}`;
@@ -132,6 +156,18 @@ function renderQueues(queues) {
     });
   }
   fillTable("queues", rows, 10);
+}
+
+function renderCluster(c) {
+  $("cluster-section").hidden = c === null;
+  if (c === null) return;
+  $("cluster-summary").textContent =
+    `node ${c.node_id}; control-plane leader: ${c.leader === null ? "none (no majority reachable)" : `node ${c.leader}`}`;
+  fillTable("nodes", c.members.map((m) => [
+    `${m.id}${m.id === c.node_id ? " (this node)" : ""}`, escape(m.cluster_addr),
+    m.up ? '<span class="up">up</span>' : '<span class="down">down</span>',
+    m.voter ? "voter" : "learner", m.id === c.leader ? "leader" : "",
+  ]), 5);
 }
 
 function renderBridges(bridges) {
@@ -155,10 +191,11 @@ function renderClients(clients, sessions) {
 
 async function refresh() {
   try {
-    const [metrics, clients, sessions, queues, bridges] = await Promise.all([
+    const [metrics, clients, sessions, queues, bridges, nodes] = await Promise.all([
       api("/metrics"), api("/api/v1/clients"), api("/api/v1/sessions"),
-      api("/api/v1/queues"), api("/api/v1/bridges"),
+      api("/api/v1/queues"), api("/api/v1/bridges"), cluster(),
     ]);
+    renderCluster(nodes);
     renderMetrics(parseMetrics(metrics));
     renderQueues(queues);
     renderBridges(bridges);
@@ -172,6 +209,11 @@ async function refresh() {
     $("status").className = "status bad";
   }
 }
+
+$("queues").addEventListener("click", (event) => {
+  const button = event.target.closest("button.redrive");
+  if (button) redrive(button.dataset.queue);
+});
 
 $("login").addEventListener("submit", (event) => {
   event.preventDefault();
