@@ -423,17 +423,17 @@ def test_damaged_queue_files_are_quarantined_and_the_rest_is_served():
         p0[0].with_suffix(".index").write_bytes(b"\x13\x37" * 41)
         progress = _segments(logs / f"g.{q}")[0]
         _overwrite_middle(progress, n=16)
-        damaged = {p0[1].name, p1[0].name, progress.name}
+        damaged = sorted(f"{p.parent.name}/{p.name}" for p in (p0[1], p1[0], progress))
 
         b.log = open(b.log_path, "ab")
         b.start()
         log = b.log_path.read_text(errors="replace")
         for name in damaged:
-            assert re.search(rf"quarantined as \S*/quarantine/\S*/{re.escape(name)}\.\d+", log), \
+            assert re.search(rf"quarantined as \S*/quarantine/{re.escape(name)}\.\d+", log), \
                 f"no log line names {name}:\n{b.log_tail()}"
         quarantine = logs / "quarantine"
-        assert sorted(p.name.rsplit(".", 1)[0] for p in quarantine.rglob("*.log.*")) \
-            == sorted(damaged)
+        assert sorted(f"{p.parent.name}/{p.name.rsplit('.', 1)[0]}"
+                      for p in quarantine.rglob("*.log.*")) == damaged, b.log_tail()
         api = Admin(admin)
         assert value(api.metrics(), "roost_storage_quarantined_total") == 3
         info = api.json("GET", f"/api/v1/queues/{q}")
