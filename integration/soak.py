@@ -52,9 +52,10 @@ class Churn(threading.Thread):
     """Connects, takes over and disconnects clients until stopped; counts what it did
     and every persistent-session message that did not come back."""
 
-    def __init__(self, b, persistent=16):
+    def __init__(self, b, persistent=16, rate=12.0):
         super().__init__(daemon=True)
         self.b = b
+        self.rate = rate
         self.stop = threading.Event()
         self.cycles = 0
         self.takeovers = 0
@@ -109,7 +110,9 @@ class Churn(threading.Thread):
         second.disconnect()
 
     def run(self):
-        n = 0
+        # A fixed pace, so the work (and what bounded caches fill with) per second is the
+        # same on a fast machine as on a slow one.
+        n, t0 = 0, time.monotonic()
         while not self.stop.is_set():
             try:
                 self.cycle(n)
@@ -117,7 +120,7 @@ class Churn(threading.Thread):
                 self.errors.append(f"cycle {n}: {e!r}")
             n += 1
             self.cycles = n
-            self.stop.wait(0.05)
+            self.stop.wait(max(0.0, t0 + n / self.rate - time.monotonic()))
 
 
 def bench(b, seconds, *args):
@@ -156,8 +159,8 @@ def soak(seconds, sample_every=1.0, table_every=None):
         while time.monotonic() - t0 < seconds + 1:
             t = time.monotonic() - t0
             samples.append((round(t, 1), rss_kib(pid), fd_count(pid)))
-            if table_every and len(samples) > 1 and int(t) % table_every == 0 \
-                    and int(samples[-2][0]) % table_every != 0:
+            if table_every and len(samples) > 1 \
+                    and samples[-2][0] // table_every < t // table_every:
                 print(f"{int(t):>6} s  RSS {samples[-1][1] / 1024:7.1f} MiB  fds {samples[-1][2]}",
                       flush=True)
             time.sleep(sample_every)
