@@ -104,10 +104,13 @@ pub(crate) fn quarantine_copy(
     let name = file
         .file_name()
         .map_or_else(|| "segment".into(), |n| n.to_string_lossy().into_owned());
-    let mut copy = dir.join(format!("{name}.{}", crate::log::now_ms()));
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut copy = dir.join(format!("{name}.{ms}"));
     let mut n = 1;
     while copy.exists() {
-        copy = dir.join(format!("{name}.{}.{n}", crate::log::now_ms()));
+        copy = dir.join(format!("{name}.{ms}.{n}"));
         n += 1;
     }
     fs::copy(file, &copy)?;
