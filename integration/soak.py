@@ -129,9 +129,10 @@ def bench(b, seconds, *args):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def soak(seconds, sample_every=1.0, table_every=None):
+def soak(seconds, sample_every=1.0, table_every=None, only=None):
     """Runs the soak; returns a report dict (samples, bench summaries, churn counts,
-    log problems)."""
+    log problems). `only`: the names of the parts to run (bench names, "churn"), to
+    find which one a trend comes from."""
     b = Broker({"log_level": "info", "queues": {"soakq": {"partitions": 4}}})
     b.start()
     try:
@@ -152,8 +153,11 @@ def soak(seconds, sample_every=1.0, table_every=None):
                                 "--qos", "1", "--rate", "300", "--size", "256",
                                 "--client-prefix", "soak-d"),
         }
-        churn = Churn(b)
-        churn.start()
+        for name in [n for n in benches if only is not None and n not in only]:
+            benches.pop(name).kill()
+        churn = Churn(b, rate=12.0 if only is None or "churn" in only else 0.0)
+        if churn.rate:
+            churn.start()
         samples = []
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds + 1:
@@ -165,7 +169,8 @@ def soak(seconds, sample_every=1.0, table_every=None):
                       flush=True)
             time.sleep(sample_every)
         churn.stop.set()
-        churn.join(30)
+        if churn.rate:
+            churn.join(30)
         summaries = {}
         for name, p in benches.items():
             out, err = p.communicate(timeout=seconds + 120)
@@ -206,8 +211,11 @@ def main():
     ap.add_argument("--table", type=int, default=0, metavar="SECONDS",
                     help="print RSS and fds every SECONDS while running")
     ap.add_argument("--samples-out", help="write every (seconds, RSS KiB, fds) sample here")
+    ap.add_argument("--only", help="comma-separated parts to run: " 
+                    "p2p_qos1_v5, fanout_qos0, shared_qos2_v5, queue_qos1, churn")
     a = ap.parse_args()
-    r = soak(a.seconds, table_every=a.table or None)
+    r = soak(a.seconds, table_every=a.table or None,
+             only=set(a.only.split(",")) if a.only else None)
     if a.samples_out:
         with open(a.samples_out, "w") as f:
             json.dump(r["samples"], f)
