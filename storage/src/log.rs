@@ -715,6 +715,12 @@ impl LogInner {
             match ext {
                 DATA_EXT => bases.push(base),
                 INDEX_EXT | TIME_EXT => index_only.push((base, entry.path())),
+                // A salvage cut short by a crash: the segment itself was not replaced.
+                crate::quarantine::TEMP_EXT => {
+                    let path = entry.path();
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    recovery.removed_files.push(path);
+                }
                 _ => {}
             }
         }

@@ -26,6 +26,9 @@ use crate::format::{self, Decoded};
 /// log name, see `storage::valid_name`).
 pub(crate) const QUARANTINE_DIR: &str = "quarantine";
 
+/// Extension of a segment's rewrite before it replaces the segment.
+pub(crate) const TEMP_EXT: &str = "salvage";
+
 /// A damaged segment's readable records, with lost records in the gaps.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Salvaged {
@@ -124,7 +127,7 @@ pub(crate) fn quarantine_copy(
 
 /// Replaces `path` with `bytes` atomically and durably.
 pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("salvage");
+    let tmp = path.with_extension(TEMP_EXT);
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;

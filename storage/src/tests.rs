@@ -425,6 +425,20 @@ async fn damaged_segments_are_quarantined_and_the_rest_is_served() {
     // Appends go on after the last good offset; the storage lists no "quarantine" log.
     assert_eq!(log.append(vec![rec(n)]).await.expect("append"), n);
     assert_eq!(storage.log_names().expect("names"), vec!["q".to_owned()]);
+    // A rewrite cut short by a crash (its temporary file) is removed on the next open.
+    drop(log);
+    drop(storage);
+    let stray = log_dir.join(format!("{:020}.salvage", second_base));
+    fs::write(&stray, b"half a rewrite").expect("stray");
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    assert_eq!(recovery.removed_files, vec![stray.clone()]);
+    assert!(!stray.exists());
+    assert!(
+        recovery.lost.is_empty() && recovery.quarantined.is_empty(),
+        "{recovery:?}"
+    );
+    assert_eq!(log.next_offset(), n + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
