@@ -56,6 +56,7 @@
 #![deny(missing_docs)]
 
 mod config;
+mod damage;
 mod dedup;
 mod error;
 mod format;
@@ -65,6 +66,7 @@ mod queue;
 mod registry;
 
 pub use config::{Durability, MAX_PARTITIONS, QueueConfig};
+pub use damage::Damage;
 pub use error::{ProduceError, QueueError};
 pub use format::{DeadReason, InvalidMessageId, MessageId, Origin};
 pub use group::{ConsumerId, GroupKey};

@@ -150,6 +150,9 @@ pub struct QueueInfo {
     pub groups: Vec<GroupInfo>,
     /// Messages in its dead-letter queue.
     pub dead_letters: u64,
+    /// What recovery could not read in its logs when it was opened (its dead-letter
+    /// queue's damage is in that queue's info).
+    pub damage: Vec<crate::Damage>,
 }
 
 /// The future of a settle: resolves once the settle is durable. The settle itself took
@@ -273,6 +276,8 @@ pub(crate) struct Inner {
     last_values: Mutex<Vec<HashMap<Bytes, u64>>>,
     /// Transfers out of this queue in progress, and those replay found unfinished.
     ledger: Mutex<Ledger>,
+    /// What recovery could not read in this queue's logs when it was opened.
+    damage: Vec<crate::Damage>,
 }
 
 /// One durable queue. Cheap to clone; clones share the queue.
@@ -387,6 +392,7 @@ impl Queue {
             stem.into()
         };
         let mut logs = Vec::new();
+        let mut damage = Vec::new();
         for p in 0..config.partitions as usize {
             let log_name = partition_log_name(stem, dlq, p);
             let (log, recovery) = storage.open_log(&log_name, config.log_config())?;
@@ -395,6 +401,7 @@ impl Queue {
                     "queue {name} partition {p} recovered: {recovery:?}"
                 ));
             }
+            damage.extend(crate::Damage::of(Some(p as u32), &log, &recovery));
             logs.push(log);
         }
         let (progress, recovery) =
@@ -403,6 +410,19 @@ impl Queue {
             notes.push(format!(
                 "queue {name} group progress recovered: {recovery:?}"
             ));
+        }
+        damage.extend(crate::Damage::of(None, &progress, &recovery));
+        for d in &damage {
+            let what = d
+                .partition
+                .map_or_else(|| "group progress".to_owned(), |p| format!("partition {p}"));
+            for file in &d.quarantined {
+                notes.push(format!(
+                    "queue {name} {what}: damaged file quarantined as {} (lost offsets {:?})",
+                    file.display(),
+                    d.lost
+                ));
+            }
         }
         let mut settings = config.settings();
         if dlq {
@@ -452,6 +472,7 @@ impl Queue {
                 dedup: Mutex::new(dedup),
                 last_values: Mutex::new(last_values),
                 ledger: Mutex::new(ledger),
+                damage,
             }),
         };
         {
@@ -1614,6 +1635,7 @@ impl Queue {
             bytes: self.bytes(),
             groups,
             dead_letters: self.inner.dead_letters.as_ref().map_or(0, Queue::depth),
+            damage: self.inner.damage.clone(),
         }
     }
 

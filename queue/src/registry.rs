@@ -116,8 +116,15 @@ impl Queues {
                     continue;
                 }
             };
-            let queue = Queue::open(storage.clone(), name, config, &mut notes)?;
-            queues.insert(name.to_owned(), queue);
+            // One queue whose logs cannot be opened at all (salvage covers damaged
+            // contents; this is e.g. an unreadable directory) must not keep the broker
+            // and every other queue down.
+            match Queue::open(storage.clone(), name, config, &mut notes) {
+                Ok(queue) => {
+                    queues.insert(name.to_owned(), queue);
+                }
+                Err(e) => notes.push(format!("queue {name} not opened: {e}; its data is kept")),
+            }
         }
         // Transfers (ack-and-produce, redrive) cut short by a crash: finish them before
         // anyone can consume, so their settle and their new record are both visible.

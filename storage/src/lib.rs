@@ -42,7 +42,13 @@
 //!     00000000000000000000.timeindex  sparse time index of that segment
 //!     00000000000000052113.log        next segment: base offset 52113, zero-padded to 20
 //!     ...
+//! <storage dir>/quarantine/<log name>/<file>.<unix ms>
+//!                                     damaged files as recovery found them (quarantine.rs)
 //! ```
+//!
+//! A record lost to damage in the middle of a segment reads back as a *lost record*:
+//! its offset and the timestamp before it, no headers, no payload
+//! ([`Recovery::lost`] lists them when the log is opened).
 //!
 //! All integers are little-endian. A `.log` file is a sequence of records:
 //!
@@ -99,6 +105,7 @@ mod journal;
 pub mod latency;
 mod log;
 mod offset;
+mod quarantine;
 mod segment;
 pub mod space;
 mod storage;

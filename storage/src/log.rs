@@ -19,6 +19,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -169,6 +170,12 @@ pub struct Recovery {
     /// The journal held records from this offset on that do not continue the log (the
     /// records before it are missing from both): not restored.
     pub journal_gap: Option<Offset>,
+    /// Offsets whose records were lost to damage in the middle of a segment: they read
+    /// back as lost records (no headers, no payload; see `quarantine.rs`).
+    pub lost: Vec<Range<Offset>>,
+    /// Copies of damaged files moved aside into `<storage dir>/quarantine/<log>/`
+    /// before recovery rewrote or cut them.
+    pub quarantined: Vec<PathBuf>,
 }
 
 impl Recovery {
@@ -185,6 +192,8 @@ impl Recovery {
         self.removed_files.extend(later.removed_files);
         self.replayed += later.replayed;
         self.journal_gap = self.journal_gap.or(later.journal_gap);
+        self.lost.extend(later.lost);
+        self.quarantined.extend(later.quarantined);
         self
     }
 }
@@ -706,6 +715,12 @@ impl LogInner {
             match ext {
                 DATA_EXT => bases.push(base),
                 INDEX_EXT | TIME_EXT => index_only.push((base, entry.path())),
+                // A salvage cut short by a crash: the segment itself was not replaced.
+                crate::quarantine::TEMP_EXT => {
+                    let path = entry.path();
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    recovery.removed_files.push(path);
+                }
                 _ => {}
             }
         }
@@ -733,6 +748,7 @@ impl LogInner {
         for pair in bases.windows(2) {
             segments.push(open_sealed(
                 &dir,
+                &name,
                 pair[0],
                 pair[1],
                 interval,
@@ -740,7 +756,7 @@ impl LogInner {
             )?);
         }
         let active_base = bases.last().copied().unwrap_or(0);
-        let (active, mut writer) = open_active(&dir, active_base, interval, &mut recovery)?;
+        let (active, mut writer) = open_active(&dir, &name, active_base, interval, &mut recovery)?;
         if writer.last_timestamp.is_none() {
             writer.last_timestamp = segments.last().and_then(|s: &Segment| s.max_timestamp);
         }
@@ -1446,8 +1462,42 @@ struct Snapshot {
     offset: Offset,
 }
 
+/// Salvages the damaged segment `base` of log `log` (see `quarantine.rs`): its file is
+/// copied into the quarantine directory, then rewritten with lost records in place of
+/// what cannot be read, and its index files removed (positions moved) for the caller to
+/// rebuild. `end` is the next segment's base for a sealed segment. Returns false if
+/// nothing in the middle was lost (a whole file, or only a torn tail of the active one).
+fn salvage_segment(
+    dir: &Path,
+    log: &str,
+    paths: &SegmentPaths,
+    base: Offset,
+    end: Option<Offset>,
+    recovery: &mut Recovery,
+) -> Result<bool> {
+    let data = fs::read(&paths.data).map_err(io_err(&paths.data))?;
+    let Some(salvaged) = crate::quarantine::salvage(&data, base, end) else {
+        return Ok(false);
+    };
+    let storage_dir = dir.parent().unwrap_or(dir);
+    let copy = crate::quarantine::quarantine_copy(storage_dir, log, &paths.data)
+        .map_err(io_err(&paths.data))?;
+    crate::quarantine::replace(&paths.data, &salvaged.bytes).map_err(io_err(&paths.data))?;
+    for index in [&paths.index, &paths.time] {
+        match fs::remove_file(index) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(index)(e)),
+        }
+    }
+    recovery.quarantined.push(copy);
+    recovery.lost.extend(salvaged.lost);
+    Ok(true)
+}
+
 fn open_sealed(
     dir: &Path,
+    log: &str,
     base: Offset,
     next_base: Offset,
     interval: u64,
@@ -1463,7 +1513,24 @@ fn open_sealed(
     let time = segment::read_file_if_exists(&paths.time)
         .map_err(io_err(&paths.time))?
         .and_then(|b| format::parse_time_index(&b));
-    if let (Some(index), Some(time)) = (index, time) {
+    // Every record's CRC is checked on open, whether or not the indexes look right:
+    // damage at rest (a bad block, an edit) is found and salvaged here, not by a
+    // consumer stuck on an unreadable offset later. Sequential reads at disk speed.
+    let mut check = Indexer {
+        interval,
+        last_index_pos: 0,
+    };
+    let verified =
+        segment::scan(&file, len, base, (0, base), &mut check).map_err(io_err(&paths.data))?;
+    let whole = verified.stop.is_none() && verified.next_offset == next_base;
+    if !whole && salvage_segment(dir, log, &paths, base, Some(next_base), recovery)? {
+        // Rewritten whole (lost records in the gaps): open it again, indexes rebuilt.
+        recovery.rebuilt_indexes.push(base);
+        return open_sealed(dir, log, base, next_base, interval, recovery);
+    }
+    if let (Some(index), Some(time)) = (index, time)
+        && whole
+    {
         let sealed_entry_ok = if len == 0 {
             time.is_empty()
         } else {
@@ -1531,6 +1598,7 @@ fn open_sealed(
 
 fn open_active(
     dir: &Path,
+    log: &str,
     base: Offset,
     interval: u64,
     recovery: &mut Recovery,
@@ -1543,6 +1611,21 @@ fn open_active(
     let parsed_index = index_raw.as_deref().and_then(format::parse_index);
     let parsed_time = time_raw.as_deref().and_then(format::parse_time_index);
     let malformed = file_len > 0 && (parsed_index.is_none() || parsed_time.is_none());
+
+    // Check every record, not only those after the last index entry (see open_sealed):
+    // damage in the middle is salvaged, keeping the records after it.
+    let mut check = Indexer {
+        interval,
+        last_index_pos: 0,
+    };
+    let verified =
+        segment::scan(&file, file_len, base, (0, base), &mut check).map_err(io_err(&paths.data))?;
+    if verified.end < file_len && salvage_segment(dir, log, &paths, base, None, recovery)? {
+        // Records that check follow the damage: they were kept, with lost records
+        // before them; open the rewritten segment again.
+        recovery.rebuilt_indexes.push(base);
+        return open_active(dir, log, base, interval, recovery);
+    }
 
     // Start from the last index entry that points at the record it claims to.
     let mut index = parsed_index.unwrap_or_default();
@@ -1568,6 +1651,14 @@ fn open_active(
     let scan =
         segment::scan(&file, file_len, base, start, &mut indexer).map_err(io_err(&paths.data))?;
     if scan.end < file_len {
+        if !matches!(scan.stop, Some(segment::StopReason::Incomplete)) {
+            // Not a torn write: bytes that are not records. Keep them aside before the
+            // tail is cut.
+            let storage_dir = dir.parent().unwrap_or(dir);
+            let copy = crate::quarantine::quarantine_copy(storage_dir, log, &paths.data)
+                .map_err(io_err(&paths.data))?;
+            recovery.quarantined.push(copy);
+        }
         recovery.truncated = Some(TruncatedTail {
             segment: base,
             position: scan.end,

@@ -27,6 +27,8 @@ pub struct Storage {
     /// What opening the storage repaired in each log (journal replay), reported by the
     /// log's first [`Storage::open_log`].
     recovered: Mutex<HashMap<String, Recovery>>,
+    /// Damaged files copied into the quarantine directory since open.
+    quarantined: std::sync::atomic::AtomicU64,
     // Declared last: dropped after the map, joining the thread that holds log references.
     committer: Committer,
 }
@@ -38,7 +40,8 @@ impl std::fmt::Debug for Storage {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
+    name != crate::quarantine::QUARANTINE_DIR
+        && !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
         && name
@@ -77,6 +80,7 @@ impl Storage {
             dir,
             logs: Mutex::new(HashMap::new()),
             recovered: Mutex::new(recovered),
+            quarantined: Default::default(),
             committer,
         })
     }
@@ -130,9 +134,19 @@ impl Storage {
             Some(earlier) => earlier.merge(recovery),
             None => recovery,
         };
+        self.quarantined.fetch_add(
+            recovery.quarantined.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let log = Log { inner };
         logs.insert(name.to_owned(), log.clone());
         Ok((log, recovery))
+    }
+
+    /// Damaged files that recovery copied into `<dir>/quarantine/` (and then rewrote or
+    /// cut) since this storage was opened: `roost_storage_quarantined_total`.
+    pub fn quarantined_total(&self) -> u64 {
+        self.quarantined.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The open log `name`, if any.

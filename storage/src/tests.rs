@@ -252,11 +252,31 @@ async fn corrupt_tail_record_is_cut_and_counted() {
     f.write_all_at(&[0xFF], last_start - 3).expect("flip");
     let storage = Storage::open(dir.path()).expect("open");
     let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    // The good record after it is found again: only record 48 is lost.
+    assert_eq!(recovery.truncated, None);
+    assert_eq!(recovery.lost, vec![48..49]);
+    assert_eq!(log.next_offset(), 50);
+    let last_two = log.read(48, ReadLimit::bytes(1 << 20)).expect("read");
+    assert!(last_two[0].payload.is_empty());
+    assert_records(&last_two[1..], 49..50);
+    drop(log);
+    drop(storage);
+    // Damage in the last record leaves nothing to find again: the tail is cut.
+    let len = fs::metadata(&active).expect("meta").len();
+    let f = OpenOptions::new().write(true).open(&active).expect("open");
+    f.write_all_at(&[0xFF], len - 3).expect("flip");
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
     let tail = recovery.truncated.expect("truncated");
-    assert_eq!(tail.position, last_start - prev_len);
-    assert_eq!(tail.records, Some(2));
+    assert_eq!(tail.records, Some(1));
     assert_eq!(tail.reason, "CRC32C mismatch");
-    assert_eq!(log.next_offset(), 48);
+    assert_eq!(
+        recovery.quarantined.len(),
+        1,
+        "a damaged (not torn) tail is kept aside"
+    );
+    assert_eq!(log.next_offset(), 49);
+    let _ = prev_len;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,17 +319,126 @@ async fn crc_corruption_in_a_sealed_segment_is_an_error_not_data() {
         )
         .expect("read before damage");
     assert_records(&before, 0..20);
-    // Reopening keeps the sealed segment (cutting it would leave a gap) and the error.
+    // Reopening keeps every record that checks with its offset (cutting the segment
+    // would leave a gap): record 20 alone is lost, the damaged file is quarantined.
     drop(log);
     drop(storage);
     let storage = Storage::open(dir.path()).expect("open");
     let (log, recovery) = storage.open_log("q", small()).expect("open log");
     assert!(recovery.truncated.is_none());
+    assert_eq!(recovery.lost, vec![20..21]);
+    assert_eq!(recovery.quarantined.len(), 1);
+    assert_eq!(
+        fs::read(&recovery.quarantined[0]).expect("quarantined copy"),
+        {
+            let mut b = bytes.clone();
+            b[at as usize] ^= 0x01;
+            b
+        },
+        "the quarantined copy is the damaged file as it was"
+    );
+    assert_eq!(storage.quarantined_total(), 1);
     assert_eq!(log.next_offset(), 3000);
-    assert!(matches!(
-        log.read(20, ReadLimit::bytes(1)),
-        Err(Error::Corrupt { .. })
-    ));
+    let all = read_all(&log);
+    assert_eq!(all.len(), 3000);
+    assert!(all[20].headers.is_empty() && all[20].payload.is_empty());
+    assert_eq!(all[20].timestamp, rec(19).timestamp);
+    assert_records(&all[..20], 0..20);
+    assert_records(&all[21..], 21..3000);
+    // Opening again finds nothing more to repair.
+    drop(log);
+    drop(storage);
+    let storage = Storage::open(dir.path()).expect("open");
+    let (_log, recovery) = storage.open_log("q", small()).expect("open log");
+    assert!(recovery.is_clean(), "{recovery:?}");
+    assert_eq!(storage.quarantined_total(), 0);
+}
+
+/// A sealed segment cut short and the active segment overwritten in the middle: the
+/// log opens, serves every record that checks, and reports exactly what it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_segments_are_quarantined_and_the_rest_is_served() {
+    let dir = temp();
+    let n = 400;
+    let (active, last_start) = log_with_records(dir.path(), n).await;
+    let log_dir = dir.path().join("q");
+    let segments = segment_files(&log_dir, "log");
+    assert!(segments.len() > 3, "the test spans segments");
+    let base_of = |p: &Path| -> u64 {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse().ok())
+            .expect("base")
+    };
+    // Cut the second segment to half its length.
+    let second = &segments[1];
+    let (second_base, third_base) = (base_of(second), base_of(&segments[2]));
+    let second_len = fs::metadata(second).expect("meta").len();
+    OpenOptions::new()
+        .write(true)
+        .open(second)
+        .and_then(|f| f.set_len(second_len / 2))
+        .expect("cut");
+    // Overwrite 40 bytes in the middle of the active segment, well before its last record.
+    let active_base = base_of(&active);
+    let f = OpenOptions::new().write(true).open(&active).expect("open");
+    f.write_all_at(&[0x5A; 40], last_start / 2)
+        .expect("overwrite");
+    drop(f);
+
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    assert_eq!(recovery.lost.len(), 2, "{recovery:?}");
+    let (cut, overwritten) = (&recovery.lost[0], &recovery.lost[1]);
+    assert!(cut.start > second_base && cut.end == third_base, "{cut:?}");
+    assert!(
+        overwritten.start > active_base && overwritten.end < n - 1,
+        "{overwritten:?}"
+    );
+    assert!(
+        overwritten.end - overwritten.start <= 2,
+        "40 bytes cost at most two records"
+    );
+    assert_eq!(recovery.quarantined.len(), 2);
+    assert_eq!(storage.quarantined_total(), 2);
+    for q in &recovery.quarantined {
+        assert!(
+            q.starts_with(dir.path().join("quarantine").join("q")),
+            "{q:?}"
+        );
+    }
+    assert_eq!(log.next_offset(), n, "nothing after the damage was cut");
+    let all = read_all(&log);
+    assert_eq!(all.len() as u64, n);
+    for r in &all {
+        let lost = recovery.lost.iter().any(|l| l.contains(&r.offset));
+        if lost {
+            assert!(
+                r.headers.is_empty() && r.payload.is_empty(),
+                "lost record {}",
+                r.offset
+            );
+        } else {
+            assert_records(std::slice::from_ref(r), r.offset..r.offset + 1);
+        }
+    }
+    // Appends go on after the last good offset; the storage lists no "quarantine" log.
+    assert_eq!(log.append(vec![rec(n)]).await.expect("append"), n);
+    assert_eq!(storage.log_names().expect("names"), vec!["q".to_owned()]);
+    // A rewrite cut short by a crash (its temporary file) is removed on the next open.
+    drop(log);
+    drop(storage);
+    let stray = log_dir.join(format!("{:020}.salvage", second_base));
+    fs::write(&stray, b"half a rewrite").expect("stray");
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
+    assert_eq!(recovery.removed_files, vec![stray.clone()]);
+    assert!(!stray.exists());
+    assert!(
+        recovery.lost.is_empty() && recovery.quarantined.is_empty(),
+        "{recovery:?}"
+    );
+    assert_eq!(log.next_offset(), n + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -845,6 +845,13 @@ fn queue_json(info: &QueueInfo) -> Value {
         "dead_letters": info.dead_letters,
         "groups": groups,
         "config": info.config,
+        "damage": info.damage.iter().map(|d| json!({
+            "partition": d.partition,
+            "log": if d.partition.is_some() { "partition" } else { "group progress" },
+            "lost_offsets": d.lost.iter().map(|r| json!({"from": r.start, "to": r.end})).collect::<Vec<_>>(),
+            "lost": d.lost.iter().map(|r| r.end - r.start).sum::<u64>(),
+            "quarantined": d.quarantined.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -984,6 +991,12 @@ fn render_metrics(
         "Times an overload limit refused, throttled or disconnected a client, by config key.",
         "limit",
         Limit::ALL.map(|limit| (limit.label(), m.limit_trips(limit))),
+    );
+    let name = "roost_storage_quarantined_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Damaged queue-store files moved aside into the quarantine directory at startup.\n# TYPE {name} counter\n{name} {}",
+        broker.queues.storage().quarantined_total()
     );
     let name = "roost_storage_fsync_seconds";
     let _ = writeln!(
@@ -1296,6 +1309,7 @@ mod tests {
                 delayed: 0,
             }],
             dead_letters: 0,
+            damage: Vec::new(),
         };
         let mut out = String::new();
         render_queue_metrics(&[info], &mut out);

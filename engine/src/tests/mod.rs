@@ -4,6 +4,7 @@
 mod util;
 
 mod closing;
+mod fuzz;
 mod keep_alive;
 mod lifecycle;
 mod limits;
