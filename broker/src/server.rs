@@ -240,6 +240,7 @@ pub async fn run(
     queues.set_max_queues(config.max_queues);
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
     let state_syncs = store.sync_latency();
+    let state_quarantined = u64::from(store.quarantined().is_some());
     let broker = Broker::new(config.engine.clone(), Arc::new(store), auth.clone(), queues);
     broker.restore(loaded);
     let cluster = match &config.cluster {
@@ -307,6 +308,7 @@ pub async fn run(
         stalls,
         token: config.admin_token.clone(),
         queue_defaults: config.queue_defaults.clone(),
+        state_quarantined,
         cluster: cluster.clone(),
         bridges: bridges.clone(),
     });

@@ -54,6 +54,8 @@ pub struct Api {
     pub token: Option<String>,
     /// `queue_defaults`: the settings a queue created by `PUT` starts from.
     pub queue_defaults: QueueConfig,
+    /// Session-store directories moved aside as damaged at this start (0 or 1).
+    pub state_quarantined: u64,
     /// This node's cluster, when it is part of one.
     pub cluster: Option<Arc<roost_cluster::Cluster>>,
     /// The bridges, for `/api/v1/bridges` and their metrics.
@@ -430,7 +432,8 @@ async fn handle(api: &Api, request: &Request) -> Response {
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             headers: Vec::new(),
             body: {
-                let mut text = render_metrics(broker, &api.state_syncs, &api.stalls);
+                let mut text =
+                    render_metrics(broker, &api.state_syncs, &api.stalls, api.state_quarantined);
                 if let Some(c) = &api.cluster {
                     text.push_str(&render_cluster_metrics(c));
                 }
@@ -861,6 +864,7 @@ fn render_metrics(
     broker: &Broker,
     state_syncs: &SyncLatency,
     stalls: &super::stalls::StallDetector,
+    state_quarantined: u64,
 ) -> String {
     let m = &broker.metrics;
     let mut out = String::with_capacity(4096);
@@ -995,8 +999,8 @@ fn render_metrics(
     let name = "roost_storage_quarantined_total";
     let _ = writeln!(
         out,
-        "# HELP {name} Damaged queue-store files moved aside into the quarantine directory at startup.\n# TYPE {name} counter\n{name} {}",
-        broker.queues.storage().quarantined_total()
+        "# HELP {name} Damaged store files moved aside into a quarantine directory at startup (queue files, or the whole session store).\n# TYPE {name} counter\n{name} {}",
+        broker.queues.storage().quarantined_total() + state_quarantined
     );
     let name = "roost_storage_fsync_seconds";
     let _ = writeln!(

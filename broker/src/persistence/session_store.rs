@@ -70,34 +70,40 @@ pub struct Store {
     failed: Arc<AtomicBool>,
     /// The durations of the writer's fdatasyncs, for `/metrics`.
     syncs: Arc<SyncLatency>,
+    /// Where a damaged store was moved aside at this start.
+    quarantined: Option<std::path::PathBuf>,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir` and loads its contents.
+    ///
+    /// A store damaged beyond what the database can open or read (a table file
+    /// overwritten, a checksum that does not match) does not keep roost from starting:
+    /// the whole directory is moved aside to `quarantine/state-<ms>` beside it (logged
+    /// at error level, counted in `roost_storage_quarantined_total`) and roost starts
+    /// with no stored sessions or retained messages. Other errors (permissions, a
+    /// full disk, a lock) are returned.
     pub fn open(
         dir: &Path,
         durability: Durability,
         sync_interval: Duration,
     ) -> Result<(Store, Loaded), StoreError> {
-        let db = Database::builder(dir).open().map_err(db_err)?;
-        // Memtables of 8 MiB (fjall's default is 64 MiB per keyspace): session records
-        // are small and rewritten often (every connect and disconnect of a persistent
-        // session), and five 64 MiB memtables would be most of an idle broker's memory.
-        let ks = |name: &str| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-            })
-            .map_err(db_err)
+        let (spaces, loaded, quarantined) = match open_spaces(dir) {
+            Ok((spaces, loaded)) => (spaces, loaded, None),
+            Err(e) if is_damage(&e) => {
+                let aside = quarantine(dir).map_err(|io| {
+                    StoreError::Database(format!("{e}; and moving it aside failed: {io}"))
+                })?;
+                tracing::error!(
+                    "session store in {} is damaged ({e}): moved aside to {}; starting without stored sessions and retained messages",
+                    dir.display(),
+                    aside.display()
+                );
+                let (spaces, loaded) = open_spaces(dir).map_err(db_err)?;
+                (spaces, loaded, Some(aside))
+            }
+            Err(e) => return Err(db_err(e)),
         };
-        let spaces = Spaces {
-            sessions: ks("sessions")?,
-            entries: ks("entries")?,
-            inflight: ks("inflight")?,
-            inbound: ks("inbound")?,
-            retained: ks("retained")?,
-            db,
-        };
-        let loaded = load(&spaces)?;
         let (jobs, rx) = std::sync::mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
         let syncs = Arc::new(SyncLatency::new());
@@ -121,9 +127,15 @@ impl Store {
                 jobs,
                 failed,
                 syncs,
+                quarantined,
             },
             loaded,
         ))
+    }
+
+    /// Where a damaged store was moved aside at this start, if it was.
+    pub fn quarantined(&self) -> Option<&Path> {
+        self.quarantined.as_deref()
     }
 
     /// The durations of this store's fdatasyncs (the `store="state"` series of
@@ -164,6 +176,54 @@ impl SessionStore for Store {
             let _ = self.jobs.send(Job { ops, done: None });
         }
     }
+}
+
+/// Opens the database and its keyspaces in `dir` and reads everything back.
+fn open_spaces(dir: &Path) -> Result<(Spaces, Loaded), fjall::Error> {
+    let db = Database::builder(dir).open()?;
+    // Memtables of 8 MiB (fjall's default is 64 MiB per keyspace): session records
+    // are small and rewritten often (every connect and disconnect of a persistent
+    // session), and five 64 MiB memtables would be most of an idle broker's memory.
+    let ks = |name: &str| {
+        db.keyspace(name, || {
+            KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+        })
+    };
+    let spaces = Spaces {
+        sessions: ks("sessions")?,
+        entries: ks("entries")?,
+        inflight: ks("inflight")?,
+        inbound: ks("inbound")?,
+        retained: ks("retained")?,
+        db,
+    };
+    let loaded = load(&spaces)?;
+    Ok((spaces, loaded))
+}
+
+/// Damage to the store's files, as opposed to the system refusing (I/O, a lock).
+fn is_damage(e: &fjall::Error) -> bool {
+    match e {
+        fjall::Error::Storage(inner) => !matches!(inner, fjall::LsmError::Io(_)),
+        fjall::Error::JournalRecovery(_)
+        | fjall::Error::Decompress(_)
+        | fjall::Error::InvalidTrailer
+        | fjall::Error::InvalidTag(_)
+        | fjall::Error::Unrecoverable => true,
+        _ => false,
+    }
+}
+
+/// Moves the store's directory aside to `quarantine/state-<ms>` beside it.
+fn quarantine(dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let aside = parent
+        .join("quarantine")
+        .join(format!("{name}-{}", roost_engine::record::unix_ms()));
+    std::fs::create_dir_all(aside.parent().unwrap_or(parent))?;
+    std::fs::rename(dir, &aside)?;
+    Ok(aside)
 }
 
 fn db_err(e: fjall::Error) -> StoreError {
@@ -366,7 +426,7 @@ fn split_key(key: &[u8]) -> Option<(&str, &[u8])> {
 
 // ----- loading -----
 
-fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
+fn load(spaces: &Spaces) -> Result<Loaded, fjall::Error> {
     let mut loader = Loader::new();
     let mut corrupt: Vec<(Keyspace, Vec<u8>)> = Vec::new();
     let mut note = |read: Read, space: &Keyspace, key: &[u8]| {
@@ -375,7 +435,7 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
         }
     };
     for item in spaces.sessions.iter() {
-        let (key, value) = item.into_inner().map_err(db_err)?;
+        let (key, value) = item.into_inner()?;
         let read = match std::str::from_utf8(&key) {
             Ok(client) => loader.session(client, &value),
             Err(_) => loader.damaged(format!(
@@ -386,7 +446,7 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
         note(read, &spaces.sessions, &key);
     }
     for item in spaces.inflight.iter() {
-        let (key, value) = item.into_inner().map_err(db_err)?;
+        let (key, value) = item.into_inner()?;
         let state = match value.get(2) {
             Some(1) => Some(InflightState::Published),
             Some(2) => Some(InflightState::Released),
@@ -401,7 +461,7 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
     }
     // Keys sort by client, then sequence: each session's messages come in order.
     for item in spaces.entries.iter() {
-        let (key, value) = item.into_inner().map_err(db_err)?;
+        let (key, value) = item.into_inner()?;
         let read = match split_seq_key(&key) {
             Some((client, seq)) => loader.entry(client, seq, &value),
             None => Read::Damaged,
@@ -409,7 +469,7 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
         note(read, &spaces.entries, &key);
     }
     for item in spaces.inbound.iter() {
-        let key = item.key().map_err(db_err)?;
+        let key = item.key()?;
         let parsed = split_key(&key)
             .and_then(|(client, rest)| Some((client, u16::from_be_bytes(rest.try_into().ok()?))));
         let read = match parsed {
@@ -419,7 +479,7 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
         note(read, &spaces.inbound, &key);
     }
     for item in spaces.retained.iter() {
-        let (key, value) = item.into_inner().map_err(db_err)?;
+        let (key, value) = item.into_inner()?;
         let read = loader.retained(&String::from_utf8_lossy(&key), &value);
         note(read, &spaces.retained, &key);
     }
@@ -428,8 +488,8 @@ fn load(spaces: &Spaces) -> Result<Loaded, StoreError> {
         for (ks, key) in corrupt {
             batch.remove(&ks, key);
         }
-        batch.commit().map_err(db_err)?;
-        spaces.db.persist(PersistMode::SyncData).map_err(db_err)?;
+        batch.commit()?;
+        spaces.db.persist(PersistMode::SyncData)?;
     }
     Ok(loader.finish())
 }
