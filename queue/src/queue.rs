@@ -37,7 +37,7 @@ use crate::format::{
     self, DeadReason, MAX_META_BYTES, MAX_SUBTOPIC, MessageId, Meta, Origin, Progress, Snapshot,
     decode_message,
 };
-use crate::group::{ConsumerId, Group, GroupKey, Nack, Settings, Settle};
+use crate::group::{ConsumerId, Group, GroupKey, Nack, Settings, Settle, Window};
 use crate::ledger::{Ledger, Recovered};
 
 /// Milliseconds since the Unix epoch: the clock of timestamps, deadlines and backoffs.
@@ -125,6 +125,9 @@ pub struct GroupInfo {
     pub key: GroupKey,
     /// Current members, sorted.
     pub members: Vec<ConsumerId>,
+    /// Each member's in-flight window now (same order as `members`): its Receive
+    /// Maximum, or where its adaptive window stands.
+    pub windows: Vec<u32>,
     /// Messages not yet settled by this group.
     pub lag: u64,
     /// Messages in flight to its members.
@@ -1020,9 +1023,11 @@ impl Queue {
             return Err(QueueError::InvalidFilter(f.to_owned()));
         }
         let window = if window == 0 {
-            self.inner.config.read().consumer_window
+            Window::Adaptive {
+                max: self.inner.config.read().consumer_window,
+            }
         } else {
-            window
+            Window::Fixed(window)
         };
         let max_groups = self.inner.config.read().max_consumer_groups;
         self.with_state(|q, st| {
@@ -1155,6 +1160,7 @@ impl Queue {
             (*id.queue == *self.inner.name && id.partition < partitions)
                 .then_some((id.partition as usize, id.offset))
         };
+        let now = now_ms();
         let changes = {
             let mut st = self.inner.state.lock();
             let mut changes = Vec::new();
@@ -1165,7 +1171,9 @@ impl Queue {
                         let offsets: Vec<(u32, u64)> = ids
                             .iter()
                             .filter_map(locate)
-                            .filter(|&(p, o)| slot.group.ack(p, o, consumer) == Settle::Settled)
+                            .filter(|&(p, o)| {
+                                slot.group.ack(p, o, consumer, now) == Settle::Settled
+                            })
                             .map(|(p, o)| (p as u32, o))
                             .collect();
                         if !offsets.is_empty() {
@@ -1178,7 +1186,7 @@ impl Queue {
                     for (p, o) in ids.iter().filter_map(locate) {
                         for k in Queue::settle_targets(&st, None, consumer, p, o) {
                             if let Some(slot) = st.groups.get_mut(&k)
-                                && slot.group.ack(p, o, consumer) == Settle::Settled
+                                && slot.group.ack(p, o, consumer, now) == Settle::Settled
                             {
                                 settled.entry(k).or_default().push((p as u32, o));
                             }
@@ -1193,7 +1201,7 @@ impl Queue {
             }
             if !changes.is_empty() {
                 st.dirty = true;
-                let skipped = self.dispatch_all(&mut st, now_ms());
+                let skipped = self.dispatch_all(&mut st, now);
                 if skipped {
                     self.refresh_floor(&mut st);
                 } else {
@@ -1596,6 +1604,7 @@ impl Queue {
                 .map(|(k, s)| GroupInfo {
                     key: k.clone(),
                     members: s.group.members().cloned().collect(),
+                    windows: s.group.members().map(|m| s.group.window_of(m)).collect(),
                     lag: logs
                         .iter()
                         .enumerate()
