@@ -212,6 +212,12 @@ impl Skip<'_> {
 struct Slot {
     group: Group,
     sinks: BTreeMap<ConsumerId, Arc<dyn DeliverySink>>,
+    /// Partitions whose last dispatch stopped at their owner's full window: what an
+    /// ack by that owner may let go on. An ack dispatches only these (see
+    /// [`Queue::dispatch_freed`]), so its cost does not grow with the partitions and
+    /// groups of the queue; everything else is offered by the dispatch of the produce
+    /// that stored it, a join or leave, or the timer.
+    blocked: BTreeSet<usize>,
 }
 
 /// Everything the queue's lock guards.
@@ -899,6 +905,7 @@ impl Queue {
         delivered: &mut Vec<(u32, u64, u32)>,
     ) -> bool {
         let mut changed = false;
+        slot.blocked.remove(&p);
         // Records read ahead for the next picks: the read's own Vec, consumed in place
         // (an empty one allocates nothing, so a partition with nothing ready costs no
         // allocation).
@@ -1000,7 +1007,62 @@ impl Queue {
             slot.group.delivered(p, &pick, now, settings.ack_timeout_ms);
             delivered.push((p as u32, pick.offset, pick.count + 1));
         }
+        if let Some(owner) = slot.group.owner(p)
+            && slot.group.room_of(owner) == 0
+        {
+            slot.blocked.insert(p);
+        }
         changed
+    }
+
+    /// What an ack by `consumer` in group `key` can let go on: the partitions where
+    /// that group's dispatch stopped at `consumer`'s full window. Unlike
+    /// [`Queue::dispatch_all`] this leaves `dispatched_end` alone (other groups and
+    /// partitions were not offered anything). Returns true if progress changed.
+    fn dispatch_freed(&self, st: &mut State, now: u64, key: &GroupKey, consumer: &str) -> bool {
+        let Some(slot) = st.groups.get_mut(key) else {
+            return false;
+        };
+        let freed: Vec<usize> = slot
+            .blocked
+            .iter()
+            .copied()
+            .filter(|&p| slot.group.owner(p).is_some_and(|o| &**o == consumer))
+            .collect();
+        if freed.is_empty() || slot.group.room_of(consumer) == 0 {
+            return false;
+        }
+        let logs = self.logs();
+        let settings = st.settings;
+        let newest = self.inner.last_values.lock();
+        let no_drops = BTreeSet::new();
+        let mut dirty = false;
+        let mut delivered = Vec::new();
+        for p in freed {
+            let Some(log) = logs.get(p) else {
+                continue;
+            };
+            let skip = Skip {
+                dropped: st.dropped.get(p).unwrap_or(&no_drops),
+                newest: newest.get(p),
+            };
+            dirty |= self.dispatch(
+                key,
+                slot,
+                p,
+                log,
+                log.next_offset(),
+                now,
+                (&settings, &skip),
+                &mut delivered,
+            );
+        }
+        drop(newest);
+        if !delivered.is_empty() {
+            let _queued = self.append_progress(vec![Progress::Delivered(key.clone(), delivered)]);
+        }
+        st.dirty |= dirty;
+        dirty
     }
 
     /// Adds `consumer` to group `key` (created on first use, starting at the oldest
@@ -1067,6 +1129,7 @@ impl Queue {
             Slot {
                 group: Group::new(&starts),
                 sinks: BTreeMap::new(),
+                blocked: BTreeSet::new(),
             },
         );
         st.dirty = true;
@@ -1201,7 +1264,12 @@ impl Queue {
             }
             if !changes.is_empty() {
                 st.dirty = true;
-                let skipped = self.dispatch_all(&mut st, now);
+                let mut skipped = false;
+                for change in &changes {
+                    if let Progress::Settle(k, _) = change {
+                        skipped |= self.dispatch_freed(&mut st, now, k, consumer);
+                    }
+                }
                 if skipped {
                     self.refresh_floor(&mut st);
                 } else {
@@ -1921,6 +1989,7 @@ fn replay(
                             Slot {
                                 group: g,
                                 sinks: BTreeMap::new(),
+                                blocked: BTreeSet::new(),
                             },
                         );
                     }
@@ -2004,6 +2073,7 @@ fn replay(
                             Slot {
                                 group: g,
                                 sinks: BTreeMap::new(),
+                                blocked: BTreeSet::new(),
                             },
                         );
                     }
