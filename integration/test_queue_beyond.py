@@ -282,3 +282,99 @@ def test_redrive_moves_dead_letters_back_and_a_kill9_mid_redrive_loses_or_double
     assert drain(dlq, quiet=1.0) == [], "redriven messages stay in the dead-letter queue"
     status, r = admin.call("POST", "/api/v1/queues/nosuch/dlq/redrive", {})
     assert status == 404
+
+
+def test_a_slow_311_consumer_ends_up_holding_few_and_the_rest_waits_for_the_group(crashable):
+    """The adaptive window (README, "The consumer window"): a 3.1.1 consumer that works
+    through a message every 0.2 s starts with 32 in flight and is cut to 4; when it
+    goes, a new member gets the few it held again and the rest as first deliveries."""
+    port = free_port()
+    b = crashable(admin_bind=[f"127.0.0.1:{port}"], queue_defaults={"partitions": 1})
+    admin = Admin(port)
+    q = qname()
+    slow = consumer(b, q, version=4, cid="slow")
+    p = client(b, 4)
+    for i in range(200):
+        p.publish(f"$queue/{q}", f"m{i}".encode(), qos=1, pid=i + 1)
+    for _ in range(200):
+        assert (p.expect(mqttraw.PUBACK).rc or 0) == 0
+    held, seen = [], set()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        m = slow.recv(0.2)
+        if m is not None and m.type == mqttraw.PUBLISH:
+            held.append(m)
+            seen.add(m.payload)
+            continue
+        if held:  # one message done every 0.2 s, oldest first
+            slow.puback(held.pop(0).pid)
+        status, info = admin.call("GET", f"/api/v1/queues/{q}")
+        if info["groups"][0]["windows"].get("slow") == 4 and info["groups"][0]["in_flight"] <= 4:
+            break
+    group = info["groups"][0]
+    assert group["windows"] == {"slow": 4}, group
+    assert group["in_flight"] <= 4, group
+    done = 200 - group["lag"]
+    assert done < 40, f"only what it settled left the queue: {group}"
+    slow.close()  # the TCP connection drops; what it held goes to the next member
+    fresh = consumer(b, q, version=4, cid="fresh")
+    got = drain(fresh, quiet=1.5)
+    counts = Counter(m.payload for m in got)
+    assert len(got) == group["lag"] and max(counts.values()) == 1, "each once"
+    again = seen & set(counts)
+    assert again == {m.payload for m in held} and len(again) <= 4, \
+        "only what the slow one held comes again"
+
+
+def test_roost_queues_command_lists_shows_resets_purges_and_redrives(crashable):
+    """`roost queues` over the admin API: tables for a person, --json for scripts."""
+    import subprocess
+
+    from broker import roost_binary
+
+    port = free_port()
+    b = crashable(admin_bind=[f"127.0.0.1:{port}"],
+                  queue_defaults={"partitions": 2, "ack_timeout_ms": 200, "max_deliveries": 1})
+
+    def roost_queues(*args, ok=True):
+        r = subprocess.run([roost_binary(), "queues", "--admin", f"127.0.0.1:{port}", *args],
+                           capture_output=True, text=True, timeout=30)
+        assert (r.returncode == 0) == ok, (args, r.stdout, r.stderr)
+        return r.stdout if ok else r.stderr
+
+    q = qname()
+    p = client(b, 4)
+    for i in range(6):
+        assert publish(p, f"$queue/{q}/k{i}", f"m{i}".encode(), i + 1) == 0
+    c = consumer(b, q, group="billing", version=4, cid="w1")
+    assert len(drain(c, quiet=1.0)) == 6
+    listed = roost_queues("list")
+    header, *rows = listed.splitlines()
+    assert header.split() == ["QUEUE", "PARTITIONS", "DEPTH", "BYTES", "DEAD-LETTERS",
+                              "GROUPS", "LAG"]
+    mine = [r.split() for r in rows if r.split()[0] == q]
+    assert mine and mine[0][1] == "2" and mine[0][5:] == ["1", "0"], listed
+    shown = roost_queues("show", q)
+    row = next(line.split() for line in shown.splitlines() if line.startswith("billing"))
+    assert row == ["billing", "-", "0", "0", "0", "0", "w1"], shown
+    as_json = json.loads(roost_queues("--json", "show", q))
+    assert as_json["groups"][0]["windows"] == {"w1": 32}, as_json
+    # Replay: everything comes again.
+    roost_queues("reset", q, "billing", "--to", "earliest")
+    assert sorted(m.payload for m in drain(c, quiet=1.0)) == [f"m{i}".encode() for i in range(6)]
+    # Dead letters: a message nobody acks times out into the dead-letter queue.
+    assert publish(p, f"$queue/{q}/k0", b"late", 7) == 0
+    assert [m.payload for m in drain(c, quiet=1.0, ack=False)] == [b"late"]
+    c.close()
+    deadline = time.time() + 10
+    while json.loads(roost_queues("--json", "show", q))["dead_letters"] != 1:
+        assert time.time() < deadline, "no dead letter"
+        time.sleep(0.2)
+    assert roost_queues("redrive", q) == "redriven 1\n"
+    assert json.loads(roost_queues("--json", "show", q))["dead_letters"] == 0
+    roost_queues("purge", q)
+    assert json.loads(roost_queues("--json", "show", q))["depth"] == 0
+    err = roost_queues("show", "nosuch", ok=False)
+    assert "404" in err and "nosuch" in err, err
+    err = roost_queues("reset", q, "billing", "--to", "soon", ok=False)
+    assert "earliest, latest or an offset" in err, err

@@ -393,6 +393,8 @@ pub struct Cli {
 pub enum Command {
     /// Add, change (-b or prompt) or delete (-D) a user in a password file.
     Passwd(crate::security::passwd::PasswdArgs),
+    /// List and manage the queues of a running roost through its admin API.
+    Queues(crate::operations::queues_command::QueuesArgs),
 }
 
 fn parse_hook_error(s: &str) -> Result<HookErrorPolicy, String> {

@@ -22,3 +22,5 @@ pub mod server;
 
 // `roost passwd`, for the binary.
 pub use security::passwd::run as run_passwd;
+// `roost queues`, for the binary.
+pub use operations::queues_command::run as run_queues;

@@ -8,8 +8,10 @@ use roost_broker::{config, server};
 
 fn main() -> ExitCode {
     let mut cli = config::Cli::parse();
-    if let Some(config::Command::Passwd(args)) = cli.command.take() {
-        return roost_broker::run_passwd(args);
+    match cli.command.take() {
+        Some(config::Command::Passwd(args)) => return roost_broker::run_passwd(args),
+        Some(config::Command::Queues(args)) => return roost_broker::run_queues(args),
+        None => {}
     }
     // The library's errors carry their causes in their messages: `{e}` says it all.
     let config = match config::Config::from_cli(cli) {

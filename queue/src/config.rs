@@ -51,7 +51,10 @@ pub struct QueueConfig {
     pub retention_bytes: Option<u64>,
     /// Topic filters whose ordinary publishes the broker also stores in this queue.
     pub capture_filters: Vec<String>,
-    /// In-flight window of a consumer that does not announce a receive maximum.
+    /// Largest in-flight window of a consumer that announces no receive maximum (MQTT
+    /// 3.x). The window adapts below it: it starts at 32, doubles while the consumer
+    /// fills it and settles within 50 ms, halves while it takes longer than 250 ms, and
+    /// drops to 4 when a delivery times out (see `group::Member::observe`).
     pub consumer_window: u32,
     /// Size at which a partition log starts a new segment (retention deletes whole
     /// segments). 4 KiB..=1 GiB.
@@ -91,7 +94,7 @@ impl Default for QueueConfig {
             retention_ms: None,
             retention_bytes: None,
             capture_filters: Vec::new(),
-            consumer_window: 32,
+            consumer_window: 256,
             segment_bytes: 16 << 20,
             sync_interval_ms: 1_000,
             max_consumer_groups: 1_000,

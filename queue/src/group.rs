@@ -105,6 +105,9 @@ struct InFlight {
     count: u32,
     /// When the ack timeout fires.
     deadline: u64,
+    /// When it was handed out: an adaptive window measures how long its consumer holds
+    /// messages.
+    since: u64,
 }
 
 /// A message waiting to be delivered again.
@@ -220,11 +223,126 @@ impl Cursor {
     }
 }
 
+/// How many unsettled messages a member may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Window {
+    /// Exactly this many: the consumer's own limit (an MQTT 5 Receive Maximum).
+    Fixed(u32),
+    /// A window that follows the consumer's acknowledgements, at most `max` (the
+    /// queue's `consumer_window`): see [`Member::observe`]. For MQTT 3.x consumers,
+    /// which announce no limit of their own.
+    Adaptive {
+        /// The largest the window grows to.
+        max: u32,
+    },
+}
+
+/// The window an adaptive member starts with (or `max`, if lower).
+pub(crate) const ADAPTIVE_START: u32 = 32;
+/// The smallest an adaptive window gets (or `max`, if lower).
+pub(crate) const ADAPTIVE_FLOOR: u32 = 4;
+/// An adaptive window that was full doubles while its consumer settles messages within
+/// this many milliseconds on average: the window, not the consumer, was the limit.
+pub(crate) const GROW_BELOW_MS: u64 = 50;
+/// An adaptive window halves while its consumer takes longer than this on average: it
+/// has more than it can work through, and what it holds waits there instead of going to
+/// the group's next owner of the partition after a leave or a timeout.
+pub(crate) const SHRINK_ABOVE_MS: u64 = 250;
+
 /// Per-member bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Member {
     window: u32,
     inflight: u32,
+    adaptive: Option<Adaptive>,
+}
+
+/// What an adaptive window measured since it last changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Adaptive {
+    max: u32,
+    /// Settles measured, and the milliseconds their messages were held in all.
+    settles: u32,
+    held_ms: u64,
+    /// The window was full at some point.
+    full: bool,
+}
+
+impl Member {
+    fn new(window: Window) -> Member {
+        let (window, adaptive) = match window {
+            Window::Fixed(n) => (n.max(1), None),
+            Window::Adaptive { max } => {
+                let max = max.max(1);
+                let adaptive = Adaptive {
+                    max,
+                    settles: 0,
+                    held_ms: 0,
+                    full: false,
+                };
+                (ADAPTIVE_START.min(max), Some(adaptive))
+            }
+        };
+        Member {
+            window,
+            inflight: 0,
+            adaptive,
+        }
+    }
+
+    /// The consumer answered (ack or nack) a message it held for `held_ms`. Every
+    /// quarter window of answers, an adaptive window doubles if it was full and the
+    /// answers came within [`GROW_BELOW_MS`] on average (a fast consumer: more in
+    /// flight covers the round trip), or halves if they took longer than
+    /// [`SHRINK_ABOVE_MS`] (a slow consumer: what it holds would only wait there).
+    /// By Little's law the window then settles near the consumer's rate times those
+    /// times, between [`ADAPTIVE_FLOOR`] and `max`.
+    fn observe(&mut self, held_ms: u64) {
+        let Some(a) = &mut self.adaptive else {
+            return;
+        };
+        a.settles += 1;
+        a.held_ms = a.held_ms.saturating_add(held_ms);
+        if a.settles < (self.window / 4).max(1) {
+            return;
+        }
+        let mean = a.held_ms / u64::from(a.settles);
+        if mean > SHRINK_ABOVE_MS {
+            self.window = (self.window / 2).max(ADAPTIVE_FLOOR.min(a.max));
+        } else if a.full && mean < GROW_BELOW_MS {
+            self.window = self.window.saturating_mul(2).min(a.max);
+        }
+        a.settles = 0;
+        a.held_ms = 0;
+        a.full = false;
+    }
+
+    /// A message it held timed out: an adaptive window drops to its floor.
+    fn timed_out(&mut self) {
+        if let Some(a) = &mut self.adaptive {
+            self.window = ADAPTIVE_FLOOR.min(a.max);
+            a.settles = 0;
+            a.held_ms = 0;
+            a.full = false;
+        }
+    }
+
+    /// Joined again: a fixed window takes the new value, an adaptive one keeps what it
+    /// learnt within the new bound.
+    fn rejoin(&mut self, window: Window) {
+        match (window, &mut self.adaptive) {
+            (Window::Adaptive { max }, Some(a)) => {
+                a.max = max.max(1);
+                self.window = self.window.min(a.max);
+            }
+            (w, _) => {
+                *self = Member {
+                    inflight: self.inflight,
+                    ..Member::new(w)
+                }
+            }
+        }
+    }
 }
 
 /// What the group would deliver next on a partition: see [`Group::pick`].
@@ -342,6 +460,11 @@ impl Group {
         self.members.get(consumer).map_or(0, |m| m.inflight)
     }
 
+    /// The current window of `consumer` (0 if not a member).
+    pub fn window_of(&self, consumer: &str) -> u32 {
+        self.members.get(consumer).map_or(0, |m| m.window)
+    }
+
     /// Room left in `consumer`'s window.
     pub fn room_of(&self, consumer: &str) -> u32 {
         self.members
@@ -369,21 +492,14 @@ impl Group {
 
     /// Adds `consumer` with an in-flight `window` (at least 1), or updates the window of
     /// a member, and rebalances. Returns true if it was not a member.
-    pub fn join(&mut self, consumer: ConsumerId, window: u32) -> bool {
-        let window = window.max(1);
+    pub fn join(&mut self, consumer: ConsumerId, window: Window) -> bool {
         let added = match self.members.get_mut(&consumer) {
             Some(m) => {
-                m.window = window;
+                m.rejoin(window);
                 false
             }
             None => {
-                self.members.insert(
-                    consumer,
-                    Member {
-                        window,
-                        inflight: 0,
-                    },
-                );
+                self.members.insert(consumer, Member::new(window));
                 true
             }
         };
@@ -494,10 +610,16 @@ impl Group {
                 consumer: pick.consumer.clone(),
                 count: pick.count + 1,
                 deadline: now.saturating_add(ack_timeout_ms),
+                since: now,
             },
         );
         if let Some(m) = self.members.get_mut(&pick.consumer) {
             m.inflight += 1;
+            if let Some(a) = &mut m.adaptive
+                && m.inflight >= m.window
+            {
+                a.full = true;
+            }
         }
     }
 
@@ -531,7 +653,15 @@ impl Group {
         self.cursors.iter().map(|c| c.delayed.len() as u64).sum()
     }
 
-    fn take_inflight(&mut self, p: usize, offset: u64, consumer: &str) -> Option<InFlight> {
+    /// Takes `offset` of partition `p` out of flight if `consumer` holds it; `now` (when
+    /// the consumer answered) feeds its adaptive window.
+    fn take_inflight(
+        &mut self,
+        p: usize,
+        offset: u64,
+        consumer: &str,
+        now: Option<u64>,
+    ) -> Option<InFlight> {
         let c = self.cursors.get_mut(p)?;
         if c.inflight
             .get(&offset)
@@ -542,15 +672,19 @@ impl Group {
         let f = c.inflight.remove(&offset)?;
         if let Some(m) = self.members.get_mut(&f.consumer) {
             m.inflight = m.inflight.saturating_sub(1);
+            if let Some(now) = now {
+                m.observe(now.saturating_sub(f.since));
+            }
         }
         Some(f)
     }
 
     /// Acknowledges `offset` of partition `p` by `consumer`. Counts when the message is
     /// in flight to that consumer or waiting for redelivery (a late ack after a timeout
-    /// or a disconnect still saves a redelivery); ignored otherwise.
-    pub fn ack(&mut self, p: usize, offset: u64, consumer: &str) -> Settle {
-        if self.take_inflight(p, offset, consumer).is_none() {
+    /// or a disconnect still saves a redelivery); ignored otherwise. `now` is when the
+    /// ack came (the adaptive window measures with it).
+    pub fn ack(&mut self, p: usize, offset: u64, consumer: &str, now: u64) -> Settle {
+        if self.take_inflight(p, offset, consumer, Some(now)).is_none() {
             let Some(c) = self.cursors.get_mut(p) else {
                 return Settle::Ignored;
             };
@@ -567,7 +701,7 @@ impl Group {
     /// Negative acknowledgement by `consumer`: redeliver after the backoff, or hand it
     /// to the dead-letter queue once it has had `max_deliveries`.
     pub fn nack(&mut self, p: usize, offset: u64, consumer: &str, now: u64, s: &Settings) -> Nack {
-        let Some(f) = self.take_inflight(p, offset, consumer) else {
+        let Some(f) = self.take_inflight(p, offset, consumer, Some(now)) else {
             return Nack::Ignored;
         };
         let Some(c) = self.cursors.get_mut(p) else {
@@ -593,7 +727,7 @@ impl Group {
     /// in flight to that consumer or waiting for redelivery. Returns the delivery count
     /// for the dead-letter record, or `None` if ignored.
     pub fn reject(&mut self, p: usize, offset: u64, consumer: &str) -> Option<u32> {
-        let count = match self.take_inflight(p, offset, consumer) {
+        let count = match self.take_inflight(p, offset, consumer, None) {
             Some(f) => f.count,
             None => self.cursors.get_mut(p)?.retry.remove(&offset)?.count,
         };
@@ -634,6 +768,7 @@ impl Group {
                 };
                 if let Some(m) = self.members.get_mut(&f.consumer) {
                     m.inflight = m.inflight.saturating_sub(1);
+                    m.timed_out();
                 }
                 if s.exhausted(f.count) {
                     c.dying.insert(offset, f.count);

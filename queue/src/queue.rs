@@ -37,7 +37,7 @@ use crate::format::{
     self, DeadReason, MAX_META_BYTES, MAX_SUBTOPIC, MessageId, Meta, Origin, Progress, Snapshot,
     decode_message,
 };
-use crate::group::{ConsumerId, Group, GroupKey, Nack, Settings, Settle};
+use crate::group::{ConsumerId, Group, GroupKey, Nack, Settings, Settle, Window};
 use crate::ledger::{Ledger, Recovered};
 
 /// Milliseconds since the Unix epoch: the clock of timestamps, deadlines and backoffs.
@@ -125,6 +125,9 @@ pub struct GroupInfo {
     pub key: GroupKey,
     /// Current members, sorted.
     pub members: Vec<ConsumerId>,
+    /// Each member's in-flight window now (same order as `members`): its Receive
+    /// Maximum, or where its adaptive window stands.
+    pub windows: Vec<u32>,
     /// Messages not yet settled by this group.
     pub lag: u64,
     /// Messages in flight to its members.
@@ -212,6 +215,12 @@ impl Skip<'_> {
 struct Slot {
     group: Group,
     sinks: BTreeMap<ConsumerId, Arc<dyn DeliverySink>>,
+    /// Partitions whose last dispatch stopped at their owner's full window: what an
+    /// ack by that owner may let go on. An ack dispatches only these (see
+    /// [`Queue::dispatch_freed`]), so its cost does not grow with the partitions and
+    /// groups of the queue; everything else is offered by the dispatch of the produce
+    /// that stored it, a join or leave, or the timer.
+    blocked: BTreeSet<usize>,
 }
 
 /// Everything the queue's lock guards.
@@ -917,6 +926,7 @@ impl Queue {
         delivered: &mut Vec<(u32, u64, u32)>,
     ) -> bool {
         let mut changed = false;
+        slot.blocked.remove(&p);
         // Records read ahead for the next picks: the read's own Vec, consumed in place
         // (an empty one allocates nothing, so a partition with nothing ready costs no
         // allocation).
@@ -1018,7 +1028,62 @@ impl Queue {
             slot.group.delivered(p, &pick, now, settings.ack_timeout_ms);
             delivered.push((p as u32, pick.offset, pick.count + 1));
         }
+        if let Some(owner) = slot.group.owner(p)
+            && slot.group.room_of(owner) == 0
+        {
+            slot.blocked.insert(p);
+        }
         changed
+    }
+
+    /// What an ack by `consumer` in group `key` can let go on: the partitions where
+    /// that group's dispatch stopped at `consumer`'s full window. Unlike
+    /// [`Queue::dispatch_all`] this leaves `dispatched_end` alone (other groups and
+    /// partitions were not offered anything). Returns true if progress changed.
+    fn dispatch_freed(&self, st: &mut State, now: u64, key: &GroupKey, consumer: &str) -> bool {
+        let Some(slot) = st.groups.get_mut(key) else {
+            return false;
+        };
+        let freed: Vec<usize> = slot
+            .blocked
+            .iter()
+            .copied()
+            .filter(|&p| slot.group.owner(p).is_some_and(|o| &**o == consumer))
+            .collect();
+        if freed.is_empty() || slot.group.room_of(consumer) == 0 {
+            return false;
+        }
+        let logs = self.logs();
+        let settings = st.settings;
+        let newest = self.inner.last_values.lock();
+        let no_drops = BTreeSet::new();
+        let mut dirty = false;
+        let mut delivered = Vec::new();
+        for p in freed {
+            let Some(log) = logs.get(p) else {
+                continue;
+            };
+            let skip = Skip {
+                dropped: st.dropped.get(p).unwrap_or(&no_drops),
+                newest: newest.get(p),
+            };
+            dirty |= self.dispatch(
+                key,
+                slot,
+                p,
+                log,
+                log.next_offset(),
+                now,
+                (&settings, &skip),
+                &mut delivered,
+            );
+        }
+        drop(newest);
+        if !delivered.is_empty() {
+            let _queued = self.append_progress(vec![Progress::Delivered(key.clone(), delivered)]);
+        }
+        st.dirty |= dirty;
+        dirty
     }
 
     /// Adds `consumer` to group `key` (created on first use, starting at the oldest
@@ -1041,9 +1106,11 @@ impl Queue {
             return Err(QueueError::InvalidFilter(f.to_owned()));
         }
         let window = if window == 0 {
-            self.inner.config.read().consumer_window
+            Window::Adaptive {
+                max: self.inner.config.read().consumer_window,
+            }
         } else {
-            window
+            Window::Fixed(window)
         };
         let max_groups = self.inner.config.read().max_consumer_groups;
         self.with_state(|q, st| {
@@ -1083,6 +1150,7 @@ impl Queue {
             Slot {
                 group: Group::new(&starts),
                 sinks: BTreeMap::new(),
+                blocked: BTreeSet::new(),
             },
         );
         st.dirty = true;
@@ -1176,6 +1244,7 @@ impl Queue {
             (*id.queue == *self.inner.name && id.partition < partitions)
                 .then_some((id.partition as usize, id.offset))
         };
+        let now = now_ms();
         let changes = {
             let mut st = self.inner.state.lock();
             let mut changes = Vec::new();
@@ -1186,7 +1255,9 @@ impl Queue {
                         let offsets: Vec<(u32, u64)> = ids
                             .iter()
                             .filter_map(locate)
-                            .filter(|&(p, o)| slot.group.ack(p, o, consumer) == Settle::Settled)
+                            .filter(|&(p, o)| {
+                                slot.group.ack(p, o, consumer, now) == Settle::Settled
+                            })
                             .map(|(p, o)| (p as u32, o))
                             .collect();
                         if !offsets.is_empty() {
@@ -1199,7 +1270,7 @@ impl Queue {
                     for (p, o) in ids.iter().filter_map(locate) {
                         for k in Queue::settle_targets(&st, None, consumer, p, o) {
                             if let Some(slot) = st.groups.get_mut(&k)
-                                && slot.group.ack(p, o, consumer) == Settle::Settled
+                                && slot.group.ack(p, o, consumer, now) == Settle::Settled
                             {
                                 settled.entry(k).or_default().push((p as u32, o));
                             }
@@ -1214,7 +1285,12 @@ impl Queue {
             }
             if !changes.is_empty() {
                 st.dirty = true;
-                let skipped = self.dispatch_all(&mut st, now_ms());
+                let mut skipped = false;
+                for change in &changes {
+                    if let Progress::Settle(k, _) = change {
+                        skipped |= self.dispatch_freed(&mut st, now, k, consumer);
+                    }
+                }
                 if skipped {
                     self.refresh_floor(&mut st);
                 } else {
@@ -1617,6 +1693,7 @@ impl Queue {
                 .map(|(k, s)| GroupInfo {
                     key: k.clone(),
                     members: s.group.members().cloned().collect(),
+                    windows: s.group.members().map(|m| s.group.window_of(m)).collect(),
                     lag: logs
                         .iter()
                         .enumerate()
@@ -1934,6 +2011,7 @@ fn replay(
                             Slot {
                                 group: g,
                                 sinks: BTreeMap::new(),
+                                blocked: BTreeSet::new(),
                             },
                         );
                     }
@@ -2017,6 +2095,7 @@ fn replay(
                             Slot {
                                 group: g,
                                 sinks: BTreeMap::new(),
+                                blocked: BTreeSet::new(),
                             },
                         );
                     }

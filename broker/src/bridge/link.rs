@@ -164,7 +164,10 @@ impl Link {
         let queue = self.status.queue.clone();
         let key = GroupKey::new(GROUP, None);
         let (tx, rx) = mpsc::channel(usize::from(config.inflight));
-        if let Err(e) = queue.join(&key, self.client_id.clone(), 0, Arc::new(Sink(tx))) {
+        // A fixed window of `inflight`: the link knows its own limit (the channel's size),
+        // so the queue's adaptive window for consumers that announce none does not apply.
+        let window = u32::from(config.inflight);
+        if let Err(e) = queue.join(&key, self.client_id.clone(), window, Arc::new(Sink(tx))) {
             return End::Lost(format!("cannot read the bridge's queue: {e}"));
         }
         let mut session = Session {

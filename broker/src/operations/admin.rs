@@ -834,6 +834,9 @@ fn queue_json(info: &QueueInfo) -> Value {
                 "group": &*g.key.group,
                 "filter": g.key.filter.as_deref(),
                 "members": g.members.iter().map(|m| &**m).collect::<Vec<_>>(),
+                "windows": g.members.iter().zip(&g.windows)
+                    .map(|(m, w)| (m.to_string(), json!(w)))
+                    .collect::<serde_json::Map<_, _>>(),
                 "lag": g.lag,
                 "in_flight": g.in_flight,
                 "waiting": g.waiting,
@@ -1307,6 +1310,7 @@ mod tests {
             groups: vec![roost_queue::GroupInfo {
                 key: GroupKey::new("g", Some("eu/#")),
                 members: Vec::new(),
+                windows: Vec::new(),
                 lag: 2,
                 in_flight: 1,
                 waiting: 0,

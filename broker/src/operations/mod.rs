@@ -5,5 +5,6 @@
 pub mod admin;
 pub mod dashboard;
 pub mod memory;
+pub mod queues_command;
 pub mod stalls;
 pub mod sys;

@@ -28,12 +28,12 @@ fn drain(g: &mut Group, p: usize, end: u64, now: u64) -> Vec<(String, u64, u32)>
 #[test]
 fn first_delivery_in_offset_order_within_window() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 3);
+    g.join(id("a"), Window::Fixed(3));
     let got = drain(&mut g, 0, 10, 0);
     assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), [0, 1, 2]);
     assert_eq!(g.inflight_of("a"), 3);
     assert_eq!(g.pick(0, 10, 0, &S), None, "window full");
-    assert_eq!(g.ack(0, 1, "a"), Settle::Settled);
+    assert_eq!(g.ack(0, 1, "a", 0), Settle::Settled);
     assert_eq!(g.cursor(0).map(Cursor::committed), Some(0), "0 still out");
     assert_eq!(
         drain(&mut g, 0, 10, 0)
@@ -42,16 +42,20 @@ fn first_delivery_in_offset_order_within_window() {
             .collect::<Vec<_>>(),
         [3]
     );
-    assert_eq!(g.ack(0, 0, "a"), Settle::Settled);
+    assert_eq!(g.ack(0, 0, "a", 0), Settle::Settled);
     assert_eq!(g.cursor(0).map(Cursor::committed), Some(2));
-    assert_eq!(g.ack(0, 0, "a"), Settle::Ignored, "second ack is a no-op");
+    assert_eq!(
+        g.ack(0, 0, "a", 0),
+        Settle::Ignored,
+        "second ack is a no-op"
+    );
 }
 
 #[test]
 fn nothing_past_the_end_and_no_owner_no_delivery() {
     let mut g = Group::new(&[5, 0]);
     assert_eq!(g.pick(0, 10, 0, &S), None, "no members");
-    g.join(id("a"), 10);
+    g.join(id("a"), Window::Fixed(10));
     assert_eq!(drain(&mut g, 0, 7, 0).len(), 2, "offsets 5 and 6");
     assert_eq!(g.pick(0, 7, 0, &S), None);
 }
@@ -64,7 +68,7 @@ fn nack_backs_off_exponentially_then_dead_letters() {
     assert_eq!(S.backoff(5), 1000, "capped");
     assert_eq!(S.backoff(u32::MAX), 1000);
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 1);
+    g.join(id("a"), Window::Fixed(1));
     let mut now = 0;
     for n in 1..=2u32 {
         let d = drain(&mut g, 0, 1, now);
@@ -95,7 +99,7 @@ fn nack_backs_off_exponentially_then_dead_letters() {
 #[test]
 fn failed_dead_letter_stays_for_redelivery() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 1);
+    g.join(id("a"), Window::Fixed(1));
     drain(&mut g, 0, 1, 0);
     assert_eq!(g.reject(0, 0, "a"), Some(1));
     g.dead_letter_failed(0, 0, 5);
@@ -106,9 +110,9 @@ fn failed_dead_letter_stays_for_redelivery() {
 #[test]
 fn ack_timeout_redelivers_with_rising_count_then_dead_letters() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 5);
+    g.join(id("a"), Window::Fixed(5));
     drain(&mut g, 0, 2, 0);
-    assert_eq!(g.ack(0, 1, "a"), Settle::Settled);
+    assert_eq!(g.ack(0, 1, "a", 0), Settle::Settled);
     assert!(g.expire(999, &S).is_empty());
     assert_eq!(g.inflight_of("a"), 1);
     assert!(g.expire(1000, &S).is_empty());
@@ -132,20 +136,20 @@ fn ack_timeout_redelivers_with_rising_count_then_dead_letters() {
 #[test]
 fn late_ack_after_timeout_still_counts_but_not_for_another_holder() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 5);
-    g.join(id("b"), 5);
+    g.join(id("a"), Window::Fixed(5));
+    g.join(id("b"), Window::Fixed(5));
     // Partition 0 belongs to "a" (sorted first).
     drain(&mut g, 0, 1, 0);
     g.expire(1000, &S);
     assert_eq!(
-        g.ack(0, 0, "a"),
+        g.ack(0, 0, "a", 0),
         Settle::Settled,
         "waiting for redelivery: ack saves it"
     );
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 5);
+    g.join(id("a"), Window::Fixed(5));
     drain(&mut g, 0, 1, 0);
-    assert_eq!(g.ack(0, 0, "b"), Settle::Ignored, "held by a");
+    assert_eq!(g.ack(0, 0, "b", 0), Settle::Ignored, "held by a");
     assert_eq!(g.nack(0, 0, "b", 0, &S), Nack::Ignored);
     assert_eq!(g.reject(0, 0, "b"), None);
 }
@@ -153,13 +157,16 @@ fn late_ack_after_timeout_still_counts_but_not_for_another_holder() {
 #[test]
 fn round_robin_assignment_is_stable_and_sorted() {
     let mut g = Group::new(&[0; 5]);
-    g.join(id("c"), 1);
-    g.join(id("a"), 1);
-    g.join(id("b"), 1);
+    g.join(id("c"), Window::Fixed(1));
+    g.join(id("a"), Window::Fixed(1));
+    g.join(id("b"), Window::Fixed(1));
     let owners: Vec<_> = (0..5).map(|p| g.owner(p).map(|o| o.to_string())).collect();
     let want = ["a", "b", "c", "a", "b"].map(|s| Some(s.to_string()));
     assert_eq!(owners, want);
-    assert!(!g.join(id("a"), 7), "rejoin updates the window only");
+    assert!(
+        !g.join(id("a"), Window::Fixed(7)),
+        "rejoin updates the window only"
+    );
     g.leave("b", 0);
     let owners: Vec<_> = (0..5).map(|p| g.owner(p).map(|o| o.to_string())).collect();
     assert_eq!(
@@ -171,11 +178,11 @@ fn round_robin_assignment_is_stable_and_sorted() {
 #[test]
 fn leave_redelivers_to_the_new_owner_with_count_kept() {
     let mut g = Group::new(&[0, 0]);
-    g.join(id("a"), 10);
+    g.join(id("a"), Window::Fixed(10));
     assert_eq!(drain(&mut g, 0, 3, 0).len(), 3);
     assert_eq!(drain(&mut g, 1, 2, 0).len(), 2);
-    g.ack(0, 0, "a");
-    g.join(id("b"), 10);
+    g.ack(0, 0, "a", 0);
+    g.join(id("b"), Window::Fixed(10));
     // b now owns partition 1; a keeps what it already holds there.
     assert_eq!(g.owner(1).map(|o| &**o), Some("b"));
     assert_eq!(g.inflight_of("a"), 4);
@@ -191,11 +198,11 @@ fn leave_redelivers_to_the_new_owner_with_count_kept() {
 #[test]
 fn last_member_leaving_keeps_work_for_the_next() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 2);
+    g.join(id("a"), Window::Fixed(2));
     drain(&mut g, 0, 4, 0);
     g.leave("a", 0);
     assert_eq!(g.pick(0, 4, 0, &S), None);
-    g.join(id("z"), 10);
+    g.join(id("z"), Window::Fixed(10));
     let got = drain(&mut g, 0, 4, 0);
     assert_eq!(
         got.iter().map(|d| (d.1, d.2)).collect::<Vec<_>>(),
@@ -206,7 +213,7 @@ fn last_member_leaving_keeps_work_for_the_next() {
 #[test]
 fn skip_settles_unmatched_offsets() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 10);
+    g.join(id("a"), Window::Fixed(10));
     let pick = g.pick(0, 3, 0, &S);
     assert_eq!(pick.as_ref().map(|p| p.offset), Some(0));
     g.skip(0, 0);
@@ -216,19 +223,23 @@ fn skip_settles_unmatched_offsets() {
     drain(&mut g, 0, 2, 0);
     g.skip(0, 2);
     assert_eq!(g.cursor(0).map(Cursor::committed), Some(1), "1 in flight");
-    g.ack(0, 1, "a");
+    g.ack(0, 1, "a", 0);
     assert_eq!(g.cursor(0).map(Cursor::committed), Some(3));
 }
 
 #[test]
 fn reset_moves_the_cursor_and_frees_windows() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 2);
+    g.join(id("a"), Window::Fixed(2));
     drain(&mut g, 0, 10, 0);
-    g.ack(0, 0, "a");
+    g.ack(0, 0, "a", 0);
     g.reset(0, 7);
     assert_eq!(g.inflight_of("a"), 0);
-    assert_eq!(g.ack(0, 1, "a"), Settle::Ignored, "forgotten by the reset");
+    assert_eq!(
+        g.ack(0, 1, "a", 0),
+        Settle::Ignored,
+        "forgotten by the reset"
+    );
     let got: Vec<u64> = drain(&mut g, 0, 10, 0).iter().map(|d| d.1).collect();
     assert_eq!(got, [7, 8]);
     g.reset(0, 0);
@@ -244,7 +255,7 @@ fn restore_skips_acked_offsets() {
     assert_eq!(c.acked().collect::<Vec<_>>(), [5, 6, 9]);
     assert_eq!(c.lag(10), 4);
     let mut g = Group::from_cursors(vec![c]);
-    g.join(id("a"), 10);
+    g.join(id("a"), Window::Fixed(10));
     let got: Vec<u64> = drain(&mut g, 0, 11, 0).iter().map(|d| d.1).collect();
     assert_eq!(got, [3, 4, 7, 8, 10]);
     let c = Cursor::restored(3, [3, 4]);
@@ -271,8 +282,8 @@ fn clamp_start_and_end() {
 #[test]
 fn add_partitions_rebalances() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 1);
-    g.join(id("b"), 1);
+    g.join(id("a"), Window::Fixed(1));
+    g.join(id("b"), Window::Fixed(1));
     g.add_partitions(&[0, 0]);
     assert_eq!(g.partitions(), 3);
     assert_eq!(g.owner(2).map(|o| &**o), Some("a"));
@@ -362,7 +373,7 @@ impl Sim {
             Op::Ack(i) => {
                 if let Some((key, c)) = self.nth_held(i) {
                     self.held.remove(&key);
-                    if self.g.ack(key.0, key.1, &c) == Settle::Settled {
+                    if self.g.ack(key.0, key.1, &c, 0) == Settle::Settled {
                         self.settle(key);
                     }
                 }
@@ -396,7 +407,7 @@ impl Sim {
             }
             Op::Join(c, w) => {
                 let name = format!("c{c}");
-                self.g.join(id(&name), w);
+                self.g.join(id(&name), Window::Fixed(w));
                 self.windows.insert(name, w.max(1));
             }
             Op::Leave(c) => {
@@ -458,7 +469,7 @@ proptest! {
             }
             let held: Vec<_> = std::mem::take(&mut sim.held).into_iter().collect();
             for (key, c) in held {
-                if sim.g.ack(key.0, key.1, &c) == Settle::Settled {
+                if sim.g.ack(key.0, key.1, &c, 0) == Settle::Settled {
                     sim.settle(key);
                 }
             }
@@ -489,7 +500,7 @@ fn restored_counts_go_on_from_where_they_were_and_stop_at_the_bound() {
     g.replay_delivered(0, 2, 3);
     g.replay_delivered(0, 3, 1);
     g.replay_delivered(0, 1, 4); // settled: a stale count changes nothing
-    g.join(id("a"), 10);
+    g.join(id("a"), Window::Fixed(10));
     // 2 has had its deliveries: it is not handed out, and the next sweep dead-letters it.
     let got = drain(&mut g, 0, 6, 0);
     assert_eq!(
@@ -518,7 +529,7 @@ fn restored_counts_go_on_from_where_they_were_and_stop_at_the_bound() {
 #[test]
 fn a_consumer_leaving_with_a_message_at_the_bound_sends_it_to_dead_letters() {
     let mut g = Group::new(&[0]);
-    g.join(id("a"), 10);
+    g.join(id("a"), Window::Fixed(10));
     for now in [0, 200, 600] {
         drain(&mut g, 0, 1, now);
         if now < 600 {
@@ -527,7 +538,105 @@ fn a_consumer_leaving_with_a_message_at_the_bound_sends_it_to_dead_letters() {
     }
     // Third delivery in flight; the consumer goes away.
     assert!(g.leave("a", 700));
-    g.join(id("b"), 10);
+    g.join(id("b"), Window::Fixed(10));
     assert_eq!(g.pick(0, 1, 700, &S), None, "not a fourth delivery");
     assert_eq!(g.expire(700, &S).len(), 1);
+}
+
+/// Acks everything `consumer` holds on partition `p` at `now`.
+fn ack_all(g: &mut Group, p: usize, consumer: &str, now: u64) -> usize {
+    let held: Vec<u64> = g.cursors()[p]
+        .inflight
+        .iter()
+        .filter(|(_, f)| &*f.consumer == consumer)
+        .map(|(&o, _)| o)
+        .collect();
+    for &o in &held {
+        assert_eq!(g.ack(p, o, consumer, now), Settle::Settled);
+    }
+    held.len()
+}
+
+#[test]
+fn adaptive_window_grows_for_a_consumer_that_keeps_up() {
+    let mut g = Group::new(&[0]);
+    g.join(id("fast"), Window::Adaptive { max: 256 });
+    assert_eq!(g.window_of("fast"), ADAPTIVE_START);
+    let mut now = 0;
+    // Each round the consumer takes a full window and answers 2 ms later.
+    for _ in 0..20 {
+        drain(&mut g, 0, u64::MAX, now);
+        now += 2;
+        ack_all(&mut g, 0, "fast", now);
+    }
+    assert_eq!(g.window_of("fast"), 256, "doubled up to the bound");
+    // A consumer that is fast but never fills its window has no reason to grow.
+    let mut g = Group::new(&[0]);
+    g.join(id("light"), Window::Adaptive { max: 256 });
+    for round in 0..50 {
+        drain(&mut g, 0, round * 4 + 4, now);
+        now += 1;
+        ack_all(&mut g, 0, "light", now);
+    }
+    assert_eq!(g.window_of("light"), ADAPTIVE_START);
+}
+
+#[test]
+fn adaptive_window_keeps_a_slow_consumer_from_hoarding() {
+    // Two consumers share a group of two partitions: "fast" answers at once, "slow"
+    // works through one message a second. Each owns a partition.
+    let mut g = Group::new(&[0, 0]);
+    g.join(id("fast"), Window::Adaptive { max: 256 });
+    g.join(id("slow"), Window::Adaptive { max: 256 });
+    let (pf, ps) = (0, 1);
+    assert_eq!(g.owner(pf).map(|c| &**c), Some("fast"));
+    assert_eq!(g.owner(ps).map(|c| &**c), Some("slow"));
+    let end = 1_000_000;
+    let mut now = 0;
+    let mut held_max_late = 0;
+    for second in 0..120u64 {
+        // The slow one finishes its oldest message each second; the fast one
+        // answers everything every 10 ms.
+        drain(&mut g, ps, end, now);
+        if let Some((&o, _)) = g.cursors()[ps].inflight.iter().next() {
+            assert_eq!(g.ack(ps, o, "slow", now), Settle::Settled);
+        }
+        drain(&mut g, ps, end, now);
+        for _ in 0..100 {
+            drain(&mut g, pf, end, now);
+            now += 10;
+            ack_all(&mut g, pf, "fast", now);
+        }
+        if second >= 60 {
+            held_max_late = held_max_late.max(g.inflight_of("slow"));
+        }
+    }
+    assert_eq!(g.window_of("fast"), 256);
+    assert_eq!(g.window_of("slow"), ADAPTIVE_FLOOR);
+    assert!(held_max_late <= ADAPTIVE_FLOOR, "slow held {held_max_late}");
+    // With a fixed window of 32 it would hold 32 s of its work; adapted, when it goes
+    // away only the few it held come again, and the rest of its partition goes to the
+    // new owner as first deliveries.
+    let held = g.inflight_of("slow");
+    g.leave("slow", now);
+    let again = drain(&mut g, ps, end, now);
+    assert_eq!(again.iter().filter(|d| d.2 > 1).count() as u32, held);
+    assert!(again.iter().all(|d| d.0 == "fast"));
+}
+
+#[test]
+fn a_timeout_drops_an_adaptive_window_to_its_floor_and_a_fixed_one_stays() {
+    let mut g = Group::new(&[0, 0]);
+    g.join(id("a"), Window::Adaptive { max: 64 });
+    g.join(id("b"), Window::Fixed(16));
+    drain(&mut g, 0, 100, 0);
+    drain(&mut g, 1, 100, 0);
+    assert_eq!(g.inflight_of("a"), 32);
+    assert_eq!(g.inflight_of("b"), 16);
+    g.expire(S.ack_timeout_ms, &S);
+    assert_eq!(g.window_of("a"), ADAPTIVE_FLOOR);
+    assert_eq!(g.window_of("b"), 16);
+    // Rejoining keeps what the adaptive window learnt, within the new bound.
+    g.join(id("a"), Window::Adaptive { max: 2 });
+    assert_eq!(g.window_of("a"), 2);
 }
