@@ -20,6 +20,7 @@ import pytest
 import mqttraw as w
 from broker import IS_MOSQUITTO
 from cluster import Cluster, can_use_netns
+from conftest import wait_for
 from pahoclient import Client, connect_props
 
 pytestmark = [
@@ -135,6 +136,9 @@ def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, made, n, 
     c.cut(minority, majority)
     leader = c.leader(among=majority)
     assert leader in majority
+    # The minority side names no leader it could act through.
+    assert wait_for(lambda: all(c[i].status()["leader"] is None for i in minority)), \
+        [c[i].status() for i in minority]
     # Minority: a new session needs the control plane: refused, v5 0x88 and 3.x 3.
     for version, code in ((5, 0x88), (4, 3)):
         r = w.RawClient(c[x0].host, c[x0].port, version)

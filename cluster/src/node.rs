@@ -355,8 +355,12 @@ impl Node {
     }
 
     /// The cluster as this node sees it.
+    ///
+    /// The leader is the one this node can act through: none while it has no live link
+    /// to the leader it last heard of, nor while it leads without a majority of voters
+    /// it can reach (openraft keeps naming a cut-off leader until it hears otherwise).
     pub fn status(&self) -> Status {
-        let members = self
+        let members: Vec<Member> = self
             .consensus
             .state()
             .members()
@@ -368,9 +372,18 @@ impl Node {
                 voter,
             })
             .collect();
+        let voters = members.iter().filter(|m| m.voter).count();
+        let reachable = members.iter().filter(|m| m.voter && m.up).count();
+        let leader = self.consensus.leader().filter(|&l| {
+            if l == self.me {
+                reachable * 2 > voters
+            } else {
+                self.links.is_up(l)
+            }
+        });
         Status {
             node_id: self.me,
-            leader: self.consensus.leader(),
+            leader,
             members,
             caught_up: self.caught_up.load(Ordering::Relaxed),
         }
