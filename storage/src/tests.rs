@@ -1255,10 +1255,16 @@ async fn a_full_disk_refuses_appends_cleanly_and_they_resume_when_space_returns(
         mount.is_ok_and(|s| s.success()),
         "mount tmpfs as root failed"
     );
+    /// Unmounts on every way out, a failed assertion included. Lazily (`-l`): the
+    /// storage's committer thread may still hold a file open when this runs, and a
+    /// plain umount would then fail with EBUSY and leave the tmpfs mounted.
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _unmount = Unmount(dir.path().to_path_buf());
