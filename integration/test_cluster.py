@@ -20,7 +20,7 @@ from broker import IS_MOSQUITTO
 import urllib.request
 
 from cluster import TOKEN, Cluster
-from pahoclient import Client, connect_props, publish_props
+from pahoclient import connect_props, publish_props
 
 pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="a roost cluster")
 
@@ -33,23 +33,6 @@ def c3():
         yield c
     finally:
         c.cleanup()
-
-
-@pytest.fixture
-def made():
-    clients = []
-    yield clients
-    for cl in clients:
-        try:
-            cl.disconnect()
-        except Exception:
-            pass
-
-
-def client(made, node, version=5, cid=None, **kw):
-    c = Client(node, version, cid or f"c-{uuid.uuid4().hex[:10]}", **kw)
-    made.append(c)
-    return c
 
 
 def tid():
@@ -70,12 +53,12 @@ def test_every_node_names_the_same_leader_and_members(c3):
 
 @pytest.mark.parametrize("version", [4, 5])
 @pytest.mark.parametrize("pub_qos,sub_qos", [(0, 0), (1, 1), (2, 2), (2, 1), (1, 0)])
-def test_publish_reaches_subscribers_on_other_nodes(c3, made, version, pub_qos, sub_qos):
+def test_publish_reaches_subscribers_on_other_nodes(c3, clients, version, pub_qos, sub_qos):
     t = tid()
-    subs = [client(made, c3[i], version) for i in (2, 3)]
+    subs = [clients(c3[i], version) for i in (2, 3)]
     for s in subs:
         s.subscribe(t, qos=sub_qos)
-    pub = client(made, c3[1], version)
+    pub = clients(c3[1], version)
     for n in range(5):
         pub.publish(t, f"m{n}".encode(), qos=pub_qos)
     for s in subs:
@@ -85,12 +68,12 @@ def test_publish_reaches_subscribers_on_other_nodes(c3, made, version, pub_qos, 
         s.assert_nothing(0.3)
 
 
-def test_wildcards_across_nodes(c3, made):
+def test_wildcards_across_nodes(c3, clients):
     base = tid()
-    sub = client(made, c3[3], 4)
+    sub = clients(c3[3], 4)
     sub.subscribe(f"{base}/+/temp", qos=1)
     sub.subscribe(f"{base}/b/#", qos=1)
-    pub = client(made, c3[1], 4)
+    pub = clients(c3[1], 4)
     pub.publish(f"{base}/a/temp", b"1", qos=1)
     pub.publish(f"{base}/a/humidity", b"no", qos=1)
     pub.publish(f"{base}/b/x/y", b"2", qos=1)
@@ -110,44 +93,44 @@ def metric(node, name):
     raise AssertionError(f"no metric {name}")
 
 
-def test_a_message_crosses_to_a_node_once_for_all_its_subscribers(c3, made):
+def test_a_message_crosses_to_a_node_once_for_all_its_subscribers(c3, clients):
     t = tid()
-    subs = [client(made, c3[2], 4) for _ in range(5)]
+    subs = [clients(c3[2], 4) for _ in range(5)]
     for s in subs:
         s.subscribe(t, qos=1)
     before = metric(c3[2], "roost_cluster_received_total")
-    pub = client(made, c3[1], 4)
+    pub = clients(c3[1], 4)
     pub.publish(t, b"fan", qos=1)
     for s in subs:
         assert s.get().payload == b"fan"
     assert metric(c3[2], "roost_cluster_received_total") - before == 1
 
 
-def test_retained_messages_are_seen_from_every_node(c3, made):
+def test_retained_messages_are_seen_from_every_node(c3, clients):
     t = tid()
-    pub = client(made, c3[1], 5)
+    pub = clients(c3[1], 5)
     pub.publish(t, b"state", qos=1, retain=True)
     time.sleep(0.2)
     for i in (1, 2, 3):
-        s = client(made, c3[i], 5)
+        s = clients(c3[i], 5)
         s.subscribe(t, qos=1)
         m = s.get()
         assert (m.payload, m.retain) == (b"state", True), i
     # Cleared from another node: gone everywhere.
-    client(made, c3[3], 5).publish(t, b"", qos=1, retain=True)
+    clients(c3[3], 5).publish(t, b"", qos=1, retain=True)
     time.sleep(0.2)
     for i in (1, 2, 3):
-        s = client(made, c3[i], 5)
+        s = clients(c3[i], 5)
         s.subscribe(t, qos=1)
         s.assert_nothing(0.3)
 
 
-def test_shared_subscriptions_spread_over_members_on_all_nodes(c3, made):
+def test_shared_subscriptions_spread_over_members_on_all_nodes(c3, clients):
     t = tid()
-    members = {i: client(made, c3[i], 5) for i in (2, 3)}
+    members = {i: clients(c3[i], 5) for i in (2, 3)}
     for m in members.values():
         m.subscribe(f"$share/g/{t}", qos=1)
-    pub = client(made, c3[1], 5)
+    pub = clients(c3[1], 5)
     for n in range(60):
         pub.publish(t, str(n).encode(), qos=1)
     got = {i: [m.payload for m in c.drain(0.7)] for i, c in members.items()}
@@ -156,11 +139,11 @@ def test_shared_subscriptions_spread_over_members_on_all_nodes(c3, made):
     assert all(len(ps) > 0 for ps in got.values()), {i: len(p) for i, p in got.items()}
 
 
-def test_v5_properties_cross_nodes(c3, made):
+def test_v5_properties_cross_nodes(c3, clients):
     t = tid()
-    sub = client(made, c3[2], 5)
+    sub = clients(c3[2], 5)
     sub.subscribe(t, qos=1, sub_id=77)
-    pub = client(made, c3[3], 5)
+    pub = clients(c3[3], 5)
     props = publish_props(UserProperty=[("k", "v"), ("k", "w")], ContentType="text/x",
                           ResponseTopic="reply/here", CorrelationData=b"\x01\x02",
                           PayloadFormatIndicator=1, MessageExpiryInterval=60)
@@ -176,20 +159,20 @@ def test_v5_properties_cross_nodes(c3, made):
     assert p.SubscriptionIdentifier == [77]
 
 
-def test_no_local_holds_and_other_nodes_still_get_it(c3, made):
+def test_no_local_holds_and_other_nodes_still_get_it(c3, clients):
     t = tid()
-    me = client(made, c3[1], 5)
+    me = clients(c3[1], 5)
     me.subscribe(t, qos=1, no_local=True)
-    other = client(made, c3[2], 5)
+    other = clients(c3[2], 5)
     other.subscribe(t, qos=1)
     me.publish(t, b"mine", qos=1)
     assert other.get().payload == b"mine"
     me.assert_nothing(0.5)
 
 
-def test_will_published_on_one_node_reaches_another(c3, made):
+def test_will_published_on_one_node_reaches_another(c3, clients):
     t = tid()
-    sub = client(made, c3[3], 4)
+    sub = clients(c3[3], 4)
     sub.subscribe(t, qos=1)
     dying = w.RawClient(c3[1].host, c3[1].port, 4)
     dying.connect(f"will-{uuid.uuid4().hex[:6]}", will={"topic": t, "payload": b"gone", "qos": 1})
@@ -198,17 +181,17 @@ def test_will_published_on_one_node_reaches_another(c3, made):
     assert m.payload == b"gone"
 
 
-def test_session_moves_with_its_queued_messages(c3, made):
+def test_session_moves_with_its_queued_messages(c3, clients):
     t = tid()
     cid = f"mover-{uuid.uuid4().hex[:6]}"
-    a = client(made, c3[1], 5, cid=cid, clean=False,
+    a = clients(c3[1], 5, client_id=cid, clean=False,
                properties=connect_props(SessionExpiryInterval=600))
     a.subscribe(t, qos=1)
     a.disconnect()
-    pub = client(made, c3[3], 5)
+    pub = clients(c3[3], 5)
     for n in range(5):
         pub.publish(t, f"q{n}".encode(), qos=1)
-    b = client(made, c3[2], 5, cid=cid, clean=False,
+    b = clients(c3[2], 5, client_id=cid, clean=False,
                properties=connect_props(SessionExpiryInterval=600))
     assert b.session_present
     assert [m.payload for m in b.get_n(5)] == [f"q{n}".encode() for n in range(5)]
@@ -221,7 +204,7 @@ def test_session_moves_with_its_queued_messages(c3, made):
     assert cid in [s["client_id"] for s in sessions]
 
 
-def test_live_takeover_across_nodes(c3, made):
+def test_live_takeover_across_nodes(c3, clients):
     t = tid()
     cid = f"taken-{uuid.uuid4().hex[:6]}"
     old = w.RawClient(c3[1].host, c3[1].port, 5)
@@ -233,7 +216,7 @@ def test_live_takeover_across_nodes(c3, made):
     closed, got = old.wait_closed(5)
     assert closed, "the old connection on node 1 was left open"
     assert [p.rc for p in got if p.type == w.DISCONNECT] == [0x8E], got
-    client(made, c3[3], 5).publish(t, b"to the new one", qos=1)
+    clients(c3[3], 5).publish(t, b"to the new one", qos=1)
     m = new.expect(w.PUBLISH)
     assert m.payload == b"to the new one"
     new.puback(m.pid)
@@ -251,7 +234,7 @@ def _hello(cluster, node):
     ("taken node id", _hello("roost", 2), "node id 2 is already linked"),
     ("this node's id", _hello("roost", 1), "claims this node's id 1"),
 ])
-def test_bad_peers_are_refused_with_a_log_line(c3, made, what, send, logged):
+def test_bad_peers_are_refused_with_a_log_line(c3, clients, what, send, logged):
     node = c3[1]
     s = socket.create_connection(("127.0.0.1", node.cluster_port), timeout=5)
     s.sendall(send)
@@ -269,14 +252,14 @@ def test_bad_peers_are_refused_with_a_log_line(c3, made, what, send, logged):
     assert node.alive()
     # The cluster is unharmed.
     t = tid()
-    sub = client(made, c3[2], 4)
+    sub = clients(c3[2], 4)
     sub.subscribe(t, qos=1)
-    client(made, node, 4).publish(t, b"still fine", qos=1)
+    clients(node, 4).publish(t, b"still fine", qos=1)
     assert sub.get().payload == b"still fine"
     assert all(m["up"] for m in node.status()["members"])
 
 
-def test_members_are_added_and_removed_through_the_admin_api(c3, made):
+def test_members_are_added_and_removed_through_the_admin_api(c3, clients):
     new = c3.add_node(4)
     try:
         code, body = c3[1].api("POST", "/api/v1/cluster/members",
@@ -287,9 +270,9 @@ def test_members_are_added_and_removed_through_the_admin_api(c3, made):
         assert {m["id"] for m in st["members"]} == {1, 2, 3, 4}
         assert st["leader"] in (1, 2, 3, 4)
         t = tid()
-        sub = client(made, new, 4)
+        sub = clients(new, 4)
         sub.subscribe(t, qos=1)
-        client(made, c3[2], 4).publish(t, b"to the new node", qos=1)
+        clients(c3[2], 4).publish(t, b"to the new node", qos=1)
         assert sub.get().payload == b"to the new node"
         sub.disconnect()
         code, body = c3[2].api("DELETE", "/api/v1/cluster/members/4", timeout=15)

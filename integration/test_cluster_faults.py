@@ -21,29 +21,12 @@ import mqttraw as w
 from broker import IS_MOSQUITTO
 from cluster import Cluster, can_use_netns
 from conftest import wait_for
-from pahoclient import Client, connect_props
+from pahoclient import connect_props
 
 pytestmark = [
     pytest.mark.skipif(IS_MOSQUITTO, reason="a roost cluster"),
     pytest.mark.skipif(not can_use_netns(), reason="needs root and `ip` for network namespaces"),
 ]
-
-
-@pytest.fixture
-def made():
-    clients = []
-    yield clients
-    for cl in clients:
-        try:
-            cl.disconnect()
-        except Exception:
-            pass
-
-
-def client(made, node, version=5, cid=None, **kw):
-    c = Client(node, version, cid or f"c-{uuid.uuid4().hex[:10]}", **kw)
-    made.append(c)
-    return c
 
 
 @pytest.fixture
@@ -74,15 +57,15 @@ def new_leader_after(c, killed, among, timeout=5.0):
     raise AssertionError(f"no new leader within {timeout}s")
 
 
-def test_kill_the_leader_under_qos1_load(cluster_of, made):
+def test_kill_the_leader_under_qos1_load(cluster_of, clients):
     c = cluster_of(3)
     leader = c.leader()
     a, b = c.others(leader)
     t = f"load/{uuid.uuid4().hex[:6]}"
-    sub = client(made, c[b], 5, cid="sub-" + uuid.uuid4().hex[:6], clean=False,
+    sub = clients(c[b], 5, client_id="sub-" + uuid.uuid4().hex[:6], clean=False,
                  properties=connect_props(SessionExpiryInterval=300))
     sub.subscribe(t, qos=1)
-    pub = client(made, c[a], 5)
+    pub = clients(c[a], 5)
     acked = []
     stop = threading.Event()
 
@@ -114,14 +97,14 @@ def test_kill_the_leader_under_qos1_load(cluster_of, made):
     c[leader].start()
     c.wait_stable(among=[1, 2, 3])
     t2 = t + "/after"
-    s2 = client(made, c[leader], 4)
+    s2 = clients(c[leader], 4)
     s2.subscribe(t2, qos=1)
-    client(made, c[a], 4).publish(t2, b"back", qos=1)
+    clients(c[a], 4).publish(t2, b"back", qos=1)
     assert s2.get().payload == b"back"
 
 
 @pytest.mark.parametrize("n,minority", [(3, [3]), (5, [4, 5])])
-def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, made, n, minority):
+def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, clients, n, minority):
     c = cluster_of(n)
     majority = [i for i in range(1, n + 1) if i not in minority]
     m0, m1 = majority[0], majority[1]
@@ -132,7 +115,7 @@ def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, made, n, 
     stay = w.RawClient(c[x0].host, c[x0].port, 5)
     stay.connect(stay_cid, clean=False, properties=[(w.SESSION_EXPIRY, 300)])
     stay.subscribe([(t + "/local", 1)])
-    local_pub = client(made, c[x0], 4)
+    local_pub = clients(c[x0], 4)
     c.cut(minority, majority)
     leader = c.leader(among=majority)
     assert leader in majority
@@ -151,9 +134,9 @@ def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, made, n, 
     assert m.payload == b"on my side"
     stay.puback(m.pid)
     # Majority: business as usual, across its nodes.
-    s = client(made, c[m1], 4)
+    s = clients(c[m1], 4)
     s.subscribe(t + "/maj", qos=1)
-    client(made, c[m0], 4).publish(t + "/maj", b"majority", qos=1)
+    clients(c[m0], 4).publish(t + "/maj", b"majority", qos=1)
     assert s.get().payload == b"majority"
     # The client of the minority node reconnects on the majority side: it is now
     # that side's (a new session: its old node cannot hand it over across the cut).
@@ -172,19 +155,19 @@ def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, made, n, 
         assert online.count(stay_cid) == expected, (i, online)
     # The route tables agree again: a publish on the former minority reaches the
     # majority's subscriber, and the other way round.
-    client(made, c[x0], 4).publish(t + "/maj", b"healed", qos=1)
+    clients(c[x0], 4).publish(t + "/maj", b"healed", qos=1)
     assert s.get().payload == b"healed"
-    back = client(made, c[x0], 4)
+    back = clients(c[x0], 4)
     back.subscribe(t + "/min", qos=1)
-    client(made, c[m1], 4).publish(t + "/min", b"both ways", qos=1)
+    clients(c[m1], 4).publish(t + "/min", b"both ways", qos=1)
     assert back.get().payload == b"both ways"
     moved.close()
 
 
-def test_a_restarted_node_catches_up_with_retained_messages(cluster_of, made):
+def test_a_restarted_node_catches_up_with_retained_messages(cluster_of, clients):
     c = cluster_of(3)
     t = f"ret/{uuid.uuid4().hex[:6]}"
-    pub = client(made, c[1], 5)
+    pub = clients(c[1], 5)
     pub.publish(t + "/changed", b"old", qos=1, retain=True)
     pub.publish(t + "/cleared", b"gone soon", qos=1, retain=True)
     pub.publish(t + "/kept", b"same", qos=1, retain=True)
@@ -197,7 +180,7 @@ def test_a_restarted_node_catches_up_with_retained_messages(cluster_of, made):
     c.wait_stable(among=[1, 2, 3])
     deadline = time.monotonic() + 10
     while True:
-        s = client(made, c[3], 5)
+        s = clients(c[3], 5)
         s.subscribe(t + "/#", qos=1)
         got = {m.topic: m.payload for m in s.drain(0.5)}
         s.disconnect()

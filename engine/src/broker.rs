@@ -59,6 +59,12 @@ pub(crate) enum Taken {
     Overflowed,
 }
 
+/// True when `keys` names the share group `g` matched.
+fn names_any(keys: &[ShareKey], g: &roost_router::SharedMatch) -> bool {
+    keys.iter()
+        .any(|k| k.group == g.group && k.filter == g.filter)
+}
+
 /// Counts one more in `count` unless it holds `max` already; the guard gives it back.
 /// Serves answered refusals, handshakes in progress and the credential checks waiting
 /// in line (the shell's auth gate).
@@ -769,30 +775,19 @@ impl Broker {
         out: &mut Fanout,
         refuse_unretainable: bool,
     ) -> Result<bool, retained::Full> {
-        if msg.retain {
-            let change = self.retained.write().apply(&msg);
-            match change {
-                Ok(retained::Change::Stored) => out.ops.push(Op::PutRetained(
-                    msg.topic.clone(),
-                    persist::encode_retained(&msg),
-                )),
-                Ok(retained::Change::Cleared) => {
-                    out.ops.push(Op::DeleteRetained(msg.topic.clone()));
-                }
-                Ok(retained::Change::None) => {}
-                Err(full) => {
-                    self.metrics.limit_tripped(
-                        match full {
-                            retained::Full::Messages => Limit::RetainedMessages,
-                            retained::Full::Bytes => Limit::RetainedBytes,
-                        },
-                        1,
-                    );
-                    tracing::debug!(topic = %msg.topic, "retained message not kept: {full:?} bound reached");
-                    if refuse_unretainable {
-                        return Err(full);
-                    }
-                }
+        if msg.retain
+            && let Err(full) = self.retain(&msg, out)
+        {
+            self.metrics.limit_tripped(
+                match full {
+                    retained::Full::Messages => Limit::RetainedMessages,
+                    retained::Full::Bytes => Limit::RetainedBytes,
+                },
+                1,
+            );
+            tracing::debug!(topic = %msg.topic, "retained message not kept: {full:?} bound reached");
+            if refuse_unretainable {
+                return Err(full);
             }
         }
         self.capture(&msg, out);
@@ -817,19 +812,8 @@ impl Broker {
             None => Vec::new(),
         };
         let mut overflowed = self.deliver_direct(&msg, &matches.direct, out);
-        for group in &matches.shared {
-            if taken
-                .iter()
-                .any(|k| k.group == group.group && k.filter == group.filter)
-            {
-                continue;
-            }
-            let share = Arc::new(ShareRef {
-                group: group.group.clone(),
-                filter: group.filter.clone(),
-            });
-            overflowed |= self.deliver_shared(&msg, group, share, None, out) == Taken::Overflowed;
-        }
+        // Share groups whose turn another node took are not this node's to deliver.
+        overflowed |= self.deliver_groups(&msg, &matches.shared, |g| !names_any(&taken, g), out);
         Ok(overflowed)
     }
 
@@ -838,38 +822,49 @@ impl Broker {
     /// their turn for this node). A retained message is kept here too (each node keeps
     /// every retained message). Never forwarded again.
     pub fn publish_from_peer(&self, msg: Arc<Message>, shared: &[ShareKey], out: &mut Fanout) {
-        if msg.retain {
-            let change = self.retained.write().apply(&msg);
-            match change {
-                Ok(retained::Change::Stored) => out.ops.push(Op::PutRetained(
-                    msg.topic.clone(),
-                    persist::encode_retained(&msg),
-                )),
-                Ok(retained::Change::Cleared) => {
-                    out.ops.push(Op::DeleteRetained(msg.topic.clone()));
-                }
-                Ok(retained::Change::None) => {}
-                Err(full) => {
-                    tracing::debug!(topic = %msg.topic, "retained message from a peer not kept: {full:?} bound reached");
-                }
-            }
+        if msg.retain
+            && let Err(full) = self.retain(&msg, out)
+        {
+            tracing::debug!(topic = %msg.topic, "retained message from a peer not kept: {full:?} bound reached");
         }
         let mut matches = Matches::default();
         self.router.matches(&msg.topic, &mut matches);
         self.deliver_direct(&msg, &matches.direct, out);
-        for group in &matches.shared {
-            if !shared
-                .iter()
-                .any(|k| k.group == group.group && k.filter == group.filter)
-            {
-                continue;
-            }
+        self.deliver_groups(&msg, &matches.shared, |g| names_any(shared, g), out);
+    }
+
+    /// Keeps (or clears) `msg` as its topic's retained message and queues the store
+    /// write; `Err` names the bound that left no room (nothing changed then).
+    fn retain(&self, msg: &Arc<Message>, out: &mut Fanout) -> Result<(), retained::Full> {
+        match self.retained.write().apply(msg)? {
+            retained::Change::Stored => out.ops.push(Op::PutRetained(
+                msg.topic.clone(),
+                persist::encode_retained(msg),
+            )),
+            retained::Change::Cleared => out.ops.push(Op::DeleteRetained(msg.topic.clone())),
+            retained::Change::None => {}
+        }
+        Ok(())
+    }
+
+    /// Delivers `msg` to one member of each share group in `groups` that `mine` says
+    /// this node serves. True when a delivery was dropped for a full mailbox.
+    fn deliver_groups(
+        &self,
+        msg: &Arc<Message>,
+        groups: &[roost_router::SharedMatch],
+        mine: impl Fn(&roost_router::SharedMatch) -> bool,
+        out: &mut Fanout,
+    ) -> bool {
+        let mut overflowed = false;
+        for group in groups.iter().filter(|g| mine(g)) {
             let share = Arc::new(ShareRef {
                 group: group.group.clone(),
                 filter: group.filter.clone(),
             });
-            self.deliver_shared(&msg, group, share, None, out);
+            overflowed |= self.deliver_shared(msg, group, share, None, out) == Taken::Overflowed;
         }
+        overflowed
     }
 
     /// One delivery per client: a client with overlapping subscriptions gets the

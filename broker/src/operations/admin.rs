@@ -556,38 +556,43 @@ async fn handle(api: &Api, request: &Request) -> Response {
             None => Response::error(404, "this node is not part of a cluster"),
         },
         (_, Route::Members) => {
-            let Some(c) = &api.cluster else {
-                return Response::error(404, "this node is not part of a cluster");
-            };
-            let (id, addr) = match parse_member(body) {
-                Ok(m) => m,
-                Err(why) => return Response::error(400, &why),
-            };
-            let change = roost_cluster::MemberChange::Add {
-                id,
-                addr: addr.clone(),
-            };
-            match c.change_members(change).await {
-                Ok(()) => Response::json(200, &cluster_json(&c.node.status())),
-                Err(e) => Response::error(503, &format!("member {id} not added: {e}")),
-            }
+            let change =
+                parse_member(body).map(|(id, addr)| roost_cluster::MemberChange::Add { id, addr });
+            change_members(api, change).await
         }
         (_, Route::Member(id)) => {
-            let Some(c) = &api.cluster else {
-                return Response::error(404, "this node is not part of a cluster");
-            };
-            let Some(id) = id.parse::<u64>().ok().filter(|&i| i >= 1) else {
-                return Response::error(400, "a member id is a number >= 1");
-            };
-            match c
-                .change_members(roost_cluster::MemberChange::Remove { id })
-                .await
-            {
-                Ok(()) => Response::json(200, &cluster_json(&c.node.status())),
-                Err(e) => Response::error(503, &format!("member {id} not removed: {e}")),
-            }
+            let change = id
+                .parse::<u64>()
+                .ok()
+                .filter(|&i| i >= 1)
+                .map(|id| roost_cluster::MemberChange::Remove { id })
+                .ok_or_else(|| "a member id is a number >= 1".to_owned());
+            change_members(api, change).await
         }
         _ => Response::error(405, "method not allowed"),
+    }
+}
+
+/// Adds or removes a member (`change`, or why the request names none): 404 off a
+/// cluster, 400 for a bad request, 503 when the control plane cannot commit it.
+async fn change_members(
+    api: &Api,
+    change: Result<roost_cluster::MemberChange, String>,
+) -> Response {
+    let Some(c) = &api.cluster else {
+        return Response::error(404, "this node is not part of a cluster");
+    };
+    let change = match change {
+        Ok(change) => change,
+        Err(why) => return Response::error(400, &why),
+    };
+    let what = match &change {
+        roost_cluster::MemberChange::Add { id, .. } => format!("member {id} not added"),
+        roost_cluster::MemberChange::Remove { id } => format!("member {id} not removed"),
+    };
+    match c.change_members(change).await {
+        Ok(()) => Response::json(200, &cluster_json(&c.node.status())),
+        Err(e) => Response::error(503, &format!("{what}: {e}")),
     }
 }
 
