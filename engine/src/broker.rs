@@ -1172,15 +1172,25 @@ impl Broker {
     pub async fn settle(&self, out: Fanout) -> Result<(), crate::store::StoreError> {
         let mut ops = out.ops;
         if let Some(waits) = out.waits {
-            let Waits {
-                blocked, pending, ..
-            } = *waits;
-            for wait in pending {
-                wait.await;
-            }
-            ops.extend(send_blocked(blocked, self.limits.delivery_wait(), &self.metrics).await);
+            ops.extend(self.wait_for(*waits).await);
         }
         self.store.submit(ops).wait().await
+    }
+
+    /// Waits for what routing left pending (captures, other nodes, routes) and for
+    /// room at blocked subscribers; returns the store writes that undo deliveries
+    /// dropped meanwhile.
+    pub(crate) async fn wait_for(&self, waits: Waits) -> Vec<Op> {
+        let Waits {
+            blocked, pending, ..
+        } = waits;
+        for wait in pending {
+            wait.await;
+        }
+        if blocked.is_empty() {
+            return Vec::new();
+        }
+        send_blocked(blocked, self.limits.delivery_wait(), &self.metrics).await
     }
 
     /// True when a session of `client_id` is here (live or stored).

@@ -25,8 +25,7 @@ use tracing::{debug, info};
 use crate::access::Authorizer;
 use crate::auth::Refusal;
 use crate::broker::{
-    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox, Waits,
-    send_blocked,
+    Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox,
 };
 use crate::mailbox;
 use crate::metrics::{DisconnectReason, DropReason, Limit};
@@ -313,7 +312,7 @@ impl Client {
                 let mut ops = std::mem::take(&mut fanout.ops);
                 if let Some(waits) = fanout.waits.take() {
                     // Boxed: rare, and its state would otherwise enlarge every task.
-                    ops.extend(Box::pin(wait_for(broker, *waits)).await);
+                    ops.extend(Box::pin(broker.wait_for(*waits)).await);
                 }
                 // Routing's writes first: the session's own journal may finish what
                 // routing began.
@@ -363,22 +362,6 @@ impl Client {
             )
             .await;
     }
-}
-
-/// Waits for what a publisher's routing left pending (captures, other nodes, routes)
-/// and for room at its blocked
-/// subscribers; returns the store writes that undo deliveries dropped meanwhile.
-async fn wait_for(broker: &Broker, waits: Waits) -> Vec<crate::store::Op> {
-    let Waits {
-        blocked, pending, ..
-    } = waits;
-    for wait in pending {
-        wait.await;
-    }
-    if blocked.is_empty() {
-        return Vec::new();
-    }
-    send_blocked(blocked, broker.limits.delivery_wait(), &broker.metrics).await
 }
 
 /// Adds what the connection counted since the last time to the broker's metrics.
