@@ -136,11 +136,11 @@ impl RaftNode {
     }
 
     async fn write_here(&self, cmd: Command) -> Result<Outcome, Result<Option<NodeId>, String>> {
-        match self.raft.client_write(cmd).await {
-            Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Ok(f.leader_id)),
-            Err(e) => Err(Err(e.to_string())),
-        }
+        self.raft
+            .client_write(cmd)
+            .await
+            .map(|r| r.data)
+            .map_err(elsewhere)
     }
 
     async fn members_here(
@@ -172,11 +172,7 @@ impl RaftNode {
                     .await
             }
         };
-        match result {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(Ok(f.leader_id)),
-            Err(e) => Err(Err(e.to_string())),
-        }
+        result.map(|_| ()).map_err(elsewhere)
     }
 
     /// Runs `here` on this node if it leads, else forwards `request` to the leader,
@@ -218,6 +214,17 @@ impl RaftNode {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Why a write could not be made here: `Ok(leader)` when another node leads (or none
+/// is known), `Err` with the reason otherwise.
+fn elsewhere(
+    e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+) -> Result<Option<NodeId>, String> {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Ok(f.leader_id),
+        e => Err(e.to_string()),
     }
 }
 
