@@ -103,9 +103,15 @@ def test_kill_the_leader_under_qos1_load(cluster_of, clients):
     assert s2.get().payload == b"back"
 
 
-@pytest.mark.parametrize("n,minority", [(3, [3]), (5, [4, 5])])
-def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, clients, n, minority):
+@pytest.mark.parametrize("n,leader_cut_off", [(3, True), (5, False), (5, True)])
+def test_partition_minority_refuses_and_heals_to_one_owner(cluster_of, clients, n, leader_cut_off):
     c = cluster_of(n)
+    # The cut either leaves the old leader with the minority (it must stop being
+    # named there, and the majority must elect another) or takes only followers.
+    old = c.leader()
+    others = [i for i in range(1, n + 1) if i != old]
+    size = (n - 1) // 2
+    minority = [old] + others[: size - 1] if leader_cut_off else others[-size:]
     majority = [i for i in range(1, n + 1) if i not in minority]
     m0, m1 = majority[0], majority[1]
     x0 = minority[0]

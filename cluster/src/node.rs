@@ -374,13 +374,13 @@ impl Node {
             .collect();
         let voters = members.iter().filter(|m| m.voter).count();
         let reachable = members.iter().filter(|m| m.voter && m.up).count();
-        let leader = self.consensus.leader().filter(|&l| {
-            if l == self.me {
-                reachable * 2 > voters
-            } else {
-                self.links.is_up(l)
-            }
-        });
+        // A leader cut off with a minority still believes it leads (openraft has no
+        // check-quorum step-down), and its followers there still hear from it: a node
+        // names a leader only when it reaches a majority of the voters itself.
+        let leader = self
+            .consensus
+            .leader()
+            .filter(|&l| reachable * 2 > voters && (l == self.me || self.links.is_up(l)));
         Status {
             node_id: self.me,
             leader,
