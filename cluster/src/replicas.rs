@@ -51,6 +51,9 @@ pub struct PartitionPlacement {
     /// The replicas whose log is current (as the leader sees it when this node leads;
     /// elsewhere the replicas this node is linked to).
     pub in_sync: Vec<NodeId>,
+    /// The offset the next message gets in this node's copy of the partition (equal on
+    /// every replica once they have applied the same log).
+    pub local_end: Option<u64>,
 }
 
 /// The replicated partitions of this node.
@@ -391,6 +394,7 @@ impl Replicas {
     /// Where `queue`'s partitions live, if it is replicated.
     pub fn placement(&self, queue: &str) -> Option<Vec<PartitionPlacement>> {
         let placement = self.consensus.state().placement(queue)?;
+        let local = self.queues.get(queue);
         Some(
             placement
                 .into_iter()
@@ -415,6 +419,7 @@ impl Replicas {
                         leader,
                         replicas,
                         in_sync,
+                        local_end: local.as_ref().and_then(|q| q.next_offset(p as u32)),
                     }
                 })
                 .collect(),

@@ -102,9 +102,11 @@ pub enum ProduceError {
     /// for 3.1.1 until space returns.
     #[error(transparent)]
     Storage(#[from] roost_storage::Error),
-    /// The queue's partition is replicated and no majority of its replicas can be
-    /// reached from here (a cut, or too many nodes down): nothing was stored. Answered
-    /// like a full queue: 0x97 for v5, a waiting PUBACK for 3.1.1.
+    /// The queue's partition is replicated and no majority of its replicas could be
+    /// reached in time (a cut, or too many nodes down): not acknowledged. It may still
+    /// be stored later, if the partition's leader kept it in its log and a majority
+    /// returns (a producer that sends it again may then store it twice). Answered like
+    /// a full queue: 0x97 for v5, a waiting PUBACK for 3.1.1.
     #[error("partition {partition} of queue {queue:?} has no reachable majority: {why}")]
     Unavailable {
         /// The queue.
