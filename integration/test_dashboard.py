@@ -132,6 +132,10 @@ def test_the_dashboard_shows_the_cluster_and_redrives_dead_letters(broker_with):
     try:
         c.start()
         node = c[1]
+        # Kept on this node alone (its dead letters are this node's; dead-letter queues
+        # of replicated queues live on the partition's leader: see the README).
+        code, body = node.api("PUT", "/api/v1/queues/dlqd", {"replication_factor": 1})
+        assert code in (200, 201), body
         worker = mqttraw.RawClient(node.host, node.port, 5)
         worker.connect("dash-rejecter")
         worker.subscribe([("$share/w/$queue/dlqd", 1)])
