@@ -28,10 +28,11 @@ use crate::broker::{
     Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox,
 };
 use crate::mailbox;
-use crate::metrics::{DisconnectReason, DropReason, Limit};
+use crate::metrics::{DisconnectReason, DropReason, Limit, StoreRefusal};
 use crate::protocol::{AckToken, ConnectPlan, Connection, Event};
 use crate::queues::{self, QueueIo};
 use crate::session::{Delivery, Session};
+use crate::store::StoreError;
 
 /// Most deliveries taken from the mailbox in one batch, so a busy subscriber still
 /// reads its socket and answers pings.
@@ -319,15 +320,28 @@ impl Client {
                 ops.append(&mut self.conn.take_store_ops());
                 if !ops.is_empty() {
                     let ticket = broker.store().submit(ops);
-                    if let Err(e) = ticket.wait().await {
-                        tracing::error!(client_id = %self.conn.client_id(), "cannot store session state: {e}");
-                        let _ = self.conn.take_output();
-                        self.conn.disconnect(
-                            ReasonCode::UnspecifiedError,
-                            DisconnectReason::StorageFailure,
-                            "storage failure",
-                            true,
-                        );
+                    match ticket.wait().await {
+                        Ok(()) => {}
+                        Err(e @ StoreError::NoSpace(_)) => {
+                            tracing::warn!(client_id = %self.conn.client_id(), "closing the connection without its acknowledgements: {e}");
+                            let _ = self.conn.take_output();
+                            self.conn.disconnect(
+                                ReasonCode::QuotaExceeded,
+                                DisconnectReason::StorageFull,
+                                "no space to store session state",
+                                true,
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(client_id = %self.conn.client_id(), "cannot store session state: {e}");
+                            let _ = self.conn.take_output();
+                            self.conn.disconnect(
+                                ReasonCode::UnspecifiedError,
+                                DisconnectReason::StorageFailure,
+                                "storage failure",
+                                true,
+                            );
+                        }
                     }
                 }
             }
@@ -390,6 +404,10 @@ fn count(broker: &Broker, conn: &mut Connection) {
     m.limit_tripped(
         Limit::SubscriptionsPerClient,
         u64::from(counts.subscriptions_refused),
+    );
+    m.store_refused(
+        StoreRefusal::Subscription,
+        u64::from(counts.subscriptions_refused_no_space),
     );
 }
 

@@ -414,6 +414,9 @@ pub struct Counts {
     pub dropped_over_total: u32,
     /// Subscriptions refused by `max_subscriptions_per_client`.
     pub subscriptions_refused: u32,
+    /// Subscriptions of a persistent session refused because the session store is
+    /// short of disk space.
+    pub subscriptions_refused_no_space: u32,
 }
 
 impl Connection {
@@ -1293,6 +1296,14 @@ impl Connection {
             {
                 tracing::debug!(client_id = %self.session.client_id, filter = %raw, "SUBSCRIBE refused: max_subscriptions_per_client");
                 self.counts.subscriptions_refused += 1;
+                reasons.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
+            if self.session.is_persistent() && !self.limits.store_room.has_room() {
+                // Granted, it would be lost at the next restart: refused until there
+                // is room to store it.
+                tracing::debug!(client_id = %self.session.client_id, filter = %raw, "SUBSCRIBE refused: session store short of space");
+                self.counts.subscriptions_refused_no_space += 1;
                 reasons.push(ReasonCode::QuotaExceeded);
                 continue;
             }
