@@ -532,6 +532,92 @@ def test_full_disk_under_the_session_store_refuses_new_state_and_resumes_by_itse
         b.cleanup()
 
 
+@pytest.mark.timeout(90)
+def test_failed_fsync_of_one_queue_fails_its_producers_and_nothing_else():
+    """From when a trigger file appears, every fdatasync of queue `bad`'s partition
+    logs fails (ROOST_TEST_FAIL_FSYNC_QUEUE / _WHEN, in the running binary). Its v5
+    producers get PUBACK 0x80, a 3.1.1 producer is disconnected without a PUBACK, no
+    failed fsync is retried, /ready names the failed logs; queue `good` and plain
+    pub/sub go on, and every produce acknowledged before the fault is still consumed
+    from `bad` (none of the refused ones)."""
+    import urllib.error
+    import urllib.request
+
+    admin = free_port()
+    tag = uuid.uuid4().hex[:6]
+    bad, good = f"bad{tag}", f"good{tag}"
+    b = Broker({"admin_bind": [f"127.0.0.1:{admin}"], "log_level": "info",
+                "queues": {bad: {"partitions": 2}, good: {"partitions": 2}}})
+    trigger = b.dir / "fail-now"
+    b.env = {"ROOST_TEST_FAIL_FSYNC_QUEUE": bad, "ROOST_TEST_FAIL_FSYNC_WHEN": str(trigger)}
+    b.start()
+    try:
+        def ready():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        prod = w.RawClient(b.host, b.port, 5)
+        prod.connect(f"prod-{tag}")
+        pid = 0
+
+        def produce(queue, payload, key):
+            nonlocal pid
+            pid += 1
+            prod.publish(f"$queue/{queue}/{key}", payload, qos=1, pid=pid)
+            ack = prod.expect(w.PUBACK, timeout=10)
+            assert ack.pid == pid
+            return ack.rc or 0
+
+        acked = {bad: [], good: []}
+        for i in range(20):
+            for q in (bad, good):
+                assert produce(q, b"before-%d" % i, f"d{i % 4}") == 0
+                acked[q].append(b"before-%d" % i)
+        assert ready()[0] == 200
+
+        trigger.touch()
+        for i in range(6):  # over every partition
+            assert produce(bad, b"refused-%d" % i, f"d{i % 4}") == 0x80
+        v3 = w.RawClient(b.host, b.port, 4)
+        v3.connect(f"v3-{tag}")
+        v3.publish(f"$queue/{bad}/d0", b"refused-v3", qos=1, pid=1)
+        got = v3.recv_all(timeout=5, until_closed=True)
+        assert not any(p.type == w.PUBACK for p in got), got
+        status, body = ready()
+        assert status == 503, body
+        assert f"queue log p0.{bad} failed" in body and "injected" in body, body
+        assert good not in body, body
+
+        # The other queue and plain pub/sub go on.
+        for i in range(20):
+            assert produce(good, b"after-%d" % i, f"d{i % 4}") == 0
+            acked[good].append(b"after-%d" % i)
+        sub = w.RawClient(b.host, b.port, 4)
+        sub.connect(f"sub-{tag}")
+        sub.subscribe(f"plain/{tag}", qos=1)
+        pid += 1
+        prod.publish(f"plain/{tag}", b"still here", qos=1, pid=pid)
+        assert prod.expect(w.PUBACK).rc in (None, 0)
+        assert sub.expect(w.PUBLISH).payload == b"still here"
+
+        # Nothing acknowledged was lost; nothing refused was stored.
+        for q in (bad, good):
+            c = w.RawClient(b.host, b.port, 4, timeout=30)
+            c.connect(f"c-{q}")
+            c.subscribe(f"$share/g/$queue/{q}", qos=1)
+            got = receive_publishes(c, len(acked[q]), timeout=30)
+            assert sorted(p.payload for p in got) == sorted(acked[q]), q
+            assert c.recv(1.0) is None
+        log = b.log_path.read_text(errors="replace")
+        assert "panicked" not in log, b.log_tail()
+    finally:
+        b.kill()
+        b.cleanup()
+
+
 def _segments(log_dir):
     return sorted(p for p in log_dir.iterdir() if p.suffix == ".log")
 

@@ -200,11 +200,28 @@ impl Client {
     /// A queue produce's acknowledgement is ready: sends it, and every other ready one
     /// (produces of one commit resolve together: one write for them all).
     pub fn produced(&mut self, token: AckToken, reason: ReasonCode) {
-        self.conn.resolve_ack(token, reason);
+        self.resolve_produced(token, reason);
         while let Some((token, reason)) = self.queues.next_produced() {
-            self.conn.resolve_ack(token, reason);
+            self.resolve_produced(token, reason);
         }
         self.queues.tidy();
+    }
+
+    /// Acknowledges a queue produce; one that failed (a failed log: not stored) ends a
+    /// 3.x producer's connection instead, since its PUBACK has no reason code and
+    /// would say stored. (A full queue or disk never fails a 3.x produce: it waits.)
+    fn resolve_produced(&mut self, token: AckToken, reason: ReasonCode) {
+        if reason.is_error() && !self.conn.version().is_v5() {
+            info!(client_id = %self.conn.client_id(), ?reason, "queue produce not stored: disconnecting the 3.x producer instead of acknowledging");
+            self.conn.disconnect(
+                reason,
+                DisconnectReason::StorageFailure,
+                "queue produce not stored",
+                true,
+            );
+            return;
+        }
+        self.conn.resolve_ack(token, reason);
     }
 
     /// A request from the broker. A takeover ends the connection at once: the reply

@@ -93,7 +93,8 @@ pub enum DisconnectReason {
     AdminKick,
     /// The client took no data, or acknowledged nothing, for `slow_consumer_timeout_ms`.
     SlowConsumer,
-    /// The session store failed: what the client was to be told is stored was not.
+    /// The session store failed: what the client was to be told is stored was not; or
+    /// a queue log failed under a 3.x producer's produce (it cannot be told otherwise).
     StorageFailure,
     /// The session store, short of disk space, refused what the client was to be told
     /// is stored (v5: DISCONNECT 0x97); the store takes writes again once space returns.

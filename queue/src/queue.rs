@@ -314,6 +314,17 @@ pub(crate) fn partition_log_name(stem: &str, dlq: bool, p: usize) -> String {
     }
 }
 
+/// True if `log` is the name of one of the partition logs of queue `queue` (not its
+/// progress or dead-letter logs); for fault injection by name.
+pub fn is_partition_log_of(log: &str, queue: &str) -> bool {
+    log.split_once('.').is_some_and(|(kind, stem)| {
+        stem == queue
+            && kind
+                .strip_prefix('p')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
 pub(crate) fn progress_log_name(stem: &str, dlq: bool) -> String {
     if dlq {
         format!("dlqg.{stem}")

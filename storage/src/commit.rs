@@ -42,6 +42,9 @@ use crate::log::{CommitQueue, Completion, LogInner, PendingAppend};
 use crate::space::SpaceGuard;
 use crate::{Durability, Offset};
 
+/// Which logs' fdatasyncs fail (see [`crate::Storage::inject_sync_failure`]).
+pub(crate) type SyncFault = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// What appenders, the committer, the journal thread and the sync pool share.
 pub(crate) struct CommitShared {
     queue: Mutex<Queue>,
@@ -63,6 +66,9 @@ pub(crate) struct CommitShared {
     /// Fault injection (a slow disk): milliseconds every data-file fdatasync waits
     /// first. 0 in normal operation; see [`crate::Storage::inject_sync_delay`].
     pub(crate) sync_delay_ms: std::sync::atomic::AtomicU64,
+    /// Fault injection (a failing disk): the logs whose fdatasync fails; see
+    /// [`crate::Storage::inject_sync_failure`]. Unset in normal operation.
+    pub(crate) sync_fault: std::sync::OnceLock<SyncFault>,
     /// Whether the file system has room for a round (see `space.rs`).
     pub(crate) space: SpaceGuard,
 }
@@ -130,6 +136,7 @@ impl CommitShared {
             #[cfg(test)]
             journal_fault: std::sync::atomic::AtomicBool::new(false),
             sync_delay_ms: std::sync::atomic::AtomicU64::new(0),
+            sync_fault: std::sync::OnceLock::new(),
             space: SpaceGuard::new(dir),
         }
     }
@@ -193,6 +200,10 @@ impl CommitQueue for CommitShared {
         if ms > 0 {
             std::thread::sleep(Duration::from_millis(ms));
         }
+    }
+
+    fn sync_fails(&self, log: &str) -> bool {
+        self.sync_fault.get().is_some_and(|fails| fails(log))
     }
 
     fn schedule(&self, log: Arc<LogInner>) -> bool {

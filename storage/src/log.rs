@@ -602,6 +602,10 @@ pub(crate) trait CommitQueue: Send + Sync {
     /// Called just before each data-file fdatasync (a slow disk can be injected here).
     fn before_sync(&self);
 
+    /// Fault injection: true if an fdatasync of the log named `log` is to fail (see
+    /// [`crate::Storage::inject_sync_failure`]).
+    fn sync_fails(&self, log: &str) -> bool;
+
     /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
     /// storage has stopped.
     fn schedule(&self, log: Arc<LogInner>) -> bool;
@@ -627,6 +631,11 @@ pub(crate) struct LogInner {
     stats: Stats,
     #[cfg(test)]
     faults: Faults,
+}
+
+/// The error of an fdatasync that [`crate::Storage::inject_sync_failure`] made fail.
+fn injected_sync_failure() -> io::Error {
+    io::Error::other("fdatasync failed (injected fault)")
 }
 
 /// The file holding a log's incarnation id.
@@ -1031,6 +1040,9 @@ impl LogInner {
         if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected fdatasync failure"));
         }
+        if self.committer.sync_fails(&self.name) {
+            return Err(injected_sync_failure());
+        }
         let started = std::time::Instant::now();
         self.committer.before_sync();
         w.data.sync_data()?;
@@ -1089,6 +1101,11 @@ impl LogInner {
         #[cfg(test)]
         if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected fdatasync failure"));
+        }
+        // The journal's fdatasync made this round durable; a failure injected for this
+        // log stands for that fdatasync failing for it.
+        if self.committer.sync_fails(&self.name) {
+            return Err(injected_sync_failure());
         }
         if sync {
             self.sync_data(&w)?;

@@ -212,6 +212,21 @@ impl Storage {
             .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Fault injection for tests of what a failing disk does to the rest of the broker:
+    /// from now on, every fdatasync of a log whose name `fails` accepts fails (as would
+    /// the journal's for the rounds it covers), and the log turns read-only as after a
+    /// real failure. Set once; false if it was set already.
+    pub fn inject_sync_failure(
+        &self,
+        fails: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> bool {
+        self.committer
+            .shared()
+            .sync_fault
+            .set(Box::new(fails))
+            .is_ok()
+    }
+
     /// Test hook: make the next journal write fail.
     #[cfg(test)]
     pub(crate) fn inject_journal_fault(&self) {

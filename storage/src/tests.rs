@@ -781,6 +781,41 @@ async fn a_failed_fsync_makes_the_log_read_only() {
     assert_eq!(other.append(vec![rec(0)]).await.expect("other"), 0);
 }
 
+/// The runtime hook (`Storage::inject_sync_failure`, which the broker's
+/// `ROOST_TEST_FAIL_FSYNC_QUEUE` sets) fails the fdatasyncs of the logs it names only,
+/// from when it is set, through the same path as a real failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_sync_failure_fails_only_the_logs_it_names() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (chosen, _) = storage
+        .open_log("p0.chosen", LogConfig::default())
+        .expect("open");
+    let (other, _) = storage
+        .open_log("p0.other", LogConfig::default())
+        .expect("open");
+    chosen.append(vec![rec(0)]).await.expect("before the fault");
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trigger = armed.clone();
+    assert!(storage.inject_sync_failure(move |log| {
+        log == "p0.chosen" && trigger.load(std::sync::atomic::Ordering::SeqCst)
+    }));
+    assert!(!storage.inject_sync_failure(|_| true), "set once");
+    chosen.append(vec![rec(1)]).await.expect("not armed yet");
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = chosen.append(vec![rec(2)]).await;
+    assert!(
+        matches!(&failed, Err(Error::ReadOnly { log, .. }) if log == "p0.chosen"),
+        "{failed:?}"
+    );
+    assert!(storage.failed_logs()[0].1.to_string().contains("injected"));
+    assert_eq!(
+        chosen.read(0, ReadLimit::bytes(1000)).expect("read").len(),
+        2
+    );
+    assert_eq!(other.append(vec![rec(0)]).await.expect("other"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_makes_the_log_read_only_in_both_modes() {
     for durability in [Durability::Fsync, Durability::Buffered] {
