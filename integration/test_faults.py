@@ -618,6 +618,82 @@ def test_failed_fsync_of_one_queue_fails_its_producers_and_nothing_else():
         b.cleanup()
 
 
+@pytest.mark.timeout(120)
+def test_damage_found_while_running_is_quarantined_and_the_rest_is_served():
+    """While roost runs, 32 bytes in the middle of a sealed segment of a queue's
+    partition are overwritten on disk (a bad block under a running broker). The first
+    consumer's read meets it: no error and no panic, a log line names the damaged file,
+    it is moved into the quarantine directory, roost_storage_quarantined_total is 1, the
+    admin API's `damage` says which offsets were lost, and every other message is
+    delivered once, in order; produces and another queue go on."""
+    admin = free_port()
+    tag = uuid.uuid4().hex[:6]
+    q, healthy = f"rt{tag}", f"ok{tag}"
+    b = Broker({"admin_bind": [f"127.0.0.1:{admin}"], "log_level": "info",
+                "queues": {q: {"partitions": 1, "segment_bytes": 4096},
+                           healthy: {"partitions": 1}}})
+    b.start()
+    try:
+        api = Admin(admin)
+        n = 600
+        pub = w.RawClient(b.host, b.port, 5)
+        pub.connect(f"p-{q}")
+        for i in range(n):
+            pub.send(w.publish_packet(f"$queue/{q}/d", b"m%05d" % i + b"." * 80,
+                                      qos=1, pid=i % 60000 + 1, version=5))
+        for _ in range(n):
+            assert pub.expect(w.PUBACK, timeout=10).rc in (None, 0)
+        logs = b.dir / "data" / "queues" / "logs"
+        segments = _segments(logs / f"p0.{q}")
+        assert len(segments) > 10, segments
+        victim = segments[1]
+        size = victim.stat().st_size
+        with open(victim, "r+b") as f:  # in place: the broker's open file sees it
+            f.seek(size // 2)
+            f.write(b"\xEE" * 32)
+        assert value(api.metrics(), "roost_storage_quarantined_total") == 0
+
+        c = w.RawClient(b.host, b.port, 5)
+        c.connect(f"c-{q}")
+        assert c.subscribe(f"$share/g/$queue/{q}", qos=1).rcs == [1]
+        offsets, payloads = [], []
+        while True:
+            p = c.recv(2.0)
+            if p is None:
+                break
+            assert p.type == w.PUBLISH, p
+            offsets.append(int(dict(p.user_props())["offset"]))
+            payloads.append(p.payload[:6])
+            c.puback(p.pid)
+        assert value(api.metrics(), "roost_storage_quarantined_total") == 1
+        info = api.json("GET", f"/api/v1/queues/{q}")
+        assert [d["partition"] for d in info["damage"]] == [0], info["damage"]
+        d = info["damage"][0]
+        lost = [(r["from"], r["to"]) for r in d["lost_offsets"]]
+        assert 1 <= d["lost"] <= 2 and len(lost) == 1, d
+        assert victim.name in d["quarantined"][0], d
+        lo, hi = lost[0]
+        # Every other message, once, in order; none of the lost offsets.
+        assert offsets == [o for o in range(n) if not lo <= o < hi], (lost, offsets[:50])
+        assert payloads == [b"m%05d" % o for o in offsets]
+        quarantined = list((logs / "quarantine" / f"p0.{q}").glob(f"{victim.name}.*"))
+        assert len(quarantined) == 1 and quarantined[0].stat().st_size == size, quarantined
+        log = b.log_path.read_text(errors="replace")
+        assert re.search(rf"damage found while reading: damaged file quarantined as "
+                         rf"\S*/quarantine/p0\.{q}/{re.escape(victim.name)}\.\d+", log), b.log_tail()
+        assert "panicked" not in log
+
+        # Produces to it and to another queue go on.
+        pub.publish(f"$queue/{q}/d", b"after", qos=1, pid=1)
+        assert pub.expect(w.PUBACK).rc in (None, 0)
+        assert c.expect(w.PUBLISH, timeout=10).payload == b"after"
+        pub.publish(f"$queue/{healthy}", b"fine", qos=1, pid=2)
+        assert pub.expect(w.PUBACK).rc in (None, 0)
+    finally:
+        b.kill()
+        b.cleanup()
+
+
 def _segments(log_dir):
     return sorted(p for p in log_dir.iterdir() if p.suffix == ".log")
 

@@ -285,8 +285,9 @@ pub(crate) struct Inner {
     last_values: Mutex<Vec<HashMap<Bytes, u64>>>,
     /// Transfers out of this queue in progress, and those replay found unfinished.
     ledger: Mutex<Ledger>,
-    /// What recovery could not read in this queue's logs when it was opened.
-    damage: Vec<crate::Damage>,
+    /// What recovery could not read in this queue's logs when it was opened, and what
+    /// reads found damaged since (see [`Queue::collect_damage`]).
+    damage: Mutex<Vec<crate::Damage>>,
 }
 
 /// One durable queue. Cheap to clone; clones share the queue.
@@ -492,7 +493,7 @@ impl Queue {
                 dedup: Mutex::new(dedup),
                 last_values: Mutex::new(last_values),
                 ledger: Mutex::new(ledger),
-                damage,
+                damage: Mutex::new(damage),
             }),
         };
         {
@@ -525,6 +526,35 @@ impl Queue {
 
     fn logs(&self) -> Arc<[Log]> {
         self.inner.logs.read().clone()
+    }
+
+    /// Takes the damage that reads of this queue's logs found while running (a sealed
+    /// segment that failed its CRC, quarantined and salvaged by storage, see
+    /// [`Log::take_found_damage`]) into the queue's damage report, with a warn line per
+    /// damaged file as on open. The lost offsets read back as lost records, which the
+    /// dispatcher skips like any undecodable record.
+    fn collect_damage(&self) {
+        let logs = self.logs();
+        let partitions = logs.iter().enumerate().map(|(p, l)| (Some(p as u32), l));
+        for (partition, log) in partitions.chain([(None, &self.inner.progress)]) {
+            let Some(found) = log.take_found_damage() else {
+                continue;
+            };
+            let Some(d) = crate::Damage::of(partition, log, &found) else {
+                continue;
+            };
+            let what =
+                partition.map_or_else(|| "group progress".to_owned(), |p| format!("partition {p}"));
+            for file in &d.quarantined {
+                warn!(
+                    "queue {} {what}: damage found while reading: damaged file quarantined as {} (lost offsets {:?})",
+                    self.inner.name,
+                    file.display(),
+                    d.lost
+                );
+            }
+            self.inner.damage.lock().push(d);
+        }
     }
 
     /// Produces refused at `max_depth` or `max_bytes` since the queue was opened (what
@@ -956,7 +986,12 @@ impl Queue {
                         max_bytes: 1 << 20,
                     };
                     match log.read(pick.offset, limit) {
-                        Ok(records) => ahead = records.into_iter(),
+                        Ok(records) => {
+                            ahead = records.into_iter();
+                            if log.has_found_damage() {
+                                self.collect_damage();
+                            }
+                        }
                         Err(roost_storage::Error::OffsetOutOfRange { start, .. })
                             if pick.offset < start =>
                         {
@@ -1723,7 +1758,10 @@ impl Queue {
             bytes: self.bytes(),
             groups,
             dead_letters: self.inner.dead_letters.as_ref().map_or(0, Queue::depth),
-            damage: self.inner.damage.clone(),
+            damage: {
+                self.collect_damage();
+                self.inner.damage.lock().clone()
+            },
         }
     }
 

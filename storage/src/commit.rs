@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,9 @@ pub(crate) struct CommitShared {
     pub(crate) sync_fault: std::sync::OnceLock<SyncFault>,
     /// Whether the file system has room for a round (see `space.rs`).
     pub(crate) space: SpaceGuard,
+    /// Damaged files copied into the quarantine directory since open (on open or while
+    /// reading): `roost_storage_quarantined_total`.
+    pub(crate) quarantined: AtomicU64,
 }
 
 /// A ready queue: the committer's (`Buffered` logs) or the journal thread's (`Fsync`).
@@ -138,6 +141,7 @@ impl CommitShared {
             sync_delay_ms: std::sync::atomic::AtomicU64::new(0),
             sync_fault: std::sync::OnceLock::new(),
             space: SpaceGuard::new(dir),
+            quarantined: AtomicU64::new(0),
         }
     }
 
@@ -204,6 +208,10 @@ impl CommitQueue for CommitShared {
 
     fn sync_fails(&self, log: &str) -> bool {
         self.sync_fault.get().is_some_and(|fails| fails(log))
+    }
+
+    fn quarantined(&self) -> &AtomicU64 {
+        &self.quarantined
     }
 
     fn schedule(&self, log: Arc<LogInner>) -> bool {

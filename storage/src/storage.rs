@@ -27,8 +27,6 @@ pub struct Storage {
     /// What opening the storage repaired in each log (journal replay), reported by the
     /// log's first [`Storage::open_log`].
     recovered: Mutex<HashMap<String, Recovery>>,
-    /// Damaged files copied into the quarantine directory since open.
-    quarantined: std::sync::atomic::AtomicU64,
     // Declared last: dropped after the map, joining the thread that holds log references.
     committer: Committer,
 }
@@ -80,7 +78,6 @@ impl Storage {
             dir,
             logs: Mutex::new(HashMap::new()),
             recovered: Mutex::new(recovered),
-            quarantined: Default::default(),
             committer,
         })
     }
@@ -134,7 +131,7 @@ impl Storage {
             Some(earlier) => earlier.merge(recovery),
             None => recovery,
         };
-        self.quarantined.fetch_add(
+        self.committer.shared().quarantined.fetch_add(
             recovery.quarantined.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
@@ -143,10 +140,14 @@ impl Storage {
         Ok((log, recovery))
     }
 
-    /// Damaged files that recovery copied into `<dir>/quarantine/` (and then rewrote or
-    /// cut) since this storage was opened: `roost_storage_quarantined_total`.
+    /// Damaged files that recovery, or a read that met damage while running, copied
+    /// into `<dir>/quarantine/` (and then rewrote or cut) since this storage was
+    /// opened: `roost_storage_quarantined_total`.
     pub fn quarantined_total(&self) -> u64 {
-        self.quarantined.load(std::sync::atomic::Ordering::Relaxed)
+        self.committer
+            .shared()
+            .quarantined
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The open log `name`, if any.
