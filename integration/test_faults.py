@@ -392,7 +392,8 @@ def test_full_disk_under_the_session_store_refuses_new_state_and_resumes_by_itse
     session is dropped and counted, a v5 QoS 1 retained publish gets PUBACK 0x97; a
     clean session's SUBSCRIBE and plain pub/sub go on, and /ready names the store and
     why. Below the hard reserve (14 MiB) a round is refused whole: the connection that
-    needed it is closed without its acknowledgement, and the store is not read-only.
+    needed it is refused or closed without its acknowledgement (a new persistent
+    session: CONNACK 3 / 0x97), and the store is not read-only.
     When the filler files are removed, everything is taken again with no restart, and
     the offline session gets every message that was acknowledged while it was away
     except the ones counted as dropped."""
@@ -487,15 +488,18 @@ def test_full_disk_under_the_session_store_refuses_new_state_and_resumes_by_itse
         assert value(m, "roost_session_store_refusals_total", what="retained") == 1
 
         # Below the hard reserve a round is refused whole: a new persistent session's
-        # record cannot be written, its connection is closed without a CONNACK.
+        # record cannot be written, so its CONNECT is refused (3.1.1: 3, server
+        # unavailable; v5: 0x97) instead of accepted.
         hard = _fill_to(data, "hard", 10 * MIB)
         newcomer = w.RawClient(b.host, b.port, 4)
-        newcomer.send(w.connect_packet(f"newcomer-{tag}", 4, clean=False))
-        got = newcomer.recv_all(timeout=5, until_closed=True)
-        assert not any(p.type == w.CONNACK for p in got), got
+        newcomer.connect(f"newcomer-{tag}", clean=False, expect_rc=3)
+        assert newcomer.wait_closed() == (True, [])
+        newcomer5 = w.RawClient(b.host, b.port, 5)
+        newcomer5.connect(f"newcomer5-{tag}", properties={w.SESSION_EXPIRY: 600},
+                          expect_rc=0x97)
         m = adm.metrics()
-        assert value(m, "roost_session_store_refused_rounds_total") >= 1
-        assert value(m, "roost_disconnects_total", reason="storage_full") >= 1
+        assert value(m, "roost_session_store_refused_rounds_total") >= 2
+        assert value(m, "roost_disconnects_total", reason="storage_full") >= 2
         status, body = ready()
         assert "read-only" not in body, body
 

@@ -341,22 +341,18 @@ impl Client {
                         Ok(()) => {}
                         Err(e @ StoreError::NoSpace(_)) => {
                             tracing::warn!(client_id = %self.conn.client_id(), "closing the connection without its acknowledgements: {e}");
-                            let _ = self.conn.take_output();
-                            self.conn.disconnect(
+                            self.conn.close_unstored(
                                 ReasonCode::QuotaExceeded,
                                 DisconnectReason::StorageFull,
                                 "no space to store session state",
-                                true,
                             );
                         }
                         Err(e) => {
                             tracing::error!(client_id = %self.conn.client_id(), "cannot store session state: {e}");
-                            let _ = self.conn.take_output();
-                            self.conn.disconnect(
+                            self.conn.close_unstored(
                                 ReasonCode::UnspecifiedError,
                                 DisconnectReason::StorageFailure,
                                 "storage failure",
-                                true,
                             );
                         }
                     }

@@ -95,3 +95,25 @@ async fn a_full_session_store_refuses_new_state_and_takes_it_again_when_space_re
     h.send(sub, subscribe(3, "u", QoS::AtLeastOnce)).await;
     assert_eq!(suback_reasons(&h.take(sub)), [ReasonCode::GrantedQoS1]);
 }
+
+/// A CONNECT whose session record cannot be stored is refused with a CONNACK (v5: the
+/// store's reason; 3.1.1: 3, server unavailable), never answered by a DISCONNECT
+/// before any CONNACK, and leaves no will behind.
+#[tokio::test(start_paused = true)]
+async fn a_connect_whose_session_cannot_be_stored_gets_a_refusing_connack() {
+    let mut h = Harness::new().await;
+    h.store.fail();
+    let (v5c, ack) = h.connect(v5("p5").expiry(60)).await;
+    assert_eq!(ack.code, ReasonCode::UnspecifiedError);
+    assert_eq!(
+        h.closed_for(v5c),
+        Some(crate::metrics::DisconnectReason::StorageFailure)
+    );
+    assert!(h.take(v5c).is_empty(), "nothing after the CONNACK");
+    let (v3c, ack) = h.connect(v311("p3", false)).await;
+    assert_eq!(ack.code, ReasonCode::ServerUnavailable);
+    assert_eq!(
+        h.closed_for(v3c),
+        Some(crate::metrics::DisconnectReason::StorageFailure)
+    );
+}
