@@ -15,6 +15,7 @@
 //! replayed; anything delivered but not durably settled is delivered again, with its
 //! delivery count starting over at 1 (in-flight state and counts are not persisted).
 
+pub(crate) mod replica;
 pub(crate) mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,6 +30,8 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use roost_storage::{Append, Log, LogConfig, ReadLimit, Record, Storage};
 use tracing::{debug, warn};
+
+pub use crate::message::NewMessage;
 
 use crate::config::QueueConfig;
 use crate::dedup::{Claim, Dedup, Outcome};
@@ -46,25 +49,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// A message to produce.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NewMessage {
-    /// The part of the source topic after `$queue/<name>/` (or the whole topic for a
-    /// captured publish); may be empty. Stored with the message.
-    pub subtopic: String,
-    /// The `partition-key` user property, if the producer sent one.
-    pub partition_key: Option<Bytes>,
-    /// Opaque to the queue: the broker's encoded MQTT properties.
-    pub headers: Bytes,
-    /// The message body.
-    pub payload: Bytes,
-    /// The `dedup-id` user property: stored once per queue within `dedup_window_ms`.
-    pub dedup_id: Option<Bytes>,
-    /// From `delay-ms` or `deliver-at`: no group gets the message before this time
-    /// (ms since the epoch); later messages go ahead of it.
-    pub deliver_at: Option<u64>,
 }
 
 /// One message handed to a consumer.
@@ -288,6 +272,8 @@ pub(crate) struct Inner {
     /// What recovery could not read in this queue's logs when it was opened, and what
     /// reads found damaged since (see [`Queue::collect_damage`]).
     damage: Mutex<Vec<crate::Damage>>,
+    /// Set when a cluster replicates the queue's partitions.
+    replica: crate::replication::ReplicaState,
 }
 
 /// One durable queue. Cheap to clone; clones share the queue.
@@ -494,6 +480,7 @@ impl Queue {
                 last_values: Mutex::new(last_values),
                 ledger: Mutex::new(ledger),
                 damage: Mutex::new(damage),
+                replica: Default::default(),
             }),
         };
         {
@@ -606,12 +593,9 @@ impl Queue {
 
     fn reserve(&self, bytes: u64) -> Result<Reservation, ProduceError> {
         let inner = &self.inner;
-        let n = inner.reserved.fetch_add(1, Ordering::SeqCst) + 1;
-        let b = inner.reserved_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
-        let r = Reservation {
-            inner: inner.clone(),
-            bytes,
-        };
+        let r = self.reserve_any(bytes);
+        let n = inner.reserved.load(Ordering::SeqCst);
+        let b = inner.reserved_bytes.load(Ordering::SeqCst);
         let cfg = inner.config.read();
         let full = |what| {
             inner.quota_refusals.fetch_add(1, Ordering::Relaxed);
@@ -627,6 +611,17 @@ impl Queue {
             return Err(full("max_bytes"));
         }
         Ok(r)
+    }
+
+    /// Counts `bytes` being appended, whatever the limits say.
+    fn reserve_any(&self, bytes: u64) -> Reservation {
+        let inner = &self.inner;
+        inner.reserved.fetch_add(1, Ordering::SeqCst);
+        inner.reserved_bytes.fetch_add(bytes, Ordering::SeqCst);
+        Reservation {
+            inner: inner.clone(),
+            bytes,
+        }
     }
 
     fn pick_partition(&self, msg: &NewMessage, partitions: usize) -> usize {
@@ -652,9 +647,17 @@ impl Queue {
         &self,
         msg: NewMessage,
     ) -> impl Future<Output = Result<MessageId, ProduceError>> + Send + 'static {
-        let mut begun = self.begin_produce(msg);
+        let (begun, replicated) = match self.replicator() {
+            Some(r) => (None, Some(self.produce_replicated(r, msg))),
+            None => (Some(self.begin_produce(msg)), None),
+        };
         let this = self.clone();
         async move {
+            let mut begun = match (begun, replicated) {
+                (_, Some(replicated)) => return replicated.await,
+                (Some(begun), None) => begun,
+                (None, None) => return Err(ProduceError::Deleted(this.inner.name.to_string())),
+            };
             loop {
                 match begun {
                     Begun::Duplicate(id) => return Ok(id),
@@ -782,6 +785,17 @@ impl Queue {
         msg: NewMessage,
         origin: Option<(Origin, u64)>,
     ) -> Result<Started, ProduceError> {
+        self.start_produce_at(msg, origin, None)
+    }
+
+    /// [`Queue::start_produce`] into partition `at` when given (a replicated produce
+    /// the partition's log committed: no limit applies), else the one it picks.
+    fn start_produce_at(
+        &self,
+        msg: NewMessage,
+        origin: Option<(Origin, u64)>,
+        at: Option<usize>,
+    ) -> Result<Started, ProduceError> {
         if self.inner.deleted.load(Ordering::SeqCst) {
             return Err(ProduceError::Deleted(self.inner.name.to_string()));
         }
@@ -797,9 +811,12 @@ impl Queue {
         );
         // The record as framed by storage: 29 bytes of overhead.
         let size = (29 + headers.len() + msg.payload.len()) as u64;
-        let reservation = self.reserve(size)?;
+        let reservation = match at {
+            Some(_) => self.reserve_any(size),
+            None => self.reserve(size)?,
+        };
         let logs = self.logs();
-        let partition = self.pick_partition(&msg, logs.len());
+        let partition = at.unwrap_or_else(|| self.pick_partition(&msg, logs.len()));
         let log = logs
             .get(partition)
             .ok_or_else(|| ProduceError::Deleted(self.inner.name.to_string()))?;
@@ -919,6 +936,9 @@ impl Queue {
             let mut delivered = Vec::new();
             for i in 0..n {
                 let p = (start + i) % n;
+                if !self.is_led(p) {
+                    continue;
+                }
                 let skip = Skip {
                     dropped: st.dropped.get(p).unwrap_or(&no_drops),
                     newest: newest.get(p),
@@ -1358,6 +1378,13 @@ impl Queue {
             changes
         };
         self.drain_kicks();
+        if let Some(r) = self.replicator() {
+            for change in &changes {
+                if let Progress::Settle(k, offsets) = change {
+                    r.settled(k, offsets);
+                }
+            }
+        }
         Settled {
             found: !changes.is_empty(),
             append: (!changes.is_empty()).then(|| self.append_progress(changes)),
