@@ -225,6 +225,22 @@ pub async fn run(
             .storage()
             .inject_sync_delay(Duration::from_millis(ms));
     }
+    // Fault injection for the failing-disk test (integration/test_faults.py): every
+    // fdatasync of the partition logs of queue ROOST_TEST_FAIL_FSYNC_QUEUE fails, from
+    // when the file ROOST_TEST_FAIL_FSYNC_WHEN exists (from the start without it). Not a
+    // setting: no deployment wants it.
+    if let Ok(queue) = std::env::var("ROOST_TEST_FAIL_FSYNC_QUEUE") {
+        let when = std::env::var_os("ROOST_TEST_FAIL_FSYNC_WHEN").map(std::path::PathBuf::from);
+        warn!(
+            queue = %queue,
+            when = ?when,
+            "ROOST_TEST_FAIL_FSYNC_QUEUE: fdatasyncs of this queue's partition logs fail (fault injection)"
+        );
+        queues.storage().inject_sync_failure(move |log| {
+            roost_queue::is_partition_log_of(log, &queue)
+                && when.as_deref().is_none_or(std::path::Path::exists)
+        });
+    }
     for (name, queue_config) in &config.queues {
         let declared = match queues.get(name) {
             Some(_) => queues.update(name, queue_config.clone()),

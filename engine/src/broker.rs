@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use crate::auth::Authenticator;
 use crate::lifecycle::OfflineTimers;
 use crate::mailbox::{self, TrySendError};
-use crate::metrics::{DropReason, Limit, Metrics};
+use crate::metrics::{DropReason, Limit, Metrics, StoreRefusal};
 use crate::peers::{Peers, ShareKey, Wait};
 use crate::rate::TokenBucket;
 use crate::record as persist;
@@ -413,7 +413,7 @@ impl Broker {
         Arc::new(Broker {
             queues,
             metrics: Arc::default(),
-            limits: Arc::new(Limits::new(settings)),
+            limits: Arc::new(Limits::new(settings).with_store_room(store.room())),
             auth,
             router: Router::new(),
             shards: (0..SHARDS)
@@ -778,13 +778,11 @@ impl Broker {
         if msg.retain
             && let Err(full) = self.retain(&msg, out)
         {
-            self.metrics.limit_tripped(
-                match full {
-                    retained::Full::Messages => Limit::RetainedMessages,
-                    retained::Full::Bytes => Limit::RetainedBytes,
-                },
-                1,
-            );
+            match full {
+                retained::Full::Messages => self.metrics.limit_tripped(Limit::RetainedMessages, 1),
+                retained::Full::Bytes => self.metrics.limit_tripped(Limit::RetainedBytes, 1),
+                retained::Full::Store => self.metrics.store_refused(StoreRefusal::Retained, 1),
+            }
             tracing::debug!(topic = %msg.topic, "retained message not kept: {full:?} bound reached");
             if refuse_unretainable {
                 return Err(full);
@@ -836,6 +834,9 @@ impl Broker {
     /// Keeps (or clears) `msg` as its topic's retained message and queues the store
     /// write; `Err` names the bound that left no room (nothing changed then).
     fn retain(&self, msg: &Arc<Message>, out: &mut Fanout) -> Result<(), retained::Full> {
+        if !self.limits.store_room.has_room() {
+            return Err(retained::Full::Store);
+        }
         match self.retained.write().apply(msg)? {
             retained::Change::Stored => out.ops.push(Op::PutRetained(
                 msg.topic.clone(),
@@ -1018,7 +1019,11 @@ impl Broker {
     ) -> Taken {
         match slot {
             Some(Slot::Online(h)) => {
-                let stored = h.info.persistent && d.qos != QoS::AtMostOnce;
+                // A store short of space takes no new messages: a connected persistent
+                // session still gets this one, unstored (like a clean session's).
+                let stored = h.info.persistent
+                    && d.qos != QoS::AtMostOnce
+                    && self.limits.store_room.has_room();
                 // Behind a blocked delivery to the same client, keep the order.
                 let bit = 1u64 << (h.info.id % 64);
                 let queued_behind = out.waits.as_ref().is_some_and(|w| {
@@ -1078,6 +1083,13 @@ impl Broker {
                 if d.qos == QoS::AtMostOnce {
                     return Taken::No;
                 }
+                if !self.limits.store_room.has_room() {
+                    // Kept only in memory it would be claimed stored: dropped, counted.
+                    session.dropped = session.dropped.saturating_add(1);
+                    self.metrics.dropped(DropReason::StoreFull, 1);
+                    tracing::debug!(client_id = %client_id, "session store short of space, message for an offline session dropped");
+                    return Taken::No;
+                }
                 if let Err(full) = self
                     .limits
                     .max_queued()
@@ -1105,10 +1117,13 @@ impl Broker {
     pub(crate) fn store_delivery(&self, client_id: &Arc<str>, d: &mut Delivery, out: &mut Fanout) {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let entry = persist::encode_entry(d);
+        // Read before the write is queued: a refusal of its round comes after.
+        let refusals = self.limits.store_room.refusals();
         self.store
             .submit_detached(vec![Op::PutEntry(client_id.clone(), seq, entry)]);
-        if !matches!(out.ops.last(), Some(Op::Barrier)) {
-            out.ops.push(Op::Barrier);
+        // An earlier barrier in a row stands for this write too (it saw fewer refusals).
+        if !matches!(out.ops.last(), Some(Op::Barrier(_))) {
+            out.ops.push(Op::Barrier(refusals));
         }
         d.seq = Some(seq);
     }

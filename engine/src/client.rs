@@ -28,10 +28,11 @@ use crate::broker::{
     Attach, Broker, ClientInfo, ConnectionHandle, Control, Fanout, Handover, Mailbox,
 };
 use crate::mailbox;
-use crate::metrics::{DisconnectReason, DropReason, Limit};
+use crate::metrics::{DisconnectReason, DropReason, Limit, StoreRefusal};
 use crate::protocol::{AckToken, ConnectPlan, Connection, Event};
 use crate::queues::{self, QueueIo};
 use crate::session::{Delivery, Session};
+use crate::store::StoreError;
 
 /// Most deliveries taken from the mailbox in one batch, so a busy subscriber still
 /// reads its socket and answers pings.
@@ -199,11 +200,28 @@ impl Client {
     /// A queue produce's acknowledgement is ready: sends it, and every other ready one
     /// (produces of one commit resolve together: one write for them all).
     pub fn produced(&mut self, token: AckToken, reason: ReasonCode) {
-        self.conn.resolve_ack(token, reason);
+        self.resolve_produced(token, reason);
         while let Some((token, reason)) = self.queues.next_produced() {
-            self.conn.resolve_ack(token, reason);
+            self.resolve_produced(token, reason);
         }
         self.queues.tidy();
+    }
+
+    /// Acknowledges a queue produce; one that failed (a failed log: not stored) ends a
+    /// 3.x producer's connection instead, since its PUBACK has no reason code and
+    /// would say stored. (A full queue or disk never fails a 3.x produce: it waits.)
+    fn resolve_produced(&mut self, token: AckToken, reason: ReasonCode) {
+        if reason.is_error() && !self.conn.version().is_v5() {
+            info!(client_id = %self.conn.client_id(), ?reason, "queue produce not stored: disconnecting the 3.x producer instead of acknowledging");
+            self.conn.disconnect(
+                reason,
+                DisconnectReason::StorageFailure,
+                "queue produce not stored",
+                true,
+            );
+            return;
+        }
+        self.conn.resolve_ack(token, reason);
     }
 
     /// A request from the broker. A takeover ends the connection at once: the reply
@@ -319,15 +337,24 @@ impl Client {
                 ops.append(&mut self.conn.take_store_ops());
                 if !ops.is_empty() {
                     let ticket = broker.store().submit(ops);
-                    if let Err(e) = ticket.wait().await {
-                        tracing::error!(client_id = %self.conn.client_id(), "cannot store session state: {e}");
-                        let _ = self.conn.take_output();
-                        self.conn.disconnect(
-                            ReasonCode::UnspecifiedError,
-                            DisconnectReason::StorageFailure,
-                            "storage failure",
-                            true,
-                        );
+                    match ticket.wait().await {
+                        Ok(()) => {}
+                        Err(e @ StoreError::NoSpace(_)) => {
+                            tracing::warn!(client_id = %self.conn.client_id(), "closing the connection without its acknowledgements: {e}");
+                            self.conn.close_unstored(
+                                ReasonCode::QuotaExceeded,
+                                DisconnectReason::StorageFull,
+                                "no space to store session state",
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(client_id = %self.conn.client_id(), "cannot store session state: {e}");
+                            self.conn.close_unstored(
+                                ReasonCode::UnspecifiedError,
+                                DisconnectReason::StorageFailure,
+                                "storage failure",
+                            );
+                        }
                     }
                 }
             }
@@ -390,6 +417,10 @@ fn count(broker: &Broker, conn: &mut Connection) {
     m.limit_tripped(
         Limit::SubscriptionsPerClient,
         u64::from(counts.subscriptions_refused),
+    );
+    m.store_refused(
+        StoreRefusal::Subscription,
+        u64::from(counts.subscriptions_refused_no_space),
     );
 }
 

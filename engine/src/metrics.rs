@@ -20,14 +20,18 @@ pub enum DropReason {
     /// The subscriber's channel stayed full past `max_delivery_wait_ms`, or it was
     /// already marked stalled.
     SlowSubscriber,
+    /// A QoS 1/2 message for an offline persistent session that the session store,
+    /// short of disk space, could not store.
+    StoreFull,
 }
 
 impl DropReason {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::OfflineQueueFull,
         DropReason::SessionQueueFull,
         DropReason::SlowSubscriber,
+        DropReason::StoreFull,
     ];
 
     /// The label value.
@@ -36,6 +40,30 @@ impl DropReason {
             DropReason::OfflineQueueFull => "offline_queue_full",
             DropReason::SessionQueueFull => "session_queue_full",
             DropReason::SlowSubscriber => "slow_subscriber",
+            DropReason::StoreFull => "store_full",
+        }
+    }
+}
+
+/// What the session store, short of disk space, made roost refuse (the `what` label
+/// of `roost_session_store_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreRefusal {
+    /// A subscription of a persistent session (SUBACK 0x97; 3.x 0x80).
+    Subscription,
+    /// A retained message not kept (a v5 QoS 1/2 publisher gets PUBACK 0x97).
+    Retained,
+}
+
+impl StoreRefusal {
+    /// Every refusal, in the order `/metrics` lists them.
+    pub const ALL: [StoreRefusal; 2] = [StoreRefusal::Subscription, StoreRefusal::Retained];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreRefusal::Subscription => "subscription",
+            StoreRefusal::Retained => "retained",
         }
     }
 }
@@ -65,15 +93,19 @@ pub enum DisconnectReason {
     AdminKick,
     /// The client took no data, or acknowledged nothing, for `slow_consumer_timeout_ms`.
     SlowConsumer,
-    /// The session store failed: what the client was to be told is stored was not.
+    /// The session store failed: what the client was to be told is stored was not; or
+    /// a queue log failed under a 3.x producer's produce (it cannot be told otherwise).
     StorageFailure,
+    /// The session store, short of disk space, refused what the client was to be told
+    /// is stored (v5: DISCONNECT 0x97); the store takes writes again once space returns.
+    StorageFull,
     /// The token the client authenticated with expired (v5: DISCONNECT 0x87).
     TokenExpired,
 }
 
 impl DisconnectReason {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [DisconnectReason; 13] = [
+    pub const ALL: [DisconnectReason; 14] = [
         DisconnectReason::ClientDisconnect,
         DisconnectReason::ClientClosed,
         DisconnectReason::NetworkError,
@@ -86,6 +118,7 @@ impl DisconnectReason {
         DisconnectReason::AdminKick,
         DisconnectReason::SlowConsumer,
         DisconnectReason::StorageFailure,
+        DisconnectReason::StorageFull,
         DisconnectReason::TokenExpired,
     ];
 
@@ -104,6 +137,7 @@ impl DisconnectReason {
             DisconnectReason::AdminKick => "admin_kick",
             DisconnectReason::SlowConsumer => "slow_consumer",
             DisconnectReason::StorageFailure => "storage_failure",
+            DisconnectReason::StorageFull => "storage_full",
             DisconnectReason::TokenExpired => "token_expired",
         }
     }
@@ -266,7 +300,8 @@ pub struct Metrics {
     sent: [AtomicU64; 3],
     received_bytes: [AtomicU64; 3],
     sent_bytes: [AtomicU64; 3],
-    dropped: [AtomicU64; 3],
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    store_refusals: [AtomicU64; StoreRefusal::ALL.len()],
     network_in: AtomicU64,
     network_out: AtomicU64,
     connections_accepted: AtomicU64,
@@ -385,6 +420,18 @@ impl Metrics {
     /// Messages dropped for `reason`.
     pub fn dropped_for(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` things refused because the session store is short of space.
+    pub fn store_refused(&self, what: StoreRefusal, n: u64) {
+        if n > 0 {
+            self.store_refusals[what as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Things of kind `what` refused because the session store was short of space.
+    pub fn store_refusals(&self, what: StoreRefusal) -> u64 {
+        self.store_refusals[what as usize].load(Ordering::Relaxed)
     }
 }
 

@@ -337,6 +337,8 @@ pub struct Connection {
     connect_expiry_zero: bool,
     /// The stored session record is out of date (new connection, subscriptions changed).
     record_dirty: bool,
+    /// The CONNACK is in the output, not yet taken for writing.
+    connack_unsent: bool,
     /// Acknowledgements of inbound publishes waiting for an earlier one to be resolved.
     acks: std::collections::VecDeque<PendingAck>,
     next_ack_token: AckToken,
@@ -414,6 +416,9 @@ pub struct Counts {
     pub dropped_over_total: u32,
     /// Subscriptions refused by `max_subscriptions_per_client`.
     pub subscriptions_refused: u32,
+    /// Subscriptions of a persistent session refused because the session store is
+    /// short of disk space.
+    pub subscriptions_refused_no_space: u32,
 }
 
 impl Connection {
@@ -466,6 +471,7 @@ impl Connection {
             will: connect.will.map(Box::new),
             connect_expiry_zero: plan.session_expiry == 0,
             record_dirty: true,
+            connack_unsent: true,
             acks: std::collections::VecDeque::new(),
             next_ack_token: 1,
             limits,
@@ -519,6 +525,7 @@ impl Connection {
 
     /// Bytes to write to the socket, in order.
     pub fn take_output(&mut self) -> BytesMut {
+        self.connack_unsent = false;
         // A small buffer goes whole, so a connection that falls idle keeps no output
         // buffer (splitting would keep the rest of it, and a shared header, alive); a
         // large one keeps its spare room for the next batch.
@@ -769,6 +776,37 @@ impl Connection {
             self.will = None;
         }
         self.server_disconnect(reason, kind, why);
+    }
+
+    /// Ends the connection because what its output acknowledges could not be stored:
+    /// the output is dropped, and the client is told `reason` (v5) by a DISCONNECT, or
+    /// by a refusing CONNACK (3.x: 3, server unavailable) if the dropped output held
+    /// the CONNACK (a DISCONNECT may not come before it). `kind` is what `/metrics`
+    /// counts.
+    pub fn close_unstored(&mut self, reason: ReasonCode, kind: DisconnectReason, why: &str) {
+        let connack_dropped = self.connack_unsent;
+        let _ = self.take_output();
+        if !connack_dropped {
+            self.disconnect(reason, kind, why, true);
+            return;
+        }
+        if self.close.is_some() {
+            return;
+        }
+        // Refused, it never connected: no will.
+        self.will = None;
+        let code = if self.version.is_v5() {
+            reason
+        } else {
+            ReasonCode::ServerUnavailable
+        };
+        write_refusal(self.version, code, why, &mut self.out);
+        self.close = Some(Box::new(Close {
+            why: why.to_owned(),
+            reason,
+            kind,
+            by_client: false,
+        }));
     }
 
     /// Ends the connection because the socket did: closed by the client without a
@@ -1293,6 +1331,14 @@ impl Connection {
             {
                 tracing::debug!(client_id = %self.session.client_id, filter = %raw, "SUBSCRIBE refused: max_subscriptions_per_client");
                 self.counts.subscriptions_refused += 1;
+                reasons.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
+            if self.session.is_persistent() && !self.limits.store_room.has_room() {
+                // Granted, it would be lost at the next restart: refused until there
+                // is room to store it.
+                tracing::debug!(client_id = %self.session.client_id, filter = %raw, "SUBSCRIBE refused: session store short of space");
+                self.counts.subscriptions_refused_no_space += 1;
                 reasons.push(ReasonCode::QuotaExceeded);
                 continue;
             }

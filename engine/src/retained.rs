@@ -44,6 +44,8 @@ pub enum Full {
     Messages,
     /// `max_retained_bytes`.
     Bytes,
+    /// The session store is short of disk space (nothing changed, not even a clear).
+    Store,
 }
 
 /// What a retained publish did to the store.

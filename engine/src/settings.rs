@@ -176,13 +176,28 @@ pub struct Limits {
     settings: Settings,
     /// Bytes queued in all sessions (`max_total_queued_bytes`).
     pub queued: Arc<QueuedBytes>,
+    /// Whether the session store has room for more state (a full disk refuses new
+    /// stored subscriptions, see [`crate::store::StoreRoom`]).
+    pub store_room: Arc<crate::store::StoreRoom>,
 }
 
 impl Limits {
-    /// The limits of `settings`, with empty accounts.
+    /// The limits of `settings`, with empty accounts and a store that has room.
     pub fn new(settings: Settings) -> Limits {
         let queued = Arc::new(QueuedBytes::new(settings.max_total_queued_bytes));
-        Limits { settings, queued }
+        Limits {
+            settings,
+            queued,
+            store_room: Arc::default(),
+        }
+    }
+
+    /// These limits, reading the session store's room from `room`.
+    pub fn with_store_room(self, room: Arc<crate::store::StoreRoom>) -> Limits {
+        Limits {
+            store_room: room,
+            ..self
+        }
     }
 
     /// The bound of each session's queue (`max_queued_messages`, `max_queued_bytes`,

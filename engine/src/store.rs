@@ -8,13 +8,15 @@
 //! (the broker's is an embedded LSM store; tests use [`MemoryStore`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use roost_core::PacketId;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-/// A store failure. After one, the store accepts no more writes.
+/// A store failure. After one, the store accepts no more writes, except after
+/// [`StoreError::NoSpace`], which refused one round and leaves the store writable.
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The embedded database reported an error.
@@ -23,6 +25,59 @@ pub enum StoreError {
     /// An earlier write or sync failed; the store is read-only.
     #[error("storage failed earlier and is read-only")]
     Failed,
+    /// The file system has too little space: the round was not written (nothing of
+    /// it), and the store takes writes again once space returns.
+    #[error("session store refused the write: {0}")]
+    NoSpace(String),
+}
+
+/// Whether the store has room for more state, as the store last found it; read by
+/// the engine without a lock before it takes on state that would grow the store.
+///
+/// Two levels (see the broker's session store): *short* means new state (a stored
+/// subscription, a message queued for an offline session, a retained message) is
+/// refused before anything changes, while small bookkeeping writes (session records,
+/// deletions) still go through; a round the store cannot take even so is refused
+/// whole and counted in [`StoreRoom::refusals`].
+#[derive(Debug, Default)]
+pub struct StoreRoom {
+    short: AtomicBool,
+    /// Why, while short.
+    why: Mutex<Option<String>>,
+    refusals: AtomicU64,
+}
+
+impl StoreRoom {
+    /// True unless the store is short of space.
+    pub fn has_room(&self) -> bool {
+        !self.short.load(Ordering::Acquire)
+    }
+
+    /// Why the store is short of space, while it is.
+    pub fn shortage(&self) -> Option<String> {
+        if self.has_room() {
+            return None;
+        }
+        self.why.lock().clone()
+    }
+
+    /// Rounds refused for lack of space so far.
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Acquire)
+    }
+
+    /// The store found itself short of space (`Some(why)`) or with room (`None`).
+    pub fn set_short(&self, why: Option<String>) {
+        let short = why.is_some();
+        *self.why.lock() = why;
+        self.short.store(short, Ordering::Release);
+    }
+
+    /// The store refused a round for lack of space (call before its tickets resolve,
+    /// so that a later [`Op::Barrier`] sees it).
+    pub fn refused(&self) {
+        self.refusals.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// One change to durable state.
@@ -47,8 +102,10 @@ pub enum Op {
     /// Clear a retained message.
     DeleteRetained(String),
     /// Nothing to write: a ticket for it resolves once everything queued before it
-    /// is stored.
-    Barrier,
+    /// is stored. It carries [`StoreRoom::refusals`] as read before the writes it
+    /// stands behind were queued: if a round was refused since, one of them may be
+    /// among the refused, and the ticket fails with [`StoreError::NoSpace`].
+    Barrier(u64),
 }
 
 /// Resolves when the ops it was given for are stored.
@@ -96,6 +153,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// True once a write failed: the store takes no more.
     fn is_failed(&self) -> bool;
+
+    /// Whether the store has room for more state (shared; the store keeps it current).
+    fn room(&self) -> Arc<StoreRoom>;
 }
 
 /// A store that keeps nothing but the ops it was given, in order, and resolves every
@@ -103,7 +163,8 @@ pub trait SessionStore: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     ops: Mutex<Vec<Op>>,
-    failed: std::sync::atomic::AtomicBool,
+    failed: AtomicBool,
+    room: Arc<StoreRoom>,
 }
 
 impl MemoryStore {
@@ -114,8 +175,14 @@ impl MemoryStore {
 
     /// Makes every later submit fail, as a store whose disk broke.
     pub fn fail(&self) {
-        self.failed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Makes the store short of space (`true`: new state is refused, as a store on a
+    /// full disk) or gives space back.
+    pub fn set_full(&self, full: bool) {
+        self.room
+            .set_short(full.then(|| "no space left (test)".to_owned()));
     }
 }
 
@@ -139,7 +206,11 @@ impl SessionStore for MemoryStore {
     }
 
     fn is_failed(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::Acquire)
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn room(&self) -> Arc<StoreRoom> {
+        self.room.clone()
     }
 }
 
@@ -154,5 +225,9 @@ impl SessionStore for Arc<dyn SessionStore> {
 
     fn is_failed(&self) -> bool {
         (**self).is_failed()
+    }
+
+    fn room(&self) -> Arc<StoreRoom> {
+        (**self).room()
     }
 }

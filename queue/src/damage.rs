@@ -11,7 +11,8 @@ use std::path::PathBuf;
 
 use roost_storage::{Log, Recovery};
 
-/// Damage found in one of a queue's logs when it was opened (since the broker started).
+/// Damage found in one of a queue's logs when it was opened, or by a read while running
+/// (since the broker started).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
     /// The partition, or `None` for the queue's group progress log (lost progress

@@ -270,8 +270,9 @@ pub(crate) struct Inner {
     last_values: Mutex<Vec<HashMap<Bytes, u64>>>,
     /// Transfers out of this queue in progress, and those replay found unfinished.
     ledger: Mutex<Ledger>,
-    /// What recovery could not read in this queue's logs when it was opened.
-    damage: Vec<crate::Damage>,
+    /// What recovery could not read in this queue's logs when it was opened, and what
+    /// reads found damaged since (see [`Queue::collect_damage`]).
+    damage: Mutex<Vec<crate::Damage>>,
     /// Set when a cluster replicates the queue's partitions.
     replica: crate::replication::ReplicaState,
 }
@@ -299,6 +300,17 @@ pub(crate) fn partition_log_name(stem: &str, dlq: bool, p: usize) -> String {
     } else {
         format!("p{p}.{stem}")
     }
+}
+
+/// True if `log` is the name of one of the partition logs of queue `queue` (not its
+/// progress or dead-letter logs); for fault injection by name.
+pub fn is_partition_log_of(log: &str, queue: &str) -> bool {
+    log.split_once('.').is_some_and(|(kind, stem)| {
+        stem == queue
+            && kind
+                .strip_prefix('p')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 pub(crate) fn progress_log_name(stem: &str, dlq: bool) -> String {
@@ -468,7 +480,7 @@ impl Queue {
                 dedup: Mutex::new(dedup),
                 last_values: Mutex::new(last_values),
                 ledger: Mutex::new(ledger),
-                damage,
+                damage: Mutex::new(damage),
                 replica: Default::default(),
             }),
         };
@@ -502,6 +514,35 @@ impl Queue {
 
     fn logs(&self) -> Arc<[Log]> {
         self.inner.logs.read().clone()
+    }
+
+    /// Takes the damage that reads of this queue's logs found while running (a sealed
+    /// segment that failed its CRC, quarantined and salvaged by storage, see
+    /// [`Log::take_found_damage`]) into the queue's damage report, with a warn line per
+    /// damaged file as on open. The lost offsets read back as lost records, which the
+    /// dispatcher skips like any undecodable record.
+    fn collect_damage(&self) {
+        let logs = self.logs();
+        let partitions = logs.iter().enumerate().map(|(p, l)| (Some(p as u32), l));
+        for (partition, log) in partitions.chain([(None, &self.inner.progress)]) {
+            let Some(found) = log.take_found_damage() else {
+                continue;
+            };
+            let Some(d) = crate::Damage::of(partition, log, &found) else {
+                continue;
+            };
+            let what =
+                partition.map_or_else(|| "group progress".to_owned(), |p| format!("partition {p}"));
+            for file in &d.quarantined {
+                warn!(
+                    "queue {} {what}: damage found while reading: damaged file quarantined as {} (lost offsets {:?})",
+                    self.inner.name,
+                    file.display(),
+                    d.lost
+                );
+            }
+            self.inner.damage.lock().push(d);
+        }
     }
 
     /// Produces refused at `max_depth` or `max_bytes` since the queue was opened (what
@@ -966,7 +1007,12 @@ impl Queue {
                         max_bytes: 1 << 20,
                     };
                     match log.read(pick.offset, limit) {
-                        Ok(records) => ahead = records.into_iter(),
+                        Ok(records) => {
+                            ahead = records.into_iter();
+                            if log.has_found_damage() {
+                                self.collect_damage();
+                            }
+                        }
                         Err(roost_storage::Error::OffsetOutOfRange { start, .. })
                             if pick.offset < start =>
                         {
@@ -1762,7 +1808,10 @@ impl Queue {
             bytes: self.bytes(),
             groups,
             dead_letters: self.inner.dead_letters.as_ref().map_or(0, Queue::depth),
-            damage: self.inner.damage.clone(),
+            damage: {
+                self.collect_damage();
+                self.inner.damage.lock().clone()
+            },
         }
     }
 

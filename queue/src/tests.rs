@@ -1384,3 +1384,32 @@ async fn damaged_partition_and_progress_logs_are_reported_and_the_rest_is_served
         want.difference(&got).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn partition_logs_are_told_by_name_from_the_queue_s_other_logs() {
+    use crate::queue::{partition_log_name, progress_log_name};
+    for q in ["orders", "a.b"] {
+        assert!(crate::is_partition_log_of(
+            &partition_log_name(q, false, 0),
+            q
+        ));
+        assert!(crate::is_partition_log_of(
+            &partition_log_name(q, false, 17),
+            q
+        ));
+        assert!(!crate::is_partition_log_of(
+            &partition_log_name(q, true, 0),
+            q
+        ));
+        assert!(!crate::is_partition_log_of(&progress_log_name(q, false), q));
+        assert!(!crate::is_partition_log_of(
+            &partition_log_name(q, false, 0),
+            "other"
+        ));
+    }
+    assert!(!crate::is_partition_log_of("p.orders", "orders"));
+    assert!(!crate::is_partition_log_of(
+        &partition_log_name("orders2", false, 0),
+        "orders"
+    ));
+}

@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,9 @@ use crate::latency::SyncLatency;
 use crate::log::{CommitQueue, Completion, LogInner, PendingAppend};
 use crate::space::SpaceGuard;
 use crate::{Durability, Offset};
+
+/// Which logs' fdatasyncs fail (see [`crate::Storage::inject_sync_failure`]).
+pub(crate) type SyncFault = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// What appenders, the committer, the journal thread and the sync pool share.
 pub(crate) struct CommitShared {
@@ -63,8 +66,14 @@ pub(crate) struct CommitShared {
     /// Fault injection (a slow disk): milliseconds every data-file fdatasync waits
     /// first. 0 in normal operation; see [`crate::Storage::inject_sync_delay`].
     pub(crate) sync_delay_ms: std::sync::atomic::AtomicU64,
+    /// Fault injection (a failing disk): the logs whose fdatasync fails; see
+    /// [`crate::Storage::inject_sync_failure`]. Unset in normal operation.
+    pub(crate) sync_fault: std::sync::OnceLock<SyncFault>,
     /// Whether the file system has room for a round (see `space.rs`).
     pub(crate) space: SpaceGuard,
+    /// Damaged files copied into the quarantine directory since open (on open or while
+    /// reading): `roost_storage_quarantined_total`.
+    pub(crate) quarantined: AtomicU64,
 }
 
 /// A ready queue: the committer's (`Buffered` logs) or the journal thread's (`Fsync`).
@@ -130,7 +139,9 @@ impl CommitShared {
             #[cfg(test)]
             journal_fault: std::sync::atomic::AtomicBool::new(false),
             sync_delay_ms: std::sync::atomic::AtomicU64::new(0),
+            sync_fault: std::sync::OnceLock::new(),
             space: SpaceGuard::new(dir),
+            quarantined: AtomicU64::new(0),
         }
     }
 
@@ -193,6 +204,14 @@ impl CommitQueue for CommitShared {
         if ms > 0 {
             std::thread::sleep(Duration::from_millis(ms));
         }
+    }
+
+    fn sync_fails(&self, log: &str) -> bool {
+        self.sync_fault.get().is_some_and(|fails| fails(log))
+    }
+
+    fn quarantined(&self) -> &AtomicU64 {
+        &self.quarantined
     }
 
     fn schedule(&self, log: Arc<LogInner>) -> bool {

@@ -159,8 +159,8 @@ pub struct Recovery {
     /// Base offsets of segments whose index files were missing or malformed and were
     /// rebuilt from the data.
     pub rebuilt_indexes: Vec<Offset>,
-    /// Sealed segments with damage inside. They are kept (cutting them would leave a gap
-    /// in the offsets); reading the damaged records fails with [`Error::Corrupt`].
+    /// Sealed segments with damage inside that were kept as they are. Always empty now:
+    /// damage is salvaged (`lost`, `quarantined`), on open and when a read meets it.
     pub damaged_segments: Vec<DamagedSegment>,
     /// Stray index files without a data file, deleted.
     pub removed_files: Vec<PathBuf>,
@@ -450,6 +450,23 @@ impl Log {
             .delete_segments(|seg, _| seg.next_offset <= offset)
     }
 
+    /// True when damage was found while running and not yet taken: a read of a sealed
+    /// segment met records that fail their CRC, and the segment was quarantined and
+    /// salvaged as recovery does on open (`lost` and `quarantined` of
+    /// [`Log::take_found_damage`]; see `quarantine.rs`). The read itself went on past
+    /// the damage.
+    pub fn has_found_damage(&self) -> bool {
+        self.inner.has_found_damage.load(Ordering::Acquire)
+    }
+
+    /// Damage found while running since the last call (see [`Log::has_found_damage`]).
+    pub fn take_found_damage(&self) -> Option<Recovery> {
+        if !self.inner.has_found_damage.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.inner.found_damage.lock().take()
+    }
+
     /// The I/O error that made this log read-only, if one did.
     pub fn failure(&self) -> Option<Arc<io::Error>> {
         self.inner.failure.lock().clone()
@@ -602,6 +619,13 @@ pub(crate) trait CommitQueue: Send + Sync {
     /// Called just before each data-file fdatasync (a slow disk can be injected here).
     fn before_sync(&self);
 
+    /// Fault injection: true if an fdatasync of the log named `log` is to fail (see
+    /// [`crate::Storage::inject_sync_failure`]).
+    fn sync_fails(&self, log: &str) -> bool;
+
+    /// The storage's count of files copied into quarantine.
+    fn quarantined(&self) -> &AtomicU64;
+
     /// Hands `log` (with appends queued, marked scheduled) to its writer; false once
     /// storage has stopped.
     fn schedule(&self, log: Arc<LogInner>) -> bool;
@@ -625,8 +649,20 @@ pub(crate) struct LogInner {
     closed: AtomicBool,
     committer: Arc<dyn CommitQueue>,
     stats: Stats,
+    /// Damage found and repaired while reading (see [`LogInner::repair_sealed`]), not
+    /// yet taken by [`Log::take_found_damage`].
+    found_damage: Mutex<Option<Recovery>>,
+    /// Set with `found_damage`, so that a reader can look without a lock.
+    has_found_damage: AtomicBool,
+    /// One repair at a time.
+    repairing: Mutex<()>,
     #[cfg(test)]
     faults: Faults,
+}
+
+/// The error of an fdatasync that [`crate::Storage::inject_sync_failure`] made fail.
+fn injected_sync_failure() -> io::Error {
+    io::Error::other("fdatasync failed (injected fault)")
 }
 
 /// The file holding a log's incarnation id.
@@ -780,6 +816,9 @@ impl LogInner {
             closed: AtomicBool::new(false),
             committer,
             stats: Stats::default(),
+            found_damage: Mutex::new(None),
+            has_found_damage: AtomicBool::new(false),
+            repairing: Mutex::new(()),
             #[cfg(test)]
             faults: Faults::default(),
         });
@@ -1031,6 +1070,9 @@ impl LogInner {
         if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected fdatasync failure"));
         }
+        if self.committer.sync_fails(&self.name) {
+            return Err(injected_sync_failure());
+        }
         let started = std::time::Instant::now();
         self.committer.before_sync();
         w.data.sync_data()?;
@@ -1089,6 +1131,11 @@ impl LogInner {
         #[cfg(test)]
         if self.faults.fail_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("injected fdatasync failure"));
+        }
+        // The journal's fdatasync made this round durable; a failure injected for this
+        // log stands for that fdatasync failing for it.
+        if self.committer.sync_fails(&self.name) {
+            return Err(injected_sync_failure());
         }
         if sync {
             self.sync_data(&w)?;
@@ -1255,6 +1302,7 @@ impl LogInner {
         // consolidating its free lists as it does for larger requests.
         let mut out = Vec::with_capacity(limit.max_records.min(12));
         let mut bytes = 0usize;
+        let mut repaired = false;
         loop {
             let snap = {
                 let st = self.state.lock();
@@ -1294,7 +1342,18 @@ impl LogInner {
             let next = match snap {
                 Source::Tail(c) => self.read_cached(&c, from, limit, &mut out, &mut bytes)?,
                 Source::File(snap) => {
-                    self.read_segment(&snap, from, limit, &mut out, &mut bytes)?
+                    match self.read_segment(&snap, from, limit, &mut out, &mut bytes) {
+                        // Damage at rest, met while running: salvaged as on open, then
+                        // read again from where this read got to.
+                        Err(Error::Corrupt { .. })
+                            if !repaired && self.repair_sealed(snap.base)? =>
+                        {
+                            repaired = true;
+                            from = out.last().map_or(from, |r| r.offset + 1);
+                            continue;
+                        }
+                        r => r?,
+                    }
                 }
             };
             if out.len() >= limit.max_records || bytes >= limit.max_bytes || next == from {
@@ -1302,6 +1361,62 @@ impl LogInner {
             }
             from = next;
         }
+    }
+
+    /// Salvages sealed segment `base` after a read found damage in it: the same repair
+    /// as on open (quarantine copy, rewrite with lost records, indexes rebuilt), then
+    /// the segment readers see is swapped for the repaired one (reads in flight keep
+    /// the old file). False when there is nothing to repair: the active segment (its
+    /// writer owns it; damage there stays an error until a restart), a segment gone
+    /// meanwhile, or one whose data checks after all.
+    fn repair_sealed(&self, base: Offset) -> Result<bool> {
+        let _one = self.repairing.lock();
+        let (paths, next_base) = {
+            let st = self.state.lock();
+            let Some(i) = st.segments.iter().position(|s| s.base == base) else {
+                return Ok(false);
+            };
+            let Some(next) = st.segments.get(i + 1) else {
+                return Ok(false);
+            };
+            (SegmentPaths::new(&self.dir, base), next.base)
+        };
+        let mut recovery = Recovery::default();
+        if !salvage_segment(
+            &self.dir,
+            &self.name,
+            &paths,
+            base,
+            Some(next_base),
+            &mut recovery,
+        )? {
+            return Ok(false);
+        }
+        let interval = u64::from(self.config.index_interval_bytes.max(1));
+        let repaired = open_sealed(
+            &self.dir,
+            &self.name,
+            base,
+            next_base,
+            interval,
+            &mut recovery,
+        )?;
+        {
+            let mut st = self.state.lock();
+            if let Some(seg) = st.segments.iter_mut().find(|s| s.base == base) {
+                *seg = repaired;
+            }
+        }
+        self.committer
+            .quarantined()
+            .fetch_add(recovery.quarantined.len() as u64, Ordering::Relaxed);
+        let mut found = self.found_damage.lock();
+        *found = Some(match found.take() {
+            Some(earlier) => earlier.merge(recovery),
+            None => recovery,
+        });
+        self.has_found_damage.store(true, Ordering::Release);
+        Ok(true)
     }
 
     /// Appends records `from..` of a cached chunk to `out`, within the same limits as

@@ -9,6 +9,9 @@
 //! round checks again. Another writer on the same file system can still fill it between
 //! the check and the write; that case falls back to the write-error path. The reserve
 //! also leaves room for segment rolls, index files and the session store.
+//!
+//! The broker's session store (fjall, `data/state`) uses the same guard with reserves
+//! of its own (see the broker's `persistence::session_store`).
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +24,7 @@ pub const RESERVE: u64 = 4 * 1024 * 1024;
 
 /// Space a round needed (reserve included) and what the file system had.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Shortage {
+pub struct Shortage {
     needed: u64,
     available: u64,
 }
@@ -29,26 +32,35 @@ pub(crate) struct Shortage {
 /// The free-space check of one storage directory, and the last refusal while space is
 /// short (for readiness reports).
 #[derive(Debug)]
-pub(crate) struct SpaceGuard {
+pub struct SpaceGuard {
     dir: PathBuf,
+    /// Bytes that must stay free after a write.
+    reserve: u64,
     /// The bytes of the last refused round, and why it was refused.
     short: Mutex<Option<(u64, String)>>,
 }
 
 impl SpaceGuard {
-    pub(crate) fn new(dir: &Path) -> SpaceGuard {
+    /// A guard of `dir` that keeps [`RESERVE`] free.
+    pub fn new(dir: &Path) -> SpaceGuard {
+        SpaceGuard::with_reserve(dir, RESERVE)
+    }
+
+    /// A guard of `dir` that keeps `reserve` bytes free.
+    pub fn with_reserve(dir: &Path, reserve: u64) -> SpaceGuard {
         SpaceGuard {
             dir: dir.to_path_buf(),
+            reserve,
             short: Mutex::new(None),
         }
     }
 
-    /// `None` if `bytes` can be written and [`RESERVE`] stay free (also when the file
+    /// `None` if `bytes` can be written and the reserve stay free (also when the file
     /// system cannot be asked: the write itself will say), else what is short.
-    pub(crate) fn check(&self, bytes: u64) -> Option<Shortage> {
+    pub fn check(&self, bytes: u64) -> Option<Shortage> {
         let st = rustix::fs::statvfs(&self.dir).ok()?;
         let available = st.f_bavail.saturating_mul(st.f_frsize);
-        let needed = bytes.saturating_add(RESERVE);
+        let needed = bytes.saturating_add(self.reserve);
         let mut short = self.short.lock();
         if available >= needed {
             *short = None;
@@ -60,7 +72,7 @@ impl SpaceGuard {
     }
 
     /// The error an append refused for `s` gets.
-    pub(crate) fn error(&self, s: Shortage) -> Error {
+    pub fn error(&self, s: Shortage) -> Error {
         Error::NoSpace {
             path: self.dir.clone(),
             needed: s.needed,
@@ -70,7 +82,7 @@ impl SpaceGuard {
 
     /// Why the last round was refused, while space is still short (looked at again
     /// now: space may have returned with no round since).
-    pub(crate) fn shortage(&self) -> Option<String> {
+    pub fn shortage(&self) -> Option<String> {
         let bytes = self.short.lock().as_ref()?.0;
         self.check(bytes)?;
         self.short.lock().as_ref().map(|s| s.1.clone())

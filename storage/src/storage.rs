@@ -27,8 +27,6 @@ pub struct Storage {
     /// What opening the storage repaired in each log (journal replay), reported by the
     /// log's first [`Storage::open_log`].
     recovered: Mutex<HashMap<String, Recovery>>,
-    /// Damaged files copied into the quarantine directory since open.
-    quarantined: std::sync::atomic::AtomicU64,
     // Declared last: dropped after the map, joining the thread that holds log references.
     committer: Committer,
 }
@@ -80,7 +78,6 @@ impl Storage {
             dir,
             logs: Mutex::new(HashMap::new()),
             recovered: Mutex::new(recovered),
-            quarantined: Default::default(),
             committer,
         })
     }
@@ -134,7 +131,7 @@ impl Storage {
             Some(earlier) => earlier.merge(recovery),
             None => recovery,
         };
-        self.quarantined.fetch_add(
+        self.committer.shared().quarantined.fetch_add(
             recovery.quarantined.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
@@ -143,10 +140,14 @@ impl Storage {
         Ok((log, recovery))
     }
 
-    /// Damaged files that recovery copied into `<dir>/quarantine/` (and then rewrote or
-    /// cut) since this storage was opened: `roost_storage_quarantined_total`.
+    /// Damaged files that recovery, or a read that met damage while running, copied
+    /// into `<dir>/quarantine/` (and then rewrote or cut) since this storage was
+    /// opened: `roost_storage_quarantined_total`.
     pub fn quarantined_total(&self) -> u64 {
-        self.quarantined.load(std::sync::atomic::Ordering::Relaxed)
+        self.committer
+            .shared()
+            .quarantined
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The open log `name`, if any.
@@ -210,6 +211,21 @@ impl Storage {
             .shared()
             .sync_delay_ms
             .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Fault injection for tests of what a failing disk does to the rest of the broker:
+    /// from now on, every fdatasync of a log whose name `fails` accepts fails (as would
+    /// the journal's for the rounds it covers), and the log turns read-only as after a
+    /// real failure. Set once; false if it was set already.
+    pub fn inject_sync_failure(
+        &self,
+        fails: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> bool {
+        self.committer
+            .shared()
+            .sync_fault
+            .set(Box::new(fails))
+            .is_ok()
     }
 
     /// Test hook: make the next journal write fail.

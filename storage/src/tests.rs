@@ -279,8 +279,13 @@ async fn corrupt_tail_record_is_cut_and_counted() {
     let _ = prev_len;
 }
 
+/// One flipped bit in a sealed segment, found by a read while the log is open: the
+/// damaged record is never served as data; the read goes on past it (a lost record,
+/// empty, with the timestamp before it), the segment is quarantined and salvaged at
+/// once (the copy is the damaged file as it was), and the next open finds nothing to
+/// repair. (Damage found on open: `damaged_segments_are_quarantined_and_the_rest_is_served`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crc_corruption_in_a_sealed_segment_is_an_error_not_data() {
+async fn crc_corruption_in_a_sealed_segment_is_never_served_as_data() {
     let dir = temp();
     let storage = Storage::open(dir.path()).expect("open");
     let (log, _) = storage.open_log("q", small()).expect("open log");
@@ -300,36 +305,24 @@ async fn crc_corruption_in_a_sealed_segment_is_an_error_not_data() {
         .expect("open");
     f.write_all_at(&[r20.payload[0] ^ 0x01], at).expect("flip");
 
-    match log.read(0, ReadLimit::bytes(1 << 20)) {
-        Err(Error::Corrupt { segment: 0, .. }) => {}
-        other => panic!("expected a corruption error, got {other:?}"),
-    }
-    match log.read(20, ReadLimit::bytes(1)) {
-        Err(Error::Corrupt { reason, .. }) => assert_eq!(reason, "CRC32C mismatch"),
-        other => panic!("expected a corruption error, got {other:?}"),
-    }
-    // Records before the damage are still served.
-    let before = log
+    let read = log
         .read(
             0,
             ReadLimit {
-                max_records: 20,
+                max_records: 30,
                 max_bytes: usize::MAX,
             },
         )
-        .expect("read before damage");
-    assert_records(&before, 0..20);
-    // Reopening keeps every record that checks with its offset (cutting the segment
-    // would leave a gap): record 20 alone is lost, the damaged file is quarantined.
-    drop(log);
-    drop(storage);
-    let storage = Storage::open(dir.path()).expect("open");
-    let (log, recovery) = storage.open_log("q", small()).expect("open log");
-    assert!(recovery.truncated.is_none());
-    assert_eq!(recovery.lost, vec![20..21]);
-    assert_eq!(recovery.quarantined.len(), 1);
+        .expect("a read past the damage");
+    assert_eq!(read.len(), 30);
+    assert_records(&read[..20], 0..20);
+    assert!(read[20].headers.is_empty() && read[20].payload.is_empty());
+    assert_eq!(read[20].timestamp, rec(19).timestamp);
+    assert_records(&read[21..], 21..30);
+    let found = log.take_found_damage().expect("reported");
+    assert_eq!(found.lost, vec![20..21]);
     assert_eq!(
-        fs::read(&recovery.quarantined[0]).expect("quarantined copy"),
+        fs::read(&found.quarantined[0]).expect("quarantined copy"),
         {
             let mut b = bytes.clone();
             b[at as usize] ^= 0x01;
@@ -338,20 +331,21 @@ async fn crc_corruption_in_a_sealed_segment_is_an_error_not_data() {
         "the quarantined copy is the damaged file as it was"
     );
     assert_eq!(storage.quarantined_total(), 1);
-    assert_eq!(log.next_offset(), 3000);
     let all = read_all(&log);
     assert_eq!(all.len(), 3000);
-    assert!(all[20].headers.is_empty() && all[20].payload.is_empty());
-    assert_eq!(all[20].timestamp, rec(19).timestamp);
-    assert_records(&all[..20], 0..20);
     assert_records(&all[21..], 21..3000);
     // Opening again finds nothing more to repair.
     drop(log);
     drop(storage);
     let storage = Storage::open(dir.path()).expect("open");
-    let (_log, recovery) = storage.open_log("q", small()).expect("open log");
+    let (log, recovery) = storage.open_log("q", small()).expect("open log");
     assert!(recovery.is_clean(), "{recovery:?}");
     assert_eq!(storage.quarantined_total(), 0);
+    assert!(
+        log.read(20, ReadLimit::bytes(1)).expect("read")[0]
+            .payload
+            .is_empty()
+    );
 }
 
 /// A sealed segment cut short and the active segment overwritten in the middle: the
@@ -778,6 +772,97 @@ async fn a_failed_fsync_makes_the_log_read_only() {
     assert_eq!(log.next_offset(), 1);
     assert_eq!(log.read(0, ReadLimit::bytes(100)).expect("read").len(), 1);
     // Other logs keep working.
+    assert_eq!(other.append(vec![rec(0)]).await.expect("other"), 0);
+}
+
+/// Damage that appears while the log is open (a bad block under a sealed segment):
+/// the read that meets it does not fail and returns no damaged bytes; the segment is
+/// quarantined and salvaged as on open, the lost offsets come back as lost records,
+/// the damage is reported once (`take_found_damage`, `quarantined_total`), and
+/// appends go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_found_by_a_read_while_running_is_quarantined_and_read_past() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage.open_log("q", small()).expect("open log");
+    let n = 600;
+    append_n(&log, 0..n, 5).await;
+    let segments = segment_files(&dir.path().join("q"), "log");
+    assert!(segments.len() > 10, "the test spans segments");
+    // The second segment, long sealed and far from the readers' in-memory tail.
+    let second = &segments[1];
+    let len = fs::metadata(second).expect("meta").len();
+    let f = OpenOptions::new().write(true).open(second).expect("open");
+    f.write_all_at(&[0xEE; 32], len / 2).expect("overwrite");
+    drop(f);
+    assert_eq!(log.take_found_damage(), None);
+
+    let all = read_all(&log);
+    assert_eq!(all.len() as u64, n, "every offset read, none skipped");
+    let found = log.take_found_damage().expect("damage reported");
+    assert_eq!(found.lost.len(), 1, "{found:?}");
+    let lost = found.lost[0].clone();
+    assert!(
+        !lost.is_empty() && lost.end - lost.start <= 2,
+        "32 bytes cost at most two records: {lost:?}"
+    );
+    for r in &all {
+        if lost.contains(&r.offset) {
+            assert!(
+                r.headers.is_empty() && r.payload.is_empty(),
+                "lost {}",
+                r.offset
+            );
+        } else {
+            assert_records(std::slice::from_ref(r), r.offset..r.offset + 1);
+        }
+    }
+    assert_eq!(found.quarantined.len(), 1);
+    assert!(found.quarantined[0].starts_with(dir.path().join("quarantine").join("q")));
+    assert_eq!(
+        fs::read(&found.quarantined[0]).expect("copy").len() as u64,
+        len
+    );
+    assert_eq!(storage.quarantined_total(), 1);
+    // Reported once; reading again finds nothing more to repair.
+    assert_eq!(read_all(&log).len() as u64, n);
+    assert_eq!(log.take_found_damage(), None);
+    assert_eq!(storage.quarantined_total(), 1);
+    assert_eq!(log.append(vec![rec(n)]).await.expect("append"), n);
+}
+
+/// The runtime hook (`Storage::inject_sync_failure`, which the broker's
+/// `ROOST_TEST_FAIL_FSYNC_QUEUE` sets) fails the fdatasyncs of the logs it names only,
+/// from when it is set, through the same path as a real failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_sync_failure_fails_only_the_logs_it_names() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (chosen, _) = storage
+        .open_log("p0.chosen", LogConfig::default())
+        .expect("open");
+    let (other, _) = storage
+        .open_log("p0.other", LogConfig::default())
+        .expect("open");
+    chosen.append(vec![rec(0)]).await.expect("before the fault");
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trigger = armed.clone();
+    assert!(storage.inject_sync_failure(move |log| {
+        log == "p0.chosen" && trigger.load(std::sync::atomic::Ordering::SeqCst)
+    }));
+    assert!(!storage.inject_sync_failure(|_| true), "set once");
+    chosen.append(vec![rec(1)]).await.expect("not armed yet");
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = chosen.append(vec![rec(2)]).await;
+    assert!(
+        matches!(&failed, Err(Error::ReadOnly { log, .. }) if log == "p0.chosen"),
+        "{failed:?}"
+    );
+    assert!(storage.failed_logs()[0].1.to_string().contains("injected"));
+    assert_eq!(
+        chosen.read(0, ReadLimit::bytes(1000)).expect("read").len(),
+        2
+    );
     assert_eq!(other.append(vec![rec(0)]).await.expect("other"), 0);
 }
 

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use roost_engine::broker::Broker;
-use roost_engine::metrics::{AuthFailure, DisconnectReason, DropReason, Limit};
+use roost_engine::metrics::{AuthFailure, DisconnectReason, DropReason, Limit, StoreRefusal};
 use roost_storage::latency::{LatencySnapshot, SyncLatency};
 
 /// Largest request line plus headers.
@@ -721,6 +721,9 @@ fn ready(broker: &Broker) -> Response {
     if broker.store().is_failed() {
         reasons.push("session store write failed; it is read-only".to_owned());
     }
+    if let Some(why) = broker.store().room().shortage() {
+        reasons.push(format!("session store refuses new state: {why}"));
+    }
     for (log, e) in broker.queues.storage().failed_logs() {
         reasons.push(format!("queue log {log} failed: {e}"));
     }
@@ -965,6 +968,13 @@ fn render_metrics(
         "reason",
         DropReason::ALL.map(|r| (r.label(), m.dropped_for(r))),
     );
+    counter_family(
+        &mut out,
+        "roost_session_store_refusals_total",
+        "What roost refused because the session store was short of disk space, by what.",
+        "what",
+        StoreRefusal::ALL.map(|r| (r.label(), m.store_refusals(r))),
+    );
     let (network_in, network_out) = m.network_bytes();
     for (name, help, value) in [
         (
@@ -986,6 +996,11 @@ fn render_metrics(
             "roost_event_loop_stalls_total",
             "Task polls that held a worker thread over 50 ms (the longest is logged).",
             stalls.stalls(),
+        ),
+        (
+            "roost_session_store_refused_rounds_total",
+            "Rounds of session-store writes refused whole for lack of disk space (their connections closed unacknowledged).",
+            broker.store().room().refusals(),
         ),
     ] {
         let _ = writeln!(

@@ -19,6 +19,19 @@
 //! ticket resolves, so whatever a client was told is stored survives `kill -9` (both
 //! modes) and power loss (`fsync` mode). A failed write or sync is fatal to the store:
 //! every later ticket fails, and connections waiting on it are closed without their acks.
+//!
+//! A full disk is not a failed write: the writer checks free space (statvfs) before
+//! each round, with two reserves ([`roost_storage::space::SpaceGuard`], the queue
+//! store's rule). Below [`SOFT_RESERVE`] the store is *short* ([`StoreRoom`]): the
+//! engine refuses new state before changing anything (persistent sessions'
+//! subscriptions, messages for offline sessions, retained messages) while bookkeeping
+//! (session records, deletions) still goes through. A round that would leave less than
+//! [`HARD_RESERVE`] is not written at all: its tickets fail with
+//! [`StoreError::NoSpace`] and the store stays writable. The hard reserve is the room
+//! fjall needs to flush every memtable (a failed flush would poison the database).
+//! An idle writer looks again every sync interval, and every [`SHORT_RECHECK`] while
+//! short, so the store notices a disk filled by others and writes resume by
+//! themselves once space returns.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,7 +46,8 @@ use tokio::sync::oneshot;
 
 use roost_engine::record::{Loaded, Loader, Read};
 use roost_engine::session::InflightState;
-use roost_engine::store::{Op, SessionStore, StoreError, Ticket};
+use roost_engine::store::{Op, SessionStore, StoreError, StoreRoom, Ticket};
+use roost_storage::space::SpaceGuard;
 
 /// When an acknowledged write counts as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -46,7 +60,23 @@ pub enum Durability {
 }
 
 /// Largest memtable of a keyspace before it is flushed to disk.
-const MEMTABLE_BYTES: u64 = 8 << 20;
+const MEMTABLE_BYTES: u64 = 2 << 20;
+
+/// The block cache of the store's tables.
+const CACHE_BYTES: u64 = 4 << 20;
+
+/// The store's keyspaces (each has a memtable of up to [`MEMTABLE_BYTES`]).
+const KEYSPACES: u64 = 5;
+
+/// Free bytes a round must leave, or it is refused whole: room to flush every
+/// memtable, plus the queue store's reserve.
+const HARD_RESERVE: u64 = roost_storage::space::RESERVE + KEYSPACES * MEMTABLE_BYTES;
+
+/// Free bytes below which the store is short and the engine refuses new state.
+const SOFT_RESERVE: u64 = HARD_RESERVE + (8 << 20);
+
+/// How often the writer looks at free space again while the store is short.
+const SHORT_RECHECK: Duration = Duration::from_millis(250);
 
 struct Job {
     ops: Vec<Op>,
@@ -72,6 +102,40 @@ pub struct Store {
     syncs: Arc<SyncLatency>,
     /// Where a damaged store was moved aside at this start.
     quarantined: Option<std::path::PathBuf>,
+    /// Whether there is room for new state (kept current by the writer).
+    room: Arc<StoreRoom>,
+}
+
+/// The writer's free-space checks of the store's directory.
+struct SpaceCheck {
+    soft: SpaceGuard,
+    hard: SpaceGuard,
+    room: Arc<StoreRoom>,
+}
+
+impl SpaceCheck {
+    /// Checks room for a round of `bytes`: marks the store short or not, and `Err`
+    /// (why) if the round must be refused.
+    fn round(&self, bytes: u64) -> Result<(), String> {
+        match self.soft.check(bytes) {
+            None if !self.room.has_room() => {
+                tracing::info!("session store has room again: new state is stored");
+                self.room.set_short(None);
+            }
+            None => {}
+            Some(short) => {
+                let why = self.soft.error(short).to_string();
+                if self.room.has_room() {
+                    tracing::warn!("session store short of space, refusing new state: {why}");
+                }
+                self.room.set_short(Some(why));
+            }
+        }
+        match self.hard.check(bytes) {
+            None => Ok(()),
+            Some(short) => Err(self.hard.error(short).to_string()),
+        }
+    }
 }
 
 impl Store {
@@ -105,6 +169,14 @@ impl Store {
             Err(e) => return Err(db_err(e)),
         };
         let (jobs, rx) = std::sync::mpsc::channel();
+        let room = Arc::new(StoreRoom::default());
+        let space = SpaceCheck {
+            soft: SpaceGuard::with_reserve(dir, SOFT_RESERVE),
+            hard: SpaceGuard::with_reserve(dir, HARD_RESERVE),
+            room: room.clone(),
+        };
+        // Short from the start if the disk is: the engine must know before a round.
+        let _ = space.round(0);
         let failed = Arc::new(AtomicBool::new(false));
         let syncs = Arc::new(SyncLatency::new());
         let writer_failed = failed.clone();
@@ -119,6 +191,7 @@ impl Store {
                     sync_interval,
                     writer_failed,
                     &writer_syncs,
+                    &space,
                 )
             })
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
@@ -128,6 +201,7 @@ impl Store {
                 failed,
                 syncs,
                 quarantined,
+                room,
             },
             loaded,
         ))
@@ -176,14 +250,22 @@ impl SessionStore for Store {
             let _ = self.jobs.send(Job { ops, done: None });
         }
     }
+
+    fn room(&self) -> Arc<StoreRoom> {
+        self.room.clone()
+    }
 }
 
 /// Opens the database and its keyspaces in `dir` and reads everything back.
 fn open_spaces(dir: &Path) -> Result<(Spaces, Loaded), fjall::Error> {
-    let db = Database::builder(dir).open()?;
-    // Memtables of 8 MiB (fjall's default is 64 MiB per keyspace): session records
+    // A block cache of 4 MiB (fjall's default is 32 MiB): the store is read whole once,
+    // at start; afterwards only a departing session's keys are looked up (a prefix
+    // scan), and a larger cache only grows the broker's memory as tables accrue.
+    let db = Database::builder(dir).cache_size(CACHE_BYTES).open()?;
+    // Memtables of 2 MiB (fjall's default is 64 MiB per keyspace): session records
     // are small and rewritten often (every connect and disconnect of a persistent
-    // session), and five 64 MiB memtables would be most of an idle broker's memory.
+    // session), and a memtable is memory until it is flushed (at this size); with
+    // 8 MiB ones a 30-minute soak grew ~40 MiB before any was flushed.
     let ks = |name: &str| {
         db.keyspace(name, || {
             KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
@@ -249,12 +331,25 @@ fn writer(
     sync_interval: Duration,
     failed: Arc<AtomicBool>,
     syncs: &SyncLatency,
+    space: &SpaceCheck,
 ) {
     let mut dirty = false;
+    let mut last_sync = std::time::Instant::now();
     loop {
-        let first = match rx.recv_timeout(sync_interval) {
+        let wait = if space.room.has_room() {
+            sync_interval
+        } else {
+            sync_interval.min(SHORT_RECHECK)
+        };
+        let first = match rx.recv_timeout(wait) {
             Ok(job) => job,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Space may have gone or returned with no round to notice it.
+                let _ = space.round(0);
+                if last_sync.elapsed() < sync_interval {
+                    continue;
+                }
+                last_sync = std::time::Instant::now();
                 if dirty && !failed.load(Ordering::Acquire) {
                     if let Err(e) = sync(&spaces, syncs) {
                         fail(&failed, &e.to_string());
@@ -269,8 +364,14 @@ fn writer(
         while let Ok(job) = rx.try_recv() {
             jobs.push(job);
         }
+        let bytes: u64 = jobs.iter().flat_map(|j| &j.ops).map(op_bytes).sum();
         let result = if failed.load(Ordering::Acquire) {
             Err(StoreError::Failed)
+        } else if let Err(why) = space.round(bytes) {
+            // Nothing of the round is written; the store stays writable.
+            space.room.refused();
+            tracing::warn!("session store refused a round of {bytes} bytes: {why}");
+            Err(StoreError::NoSpace(why))
         } else {
             // A panic in the store (an assertion on a record it cannot take) fails the
             // store like an I/O error would, rather than leaving every later write
@@ -289,15 +390,48 @@ fn writer(
             dirty = durability == Durability::Buffered;
             r
         };
+        let refusals = space.room.refusals();
         for job in jobs {
             if let Some(done) = job.done {
-                let _ = done.send(result.clone());
+                let r = match &result {
+                    Ok(()) if stands_behind_a_refusal(&job.ops, refusals) => {
+                        Err(StoreError::NoSpace(
+                            "an earlier write this one stands behind was refused for lack of space"
+                                .into(),
+                        ))
+                    }
+                    r => r.clone(),
+                };
+                let _ = done.send(r);
             }
         }
     }
     if dirty {
         let _ = spaces.db.persist(PersistMode::SyncData);
     }
+}
+
+/// True if `ops` hold a barrier that saw fewer refused rounds than `refusals`: a
+/// write queued before it may have been refused since.
+fn stands_behind_a_refusal(ops: &[Op], refusals: u64) -> bool {
+    ops.iter()
+        .any(|op| matches!(op, Op::Barrier(seen) if *seen < refusals))
+}
+
+/// About how many bytes `op` adds to the journal.
+fn op_bytes(op: &Op) -> u64 {
+    const KEY: usize = 64;
+    let n = match op {
+        Op::PutSession(_, v) | Op::PutEntry(_, _, v) | Op::PutRetained(_, v) => KEY + v.len(),
+        Op::PutInflight(..)
+        | Op::DeleteEntry(..)
+        | Op::PutInbound(..)
+        | Op::DeleteInbound(..)
+        | Op::DeleteSession(_)
+        | Op::DeleteRetained(_) => KEY,
+        Op::Barrier(_) => 0,
+    };
+    n as u64
 }
 
 /// Makes the store's writes durable, timing it into `syncs`.
@@ -368,7 +502,7 @@ fn write_jobs(spaces: &Spaces, jobs: &[Job]) -> Result<(), StoreError> {
             Op::DeleteRetained(t) => {
                 pending.insert((Space::Retained, t.as_bytes().to_vec()), None);
             }
-            Op::Barrier => {}
+            Op::Barrier(_) => {}
         }
     }
     commit(spaces, pending)
@@ -604,5 +738,125 @@ mod tests {
             "sequence numbers continue after the highest stored"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Free bytes of the file system holding `dir`.
+    fn free_bytes(dir: &Path) -> u64 {
+        let st = rustix::fs::statvfs(dir).unwrap_or_else(|e| panic!("statvfs: {e}"));
+        st.f_bavail * st.f_frsize
+    }
+
+    /// Writes a file that leaves about `left` bytes free on `dir`'s file system.
+    fn fill_to(dir: &Path, name: &str, left: u64) {
+        let size = free_bytes(dir).saturating_sub(left);
+        std::fs::write(dir.join(name), vec![1u8; size as usize]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A full file system (a small tmpfs, so only as root): below the soft reserve the
+    /// store is short (what the engine reads) and still takes bookkeeping; below the
+    /// hard reserve a round is refused whole with `NoSpace`, the store stays writable,
+    /// a barrier behind a refused round fails, and once space returns the store has
+    /// room again by itself. What was stored is read back; what was refused is not.
+    #[test]
+    fn a_full_disk_refuses_rounds_cleanly_and_the_store_has_room_again_when_space_returns() {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+        if !root {
+            eprintln!("skipped: mounting a tmpfs to fill needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mount = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(dir.path())
+            .status();
+        assert!(
+            mount.is_ok_and(|s| s.success()),
+            "mount tmpfs as root failed"
+        );
+        /// Unmounts on every way out (lazily: fjall's threads may hold files open).
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status();
+            }
+        }
+        let _unmount = Unmount(dir.path().to_path_buf());
+        let state = dir.path().join("state");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let c: Arc<str> = "c1".into();
+        let mut s = Session::new(c.clone());
+        s.expiry_interval = 100;
+        {
+            let (store, _) =
+                Store::open(&state, Durability::Fsync, Duration::from_secs(1)).expect("open");
+            let room = store.room();
+            let put = |seq: u64, payload: &'static [u8]| {
+                Op::PutEntry(c.clone(), seq, encode_entry(&delivery(payload)))
+            };
+            rt.block_on(
+                store
+                    .submit(vec![
+                        Op::PutSession(c.clone(), encode_session(&s, false, None)),
+                        put(1, b"one"),
+                    ])
+                    .wait(),
+            )
+            .expect("stored with room");
+            assert!(room.has_room());
+
+            // Between the reserves: short, but bookkeeping still goes through.
+            fill_to(dir.path(), "soft", SOFT_RESERVE - (2 << 20));
+            rt.block_on(store.submit(vec![put(2, b"two")]).wait())
+                .expect("a round above the hard reserve is written");
+            assert!(!room.has_room(), "short below the soft reserve");
+            let why = room.shortage().expect("a reason");
+            assert!(why.contains(&dir.path().display().to_string()), "{why}");
+
+            // Below the hard reserve: refused whole, the store stays writable.
+            fill_to(dir.path(), "hard", HARD_RESERVE - (2 << 20));
+            let seen = room.refusals();
+            let refused = rt.block_on(store.submit(vec![put(3, b"three")]).wait());
+            assert!(
+                matches!(refused, Err(StoreError::NoSpace(_))),
+                "{refused:?}"
+            );
+            assert!(!store.is_failed(), "a refused round is not a failed store");
+            assert_eq!(room.refusals(), seen + 1);
+
+            std::fs::remove_file(dir.path().join("hard")).expect("free");
+            std::fs::remove_file(dir.path().join("soft")).expect("free");
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while !room.has_room() {
+                assert!(std::time::Instant::now() < deadline, "room never came back");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(room.shortage(), None);
+            // A barrier that saw fewer refusals stands behind a refused write.
+            let behind = rt.block_on(store.submit(vec![Op::Barrier(seen)]).wait());
+            assert!(matches!(behind, Err(StoreError::NoSpace(_))), "{behind:?}");
+            rt.block_on(
+                store
+                    .submit(vec![put(4, b"four"), Op::Barrier(seen + 1)])
+                    .wait(),
+            )
+            .expect("writes resume by themselves");
+        }
+        let (_, mut loaded) =
+            Store::open(&state, Durability::Fsync, Duration::from_secs(1)).expect("reopen");
+        let queued = &mut loaded.sessions[0].session.pending;
+        let pending: Vec<Bytes> = std::iter::from_fn(|| queued.pop_front())
+            .map(|d| payload_of(&d))
+            .collect();
+        assert_eq!(
+            pending,
+            ["one", "two", "four"],
+            "the refused round left nothing"
+        );
     }
 }

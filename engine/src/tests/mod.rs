@@ -14,4 +14,5 @@ mod restart;
 mod retained;
 mod seam;
 mod shared;
+mod store_full;
 mod takeover;

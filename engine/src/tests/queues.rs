@@ -374,3 +374,43 @@ async fn a_resumed_consumer_group_subscription_stays_in_its_group() {
     let groups: Vec<(&str, u64)> = info.groups.iter().map(|g| (&*g.key.group, g.lag)).collect();
     assert_eq!(groups, [("billing", 1)]);
 }
+
+/// A queue log whose fdatasync fails (injected into the queues' real storage): a v5
+/// producer gets PUBACK 0x80; a 3.1.1 producer, which a PUBACK could only tell
+/// "stored", is disconnected instead; what was stored before is still delivered.
+#[tokio::test(start_paused = true)]
+async fn a_produce_to_a_failed_log_is_refused_0x80_and_a_3_1_1_producer_disconnected() {
+    let (mut h, consumer, producer) = queue().await;
+    h.send(
+        producer,
+        publish("$queue/jobs", "kept", QoS::AtLeastOnce, 1),
+    )
+    .await;
+    assert_eq!(h.take(producer), [puback(1)]);
+    assert_eq!(payloads(&h.take_publishes(consumer)), ["kept"]);
+    assert!(
+        h.broker
+            .queues
+            .storage()
+            .inject_sync_failure(|log| roost_queue::is_partition_log_of(log, "jobs"))
+    );
+    h.send(
+        producer,
+        publish("$queue/jobs", "lost", QoS::AtLeastOnce, 2),
+    )
+    .await;
+    match &h.take(producer)[..] {
+        [Packet::PubAck(a)] => assert_eq!(a.reason, ReasonCode::UnspecifiedError),
+        other => panic!("PUBACK 0x80 expected: {other:?}"),
+    }
+    let (old, _) = h.connect(v311("old", true)).await;
+    h.send(old, publish("$queue/jobs", "lost too", QoS::AtLeastOnce, 1))
+        .await;
+    assert!(h.take(old).is_empty(), "no PUBACK for what was not stored");
+    assert!(!h.is_connected(old));
+    assert_eq!(
+        h.closed_for(old),
+        Some(crate::metrics::DisconnectReason::StorageFailure)
+    );
+    assert!(h.take_publishes(consumer).is_empty());
+}

@@ -530,7 +530,7 @@ fn load(ops: &[Op], down: Duration) -> Loaded {
             Op::DeleteRetained(t) => {
                 retained.remove(&t);
             }
-            Op::Barrier => {}
+            Op::Barrier(_) => {}
         }
     }
     // Fed to the loading rules the way the broker's store feeds them: sessions, then
