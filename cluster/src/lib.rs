@@ -8,9 +8,11 @@
 //!   sessions that move to the node a client connects to) and the handler of what
 //!   links bring in.
 //!
-//! Not replicated yet (cluster II): `$queue/` partitions live on the node that stores
-//! them, and a node's persistent sessions live on its disk only (a client whose node
-//! died starts a new session elsewhere).
+//! - [`replicas`], [`consumers`]: replicated `$queue/` partitions (one openraft group
+//!   per partition in [`raft::partition`]), produce and consume through any node.
+//!
+//! Not replicated: a node's persistent sessions live on its disk only (a client whose
+//! node died starts a new session elsewhere).
 #![deny(missing_docs)]
 
 pub mod consensus;
