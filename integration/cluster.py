@@ -156,7 +156,22 @@ class Cluster:
             if seen and seen[0] is not None and len(set(seen)) == 1 and seen[0] in among:
                 return seen[0]
             time.sleep(0.05)
-        raise AssertionError(f"no agreed leader among {among}: {seen}")
+        # Say what each node answers (or why not), and how its log ends, so that a
+        # failure here can be told apart: a node that died, one that cannot reach the
+        # others, or no election.
+        report = []
+        for i in among:
+            node = self.nodes[i]
+            try:
+                answer = node.status()
+            except Exception as e:  # noqa: BLE001 - reported, not handled
+                answer = f"no answer: {e!r}"
+            try:
+                tail = node.log_path.read_text(errors="replace").splitlines()[-8:]
+            except OSError as e:
+                tail = [repr(e)]
+            report.append(f"node {i} alive={node.alive()}: {answer}\n    " + "\n    ".join(tail))
+        raise AssertionError(f"no agreed leader among {among}: {seen}\n" + "\n".join(report))
 
     def wait_stable(self, among=None, timeout=20.0):
         """A leader agreed on by `among`, each of them linked to all the others."""
