@@ -10,10 +10,12 @@ Two layouts:
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -24,6 +26,23 @@ from broker import Broker, accepts, free_port, roost_binary
 TOKEN = "cluster-test-token"
 
 _instances = itertools.count()
+
+# Namespaced clusters not cleaned up yet: removed at exit, also when the process is
+# ended by SIGTERM (a script run under `timeout`), so no namespace, bridge or node
+# outlives the run that made it.
+_live: list["Cluster"] = []
+
+
+def _cleanup_live():
+    for c in list(_live):
+        c.cleanup()
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+atexit.register(_cleanup_live)
 
 
 def can_use_netns() -> bool:
@@ -107,9 +126,12 @@ class Cluster:
         self.cuts: list[tuple[str, str]] = []
         tag = (os.getpid() * 7 + next(_instances)) % 100000
         if netns:
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _on_sigterm)
             self.tag = f"rq{tag}"
             self.subnet = f"10.88.{tag % 250}"
             self.bridge = f"{self.tag}b"
+            _live.append(self)
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
@@ -229,6 +251,8 @@ class Cluster:
                 _ip("link", "del", f"{self.tag}h{i}", check=False)
                 _ip("netns", "del", node.ns, check=False)
             _ip("link", "del", self.bridge, check=False)
+            if self in _live:
+                _live.remove(self)
 
 
 def reachable(node: Node) -> bool:
