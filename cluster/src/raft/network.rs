@@ -53,20 +53,41 @@ impl Peer {
         R: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let body =
-            serde_json::to_vec(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let answer = self
-            .links
-            .request(self.target, Bytes::from(body), timeout)
-            .await
-            .map_err(|e| match e {
-                LinkError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
-                _ => RPCError::Network(NetworkError::new(&e)),
-            })?;
-        let result: Result<R, RaftError<NodeId, E>> = serde_json::from_slice(&answer)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        call(&self.links, self.target, &request, timeout, |e| {
+            matches!(e, LinkError::Unreachable(_))
+        })
+        .await
     }
+}
+
+/// Sends a Raft message (of the control plane or of a partition) to `target` and
+/// reads openraft's answer; a link failure for which `unreachable` holds is reported
+/// as [`Unreachable`] (openraft backs off), any other as a network error.
+pub(crate) async fn call<R, E>(
+    links: &Links,
+    target: NodeId,
+    request: &Request,
+    timeout: Duration,
+    unreachable: impl Fn(&LinkError) -> bool,
+) -> Result<R, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+where
+    R: DeserializeOwned,
+    E: std::error::Error + DeserializeOwned,
+{
+    let body = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    let answer = links
+        .request(target, Bytes::from(body), timeout)
+        .await
+        .map_err(|e| {
+            if unreachable(&e) {
+                RPCError::Unreachable(Unreachable::new(&e))
+            } else {
+                RPCError::Network(NetworkError::new(&e))
+            }
+        })?;
+    let result: Result<R, RaftError<NodeId, E>> =
+        serde_json::from_slice(&answer).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    result.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
 }
 
 impl RaftNetwork<TypeConfig> for Peer {

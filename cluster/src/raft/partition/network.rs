@@ -3,11 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use openraft::BasicNode;
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError};
 
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -17,7 +14,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 
 use super::types::{GroupId, PartConfig, PartRpc};
-use crate::link::{LinkError, Links};
+use crate::link::Links;
 use crate::raft::types::NodeId;
 use crate::request::Request;
 
@@ -60,20 +57,11 @@ impl PartPeer {
             group: self.group.clone(),
             rpc,
         };
-        let body =
-            serde_json::to_vec(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let answer = self
-            .links
-            .request(self.target, Bytes::from(body), timeout)
-            .await
-            // Every failure of the link (down, its queue full, no answer, or a node
-            // that has no replica of the partition yet) is "unreachable": openraft then
-            // backs off instead of retrying at once, which would flood the link that
-            // the control plane shares.
-            .map_err(|e: LinkError| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let result: Result<R, RaftError<NodeId, E>> = serde_json::from_slice(&answer)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        // Every failure of the link (down, its queue full, no answer, or a node that
+        // has no replica of the partition yet) is "unreachable": openraft then backs
+        // off instead of retrying at once, which would flood the link that the control
+        // plane shares.
+        crate::raft::network::call(&self.links, self.target, &request, timeout, |_| true).await
     }
 }
 
