@@ -225,16 +225,28 @@ impl Cursor {
 
 /// How many unsettled messages a member may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Window {
-    /// Exactly this many: the consumer's own limit (an MQTT 5 Receive Maximum).
+pub enum Window {
+    /// Exactly this many (a consumer that paces itself, such as a bridge's link).
     Fixed(u32),
-    /// A window that follows the consumer's acknowledgements, at most `max` (the
-    /// queue's `consumer_window`): see [`Member::observe`]. For MQTT 3.x consumers,
-    /// which announce no limit of their own.
+    /// A window that follows the consumer's acknowledgements, at most `max` and at most
+    /// the queue's `consumer_window` (see `Member::observe`): an MQTT consumer's, with
+    /// `max` its Receive Maximum (MQTT 5), or `u32::MAX` when it announces none (3.x).
+    /// An MQTT 5 client that leaves Receive Maximum at its default of 65,535 would
+    /// otherwise hold that many messages however slowly it works through them.
     Adaptive {
         /// The largest the window grows to.
         max: u32,
     },
+}
+
+impl From<u32> for Window {
+    /// `n` messages exactly; 0 for an adaptive window bounded by `consumer_window` only.
+    fn from(n: u32) -> Window {
+        match n {
+            0 => Window::Adaptive { max: u32::MAX },
+            n => Window::Fixed(n),
+        }
+    }
 }
 
 /// The window an adaptive member starts with (or `max`, if lower).
