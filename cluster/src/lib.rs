@@ -17,6 +17,7 @@ pub mod consensus;
 pub mod link;
 pub mod node;
 pub mod raft;
+pub mod replicas;
 pub mod request;
 pub mod routes;
 pub mod wire;
@@ -120,12 +121,25 @@ impl Cluster {
         )
         .await?;
         let start_index = raft.start_index();
+        let consensus: Arc<dyn consensus::Consensus> = Arc::new(raft);
+        let replicas = replicas::Replicas::open(
+            config.node_id,
+            &dir.join("partitions"),
+            links.clone(),
+            consensus.clone(),
+            broker.queues.clone(),
+            raft::partition::PartTiming {
+                heartbeat_ms: config.timing.heartbeat_ms,
+                election_ms: (config.timing.election_min_ms, config.timing.election_max_ms),
+            },
+        )?;
         let node = Node::new(
             config.node_id,
-            Arc::new(raft),
+            consensus,
             links.clone(),
             broker.clone(),
             start_index,
+            replicas.clone(),
         );
         links.set_handler(node.clone());
         let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -140,6 +154,7 @@ impl Cluster {
             return Err("this broker is already part of a cluster".into());
         }
         tokio::spawn(node.clone().catch_up());
+        replicas.attach();
         Ok(Cluster { node, bind })
     }
 
@@ -150,6 +165,7 @@ impl Cluster {
 
     /// Leaves the control plane (at shutdown).
     pub async fn shut_down(&self) {
+        self.node.replicas.shut_down().await;
         self.node.consensus.shut_down().await;
     }
 }

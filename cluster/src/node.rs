@@ -90,6 +90,8 @@ pub struct Node {
     start_index: u64,
     /// Data-plane counters.
     pub counters: Arc<Counters>,
+    /// The replicated queue partitions of this node.
+    pub replicas: Arc<crate::replicas::Replicas>,
 }
 
 impl Node {
@@ -99,6 +101,7 @@ impl Node {
         links: Arc<Links>,
         broker: Arc<Broker>,
         start_index: u64,
+        replicas: Arc<crate::replicas::Replicas>,
     ) -> Arc<Node> {
         let (route_tx, route_rx) = mpsc::unbounded_channel();
         let (claim_tx, claim_rx) = mpsc::unbounded_channel();
@@ -117,6 +120,7 @@ impl Node {
             caught_up: AtomicBool::new(false),
             start_index,
             counters: Arc::default(),
+            replicas,
         });
         tokio::spawn(node.clone().propose_routes(route_rx));
         tokio::spawn(node.clone().propose_claims(claim_rx));
@@ -241,6 +245,7 @@ impl Node {
                     }
                     members = now;
                 }
+                Applied::Placed(queue) => self.replicas.placed(queue),
             }
         }
     }
@@ -292,6 +297,7 @@ impl Node {
     /// them asks first and the others vote for it rather than split the vote.
     pub(crate) async fn watch_leader(self: Arc<Self>, mut down: mpsc::UnboundedReceiver<NodeId>) {
         while let Some(gone) = down.recv().await {
+            self.replicas.peer_down(gone, self.consensus.lease());
             if self.consensus.leader() != Some(gone) {
                 continue;
             }
@@ -692,6 +698,7 @@ impl Handler for Node {
             match request {
                 Request::TakeSession { client, epoch } => self.take_session(client, epoch).await,
                 Request::Retained => self.retained_copy(),
+                Request::Part { group, rpc } => self.replicas.answer(group, rpc).await,
                 other => self.consensus.answer(other).await,
             }
         })

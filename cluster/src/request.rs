@@ -21,6 +21,13 @@ pub enum Request {
     /// Every retained message the peer holds (answer: each as a u32 BE length and
     /// `roost_engine::record::encode_retained`'s bytes), for a node catching up.
     Retained,
+    /// A replicated queue partition's Raft traffic.
+    Part {
+        /// Which partition.
+        group: crate::raft::partition::types::GroupId,
+        /// The message.
+        rpc: crate::raft::partition::types::PartRpc,
+    },
     /// To a client's previous owner: hand over its session, claimed at `epoch`
     /// (answer: the session's bytes, empty when there is none).
     TakeSession {

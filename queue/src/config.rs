@@ -78,6 +78,24 @@ pub struct QueueConfig {
     /// message yet gets only the newest one (older ones of the key are skipped as
     /// settled). For device-state feeds. Messages without a key are all delivered.
     pub last_value: bool,
+    /// In a cluster: on how many nodes each partition is kept (0: the cluster's
+    /// default, 3; clamped to the number of members). 1 keeps the queue on the node
+    /// that created it, as on a single node.
+    pub replication_factor: u32,
+    /// In a cluster: when a produce is acknowledged.
+    pub ack_mode: AckMode,
+}
+
+/// When a produce to a replicated queue is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Once a majority of the partition's replicas has it (under `durability`).
+    #[default]
+    Quorum,
+    /// Once the partition's leader has it; replication follows. Not built yet:
+    /// refused by [`QueueConfig::validate`].
+    Leader,
 }
 
 impl Default for QueueConfig {
@@ -101,6 +119,8 @@ impl Default for QueueConfig {
             dedup_window_ms: 120_000,
             dedup_max_ids: 1_000_000,
             last_value: false,
+            replication_factor: 0,
+            ack_mode: AckMode::Quorum,
         }
     }
 }
@@ -114,6 +134,9 @@ impl QueueConfig {
         let bad = |why: String| Err(QueueError::InvalidConfig(why));
         if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
             return bad(format!("partitions must be 1..={MAX_PARTITIONS}"));
+        }
+        if self.ack_mode == AckMode::Leader {
+            return bad("ack_mode \"leader\" is not built yet; use \"quorum\"".into());
         }
         if self.ack_timeout_ms == 0 {
             return bad("ack_timeout_ms must be at least 1".into());

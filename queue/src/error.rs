@@ -102,6 +102,18 @@ pub enum ProduceError {
     /// for 3.1.1 until space returns.
     #[error(transparent)]
     Storage(#[from] roost_storage::Error),
+    /// The queue's partition is replicated and no majority of its replicas can be
+    /// reached from here (a cut, or too many nodes down): nothing was stored. Answered
+    /// like a full queue: 0x97 for v5, a waiting PUBACK for 3.1.1.
+    #[error("partition {partition} of queue {queue:?} has no reachable majority: {why}")]
+    Unavailable {
+        /// The queue.
+        queue: String,
+        /// The partition.
+        partition: u32,
+        /// Why, as the cluster says it.
+        why: String,
+    },
 }
 
 impl ProduceError {
@@ -109,6 +121,7 @@ impl ProduceError {
     pub fn reason_code(&self) -> ReasonCode {
         match self {
             ProduceError::QuotaExceeded { .. }
+            | ProduceError::Unavailable { .. }
             | ProduceError::Storage(roost_storage::Error::NoSpace { .. }) => {
                 ReasonCode::QuotaExceeded
             }
@@ -121,11 +134,13 @@ impl ProduceError {
         }
     }
 
-    /// True when the disk had no room for the message: it may be stored later.
+    /// True when the disk had no room for the message, or its replicas no majority:
+    /// it may be stored later.
     pub fn is_no_space(&self) -> bool {
         matches!(
             self,
             ProduceError::Storage(roost_storage::Error::NoSpace { .. })
+                | ProduceError::Unavailable { .. }
         )
     }
 }

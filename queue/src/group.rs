@@ -710,6 +710,19 @@ impl Group {
         Settle::Settled
     }
 
+    /// Forgets the delivery of `offset` of partition `p` in flight, whoever holds it
+    /// (it was settled on another node, which leads the partition now).
+    pub fn drop_inflight(&mut self, p: usize, offset: u64) {
+        let Some(c) = self.cursors.get_mut(p) else {
+            return;
+        };
+        if let Some(f) = c.inflight.remove(&offset)
+            && let Some(m) = self.members.get_mut(&f.consumer)
+        {
+            m.inflight = m.inflight.saturating_sub(1);
+        }
+    }
+
     /// Negative acknowledgement by `consumer`: redeliver after the backoff, or hand it
     /// to the dead-letter queue once it has had `max_deliveries`.
     pub fn nack(&mut self, p: usize, offset: u64, consumer: &str, now: u64, s: &Settings) -> Nack {

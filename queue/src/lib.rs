@@ -62,10 +62,12 @@ mod error;
 mod format;
 mod group;
 mod ledger;
+mod message;
 mod queue;
 mod registry;
+mod replication;
 
-pub use config::{Durability, MAX_PARTITIONS, QueueConfig};
+pub use config::{AckMode, Durability, MAX_PARTITIONS, QueueConfig};
 pub use damage::Damage;
 pub use error::{ProduceError, QueueError};
 pub use format::{DeadReason, InvalidMessageId, MessageId, Origin};
@@ -76,6 +78,7 @@ pub use queue::{
     Settled, now_ms,
 };
 pub use registry::{DEAD_LETTER_SUFFIX, Queues, valid_queue_name};
+pub use replication::{ReplicatedProduce, Replicator};
 
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,7 @@
 //! replayed; anything delivered but not durably settled is delivered again, with its
 //! delivery count starting over at 1 (in-flight state and counts are not persisted).
 
+pub(crate) mod replica;
 pub(crate) mod transfer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,6 +30,8 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use roost_storage::{Append, Log, LogConfig, ReadLimit, Record, Storage};
 use tracing::{debug, warn};
+
+pub use crate::message::NewMessage;
 
 use crate::config::QueueConfig;
 use crate::dedup::{Claim, Dedup, Outcome};
@@ -46,25 +49,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// A message to produce.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NewMessage {
-    /// The part of the source topic after `$queue/<name>/` (or the whole topic for a
-    /// captured publish); may be empty. Stored with the message.
-    pub subtopic: String,
-    /// The `partition-key` user property, if the producer sent one.
-    pub partition_key: Option<Bytes>,
-    /// Opaque to the queue: the broker's encoded MQTT properties.
-    pub headers: Bytes,
-    /// The message body.
-    pub payload: Bytes,
-    /// The `dedup-id` user property: stored once per queue within `dedup_window_ms`.
-    pub dedup_id: Option<Bytes>,
-    /// From `delay-ms` or `deliver-at`: no group gets the message before this time
-    /// (ms since the epoch); later messages go ahead of it.
-    pub deliver_at: Option<u64>,
 }
 
 /// One message handed to a consumer.
@@ -343,6 +327,8 @@ pub(crate) struct Inner {
     ledger: Mutex<Ledger>,
     /// What recovery could not read in this queue's logs when it was opened.
     damage: Vec<crate::Damage>,
+    /// Set when a cluster replicates the queue's partitions.
+    replica: crate::replication::ReplicaState,
 }
 
 /// One durable queue. Cheap to clone; clones share the queue.
@@ -425,7 +411,8 @@ pub struct Produce(ProduceState);
 enum ProduceState {
     Done(Option<Result<MessageId, ProduceError>>),
     Appending(Queue, Started),
-    Dedup(Pin<Box<dyn Future<Output = Result<MessageId, ProduceError>> + Send>>),
+    /// With a `dedup-id`, or through a replicated partition's log.
+    Boxed(Pin<Box<dyn Future<Output = Result<MessageId, ProduceError>> + Send>>),
 }
 
 impl std::fmt::Debug for Produce {
@@ -441,7 +428,7 @@ impl Future for Produce {
         let state = &mut self.0;
         let result = match state {
             ProduceState::Done(r) => r.take(),
-            ProduceState::Dedup(f) => return f.as_mut().poll(cx),
+            ProduceState::Boxed(f) => return f.as_mut().poll(cx),
             ProduceState::Appending(_, started) => match Pin::new(&mut started.1).poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(r) => match std::mem::replace(state, ProduceState::Done(None)) {
@@ -579,6 +566,7 @@ impl Queue {
                 last_values: Mutex::new(last_values),
                 ledger: Mutex::new(ledger),
                 damage,
+                replica: Default::default(),
             }),
         };
         {
@@ -662,12 +650,9 @@ impl Queue {
 
     fn reserve(&self, bytes: u64) -> Result<Reservation, ProduceError> {
         let inner = &self.inner;
-        let n = inner.reserved.fetch_add(1, Ordering::SeqCst) + 1;
-        let b = inner.reserved_bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
-        let r = Reservation {
-            inner: inner.clone(),
-            bytes,
-        };
+        let r = self.reserve_any(bytes);
+        let n = inner.reserved.load(Ordering::SeqCst);
+        let b = inner.reserved_bytes.load(Ordering::SeqCst);
         let cfg = inner.config.read();
         let full = |what| {
             inner.quota_refusals.fetch_add(1, Ordering::Relaxed);
@@ -683,6 +668,17 @@ impl Queue {
             return Err(full("max_bytes"));
         }
         Ok(r)
+    }
+
+    /// Counts `bytes` being appended, whatever the limits say.
+    fn reserve_any(&self, bytes: u64) -> Reservation {
+        let inner = &self.inner;
+        inner.reserved.fetch_add(1, Ordering::SeqCst);
+        inner.reserved_bytes.fetch_add(bytes, Ordering::SeqCst);
+        Reservation {
+            inner: inner.clone(),
+            bytes,
+        }
     }
 
     fn pick_partition(&self, msg: &NewMessage, partitions: usize) -> usize {
@@ -705,13 +701,16 @@ impl Queue {
     /// stored again: the future resolves with the id of the stored one. While one with
     /// that id is being appended, another waits for its outcome.
     pub fn produce(&self, msg: NewMessage) -> Produce {
+        if let Some(r) = self.replicator() {
+            return Produce(ProduceState::Boxed(self.produce_replicated(r, msg)));
+        }
         let begun = self.begin_produce(msg);
         let state = match begun {
             Begun::Duplicate(id) => ProduceState::Done(Some(Ok(id))),
             Begun::Started(Err(e), None) => ProduceState::Done(Some(Err(e))),
             Begun::Started(Ok(started), None) => ProduceState::Appending(self.clone(), started),
             // With a `dedup-id`: rare, so boxed.
-            begun => ProduceState::Dedup(Box::pin(self.clone().produce_dedup(begun))),
+            begun => ProduceState::Boxed(Box::pin(self.clone().produce_dedup(begun))),
         };
         Produce(state)
     }
@@ -855,6 +854,17 @@ impl Queue {
         msg: NewMessage,
         origin: Option<(Origin, u64)>,
     ) -> Result<Started, ProduceError> {
+        self.start_produce_at(msg, origin, None)
+    }
+
+    /// [`Queue::start_produce`] into partition `at` when given (a replicated produce
+    /// the partition's log committed: no limit applies), else the one it picks.
+    fn start_produce_at(
+        &self,
+        msg: NewMessage,
+        origin: Option<(Origin, u64)>,
+        at: Option<usize>,
+    ) -> Result<Started, ProduceError> {
         if self.inner.deleted.load(Ordering::SeqCst) {
             return Err(ProduceError::Deleted(self.inner.name.to_string()));
         }
@@ -870,9 +880,12 @@ impl Queue {
         );
         // The record as framed by storage: 29 bytes of overhead.
         let size = (29 + headers.len() + msg.payload.len()) as u64;
-        let reservation = self.reserve(size)?;
+        let reservation = match at {
+            Some(_) => self.reserve_any(size),
+            None => self.reserve(size)?,
+        };
         let logs = self.logs();
-        let partition = self.pick_partition(&msg, logs.len());
+        let partition = at.unwrap_or_else(|| self.pick_partition(&msg, logs.len()));
         let log = logs
             .get(partition)
             .ok_or_else(|| ProduceError::Deleted(self.inner.name.to_string()))?;
@@ -1004,6 +1017,9 @@ impl Queue {
             let mut delivered = Vec::new();
             for i in 0..n {
                 let p = (start + i) % n;
+                if !self.is_led(p) {
+                    continue;
+                }
                 let skip = Skip {
                     dropped: st.dropped.get(p).unwrap_or(&no_drops),
                     newest: newest.get(p),
@@ -1063,7 +1079,7 @@ impl Queue {
         for (key, slot) in st.groups.iter_mut() {
             let mut delivered = Vec::new();
             for (&p, &end) in parts.iter().zip(&ends) {
-                let Some(log) = logs.get(p) else {
+                let Some(log) = logs.get(p).filter(|_| self.is_led(p)) else {
                     continue;
                 };
                 let skip = Skip {
@@ -1531,6 +1547,13 @@ impl Queue {
             changes
         };
         self.drain_kicks();
+        if let Some(r) = self.replicator() {
+            for change in &changes {
+                if let Progress::Settle(k, offsets) = change {
+                    r.settled(k, offsets);
+                }
+            }
+        }
         Settled {
             found: !changes.is_empty(),
             append: (!changes.is_empty()).then(|| self.append_progress(changes)),

@@ -45,7 +45,12 @@ struct Registry {
     queues: RwLock<BTreeMap<String, Queue>>,
     /// Serialises create/update/delete (which touch files).
     admin: Mutex<()>,
+    /// Told of every queue created from now on, before anyone can use it.
+    on_create: RwLock<Option<OnCreate>>,
 }
+
+/// What [`Queues::on_create`] calls.
+pub type OnCreate = Arc<dyn Fn(&Queue) + Send + Sync>;
 
 /// Every queue of a broker. Cheap to clone; clones share the registry.
 #[derive(Clone)]
@@ -154,6 +159,7 @@ impl Queues {
             max_queues: Default::default(),
             queues: RwLock::new(queues),
             admin: Mutex::new(()),
+            on_create: RwLock::new(None),
         };
         Ok((
             Queues {
@@ -190,6 +196,12 @@ impl Queues {
                 .ok_or_else(|| QueueError::NotFound(name.to_owned())),
             other => other,
         }
+    }
+
+    /// Calls `f` with every queue created from now on, before it is reachable (the
+    /// cluster replicates it).
+    pub fn on_create(&self, f: OnCreate) {
+        *self.inner.on_create.write() = Some(f);
     }
 
     /// Bounds the number of queues: [`Queues::create`] (and so auto-creation) fails
@@ -229,6 +241,10 @@ impl Queues {
         let queue = Queue::open(self.inner.storage.clone(), name, config, &mut notes)?;
         for n in notes {
             warn!("{n}");
+        }
+        let on_create = self.inner.on_create.read().clone();
+        if let Some(f) = on_create {
+            f(&queue);
         }
         self.inner
             .queues

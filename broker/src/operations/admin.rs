@@ -456,7 +456,17 @@ async fn handle(api: &Api, request: &Request) -> Response {
             Response::json(200, &Value::Array(list))
         }
         ("GET", Route::Queue(name)) => match broker.queues.get(&name) {
-            Some(q) => Response::json(200, &queue_json(&q.info())),
+            Some(q) => {
+                let mut v = queue_json(&q.info());
+                let placement = api
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.node.replicas.placement(&name));
+                if let (Some(p), Some(obj)) = (placement, v.as_object_mut()) {
+                    obj.insert("placement".into(), json!(p));
+                }
+                Response::json(200, &v)
+            }
             None => not_found(&name),
         },
         ("PUT", Route::Queue(name)) => put_queue(broker, &api.queue_defaults, &name, body),

@@ -11,6 +11,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod partition;
 pub mod state;
 pub mod types;
 
@@ -285,7 +286,7 @@ impl Consensus for RaftNode {
                     Err(Ok(leader)) => Err(format!("not the leader (leader: {leader:?})")),
                     Err(Err(why)) => Err(why),
                 },
-                Request::TakeSession { .. } | Request::Retained => {
+                Request::TakeSession { .. } | Request::Retained | Request::Part { .. } => {
                     Err("not a consensus request".into())
                 }
             }

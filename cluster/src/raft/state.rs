@@ -11,7 +11,7 @@
 //! reported to the node ([`Applied`]) so it can act on a claim that moved a client
 //! away. The snapshot is the whole state as JSON, in one file beside the log.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,6 +55,8 @@ pub enum Applied {
     },
     /// The membership changed.
     Membership,
+    /// A queue was placed (see [`ControlState::placement`]).
+    Placed(String),
 }
 
 /// The last log id applied, and the membership as of then.
@@ -67,6 +69,8 @@ pub struct ControlState {
     pub owners: RwLock<HashMap<String, Owner>>,
     /// Which node subscribes to what.
     pub routes: RouteTable,
+    /// Replicated queue -> per partition, its replicas.
+    pub placements: RwLock<BTreeMap<String, Vec<Vec<NodeId>>>>,
     applied: RwLock<AppliedState>,
 }
 
@@ -87,6 +91,11 @@ impl ControlState {
             .collect()
     }
 
+    /// Where the partitions of `queue` live, if it was placed.
+    pub fn placement(&self, queue: &str) -> Option<Vec<Vec<NodeId>>> {
+        self.placements.read().get(queue).cloned()
+    }
+
     /// The owner of `client`, if it has one.
     pub fn owner(&self, client: &str) -> Option<NodeId> {
         self.owners.read().get(client).map(|o| o.node)
@@ -100,6 +109,8 @@ struct Image {
     membership: StoredMembership<NodeId, BasicNode>,
     owners: HashMap<String, Owner>,
     routes: Vec<(NodeId, Route)>,
+    #[serde(default)]
+    placements: BTreeMap<String, Vec<Vec<NodeId>>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -172,6 +183,7 @@ impl StateMachine {
             membership,
             owners: self.state.owners.read().clone(),
             routes: self.state.routes.all(),
+            placements: self.state.placements.read().clone(),
         }
     }
 
@@ -180,7 +192,12 @@ impl StateMachine {
         *self.state.applied.write() = (image.last_applied, image.membership);
         *self.state.owners.write() = image.owners;
         self.state.routes.replace(image.routes);
+        let queues: Vec<String> = image.placements.keys().cloned().collect();
+        *self.state.placements.write() = image.placements;
         let _ = self.notify.send(Applied::Membership);
+        for q in queues {
+            let _ = self.notify.send(Applied::Placed(q));
+        }
         Ok(())
     }
 
@@ -235,6 +252,18 @@ impl StateMachine {
             }
             Command::SetRoutes { node, keep } => {
                 self.state.routes.set_node(node, keep);
+                Outcome::Done
+            }
+            Command::Place { queue, replicas } => {
+                let new = {
+                    let mut placements = self.state.placements.write();
+                    let new = !placements.contains_key(&queue);
+                    placements.entry(queue.clone()).or_insert(replicas);
+                    new
+                };
+                if new {
+                    let _ = self.notify.send(Applied::Placed(queue));
+                }
                 Outcome::Done
             }
         }

@@ -41,6 +41,14 @@ pub enum Command {
         /// Its routes now.
         keep: Vec<Route>,
     },
+    /// Where the partitions of a replicated queue live (the first placement of a
+    /// queue stands; a later one for the same queue changes nothing).
+    Place {
+        /// The queue.
+        queue: String,
+        /// Per partition, its replicas (the first is the preferred leader).
+        replicas: Vec<Vec<NodeId>>,
+    },
 }
 
 /// What applying a [`Command`] answered.

@@ -1,0 +1,201 @@
+//! One openraft group per replicated queue partition ("cluster II"), over the
+//! partition logs of [`log`] (one [`Storage`] per node: one group commit for all) and
+//! the node-to-node links ([`network`]). The group's state machine is the partition
+//! of the node's own queue ([`machine`]). Everything here names openraft; the rest of
+//! the cluster uses [`PartitionRaft`].
+
+pub mod log;
+pub mod machine;
+pub mod network;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use roost_queue::Queue;
+use roost_storage::Storage;
+
+use crate::link::Links;
+use crate::raft::types::NodeId;
+use log::PartLog;
+use machine::PartMachine;
+use network::PartNetwork;
+pub use types::PartRpc;
+use types::{GroupId, Op, OpOutcome, PartConfig};
+
+/// Election timing of partition groups: as the control plane's.
+#[derive(Debug, Clone, Copy)]
+pub struct PartTiming {
+    /// Heartbeat interval (ms).
+    pub heartbeat_ms: u64,
+    /// Election timeout range (ms).
+    pub election_ms: (u64, u64),
+}
+
+/// This node's replica of one partition.
+pub struct PartitionRaft {
+    /// Which partition.
+    pub id: GroupId,
+    me: NodeId,
+    raft: openraft::Raft<PartConfig>,
+}
+
+/// Why a proposal could not be made here.
+pub enum NotHere {
+    /// Another node leads (or none is known).
+    Leader(Option<NodeId>),
+    /// It failed (says why).
+    Failed(String),
+}
+
+impl PartitionRaft {
+    /// Starts this node's replica of `id` (replicas: id -> cluster address), its log
+    /// in `storage`, its state `queue`'s partition. A pristine group is formed with
+    /// `replicas` (each replica does this with the same list).
+    pub async fn start(
+        me: NodeId,
+        id: GroupId,
+        storage: &Storage,
+        queue: Queue,
+        replicas: &BTreeMap<NodeId, String>,
+        links: Arc<Links>,
+        timing: PartTiming,
+    ) -> Result<PartitionRaft, String> {
+        let name = format!("p.{}.{}", id.queue, id.partition);
+        let log = PartLog::open(storage, &name)?;
+        let machine = PartMachine::new(queue, id.partition);
+        let config = Config {
+            cluster_name: format!("roost-{id}"),
+            heartbeat_interval: timing.heartbeat_ms,
+            election_timeout_min: timing.election_ms.0,
+            election_timeout_max: timing.election_ms.1,
+            snapshot_policy: SnapshotPolicy::Never,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| format!("partition {id} settings: {e}"))?;
+        let network = PartNetwork {
+            links,
+            group: id.clone(),
+        };
+        let raft = openraft::Raft::new(me, Arc::new(config), network, log, machine)
+            .await
+            .map_err(|e| format!("cannot start partition {id}: {e}"))?;
+        if !raft.is_initialized().await.unwrap_or(true) {
+            let members: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+                .collect();
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!("partition {id} already formed: {e}");
+            }
+        }
+        Ok(PartitionRaft { id, me, raft })
+    }
+
+    /// The leader as this replica knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether this replica leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.me)
+    }
+
+    /// The replicas (voters).
+    pub fn replicas(&self) -> Vec<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// On the leader: the replicas whose log is within `slack` entries of its own
+    /// (the leader included). Elsewhere: empty.
+    pub fn in_sync(&self, slack: u64) -> Vec<NodeId> {
+        let m = self.raft.metrics().borrow().clone();
+        let Some(replication) = m.replication.as_ref() else {
+            return Vec::new();
+        };
+        let last = m.last_log_index.unwrap_or(0);
+        let mut ids: BTreeSet<NodeId> = replication
+            .iter()
+            .filter(|(_, matched)| matched.map_or(0, |l| l.index) + slack >= last)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.insert(self.me);
+        ids.into_iter().collect()
+    }
+
+    /// Tells `f` whether this replica leads, now and on every change, until the group
+    /// stops.
+    pub fn on_leadership(&self, f: impl Fn(bool) + Send + 'static) {
+        let mut rx = self.raft.metrics();
+        let me = self.me;
+        tokio::spawn(async move {
+            let mut was = None;
+            loop {
+                let now = rx.borrow_and_update().current_leader == Some(me);
+                if was != Some(now) {
+                    f(now);
+                    was = Some(now);
+                }
+                if rx.changed().await.is_err() {
+                    f(false);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Commits `op` if this replica leads.
+    pub async fn propose_here(&self, op: Op) -> Result<OpOutcome, NotHere> {
+        self.raft
+            .client_write(op)
+            .await
+            .map(|r| r.data)
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                    NotHere::Leader(f.leader_id)
+                }
+                e => NotHere::Failed(e.to_string()),
+            })
+    }
+
+    /// Answers a peer's message for this group.
+    pub async fn answer(&self, rpc: PartRpc) -> Result<Bytes, String> {
+        match rpc {
+            PartRpc::Append(rpc) => json(&self.raft.append_entries(rpc).await),
+            PartRpc::Vote(rpc) => json(&self.raft.vote(rpc).await),
+            PartRpc::Snapshot(rpc) => json(&self.raft.install_snapshot(rpc).await),
+            PartRpc::Propose(op) => match self.propose_here(op).await {
+                Ok(outcome) => json(&outcome),
+                Err(NotHere::Leader(l)) => Err(format!("not the leader (leader: {l:?})")),
+                Err(NotHere::Failed(why)) => Err(why),
+            },
+        }
+    }
+
+    /// Stands for election now.
+    pub async fn elect(&self) {
+        let _ = self.raft.trigger().elect().await;
+    }
+
+    /// Stops the group.
+    pub async fn shut_down(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+fn json<T: serde::Serialize>(t: &T) -> Result<Bytes, String> {
+    serde_json::to_vec(t)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}

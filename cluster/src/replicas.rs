@@ -1,0 +1,481 @@
+//! Replicated `$queue/` partitions (cluster II): which queues are replicated, where
+//! their partitions live, and the way in for produces and settles.
+//!
+//! Every queue of a clustered node with a `replication_factor` above 1 (0 means the
+//! default, 3; either is clamped to the number of voters) is replicated: its first
+//! node places it in the control plane ([`Command::Place`]: per partition, the
+//! replicas, spread by a hash of the name), and every replica runs one Raft group per
+//! partition it holds ([`PartitionRaft`]). The queue gets a [`Replicator`]: a produce
+//! on any node goes to its partition's leader (forwarded over the link when that is
+//! another node) and is acknowledged once a majority of the replicas has it; a settle
+//! on the leader is committed to the same log, so every replica knows what was
+//! consumed. A node delivers only the partitions it leads.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use roost_queue::{
+    GroupKey, MessageId, NewMessage, ProduceError, Queue, QueueConfig, Queues, ReplicatedProduce,
+    Replicator,
+};
+use roost_storage::Storage;
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::consensus::Consensus;
+use crate::link::Links;
+use crate::raft::partition::machine::op_of;
+use crate::raft::partition::types::{GroupId, Op, OpOutcome};
+use crate::raft::partition::{NotHere, PartRpc, PartTiming, PartitionRaft};
+use crate::raft::types::{Command, NodeId};
+use crate::request::Request;
+
+/// The cluster's default `replication_factor`.
+pub const DEFAULT_REPLICATION: u32 = 3;
+/// How long a produce or settle may take to commit before it is refused.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a partition lives and who leads it (`GET /api/v1/queues/{name}`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionPlacement {
+    /// The partition.
+    pub partition: u32,
+    /// Its leader as this node knows it.
+    pub leader: Option<NodeId>,
+    /// Its replicas.
+    pub replicas: Vec<NodeId>,
+    /// The replicas whose log is current (as the leader sees it when this node leads;
+    /// elsewhere the replicas this node is linked to).
+    pub in_sync: Vec<NodeId>,
+}
+
+/// The replicated partitions of this node.
+pub struct Replicas {
+    me: NodeId,
+    links: Arc<Links>,
+    consensus: Arc<dyn Consensus>,
+    queues: Queues,
+    storage: Storage,
+    timing: PartTiming,
+    groups: RwLock<HashMap<GroupId, Arc<PartitionRaft>>>,
+    /// Groups being started (a message may arrive for one meanwhile).
+    starting: Mutex<HashSet<GroupId>>,
+}
+
+impl Replicas {
+    /// The replicas of node `me`, their logs in `dir`.
+    pub fn open(
+        me: NodeId,
+        dir: &std::path::Path,
+        links: Arc<Links>,
+        consensus: Arc<dyn Consensus>,
+        queues: Queues,
+        timing: PartTiming,
+    ) -> Result<Arc<Replicas>, String> {
+        let storage = Storage::open(dir)
+            .map_err(|e| format!("cannot open the partition logs in {}: {e}", dir.display()))?;
+        Ok(Arc::new(Replicas {
+            me,
+            links,
+            consensus,
+            queues,
+            storage,
+            timing,
+            groups: RwLock::default(),
+            starting: Mutex::default(),
+        }))
+    }
+
+    /// Replicates every queue open now and every queue created from now on.
+    pub fn attach(self: &Arc<Self>) {
+        for q in self.queues.queues() {
+            self.adopt(&q);
+        }
+        let weak = Arc::downgrade(self);
+        self.queues.on_create(Arc::new(move |q| {
+            if let Some(r) = weak.upgrade() {
+                r.adopt(q);
+            }
+        }));
+    }
+
+    /// The number of replicas `config` asks for here (1: not replicated).
+    fn factor(&self, config: &QueueConfig) -> u32 {
+        let voters = self.consensus.voters().len().max(1) as u32;
+        let asked = match config.replication_factor {
+            0 => DEFAULT_REPLICATION,
+            n => n,
+        };
+        asked.min(voters)
+    }
+
+    fn adopt(self: &Arc<Self>, q: &Queue) {
+        let placed = self.consensus.state().placement(q.name()).is_some();
+        if !placed && self.factor(&q.config()) <= 1 {
+            return;
+        }
+        q.set_replicator(Arc::new(QueueReplicator {
+            replicas: Arc::downgrade(self),
+            queue: Arc::from(q.name()),
+        }));
+        let me = self.clone();
+        let name = q.name().to_owned();
+        let partitions = q.partitions();
+        let factor = self.factor(&q.config());
+        tokio::spawn(async move {
+            if me.consensus.state().placement(&name).is_none() {
+                me.place(&name, partitions, factor).await;
+            }
+            me.ensure(&name).await;
+        });
+    }
+
+    /// Proposes where `queue`'s partitions live (the first proposal for a queue wins).
+    async fn place(&self, queue: &str, partitions: u32, factor: u32) {
+        let mut voters = self.consensus.voters();
+        voters.sort_unstable();
+        let n = voters.len().max(1);
+        let start = queue
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+            as usize;
+        let replicas: Vec<Vec<NodeId>> = (0..partitions as usize)
+            .map(|p| {
+                (0..factor as usize)
+                    .map(|i| voters[(start + p + i) % n])
+                    .collect()
+            })
+            .collect();
+        loop {
+            let cmd = Command::Place {
+                queue: queue.to_owned(),
+                replicas: replicas.clone(),
+            };
+            match self.consensus.propose(cmd).await {
+                Ok(_) => return,
+                Err(e) => {
+                    debug!(queue, "placement not committed yet ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// The control plane placed `queue` (heard from the log).
+    pub(crate) fn placed(self: &Arc<Self>, queue: String) {
+        let me = self.clone();
+        tokio::spawn(async move { me.ensure(&queue).await });
+    }
+
+    /// Starts this node's replicas of `queue`'s partitions (creating the queue here if
+    /// another node created it).
+    async fn ensure(self: &Arc<Self>, queue: &str) {
+        let Some(placement) = self.consensus.state().placement(queue) else {
+            return;
+        };
+        let mine: Vec<u32> = placement
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.contains(&self.me))
+            .map(|(p, _)| p as u32)
+            .collect();
+        // A node that holds no replica still knows the queue: produces here are
+        // forwarded (its consumers get nothing from it: see the README).
+        let q = match self.queues.get(queue) {
+            Some(q) => q,
+            None => {
+                let config = QueueConfig {
+                    partitions: placement.len() as u32,
+                    ..QueueConfig::default()
+                };
+                match self.queues.create(queue, config) {
+                    Ok(q) => q,
+                    Err(e) => match self.queues.get(queue) {
+                        Some(q) => q,
+                        None => {
+                            warn!(queue, "cannot create the replicated queue here: {e}");
+                            return;
+                        }
+                    },
+                }
+            }
+        };
+        if q.partitions() as usize != placement.len() {
+            warn!(
+                queue,
+                "has {} partitions here but {} in its placement: not replicated here",
+                q.partitions(),
+                placement.len()
+            );
+            return;
+        }
+        if !q.is_replicated() {
+            q.set_replicator(Arc::new(QueueReplicator {
+                replicas: Arc::downgrade(self),
+                queue: Arc::from(queue),
+            }));
+        }
+        let members: BTreeMap<NodeId, String> = self
+            .consensus
+            .state()
+            .members()
+            .into_iter()
+            .map(|(id, addr, _)| (id, addr))
+            .collect();
+        for p in mine {
+            let id = GroupId {
+                queue: queue.to_owned(),
+                partition: p,
+            };
+            if self.groups.read().contains_key(&id) || !self.starting.lock().insert(id.clone()) {
+                continue;
+            }
+            let replicas: BTreeMap<NodeId, String> = placement[p as usize]
+                .iter()
+                .filter_map(|r| members.get(r).map(|a| (*r, a.clone())))
+                .collect();
+            let started = PartitionRaft::start(
+                self.me,
+                id.clone(),
+                &self.storage,
+                q.clone(),
+                &replicas,
+                self.links.clone(),
+                self.timing,
+            )
+            .await;
+            match started {
+                Ok(g) => {
+                    let led = q.clone();
+                    g.on_leadership(move |leads| led.set_led(p, leads));
+                    self.groups.write().insert(id.clone(), Arc::new(g));
+                    debug!(partition = %id, "replica started");
+                }
+                Err(e) => warn!(partition = %id, "replica not started: {e}"),
+            }
+            self.starting.lock().remove(&id);
+        }
+    }
+
+    fn group(&self, id: &GroupId) -> Option<Arc<PartitionRaft>> {
+        self.groups.read().get(id).cloned()
+    }
+
+    /// Answers a peer's message for one of this node's partitions.
+    pub(crate) async fn answer(
+        self: &Arc<Self>,
+        id: GroupId,
+        rpc: PartRpc,
+    ) -> Result<Bytes, String> {
+        if self.group(&id).is_none() {
+            // Placed, but this replica is not started yet (the placement was just
+            // applied, or this node restarted): start it first.
+            self.ensure(&id.queue).await;
+        }
+        match self.group(&id) {
+            Some(g) => g.answer(rpc).await,
+            None => Err(format!("no replica of partition {id} here")),
+        }
+    }
+
+    /// Commits `op` to partition `id` through its leader, wherever it is.
+    async fn propose(&self, id: &GroupId, op: Op) -> Result<OpOutcome, String> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let mut turn = 0usize;
+        let mut why = String::from("no leader");
+        loop {
+            let mut target = None;
+            if let Some(g) = self.group(id) {
+                match tokio::time::timeout_at(deadline, g.propose_here(op.clone())).await {
+                    Err(_) => return Err("no majority of the replicas answered in time".into()),
+                    Ok(Ok(outcome)) => return Ok(outcome),
+                    Ok(Err(NotHere::Leader(l))) => target = l.filter(|&l| l != self.me),
+                    Ok(Err(NotHere::Failed(e))) => why = e,
+                }
+            } else if let Some(placement) = self.consensus.state().placement(&id.queue) {
+                // Not a replica: ask them in turn (one that does not lead forwards
+                // nothing but says no; the next try asks the next one).
+                let replicas = placement
+                    .get(id.partition as usize)
+                    .cloned()
+                    .unwrap_or_default();
+                let up: Vec<NodeId> = replicas
+                    .into_iter()
+                    .filter(|&r| self.links.is_up(r))
+                    .collect();
+                if !up.is_empty() {
+                    target = Some(up[turn % up.len()]);
+                    turn += 1;
+                }
+            }
+            if let Some(t) = target {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let request = Request::Part {
+                    group: id.clone(),
+                    rpc: PartRpc::Propose(op.clone()),
+                };
+                let body = Bytes::from(serde_json::to_vec(&request).map_err(|e| e.to_string())?);
+                match self.links.request(t, body, left).await {
+                    Ok(answer) => {
+                        if let Ok(outcome) = serde_json::from_slice::<OpOutcome>(&answer) {
+                            return Ok(outcome);
+                        }
+                        why = "malformed answer".into();
+                    }
+                    Err(e) => why = e.to_string(),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(why);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A node's link went down: where it led a partition of which this node is a
+    /// replica, stand for election once its lease is over (as the control plane does).
+    pub(crate) fn peer_down(self: &Arc<Self>, gone: NodeId, lease: Duration) {
+        let led: Vec<Arc<PartitionRaft>> = self
+            .groups
+            .read()
+            .values()
+            .filter(|g| g.leader() == Some(gone))
+            .cloned()
+            .collect();
+        for g in led {
+            let rank = g
+                .replicas()
+                .into_iter()
+                .filter(|&r| r != gone)
+                .position(|r| r == self.me)
+                .unwrap_or(0);
+            tokio::spawn(async move {
+                let mut wait = lease + Duration::from_millis(15 + 30 * rank as u64);
+                for _ in 0..4 {
+                    tokio::time::sleep(wait).await;
+                    let leader = g.leader();
+                    if leader.is_some() && leader != Some(gone) {
+                        return;
+                    }
+                    g.elect().await;
+                    wait = Duration::from_millis(40 + 20 * rank as u64);
+                }
+            });
+        }
+    }
+
+    /// Where `queue`'s partitions live, if it is replicated.
+    pub fn placement(&self, queue: &str) -> Option<Vec<PartitionPlacement>> {
+        let placement = self.consensus.state().placement(queue)?;
+        Some(
+            placement
+                .into_iter()
+                .enumerate()
+                .map(|(p, replicas)| {
+                    let id = GroupId {
+                        queue: queue.to_owned(),
+                        partition: p as u32,
+                    };
+                    let g = self.group(&id);
+                    let leader = g.as_ref().and_then(|g| g.leader());
+                    let in_sync = match &g {
+                        Some(g) if g.is_leader() => g.in_sync(1000),
+                        _ => replicas
+                            .iter()
+                            .copied()
+                            .filter(|&r| r == self.me || self.links.is_up(r))
+                            .collect(),
+                    };
+                    PartitionPlacement {
+                        partition: p as u32,
+                        leader,
+                        replicas,
+                        in_sync,
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Stops every group (at shutdown).
+    pub async fn shut_down(&self) {
+        let groups: Vec<Arc<PartitionRaft>> = self.groups.read().values().cloned().collect();
+        for g in groups {
+            g.shut_down().await;
+        }
+        info!("replicated partitions stopped");
+    }
+}
+
+/// The [`Replicator`] of one queue.
+struct QueueReplicator {
+    replicas: Weak<Replicas>,
+    queue: Arc<str>,
+}
+
+impl Replicator for QueueReplicator {
+    fn produce(&self, partition: u32, msg: NewMessage) -> ReplicatedProduce {
+        let replicas = self.replicas.clone();
+        let queue = self.queue.clone();
+        Box::pin(async move {
+            let unavailable = |why: String| ProduceError::Unavailable {
+                queue: queue.to_string(),
+                partition,
+                why,
+            };
+            let r = replicas
+                .upgrade()
+                .ok_or_else(|| unavailable("the cluster is shutting down".into()))?;
+            // A queue created a moment ago is placed by its first write.
+            let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+            while r.consensus.state().placement(&queue).is_none() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(unavailable("the queue is not placed yet".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let id = GroupId {
+                queue: queue.to_string(),
+                partition,
+            };
+            match r.propose(&id, op_of(msg)).await.map_err(unavailable)? {
+                OpOutcome::Produced(offset) => Ok(MessageId {
+                    queue: queue.clone(),
+                    partition,
+                    offset,
+                }),
+                OpOutcome::Done => Err(unavailable("unexpected answer".into())),
+            }
+        })
+    }
+
+    fn settled(&self, key: &GroupKey, offsets: &[(u32, u64)]) {
+        let Some(r) = self.replicas.upgrade() else {
+            return;
+        };
+        let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for &(p, o) in offsets {
+            by_partition.entry(p).or_default().push(o);
+        }
+        for (p, offsets) in by_partition {
+            let id = GroupId {
+                queue: self.queue.to_string(),
+                partition: p,
+            };
+            let op = Op::Settle {
+                group: key.group.to_string(),
+                filter: key.filter.as_deref().map(str::to_owned),
+                offsets,
+            };
+            let r = r.clone();
+            tokio::spawn(async move {
+                if let Err(e) = r.propose(&id, op).await {
+                    debug!(partition = %id, "settle not replicated ({e}): it may be delivered again after a failover");
+                }
+            });
+        }
+    }
+}

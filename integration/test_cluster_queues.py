@@ -1,0 +1,121 @@
+"""Replicated `$queue/` partitions (cluster II): three roost nodes on 127.0.0.1.
+
+A queue on a cluster is kept on `replication_factor` nodes (default 3): a produce on any
+node is acknowledged once a majority of the partition's replicas has it, consumers on
+every node share the work, and what was acknowledged survives the kill -9 of any one
+node. Every produce and every delivery is logged and checked by `history.check`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+import mqttraw as w
+from broker import IS_MOSQUITTO
+from cluster import Cluster
+import history
+
+pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="a roost cluster")
+
+
+@pytest.fixture
+def c3():
+    c = Cluster(3)
+    try:
+        c.start()
+        c.wait_stable()
+        yield c
+    finally:
+        c.cleanup()
+
+
+def produce(node, queue, n, log, start=0, version=5, key=None):
+    """Produces n messages (QoS 1, one at a time) and logs each acknowledged one."""
+    pub = w.RawClient(node.host, node.port, version)
+    pub.connect(f"prod-{uuid.uuid4().hex[:8]}")
+    refused = 0
+    for i in range(start, start + n):
+        body = f"m{i}".encode()
+        props = [(w.USER_PROPERTY, ("partition-key", key or f"k{i % 16}"))] if version == 5 else None
+        pub.publish(f"$queue/{queue}/dev{i % 16}", body, qos=1, pid=(i % 60000) + 1,
+                    properties=props)
+        ack = pub.expect(w.PUBACK)
+        if ack.rc in (None, 0):
+            log.produced(body, f"dev{i % 16}")
+        else:
+            refused += 1
+    pub.disconnect()
+    return refused
+
+
+def consumer(node, queue, group="g"):
+    c = w.RawClient(node.host, node.port, 5)
+    c.connect(f"cons-{uuid.uuid4().hex[:8]}")
+    ack = c.subscribe([(f"$share/{group}/$queue/{queue}", 1)])
+    assert ack.rcs == [1], ack
+    return c
+
+
+def drain(consumers, log, group="g", quiet=2.0, timeout=30.0):
+    """Receives and acknowledges on every consumer until none gets anything for `quiet`."""
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - last < quiet:
+        for c in consumers:
+            p = c.recv(0.05)
+            if p is None:
+                continue
+            if p.type == w.PUBLISH:
+                props = dict(p.user_props())
+                log.delivered(group, p.payload, props.get("partition"), props.get("offset"))
+                c.puback(p.pid)
+                last = time.monotonic()
+
+
+def test_produce_on_any_node_is_replicated_and_consumed_from_every_node(c3):
+    q = f"rq{uuid.uuid4().hex[:6]}"
+    log = history.History()
+    assert produce(c3[1], q, 120, log) == 0
+    assert produce(c3[2], q, 120, log, start=120) == 0
+    code, info = c3[3].api("GET", f"/api/v1/queues/{q}")
+    assert code == 200, info
+    placement = info["placement"]
+    assert len(placement) == 8
+    for p in placement:
+        assert sorted(p["replicas"]) == [1, 2, 3], p
+    leaders = set()
+    for i in (1, 2, 3):
+        _, info = c3[i].api("GET", f"/api/v1/queues/{q}")
+        for p in info["placement"]:
+            assert p["leader"] in (1, 2, 3), p
+            leaders.add((p["partition"], p["leader"]))
+    # Every node names the same leader per partition.
+    assert len(leaders) == 8, leaders
+    cons = [consumer(c3[i], q) for i in (1, 2, 3)]
+    drain(cons, log)
+    history.check(log, groups=["g"])
+
+
+def test_kill_of_a_node_loses_no_acknowledged_message(c3):
+    q = f"rk{uuid.uuid4().hex[:6]}"
+    log = history.History()
+    assert produce(c3[1], q, 100, log) == 0
+    _, info = c3[1].api("GET", f"/api/v1/queues/{q}")
+    led_by = {}
+    for p in info["placement"]:
+        led_by.setdefault(p["leader"], []).append(p["partition"])
+    # Kill the node that leads the most partitions (never node 1: the producer's).
+    victim = max((n for n in led_by if n != 1), key=lambda n: len(led_by[n]), default=2)
+    c3[victim].kill()
+    t0 = time.monotonic()
+    refused = produce(c3[1], q, 200, log, start=100)
+    took = time.monotonic() - t0
+    assert refused == 0, f"{refused} produces refused with one node of three down"
+    survivors = [i for i in (1, 2, 3) if i != victim]
+    cons = [consumer(c3[i], q) for i in survivors]
+    drain(cons, log)
+    history.check(log, groups=["g"])
+    print(f"200 produces with node {victim} killed took {took:.2f}s")

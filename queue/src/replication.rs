@@ -1,0 +1,34 @@
+//! How a cluster replicates a queue's partitions: the [`Replicator`] it installs on a
+//! queue (see `Queue::set_replicator`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::error::ProduceError;
+use crate::format::MessageId;
+use crate::group::GroupKey;
+use crate::message::NewMessage;
+
+/// A produce sent through a [`Replicator`].
+pub type ReplicatedProduce = Pin<Box<dyn Future<Output = Result<MessageId, ProduceError>> + Send>>;
+
+/// How a queue's partitions are replicated (implemented by the cluster).
+pub trait Replicator: Send + Sync + 'static {
+    /// Stores `msg` in `partition` through its replicated log; resolves with its id
+    /// once the log has it as the queue's `ack_mode` asks.
+    fn produce(&self, partition: u32, msg: NewMessage) -> ReplicatedProduce;
+    /// Group `key` settled these (partition, offset)s here (a partition this node
+    /// leads): every replica must learn it.
+    fn settled(&self, key: &GroupKey, offsets: &[(u32, u64)]);
+}
+
+/// The replication state of one queue.
+#[derive(Default)]
+pub(crate) struct ReplicaState {
+    pub(crate) replicator: RwLock<Option<Arc<dyn Replicator>>>,
+    /// Per partition, whether this node leads it (only with a replicator).
+    pub(crate) led: RwLock<Vec<bool>>,
+}
