@@ -73,7 +73,10 @@ class Roost:
         self.data = data or tempfile.mkdtemp(prefix="roost-scale-", dir="/tmp")
         self.port = free_port()
         self.admin = free_port()
-        self.config = os.path.join(self.data, "..", os.path.basename(self.data) + ".toml")
+        # Beside the data directory, named without "..": cleanup removes that directory
+        # first, after which a path through it no longer resolves.
+        self.config = os.path.join(os.path.dirname(self.data),
+                                   os.path.basename(self.data) + ".toml")
         with open(self.config, "w") as f:
             for k, v in (top or {}).items():
                 f.write(f"{k} = {json.dumps(v)}\n")
