@@ -12,14 +12,16 @@ class History:
     def __init__(self):
         self.acked = {}            # payload -> key
         self.deliveries = []       # (group, payload, partition, offset)
+        self.counts = []           # delivery-count of each delivery
 
     def produced(self, payload: bytes, key: str):
         self.acked[bytes(payload)] = key
 
-    def delivered(self, group: str, payload: bytes, partition, offset):
+    def delivered(self, group: str, payload: bytes, partition, offset, count=1):
         self.deliveries.append((group, bytes(payload),
                                 None if partition is None else int(partition),
                                 None if offset is None else int(offset)))
+        self.counts.append(count)
 
 
 class Violation(AssertionError):

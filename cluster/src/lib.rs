@@ -14,8 +14,10 @@
 #![deny(missing_docs)]
 
 pub mod consensus;
+pub mod consumers;
 pub mod link;
 pub mod node;
+pub mod queue_wire;
 pub mod raft;
 pub mod replicas;
 pub mod request;

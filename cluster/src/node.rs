@@ -689,7 +689,7 @@ impl Peers for Node {
 impl Handler for Node {
     fn request(
         self: Arc<Self>,
-        _from: NodeId,
+        from: NodeId,
         body: Bytes,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, String>> + Send>> {
         Box::pin(async move {
@@ -699,6 +699,7 @@ impl Handler for Node {
                 Request::TakeSession { client, epoch } => self.take_session(client, epoch).await,
                 Request::Retained => self.retained_copy(),
                 Request::Part { group, rpc } => self.replicas.answer(group, rpc).await,
+                Request::Queue(msg) => self.replicas.consumers().answer(from, msg),
                 other => self.consensus.answer(other).await,
             }
         })

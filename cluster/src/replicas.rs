@@ -19,13 +19,14 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use roost_queue::{
     GroupKey, MessageId, NewMessage, ProduceError, Queue, QueueConfig, Queues, ReplicatedProduce,
-    Replicator,
+    Replicator, SettleHow,
 };
 use roost_storage::Storage;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::consensus::Consensus;
+use crate::consumers::Consumers;
 use crate::link::Links;
 use crate::raft::partition::machine::op_of;
 use crate::raft::partition::types::{GroupId, Op, OpOutcome};
@@ -63,6 +64,8 @@ pub struct Replicas {
     groups: RwLock<HashMap<GroupId, Arc<PartitionRaft>>>,
     /// Groups being started (a message may arrive for one meanwhile).
     starting: Mutex<HashSet<GroupId>>,
+    /// Consumers across nodes.
+    consumers: Arc<Consumers>,
 }
 
 impl Replicas {
@@ -77,7 +80,9 @@ impl Replicas {
     ) -> Result<Arc<Replicas>, String> {
         let storage = Storage::open(dir)
             .map_err(|e| format!("cannot open the partition logs in {}: {e}", dir.display()))?;
+        let consumers = Consumers::new(links.clone(), queues.clone());
         Ok(Arc::new(Replicas {
+            consumers,
             me,
             links,
             consensus,
@@ -242,7 +247,10 @@ impl Replicas {
                 id.clone(),
                 &self.storage,
                 q.clone(),
-                &replicas,
+                &crate::raft::partition::Replicas {
+                    members: replicas,
+                    preferred: placement[p as usize].first() == Some(&self.me),
+                },
                 self.links.clone(),
                 self.timing,
             )
@@ -260,6 +268,11 @@ impl Replicas {
         }
     }
 
+    /// Consumers across nodes.
+    pub(crate) fn consumers(&self) -> &Arc<Consumers> {
+        &self.consumers
+    }
+
     fn group(&self, id: &GroupId) -> Option<Arc<PartitionRaft>> {
         self.groups.read().get(id).cloned()
     }
@@ -272,8 +285,15 @@ impl Replicas {
     ) -> Result<Bytes, String> {
         if self.group(&id).is_none() {
             // Placed, but this replica is not started yet (the placement was just
-            // applied, or this node restarted): start it first.
+            // applied, or this node restarted): start it first, or wait for the start
+            // under way.
             self.ensure(&id.queue).await;
+            for _ in 0..100 {
+                if !self.starting.lock().contains(&id) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         match self.group(&id) {
             Some(g) => g.answer(rpc).await,
@@ -338,6 +358,7 @@ impl Replicas {
     /// A node's link went down: where it led a partition of which this node is a
     /// replica, stand for election once its lease is over (as the control plane does).
     pub(crate) fn peer_down(self: &Arc<Self>, gone: NodeId, lease: Duration) {
+        self.consumers.node_down(gone);
         let led: Vec<Arc<PartitionRaft>> = self
             .groups
             .read()
@@ -477,5 +498,29 @@ impl Replicator for QueueReplicator {
                 }
             });
         }
+    }
+
+    fn joined(&self, key: &GroupKey, consumer: &str, window: u32) {
+        if let Some(r) = self.replicas.upgrade() {
+            r.consumers.joined(&self.queue, key, consumer, window);
+        }
+    }
+
+    fn left(&self, key: Option<&GroupKey>, consumer: &str) {
+        if let Some(r) = self.replicas.upgrade() {
+            r.consumers.left(&self.queue, key, consumer);
+        }
+    }
+
+    fn settle_elsewhere(
+        &self,
+        how: SettleHow,
+        consumer: &str,
+        key: Option<&GroupKey>,
+        id: &MessageId,
+    ) -> bool {
+        self.replicas
+            .upgrade()
+            .is_some_and(|r| r.consumers.settle_elsewhere(how, consumer, key, id))
     }
 }

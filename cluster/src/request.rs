@@ -28,6 +28,8 @@ pub enum Request {
         /// The message.
         rpc: crate::raft::partition::types::PartRpc,
     },
+    /// Consumers of a replicated queue on another node.
+    Queue(crate::queue_wire::QueueMsg),
     /// To a client's previous owner: hand over its session, claimed at `epoch`
     /// (answer: the session's bytes, empty when there is none).
     TakeSession {

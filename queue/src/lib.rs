@@ -78,7 +78,7 @@ pub use queue::{
     Settled, now_ms,
 };
 pub use registry::{DEAD_LETTER_SUFFIX, Queues, valid_queue_name};
-pub use replication::{ReplicatedProduce, Replicator};
+pub use replication::{ReplicatedProduce, Replicator, SettleHow};
 
 #[cfg(test)]
 mod tests;

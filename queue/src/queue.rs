@@ -42,6 +42,7 @@ use crate::format::{
 };
 use crate::group::{ConsumerId, Group, GroupKey, Nack, Settings, Settle, Window};
 use crate::ledger::{Ledger, Recovered};
+use crate::replication::SettleHow;
 
 /// Milliseconds since the Unix epoch: the clock of timestamps, deadlines and backoffs.
 pub fn now_ms() -> u64 {
@@ -1325,11 +1326,20 @@ impl Queue {
         {
             return Err(QueueError::InvalidFilter(f.to_owned()));
         }
+        let consumer_window = self.inner.config.read().consumer_window;
         let window = match window.into() {
             Window::Adaptive { max } => Window::Adaptive {
-                max: max.min(self.inner.config.read().consumer_window),
+                max: max.min(consumer_window),
             },
             fixed => fixed,
+        };
+        // What the other nodes' proxy members of this consumer are told: a number, 0 for
+        // a window that adapts within `consumer_window` (a v5 Receive Maximum below it
+        // goes as that number).
+        let window_asked = match window {
+            Window::Fixed(n) => n,
+            Window::Adaptive { max } if max < consumer_window => max,
+            Window::Adaptive { .. } => 0,
         };
         let max_groups = self.inner.config.read().max_consumer_groups;
         self.with_state(|q, st| {
@@ -1351,7 +1361,9 @@ impl Queue {
             }
             q.dispatch_all(st, now_ms());
             Ok(())
-        })
+        })?;
+        self.tell_joined(key, &consumer, window_asked);
+        Ok(())
     }
 
     fn ensure_group(&self, st: &mut State, key: &GroupKey) {
@@ -1387,6 +1399,7 @@ impl Queue {
     /// Removes `consumer` from group `key` and rebalances; what it had in flight is
     /// delivered again (to the partition's new owner) with its delivery count kept.
     pub fn leave(&self, key: &GroupKey, consumer: &str) {
+        self.tell_left(Some(key), consumer);
         self.with_state(|q, st| {
             if let Some(slot) = st.groups.get_mut(key) {
                 slot.sinks.remove(consumer);
@@ -1401,6 +1414,7 @@ impl Queue {
     /// [`Queue::leave`] for every group of this queue and of its dead-letter queue: the
     /// consumer disconnected.
     pub fn leave_all(&self, consumer: &str) {
+        self.tell_left(None, consumer);
         self.with_state(|q, st| {
             for slot in st.groups.values_mut() {
                 slot.sinks.remove(consumer);
@@ -1458,6 +1472,17 @@ impl Queue {
     /// together): one lock, one dispatch, and one progress record per group. `found` is
     /// true if any of them counted.
     pub fn ack_many(&self, consumer: &str, key: Option<&GroupKey>, ids: &[MessageId]) -> Settled {
+        let here: Vec<MessageId>;
+        let ids = if self.is_replicated() {
+            here = ids
+                .iter()
+                .filter(|id| !self.settled_elsewhere(SettleHow::Ack, consumer, key, id))
+                .cloned()
+                .collect();
+            &here[..]
+        } else {
+            ids
+        };
         let partitions = self.partitions();
         let locate = |id: &MessageId| {
             (*id.queue == *self.inner.name && id.partition < partitions)
@@ -1565,6 +1590,9 @@ impl Queue {
     /// it once it has had `max_deliveries`. Returns whether it was in flight to
     /// `consumer`.
     pub fn nack(&self, consumer: &str, key: Option<&GroupKey>, id: &MessageId) -> bool {
+        if self.settled_elsewhere(SettleHow::Nack, consumer, key, id) {
+            return true;
+        }
         let Some((p, o)) = self.locate(id) else {
             return false;
         };
@@ -1603,6 +1631,9 @@ impl Queue {
     /// Sends `id` straight to the dead-letter queue (in a dead-letter queue: discards
     /// it). Returns whether it was outstanding for `consumer`.
     pub fn reject(&self, consumer: &str, key: Option<&GroupKey>, id: &MessageId) -> bool {
+        if self.settled_elsewhere(SettleHow::Reject, consumer, key, id) {
+            return true;
+        }
         let Some((p, o)) = self.locate(id) else {
             return false;
         };

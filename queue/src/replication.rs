@@ -23,6 +23,31 @@ pub trait Replicator: Send + Sync + 'static {
     /// Group `key` settled these (partition, offset)s here (a partition this node
     /// leads): every replica must learn it.
     fn settled(&self, key: &GroupKey, offsets: &[(u32, u64)]);
+    /// A consumer here joined group `key` (window as [`crate::Queue::join`] takes it):
+    /// the leaders of the partitions elsewhere deliver to it through this node.
+    fn joined(&self, key: &GroupKey, consumer: &str, window: u32);
+    /// A consumer here left group `key` (every group when `None`).
+    fn left(&self, key: Option<&GroupKey>, consumer: &str);
+    /// `consumer` settles `id` (`how`); true when another node delivered it, which the
+    /// settle was passed on to.
+    fn settle_elsewhere(
+        &self,
+        how: SettleHow,
+        consumer: &str,
+        key: Option<&GroupKey>,
+        id: &MessageId,
+    ) -> bool;
+}
+
+/// How a consumer settles a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SettleHow {
+    /// Acknowledged.
+    Ack,
+    /// Negatively acknowledged: deliver again after the backoff.
+    Nack,
+    /// Rejected: to the dead-letter queue.
+    Reject,
 }
 
 /// The replication state of one queue.
@@ -31,4 +56,7 @@ pub(crate) struct ReplicaState {
     pub(crate) replicator: RwLock<Option<Arc<dyn Replicator>>>,
     /// Per partition, whether this node leads it (only with a replicator).
     pub(crate) led: RwLock<Vec<bool>>,
+    /// Members that stand for a consumer of another node (their settles come from
+    /// that node and are never passed on again).
+    pub(crate) proxies: RwLock<std::collections::HashSet<Arc<str>>>,
 }

@@ -286,9 +286,10 @@ impl Consensus for RaftNode {
                     Err(Ok(leader)) => Err(format!("not the leader (leader: {leader:?})")),
                     Err(Err(why)) => Err(why),
                 },
-                Request::TakeSession { .. } | Request::Retained | Request::Part { .. } => {
-                    Err("not a consensus request".into())
-                }
+                Request::TakeSession { .. }
+                | Request::Retained
+                | Request::Part { .. }
+                | Request::Queue(_) => Err("not a consensus request".into()),
             }
         })
     }

@@ -17,7 +17,8 @@ use super::{NewMessage, Queue};
 use crate::error::ProduceError;
 use crate::format::MessageId;
 use crate::group::GroupKey;
-use crate::replication::{ReplicatedProduce, Replicator};
+use crate::replication::{ReplicatedProduce, Replicator, SettleHow};
+use crate::{DeliverySink, QueueDelivery};
 
 impl Queue {
     /// Hands the queue's partitions to `replicator`: from now on produces and settles
@@ -146,6 +147,85 @@ impl Queue {
                 a.await.map_err(crate::QueueError::from)?;
             }
             Ok(())
+        }
+    }
+
+    /// `consumer` stands for a consumer of another node: it joins like a local one
+    /// (with `sink` passing deliveries over the link), and its settles are done here.
+    pub fn join_proxy(
+        &self,
+        key: &GroupKey,
+        consumer: Arc<str>,
+        window: u32,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Result<(), crate::QueueError> {
+        self.inner.replica.proxies.write().insert(consumer.clone());
+        self.join(key, consumer, window, sink)
+    }
+
+    /// Removes a proxy member from every group (its node went away or its consumer
+    /// left): what it held is delivered again.
+    pub fn leave_proxy(&self, key: Option<&GroupKey>, consumer: &str) {
+        // Still a proxy while it leaves: its leaving is not passed on.
+        self.inner
+            .replica
+            .proxies
+            .write()
+            .insert(Arc::from(consumer));
+        match key {
+            Some(k) => self.leave(k, consumer),
+            None => {
+                self.leave_all(consumer);
+                self.inner.replica.proxies.write().remove(consumer);
+            }
+        }
+    }
+
+    /// A delivery another node's leader made to `consumer` of group `key` here:
+    /// handed to the consumer's connection; false if it cannot take it now (or is
+    /// not a member here any more).
+    pub fn offer_from_leader(&self, key: &GroupKey, consumer: &str, d: QueueDelivery) -> bool {
+        let sink = {
+            let st = self.inner.state.lock();
+            st.groups
+                .get(key)
+                .and_then(|slot| slot.sinks.get(consumer).cloned())
+        };
+        sink.is_some_and(|s| s.offer(d))
+    }
+
+    /// Before a settle is done here: passes it on when another node delivered it.
+    pub(super) fn settled_elsewhere(
+        &self,
+        how: SettleHow,
+        consumer: &str,
+        key: Option<&GroupKey>,
+        id: &MessageId,
+    ) -> bool {
+        let Some(r) = self.replicator() else {
+            return false;
+        };
+        if self.is_led(id.partition as usize)
+            || self.inner.replica.proxies.read().contains(consumer)
+        {
+            return false;
+        }
+        r.settle_elsewhere(how, consumer, key, id)
+    }
+
+    pub(super) fn tell_joined(&self, key: &GroupKey, consumer: &str, window: u32) {
+        if let Some(r) = self.replicator()
+            && !self.inner.replica.proxies.read().contains(consumer)
+        {
+            r.joined(key, consumer, window);
+        }
+    }
+
+    pub(super) fn tell_left(&self, key: Option<&GroupKey>, consumer: &str) {
+        if let Some(r) = self.replicator()
+            && !self.inner.replica.proxies.read().contains(consumer)
+        {
+            r.left(key, consumer);
         }
     }
 }

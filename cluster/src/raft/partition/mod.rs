@@ -11,6 +11,7 @@ pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use openraft::error::{ClientWriteError, RaftError};
@@ -26,13 +27,21 @@ use network::PartNetwork;
 pub use types::PartRpc;
 use types::{GroupId, Op, OpOutcome, PartConfig};
 
-/// Election timing of partition groups: as the control plane's.
+/// Election timing of partition groups.
 #[derive(Debug, Clone, Copy)]
 pub struct PartTiming {
     /// Heartbeat interval (ms).
     pub heartbeat_ms: u64,
     /// Election timeout range (ms).
     pub election_ms: (u64, u64),
+}
+
+/// The replicas of a partition as the placement names them.
+pub struct Replicas {
+    /// Id -> cluster address.
+    pub members: BTreeMap<NodeId, String>,
+    /// This node is the placement's first replica: it forms the group.
+    pub preferred: bool,
 }
 
 /// This node's replica of one partition.
@@ -52,18 +61,19 @@ pub enum NotHere {
 }
 
 impl PartitionRaft {
-    /// Starts this node's replica of `id` (replicas: id -> cluster address), its log
-    /// in `storage`, its state `queue`'s partition. A pristine group is formed with
-    /// `replicas` (each replica does this with the same list).
+    /// Starts this node's replica of `id`, its log in `storage`, its state `queue`'s
+    /// partition. A pristine group is formed with `replicas` (see [`Replicas`]).
     pub async fn start(
         me: NodeId,
         id: GroupId,
         storage: &Storage,
         queue: Queue,
-        replicas: &BTreeMap<NodeId, String>,
+        replicas: &Replicas,
         links: Arc<Links>,
         timing: PartTiming,
     ) -> Result<PartitionRaft, String> {
+        let preferred = replicas.preferred;
+        let replicas = &replicas.members;
         let name = format!("p.{}.{}", id.queue, id.partition);
         let log = PartLog::open(storage, &name)?;
         let machine = PartMachine::new(queue, id.partition);
@@ -89,9 +99,24 @@ impl PartitionRaft {
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
                 .collect();
-            if let Err(e) = raft.initialize(members).await {
-                tracing::debug!("partition {id} already formed: {e}");
-            }
+            // Only the placement's first replica forms the group, so it is the first
+            // leader: leaders spread over the nodes as the placement spreads them. The
+            // others form it only if no leader has shown up after a while (the first
+            // replica was down when the queue was placed).
+            let wait = if preferred {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(2)
+            };
+            let r = raft.clone();
+            let group = id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let formed = r.is_initialized().await.unwrap_or(true);
+                if !formed && let Err(e) = r.initialize(members).await {
+                    tracing::debug!("partition {group} already formed: {e}");
+                }
+            });
         }
         Ok(PartitionRaft { id, me, raft })
     }

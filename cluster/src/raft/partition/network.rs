@@ -8,6 +8,7 @@ use openraft::BasicNode;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
+
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -65,10 +66,11 @@ impl PartPeer {
             .links
             .request(self.target, Bytes::from(body), timeout)
             .await
-            .map_err(|e| match e {
-                LinkError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
-                _ => RPCError::Network(NetworkError::new(&e)),
-            })?;
+            // Every failure of the link (down, its queue full, no answer, or a node
+            // that has no replica of the partition yet) is "unreachable": openraft then
+            // backs off instead of retrying at once, which would flood the link that
+            // the control plane shares.
+            .map_err(|e: LinkError| RPCError::Unreachable(Unreachable::new(&e)))?;
         let result: Result<R, RaftError<NodeId, E>> = serde_json::from_slice(&answer)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -76,6 +78,10 @@ impl PartPeer {
 }
 
 impl RaftNetwork<PartConfig> for PartPeer {
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<PartConfig>,
