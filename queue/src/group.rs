@@ -132,6 +132,10 @@ pub(crate) struct Cursor {
     /// the same ordered by due time (what [`Group::pick`] looks at).
     delayed: BTreeMap<u64, u64>,
     delayed_due: BTreeSet<(u64, u64)>,
+    /// The partition changed owner while messages of it were in flight to another
+    /// member: no new offset goes to the new owner until those are settled or taken
+    /// back (see [`Group::in_handover`]). Cleared by the next first delivery.
+    handover: bool,
 }
 
 impl Cursor {
@@ -225,16 +229,28 @@ impl Cursor {
 
 /// How many unsettled messages a member may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Window {
-    /// Exactly this many: the consumer's own limit (an MQTT 5 Receive Maximum).
+pub enum Window {
+    /// Exactly this many (a consumer that paces itself, such as a bridge's link).
     Fixed(u32),
-    /// A window that follows the consumer's acknowledgements, at most `max` (the
-    /// queue's `consumer_window`): see [`Member::observe`]. For MQTT 3.x consumers,
-    /// which announce no limit of their own.
+    /// A window that follows the consumer's acknowledgements, at most `max` and at most
+    /// the queue's `consumer_window` (see `Member::observe`): an MQTT consumer's, with
+    /// `max` its Receive Maximum (MQTT 5), or `u32::MAX` when it announces none (3.x).
+    /// An MQTT 5 client that leaves Receive Maximum at its default of 65,535 would
+    /// otherwise hold that many messages however slowly it works through them.
     Adaptive {
         /// The largest the window grows to.
         max: u32,
     },
+}
+
+impl From<u32> for Window {
+    /// `n` messages exactly; 0 for an adaptive window bounded by `consumer_window` only.
+    fn from(n: u32) -> Window {
+        match n {
+            0 => Window::Adaptive { max: u32::MAX },
+            n => Window::Fixed(n),
+        }
+    }
 }
 
 /// The window an adaptive member starts with (or `max`, if lower).
@@ -539,11 +555,33 @@ impl Group {
     }
 
     /// Round-robin over members sorted by id: partition `p` goes to member `p % n`.
+    /// A partition that moves to another member while the previous one still holds
+    /// some of its messages is in handover until they are settled (see
+    /// [`Group::in_handover`]).
     fn rebalance(&mut self) {
         let ids: Vec<ConsumerId> = self.members.keys().cloned().collect();
-        self.owners = (0..self.cursors.len())
+        let owners: Vec<Option<ConsumerId>> = (0..self.cursors.len())
             .map(|p| (!ids.is_empty()).then(|| ids[p % ids.len()].clone()))
             .collect();
+        for (p, c) in self.cursors.iter_mut().enumerate() {
+            if self.owners.get(p).and_then(Option::as_ref) != owners[p].as_ref()
+                && !c.inflight.is_empty()
+            {
+                c.handover = true;
+            }
+        }
+        self.owners = owners;
+    }
+
+    /// Whether partition `p` waits for a handover: members other than its owner still
+    /// hold messages of it, so its next new offsets wait (a key's messages are then
+    /// worked on in offset order even while the partition changes hands: its new owner
+    /// starts once the old one has answered, or the ack timeout has taken them back).
+    pub fn in_handover(&self, p: usize) -> bool {
+        let (Some(c), Some(owner)) = (self.cursors.get(p), self.owner(p)) else {
+            return false;
+        };
+        c.handover && c.inflight.values().any(|f| f.consumer != *owner)
     }
 
     /// What to deliver next on partition `p`, whose log ends at `end`: the lowest due
@@ -568,6 +606,9 @@ impl Group {
                 count: r.count,
                 retry: true,
             });
+        }
+        if c.handover && self.in_handover(p) {
+            return None;
         }
         if let Some(&(due, offset)) = c.delayed_due.first()
             && due <= now
@@ -603,6 +644,10 @@ impl Group {
             }
             c.next += 1;
             c.advance_next();
+        }
+        if !pick.retry {
+            // Picked past the handover check: nothing of another member's is in flight.
+            c.handover = false;
         }
         c.inflight.insert(
             pick.offset,

@@ -71,11 +71,11 @@ pub use config::{AckMode, Durability, MAX_PARTITIONS, QueueConfig};
 pub use damage::Damage;
 pub use error::{ProduceError, QueueError};
 pub use format::{DeadReason, InvalidMessageId, MessageId, Origin};
-pub use group::{ConsumerId, GroupKey};
+pub use group::{ConsumerId, GroupKey, Window};
 pub use queue::transfer::{Redrive, RedriveReport};
 pub use queue::{
-    DeliverySink, GroupInfo, NewMessage, Queue, QueueDelivery, QueueInfo, ResetTo, Settled,
-    is_partition_log_of, now_ms,
+    DeliverySink, GroupInfo, NewMessage, Produce, Queue, QueueDelivery, QueueInfo, ResetTo,
+    Settled, is_partition_log_of, now_ms,
 };
 pub use registry::{DEAD_LETTER_SUFFIX, Queues, valid_queue_name};
 pub use replication::{ReplicatedProduce, Replicator, SettleHow};

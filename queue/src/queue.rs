@@ -206,6 +206,62 @@ struct Slot {
     /// groups of the queue; everything else is offered by the dispatch of the produce
     /// that stored it, a join or leave, or the timer.
     blocked: BTreeSet<usize>,
+    /// Partitions whose last dispatch waited for a handover (see
+    /// [`crate::group::Group::in_handover`]): what an ack by their previous owner may
+    /// let go on.
+    handovers: BTreeSet<usize>,
+}
+
+/// What produces have stored that no dispatch has offered yet. A produce kicks a
+/// dispatch of its own partition only, so the work of storing a message does not grow
+/// with the partitions of the queue (at 1,000 partitions, a dispatch of them all per
+/// commit round cost more than the messages).
+#[derive(Default)]
+struct Fresh {
+    /// Per partition: the log's end as the last dispatch of that partition saw it. A
+    /// produce whose offset is below it needs no dispatch of its own: that dispatch
+    /// offered it already (or stopped at a full window or a missing owner, whose change
+    /// kicks again).
+    dispatched_end: Vec<u64>,
+    /// Partitions with records at or past their `dispatched_end`, each listed once.
+    partitions: Vec<usize>,
+    listed: Vec<bool>,
+}
+
+impl Fresh {
+    /// Lists partition `p`, whose record `offset` is durable; false if no dispatch is
+    /// needed for it (one offered it already, or one is listed).
+    fn list(&mut self, p: usize, offset: u64) -> bool {
+        if self.dispatched_end.get(p).is_some_and(|&end| end > offset) {
+            return false;
+        }
+        if self.listed.len() <= p {
+            self.listed.resize(p + 1, false);
+        }
+        !std::mem::replace(&mut self.listed[p], true) && {
+            self.partitions.push(p);
+            true
+        }
+    }
+
+    /// Takes the listed partitions (into `into`, cleared first).
+    fn take(&mut self, into: &mut Vec<usize>) {
+        into.clear();
+        for &p in &self.partitions {
+            if let Some(l) = self.listed.get_mut(p) {
+                *l = false;
+            }
+        }
+        into.append(&mut self.partitions);
+    }
+
+    /// A dispatch of partition `p` offered everything below `end`.
+    fn dispatched(&mut self, p: usize, end: u64) {
+        if self.dispatched_end.len() <= p {
+            self.dispatched_end.resize(p + 1, 0);
+        }
+        self.dispatched_end[p] = end;
+    }
 }
 
 /// Everything the queue's lock guards.
@@ -227,6 +283,8 @@ struct State {
     floor_of: Vec<u64>,
     /// Scratch for the partitions an ack touched.
     touched: Vec<usize>,
+    /// Scratch for the partitions a dispatch takes from [`Fresh`].
+    listed: Vec<usize>,
     /// Per partition: offsets above `floors` delivered to no group, present or future
     /// (dead letters a redrive moved back). Offsets reaching the floor raise it.
     dropped: Vec<BTreeSet<u64>>,
@@ -242,10 +300,12 @@ pub(crate) struct Inner {
     progress: Log,
     state: Mutex<State>,
     kick: AtomicBool,
-    /// Per partition: the log's end as the last full dispatch saw it. A produce whose
-    /// offset is below it needs no dispatch of its own: that dispatch offered it already
-    /// (or stopped at a full window or a missing owner, whose change kicks again).
-    dispatched_end: Mutex<Vec<u64>>,
+    /// Set with a partition listed in `fresh`: a dispatch of the listed partitions only.
+    kick_fresh: AtomicBool,
+    /// Produced records not offered yet, by partition (see [`Fresh`]).
+    fresh: Mutex<Fresh>,
+    /// The dispatch's read buffer (see [`Queue::dispatch`]).
+    read_ahead: Mutex<Vec<roost_storage::LogRecord>>,
     /// A sink refused an offer (its connection's channel was full) since the last full
     /// dispatch. Nothing tells the queue when that channel has room again, so until a
     /// dispatch gets through, every produce dispatches, as acks and the timer do.
@@ -359,6 +419,45 @@ impl Drop for Reservation {
 /// values.
 type Started = (usize, Append, Reservation, u64, Option<Bytes>);
 
+/// The future of [`Queue::produce`]: the message's id once it is durable. A plain
+/// produce waits here on its append alone, unboxed and small (the broker boxes one per
+/// publish; a future several times this size cost a copy and a large allocation each).
+#[must_use = "the append is queued already; await this to learn whether it is stored"]
+pub struct Produce(ProduceState);
+
+enum ProduceState {
+    Done(Option<Result<MessageId, ProduceError>>),
+    Appending(Queue, Started),
+    /// With a `dedup-id`, or through a replicated partition's log.
+    Boxed(Pin<Box<dyn Future<Output = Result<MessageId, ProduceError>> + Send>>),
+}
+
+impl std::fmt::Debug for Produce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Produce").finish_non_exhaustive()
+    }
+}
+
+impl Future for Produce {
+    type Output = Result<MessageId, ProduceError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let state = &mut self.0;
+        let result = match state {
+            ProduceState::Done(r) => r.take(),
+            ProduceState::Boxed(f) => return f.as_mut().poll(cx),
+            ProduceState::Appending(_, started) => match Pin::new(&mut started.1).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => match std::mem::replace(state, ProduceState::Done(None)) {
+                    ProduceState::Appending(queue, started) => Some(queue.produced(started, r)),
+                    _ => None,
+                },
+            },
+        };
+        Poll::Ready(result.unwrap_or_else(|| Err(roost_storage::Error::Closed.into())))
+    }
+}
+
 /// How a produce began (see [`Queue::produce`]).
 enum Begun {
     /// Its `dedup-id` was stored already, as this message.
@@ -447,6 +546,7 @@ impl Queue {
             ends: Vec::new(),
             floor_of: Vec::new(),
             touched: Vec::new(),
+            listed: Vec::new(),
             dropped: vec![BTreeSet::new(); logs.len()],
         };
         let mut ledger = Ledger::default();
@@ -465,7 +565,9 @@ impl Queue {
                 progress,
                 state: Mutex::new(state),
                 kick: AtomicBool::new(false),
-                dispatched_end: Mutex::new(Vec::new()),
+                kick_fresh: AtomicBool::new(false),
+                fresh: Mutex::new(Fresh::default()),
+                read_ahead: Mutex::new(Vec::new()),
                 refused: AtomicBool::new(false),
                 quota_refusals: AtomicU64::new(0),
                 round_robin: AtomicU64::new(0),
@@ -644,52 +746,53 @@ impl Queue {
     /// A message with a `dedup_id` the queue stored within `dedup_window_ms` is not
     /// stored again: the future resolves with the id of the stored one. While one with
     /// that id is being appended, another waits for its outcome.
-    pub fn produce(
-        &self,
-        msg: NewMessage,
-    ) -> impl Future<Output = Result<MessageId, ProduceError>> + Send + 'static {
-        let (begun, replicated) = match self.replicator() {
-            Some(r) => (None, Some(self.produce_replicated(r, msg))),
-            None => (Some(self.begin_produce(msg)), None),
+    pub fn produce(&self, msg: NewMessage) -> Produce {
+        if let Some(r) = self.replicator() {
+            return Produce(ProduceState::Boxed(self.produce_replicated(r, msg)));
+        }
+        let begun = self.begin_produce(msg);
+        let state = match begun {
+            Begun::Duplicate(id) => ProduceState::Done(Some(Ok(id))),
+            Begun::Started(Err(e), None) => ProduceState::Done(Some(Err(e))),
+            Begun::Started(Ok(started), None) => ProduceState::Appending(self.clone(), started),
+            // With a `dedup-id`: rare, so boxed.
+            begun => ProduceState::Boxed(Box::pin(self.clone().produce_dedup(begun))),
         };
-        let this = self.clone();
-        async move {
-            let mut begun = match (begun, replicated) {
-                (_, Some(replicated)) => return replicated.await,
-                (Some(begun), None) => begun,
-                (None, None) => return Err(ProduceError::Deleted(this.inner.name.to_string())),
-            };
-            loop {
-                match begun {
-                    Begun::Duplicate(id) => return Ok(id),
-                    Begun::Wait(mut rx, msg) => {
-                        let first = rx
-                            .wait_for(Option::is_some)
-                            .await
-                            .ok()
-                            .and_then(|o| o.clone())
-                            .flatten();
-                        match first {
-                            Some(id) => return Ok(id),
-                            // The first failed: this one is a first attempt now.
-                            None => begun = this.begin_produce(msg),
-                        }
+        Produce(state)
+    }
+
+    /// The rest of a produce with a `dedup-id` (see [`Queue::produce`]).
+    async fn produce_dedup(self, mut begun: Begun) -> Result<MessageId, ProduceError> {
+        loop {
+            match begun {
+                Begun::Duplicate(id) => return Ok(id),
+                Begun::Wait(mut rx, msg) => {
+                    let first = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|o| o.clone())
+                        .flatten();
+                    match first {
+                        Some(id) => return Ok(id),
+                        // The first failed: this one is a first attempt now.
+                        None => begun = self.begin_produce(msg),
                     }
-                    Begun::Started(started, claim) => {
-                        let result = match started {
-                            Ok(s) => this.finish_produce(s).await,
-                            Err(e) => Err(e),
-                        };
-                        if let Some((id, tx)) = claim {
-                            let stored = result.as_ref().ok().cloned();
-                            this.inner
-                                .dedup
-                                .lock()
-                                .finish(&id, stored.clone(), now_ms());
-                            let _ = tx.send(Some(stored));
-                        }
-                        return result;
+                }
+                Begun::Started(started, claim) => {
+                    let result = match started {
+                        Ok(s) => self.finish_produce(s).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Some((id, tx)) = claim {
+                        let stored = result.as_ref().ok().cloned();
+                        self.inner
+                            .dedup
+                            .lock()
+                            .finish(&id, stored.clone(), now_ms());
+                        let _ = tx.send(Some(stored));
                     }
+                    return result;
                 }
             }
         }
@@ -726,9 +829,18 @@ impl Queue {
         }
     }
 
-    async fn finish_produce(&self, started: Started) -> Result<MessageId, ProduceError> {
-        let (partition, append, reservation, size, key) = started;
-        let result = append.await;
+    async fn finish_produce(&self, mut started: Started) -> Result<MessageId, ProduceError> {
+        let result = (&mut started.1).await;
+        self.produced(started, result)
+    }
+
+    /// A started produce's append resolved with `result`.
+    fn produced(
+        &self,
+        started: Started,
+        result: Result<u64, roost_storage::Error>,
+    ) -> Result<MessageId, ProduceError> {
+        let (partition, _append, reservation, size, key) = started;
         drop(reservation);
         let offset = result?;
         self.stored(partition, offset, size, key.as_ref());
@@ -752,9 +864,11 @@ impl Queue {
         }
         // The records of one commit resolve together: the first produce's dispatch
         // offers them all, the others skip theirs.
-        let seen = self.inner.dispatched_end.lock().get(partition).copied();
-        if seen.is_none_or(|end| end <= offset) || self.inner.refused.load(Ordering::SeqCst) {
+        if self.inner.refused.load(Ordering::SeqCst) {
             self.kick();
+        } else if self.inner.fresh.lock().list(partition, offset) {
+            self.inner.kick_fresh.store(true, Ordering::SeqCst);
+            self.drain_kicks();
         }
     }
 
@@ -858,8 +972,14 @@ impl Queue {
                 return;
             };
             let mut changed = false;
-            while self.inner.kick.swap(false, Ordering::SeqCst) {
-                changed |= self.dispatch_all(&mut st, now_ms());
+            loop {
+                if self.inner.kick.swap(false, Ordering::SeqCst) {
+                    changed |= self.dispatch_all(&mut st, now_ms());
+                } else if self.inner.kick_fresh.swap(false, Ordering::SeqCst) {
+                    changed |= self.dispatch_fresh(&mut st, now_ms());
+                } else {
+                    break;
+                }
             }
             // Only settles, skips and purges move the floor; a dispatch that changed no
             // progress leaves it where it was.
@@ -867,7 +987,9 @@ impl Queue {
                 self.refresh_floor(&mut st);
             }
             drop(st);
-            if !self.inner.kick.load(Ordering::SeqCst) {
+            if !self.inner.kick.load(Ordering::SeqCst)
+                && !self.inner.kick_fresh.load(Ordering::SeqCst)
+            {
                 return;
             }
         }
@@ -922,6 +1044,10 @@ impl Queue {
             return false;
         }
         self.inner.refused.store(false, Ordering::SeqCst);
+        // This dispatch covers whatever produces listed so far.
+        let mut listed = std::mem::take(&mut st.listed);
+        self.inner.fresh.lock().take(&mut listed);
+        st.listed = listed;
         // Read before dispatching: every record below these ends is offered below.
         let mut ends = std::mem::take(&mut st.ends);
         ends.clear();
@@ -967,8 +1093,74 @@ impl Queue {
         }
         drop(newest);
         st.dirty |= dirty;
-        self.inner.dispatched_end.lock().clone_from(&ends);
+        {
+            let mut fresh = self.inner.fresh.lock();
+            for (p, &end) in ends.iter().enumerate() {
+                fresh.dispatched(p, end);
+            }
+        }
         st.ends = ends;
+        dirty
+    }
+
+    /// Offers what every group has ready on the partitions produces listed (see
+    /// [`Fresh`]); returns true if progress changed.
+    fn dispatch_fresh(&self, st: &mut State, now: u64) -> bool {
+        let mut parts = std::mem::take(&mut st.listed);
+        self.inner.fresh.lock().take(&mut parts);
+        let logs = self.logs();
+        // Read before dispatching: every record below these ends is offered below.
+        let mut ends = std::mem::take(&mut st.ends);
+        ends.clear();
+        ends.extend(
+            parts
+                .iter()
+                .map(|&p| logs.get(p).map_or(0, Log::next_offset)),
+        );
+        let settings = st.settings;
+        let mut dirty = false;
+        let newest = self.inner.last_values.lock();
+        let no_drops = BTreeSet::new();
+        let mut counts = Vec::new();
+        for (key, slot) in st.groups.iter_mut() {
+            let mut delivered = Vec::new();
+            for (&p, &end) in parts.iter().zip(&ends) {
+                let Some(log) = logs.get(p).filter(|_| self.is_led(p)) else {
+                    continue;
+                };
+                let skip = Skip {
+                    dropped: st.dropped.get(p).unwrap_or(&no_drops),
+                    newest: newest.get(p),
+                };
+                dirty |= self.dispatch(
+                    key,
+                    slot,
+                    p,
+                    log,
+                    end,
+                    now,
+                    (&settings, &skip),
+                    &mut delivered,
+                );
+            }
+            if !delivered.is_empty() {
+                counts.push(Progress::Delivered(key.clone(), delivered));
+            }
+        }
+        if !counts.is_empty() {
+            // Not awaited, as in `dispatch_all`.
+            let _queued = self.append_progress(counts);
+        }
+        drop(newest);
+        st.dirty |= dirty;
+        {
+            let mut fresh = self.inner.fresh.lock();
+            for (&p, &end) in parts.iter().zip(&ends) {
+                fresh.dispatched(p, end);
+            }
+        }
+        st.ends = ends;
+        st.listed = parts;
         dirty
     }
 
@@ -989,13 +1181,18 @@ impl Queue {
     ) -> bool {
         let mut changed = false;
         slot.blocked.remove(&p);
-        // Records read ahead for the next picks: the read's own Vec, consumed in place
-        // (an empty one allocates nothing, so a partition with nothing ready costs no
-        // allocation).
-        let mut ahead = Vec::<roost_storage::LogRecord>::new().into_iter();
+        // Records read ahead for the next picks, taken from `ahead[at..]`: one buffer
+        // kept for every dispatch (under the state lock, so never contended), not one
+        // allocated per read.
+        let mut ahead = self.inner.read_ahead.lock();
+        ahead.clear();
+        let mut at = 0;
         while let Some(pick) = slot.group.pick(p, end, now, settings) {
-            let record = match ahead.next() {
-                Some(r) if !pick.retry && r.offset == pick.offset => r,
+            let record = match ahead.get_mut(at) {
+                Some(r) if !pick.retry && r.offset == pick.offset => {
+                    at += 1;
+                    take_record(r)
+                }
                 _ => {
                     let max_records = if pick.retry {
                         1
@@ -1006,9 +1203,8 @@ impl Queue {
                         max_records,
                         max_bytes: 1 << 20,
                     };
-                    match log.read(pick.offset, limit) {
-                        Ok(records) => {
-                            ahead = records.into_iter();
+                    match log.read_into(pick.offset, limit, &mut ahead) {
+                        Ok(()) => {
                             if log.has_found_damage() {
                                 self.collect_damage();
                             }
@@ -1027,8 +1223,11 @@ impl Queue {
                             break;
                         }
                     }
-                    match ahead.next() {
-                        Some(r) if r.offset == pick.offset => r,
+                    match ahead.first_mut() {
+                        Some(r) if r.offset == pick.offset => {
+                            at = 1;
+                            take_record(r)
+                        }
                         _ => break,
                     }
                 }
@@ -1095,10 +1294,18 @@ impl Queue {
             slot.group.delivered(p, &pick, now, settings.ack_timeout_ms);
             delivered.push((p as u32, pick.offset, pick.count + 1));
         }
+        // What was read ahead and not delivered holds the log's buffers: let go now.
+        ahead.clear();
+        drop(ahead);
         if let Some(owner) = slot.group.owner(p)
             && slot.group.room_of(owner) == 0
         {
             slot.blocked.insert(p);
+        }
+        if slot.group.in_handover(p) {
+            slot.handovers.insert(p);
+        } else {
+            slot.handovers.remove(&p);
         }
         changed
     }
@@ -1111,13 +1318,23 @@ impl Queue {
         let Some(slot) = st.groups.get_mut(key) else {
             return false;
         };
-        let freed: Vec<usize> = slot
-            .blocked
-            .iter()
-            .copied()
-            .filter(|&p| slot.group.owner(p).is_some_and(|o| &**o == consumer))
-            .collect();
-        if freed.is_empty() || slot.group.room_of(consumer) == 0 {
+        let mut freed: Vec<usize> = Vec::new();
+        if slot.group.room_of(consumer) > 0 {
+            freed.extend(
+                slot.blocked
+                    .iter()
+                    .copied()
+                    .filter(|&p| slot.group.owner(p).is_some_and(|o| &**o == consumer)),
+            );
+        }
+        // Handovers this ack may have ended.
+        freed.extend(
+            slot.handovers
+                .iter()
+                .copied()
+                .filter(|&p| !slot.group.in_handover(p)),
+        );
+        if freed.is_empty() {
             return false;
         }
         let logs = self.logs();
@@ -1154,7 +1371,8 @@ impl Queue {
     }
 
     /// Adds `consumer` to group `key` (created on first use, starting at the oldest
-    /// message held) with an in-flight `window` (0: the queue's `consumer_window`), and
+    /// message held) with an in-flight `window` (a number: exactly that many, 0: an
+    /// adaptive window; an adaptive window never exceeds `consumer_window`), and
     /// rebalances the group's partitions. Joining again updates the window and sink but
     /// keeps what is in flight to that consumer id: on disconnect or session takeover the
     /// broker calls [`Queue::leave`] / [`Queue::leave_all`] first, so that what the old
@@ -1163,7 +1381,7 @@ impl Queue {
         &self,
         key: &GroupKey,
         consumer: ConsumerId,
-        window: u32,
+        window: impl Into<Window>,
         sink: Arc<dyn DeliverySink>,
     ) -> Result<(), QueueError> {
         self.check_deleted()?;
@@ -1172,13 +1390,20 @@ impl Queue {
         {
             return Err(QueueError::InvalidFilter(f.to_owned()));
         }
-        let window_asked = window;
-        let window = if window == 0 {
-            Window::Adaptive {
-                max: self.inner.config.read().consumer_window,
-            }
-        } else {
-            Window::Fixed(window)
+        let consumer_window = self.inner.config.read().consumer_window;
+        let window = match window.into() {
+            Window::Adaptive { max } => Window::Adaptive {
+                max: max.min(consumer_window),
+            },
+            fixed => fixed,
+        };
+        // What the other nodes' proxy members of this consumer are told: a number, 0 for
+        // a window that adapts within `consumer_window` (a v5 Receive Maximum below it
+        // goes as that number).
+        let window_asked = match window {
+            Window::Fixed(n) => n,
+            Window::Adaptive { max } if max < consumer_window => max,
+            Window::Adaptive { .. } => 0,
         };
         let max_groups = self.inner.config.read().max_consumer_groups;
         self.with_state(|q, st| {
@@ -1221,6 +1446,7 @@ impl Queue {
                 group: Group::new(&starts),
                 sinks: BTreeMap::new(),
                 blocked: BTreeSet::new(),
+                handovers: BTreeSet::new(),
             },
         );
         st.dirty = true;
@@ -1331,21 +1557,33 @@ impl Queue {
         let changes = {
             let mut st = self.inner.state.lock();
             let mut changes = Vec::new();
+            // The partitions whose depth floor this ack may move, when known.
+            let mut floor_moves = None;
             match key {
                 // A PUBACK names its group: no search and no per-message list of targets.
                 Some(k) => {
+                    let st = &mut *st;
                     if let Some(slot) = st.groups.get_mut(k) {
-                        let offsets: Vec<(u32, u64)> = ids
-                            .iter()
-                            .filter_map(locate)
-                            .filter(|&(p, o)| {
-                                slot.group.ack(p, o, consumer, now) == Settle::Settled
-                            })
-                            .map(|(p, o)| (p as u32, o))
-                            .collect();
+                        let mut offsets = Vec::new();
+                        let mut moves = Vec::new();
+                        for (p, o) in ids.iter().filter_map(locate) {
+                            // The floor is the least committed offset of all groups: an
+                            // ack by a group above it leaves it where it is (with 100
+                            // groups, recomputing it on every ack was a tenth of the work).
+                            let at_floor = slot.group.cursor(p).is_none_or(|c| {
+                                st.floor_of.get(p).is_none_or(|&f| c.committed() <= f)
+                            });
+                            if slot.group.ack(p, o, consumer, now) == Settle::Settled {
+                                offsets.push((p as u32, o));
+                                if at_floor && !moves.contains(&p) {
+                                    moves.push(p);
+                                }
+                            }
+                        }
                         if !offsets.is_empty() {
                             changes.push(Progress::Settle(k.clone(), offsets));
                         }
+                        floor_moves = Some(moves);
                     }
                 }
                 None => {
@@ -1376,6 +1614,10 @@ impl Queue {
                 }
                 if skipped {
                     self.refresh_floor(&mut st);
+                } else if let Some(moves) = floor_moves {
+                    if !moves.is_empty() {
+                        self.refresh_floor_of(&mut st, &moves);
+                    }
                 } else {
                     let mut touched = std::mem::take(&mut st.touched);
                     touched.clear();
@@ -1893,6 +2135,19 @@ impl Queue {
 
 /// Where partition `p`'s depth starts: the oldest message some group has not settled,
 /// or, with no group, the oldest held (never below a purge or the log's start).
+/// Moves a record out of a read buffer, leaving an empty one (no allocation).
+fn take_record(r: &mut roost_storage::LogRecord) -> roost_storage::LogRecord {
+    std::mem::replace(
+        r,
+        roost_storage::LogRecord {
+            offset: r.offset,
+            timestamp: 0,
+            headers: Bytes::new(),
+            payload: Bytes::new(),
+        },
+    )
+}
+
 fn partition_floor(st: &State, p: usize, log: &Log) -> u64 {
     let held = st
         .floors
@@ -2111,6 +2366,7 @@ fn replay(
                                 group: g,
                                 sinks: BTreeMap::new(),
                                 blocked: BTreeSet::new(),
+                                handovers: BTreeSet::new(),
                             },
                         );
                     }
@@ -2195,6 +2451,7 @@ fn replay(
                                 group: g,
                                 sinks: BTreeMap::new(),
                                 blocked: BTreeSet::new(),
+                                handovers: BTreeSet::new(),
                             },
                         );
                     }

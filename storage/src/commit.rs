@@ -39,7 +39,7 @@ use crate::error::Result;
 use crate::journal::{self, JournalFile};
 use crate::latency::SyncLatency;
 use crate::log::{CommitQueue, Completion, LogInner, PendingAppend};
-use crate::space::SpaceGuard;
+use crate::space::{self, SpaceGuard};
 use crate::{Durability, Offset};
 
 /// Which logs' fdatasyncs fail (see [`crate::Storage::inject_sync_failure`]).
@@ -330,10 +330,14 @@ fn resolve(done: &mut Vec<Completion>, result: impl Fn(Offset) -> Result<Offset>
 }
 
 /// Refuses `appends` of a round that does not fit on the disk; the log stays writable.
-fn refuse_no_space(shared: &CommitShared, appends: &mut Vec<PendingAppend>) -> bool {
+fn refuse_no_space(
+    shared: &CommitShared,
+    appends: &mut Vec<PendingAppend>,
+    round: &mut space::Round,
+) -> bool {
     let bytes: u64 = appends.iter().map(PendingAppend::framed_bytes).sum();
     // Segment and journal both take the bytes of an `Fsync` round.
-    let Some(short) = shared.space.check(bytes.saturating_mul(2)) else {
+    let Some(short) = shared.space.check_in(bytes.saturating_mul(2), round) else {
         return false;
     };
     for a in appends.drain(..) {
@@ -580,13 +584,14 @@ fn journal_thread(shared: &CommitShared, capacity: u64) {
         std::mem::swap(&mut shared.journal.lock().ready, &mut batch);
         last_start = Some(Instant::now());
         jbuf.clear();
+        let mut round = space::Round::default();
         for log in batch.drain(..) {
             let taken = log.take_pending(&mut appends);
             if taken == 0 {
                 continue;
             }
             shared.queued.fetch_sub(taken, Ordering::Relaxed);
-            if refuse_no_space(shared, &mut appends) {
+            if refuse_no_space(shared, &mut appends, &mut round) {
                 continue;
             }
             if let Some(e) = &j.failed {
@@ -694,6 +699,7 @@ fn run(shared: &CommitShared) {
             }
         }
 
+        let mut round = space::Round::default();
         for log in batch.drain(..) {
             let taken = log.take_pending(&mut appends);
             if taken == 0 {
@@ -701,7 +707,7 @@ fn run(shared: &CommitShared) {
                 continue;
             }
             shared.queued.fetch_sub(taken, Ordering::Relaxed);
-            if refuse_no_space(shared, &mut appends) {
+            if refuse_no_space(shared, &mut appends, &mut round) {
                 continue;
             }
             match log.write_appends(&mut appends, &mut buf, &mut done, None) {

@@ -123,6 +123,15 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The length of the frame at the start of `buf` as its prefix states it, if the prefix
+/// is there and the length is one a record can have (nothing else is checked).
+pub(crate) fn frame_len_at(buf: &[u8]) -> Option<usize> {
+    let frame = u32_at(buf.get(..4)?, 0) as usize + 4;
+    (RECORD_OVERHEAD..=MAX_FRAME)
+        .contains(&frame)
+        .then_some(frame)
+}
+
 /// Decodes the record at the start of `buf`, checking its length, CRC and layout.
 pub(crate) fn decode_record(buf: &[u8]) -> Decoded {
     if buf.len() < 4 {

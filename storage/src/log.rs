@@ -367,7 +367,24 @@ impl Log {
     ///
     /// This does blocking `pread`s (normally served from the page cache).
     pub fn read(&self, from: Offset, limit: ReadLimit) -> Result<Vec<LogRecord>> {
-        self.inner.read(from, limit)
+        // Sized for a small read up front instead of growing from empty; 12 records
+        // (80 bytes each) stay under 1 KiB, which glibc serves without first
+        // consolidating its free lists as it does for larger requests.
+        let mut out = Vec::with_capacity(limit.max_records.min(12));
+        self.inner.read(from, limit, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Log::read`] into `out` (cleared first), so that a reader that reads all the
+    /// time (a queue's dispatch) keeps one buffer instead of allocating one per read.
+    pub fn read_into(
+        &self,
+        from: Offset,
+        limit: ReadLimit,
+        out: &mut Vec<LogRecord>,
+    ) -> Result<()> {
+        out.clear();
+        self.inner.read(from, limit, out)
     }
 
     /// The first offset whose record has a timestamp at or after `timestamp`, or
@@ -577,8 +594,11 @@ impl LogState {
 pub(crate) struct Writer {
     base: Offset,
     data: Arc<File>,
-    index_file: File,
-    time_file: File,
+    /// The active segment's index files, opened when an entry is first written to
+    /// them: most of an idle log's open files otherwise (thousands of idle partitions
+    /// ran into the limit on open files with three per log).
+    index_file: Option<File>,
+    time_file: Option<File>,
     index_file_len: u64,
     time_file_len: u64,
     write_pos: u64,
@@ -695,13 +715,21 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io_err(dir))
 }
 
-fn open_index_writer(path: &Path) -> Result<File> {
+fn open_index_writer(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(false)
         .open(path)
-        .map_err(io_err(path))
+}
+
+/// The index file in `slot`, opened at `path` if it is not open yet.
+fn lazy_open<'a>(slot: &'a mut Option<File>, path: &Path) -> io::Result<&'a File> {
+    if slot.is_none() {
+        *slot = Some(open_index_writer(path)?);
+    }
+    slot.as_ref()
+        .ok_or_else(|| io::Error::other("index file not open"))
 }
 
 /// Reads the record at `pos` and checks that it is a valid record with `offset`.
@@ -1051,14 +1079,16 @@ impl LogInner {
         if w.index_written < w.new_index.len() {
             let mut b = Vec::new();
             format::encode_index(&mut b, &w.new_index[w.index_written..]);
-            w.index_file.write_all_at(&b, w.index_file_len)?;
+            let path = SegmentPaths::new(&self.dir, w.base).index;
+            lazy_open(&mut w.index_file, &path)?.write_all_at(&b, w.index_file_len)?;
             w.index_file_len += b.len() as u64;
             w.index_written = w.new_index.len();
         }
         if w.time_written < w.new_time.len() {
             let mut b = Vec::new();
             format::encode_time_index(&mut b, &w.new_time[w.time_written..]);
-            w.time_file.write_all_at(&b, w.time_file_len)?;
+            let path = SegmentPaths::new(&self.dir, w.base).time;
+            lazy_open(&mut w.time_file, &path)?.write_all_at(&b, w.time_file_len)?;
             w.time_file_len += b.len() as u64;
             w.time_written = w.new_time.len();
         }
@@ -1084,8 +1114,12 @@ impl LogInner {
     /// fdatasyncs the active segment's data and both index files.
     fn sync_segment(&self, w: &Writer) -> io::Result<()> {
         self.sync_data(w)?;
-        w.index_file.sync_data()?;
-        w.time_file.sync_data()
+        // An index file never opened was not written since the segment was opened (its
+        // content was synced when it was created or rebuilt).
+        if let Some(f) = &w.index_file {
+            f.sync_data()?;
+        }
+        w.time_file.as_ref().map_or(Ok(()), File::sync_data)
     }
 
     /// Makes everything written so far visible to readers.
@@ -1228,8 +1262,9 @@ impl LogInner {
             .write(true)
             .create_new(true)
             .open(&paths.data)?;
-        let index_file = File::create(&paths.index)?;
-        let time_file = File::create(&paths.time)?;
+        // Created empty now (recovery expects them), opened again when written.
+        File::create(&paths.index)?;
+        File::create(&paths.time)?;
         File::open(&self.dir)?.sync_all()?;
         self.publish(w);
         let data = Arc::new(data);
@@ -1245,8 +1280,8 @@ impl LogInner {
         });
         w.base = base;
         w.data = data;
-        w.index_file = index_file;
-        w.time_file = time_file;
+        w.index_file = None;
+        w.time_file = None;
         w.index_file_len = 0;
         w.time_file_len = 0;
         w.write_pos = 0;
@@ -1296,11 +1331,8 @@ impl LogInner {
         Ok(deleted)
     }
 
-    fn read(&self, mut from: Offset, limit: ReadLimit) -> Result<Vec<LogRecord>> {
-        // Sized for a small read up front instead of growing from empty; 12 records
-        // (80 bytes each) stay under 1 KiB, which glibc serves without first
-        // consolidating its free lists as it does for larger requests.
-        let mut out = Vec::with_capacity(limit.max_records.min(12));
+    /// See [`Log::read`]; `out` is empty.
+    fn read(&self, mut from: Offset, limit: ReadLimit, out: &mut Vec<LogRecord>) -> Result<()> {
         let mut bytes = 0usize;
         let mut repaired = false;
         loop {
@@ -1316,17 +1348,20 @@ impl LogInner {
                             end,
                         });
                     }
-                    return Ok(out);
+                    return Ok(());
                 }
                 if from == end {
-                    return Ok(out);
+                    return Ok(());
                 }
-                if let Some(c) = st.tail.iter().find(|c| c.first <= from && from < c.end) {
+                // The chunks are consecutive and ordered: a binary search, not a scan
+                // (a partition that gets one record per commit round holds hundreds).
+                let i = st.tail.partition_point(|c| c.end <= from);
+                if let Some(c) = st.tail.get(i).filter(|c| c.first <= from) {
                     Source::Tail(c.clone())
                 } else {
                     let i = st.segments.partition_point(|s| s.base <= from);
                     let Some(seg) = i.checked_sub(1).and_then(|i| st.segments.get(i)) else {
-                        return Ok(out);
+                        return Ok(());
                     };
                     let (pos, offset) = seg.start_for(from);
                     Source::File(Snapshot {
@@ -1340,9 +1375,9 @@ impl LogInner {
                 }
             };
             let next = match snap {
-                Source::Tail(c) => self.read_cached(&c, from, limit, &mut out, &mut bytes)?,
+                Source::Tail(c) => self.read_cached(&c, from, limit, out, &mut bytes)?,
                 Source::File(snap) => {
-                    match self.read_segment(&snap, from, limit, &mut out, &mut bytes) {
+                    match self.read_segment(&snap, from, limit, out, &mut bytes) {
                         // Damage at rest, met while running: salvaged as on open, then
                         // read again from where this read got to.
                         Err(Error::Corrupt { .. })
@@ -1357,7 +1392,7 @@ impl LogInner {
                 }
             };
             if out.len() >= limit.max_records || bytes >= limit.max_bytes || next == from {
-                return Ok(out);
+                return Ok(());
             }
             from = next;
         }
@@ -1431,6 +1466,20 @@ impl LogInner {
     ) -> Result<Offset> {
         let mut at = 0usize;
         let mut expected = c.first;
+        // Records before `from` are stepped over by their length alone: the cache holds
+        // frames this process encoded, and each one read is still checked whole.
+        while expected < from && expected < c.end {
+            match format::frame_len_at(&c.frames[at..]) {
+                Some(len) if at + len <= c.frames.len() => {
+                    at += len;
+                    expected += 1;
+                }
+                _ => break,
+            }
+        }
+        // One allocation for what this chunk can give, not a doubling per few records.
+        let room = limit.max_records.saturating_sub(out.len());
+        out.reserve(usize::try_from(c.end - expected).map_or(room, |n| n.min(room)));
         while expected < c.end {
             let r = match segment::read_step(&c.frames, at, expected) {
                 ReadStep::Record(r) => r,
@@ -1805,8 +1854,8 @@ fn open_active(
     let writer = Writer {
         base,
         data: data.clone(),
-        index_file: open_index_writer(&paths.index)?,
-        time_file: open_index_writer(&paths.time)?,
+        index_file: None,
+        time_file: None,
         index_file_len: index_bytes.len() as u64,
         time_file_len: time_bytes.len() as u64,
         write_pos: scan.end,

@@ -29,6 +29,14 @@ pub struct Shortage {
     available: u64,
 }
 
+/// What one commit round has learnt of the free space: what the file system said at
+/// its first check, and what the round's appends let through since.
+#[derive(Debug, Default)]
+pub(crate) struct Round {
+    free: Option<u64>,
+    taken: u64,
+}
+
 /// The free-space check of one storage directory, and the last refusal while space is
 /// short (for readiness reports).
 #[derive(Debug)]
@@ -58,11 +66,28 @@ impl SpaceGuard {
     /// `None` if `bytes` can be written and the reserve stay free (also when the file
     /// system cannot be asked: the write itself will say), else what is short.
     pub fn check(&self, bytes: u64) -> Option<Shortage> {
-        let st = rustix::fs::statvfs(&self.dir).ok()?;
-        let available = st.f_bavail.saturating_mul(st.f_frsize);
+        self.check_in(bytes, &mut Round::default())
+    }
+
+    /// [`SpaceGuard::check`] for one log's appends within a commit `round`: the file
+    /// system is asked once per round, and each log's appends count against what it
+    /// said (a round writes hundreds of logs when a queue has 1,000 partitions, and a
+    /// `statvfs` walks the path each time).
+    pub(crate) fn check_in(&self, bytes: u64, round: &mut Round) -> Option<Shortage> {
+        let free = match round.free {
+            Some(free) => free,
+            None => {
+                let free = rustix::fs::statvfs(&self.dir)
+                    .map_or(u64::MAX, |st| st.f_bavail.saturating_mul(st.f_frsize));
+                round.free = Some(free);
+                free
+            }
+        };
+        let available = free.saturating_sub(round.taken);
         let needed = bytes.saturating_add(self.reserve);
         let mut short = self.short.lock();
         if available >= needed {
+            round.taken = round.taken.saturating_add(bytes);
             *short = None;
             return None;
         }

@@ -1396,3 +1396,46 @@ async fn a_full_disk_refuses_appends_cleanly_and_they_resume_when_space_returns(
         .unwrap_or_else(|e| panic!("after space returned: {e}"));
     assert_eq!(next, stored[stored.len() - 1] + 1);
 }
+
+/// Files under `dir` that this process holds open.
+fn open_files_under(dir: &std::path::Path) -> usize {
+    let Ok(fds) = fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    fds.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(dir))
+        .count()
+}
+
+/// Thousands of idle partitions must fit under the limit on open files: an idle log
+/// holds one file per segment (its data), and opens an index file only to write it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_log_holds_only_its_data_files_open() {
+    let dir = temp();
+    {
+        let storage = Storage::open(dir.path()).expect("open");
+        let (log, _) = storage.open_log("q", small()).expect("open");
+        append_n(&log, 0..100, 7).await;
+        assert!(log.segment_count() > 1, "rolled: sealed segments too");
+    }
+    let storage = Storage::open(dir.path()).expect("reopen");
+    let (log, recovery) = storage.open_log("q", small()).expect("open");
+    assert!(recovery.is_clean(), "{recovery:?}");
+    let log_dir = dir.path().join("q");
+    assert_eq!(open_files_under(&log_dir), log.segment_count());
+    // Written to again, the active segment's index files are opened, and what they
+    // hold is what a reopen expects (it rebuilds nothing).
+    append_n(&log, 100..200, 7).await;
+    assert!(open_files_under(&log_dir) <= log.segment_count() + 2);
+    drop(log);
+    drop(storage);
+    let storage = Storage::open(dir.path()).expect("reopen");
+    let (log, recovery) = storage.open_log("q", small()).expect("open");
+    assert!(recovery.is_clean(), "{recovery:?}");
+    assert_eq!(log.next_offset(), 200);
+    let read = log
+        .read(150, ReadLimit::bytes(usize::MAX))
+        .expect("read back");
+    assert_eq!(read.first().map(|r| r.offset), Some(150));
+    assert_eq!(read.len(), 50);
+}

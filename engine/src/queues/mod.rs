@@ -321,37 +321,45 @@ fn start_produce(
     // Only a 3.x producer tries again, so only it keeps a copy (cheap: shared bytes).
     let again = (!v5).then(|| (queue.clone(), message.clone()));
     let first = queue.produce(message);
-    let produce = async move {
-        let mut result = first.await;
-        if let Some((queue, message)) = again {
-            loop {
-                match &result {
-                    Err(roost_queue::ProduceError::QuotaExceeded { .. }) => {
-                        queue.wait_for_room(message.payload.len() as u64).await;
-                    }
-                    // The disk is full: nothing says when space returns, so look again
-                    // now and then (the PUBACK waits; the producer's window stops it).
-                    Err(e) if e.is_no_space() => tokio::time::sleep(NO_SPACE_RETRY).await,
-                    _ => break,
-                }
-                // Boxed: rare, and inline it would enlarge every produce's future.
-                result = Box::pin(queue.produce(message.clone())).await;
-            }
-        }
-        match result {
-            Ok(_) => ReasonCode::Success,
-            Err(e) => produce_reason(&e),
-        }
-    };
     match ack {
+        // One future, built in its box: every queue publish allocates it, so it stays
+        // small (under the 1 KiB past which glibc consolidates its free lists first).
         Some(token) => {
-            qio.work()
-                .produces
-                .push(Box::pin(async move { (token, produce.await) }));
+            qio.work().produces.push(Box::pin(
+                async move { (token, produced(first, again).await) },
+            ));
         }
         None => {
-            tokio::spawn(produce);
+            tokio::spawn(produced(first, again));
         }
+    }
+}
+
+/// The acknowledgement's reason code once the produce `first` is stored; a 3.x
+/// producer's produce is tried `again` while the queue is full or the disk is.
+async fn produced(
+    first: roost_queue::Produce,
+    again: Option<(roost_queue::Queue, roost_queue::NewMessage)>,
+) -> ReasonCode {
+    let mut result = first.await;
+    if let Some((queue, message)) = again {
+        loop {
+            match &result {
+                Err(roost_queue::ProduceError::QuotaExceeded { .. }) => {
+                    queue.wait_for_room(message.payload.len() as u64).await;
+                }
+                // The disk is full: nothing says when space returns, so look again
+                // now and then (the PUBACK waits; the producer's window stops it).
+                Err(e) if e.is_no_space() => tokio::time::sleep(NO_SPACE_RETRY).await,
+                _ => break,
+            }
+            // Boxed: rare, and inline it would enlarge every produce's future.
+            result = Box::pin(queue.produce(message.clone())).await;
+        }
+    }
+    match result {
+        Ok(_) => ReasonCode::Success,
+        Err(e) => produce_reason(&e),
     }
 }
 
@@ -377,11 +385,14 @@ pub fn subscribe(broker: &Broker, conn: &mut Connection, qio: &QueueIo, event: &
     } else {
         broker.queues.get_or_create(&f.queue)
     };
-    // v5 consumers take as many as their Receive Maximum; 3.x ones the queue's window.
-    let window = if conn.version().is_v5() {
-        u32::try_from(conn.send_window()).unwrap_or(u32::MAX)
-    } else {
-        0
+    // Every consumer's window adapts to how fast it acknowledges, within the queue's
+    // `consumer_window`; a v5 consumer's also within its Receive Maximum.
+    let window = roost_queue::Window::Adaptive {
+        max: if conn.version().is_v5() {
+            u32::try_from(conn.send_window()).unwrap_or(u32::MAX)
+        } else {
+            u32::MAX
+        },
     };
     let sink = Arc::new(QueueSink::new(
         qio.sender.clone(),

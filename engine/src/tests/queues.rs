@@ -174,6 +174,27 @@ async fn a_consumer_with_receive_maximum_1_gets_one_queue_message_at_a_time() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_v5_consumer_without_receive_maximum_gets_the_adaptive_window_not_65535() {
+    // Receive Maximum left at its default (65,535): the consumer said nothing about
+    // what it can work through, so it is measured like a 3.x consumer, and what it
+    // does not hold stays in the queue for the group.
+    let (mut h, consumer, producer) = queue().await;
+    for i in 0..100u16 {
+        h.send(
+            producer,
+            publish("$queue/jobs", "work", QoS::AtLeastOnce, i + 1),
+        )
+        .await;
+    }
+    h.take(producer);
+    let got = h.take_publishes(consumer);
+    assert_eq!(got.len(), 32, "the adaptive window's start, not all 100");
+    let info = h.broker.queues.get("jobs").expect("queue").info();
+    assert_eq!(info.groups[0].windows, [32]);
+    assert_eq!(group_state(&h), (100, 32, 0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_qos2_produce_resent_before_pubrel_is_stored_once() {
     let (mut h, consumer, producer) = queue().await;
     let Packet::Publish(p) = publish("$queue/jobs", "work", QoS::ExactlyOnce, 4) else {

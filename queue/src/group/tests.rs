@@ -640,3 +640,51 @@ fn a_timeout_drops_an_adaptive_window_to_its_floor_and_a_fixed_one_stays() {
     g.join(id("a"), Window::Adaptive { max: 2 });
     assert_eq!(g.window_of("a"), 2);
 }
+
+#[test]
+fn a_partition_that_changes_hands_waits_for_what_the_old_owner_holds() {
+    // "a" owns both partitions and holds 0..3 of partition 1; "b" joins and gets
+    // partition 1 (p % 2 of the members sorted by id).
+    let mut g = Group::new(&[0, 0]);
+    g.join(id("a"), Window::Fixed(3));
+    assert_eq!(drain(&mut g, 1, 10, 0).len(), 3);
+    g.join(id("b"), Window::Fixed(10));
+    assert_eq!(g.owner(1).map(|o| &**o), Some("b"));
+    assert!(g.in_handover(1));
+    assert!(!g.in_handover(0), "partition 0 stayed with a");
+    assert!(
+        drain(&mut g, 1, 10, 0).is_empty(),
+        "3 waits until a has answered 0..3"
+    );
+    assert_eq!(g.ack(1, 0, "a", 0), Settle::Settled);
+    assert_eq!(g.ack(1, 1, "a", 0), Settle::Settled);
+    assert!(drain(&mut g, 1, 10, 0).is_empty(), "2 is still with a");
+    // A nack takes it back: redelivered to the new owner first, then the new offsets.
+    assert!(matches!(g.nack(1, 2, "a", 0, &S), Nack::Retry { .. }));
+    assert!(!g.in_handover(1));
+    let got = drain(&mut g, 1, 10, 1000);
+    assert_eq!(got.first(), Some(&("b".to_string(), 2, 2)));
+    assert_eq!(
+        got[1..]
+            .iter()
+            .map(|d| (d.0.as_str(), d.1))
+            .collect::<Vec<_>>(),
+        (3..10).map(|o| ("b", o)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_handover_ends_when_the_old_owner_leaves_or_times_out() {
+    let mut g = Group::new(&[0, 0]);
+    g.join(id("a"), Window::Fixed(2));
+    assert_eq!(drain(&mut g, 1, 10, 0).len(), 2);
+    g.join(id("b"), Window::Fixed(10));
+    assert!(drain(&mut g, 1, 10, 0).is_empty());
+    assert!(g.leave("a", 5));
+    assert!(!g.in_handover(1));
+    let got = drain(&mut g, 1, 10, 5);
+    assert_eq!(
+        got.iter().map(|d| d.1).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+}
