@@ -183,3 +183,58 @@ def test_cascading_failures_refuse_produce_at_two_losses_and_a_restart_catches_u
     drain(cons, log)
     dups = history.check(log, groups=["g"], produced_unacked=[b"refused"])
     print(f"duplicates: {dups}")
+
+
+def test_delivery_counts_and_settings_survive_a_failover(c3):
+    """A message nacked once and delivered twice is delivered a third time by the
+    partition's next leader (delivery-count 3, not 1), so `max_deliveries` = 3 holds
+    across the failover: its third nack dead-letters it. Every replica's copy of the
+    queue has the settings it was created with."""
+    q = f"rd{uuid.uuid4().hex[:6]}"
+    code, body = c3[1].api("PUT", f"/api/v1/queues/{q}",
+                           {"partitions": 1, "max_deliveries": 3, "ack_timeout_ms": 60000,
+                            "backoff_initial_ms": 50, "backoff_max_ms": 50})
+    assert code in (200, 201), body
+    deadline = time.monotonic() + 10
+    leader = None
+    while time.monotonic() < deadline and not leader:
+        _, info = c3[1].api("GET", f"/api/v1/queues/{q}")
+        leader = (info.get("placement") or [{}])[0].get("leader")
+        time.sleep(0.1)
+    assert leader, info
+    for i in (1, 2, 3):
+        deadline = time.monotonic() + 10
+        while True:
+            code, info = c3[i].api("GET", f"/api/v1/queues/{q}")
+            if code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert code == 200, (i, info)
+        assert info["config"]["max_deliveries"] == 3, (i, info["config"])
+    log = history.History()
+    home = next(i for i in (1, 2, 3) if i != leader)
+    assert produce(c3[home], q, 1, log) == 0
+    con = consumer(c3[home], q)
+
+    def delivery():
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            p = con.recv(0.2)
+            if p is not None and p.type == w.PUBLISH:
+                return p, int(dict(p.user_props())["delivery-count"])
+        raise AssertionError("no delivery")
+
+    p, count = delivery()
+    assert count == 1
+    con.ack(w.PUBACK, p.pid, rc=0x80)  # nack: delivered again after 50 ms
+    p, count = delivery()
+    assert count == 2
+    time.sleep(1.0)  # the count is replicated asynchronously, like a settle
+    c3[leader].kill()
+    p, count = delivery()
+    assert count == 3, f"the next leader delivered it as delivery {count}"
+    con.ack(w.PUBACK, p.pid, rc=0x80)  # the third nack: dead-lettered
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        p = con.recv(0.2)
+        assert p is None or p.type != w.PUBLISH, "delivered past max_deliveries"

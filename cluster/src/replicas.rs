@@ -131,18 +131,19 @@ impl Replicas {
         }));
         let me = self.clone();
         let name = q.name().to_owned();
-        let partitions = q.partitions();
-        let factor = self.factor(&q.config());
+        let config = q.config();
+        let factor = self.factor(&config);
         tokio::spawn(async move {
             if me.consensus.state().placement(&name).is_none() {
-                me.place(&name, partitions, factor).await;
+                me.place(&name, config, factor).await;
             }
             me.ensure(&name).await;
         });
     }
 
     /// Proposes where `queue`'s partitions live (the first proposal for a queue wins).
-    async fn place(&self, queue: &str, partitions: u32, factor: u32) {
+    async fn place(&self, queue: &str, config: QueueConfig, factor: u32) {
+        let partitions = config.partitions;
         let mut voters = self.consensus.voters();
         voters.sort_unstable();
         let n = voters.len().max(1);
@@ -161,6 +162,7 @@ impl Replicas {
             let cmd = Command::Place {
                 queue: queue.to_owned(),
                 replicas: replicas.clone(),
+                config: Some(config.clone()),
             };
             match self.consensus.propose(cmd).await {
                 Ok(_) => return,
@@ -195,9 +197,14 @@ impl Replicas {
         let q = match self.queues.get(queue) {
             Some(q) => q,
             None => {
+                // With the settings it was created with where the placement has them.
                 let config = QueueConfig {
                     partitions: placement.len() as u32,
-                    ..QueueConfig::default()
+                    ..self
+                        .consensus
+                        .state()
+                        .queue_config(queue)
+                        .unwrap_or_default()
                 };
                 match self.queues.create(queue, config) {
                     Ok(q) => q,
@@ -500,6 +507,33 @@ impl Replicator for QueueReplicator {
             tokio::spawn(async move {
                 if let Err(e) = r.propose(&id, op).await {
                     debug!(partition = %id, "settle not replicated ({e}): it may be delivered again after a failover");
+                }
+            });
+        }
+    }
+
+    fn delivered(&self, key: &GroupKey, counts: &[(u32, u64, u32)]) {
+        let Some(r) = self.replicas.upgrade() else {
+            return;
+        };
+        let mut by_partition: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
+        for &(p, o, n) in counts {
+            by_partition.entry(p).or_default().push((o, n));
+        }
+        for (p, counts) in by_partition {
+            let id = GroupId {
+                queue: self.queue.to_string(),
+                partition: p,
+            };
+            let op = Op::Delivered {
+                group: key.group.to_string(),
+                filter: key.filter.as_deref().map(str::to_owned),
+                counts,
+            };
+            let r = r.clone();
+            tokio::spawn(async move {
+                if let Err(e) = r.propose(&id, op).await {
+                    debug!(partition = %id, "delivery counts not replicated ({e}): they start over after a failover");
                 }
             });
         }

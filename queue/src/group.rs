@@ -796,9 +796,24 @@ impl Group {
     /// Ack timeouts: every delivery whose deadline has passed is redelivered now, or
     /// dead-lettered if it has had `max_deliveries`; so is every redelivery that has had
     /// them (its consumer left, or its count was restored). Returns the dead letters.
+    #[cfg(test)]
     pub fn expire(&mut self, now: u64, s: &Settings) -> Vec<DeadLetter> {
+        self.expire_where(now, s, |_| true)
+    }
+
+    /// [`Group::expire`] on the partitions `here` says yes to (a replica that does not
+    /// lead a partition leaves its timeouts and dead letters to the leader).
+    pub fn expire_where(
+        &mut self,
+        now: u64,
+        s: &Settings,
+        here: impl Fn(usize) -> bool,
+    ) -> Vec<DeadLetter> {
         let mut dead = Vec::new();
         for (p, c) in self.cursors.iter_mut().enumerate() {
+            if !here(p) {
+                continue;
+            }
             let spent: Vec<(u64, u32)> = c
                 .retry
                 .iter()
@@ -898,6 +913,29 @@ impl Group {
             return;
         }
         c.retry.insert(offset, Retry { count, due: 0 });
+        c.advance_next();
+    }
+
+    /// Another replica's leader delivered `offset` of partition `p` for the `count`-th
+    /// time: kept like a restored count ([`Group::replay_delivered`]), so that if this
+    /// replica comes to lead the partition it delivers it again first, as delivery
+    /// `count + 1`. What is settled, or held or being dead-lettered here, is left as it
+    /// is; a count only grows.
+    pub fn learn_delivered(&mut self, p: usize, offset: u64, count: u32) {
+        let Some(c) = self.cursors.get_mut(p) else {
+            return;
+        };
+        if offset < c.committed
+            || count == 0
+            || c.acked.contains(&offset)
+            || c.inflight.contains_key(&offset)
+            || c.dying.contains_key(&offset)
+        {
+            return;
+        }
+        c.undelay(offset);
+        let r = c.retry.entry(offset).or_insert(Retry { count, due: 0 });
+        r.count = r.count.max(count);
         c.advance_next();
     }
 

@@ -1086,6 +1086,7 @@ impl Queue {
             }
         }
         if !counts.is_empty() {
+            self.replicate_delivered(&counts);
             // Not awaited: the count reaches the disk with the next commit round, so
             // `max_deliveries` holds across restarts except for deliveries made in the
             // last round before a crash (see the crate documentation).
@@ -1148,6 +1149,7 @@ impl Queue {
             }
         }
         if !counts.is_empty() {
+            self.replicate_delivered(&counts);
             // Not awaited, as in `dispatch_all`.
             let _queued = self.append_progress(counts);
         }
@@ -1364,7 +1366,9 @@ impl Queue {
         }
         drop(newest);
         if !delivered.is_empty() {
-            let _queued = self.append_progress(vec![Progress::Delivered(key.clone(), delivered)]);
+            let counts = vec![Progress::Delivered(key.clone(), delivered)];
+            self.replicate_delivered(&counts);
+            let _queued = self.append_progress(counts);
         }
         st.dirty |= dirty;
         dirty
@@ -1851,7 +1855,7 @@ impl Queue {
             let settings = st.settings;
             let mut dead = Vec::new();
             for (k, slot) in st.groups.iter_mut() {
-                for d in slot.group.expire(now, &settings) {
+                for d in slot.group.expire_where(now, &settings, |p| q.is_led(p)) {
                     dead.push(DeadItem {
                         key: k.clone(),
                         partition: d.partition,

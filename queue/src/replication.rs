@@ -23,6 +23,10 @@ pub trait Replicator: Send + Sync + 'static {
     /// Group `key` settled these (partition, offset)s here (a partition this node
     /// leads): every replica must learn it.
     fn settled(&self, key: &GroupKey, offsets: &[(u32, u64)]);
+    /// Group `key` delivered these (partition, offset, delivery count)s here (from a
+    /// partition this node leads): every replica must learn the counts, so that
+    /// `max_deliveries` holds after a failover.
+    fn delivered(&self, key: &GroupKey, counts: &[(u32, u64, u32)]);
     /// A consumer here joined group `key` (window as [`crate::Queue::join`] takes it):
     /// the leaders of the partitions elsewhere deliver to it through this node.
     fn joined(&self, key: &GroupKey, consumer: &str, window: u32);

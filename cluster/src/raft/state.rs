@@ -71,6 +71,8 @@ pub struct ControlState {
     pub routes: RouteTable,
     /// Replicated queue -> per partition, its replicas.
     pub placements: RwLock<BTreeMap<String, Vec<Vec<NodeId>>>>,
+    /// Replicated queue -> its settings where it was created.
+    pub queue_configs: RwLock<BTreeMap<String, roost_queue::QueueConfig>>,
     applied: RwLock<AppliedState>,
 }
 
@@ -96,6 +98,11 @@ impl ControlState {
         self.placements.read().get(queue).cloned()
     }
 
+    /// The settings `queue` was placed with, if its placement carried them.
+    pub fn queue_config(&self, queue: &str) -> Option<roost_queue::QueueConfig> {
+        self.queue_configs.read().get(queue).cloned()
+    }
+
     /// The owner of `client`, if it has one.
     pub fn owner(&self, client: &str) -> Option<NodeId> {
         self.owners.read().get(client).map(|o| o.node)
@@ -111,6 +118,8 @@ struct Image {
     routes: Vec<(NodeId, Route)>,
     #[serde(default)]
     placements: BTreeMap<String, Vec<Vec<NodeId>>>,
+    #[serde(default)]
+    queue_configs: BTreeMap<String, roost_queue::QueueConfig>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -184,6 +193,7 @@ impl StateMachine {
             owners: self.state.owners.read().clone(),
             routes: self.state.routes.all(),
             placements: self.state.placements.read().clone(),
+            queue_configs: self.state.queue_configs.read().clone(),
         }
     }
 
@@ -194,6 +204,7 @@ impl StateMachine {
         self.state.routes.replace(image.routes);
         let queues: Vec<String> = image.placements.keys().cloned().collect();
         *self.state.placements.write() = image.placements;
+        *self.state.queue_configs.write() = image.queue_configs;
         let _ = self.notify.send(Applied::Membership);
         for q in queues {
             let _ = self.notify.send(Applied::Placed(q));
@@ -254,13 +265,23 @@ impl StateMachine {
                 self.state.routes.set_node(node, keep);
                 Outcome::Done
             }
-            Command::Place { queue, replicas } => {
+            Command::Place {
+                queue,
+                replicas,
+                config,
+            } => {
                 let new = {
                     let mut placements = self.state.placements.write();
                     let new = !placements.contains_key(&queue);
                     placements.entry(queue.clone()).or_insert(replicas);
                     new
                 };
+                if let (true, Some(config)) = (new, config) {
+                    self.state
+                        .queue_configs
+                        .write()
+                        .insert(queue.clone(), config);
+                }
                 if new {
                     let _ = self.notify.send(Applied::Placed(queue));
                 }

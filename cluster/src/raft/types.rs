@@ -48,6 +48,10 @@ pub enum Command {
         queue: String,
         /// Per partition, its replicas (the first is the preferred leader).
         replicas: Vec<Vec<NodeId>>,
+        /// The queue's settings where it was created: the other replicas create
+        /// their copies with them (absent in entries of older versions).
+        #[serde(default)]
+        config: Option<roost_queue::QueueConfig>,
     },
 }
 

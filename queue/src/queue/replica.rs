@@ -150,6 +150,41 @@ impl Queue {
         }
     }
 
+    /// Passes the delivery counts of a dispatch (its `Progress::Delivered` records) to
+    /// the replicator, if any.
+    pub(super) fn replicate_delivered(&self, counts: &[super::Progress]) {
+        let Some(r) = self.replicator() else {
+            return;
+        };
+        for c in counts {
+            if let super::Progress::Delivered(key, items) = c {
+                r.delivered(key, items);
+            }
+        }
+    }
+
+    /// Applies delivery counts the replicated log of partition `p` committed: group
+    /// `key` (declared here if new) delivered these (offset, count)s. The leader that
+    /// made them has them in flight already; another replica keeps them (see
+    /// `Group::learn_delivered`) and records them in its progress, so a restart keeps
+    /// them too.
+    pub fn apply_delivered(&self, key: &GroupKey, p: u32, counts: &[(u64, u32)]) {
+        if p >= self.partitions() || self.is_led(p as usize) {
+            return;
+        }
+        let append = self.with_state(|q, st| {
+            q.ensure_group(st, key);
+            let slot = st.groups.get_mut(key)?;
+            for &(o, n) in counts {
+                slot.group.learn_delivered(p as usize, o, n);
+            }
+            let items = counts.iter().map(|&(o, n)| (p, o, n)).collect();
+            Some(q.append_progress(vec![super::Progress::Delivered(key.clone(), items)]))
+        });
+        // Not awaited, as a leader's own delivery counts are not.
+        drop(append);
+    }
+
     /// `consumer` stands for a consumer of another node: it joins like a local one
     /// (with `sink` passing deliveries over the link), and its settles are done here.
     pub fn join_proxy(

@@ -1,7 +1,7 @@
 //! A replicated partition's state machine: the partition of the node's own queue.
 //!
 //! Applying a produce appends the message to the local partition, applying a settle
-//! records it in the local group progress. The queue's files are the state; nothing
+//! or a delivery count records it in the local group progress. The queue's files are the state; nothing
 //! else is kept. Every start re-applies the log from its first entry (partitions take
 //! no snapshots yet): a produce whose offset the local partition already has (the
 //! k-th produce of the log is offset k) is skipped, and settles are idempotent.
@@ -64,7 +64,7 @@ pub fn message_of(op: Op) -> Option<NewMessage> {
             dedup_id: dedup_id.map(Bytes::from),
             deliver_at,
         }),
-        Op::Settle { .. } => None,
+        Op::Settle { .. } | Op::Delivered { .. } => None,
     }
 }
 
@@ -116,6 +116,15 @@ impl RaftStateMachine<PartConfig> for PartMachine {
                     // Not awaited: a settle lost in a crash is applied again at the next
                     // start, which re-applies the whole log.
                     drop(self.queue.apply_settle(&key, &offsets));
+                    OpOutcome::Done
+                }
+                EntryPayload::Normal(Op::Delivered {
+                    group,
+                    filter,
+                    counts,
+                }) => {
+                    let key = GroupKey::new(&group, filter.as_deref());
+                    self.queue.apply_delivered(&key, self.partition, &counts);
                     OpOutcome::Done
                 }
                 EntryPayload::Normal(op) => {

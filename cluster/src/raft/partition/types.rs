@@ -54,6 +54,15 @@ pub enum Op {
         /// The offsets.
         offsets: Vec<u64>,
     },
+    /// Group (`group`, `filter`) delivered these offsets, each for the given time.
+    Delivered {
+        /// The group's name.
+        group: String,
+        /// The group's filter.
+        filter: Option<String>,
+        /// (offset, delivery count).
+        counts: Vec<(u64, u32)>,
+    },
 }
 
 /// What applying an [`Op`] answered.
