@@ -238,3 +238,57 @@ def test_delivery_counts_and_settings_survive_a_failover(c3):
     while time.monotonic() < deadline:
         p = con.recv(0.2)
         assert p is None or p.type != w.PUBLISH, "delivered past max_deliveries"
+
+
+def placed_queue(node, settings):
+    q = f"ra{uuid.uuid4().hex[:6]}"
+    code, body = node.api("PUT", f"/api/v1/queues/{q}", {"partitions": 1, **settings})
+    assert code in (200, 201), body
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, info = node.api("GET", f"/api/v1/queues/{q}")
+        leader = (info.get("placement") or [{}])[0].get("leader")
+        if leader:
+            return q, leader
+        time.sleep(0.1)
+    raise AssertionError(f"queue {q} has no leader: {info}")
+
+
+def test_ack_mode_leader_acknowledges_from_the_leaders_disk_and_quorum_waits_for_a_majority(c3):
+    """With both followers of a partition gone, a produce to its leader is acknowledged
+    under `ack_mode = "leader"` (the leader's own disk has it) and refused under
+    `"quorum"` (0x97: no majority). The leader-mode messages are delivered once a
+    follower is back and they are committed."""
+    q, leader = placed_queue(c3[1], {"ack_mode": "leader"})
+    _, info = c3[leader].api("GET", f"/api/v1/queues/{q}")
+    assert info["config"]["ack_mode"] == "leader", info["config"]
+    # The quorum queue with the same leader, for the comparison.
+    for _ in range(20):
+        qq, qleader = placed_queue(c3[leader], {"ack_mode": "quorum"})
+        if qleader == leader:
+            break
+    else:
+        pytest.skip("no quorum queue got the same leader")
+    log = history.History()
+    assert produce(c3[leader], q, 5, log) == 0
+    pub = w.RawClient(c3[leader].host, c3[leader].port, 5, timeout=10)
+    pub.connect(f"prod-{uuid.uuid4().hex[:8]}")
+    followers = [i for i in (1, 2, 3) if i != leader]
+    for i in followers:
+        c3[i].kill()
+    t0 = time.monotonic()
+    pub.publish(f"$queue/{q}/dev0", b"early", qos=1, pid=1)
+    ack = pub.expect(w.PUBACK)
+    took = time.monotonic() - t0
+    assert (ack.rc or 0) == 0, f"leader mode refused with {ack.rc:#x}"
+    assert took < 1.5, f"leader mode waited {took:.2f}s"
+    log.produced(b"early", "dev0")
+    pub.publish(f"$queue/{qq}/dev0", b"quorum", qos=1, pid=2)
+    ack = pub.expect(w.PUBACK)
+    assert ack.rc == 0x97, f"quorum mode without a majority answered {ack.rc}"
+    pub.disconnect()
+    # A follower returns: the entry commits and is delivered.
+    c3[followers[0]].start()
+    cons = [consumer(c3[leader], q)]
+    drain(cons, log, timeout=30)
+    history.check(log, groups=["g"])

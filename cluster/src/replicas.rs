@@ -18,8 +18,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use roost_queue::{
-    GroupKey, MessageId, NewMessage, ProduceError, Queue, QueueConfig, Queues, ReplicatedProduce,
-    Replicator, SettleHow,
+    AckMode, GroupKey, MessageId, NewMessage, ProduceError, Queue, QueueConfig, Queues,
+    ReplicatedProduce, Replicator, SettleHow,
 };
 use roost_storage::Storage;
 use serde::Serialize;
@@ -443,6 +443,23 @@ impl Replicas {
     }
 }
 
+/// A request id for an `ack_mode = "leader"` proposal: unique within this process,
+/// and random from one process to the next (a leader matches its log's entries to the
+/// proposals waiting on it by this id).
+fn request_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    });
+    base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// The [`Replicator`] of one queue.
 struct QueueReplicator {
     replicas: Weak<Replicas>,
@@ -474,7 +491,17 @@ impl Replicator for QueueReplicator {
                 queue: queue.to_string(),
                 partition,
             };
-            match r.propose(&id, op_of(msg)).await.map_err(unavailable)? {
+            // Under `ack_mode = "leader"` the leader answers once its own log has it.
+            let leader_mode = r
+                .queues
+                .get(&queue)
+                .is_some_and(|q| q.config().ack_mode == AckMode::Leader);
+            let early = leader_mode.then(request_id);
+            match r
+                .propose(&id, op_of(msg, early))
+                .await
+                .map_err(unavailable)?
+            {
                 OpOutcome::Produced(offset) => Ok(MessageId {
                     queue: queue.clone(),
                     partition,

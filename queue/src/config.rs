@@ -93,8 +93,8 @@ pub enum AckMode {
     /// Once a majority of the partition's replicas has it (under `durability`).
     #[default]
     Quorum,
-    /// Once the partition's leader has it; replication follows. Not built yet:
-    /// refused by [`QueueConfig::validate`].
+    /// Once the partition's leader has it on its own disk; replication follows (a
+    /// message acknowledged just before its leader is lost may be lost with it).
     Leader,
 }
 
@@ -134,9 +134,6 @@ impl QueueConfig {
         let bad = |why: String| Err(QueueError::InvalidConfig(why));
         if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
             return bad(format!("partitions must be 1..={MAX_PARTITIONS}"));
-        }
-        if self.ack_mode == AckMode::Leader {
-            return bad("ack_mode \"leader\" is not built yet; use \"quorum\"".into());
         }
         if self.ack_timeout_ms == 0 {
             return bad("ack_timeout_ms must be at least 1".into());

@@ -7,18 +7,20 @@
 //! kept in memory once its record is durable: the log remembers where it is and reads
 //! it back when a follower needs it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
 use parking_lot::Mutex;
 use roost_storage::{Durability, Log, LogConfig, Offset, ReadLimit, Record, Storage};
 
-use super::types::PartConfig;
+use super::types::{Op, PartConfig};
 use crate::raft::types::NodeId;
 
 const ENTRY: u8 = b'E';
@@ -29,17 +31,36 @@ const COMMITTED: u8 = b'C';
 
 enum Slot {
     /// Being written: kept until its offset is known.
-    Memory(Box<Entry<PartConfig>>),
+    Memory(Box<Entry<PartConfig>>, Option<u64>),
     /// On disk at this offset.
-    Disk(LogId<NodeId>, Offset),
+    Disk(LogId<NodeId>, Offset, Option<u64>),
 }
 
 impl Slot {
     fn log_id(&self) -> LogId<NodeId> {
         match self {
-            Slot::Memory(e) => e.log_id,
-            Slot::Disk(id, _) => *id,
+            Slot::Memory(e, _) => e.log_id,
+            Slot::Disk(id, _, _) => *id,
         }
+    }
+
+    /// For a produce entry, how many produce entries come before it in the log: the
+    /// offset the state machine gives its message.
+    fn produce_no(&self) -> Option<u64> {
+        match self {
+            Slot::Memory(_, k) | Slot::Disk(_, _, k) => *k,
+        }
+    }
+}
+
+fn is_produce(e: &Entry<PartConfig>) -> bool {
+    matches!(e.payload, EntryPayload::Normal(Op::Produce { .. }))
+}
+
+fn early_of(e: &Entry<PartConfig>) -> Option<u64> {
+    match &e.payload {
+        EntryPayload::Normal(Op::Produce { early, .. }) => *early,
+        _ => None,
     }
 }
 
@@ -51,11 +72,27 @@ struct State {
     committed: Option<LogId<NodeId>>,
 }
 
+impl State {
+    /// The number of produce entries in the log.
+    fn produces(&self) -> u64 {
+        self.entries
+            .values()
+            .rev()
+            .find_map(Slot::produce_no)
+            .map_or(0, |k| k + 1)
+    }
+}
+
+/// Proposals waiting for their entry to be on this node's disk (`ack_mode = "leader"`):
+/// request id -> where to send the message's offset.
+pub type EarlyWaiters = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<u64>>>>;
+
 /// The Raft log of one partition (cheap to clone: openraft asks for readers).
 #[derive(Clone)]
 pub struct PartLog {
     log: Log,
     state: Arc<Mutex<State>>,
+    early: EarlyWaiters,
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
@@ -93,7 +130,14 @@ impl PartLog {
         Ok(PartLog {
             log,
             state: Arc::new(Mutex::new(state)),
+            early: EarlyWaiters::default(),
         })
+    }
+
+    /// Where `ack_mode = "leader"` proposals wait for their entry (see
+    /// [`EarlyWaiters`]).
+    pub fn early_waiters(&self) -> EarlyWaiters {
+        self.early.clone()
     }
 
     fn append_record(&self, kind: u8, body: Vec<u8>) -> roost_storage::Append {
@@ -128,9 +172,12 @@ fn replay(state: &mut State, headers: &[u8], payload: &[u8], offset: Offset) -> 
     match headers.first() {
         Some(&ENTRY) => {
             let entry: Entry<PartConfig> = serde_json::from_slice(payload).map_err(bad)?;
+            // A rewritten index replaces what followed it, as in `truncate`.
+            state.entries.split_off(&entry.log_id.index);
+            let k = is_produce(&entry).then(|| state.produces());
             state
                 .entries
-                .insert(entry.log_id.index, Slot::Disk(entry.log_id, offset));
+                .insert(entry.log_id.index, Slot::Disk(entry.log_id, offset, k));
         }
         Some(&VOTE) => state.vote = Some(serde_json::from_slice(payload).map_err(bad)?),
         Some(&COMMITTED) => state.committed = serde_json::from_slice(payload).map_err(bad)?,
@@ -163,8 +210,8 @@ impl RaftLogReader<PartConfig> for PartLog {
             s.entries
                 .range(range)
                 .map(|(_, slot)| match slot {
-                    Slot::Memory(e) => Got::Ready((**e).clone()),
-                    Slot::Disk(_, at) => Got::At(*at),
+                    Slot::Memory(e, _) => Got::Ready((**e).clone()),
+                    Slot::Disk(_, at, _) => Got::At(*at),
                 })
                 .collect()
         };
@@ -242,13 +289,23 @@ impl RaftLogStorage<PartConfig> for PartLog {
         }
         let append = self.log.append(records);
         let ids: Vec<LogId<NodeId>> = entries.iter().map(|e| e.log_id).collect();
+        // (request id, offset) of the produces whose proposer waits for this write.
+        let mut early = Vec::new();
         {
             let mut s = self.state.lock();
             for e in entries {
-                s.entries.insert(e.log_id.index, Slot::Memory(Box::new(e)));
+                // Appended after a conflict: what followed the index is gone.
+                s.entries.split_off(&e.log_id.index);
+                let k = is_produce(&e).then(|| s.produces());
+                if let (Some(r), Some(k)) = (early_of(&e), k) {
+                    early.push((r, k));
+                }
+                s.entries
+                    .insert(e.log_id.index, Slot::Memory(Box::new(e), k));
             }
         }
         let state = self.state.clone();
+        let waiters = self.early.clone();
         tokio::spawn(async move {
             match append.await {
                 Ok(first) => {
@@ -257,11 +314,19 @@ impl RaftLogStorage<PartConfig> for PartLog {
                         if let Some(slot) = s.entries.get_mut(&id.index)
                             && slot.log_id() == id
                         {
-                            *slot = Slot::Disk(id, first + i as u64);
+                            *slot = Slot::Disk(id, first + i as u64, slot.produce_no());
                         }
                     }
                     drop(s);
                     callback.log_io_completed(Ok(()));
+                    if !early.is_empty() {
+                        let mut w = waiters.lock();
+                        for (r, k) in early {
+                            if let Some(tx) = w.remove(&r) {
+                                let _ = tx.send(k);
+                            }
+                        }
+                    }
                 }
                 Err(e) => callback.log_io_completed(Err(io_err(e))),
             }

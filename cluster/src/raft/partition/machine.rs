@@ -56,6 +56,7 @@ pub fn message_of(op: Op) -> Option<NewMessage> {
             payload,
             dedup_id,
             deliver_at,
+            early: _,
         } => Some(NewMessage {
             subtopic,
             partition_key: key.map(Bytes::from),
@@ -68,9 +69,10 @@ pub fn message_of(op: Op) -> Option<NewMessage> {
     }
 }
 
-/// The produce entry of a message.
-pub fn op_of(msg: NewMessage) -> Op {
+/// The produce entry of a message; `early` as [`Op::Produce`] says.
+pub fn op_of(msg: NewMessage, early: Option<u64>) -> Op {
     Op::Produce {
+        early,
         subtopic: msg.subtopic,
         key: msg.partition_key.map(|b| b.to_vec()),
         headers: msg.headers.to_vec(),

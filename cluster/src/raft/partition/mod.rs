@@ -50,6 +50,7 @@ pub struct PartitionRaft {
     pub id: GroupId,
     me: NodeId,
     raft: openraft::Raft<PartConfig>,
+    early: log::EarlyWaiters,
 }
 
 /// Why a proposal could not be made here.
@@ -76,6 +77,7 @@ impl PartitionRaft {
         let replicas = &replicas.members;
         let name = format!("p.{}.{}", id.queue, id.partition);
         let log = PartLog::open(storage, &name)?;
+        let early = log.early_waiters();
         let machine = PartMachine::new(queue, id.partition);
         let config = Config {
             cluster_name: format!("roost-{id}"),
@@ -118,7 +120,12 @@ impl PartitionRaft {
                 }
             });
         }
-        Ok(PartitionRaft { id, me, raft })
+        Ok(PartitionRaft {
+            id,
+            me,
+            raft,
+            early,
+        })
     }
 
     /// The leader as this replica knows it.
@@ -180,10 +187,41 @@ impl PartitionRaft {
         });
     }
 
-    /// Commits `op` if this replica leads.
+    /// Commits `op` if this replica leads. A produce with a request id
+    /// (`ack_mode = "leader"`, see [`Op::Produce`]) is answered as soon as this node's
+    /// log has it on disk, commit or not.
     pub async fn propose_here(&self, op: Op) -> Result<OpOutcome, NotHere> {
-        self.raft
-            .client_write(op)
+        let early = match &op {
+            Op::Produce { early: Some(r), .. } => Some(*r),
+            _ => None,
+        };
+        let Some(r) = early else {
+            return self.write(op).await;
+        };
+        let (tx, on_disk) = tokio::sync::oneshot::channel();
+        self.early.lock().insert(r, tx);
+        let raft = self.raft.clone();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        // The commit goes on after the answer; its outcome is only needed when it comes
+        // first (not the leader, or the write failed).
+        tokio::spawn(async move {
+            let _ = done_tx.send(Self::write_with(&raft, op).await);
+        });
+        let outcome = tokio::select! {
+            Ok(k) = on_disk => Ok(OpOutcome::Produced(k)),
+            Ok(result) = done => result,
+            else => Err(NotHere::Failed("the partition's Raft stopped".into())),
+        };
+        self.early.lock().remove(&r);
+        outcome
+    }
+
+    async fn write(&self, op: Op) -> Result<OpOutcome, NotHere> {
+        Self::write_with(&self.raft, op).await
+    }
+
+    async fn write_with(raft: &openraft::Raft<PartConfig>, op: Op) -> Result<OpOutcome, NotHere> {
+        raft.client_write(op)
             .await
             .map(|r| r.data)
             .map_err(|e| match e {

@@ -44,6 +44,11 @@ pub enum Op {
         dedup_id: Option<Vec<u8>>,
         /// Delivery time.
         deliver_at: Option<u64>,
+        /// Set under `ack_mode = "leader"`: a request id, and the proposal is answered
+        /// once the leader's own log has the entry on disk instead of once a majority
+        /// has it (absent in entries of older versions).
+        #[serde(default)]
+        early: Option<u64>,
     },
     /// Group (`group`, `filter`) settled these offsets.
     Settle {
