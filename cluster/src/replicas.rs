@@ -141,6 +141,11 @@ impl Replicas {
         });
     }
 
+    /// fdatasync durations of the partitions' Raft logs (one storage for all).
+    pub fn sync_latency(&self) -> &roost_storage::latency::SyncLatency {
+        self.storage.sync_latency()
+    }
+
     /// Proposes where `queue`'s partitions live (the first proposal for a queue wins).
     async fn place(&self, queue: &str, config: QueueConfig, factor: u32) {
         let partitions = config.partitions;

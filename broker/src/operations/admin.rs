@@ -673,6 +673,16 @@ fn render_cluster_metrics(c: &roost_cluster::Cluster) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
     }
+    let name = "roost_cluster_partition_fsync_seconds";
+    out.push_str(&format!(
+        "# HELP {name} Duration of fdatasync calls of the replicated partitions' Raft logs (one per commit round of all partitions).\n# TYPE {name} histogram\n"
+    ));
+    render_histogram(
+        name,
+        "store=\"partitions\"",
+        &c.node.replicas.sync_latency().snapshot(),
+        &mut out,
+    );
     out
 }
 
