@@ -49,6 +49,10 @@ class PacedProducer:
         self._sender.start()
         return self
 
+    def halt(self):
+        """Stops sending (see stop())."""
+        self._stop.set()
+
     def stop(self, drain=5.0):
         """Stops sending and waits up to `drain` s for the PUBACKs still due."""
         self._stop.set()
