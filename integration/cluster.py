@@ -17,9 +17,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from broker import Broker, accepts, free_port, roost_binary
 
@@ -60,7 +62,7 @@ class Node(Broker):
     """One cluster node: a Broker with a cluster listener and an admin API."""
 
     def __init__(self, node_id, host, cluster_port, peers, ns=None, name="roost", join=False,
-                 token=True):
+                 token=True, settings=None):
         super().__init__({})
         self.node_id = node_id
         self.host = host
@@ -78,7 +80,8 @@ class Node(Broker):
         if ns is not None:
             # The `[cluster]` table of the config file...
             self.config["cluster"] = {"node_id": node_id, "bind": self.cluster_addr,
-                                      "peers": peers, "name": name, "join": join}
+                                      "peers": peers, "name": name, "join": join,
+                                      **(settings or {})}
             self.flags = []
         else:
             # ... or the flags (both are the contract).
@@ -86,6 +89,10 @@ class Node(Broker):
                           "--cluster-peers", ",".join(peers), "--cluster-name", name]
             if join:
                 self.flags.append("--cluster-join")
+            if settings:
+                # Keys without a flag go in a `[cluster]` table; the flags fill in the rest.
+                self.config["cluster"] = {"node_id": node_id, "bind": self.cluster_addr,
+                                          **settings}
 
     def command(self):
         cmd = super().command() + self.flags
@@ -118,12 +125,14 @@ class Node(Broker):
 
 
 class Cluster:
-    """`n` nodes, started together; `netns=True` puts each in its own namespace."""
+    """`n` nodes, started together; `netns=True` puts each in its own namespace;
+    `settings`: more keys of every node's `[cluster]` table."""
 
-    def __init__(self, n, netns=False, token=True):
+    def __init__(self, n, netns=False, token=True, settings=None):
         self.netns = netns
         self.nodes: dict[int, Node] = {}
         self.cuts: list[tuple[str, str]] = []
+        self.delayers: dict[int, subprocess.Popen] = {}
         tag = (os.getpid() * 7 + next(_instances)) % 100000
         if netns:
             if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -151,7 +160,7 @@ class Cluster:
         peers = [f"{i}@{h}:{p}" for i, (h, p, _) in hosts.items()]
         self.peers = peers
         for i, (h, p, ns) in hosts.items():
-            self.nodes[i] = Node(i, h, p, peers, ns=ns, token=token or netns)
+            self.nodes[i] = Node(i, h, p, peers, ns=ns, token=token or netns, settings=settings)
 
     def __getitem__(self, i) -> Node:
         return self.nodes[i]
@@ -237,12 +246,50 @@ class Cluster:
                     _ip("-n", ns, "route", "add", "prohibit", f"{self.nodes[y].host}/32")
                     self.cuts.append((ns, f"{self.nodes[y].host}/32"))
 
+    def slow(self, node_id, delay_ms):
+        """What node `node_id` sends on cluster links (to or from a cluster port) is
+        delayed by `delay_ms`: its round trip to every other node grows by that much.
+        `netdelay.py` does it (this kernel has no `tc netem`)."""
+        assert self.netns
+        node = self.nodes[node_id]
+        proc = self.delayers.get(node_id)
+        if proc is None:
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("netdelay.py")), node.ns,
+                 f"{self.tag}v{node_id}", self.bridge, str(node.cluster_port)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True)
+            self.delayers[node_id] = proc
+            if proc.stdout.readline().strip() != "ready":
+                proc.stdin.close()
+                raise RuntimeError(f"netdelay.py: {proc.stderr.read()}")
+        proc.stdin.write(f"delay {delay_ms}\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ok"
+
+    def unslow(self, node_id):
+        """Node `node_id`'s cluster traffic takes the direct path again (what was held
+        goes out first)."""
+        proc = self.delayers.pop(node_id, None)
+        if proc is None:
+            return
+        proc.stdin.write("delay 0\n")
+        proc.stdin.flush()
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def heal(self):
         for ns, dst in self.cuts:
             _ip("-n", ns, "route", "del", "prohibit", dst, check=False)
         self.cuts.clear()
 
     def cleanup(self):
+        for node_id in list(self.delayers):
+            self.unslow(node_id)
         for node in self.nodes.values():
             node.cleanup()
         if self.netns:

@@ -5,6 +5,10 @@ another node produces without pause (QoS 1, MQTT 5, one message in flight), over
 several kills (each killed node is restarted before the next). Nodes run in network
 namespaces (root), on the release binary unless ROOST_BIN says otherwise.
 
+Leaders do not move back to a node that restarts, so after a few kills one node leads
+every partition: the victim is whichever node leads most now (any of the three), and
+the producer connects to the lowest-numbered other node.
+
     sudo python3 scripts/queue_failover.py [RUNS]
 
 Per kill it prints: the time until every partition the victim led has a new leader
@@ -44,9 +48,9 @@ def main():
         for run in range(runs):
             c.wait_stable(among=[1, 2, 3])
             led = leaders(c[1], q)
-            counts = {n: list(led.values()).count(n) for n in (2, 3)}
+            counts = {n: list(led.values()).count(n) for n in (1, 2, 3)}
             victim = max(counts, key=counts.get)
-            survivor = 1
+            survivor = min(n for n in (1, 2, 3) if n != victim)
             acks, refused, stop = [], [0], threading.Event()
 
             def producer():

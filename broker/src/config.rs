@@ -159,10 +159,20 @@ pub struct ClusterTable {
     /// instead of forming a cluster with `peers`.
     #[serde(default)]
     pub join: bool,
+    /// A replica of a queue partition is in sync (`in_sync` in the queue's placement)
+    /// while it lags the partition's leader by at most this many milliseconds: it has
+    /// every entry the leader had that long ago and answered the leader within it.
+    /// At least twice the partitions' heartbeat interval (100 ms).
+    #[serde(default = "default_in_sync_lag_ms")]
+    pub in_sync_lag_ms: u64,
 }
 
 fn default_cluster_name() -> String {
     "roost".into()
+}
+
+fn default_in_sync_lag_ms() -> u64 {
+    roost_cluster::DEFAULT_IN_SYNC_LAG_MS
 }
 
 impl ClusterTable {
@@ -179,13 +189,26 @@ impl ClusterTable {
                 format!("does not name this node (node_id {})", self.node_id),
             ));
         }
+        let timing = roost_cluster::Timing::default();
+        if self.in_sync_lag_ms < 2 * timing.heartbeat_ms {
+            return Err(invalid(
+                "cluster.in_sync_lag_ms",
+                format!(
+                    "must be at least {} (twice the heartbeat interval: an idle replica answers once per heartbeat)",
+                    2 * timing.heartbeat_ms
+                ),
+            ));
+        }
         Ok(roost_cluster::ClusterConfig {
             node_id: self.node_id,
             bind: self.bind,
             peers,
             name: self.name.clone(),
             join: self.join,
-            timing: roost_cluster::Timing::default(),
+            timing: roost_cluster::Timing {
+                in_sync_lag_ms: self.in_sync_lag_ms,
+                ..timing
+            },
         })
     }
 }
@@ -561,6 +584,7 @@ impl Config {
                 peers: Vec::new(),
                 name: default_cluster_name(),
                 join: false,
+                in_sync_lag_ms: default_in_sync_lag_ms(),
             });
             if let Some(id) = cli.node_id {
                 table.node_id = id;
@@ -911,6 +935,7 @@ mod tests {
                         peers: Vec::new(),
                         name: default_cluster_name(),
                         join: false,
+                        in_sync_lag_ms: default_in_sync_lag_ms(),
                     })
                     .expect("json"),
                     "cluster.",
@@ -1322,5 +1347,34 @@ mod tests {
         assert_eq!(c.engine.max_queued_messages, 9);
         assert_eq!(c.bind, vec![SocketAddr::from(([127, 0, 0, 1], 1))]);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// `in_sync_lag_ms` reaches the cluster's timing; below twice the heartbeat it is
+    /// refused (every idle replica would flap in and out of sync).
+    #[test]
+    fn cluster_in_sync_lag_is_checked_and_passed_on() {
+        let base = "[cluster]\nnode_id = 1\nbind = \"127.0.0.1:7000\"\n";
+        let c = Config::from_toml(base).expect("parses");
+        let timing = c
+            .cluster
+            .expect("cluster")
+            .to_cluster_config()
+            .expect("valid")
+            .timing;
+        assert_eq!(timing.in_sync_lag_ms, roost_cluster::DEFAULT_IN_SYNC_LAG_MS);
+        let c = Config::from_toml(&format!("{base}in_sync_lag_ms = 250\n")).expect("parses");
+        let timing = c
+            .cluster
+            .expect("cluster")
+            .to_cluster_config()
+            .expect("valid")
+            .timing;
+        assert_eq!(timing.in_sync_lag_ms, 250);
+        for bad in ["0", "99"] {
+            let e =
+                Config::from_toml(&format!("{base}in_sync_lag_ms = {bad}\n")).expect_err("refused");
+            assert!(e.to_string().contains("cluster.in_sync_lag_ms"), "{e}");
+        }
+        assert!(Config::from_toml(&format!("{base}in_sync_lag_ms = -1\n")).is_err());
     }
 }

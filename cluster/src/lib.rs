@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 
 pub use consensus::Unavailable;
 pub use node::{Node, Status};
-pub use raft::Timing;
+pub use raft::{DEFAULT_IN_SYNC_LAG_MS, Timing};
 pub use request::MemberChange;
 
 /// How this node takes part in a cluster.
@@ -135,6 +135,7 @@ impl Cluster {
             raft::partition::PartTiming {
                 heartbeat_ms: config.timing.heartbeat_ms,
                 election_ms: (config.timing.election_min_ms, config.timing.election_max_ms),
+                in_sync_lag: std::time::Duration::from_millis(config.timing.in_sync_lag_ms),
             },
         )?;
         let node = Node::new(

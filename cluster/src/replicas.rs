@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::consensus::Consensus;
 use crate::consumers::Consumers;
 use crate::link::Links;
+use crate::raft::partition::lag::Lag;
 use crate::raft::partition::machine::op_of;
 use crate::raft::partition::types::{GroupId, Op, OpOutcome};
 use crate::raft::partition::{NotHere, PartRpc, PartTiming, PartitionRaft};
@@ -38,6 +39,9 @@ use crate::request::Request;
 pub const DEFAULT_REPLICATION: u32 = 3;
 /// How long a produce or settle may take to commit before it is refused.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a node waits for a partition's leader to say how far behind its replicas
+/// are (for `GET /api/v1/queues/{name}`).
+const LAGS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Where a partition lives and who leads it (`GET /api/v1/queues/{name}`).
 #[derive(Debug, Clone, Serialize)]
@@ -48,9 +52,13 @@ pub struct PartitionPlacement {
     pub leader: Option<NodeId>,
     /// Its replicas.
     pub replicas: Vec<NodeId>,
-    /// The replicas whose log is current (as the leader sees it when this node leads;
-    /// elsewhere the replicas this node is linked to).
+    /// The replicas in sync with the leader: those whose lag is at most the cluster's
+    /// `in_sync_lag_ms` (the leader included). The leader's view, asked over the link
+    /// when another node leads; empty when no leader answers.
     pub in_sync: Vec<NodeId>,
+    /// How far behind the leader each replica is, in ms (`None`: more than
+    /// `in_sync_lag_ms`); the leader's view, empty when no leader answers.
+    pub lag_ms: BTreeMap<NodeId, Option<u64>>,
     /// The offset the next message gets in this node's copy of the partition (equal on
     /// every replica once they have applied the same log).
     pub local_end: Option<u64>,
@@ -404,9 +412,28 @@ impl Replicas {
     }
 
     /// Where `queue`'s partitions live, if it is replicated.
-    pub fn placement(&self, queue: &str) -> Option<Vec<PartitionPlacement>> {
+    pub async fn placement(self: &Arc<Self>, queue: &str) -> Option<Vec<PartitionPlacement>> {
         let placement = self.consensus.state().placement(queue)?;
         let local = self.queues.get(queue);
+        let mut asked = tokio::task::JoinSet::new();
+        for (p, replicas) in placement.iter().enumerate() {
+            let me = self.clone();
+            let id = GroupId {
+                queue: queue.to_owned(),
+                partition: p as u32,
+            };
+            let replicas = replicas.clone();
+            asked.spawn(async move {
+                let lags = me.leader_lags(&id, &replicas).await;
+                (id.partition, lags)
+            });
+        }
+        let mut lags: BTreeMap<u32, Vec<Lag>> = BTreeMap::new();
+        while let Some(answer) = asked.join_next().await {
+            if let Ok((p, l)) = answer {
+                lags.insert(p, l);
+            }
+        }
         Some(
             placement
                 .into_iter()
@@ -416,26 +443,63 @@ impl Replicas {
                         queue: queue.to_owned(),
                         partition: p as u32,
                     };
-                    let g = self.group(&id);
-                    let leader = g.as_ref().and_then(|g| g.leader());
-                    let in_sync = match &g {
-                        Some(g) if g.is_leader() => g.in_sync(1000),
-                        _ => replicas
-                            .iter()
-                            .copied()
-                            .filter(|&r| r == self.me || self.links.is_up(r))
-                            .collect(),
-                    };
+                    let lags = lags.remove(&id.partition).unwrap_or_default();
                     PartitionPlacement {
                         partition: p as u32,
-                        leader,
+                        leader: self.group(&id).and_then(|g| g.leader()),
                         replicas,
-                        in_sync,
+                        in_sync: lags
+                            .iter()
+                            .filter(|l| l.in_sync())
+                            .map(|l| l.replica)
+                            .collect(),
+                        lag_ms: lags
+                            .iter()
+                            .map(|l| (l.replica, l.lag.map(|d| d.as_millis() as u64)))
+                            .collect(),
                         local_end: local.as_ref().and_then(|q| q.next_offset(p as u32)),
                     }
                 })
                 .collect(),
         )
+    }
+
+    /// The lag of each replica of partition `id` as its leader sees it: this node's
+    /// own view when it leads, else the answer of the leader it knows (or of the first
+    /// of `replicas` that leads, on a node that holds no replica); empty when no leader
+    /// answers in time.
+    async fn leader_lags(&self, id: &GroupId, replicas: &[NodeId]) -> Vec<Lag> {
+        let g = self.group(id);
+        if let Some(g) = &g
+            && g.is_leader()
+        {
+            return g.lags();
+        }
+        let asked: Vec<NodeId> = match g.as_ref().map(|g| g.leader()) {
+            Some(Some(leader)) => vec![leader],
+            Some(None) => Vec::new(),
+            None => replicas.to_vec(),
+        };
+        for target in asked.into_iter().filter(|&t| t != self.me) {
+            let request = Request::Part {
+                group: id.clone(),
+                rpc: PartRpc::Lags,
+            };
+            let Ok(body) = serde_json::to_vec(&request) else {
+                return Vec::new();
+            };
+            let answer = self
+                .links
+                .request(target, Bytes::from(body), LAGS_TIMEOUT)
+                .await;
+            if let Ok(lags) = answer.map(|a| serde_json::from_slice::<Vec<Lag>>(&a))
+                && let Ok(lags) = lags
+                && !lags.is_empty()
+            {
+                return lags;
+            }
+        }
+        Vec::new()
     }
 
     /// Stops every group (at shutdown).

@@ -458,10 +458,10 @@ async fn handle(api: &Api, request: &Request) -> Response {
         ("GET", Route::Queue(name)) => match broker.queues.get(&name) {
             Some(q) => {
                 let mut v = queue_json(&q.info());
-                let placement = api
-                    .cluster
-                    .as_ref()
-                    .and_then(|c| c.node.replicas.placement(&name));
+                let placement = match api.cluster.as_ref() {
+                    Some(c) => c.node.replicas.placement(&name).await,
+                    None => None,
+                };
                 if let (Some(p), Some(obj)) = (placement, v.as_object_mut()) {
                     obj.insert("placement".into(), json!(p));
                 }

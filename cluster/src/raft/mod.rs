@@ -34,7 +34,10 @@ use network::Network;
 use state::{Applied, ControlState, StateMachine};
 use types::{Command, NodeId, Outcome, TypeConfig};
 
-/// Election timing (milliseconds).
+/// The default of [`Timing::in_sync_lag_ms`].
+pub const DEFAULT_IN_SYNC_LAG_MS: u64 = 1000;
+
+/// Timing of the control plane and the partition groups (milliseconds).
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     /// Leader heartbeat interval.
@@ -45,6 +48,10 @@ pub struct Timing {
     pub election_max_ms: u64,
     /// How long a write may take before it is refused.
     pub write_timeout: Duration,
+    /// A replica of a queue partition is in sync while it lags its leader by at most
+    /// this: it has every entry the leader had this long ago and answered it within
+    /// this long (see `partition::lag`).
+    pub in_sync_lag_ms: u64,
 }
 
 impl Default for Timing {
@@ -54,6 +61,7 @@ impl Default for Timing {
             election_min_ms: 120,
             election_max_ms: 200,
             write_timeout: Duration::from_secs(2),
+            in_sync_lag_ms: DEFAULT_IN_SYNC_LAG_MS,
         }
     }
 }

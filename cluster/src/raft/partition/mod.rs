@@ -1,17 +1,19 @@
 //! One openraft group per replicated queue partition ("cluster II"), over the
 //! partition logs of [`log`] (one [`Storage`] per node: one group commit for all) and
 //! the node-to-node links ([`network`]). The group's state machine is the partition
-//! of the node's own queue ([`machine`]). Everything here names openraft; the rest of
-//! the cluster uses [`PartitionRaft`].
+//! of the node's own queue ([`machine`]). The leader measures how far behind each
+//! replica is ([`lag`]). Everything here names openraft; the rest of the cluster uses
+//! [`PartitionRaft`].
 
+pub mod lag;
 pub mod log;
 pub mod machine;
 pub mod network;
 pub mod types;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openraft::error::{ClientWriteError, RaftError};
@@ -21,19 +23,22 @@ use roost_storage::Storage;
 
 use crate::link::Links;
 use crate::raft::types::NodeId;
+use lag::{Lag, ReplicaLag};
 use log::PartLog;
 use machine::PartMachine;
 use network::PartNetwork;
 pub use types::PartRpc;
 use types::{GroupId, Op, OpOutcome, PartConfig};
 
-/// Election timing of partition groups.
+/// Timing of partition groups.
 #[derive(Debug, Clone, Copy)]
 pub struct PartTiming {
     /// Heartbeat interval (ms).
     pub heartbeat_ms: u64,
     /// Election timeout range (ms).
     pub election_ms: (u64, u64),
+    /// A replica is in sync while it lags its leader by at most this (see [`lag`]).
+    pub in_sync_lag: Duration,
 }
 
 /// The replicas of a partition as the placement names them.
@@ -51,6 +56,7 @@ pub struct PartitionRaft {
     me: NodeId,
     raft: openraft::Raft<PartConfig>,
     early: log::EarlyWaiters,
+    lag: Arc<ReplicaLag>,
 }
 
 /// Why a proposal could not be made here.
@@ -89,13 +95,16 @@ impl PartitionRaft {
         }
         .validate()
         .map_err(|e| format!("partition {id} settings: {e}"))?;
+        let lag = Arc::new(ReplicaLag::new(timing.in_sync_lag));
         let network = PartNetwork {
             links,
             group: id.clone(),
+            lag: lag.clone(),
         };
         let raft = openraft::Raft::new(me, Arc::new(config), network, log, machine)
             .await
             .map_err(|e| format!("cannot start partition {id}: {e}"))?;
+        watch_log_end(&raft, me, lag.clone());
         if !raft.is_initialized().await.unwrap_or(true) {
             let members: BTreeMap<NodeId, BasicNode> = replicas
                 .iter()
@@ -125,6 +134,7 @@ impl PartitionRaft {
             me,
             raft,
             early,
+            lag,
         })
     }
 
@@ -149,21 +159,19 @@ impl PartitionRaft {
             .collect()
     }
 
-    /// On the leader: the replicas whose log is within `slack` entries of its own
-    /// (the leader included). Elsewhere: empty.
-    pub fn in_sync(&self, slack: u64) -> Vec<NodeId> {
+    /// On the leader: how far behind each replica is (the leader included, at zero;
+    /// see [`lag`]). Elsewhere: empty.
+    pub fn lags(&self) -> Vec<Lag> {
         let m = self.raft.metrics().borrow().clone();
         let Some(replication) = m.replication.as_ref() else {
             return Vec::new();
         };
-        let last = m.last_log_index.unwrap_or(0);
-        let mut ids: BTreeSet<NodeId> = replication
+        let end = m.last_log_index.map_or(0, |i| i + 1);
+        let matched: BTreeMap<NodeId, u64> = replication
             .iter()
-            .filter(|(_, matched)| matched.map_or(0, |l| l.index) + slack >= last)
-            .map(|(id, _)| *id)
+            .map(|(id, matched)| (*id, matched.map_or(0, |l| l.index + 1)))
             .collect();
-        ids.insert(self.me);
-        ids.into_iter().collect()
+        self.lag.lags(self.me, end, &matched, Instant::now())
     }
 
     /// Tells `f` whether this replica leads, now and on every change, until the group
@@ -243,6 +251,7 @@ impl PartitionRaft {
                 Err(NotHere::Leader(l)) => Err(format!("not the leader (leader: {l:?})")),
                 Err(NotHere::Failed(why)) => Err(why),
             },
+            PartRpc::Lags => json(&self.lags()),
         }
     }
 
@@ -255,6 +264,29 @@ impl PartitionRaft {
     pub async fn shut_down(&self) {
         let _ = self.raft.shutdown().await;
     }
+}
+
+/// Tells `lag` of every change of whether `me` leads and where its log ends, until the
+/// group stops.
+fn watch_log_end(raft: &openraft::Raft<PartConfig>, me: NodeId, lag: Arc<ReplicaLag>) {
+    let mut rx = raft.metrics();
+    tokio::spawn(async move {
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                let end = m.last_log_index.map_or(0, |i| i + 1);
+                lag.observe(
+                    m.current_leader == Some(me),
+                    m.current_term,
+                    end,
+                    Instant::now(),
+                );
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 fn json<T: serde::Serialize>(t: &T) -> Result<Bytes, String> {

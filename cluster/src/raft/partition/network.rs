@@ -1,7 +1,7 @@
 //! A partition's Raft messages over the node-to-node links ([`Request::Part`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError};
@@ -13,6 +13,7 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 
+use super::lag::ReplicaLag;
 use super::types::{GroupId, PartConfig, PartRpc};
 use crate::link::Links;
 use crate::raft::types::NodeId;
@@ -22,6 +23,8 @@ use crate::request::Request;
 pub struct PartNetwork {
     pub(super) links: Arc<Links>,
     pub(super) group: GroupId,
+    /// Told when each replica answers (see [`ReplicaLag`]).
+    pub(super) lag: Arc<ReplicaLag>,
 }
 
 /// openraft's handle to one replica of a partition.
@@ -29,6 +32,7 @@ pub struct PartPeer {
     links: Arc<Links>,
     group: GroupId,
     target: NodeId,
+    lag: Arc<ReplicaLag>,
 }
 
 impl RaftNetworkFactory<PartConfig> for PartNetwork {
@@ -39,6 +43,7 @@ impl RaftNetworkFactory<PartConfig> for PartNetwork {
             links: self.links.clone(),
             group: self.group.clone(),
             target,
+            lag: self.lag.clone(),
         }
     }
 }
@@ -75,7 +80,11 @@ impl RaftNetwork<PartConfig> for PartPeer {
         rpc: AppendEntriesRequest<PartConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(PartRpc::Append(rpc), option.hard_ttl()).await
+        let answer = self.call(PartRpc::Append(rpc), option.hard_ttl()).await;
+        if answer.is_ok() {
+            self.lag.answered(self.target, Instant::now());
+        }
+        answer
     }
 
     async fn install_snapshot(

@@ -90,4 +90,7 @@ pub enum PartRpc {
     Snapshot(InstallSnapshotRequest<PartConfig>),
     /// To the leader: commit this (answer: the JSON [`OpOutcome`]).
     Propose(Op),
+    /// To the leader: how far behind each replica is (answer: the JSON list of
+    /// [`super::lag::Lag`]; empty from a replica that does not lead).
+    Lags,
 }
