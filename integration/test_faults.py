@@ -536,6 +536,173 @@ def test_full_disk_under_the_session_store_refuses_new_state_and_resumes_by_itse
         b.cleanup()
 
 
+@pytest.mark.skipif(not is_root(), reason="mounting a small tmpfs to fill needs root")
+@pytest.mark.timeout(120)
+def test_session_store_stopped_by_a_disk_the_queue_store_filled_reopens_by_itself():
+    """The queue store and the session store share a 64 MiB tmpfs. The queue store
+    fills it down to its own 4 MiB reserve; a filler takes the rest but for ~150 KiB,
+    so that the session store's journal still takes a round (its reserves are set to
+    0 by ROOST_TEST_STATE_RESERVE_BYTES, as if a compaction needed more than them) but
+    the flush of the memtable that round fills cannot be written: fjall poisons the
+    database. Before this was handled, the session store was read-only until a
+    restart. Now /ready says it stopped, new state is refused, and when space returns
+    it reopens the database by itself: new persistent sessions and retained messages
+    are accepted again and survive a restart; nothing acknowledged before is lost."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    admin = free_port()
+    b = Broker({"admin_bind": [f"127.0.0.1:{admin}"], "log_level": "info",
+                "storage": {"durability": "fsync"}})
+    b.env = {"ROOST_TEST_STATE_RESERVE_BYTES": "0"}
+    data = b.dir / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)], check=True)
+    try:
+        room = data / "room"
+        room.write_bytes(b"\0" * (24 * MIB))  # given back later
+        b.start()
+
+        def ready():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        tag = uuid.uuid4().hex[:6]
+        topic = f"s/{tag}"
+        away = w.RawClient(b.host, b.port, 4)
+        away.connect(f"away-{tag}", clean=False)
+        assert away.subscribe(topic, qos=1).rcs == [1]
+        away.disconnect()
+        pub = w.RawClient(b.host, b.port, 5)
+        pub.connect(f"pub-{tag}")
+        pid = 0
+
+        def send(t, payload, retain=False, client=None):
+            nonlocal pid
+            c = client or pub
+            pid += 1
+            c.publish(t, payload, qos=1, pid=pid, retain=retain)
+            ack = c.expect(w.PUBACK, timeout=10)
+            assert ack.pid == pid
+            return ack.rc or 0
+
+        expected = []  # what `away` must get
+        for i in range(3):
+            assert send(topic, b"before-%d" % i) == 0
+            expected.append(b"before-%d" % i)
+        # Two retained messages of 100 KiB: the retained keyspace's memtable is now
+        # most of its 256 KiB.
+        retained = {}
+        for name in ("warm-0", "warm-1"):
+            body = name.encode() + os.urandom(100 * 1024)
+            assert send(f"r/{tag}/{name}", body, retain=True) == 0
+            retained[name] = body
+        assert ready()[0] == 200
+
+        # The queue store fills the disk down to its reserve.
+        q = f"fill{tag}"
+        chunk = os.urandom(64 * 1024)
+        for i in range(1, 1000):
+            if send(f"$queue/{q}", b"%05d:" % i + chunk) != 0:
+                break
+        else:
+            raise AssertionError("the queue store never refused")
+        status, body = ready()
+        assert status == 503 and "queue storage" in body, body
+        # Another writer takes what is left but ~150 KiB: a round of the session
+        # store's journal fits, the flush of the memtable it fills does not.
+        tight = _fill_to(data, "tight", 150 * 1024)
+        last = b"last" + os.urandom(100 * 1024)
+        pid += 1
+        pub.publish(f"r/{tag}/last", last, qos=1, pid=pid, retain=True)
+        p = pub.recv(10)
+        if p is not None and p.type == w.PUBACK and not p.rc:
+            retained["last"] = last  # stored before the poison was seen: acknowledged
+        else:
+            # Refused (0x97), or its round failed and the connection was closed
+            # without an acknowledgement (DISCONNECT 0x97).
+            assert p is not None and p.type in (w.PUBACK, w.DISCONNECT) and p.rc == 0x97, p
+            if p.type == w.DISCONNECT:
+                pub = None
+        deadline = time.monotonic() + 10
+        while "stopped by a full disk" not in ready()[1]:
+            assert time.monotonic() < deadline, ready()
+            time.sleep(0.1)
+        status, body = ready()
+        assert status == 503 and "read-only" not in body, body
+
+        # While it is stopped: new state is refused, nothing is acknowledged.
+        newcomer = w.RawClient(b.host, b.port, 5)
+        newcomer.connect(f"newcomer-{tag}", properties={w.SESSION_EXPIRY: 600},
+                         expect_rc=0x97)
+        if pub is None:
+            pub = w.RawClient(b.host, b.port, 5)
+            pub.connect(f"pub2-{tag}")
+        assert send(f"r/{tag}/refused", b"refused", retain=True) == 0x97
+
+        # Space returns: no restart.
+        tight.unlink()
+        room.unlink()
+        deadline = time.monotonic() + 15
+        while ready()[0] != 200:
+            assert time.monotonic() < deadline, ready()
+            time.sleep(0.1)
+        newcomer = w.RawClient(b.host, b.port, 5)
+        ack = newcomer.connect(f"newcomer-{tag}", properties={w.SESSION_EXPIRY: 600})
+        assert not ack.session_present
+        assert newcomer.subscribe(f"n/{tag}", qos=1).rcs == [1]
+        newcomer.disconnect()
+        after = b"after" + os.urandom(1024)
+        assert send(f"r/{tag}/after", after, retain=True) == 0
+        retained["after"] = after
+        assert send(topic, b"after") == 0
+        expected.append(b"after")
+
+        def check(restarted):
+            # Every acknowledged message for the away session, in order.
+            a = w.RawClient(b.host, b.port, 4)
+            assert a.connect(f"away-{tag}", clean=False).session_present
+            got = receive_publishes(a, len(expected), timeout=10)
+            assert [p.payload for p in got] == expected, restarted
+            assert a.recv(1.0) is None
+            a.disconnect()
+            # Every acknowledged retained message; the refused one is not there.
+            s = w.RawClient(b.host, b.port, 4)
+            s.connect(f"rs-{tag}-{restarted}")
+            s.subscribe(f"r/{tag}/#", qos=1)
+            got = {}
+            while (p := s.recv(1.5)) is not None:
+                if p.type == w.PUBLISH:
+                    got[p.topic.rsplit("/", 1)[1]] = p.payload
+                    s.puback(p.pid)
+            for name, body in retained.items():
+                assert got.get(name) == body, (restarted, name, sorted(got))
+            assert "refused" not in got, restarted
+            # The session that came after the reopen is stored.
+            n = w.RawClient(b.host, b.port, 5)
+            assert n.connect(f"newcomer-{tag}", clean=False,
+                             properties={w.SESSION_EXPIRY: 600}).session_present, restarted
+            n.disconnect()
+
+        check(False)
+        log = b.log_path.read_text(errors="replace")
+        assert "session store reopened" in log, b.log_tail()
+        assert "panicked" not in log and "read-only" not in log, b.log_tail()
+        # What was written after the reopen is durable: it is all there after kill -9.
+        b.kill()
+        b.start()
+        expected.clear()  # the away session's messages were delivered
+        check(True)
+    finally:
+        b.kill()
+        subprocess.run(["umount", "-l", str(data)], check=False)
+        b.cleanup()
+
+
 @pytest.mark.timeout(90)
 def test_failed_fsync_of_one_queue_fails_its_producers_and_nothing_else():
     """From when a trigger file appears, every fdatasync of queue `bad`'s partition

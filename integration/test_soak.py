@@ -35,10 +35,11 @@ def test_a_minute_of_mixed_traffic_loses_nothing_and_leaks_nothing():
     # run it moves only by the few churn connections open at a time.
     assert abs(r["end_fds"] - r["start_fds"]) <= 2, (r["start_fds"], r["end_fds"])
     assert fd_hi - fd_lo <= 8, (fd_lo, fd_hi)
-    # Memory: growth after the warm-up at most max(15%, 3 MiB). Measured 1.6 MiB here
-    # (RELIABILITY.md: RSS still creeps over 30 minutes, so this bounds the rate, it
-    # does not prove flatness). ~80,000 publishes arrive after the warm-up: a broker
-    # that leaked 48 bytes per publish grew 7 MiB and failed this test.
-    allowed = max(0.15 * warm, 3 * 1024)
+    # Memory: growth after the warm-up at most max(10%, 2 MiB). Measured 1.1 MiB here
+    # (12.3 -> 13.4 MiB): the session store's five 256 KiB memtables are still filling
+    # in the first 90 s; over 30 minutes RSS is flat within 2.3% after the warm-up
+    # (RELIABILITY.md). ~80,000 publishes arrive after the warm-up: a broker that
+    # leaked 48 bytes per publish grew 7 MiB and failed this test (with 3 MiB allowed).
+    allowed = max(0.10 * warm, 2 * 1024)
     assert peak - warm <= allowed, (
         f"RSS grew from {warm} KiB after the warm-up to {peak} KiB (allowed {allowed:.0f})")

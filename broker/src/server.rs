@@ -179,10 +179,21 @@ pub async fn run(
         admin_listeners.push(listener);
     }
     let state_dir = config.data_dir.join("state");
-    let (store, loaded) = Store::open(
+    // Fault injection for tests, never set in normal operation: the session store's
+    // free-space reserves in bytes, so that it writes until the disk is really full.
+    let state_reserve = std::env::var("ROOST_TEST_STATE_RESERVE_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(bytes) = state_reserve {
+        warn!(
+            "ROOST_TEST_STATE_RESERVE_BYTES: the session store's reserves are {bytes} bytes (fault injection)"
+        );
+    }
+    let (store, loaded) = Store::open_with_reserve(
         &state_dir,
         config.storage.durability,
         Duration::from_millis(config.storage.sync_interval_ms),
+        state_reserve,
     )
     .map_err(|source| StartError::SessionStore {
         dir: state_dir.clone(),

@@ -17,8 +17,9 @@
 //! atomic batch (write(2) to the journal), then, in `fsync` mode, one `fdatasync`, and
 //! only then resolves the [`Ticket`]s. A connection sends no acknowledgement before its
 //! ticket resolves, so whatever a client was told is stored survives `kill -9` (both
-//! modes) and power loss (`fsync` mode). A failed write or sync is fatal to the store:
-//! every later ticket fails, and connections waiting on it are closed without their acks.
+//! modes) and power loss (`fsync` mode). A failed write or sync is fatal to the store
+//! (but for a lack of space, below): every later ticket fails, and connections waiting
+//! on it are closed without their acks.
 //!
 //! A full disk is not a failed write: the writer checks free space (statvfs) before
 //! each round, with two reserves ([`roost_storage::space::SpaceGuard`], the queue
@@ -28,7 +29,9 @@
 //! (session records, deletions) still goes through. A round that would leave less than
 //! [`HARD_RESERVE`] is not written at all: its tickets fail with
 //! [`StoreError::NoSpace`] and the store stays writable. The hard reserve is the room
-//! fjall needs to flush every memtable (a failed flush would poison the database).
+//! fjall needs to flush its memtables and compact (a failed flush poisons the
+//! database; if one fails anyway, the writer reopens the database once there is room
+//! again, see [`Db`]).
 //! An idle writer looks again every sync interval, and every [`SHORT_RECHECK`] while
 //! short, so the store notices a disk filled by others and writes resume by
 //! themselves once space returns.
@@ -60,17 +63,28 @@ pub enum Durability {
 }
 
 /// Largest memtable of a keyspace before it is flushed to disk.
-const MEMTABLE_BYTES: u64 = 2 << 20;
+///
+/// A memtable is heap that grows with every write since its last flush, rewrites of
+/// the same key included (each version is kept until the flush): the session records
+/// of a few persistent sessions that come and go grow it by ~1 KiB per reconnect.
+/// Sized so that the five together (~2 MiB of heap with the skiplist's overhead) fill
+/// within a minute of such traffic and then stay at that level, instead of growing the
+/// broker's RSS for half an hour (measured with heaptrack: at 2 MiB per keyspace the
+/// soak's heap grew 1 MiB/min, all of it memtables). Flushes of this size take
+/// milliseconds; the tables they make are merged by compaction.
+const MEMTABLE_BYTES: u64 = 256 << 10;
 
 /// The block cache of the store's tables.
 const CACHE_BYTES: u64 = 4 << 20;
 
-/// The store's keyspaces (each has a memtable of up to [`MEMTABLE_BYTES`]).
-const KEYSPACES: u64 = 5;
+/// Room for fjall's background work on a full disk: flushing every memtable (five of
+/// [`MEMTABLE_BYTES`]) and compacting what they made, with a margin for a store
+/// whose tables have grown (the size the reserve had when memtables were 2 MiB).
+const BACKGROUND_ROOM: u64 = 10 << 20;
 
-/// Free bytes a round must leave, or it is refused whole: room to flush every
-/// memtable, plus the queue store's reserve.
-const HARD_RESERVE: u64 = roost_storage::space::RESERVE + KEYSPACES * MEMTABLE_BYTES;
+/// Free bytes a round must leave, or it is refused whole: room for the store's
+/// background flushes and compactions, plus the queue store's reserve.
+const HARD_RESERVE: u64 = roost_storage::space::RESERVE + BACKGROUND_ROOM;
 
 /// Free bytes below which the store is short and the engine refuses new state.
 const SOFT_RESERVE: u64 = HARD_RESERVE + (8 << 20);
@@ -110,6 +124,9 @@ pub struct Store {
 struct SpaceCheck {
     soft: SpaceGuard,
     hard: SpaceGuard,
+    /// Room a broken database needs before it is reopened: the hard reserve, and
+    /// at least [`BACKGROUND_ROOM`] whatever the reserves are.
+    reopen: SpaceGuard,
     room: Arc<StoreRoom>,
 }
 
@@ -139,6 +156,16 @@ impl SpaceCheck {
 }
 
 impl Store {
+    /// [`Store::open_with_reserve`] with the usual reserves.
+    #[cfg(test)]
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        sync_interval: Duration,
+    ) -> Result<(Store, Loaded), StoreError> {
+        Self::open_with_reserve(dir, durability, sync_interval, None)
+    }
+
     /// Opens (or creates) the store in `dir` and loads its contents.
     ///
     /// A store damaged beyond what the database can open or read (a table file
@@ -147,10 +174,16 @@ impl Store {
     /// at error level, counted in `roost_storage_quarantined_total`) and roost starts
     /// with no stored sessions or retained messages. Other errors (permissions, a
     /// full disk, a lock) are returned.
-    pub fn open(
+    ///
+    /// `reserve`, when given, replaces both free-space reserves ([`HARD_RESERVE`] and
+    /// [`SOFT_RESERVE`]): for fault-injection tests (`ROOST_TEST_STATE_RESERVE_BYTES`),
+    /// which let the store write until the disk is really full and its background
+    /// work fails, as it can when a compaction needs more than the reserve.
+    pub fn open_with_reserve(
         dir: &Path,
         durability: Durability,
         sync_interval: Duration,
+        reserve: Option<u64>,
     ) -> Result<(Store, Loaded), StoreError> {
         let (spaces, loaded, quarantined) = match open_spaces(dir) {
             Ok((spaces, loaded)) => (spaces, loaded, None),
@@ -171,8 +204,12 @@ impl Store {
         let (jobs, rx) = std::sync::mpsc::channel();
         let room = Arc::new(StoreRoom::default());
         let space = SpaceCheck {
-            soft: SpaceGuard::with_reserve(dir, SOFT_RESERVE),
-            hard: SpaceGuard::with_reserve(dir, HARD_RESERVE),
+            soft: SpaceGuard::with_reserve(dir, reserve.unwrap_or(SOFT_RESERVE)),
+            hard: SpaceGuard::with_reserve(dir, reserve.unwrap_or(HARD_RESERVE)),
+            reopen: SpaceGuard::with_reserve(
+                dir,
+                reserve.unwrap_or(HARD_RESERVE).max(BACKGROUND_ROOM),
+            ),
             room: room.clone(),
         };
         // Short from the start if the disk is: the engine must know before a round.
@@ -181,11 +218,17 @@ impl Store {
         let syncs = Arc::new(SyncLatency::new());
         let writer_failed = failed.clone();
         let writer_syncs = syncs.clone();
+        let db = Db {
+            dir: dir.to_path_buf(),
+            spaces: Some(spaces),
+            broken: None,
+            next_reopen: std::time::Instant::now(),
+        };
         std::thread::Builder::new()
             .name("roost-store".into())
             .spawn(move || {
                 writer(
-                    spaces,
+                    db,
                     rx,
                     durability,
                     sync_interval,
@@ -258,14 +301,22 @@ impl SessionStore for Store {
 
 /// Opens the database and its keyspaces in `dir` and reads everything back.
 fn open_spaces(dir: &Path) -> Result<(Spaces, Loaded), fjall::Error> {
+    let spaces = open_db(dir)?;
+    let loaded = load(&spaces)?;
+    Ok((spaces, loaded))
+}
+
+/// Opens the database and its keyspaces in `dir` (replaying its journal).
+fn open_db(dir: &Path) -> Result<Spaces, fjall::Error> {
     // A block cache of 4 MiB (fjall's default is 32 MiB): the store is read whole once,
     // at start; afterwards only a departing session's keys are looked up (a prefix
     // scan), and a larger cache only grows the broker's memory as tables accrue.
     let db = Database::builder(dir).cache_size(CACHE_BYTES).open()?;
-    // Memtables of 2 MiB (fjall's default is 64 MiB per keyspace): session records
-    // are small and rewritten often (every connect and disconnect of a persistent
+    // Small memtables (fjall's default is 64 MiB per keyspace): session records are
+    // small and rewritten often (every connect and disconnect of a persistent
     // session), and a memtable is memory until it is flushed (at this size); with
-    // 8 MiB ones a 30-minute soak grew ~40 MiB before any was flushed.
+    // 8 MiB ones a 30-minute soak grew ~40 MiB before any was flushed, with 2 MiB
+    // ones still 1 MiB/min after 5 minutes ([`MEMTABLE_BYTES`]).
     let ks = |name: &str| {
         db.keyspace(name, || {
             KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
@@ -279,8 +330,7 @@ fn open_spaces(dir: &Path) -> Result<(Spaces, Loaded), fjall::Error> {
         retained: ks("retained")?,
         db,
     };
-    let loaded = load(&spaces)?;
-    Ok((spaces, loaded))
+    Ok(spaces)
 }
 
 /// Damage to the store's files, as opposed to the system refusing (I/O, a lock).
@@ -324,8 +374,116 @@ enum Space {
     Retained,
 }
 
+/// The writer thread's database: open, or closed after a full disk broke it.
+///
+/// fjall flushes memtables and compacts tables on its own threads. When one of them
+/// fails (a full disk: a compaction can need more than the store's reserve, and
+/// another writer can take the space between the writer's check and a flush), fjall
+/// poisons the whole database and every later write fails, until it is opened again.
+/// What was acknowledged is safe in its journal, which is only dropped after a
+/// successful flush, so the writer closes the database and opens it again (replaying
+/// the journal) once free space is back above [`HARD_RESERVE`] (and at least
+/// [`BACKGROUND_ROOM`]). Meanwhile the store is short (the engine refuses new state)
+/// and rounds are refused as on a full disk.
+struct Db {
+    dir: std::path::PathBuf,
+    spaces: Option<Spaces>,
+    /// Why the database is closed, while it is.
+    broken: Option<String>,
+    /// No reopen is tried before this.
+    next_reopen: std::time::Instant,
+}
+
+/// Between two failed reopens of a broken database.
+const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Db {
+    /// Closes the database after `e`, a failure for lack of space, so that it can be
+    /// opened again once there is room.
+    fn break_down(&mut self, e: &fjall::Error, space: &SpaceCheck) {
+        let why = format!(
+            "session store stopped by a full disk ({e}); it is reopened by itself when space returns"
+        );
+        tracing::warn!("{why}");
+        // Dropped now: its threads stop and its sealed memtables go (the journal keeps
+        // them).
+        self.spaces = None;
+        self.broken = Some(why.clone());
+        self.next_reopen = std::time::Instant::now();
+        space.room.set_short(Some(why));
+    }
+
+    /// Looks whether fjall's background work has poisoned the database (a flush or
+    /// compaction that failed while no round was written), so that the store is
+    /// short and reopens it when there is room, rather than finding out at the next
+    /// round. Cheap: the journal's lock and an empty buffer flush.
+    fn check_poison(&mut self, space: &SpaceCheck, failed: &AtomicBool) {
+        let Some(spaces) = &self.spaces else {
+            return;
+        };
+        if failed.load(Ordering::Acquire) {
+            return;
+        }
+        match spaces.db.persist(PersistMode::Buffer) {
+            Ok(()) => {}
+            Err(e) if is_space_fault(&e) => self.break_down(&e, space),
+            Err(e) => fail(failed, &e.to_string()),
+        }
+    }
+
+    /// Opens a broken database again if there is room for its background work.
+    /// Returns whether it is open.
+    fn reopen_if_room(&mut self, space: &SpaceCheck) -> bool {
+        if self.broken.is_none() {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        if now < self.next_reopen || space.reopen.check(0).is_some() {
+            // No room for its flushes yet: they would fail again.
+            return false;
+        }
+        // The database from before is closed (`break_down`), so its lock is free.
+        match open_db(&self.dir) {
+            Ok(spaces) => {
+                tracing::info!(
+                    "session store reopened in {}: writes resume",
+                    self.dir.display()
+                );
+                self.spaces = Some(spaces);
+                self.broken = None;
+                // Short or not by free space alone again.
+                space.room.set_short(None);
+                let _ = space.round(0);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "session store in {} could not be reopened yet: {e}",
+                    self.dir.display()
+                );
+                self.next_reopen = now + REOPEN_BACKOFF;
+                false
+            }
+        }
+    }
+}
+
+/// Whether `e` is the database failing for lack of space, which a reopen recovers
+/// from: its own write refused with ENOSPC, or the poison that a failed background
+/// flush or compaction leaves (fjall says no more than that; a full disk is how they
+/// fail while the journal writes, which are checked against the reserve, go on).
+fn is_space_fault(e: &fjall::Error) -> bool {
+    let full = |io: &std::io::Error| io.kind() == std::io::ErrorKind::StorageFull;
+    match e {
+        fjall::Error::Poisoned => true,
+        fjall::Error::Io(io) => full(io),
+        fjall::Error::Storage(fjall::LsmError::Io(io)) => full(io),
+        _ => false,
+    }
+}
+
 fn writer(
-    spaces: Spaces,
+    mut db: Db,
     rx: std::sync::mpsc::Receiver<Job>,
     durability: Durability,
     sync_interval: Duration,
@@ -345,14 +503,24 @@ fn writer(
             Ok(job) => job,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 // Space may have gone or returned with no round to notice it.
-                let _ = space.round(0);
+                db.check_poison(space, &failed);
+                if db.broken.is_none() {
+                    let _ = space.round(0);
+                } else {
+                    db.reopen_if_room(space);
+                }
                 if last_sync.elapsed() < sync_interval {
                     continue;
                 }
                 last_sync = std::time::Instant::now();
-                if dirty && !failed.load(Ordering::Acquire) {
-                    if let Err(e) = sync(&spaces, syncs) {
-                        fail(&failed, &e.to_string());
+                if let Some(spaces) = &db.spaces
+                    && dirty
+                    && !failed.load(Ordering::Acquire)
+                {
+                    match sync(spaces, syncs) {
+                        Ok(()) => {}
+                        Err(e) if is_space_fault(&e) => db.break_down(&e, space),
+                        Err(e) => fail(&failed, &e.to_string()),
                     }
                     dirty = false;
                 }
@@ -365,30 +533,51 @@ fn writer(
             jobs.push(job);
         }
         let bytes: u64 = jobs.iter().flat_map(|j| &j.ops).map(op_bytes).sum();
+        db.check_poison(space, &failed);
         let result = if failed.load(Ordering::Acquire) {
             Err(StoreError::Failed)
+        } else if !db.reopen_if_room(space) {
+            space.room.refused();
+            Err(StoreError::NoSpace(db.broken.clone().unwrap_or_default()))
         } else if let Err(why) = space.round(bytes) {
             // Nothing of the round is written; the store stays writable.
             space.room.refused();
             tracing::warn!("session store refused a round of {bytes} bytes: {why}");
             Err(StoreError::NoSpace(why))
-        } else {
+        } else if let Some(spaces) = &db.spaces {
             // A panic in the store (an assertion on a record it cannot take) fails the
             // store like an I/O error would, rather than leaving every later write
             // waiting on a dead thread.
             let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                write_jobs(&spaces, &jobs)
+                write_jobs(spaces, &jobs)
             }))
-            .unwrap_or(Err(StoreError::Failed));
+            .unwrap_or(Err(Fault::Panic));
             let r = written.and_then(|()| match durability {
-                Durability::Fsync => sync(&spaces, syncs).map_err(db_err),
+                Durability::Fsync => sync(spaces, syncs).map_err(Fault::Db),
                 Durability::Buffered => Ok(()),
             });
-            if let Err(e) = &r {
-                fail(&failed, &e.to_string());
-            }
             dirty = durability == Durability::Buffered;
-            r
+            match r {
+                Ok(()) => Ok(()),
+                Err(Fault::Db(e)) if is_space_fault(&e) => {
+                    // Not acknowledged; barriers behind it fail as behind a refusal.
+                    space.room.refused();
+                    db.break_down(&e, space);
+                    dirty = false;
+                    Err(StoreError::NoSpace(e.to_string()))
+                }
+                Err(f) => {
+                    let e = match f {
+                        Fault::Db(e) => db_err(e),
+                        Fault::Panic => StoreError::Failed,
+                    };
+                    fail(&failed, &e.to_string());
+                    Err(e)
+                }
+            }
+        } else {
+            // Unreachable: `reopen_if_room` returned true, so the database is open.
+            Err(StoreError::Failed)
         };
         let refusals = space.room.refusals();
         for job in jobs {
@@ -406,9 +595,18 @@ fn writer(
             }
         }
     }
-    if dirty {
+    if let Some(spaces) = &db.spaces
+        && dirty
+    {
         let _ = spaces.db.persist(PersistMode::SyncData);
     }
+}
+
+/// Why a round was not written.
+enum Fault {
+    Db(fjall::Error),
+    /// The store panicked on a record.
+    Panic,
 }
 
 /// True if `ops` hold a barrier that saw fewer refused rounds than `refusals`: a
@@ -451,7 +649,7 @@ fn fail(failed: &AtomicBool, why: &str) {
 /// Writes the ops of `jobs` as atomic batches. Within a batch the last write to a key
 /// wins (the journal gives all items of a batch one sequence number, so a key may
 /// appear only once).
-fn write_jobs(spaces: &Spaces, jobs: &[Job]) -> Result<(), StoreError> {
+fn write_jobs(spaces: &Spaces, jobs: &[Job]) -> Result<(), Fault> {
     let mut pending: HashMap<(Space, Vec<u8>), Option<Vec<u8>>> = HashMap::new();
     for op in jobs.iter().flat_map(|j| &j.ops) {
         match op {
@@ -469,7 +667,7 @@ fn write_jobs(spaces: &Spaces, jobs: &[Job]) -> Result<(), StoreError> {
                     (Space::Inbound, &spaces.inbound),
                 ] {
                     for item in ks.prefix(&prefix) {
-                        let key = item.key().map_err(db_err)?;
+                        let key = item.key().map_err(Fault::Db)?;
                         pending.insert((space, key.to_vec()), None);
                     }
                 }
@@ -511,7 +709,7 @@ fn write_jobs(spaces: &Spaces, jobs: &[Job]) -> Result<(), StoreError> {
 fn commit(
     spaces: &Spaces,
     pending: HashMap<(Space, Vec<u8>), Option<Vec<u8>>>,
-) -> Result<(), StoreError> {
+) -> Result<(), Fault> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -529,7 +727,7 @@ fn commit(
             None => batch.remove(ks, key),
         }
     }
-    batch.commit().map_err(db_err)
+    batch.commit().map_err(Fault::Db)
 }
 
 fn client_prefix(client: &str) -> Vec<u8> {
@@ -858,5 +1056,154 @@ mod tests {
             ["one", "two", "four"],
             "the refused round left nothing"
         );
+    }
+
+    /// A disk filled to the last byte while the store writes (its reserves set to 0,
+    /// as when a compaction needs more than the reserve): fjall's flush or the
+    /// store's own journal write fails for lack of space and the database is
+    /// poisoned. The store is not failed for good: it is short (the engine refuses new
+    /// state), refuses rounds, and once space returns it reopens the database by
+    /// itself and writes again. Everything acknowledged, before and after, is there
+    /// after a restart; nothing refused is, but for the round that met the poison.
+    #[test]
+    fn a_database_broken_by_a_full_disk_is_reopened_when_space_returns() {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+        if !root {
+            eprintln!("skipped: mounting a tmpfs to fill needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mount = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(dir.path())
+            .status();
+        assert!(
+            mount.is_ok_and(|s| s.success()),
+            "mount tmpfs as root failed"
+        );
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status();
+            }
+        }
+        let _unmount = Unmount(dir.path().to_path_buf());
+        let state = dir.path().join("state");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        // Incompressible values, so that the journal and the tables take their size.
+        let first_refused;
+        let put = |i: u64| {
+            let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let payload: Vec<u8> = (0..48 * 1024)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[0]
+                })
+                .collect();
+            let topic = format!("r/{i}");
+            let msg = Message {
+                topic: topic.as_str().into(),
+                payload: Bytes::from(payload),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                properties: Properties::default(),
+                publisher: None,
+                received_at: std::time::Instant::now(),
+            };
+            vec![Op::PutRetained(topic, encode_retained(&msg))]
+        };
+        let mut acked = Vec::new();
+        {
+            let (store, _) = Store::open_with_reserve(
+                &state,
+                Durability::Fsync,
+                Duration::from_secs(1),
+                Some(0),
+            )
+            .expect("open");
+            let room = store.room();
+            // Four values of 48 KiB: just under one memtable.
+            for i in 0..4 {
+                rt.block_on(store.submit(put(i)).wait()).expect("room");
+                acked.push(i);
+            }
+            // 100 KiB left: the journal takes two more rounds; the second one fills
+            // the memtable, whose flush (~300 KiB) then finds no room and poisons
+            // the database, and the next round is refused.
+            fill_to(dir.path(), "filler", 100 << 10);
+            let mut refused = None;
+            for i in 4..200 {
+                match rt.block_on(store.submit(put(i)).wait()) {
+                    Ok(()) => acked.push(i),
+                    Err(e) => {
+                        refused = Some((i, e));
+                        break;
+                    }
+                }
+            }
+            let (i, e) = refused.expect("a full disk refuses a round");
+            first_refused = i;
+            assert!(matches!(e, StoreError::NoSpace(_)), "{e:?}");
+            assert!(
+                !store.is_failed(),
+                "a full disk does not fail the store for good"
+            );
+            // The failed flush is noticed without another round.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let why = room.shortage().unwrap_or_default();
+                if why.contains("stopped by a full disk") {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "not broken: {why}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(!store.is_failed());
+            // Still refused while the disk is full.
+            let again = rt.block_on(store.submit(put(1000)).wait());
+            assert!(matches!(again, Err(StoreError::NoSpace(_))), "{again:?}");
+
+            std::fs::remove_file(dir.path().join("filler")).expect("free");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !room.has_room() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never reopened: {:?}",
+                    room.shortage()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for i in 2000..2003 {
+                rt.block_on(store.submit(put(i)).wait())
+                    .expect("writes resume by themselves");
+                acked.push(i);
+            }
+        }
+        let (_, loaded) =
+            Store::open(&state, Durability::Fsync, Duration::from_secs(1)).expect("restart");
+        let mut kept: Vec<u64> = loaded
+            .retained
+            .iter()
+            .map(|m| {
+                m.topic
+                    .strip_prefix("r/")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(u64::MAX)
+            })
+            .collect();
+        kept.sort_unstable();
+        // The round that met the poison may have reached the journal before fjall
+        // refused its fsync: it was not acknowledged, and comes back with the journal
+        // (as any write whose acknowledgement failed may). No other refused one does.
+        kept.retain(|&i| i != first_refused);
+        assert_eq!(kept, acked, "every acknowledged write, nothing refused");
     }
 }
