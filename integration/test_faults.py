@@ -990,3 +990,67 @@ def test_damaged_queue_files_are_quarantined_and_the_rest_is_served():
         assert value(Admin(admin).metrics(), "roost_storage_quarantined_total") == 0
     finally:
         b.cleanup()
+
+
+@pytest.mark.timeout(120)
+def test_damage_in_the_middle_of_the_queue_journal_is_quarantined_and_nothing_is_lost():
+    """roost is killed (-9) with a queue's records still in its write-ahead journal, and
+    an entry in the middle of the journal is overwritten. roost starts anyway, replays
+    the entries after the damage, copies the journal into the quarantine directory,
+    logs a line naming it, counts it in roost_storage_quarantined_total, and delivers
+    every acknowledged message (kill -9 kept the segments, so nothing depended on the
+    damaged entry)."""
+    admin = free_port()
+    q = f"jdm{uuid.uuid4().hex[:6]}"
+    b = Broker({"admin_bind": [f"127.0.0.1:{admin}"], "log_level": "info",
+                "queues": {q: {"partitions": 2}}})
+    b.start()
+    try:
+        n = 200
+        pub = w.RawClient(b.host, b.port, 5)
+        pub.connect(f"p-{q}")
+        for i in range(n):
+            # One at a time: each produce is its own journal entry.
+            pub.publish(f"$queue/{q}/dev{i % 5}", b"m%05d" % i + b"." * 40, qos=1,
+                        pid=i % 60000 + 1)
+            assert pub.expect(w.PUBACK, timeout=10).rc in (None, 0)
+        b.kill()
+
+        logs = b.dir / "data" / "queues" / "logs"
+        needle = b"m%05d" % (n // 2)
+        hits = [(p, p.read_bytes().find(needle)) for p in sorted(logs.glob(".journal-*"))]
+        hits = [(p, at) for p, at in hits if at >= 0]
+        assert hits, "the produce is in a journal file"
+        journal, at = hits[0]
+        with open(journal, "r+b") as f:
+            f.seek(at)
+            f.write(b"\xee" * 8)
+
+        b.log = open(b.log_path, "ab")
+        b.start()
+        deadline = time.monotonic() + 10
+        pattern = rf"journal \S*{re.escape(journal.name)} is damaged .* quarantined as " \
+                  rf"\S*/quarantine/journal/{re.escape(journal.name)}\.\d+"
+        while not re.search(pattern, b.log_path.read_text(errors="replace")):
+            assert time.monotonic() < deadline, f"no log line names the journal:\n{b.log_tail()}"
+            time.sleep(0.1)
+        copies = list((logs / "quarantine" / "journal").glob(f"{journal.name}.*"))
+        assert len(copies) == 1, copies
+        assert copies[0].read_bytes()[at:at + 8] == b"\xee" * 8
+        assert value(Admin(admin).metrics(), "roost_storage_quarantined_total") == 1
+
+        c = w.RawClient(b.host, b.port, 5)
+        c.connect(f"c-{q}")
+        assert c.subscribe(f"$share/g/$queue/{q}", qos=1).rcs == [1]
+        got = set()
+        while True:
+            p = c.recv(1.5)
+            if p is None:
+                break
+            assert p.type == w.PUBLISH, p
+            got.add(bytes(p.payload[:6]))
+            c.puback(p.pid)
+        assert got == {b"m%05d" % i for i in range(n)}, f"{n - len(got)} lost"
+        c.disconnect()
+    finally:
+        b.cleanup()

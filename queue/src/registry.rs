@@ -90,6 +90,17 @@ impl Queues {
         fs::create_dir_all(&config_dir).map_err(file_err(&config_dir))?;
         let storage = Arc::new(Storage::open(dir.join("logs"))?);
         let mut notes = Vec::new();
+        for d in storage.journal_damage() {
+            warn!(
+                "queue write-ahead journal {} is damaged in bytes {}..{}: the entries after \
+                 the damage were replayed, the file was quarantined as {}; records only the \
+                 damaged entries held are lost (the partitions that lost some report it)",
+                d.file.display(),
+                d.skipped.start,
+                d.skipped.end,
+                d.quarantined.display()
+            );
+        }
         let mut queues = BTreeMap::new();
         let mut entries: Vec<PathBuf> = fs::read_dir(&config_dir)
             .map_err(file_err(&config_dir))?

@@ -129,11 +129,24 @@ pub(crate) struct Entry {
     pub(crate) frames: Bytes,
 }
 
-/// Opens (creating if needed) both journal files and reads their entries. A missing or
+/// Entries of the current epoch that could not be read, with readable ones after
+/// them: damage in the middle of a journal file (a torn write at the end of the last
+/// round is not damage: nothing of the epoch follows it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Damaged {
+    /// The journal file's name.
+    pub(crate) file: &'static str,
+    /// The bytes skipped: from the first unreadable entry to the next readable one.
+    pub(crate) skipped: std::ops::Range<u64>,
+}
+
+/// Opens (creating if needed) both journal files and reads their entries, stepping
+/// over damage in the middle of a file (reported in the third value). A missing or
 /// unreadable header starts the file afresh (no entries).
-pub(crate) fn open(dir: &Path) -> io::Result<(Vec<JournalFile>, Vec<Entry>)> {
+pub(crate) fn open(dir: &Path) -> io::Result<(Vec<JournalFile>, Vec<Entry>, Vec<Damaged>)> {
     let mut files = Vec::with_capacity(FILE_NAMES.len());
     let mut entries = Vec::new();
+    let mut damaged = Vec::new();
     let mut created = false;
     for name in FILE_NAMES {
         let path = dir.join(name);
@@ -154,7 +167,19 @@ pub(crate) fn open(dir: &Path) -> io::Result<(Vec<JournalFile>, Vec<Entry>)> {
         match parse_header(&bytes) {
             Some(epoch) => {
                 jf.epoch = epoch;
-                scan(&Bytes::from(bytes), epoch, &mut entries);
+                let bytes = Bytes::from(bytes);
+                let mut at = usize::try_from(HEADER).unwrap_or(usize::MAX);
+                loop {
+                    let stop = scan(&bytes, at, epoch, &mut entries);
+                    let Some(next) = next_entry(&bytes, stop.saturating_add(1), epoch) else {
+                        break;
+                    };
+                    damaged.push(Damaged {
+                        file: name,
+                        skipped: stop as u64..next as u64,
+                    });
+                    at = next;
+                }
             }
             None => {
                 jf.epoch = fresh_epoch();
@@ -167,46 +192,62 @@ pub(crate) fn open(dir: &Path) -> io::Result<(Vec<JournalFile>, Vec<Entry>)> {
     if created {
         File::open(dir)?.sync_all()?;
     }
-    Ok((files, entries))
+    Ok((files, entries, damaged))
 }
 
-/// Reads entries from [`HEADER`] on while they are whole, intact and of `epoch`.
-fn scan(bytes: &Bytes, epoch: u64, out: &mut Vec<Entry>) {
-    let mut at = usize::try_from(HEADER).unwrap_or(usize::MAX);
-    while let Some(fixed) = bytes.get(at..at.saturating_add(ENTRY_FIXED)) {
-        let len = u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]) as usize;
-        let end = at.saturating_add(4).saturating_add(len);
-        if len < ENTRY_FIXED - 4 || end > bytes.len() {
-            return;
-        }
-        let crc = u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
-        if crc32c::crc32c(&bytes[at + 8..end]) != crc {
-            return;
-        }
-        let field = |from: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&bytes[from..from + 8]);
-            u64::from_le_bytes(a)
-        };
-        if field(at + 8) != epoch {
-            return;
-        }
-        let log_id = field(at + 16);
-        let name_len = usize::from(u16::from_le_bytes([bytes[at + 24], bytes[at + 25]]));
-        let name_end = at + ENTRY_FIXED + name_len;
-        if name_end > end {
-            return;
-        }
-        let Ok(name) = std::str::from_utf8(&bytes[at + ENTRY_FIXED..name_end]) else {
-            return;
-        };
-        out.push(Entry {
-            name: name.to_owned(),
-            log_id,
-            frames: bytes.slice(name_end..end),
-        });
+/// The entry at `at` if it is whole, intact and of `epoch`, and where it ends.
+fn entry_at(bytes: &Bytes, at: usize, epoch: u64) -> Option<(Entry, usize)> {
+    let fixed = bytes.get(at..at.checked_add(ENTRY_FIXED)?)?;
+    let len = u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]) as usize;
+    let end = at.checked_add(4)?.checked_add(len)?;
+    if len < ENTRY_FIXED - 4 || end > bytes.len() {
+        return None;
+    }
+    let field = |from: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&bytes[from..from + 8]);
+        u64::from_le_bytes(a)
+    };
+    // The epoch first: a cheap test that most bytes fail when searching (see
+    // `next_entry`), before the CRC.
+    if field(at + 8) != epoch {
+        return None;
+    }
+    let crc = u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+    if crc32c::crc32c(&bytes[at + 8..end]) != crc {
+        return None;
+    }
+    let log_id = field(at + 16);
+    let name_len = usize::from(u16::from_le_bytes([bytes[at + 24], bytes[at + 25]]));
+    let name_end = at + ENTRY_FIXED + name_len;
+    if name_end > end {
+        return None;
+    }
+    let name = std::str::from_utf8(&bytes[at + ENTRY_FIXED..name_end]).ok()?;
+    let entry = Entry {
+        name: name.to_owned(),
+        log_id,
+        frames: bytes.slice(name_end..end),
+    };
+    Some((entry, end))
+}
+
+/// Reads entries from `at` on while they are whole, intact and of `epoch`; returns
+/// where the first one that is not starts.
+fn scan(bytes: &Bytes, mut at: usize, epoch: u64, out: &mut Vec<Entry>) -> usize {
+    while let Some((entry, end)) = entry_at(bytes, at, epoch) {
+        out.push(entry);
         at = end;
     }
+    at
+}
+
+/// The first position from `from` on where an intact entry of `epoch` starts, if any.
+fn next_entry(bytes: &Bytes, from: usize, epoch: u64) -> Option<usize> {
+    let stamp = epoch.to_le_bytes();
+    let last = bytes.len().checked_sub(ENTRY_FIXED)?;
+    (from..=last)
+        .find(|&at| bytes[at + 8..at + 16] == stamp && entry_at(bytes, at, epoch).is_some())
 }
 
 /// Starts an entry for `frames` of one log at the end of `buf`. Its epoch and CRC are
@@ -291,7 +332,7 @@ mod tests {
         assert_eq!(parse_header(&file), Some(5));
 
         let mut out = Vec::new();
-        scan(&file, 5, &mut out);
+        scan(&file, HEADER as usize, 5, &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!((out[0].name.as_str(), out[0].log_id), ("q-0", 42));
         let decoded = frames(&out[0]);
@@ -305,7 +346,7 @@ mod tests {
         );
 
         out.clear();
-        scan(&file, 6, &mut out);
+        scan(&file, HEADER as usize, 6, &mut out);
         assert!(out.is_empty(), "entries of another epoch are void");
 
         // A flipped byte in the second entry keeps the first only; a torn tail too.
@@ -313,11 +354,33 @@ mod tests {
         let last = damaged.len() - 1;
         damaged[last] ^= 1;
         out.clear();
-        scan(&Bytes::from(damaged), 5, &mut out);
+        scan(&Bytes::from(damaged), HEADER as usize, 5, &mut out);
         assert_eq!(out.len(), 1);
         out.clear();
-        scan(&file.slice(..file.len() - 3), 5, &mut out);
+        scan(&file.slice(..file.len() - 3), HEADER as usize, 5, &mut out);
         assert_eq!(out.len(), 1);
+
+        // Damage in the first entry: the second is found after it; a torn tail has
+        // nothing of the epoch after it, so it is not damage.
+        let mut damaged = file.to_vec();
+        damaged[HEADER as usize + 40] ^= 1;
+        let damaged = Bytes::from(damaged);
+        out.clear();
+        let stop = scan(&damaged, HEADER as usize, 5, &mut out);
+        assert_eq!((out.len(), stop), (0, HEADER as usize));
+        let next = next_entry(&damaged, stop + 1, 5).expect("the second entry");
+        scan(&damaged, next, 5, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].name, "q-1");
+        let torn = file.slice(..file.len() - 3);
+        out.clear();
+        let stop = scan(&torn, HEADER as usize, 5, &mut out);
+        assert_eq!(next_entry(&torn, stop + 1, 5), None);
+        assert_eq!(
+            next_entry(&file, stop + 1, 6),
+            None,
+            "another epoch's entry"
+        );
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub use log::{
     Record, Recovery, Retention, TruncatedTail,
 };
 pub use offset::Offset;
-pub use storage::Storage;
+pub use storage::{JournalDamage, Storage};
 
 #[cfg(test)]
 mod tests;

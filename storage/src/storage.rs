@@ -27,8 +27,26 @@ pub struct Storage {
     /// What opening the storage repaired in each log (journal replay), reported by the
     /// log's first [`Storage::open_log`].
     recovered: Mutex<HashMap<String, Recovery>>,
+    /// Damage found in the middle of the journal files on open.
+    journal_damage: Vec<JournalDamage>,
     // Declared last: dropped after the map, joining the thread that holds log references.
     committer: Committer,
+}
+
+/// Damage in the middle of a journal file, found on open: entries that could not be
+/// read, with readable ones after them. The readable ones were replayed; the file was
+/// copied, as it was, into `<storage dir>/quarantine/journal/` first. Records of a log
+/// that only the damaged entries held are lost: a log whose replay stopped at a gap
+/// because of it reports the quarantined copy and the gap (`Recovery::quarantined`,
+/// `Recovery::journal_gap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalDamage {
+    /// The journal file.
+    pub file: PathBuf,
+    /// Its bytes that were skipped.
+    pub skipped: std::ops::Range<u64>,
+    /// Its copy in the quarantine directory.
+    pub quarantined: PathBuf,
 }
 
 impl std::fmt::Debug for Storage {
@@ -61,12 +79,32 @@ impl Storage {
     pub fn open_with_journal_bytes(dir: impl AsRef<Path>, journal_bytes: u64) -> Result<Storage> {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let (files, entries) = journal::open(&dir).map_err(io_err(&dir))?;
+        let (files, entries, damaged) = journal::open(&dir).map_err(io_err(&dir))?;
         let shared = Arc::new(CommitShared::new(files, &dir));
+        let mut journal_damage = Vec::new();
+        for d in damaged {
+            // Copied aside before the journal is voided below.
+            let file = dir.join(d.file);
+            let quarantined = crate::quarantine::quarantine_copy(&dir, "journal", &file)
+                .map_err(io_err(&file))?;
+            shared
+                .quarantined
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            journal_damage.push(JournalDamage {
+                file,
+                skipped: d.skipped,
+                quarantined,
+            });
+        }
         let mut recovered = HashMap::new();
         if !entries.is_empty() {
             for (name, entries) in journal::by_log(entries) {
-                if let Some(recovery) = replay(&dir, &name, &entries, &shared)? {
+                if let Some(mut recovery) = replay(&dir, &name, &entries, &shared)? {
+                    if recovery.journal_gap.is_some() {
+                        recovery
+                            .quarantined
+                            .extend(journal_damage.iter().map(|d| d.quarantined.clone()));
+                    }
                     recovered.insert(name, recovery);
                 }
             }
@@ -78,8 +116,14 @@ impl Storage {
             dir,
             logs: Mutex::new(HashMap::new()),
             recovered: Mutex::new(recovered),
+            journal_damage,
             committer,
         })
+    }
+
+    /// Damage found in the middle of the journal files when this storage was opened.
+    pub fn journal_damage(&self) -> &[JournalDamage] {
+        &self.journal_damage
     }
 
     /// The storage directory.

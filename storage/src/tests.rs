@@ -1077,7 +1077,7 @@ async fn journal_files_take_turns_and_checkpoints_keep_everything() {
     // (b has one 64 MiB segment, so its byte positions are sums of frame lengths).
     let copy = temp();
     copy_dir(dir.path(), copy.path());
-    let (_, entries) = crate::journal::open(copy.path()).expect("journal");
+    let (_, entries, _) = crate::journal::open(copy.path()).expect("journal");
     let held = entries
         .iter()
         .filter(|e| e.name == "b")
@@ -1438,4 +1438,81 @@ async fn an_idle_log_holds_only_its_data_files_open() {
         .expect("read back");
     assert_eq!(read.first().map(|r| r.offset), Some(150));
     assert_eq!(read.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_the_middle_of_the_journal_is_quarantined_and_what_follows_is_replayed() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let p0 = storage.open_log("p-0", small()).expect("open").0;
+    let p1 = storage.open_log("p-1", small()).expect("open").0;
+    append_n(&p0, 0..300, 3).await;
+    // After every entry of p-0 in the journal.
+    append_n(&p1, 0..30, 3).await;
+    drop((p0, p1));
+    let copy = temp();
+    copy_dir(dir.path(), copy.path());
+    drop(storage);
+    // A power cut takes both logs' active segments.
+    let active = segment_files(&copy.path().join("p-0"), "log")
+        .pop()
+        .expect("seg");
+    let base: u64 = active
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("a segment is named by its base offset");
+    let target = base + 3;
+    assert!((100..297).contains(&target), "active segment base {base}");
+    lose_active_segment(&copy.path().join("p-0"), 0);
+    lose_active_segment(&copy.path().join("p-1"), 0);
+    // The journal entry that holds p-0's record `target` is damaged (a bad block).
+    let needle = format!("h{target}").into_bytes();
+    let mut hit = None;
+    for name in journal::FILE_NAMES {
+        let path = copy.path().join(name);
+        let bytes = fs::read(&path).expect("journal");
+        if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+            hit = Some((path, at));
+        }
+    }
+    let (path, at) = hit.expect("the record is in the journal");
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .write_all_at(&[0xEE; 8], at as u64)
+        .expect("damage");
+
+    let restored = Storage::open(copy.path()).expect("reopen");
+    assert_eq!(restored.quarantined_total(), 1);
+    let damage = restored.journal_damage();
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!(damage[0].file, path);
+    assert!(damage[0].skipped.contains(&(at as u64)), "{damage:?}");
+    assert!(
+        damage[0]
+            .quarantined
+            .starts_with(copy.path().join("quarantine").join("journal"))
+    );
+    // The copy is the damaged file as it was (the journal itself is voided).
+    let kept = fs::read(&damage[0].quarantined).expect("copy");
+    assert_eq!(&kept[at..at + 8], &[0xEE; 8]);
+    // p-1's entries come after the damage: all of them are restored.
+    let (log, recovery) = restored.open_log("p-1", small()).expect("open");
+    assert_records(&read_all(&log), 0..30);
+    assert!(recovery.replayed > 0, "{recovery:?}");
+    // p-0 gets back what came before the damaged entry, stops at the gap after it,
+    // and says so, with the quarantined copy.
+    let (log, recovery) = restored.open_log("p-0", small()).expect("open");
+    let end = log.next_offset();
+    assert!((base..=target).contains(&end), "p-0 ends at {end}");
+    assert_records(&read_all(&log), 0..end);
+    assert!(
+        recovery.journal_gap.is_some_and(|g| g > end),
+        "{recovery:?}"
+    );
+    assert_eq!(recovery.quarantined, vec![damage[0].quarantined.clone()]);
+    // Still appendable where it ends.
+    assert_eq!(log.append(vec![rec(end)]).await.expect("append"), end);
 }
