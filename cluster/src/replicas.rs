@@ -535,6 +535,39 @@ struct QueueReplicator {
     queue: Arc<str>,
 }
 
+impl QueueReplicator {
+    /// Proposes, without waiting, one entry per partition of `items` ((partition,
+    /// item) pairs), made by `op` from that partition's items; a proposal that fails
+    /// is logged with `lost` (what it costs).
+    fn propose_by_partition<T>(
+        &self,
+        items: impl IntoIterator<Item = (u32, T)>,
+        op: impl Fn(Vec<T>) -> Op,
+        lost: &'static str,
+    ) {
+        let Some(r) = self.replicas.upgrade() else {
+            return;
+        };
+        let mut by_partition: BTreeMap<u32, Vec<T>> = BTreeMap::new();
+        for (p, item) in items {
+            by_partition.entry(p).or_default().push(item);
+        }
+        for (p, items) in by_partition {
+            let id = GroupId {
+                queue: self.queue.to_string(),
+                partition: p,
+            };
+            let op = op(items);
+            let r = r.clone();
+            tokio::spawn(async move {
+                if let Err(e) = r.propose(&id, op).await {
+                    debug!(partition = %id, error = %e, "{lost}");
+                }
+            });
+        }
+    }
+}
+
 impl Replicator for QueueReplicator {
     fn produce(&self, partition: u32, msg: NewMessage) -> ReplicatedProduce {
         let replicas = self.replicas.clone();
@@ -582,57 +615,27 @@ impl Replicator for QueueReplicator {
     }
 
     fn settled(&self, key: &GroupKey, offsets: &[(u32, u64)]) {
-        let Some(r) = self.replicas.upgrade() else {
-            return;
-        };
-        let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for &(p, o) in offsets {
-            by_partition.entry(p).or_default().push(o);
-        }
-        for (p, offsets) in by_partition {
-            let id = GroupId {
-                queue: self.queue.to_string(),
-                partition: p,
-            };
-            let op = Op::Settle {
+        self.propose_by_partition(
+            offsets.iter().copied(),
+            |offsets| Op::Settle {
                 group: key.group.to_string(),
                 filter: key.filter.as_deref().map(str::to_owned),
                 offsets,
-            };
-            let r = r.clone();
-            tokio::spawn(async move {
-                if let Err(e) = r.propose(&id, op).await {
-                    debug!(partition = %id, "settle not replicated ({e}): it may be delivered again after a failover");
-                }
-            });
-        }
+            },
+            "settle not replicated: it may be delivered again after a failover",
+        );
     }
 
     fn delivered(&self, key: &GroupKey, counts: &[(u32, u64, u32)]) {
-        let Some(r) = self.replicas.upgrade() else {
-            return;
-        };
-        let mut by_partition: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
-        for &(p, o, n) in counts {
-            by_partition.entry(p).or_default().push((o, n));
-        }
-        for (p, counts) in by_partition {
-            let id = GroupId {
-                queue: self.queue.to_string(),
-                partition: p,
-            };
-            let op = Op::Delivered {
+        self.propose_by_partition(
+            counts.iter().map(|&(p, o, n)| (p, (o, n))),
+            |counts| Op::Delivered {
                 group: key.group.to_string(),
                 filter: key.filter.as_deref().map(str::to_owned),
                 counts,
-            };
-            let r = r.clone();
-            tokio::spawn(async move {
-                if let Err(e) = r.propose(&id, op).await {
-                    debug!(partition = %id, "delivery counts not replicated ({e}): they start over after a failover");
-                }
-            });
-        }
+            },
+            "delivery counts not replicated: they start over after a failover",
+        );
     }
 
     fn joined(&self, key: &GroupKey, consumer: &str, window: u32) {

@@ -1086,11 +1086,7 @@ impl Queue {
             }
         }
         if !counts.is_empty() {
-            self.replicate_delivered(&counts);
-            // Not awaited: the count reaches the disk with the next commit round, so
-            // `max_deliveries` holds across restarts except for deliveries made in the
-            // last round before a crash (see the crate documentation).
-            let _queued = self.append_progress(counts);
+            self.record_delivered(counts);
         }
         drop(newest);
         st.dirty |= dirty;
@@ -1149,9 +1145,7 @@ impl Queue {
             }
         }
         if !counts.is_empty() {
-            self.replicate_delivered(&counts);
-            // Not awaited, as in `dispatch_all`.
-            let _queued = self.append_progress(counts);
+            self.record_delivered(counts);
         }
         drop(newest);
         st.dirty |= dirty;
@@ -1366,9 +1360,7 @@ impl Queue {
         }
         drop(newest);
         if !delivered.is_empty() {
-            let counts = vec![Progress::Delivered(key.clone(), delivered)];
-            self.replicate_delivered(&counts);
-            let _queued = self.append_progress(counts);
+            self.record_delivered(vec![Progress::Delivered(key.clone(), delivered)]);
         }
         st.dirty |= dirty;
         dirty
@@ -1455,6 +1447,16 @@ impl Queue {
         );
         st.dirty = true;
         let _queued = self.append_progress(vec![Progress::Declare(key.clone())]);
+    }
+
+    /// Records a dispatch's delivery counts (`Progress::Delivered`): passed to the
+    /// replicator, if any, and appended to the progress log, not awaited: the counts
+    /// reach the disk with the next commit round, so `max_deliveries` holds across
+    /// restarts except for deliveries made in the last round before a crash (see the
+    /// crate documentation).
+    fn record_delivered(&self, counts: Vec<Progress>) {
+        self.replicate_delivered(&counts);
+        let _queued = self.append_progress(counts);
     }
 
     fn append_progress(&self, changes: Vec<Progress>) -> Append {

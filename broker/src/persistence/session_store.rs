@@ -950,6 +950,43 @@ mod tests {
         std::fs::write(dir.join(name), vec![1u8; size as usize]).unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// A small tmpfs mounted on a temporary directory (root only: `None`, with a line
+    /// saying the test is skipped, otherwise), unmounted on every way out (lazily:
+    /// fjall's threads may hold files open) before the directory is removed.
+    struct Tmpfs {
+        dir: tempfile::TempDir,
+    }
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            let root = std::fs::read_to_string("/proc/self/status")
+                .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+            if !root {
+                eprintln!("skipped: mounting a tmpfs to fill needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let mount = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status();
+            assert!(
+                mount.is_ok_and(|s| s.success()),
+                "mount tmpfs as root failed"
+            );
+            Some(Tmpfs { dir })
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
     /// A full file system (a small tmpfs, so only as root): below the soft reserve the
     /// store is short (what the engine reads) and still takes bookkeeping; below the
     /// hard reserve a round is refused whole with `NoSpace`, the store stays writable,
@@ -957,32 +994,10 @@ mod tests {
     /// room again by itself. What was stored is read back; what was refused is not.
     #[test]
     fn a_full_disk_refuses_rounds_cleanly_and_the_store_has_room_again_when_space_returns() {
-        let root = std::fs::read_to_string("/proc/self/status")
-            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
-        if !root {
-            eprintln!("skipped: mounting a tmpfs to fill needs root");
+        let Some(fs) = Tmpfs::mount("64m") else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let mount = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-            .arg(dir.path())
-            .status();
-        assert!(
-            mount.is_ok_and(|s| s.success()),
-            "mount tmpfs as root failed"
-        );
-        /// Unmounts on every way out (lazily: fjall's threads may hold files open).
-        struct Unmount(std::path::PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.0)
-                    .status();
-            }
-        }
-        let _unmount = Unmount(dir.path().to_path_buf());
+        };
+        let dir = &fs.dir;
         let state = dir.path().join("state");
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -1067,31 +1082,10 @@ mod tests {
     /// after a restart; nothing refused is, but for the round that met the poison.
     #[test]
     fn a_database_broken_by_a_full_disk_is_reopened_when_space_returns() {
-        let root = std::fs::read_to_string("/proc/self/status")
-            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
-        if !root {
-            eprintln!("skipped: mounting a tmpfs to fill needs root");
+        let Some(fs) = Tmpfs::mount("16m") else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let mount = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-            .arg(dir.path())
-            .status();
-        assert!(
-            mount.is_ok_and(|s| s.success()),
-            "mount tmpfs as root failed"
-        );
-        struct Unmount(std::path::PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.0)
-                    .status();
-            }
-        }
-        let _unmount = Unmount(dir.path().to_path_buf());
+        };
+        let dir = &fs.dir;
         let state = dir.path().join("state");
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

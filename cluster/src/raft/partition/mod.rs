@@ -204,7 +204,7 @@ impl PartitionRaft {
             _ => None,
         };
         let Some(r) = early else {
-            return self.write(op).await;
+            return Self::write_with(&self.raft, op).await;
         };
         let (tx, on_disk) = tokio::sync::oneshot::channel();
         self.early.lock().insert(r, tx);
@@ -222,10 +222,6 @@ impl PartitionRaft {
         };
         self.early.lock().remove(&r);
         outcome
-    }
-
-    async fn write(&self, op: Op) -> Result<OpOutcome, NotHere> {
-        Self::write_with(&self.raft, op).await
     }
 
     async fn write_with(raft: &openraft::Raft<PartConfig>, op: Op) -> Result<OpOutcome, NotHere> {
