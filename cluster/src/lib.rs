@@ -19,6 +19,7 @@ pub mod consensus;
 pub mod consumers;
 pub mod link;
 pub mod node;
+pub mod outbox;
 pub mod queue_wire;
 pub mod raft;
 pub mod replicas;

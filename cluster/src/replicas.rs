@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::consensus::Consensus;
 use crate::consumers::Consumers;
 use crate::link::Links;
+use crate::outbox::{Item, Outbox};
 use crate::raft::partition::lag::Lag;
 use crate::raft::partition::machine::op_of;
 use crate::raft::partition::types::{GroupId, Op, OpOutcome};
@@ -77,6 +78,8 @@ pub struct Replicas {
     starting: Mutex<HashSet<GroupId>>,
     /// Consumers across nodes.
     consumers: Arc<Consumers>,
+    /// What this node has to propose, per partition (see [`crate::outbox`]).
+    outboxes: Mutex<HashMap<GroupId, Arc<Outbox>>>,
 }
 
 impl Replicas {
@@ -102,6 +105,7 @@ impl Replicas {
             timing,
             groups: RwLock::default(),
             starting: Mutex::default(),
+            outboxes: Mutex::default(),
         }))
     }
 
@@ -378,6 +382,39 @@ impl Replicas {
         }
     }
 
+    /// Proposes `item` to partition `id` with whatever else waits for it (see
+    /// [`crate::outbox`]), starting the partition's sender if none runs.
+    fn send(self: &Arc<Self>, id: &GroupId, item: Item) {
+        let outbox = self.outboxes.lock().entry(id.clone()).or_default().clone();
+        if outbox.push(item) {
+            let me = self.clone();
+            let id = id.clone();
+            tokio::spawn(async move { me.send_batches(id, outbox).await });
+        }
+    }
+
+    /// Proposes the batches of `outbox` (partition `id`) one after another until it
+    /// is empty.
+    async fn send_batches(self: Arc<Self>, id: GroupId, outbox: Arc<Outbox>) {
+        // Under `ack_mode = "leader"` the leader answers once its own log has it.
+        let leader_mode = self
+            .queues
+            .get(&id.queue)
+            .is_some_and(|q| q.config().ack_mode == AckMode::Leader);
+        while let Some(batch) = outbox.take(|| leader_mode.then(request_id)) {
+            let outcome = self.propose(&id, batch.op.clone()).await;
+            let failed = outcome.is_err();
+            let again = batch.answered(outcome);
+            if !again.is_empty() {
+                outbox.put_back(again);
+            }
+            if failed {
+                // No leader answered in time: give the election a moment.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     /// A node's link went down: where it led a partition of which this node is a
     /// replica, stand for election once its lease is over (as the control plane does).
     pub(crate) fn peer_down(self: &Arc<Self>, gone: NodeId, lease: Duration) {
@@ -536,34 +573,29 @@ struct QueueReplicator {
 }
 
 impl QueueReplicator {
-    /// Proposes, without waiting, one entry per partition of `items` ((partition,
-    /// item) pairs), made by `op` from that partition's items; a proposal that fails
-    /// is logged with `lost` (what it costs).
-    fn propose_by_partition<T>(
+    fn partition(&self, partition: u32) -> GroupId {
+        GroupId {
+            queue: self.queue.to_string(),
+            partition,
+        }
+    }
+
+    /// Sends one item per partition of `items` ((partition, item) pairs), made by
+    /// `item` from that partition's share.
+    fn send_by_partition<T>(
         &self,
         items: impl IntoIterator<Item = (u32, T)>,
-        op: impl Fn(Vec<T>) -> Op,
-        lost: &'static str,
+        item: impl Fn(Vec<T>) -> Item,
     ) {
         let Some(r) = self.replicas.upgrade() else {
             return;
         };
         let mut by_partition: BTreeMap<u32, Vec<T>> = BTreeMap::new();
-        for (p, item) in items {
-            by_partition.entry(p).or_default().push(item);
+        for (p, t) in items {
+            by_partition.entry(p).or_default().push(t);
         }
-        for (p, items) in by_partition {
-            let id = GroupId {
-                queue: self.queue.to_string(),
-                partition: p,
-            };
-            let op = op(items);
-            let r = r.clone();
-            tokio::spawn(async move {
-                if let Err(e) = r.propose(&id, op).await {
-                    debug!(partition = %id, error = %e, "{lost}");
-                }
-            });
+        for (p, ts) in by_partition {
+            r.send(&self.partition(p), item(ts));
         }
     }
 }
@@ -589,53 +621,47 @@ impl Replicator for QueueReplicator {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let id = GroupId {
-                queue: queue.to_string(),
-                partition,
-            };
-            // Under `ack_mode = "leader"` the leader answers once its own log has it.
-            let leader_mode = r
-                .queues
-                .get(&queue)
-                .is_some_and(|q| q.config().ack_mode == AckMode::Leader);
-            let early = leader_mode.then(request_id);
-            match r
-                .propose(&id, op_of(msg, early))
-                .await
-                .map_err(unavailable)?
-            {
-                OpOutcome::Produced(offset) => Ok(MessageId {
-                    queue: queue.clone(),
+            let bytes = msg.payload.len() + msg.headers.len() + msg.subtopic.len();
+            let (answer, offset) = tokio::sync::oneshot::channel();
+            r.send(
+                &GroupId {
+                    queue: queue.to_string(),
                     partition,
-                    offset,
-                }),
-                OpOutcome::Done => Err(unavailable("unexpected answer".into())),
-            }
+                },
+                Item::Produce {
+                    op: op_of(msg),
+                    bytes,
+                    answer,
+                },
+            );
+            let offset = offset
+                .await
+                .map_err(|_| unavailable("the cluster is shutting down".into()))?
+                .map_err(unavailable)?;
+            Ok(MessageId {
+                queue: queue.clone(),
+                partition,
+                offset,
+            })
         })
     }
 
     fn settled(&self, key: &GroupKey, offsets: &[(u32, u64)]) {
-        self.propose_by_partition(
-            offsets.iter().copied(),
-            |offsets| Op::Settle {
-                group: key.group.to_string(),
-                filter: key.filter.as_deref().map(str::to_owned),
-                offsets,
-            },
-            "settle not replicated: it may be delivered again after a failover",
-        );
+        self.send_by_partition(offsets.iter().copied(), |offsets| Item::Settle {
+            key: key.clone(),
+            offsets,
+            tries: 0,
+        });
     }
 
     fn delivered(&self, key: &GroupKey, counts: &[(u32, u64, u32)]) {
-        self.propose_by_partition(
-            counts.iter().map(|&(p, o, n)| (p, (o, n))),
-            |counts| Op::Delivered {
-                group: key.group.to_string(),
-                filter: key.filter.as_deref().map(str::to_owned),
+        self.send_by_partition(counts.iter().map(|&(p, o, n)| (p, (o, n))), |counts| {
+            Item::Delivered {
+                key: key.clone(),
                 counts,
-            },
-            "delivery counts not replicated: they start over after a failover",
-        );
+                tries: 0,
+            }
+        });
     }
 
     fn joined(&self, key: &GroupKey, consumer: &str, window: u32) {

@@ -29,11 +29,19 @@ const TRUNCATE: u8 = b'T';
 const PURGE: u8 = b'P';
 const COMMITTED: u8 = b'C';
 
+/// The messages an entry stores: the offset the state machine gives the first, and
+/// how many (the k-th message of the log gets offset k).
+#[derive(Clone, Copy)]
+struct Produced {
+    first: u64,
+    count: u64,
+}
+
 enum Slot {
     /// Being written: kept until its offset is known.
-    Memory(Box<Entry<PartConfig>>, Option<u64>),
+    Memory(Box<Entry<PartConfig>>, Option<Produced>),
     /// On disk at this offset.
-    Disk(LogId<NodeId>, Offset, Option<u64>),
+    Disk(LogId<NodeId>, Offset, Option<Produced>),
 }
 
 impl Slot {
@@ -44,22 +52,16 @@ impl Slot {
         }
     }
 
-    /// For a produce entry, how many produce entries come before it in the log: the
-    /// offset the state machine gives its message.
-    fn produce_no(&self) -> Option<u64> {
+    fn produced(&self) -> Option<Produced> {
         match self {
             Slot::Memory(_, k) | Slot::Disk(_, _, k) => *k,
         }
     }
 }
 
-fn is_produce(e: &Entry<PartConfig>) -> bool {
-    matches!(e.payload, EntryPayload::Normal(Op::Produce { .. }))
-}
-
-fn early_of(e: &Entry<PartConfig>) -> Option<u64> {
+fn op_of(e: &Entry<PartConfig>) -> Option<&Op> {
     match &e.payload {
-        EntryPayload::Normal(Op::Produce { early, .. }) => *early,
+        EntryPayload::Normal(op) => Some(op),
         _ => None,
     }
 }
@@ -70,16 +72,54 @@ struct State {
     vote: Option<Vote<NodeId>>,
     last_purged: Option<LogId<NodeId>>,
     committed: Option<LogId<NodeId>>,
+    /// The number of messages the log's entries store.
+    produced: u64,
+    /// The number of messages of the entries purged.
+    purged_produced: u64,
 }
 
 impl State {
-    /// The number of produce entries in the log.
-    fn produces(&self) -> u64 {
-        self.entries
+    /// Adds `entry` at its index, dropping what followed it (a conflict rewrote the
+    /// log from there), with `at` (its record, when on disk). Returns what messages it
+    /// stores.
+    fn insert(&mut self, entry: Entry<PartConfig>, at: Option<Offset>) -> Option<Produced> {
+        let index = entry.log_id.index;
+        self.cut(index);
+        let count = op_of(&entry).map_or(0, Op::produces);
+        let produced = (count > 0).then_some(Produced {
+            first: self.produced,
+            count,
+        });
+        self.produced += count;
+        let slot = match at {
+            Some(offset) => Slot::Disk(entry.log_id, offset, produced),
+            None => Slot::Memory(Box::new(entry), produced),
+        };
+        self.entries.insert(index, slot);
+        produced
+    }
+
+    /// Drops the entries from `index` on.
+    fn cut(&mut self, index: u64) {
+        if self.entries.split_off(&index).is_empty() {
+            return;
+        }
+        self.produced = self
+            .entries
             .values()
             .rev()
-            .find_map(Slot::produce_no)
-            .map_or(0, |k| k + 1)
+            .find_map(Slot::produced)
+            .map_or(self.purged_produced, |k| k.first + k.count);
+    }
+
+    /// Forgets the entries up to `upto`.
+    fn purge(&mut self, upto: LogId<NodeId>) {
+        let kept = self.entries.split_off(&(upto.index + 1));
+        if let Some(k) = self.entries.values().rev().find_map(Slot::produced) {
+            self.purged_produced = k.first + k.count;
+        }
+        self.entries = kept;
+        self.last_purged = Some(upto);
     }
 }
 
@@ -173,22 +213,17 @@ fn replay(state: &mut State, headers: &[u8], payload: &[u8], offset: Offset) -> 
         Some(&ENTRY) => {
             let entry: Entry<PartConfig> = serde_json::from_slice(payload).map_err(bad)?;
             // A rewritten index replaces what followed it, as in `truncate`.
-            state.entries.split_off(&entry.log_id.index);
-            let k = is_produce(&entry).then(|| state.produces());
-            state
-                .entries
-                .insert(entry.log_id.index, Slot::Disk(entry.log_id, offset, k));
+            state.insert(entry, Some(offset));
         }
         Some(&VOTE) => state.vote = Some(serde_json::from_slice(payload).map_err(bad)?),
         Some(&COMMITTED) => state.committed = serde_json::from_slice(payload).map_err(bad)?,
         Some(&TRUNCATE) => {
             let since: u64 = serde_json::from_slice(payload).map_err(bad)?;
-            state.entries.split_off(&since);
+            state.cut(since);
         }
         Some(&PURGE) => {
             let upto: LogId<NodeId> = serde_json::from_slice(payload).map_err(bad)?;
-            state.entries = state.entries.split_off(&(upto.index + 1));
-            state.last_purged = Some(upto);
+            state.purge(upto);
         }
         _ => return Err(format!("record {offset} has an unknown kind")),
     }
@@ -289,19 +324,17 @@ impl RaftLogStorage<PartConfig> for PartLog {
         }
         let append = self.log.append(records);
         let ids: Vec<LogId<NodeId>> = entries.iter().map(|e| e.log_id).collect();
-        // (request id, offset) of the produces whose proposer waits for this write.
+        // (request id, offset of the first message) of the entries whose proposer
+        // waits for this write.
         let mut early = Vec::new();
         {
             let mut s = self.state.lock();
             for e in entries {
+                let r = op_of(&e).and_then(Op::early);
                 // Appended after a conflict: what followed the index is gone.
-                s.entries.split_off(&e.log_id.index);
-                let k = is_produce(&e).then(|| s.produces());
-                if let (Some(r), Some(k)) = (early_of(&e), k) {
-                    early.push((r, k));
+                if let (Some(r), Some(k)) = (r, s.insert(e, None)) {
+                    early.push((r, k.first));
                 }
-                s.entries
-                    .insert(e.log_id.index, Slot::Memory(Box::new(e), k));
             }
         }
         let state = self.state.clone();
@@ -314,7 +347,7 @@ impl RaftLogStorage<PartConfig> for PartLog {
                         if let Some(slot) = s.entries.get_mut(&id.index)
                             && slot.log_id() == id
                         {
-                            *slot = Slot::Disk(id, first + i as u64, slot.produce_no());
+                            *slot = Slot::Disk(id, first + i as u64, slot.produced());
                         }
                     }
                     drop(s);
@@ -339,7 +372,7 @@ impl RaftLogStorage<PartConfig> for PartLog {
         self.append_record(TRUNCATE, body)
             .await
             .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
-        self.state.lock().entries.split_off(&log_id.index);
+        self.state.lock().cut(log_id.index);
         Ok(())
     }
 
@@ -350,9 +383,68 @@ impl RaftLogStorage<PartConfig> for PartLog {
         self.append_record(PURGE, body)
             .await
             .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
-        let mut s = self.state.lock();
-        s.entries = s.entries.split_off(&(log_id.index + 1));
-        s.last_purged = Some(log_id);
+        self.state.lock().purge(log_id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+
+    fn entry(index: u64, op: Op) -> Entry<PartConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(op),
+        }
+    }
+
+    fn produce() -> Op {
+        Op::Produce {
+            subtopic: String::new(),
+            key: None,
+            headers: Vec::new(),
+            payload: vec![1],
+            dedup_id: None,
+            deliver_at: None,
+            early: None,
+        }
+    }
+
+    fn batch(produces: usize) -> Op {
+        let mut ops = vec![Op::Settle {
+            group: "g".into(),
+            filter: None,
+            offsets: vec![0],
+        }];
+        ops.extend((0..produces).map(|_| produce()));
+        Op::Batch { ops, early: None }
+    }
+
+    fn first(p: Option<Produced>) -> Option<(u64, u64)> {
+        p.map(|p| (p.first, p.count))
+    }
+
+    #[test]
+    fn entries_count_the_messages_they_store_across_batches_cuts_and_purges() {
+        let mut s = State::default();
+        assert_eq!(first(s.insert(entry(1, produce()), None)), Some((0, 1)));
+        assert_eq!(first(s.insert(entry(2, batch(3)), Some(7))), Some((1, 3)));
+        assert_eq!(first(s.insert(entry(3, batch(0)), None)), None);
+        assert_eq!(first(s.insert(entry(4, batch(2)), None)), Some((4, 2)));
+        assert_eq!(s.produced, 6);
+        // A conflict rewrites the log from index 3: the messages of 3 and 4 are gone.
+        assert_eq!(first(s.insert(entry(3, produce()), None)), Some((4, 1)));
+        assert_eq!(s.produced, 5);
+        s.cut(2);
+        assert_eq!(s.produced, 1);
+        s.insert(entry(2, batch(2)), None);
+        s.purge(LogId::new(CommittedLeaderId::new(1, 1), 2));
+        assert_eq!(s.produced, 3);
+        s.insert(entry(3, produce()), None);
+        s.cut(3);
+        assert_eq!(s.produced, 3, "what was purged still counts");
     }
 }

@@ -40,7 +40,57 @@ impl PartMachine {
             membership: StoredMembership::default(),
         }
     }
+
+    /// Applies one change (not a batch); a produce's append is queued on `appends`
+    /// with the offset it must get.
+    fn apply_op(&mut self, op: Op, appends: &mut Vec<(u64, Append)>) -> Result<OpOutcome, String> {
+        Ok(match op {
+            Op::Settle {
+                group,
+                filter,
+                offsets,
+            } => {
+                let key = GroupKey::new(&group, filter.as_deref());
+                let offsets: Vec<(u32, u64)> =
+                    offsets.into_iter().map(|o| (self.partition, o)).collect();
+                // Not awaited: a settle lost in a crash is applied again at the next
+                // start, which re-applies the whole log.
+                drop(self.queue.apply_settle(&key, &offsets));
+                OpOutcome::Done
+            }
+            Op::Delivered {
+                group,
+                filter,
+                counts,
+            } => {
+                let key = GroupKey::new(&group, filter.as_deref());
+                self.queue.apply_delivered(&key, self.partition, &counts);
+                OpOutcome::Done
+            }
+            Op::Batch { .. } => return Err("a batch inside a batch".into()),
+            op @ Op::Produce { .. } => {
+                let k = self.produced;
+                self.produced += 1;
+                let have = self.queue.next_offset(self.partition).unwrap_or(0);
+                if k >= have {
+                    let Some(msg) = message_of(op) else {
+                        return Err("not a produce".into());
+                    };
+                    appends.push((k, Box::pin(self.queue.apply_produce(self.partition, msg))));
+                }
+                OpOutcome::Produced(k)
+            }
+        })
+    }
 }
+
+/// A produce's append to the local partition.
+type Append = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<roost_queue::MessageId, roost_queue::ProduceError>>
+            + Send,
+    >,
+>;
 
 fn failed(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
@@ -65,14 +115,14 @@ pub fn message_of(op: Op) -> Option<NewMessage> {
             dedup_id: dedup_id.map(Bytes::from),
             deliver_at,
         }),
-        Op::Settle { .. } | Op::Delivered { .. } => None,
+        Op::Settle { .. } | Op::Delivered { .. } | Op::Batch { .. } => None,
     }
 }
 
-/// The produce entry of a message; `early` as [`Op::Produce`] says.
-pub fn op_of(msg: NewMessage, early: Option<u64>) -> Op {
+/// The produce change of a message.
+pub fn op_of(msg: NewMessage) -> Op {
     Op::Produce {
-        early,
+        early: None,
         subtopic: msg.subtopic,
         key: msg.partition_key.map(|b| b.to_vec()),
         headers: msg.headers.to_vec(),
@@ -107,40 +157,13 @@ impl RaftStateMachine<PartConfig> for PartMachine {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
                     OpOutcome::Done
                 }
-                EntryPayload::Normal(Op::Settle {
-                    group,
-                    filter,
-                    offsets,
-                }) => {
-                    let key = GroupKey::new(&group, filter.as_deref());
-                    let offsets: Vec<(u32, u64)> =
-                        offsets.into_iter().map(|o| (self.partition, o)).collect();
-                    // Not awaited: a settle lost in a crash is applied again at the next
-                    // start, which re-applies the whole log.
-                    drop(self.queue.apply_settle(&key, &offsets));
-                    OpOutcome::Done
-                }
-                EntryPayload::Normal(Op::Delivered {
-                    group,
-                    filter,
-                    counts,
-                }) => {
-                    let key = GroupKey::new(&group, filter.as_deref());
-                    self.queue.apply_delivered(&key, self.partition, &counts);
-                    OpOutcome::Done
-                }
-                EntryPayload::Normal(op) => {
-                    let k = self.produced;
-                    self.produced += 1;
-                    let have = self.queue.next_offset(self.partition).unwrap_or(0);
-                    if k >= have {
-                        let Some(msg) = message_of(op) else {
-                            return Err(failed("not a produce"));
-                        };
-                        appends.push((k, self.queue.apply_produce(self.partition, msg)));
-                    }
-                    OpOutcome::Produced(k)
-                }
+                EntryPayload::Normal(Op::Batch { ops, .. }) => OpOutcome::Batch(
+                    ops.into_iter()
+                        .map(|op| self.apply_op(op, &mut appends))
+                        .collect::<Result<_, _>>()
+                        .map_err(failed)?,
+                ),
+                EntryPayload::Normal(op) => self.apply_op(op, &mut appends).map_err(failed)?,
             };
             self.applied = Some(entry.log_id);
             out.push(outcome);

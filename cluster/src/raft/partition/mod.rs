@@ -91,6 +91,10 @@ impl PartitionRaft {
             election_timeout_min: timing.election_ms.0,
             election_timeout_max: timing.election_ms.1,
             snapshot_policy: SnapshotPolicy::Never,
+            // Entries are batches (up to `outbox::MAX_BATCH_BYTES` of messages, a
+            // third more as JSON): a follower that is behind gets at most this many
+            // per message, well under the link's frame limit.
+            max_payload_entries: 64,
             ..Config::default()
         }
         .validate()
@@ -195,15 +199,12 @@ impl PartitionRaft {
         });
     }
 
-    /// Commits `op` if this replica leads. A produce with a request id
-    /// (`ack_mode = "leader"`, see [`Op::Produce`]) is answered as soon as this node's
-    /// log has it on disk, commit or not.
+    /// Commits `op` if this replica leads. A change with a request id
+    /// (`ack_mode = "leader"`, see [`Op::Batch`]) is answered as soon as this node's
+    /// log has it on disk, commit or not, with [`OpOutcome::Produced`] and the offset
+    /// of its first message.
     pub async fn propose_here(&self, op: Op) -> Result<OpOutcome, NotHere> {
-        let early = match &op {
-            Op::Produce { early: Some(r), .. } => Some(*r),
-            _ => None,
-        };
-        let Some(r) = early else {
+        let Some(r) = op.early().filter(|_| op.produces() > 0) else {
             return Self::write_with(&self.raft, op).await;
         };
         let (tx, on_disk) = tokio::sync::oneshot::channel();
