@@ -135,7 +135,7 @@ impl Cluster {
             broker.queues.clone(),
             raft::partition::PartTiming {
                 heartbeat_ms: config.timing.heartbeat_ms,
-                election_ms: (config.timing.election_min_ms, config.timing.election_max_ms),
+                election_ms: config.timing.partition_election_ms(),
                 in_sync_lag: std::time::Duration::from_millis(config.timing.in_sync_lag_ms),
             },
         )?;

@@ -297,7 +297,7 @@ impl Node {
     /// them asks first and the others vote for it rather than split the vote.
     pub(crate) async fn watch_leader(self: Arc<Self>, mut down: mpsc::UnboundedReceiver<NodeId>) {
         while let Some(gone) = down.recv().await {
-            self.replicas.peer_down(gone, self.consensus.lease());
+            self.replicas.peer_down(gone);
             if self.consensus.leader() != Some(gone) {
                 continue;
             }

@@ -417,8 +417,14 @@ impl Replicas {
 
     /// A node's link went down: where it led a partition of which this node is a
     /// replica, stand for election once its lease is over (as the control plane does).
-    pub(crate) fn peer_down(self: &Arc<Self>, gone: NodeId, lease: Duration) {
+    /// The lease runs from when the replicas last heard the leader: this one's own
+    /// last heartbeat tells when, and the others heard the same heartbeat within a few
+    /// milliseconds, so the first in rank stands 15 ms after that, the next 30 ms
+    /// later (no split vote).
+    pub(crate) fn peer_down(self: &Arc<Self>, gone: NodeId) {
         self.consumers.node_down(gone);
+        // openraft's leader lease is the longest election timeout.
+        let lease = Duration::from_millis(self.timing.election_ms.1);
         let led: Vec<Arc<PartitionRaft>> = self
             .groups
             .read()
@@ -426,6 +432,7 @@ impl Replicas {
             .filter(|g| g.leader() == Some(gone))
             .cloned()
             .collect();
+        let now = std::time::Instant::now();
         for g in led {
             let rank = g
                 .replicas()
@@ -433,8 +440,10 @@ impl Replicas {
                 .filter(|&r| r != gone)
                 .position(|r| r == self.me)
                 .unwrap_or(0);
+            let margin = Duration::from_millis(15 + 30 * rank as u64);
+            let lease_over = g.heard().map_or(now + lease, |h| h + lease);
             tokio::spawn(async move {
-                let mut wait = lease + Duration::from_millis(15 + 30 * rank as u64);
+                let mut wait = (lease_over + margin).saturating_duration_since(now);
                 for _ in 0..4 {
                     tokio::time::sleep(wait).await;
                     let leader = g.leader();

@@ -66,6 +66,20 @@ impl Default for Timing {
     }
 }
 
+impl Timing {
+    /// The election timeouts of the queue partitions' groups: three quarters of the
+    /// control plane's. A partition's failover waits for its leader's lease (the
+    /// longest election timeout) to run out, and producers wait for it, so it is
+    /// shorter there; the control plane's changes can wait (placements, members).
+    /// Still two heartbeats above the heartbeat interval at the shortest, so a
+    /// leader that stalls for less than 100 ms keeps its partitions.
+    pub fn partition_election_ms(&self) -> (u64, u64) {
+        let min = (self.election_min_ms * 3 / 4).max(self.heartbeat_ms * 2);
+        let max = (self.election_max_ms * 3 / 4).max(min + 1);
+        (min, max)
+    }
+}
+
 /// This node's member of the Raft group.
 pub struct RaftNode {
     me: NodeId,

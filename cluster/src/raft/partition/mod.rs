@@ -57,6 +57,8 @@ pub struct PartitionRaft {
     raft: openraft::Raft<PartConfig>,
     early: log::EarlyWaiters,
     lag: Arc<ReplicaLag>,
+    /// When this replica last got entries or a heartbeat from a leader.
+    heard: parking_lot::Mutex<Option<Instant>>,
 }
 
 /// Why a proposal could not be made here.
@@ -139,6 +141,7 @@ impl PartitionRaft {
             raft,
             early,
             lag,
+            heard: parking_lot::Mutex::new(None),
         })
     }
 
@@ -240,7 +243,10 @@ impl PartitionRaft {
     /// Answers a peer's message for this group.
     pub async fn answer(&self, rpc: PartRpc) -> Result<Bytes, String> {
         match rpc {
-            PartRpc::Append(rpc) => json(&self.raft.append_entries(rpc).await),
+            PartRpc::Append(rpc) => {
+                *self.heard.lock() = Some(Instant::now());
+                json(&self.raft.append_entries(rpc).await)
+            }
             PartRpc::Vote(rpc) => json(&self.raft.vote(rpc).await),
             PartRpc::Snapshot(rpc) => json(&self.raft.install_snapshot(rpc).await),
             PartRpc::Propose(op) => match self.propose_here(op).await {
@@ -250,6 +256,13 @@ impl PartitionRaft {
             },
             PartRpc::Lags => json(&self.lags()),
         }
+    }
+
+    /// When this replica last got entries or a heartbeat from a leader (`None`: not
+    /// since it started). openraft's replicas refuse to vote for anyone else until a
+    /// leader lease has passed since then.
+    pub fn heard(&self) -> Option<Instant> {
+        *self.heard.lock()
     }
 
     /// Stands for election now.
