@@ -267,7 +267,7 @@ pub async fn run(
     queues.set_max_queues(config.max_queues);
     let queue_timers = queues.spawn_timers(Duration::from_millis(100), Duration::from_secs(1));
     let state_syncs = store.sync_latency();
-    let state_quarantined = u64::from(store.quarantined().is_some());
+    let state_quarantined = store.quarantined().len() as u64;
     let broker = Broker::new(config.engine.clone(), Arc::new(store), auth.clone(), queues);
     broker.restore(loaded);
     let cluster = match &config.cluster {

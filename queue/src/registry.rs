@@ -91,6 +91,19 @@ impl Queues {
         let storage = Arc::new(Storage::open(dir.join("logs"))?);
         let mut notes = Vec::new();
         for d in storage.journal_damage() {
+            if d.header {
+                warn!(
+                    "queue write-ahead journal {} has a damaged header (bytes {}..{} unreadable): \
+                     its entries were found by their own epoch and replayed, the file was \
+                     quarantined as {} and given a fresh header; records only the unreadable \
+                     bytes held are lost (the partitions that lost some report it)",
+                    d.file.display(),
+                    d.skipped.start,
+                    d.skipped.end,
+                    d.quarantined.display()
+                );
+                continue;
+            }
             warn!(
                 "queue write-ahead journal {} is damaged in bytes {}..{}: the entries after \
                  the damage were replayed, the file was quarantined as {}; records only the \

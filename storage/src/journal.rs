@@ -129,20 +129,31 @@ pub(crate) struct Entry {
     pub(crate) frames: Bytes,
 }
 
-/// Entries of the current epoch that could not be read, with readable ones after
-/// them: damage in the middle of a journal file (a torn write at the end of the last
-/// round is not damage: nothing of the epoch follows it).
+/// Damage in a journal file: entries of the current epoch that could not be read, with
+/// readable ones after them (a torn write at the end of the last round is not damage:
+/// nothing of the epoch follows it), or a header that does not check over a file that
+/// holds something.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Damaged {
     /// The journal file's name.
     pub(crate) file: &'static str,
-    /// The bytes skipped: from the first unreadable entry to the next readable one.
+    /// The bytes skipped: from the first unreadable entry to the next readable one; for
+    /// a damaged header, from byte 0 to the first readable entry.
     pub(crate) skipped: std::ops::Range<u64>,
+    /// The header was unreadable: the epoch was taken from the first intact entry.
+    pub(crate) header: bool,
 }
 
 /// Opens (creating if needed) both journal files and reads their entries, stepping
-/// over damage in the middle of a file (reported in the third value). A missing or
-/// unreadable header starts the file afresh (no entries).
+/// over damage in the middle of a file (reported in the third value).
+///
+/// A file that is empty or all zeros (never written) gets a fresh header. A damaged
+/// header over a file that holds more is damage too: its entries carry the epoch as
+/// well, so the first intact entry after the header gives it and they are read as
+/// usual (should that epoch have been voided already, a checkpoint put its records in
+/// their logs, and replay skips them); the file keeps its damaged header here (the
+/// caller copies it aside, then voids it with a fresh epoch, see
+/// [`JournalFile::reset`]).
 pub(crate) fn open(dir: &Path) -> io::Result<(Vec<JournalFile>, Vec<Entry>, Vec<Damaged>)> {
     let mut files = Vec::with_capacity(FILE_NAMES.len());
     let mut entries = Vec::new();
@@ -164,27 +175,38 @@ pub(crate) fn open(dir: &Path) -> io::Result<(Vec<JournalFile>, Vec<Entry>, Vec<
             Vec::new()
         };
         let mut jf = JournalFile { file, epoch: 0 };
+        let first = usize::try_from(HEADER).unwrap_or(usize::MAX);
         match parse_header(&bytes) {
             Some(epoch) => {
                 jf.epoch = epoch;
-                let bytes = Bytes::from(bytes);
-                let mut at = usize::try_from(HEADER).unwrap_or(usize::MAX);
-                loop {
-                    let stop = scan(&bytes, at, epoch, &mut entries);
-                    let Some(next) = next_entry(&bytes, stop.saturating_add(1), epoch) else {
-                        break;
-                    };
-                    damaged.push(Damaged {
-                        file: name,
-                        skipped: stop as u64..next as u64,
-                    });
-                    at = next;
-                }
+                read_entries(
+                    &Bytes::from(bytes),
+                    first,
+                    epoch,
+                    name,
+                    &mut entries,
+                    &mut damaged,
+                );
             }
-            None => {
+            None if bytes.iter().all(|&b| b == 0) => {
                 jf.epoch = fresh_epoch();
                 jf.file.write_all_at(&header_bytes(jf.epoch), 0)?;
                 jf.file.sync_data()?;
+            }
+            None => {
+                // Not voided with a fresh header yet: the caller copies the file aside
+                // first. Any epoch but the entries' serves as the file's next one.
+                jf.epoch = fresh_epoch();
+                let bytes = Bytes::from(bytes);
+                let found = first_entry(&bytes, first);
+                damaged.push(Damaged {
+                    file: name,
+                    skipped: 0..found.map_or(bytes.len(), |(at, _)| at) as u64,
+                    header: true,
+                });
+                if let Some((at, epoch)) = found {
+                    read_entries(&bytes, at, epoch, name, &mut entries, &mut damaged);
+                }
             }
         }
         files.push(jf);
@@ -193,6 +215,54 @@ pub(crate) fn open(dir: &Path) -> io::Result<(Vec<JournalFile>, Vec<Entry>, Vec<
         File::open(dir)?.sync_all()?;
     }
     Ok((files, entries, damaged))
+}
+
+/// Reads the entries of `epoch` from `at` on into `entries`, stepping over damage in
+/// the middle (pushed onto `damaged`) to the next intact entry of the epoch.
+fn read_entries(
+    bytes: &Bytes,
+    mut at: usize,
+    epoch: u64,
+    file: &'static str,
+    entries: &mut Vec<Entry>,
+    damaged: &mut Vec<Damaged>,
+) {
+    loop {
+        let stop = scan(bytes, at, epoch, entries);
+        let Some(next) = next_entry(bytes, stop.saturating_add(1), epoch) else {
+            return;
+        };
+        damaged.push(Damaged {
+            file,
+            skipped: stop as u64..next as u64,
+            header: false,
+        });
+        at = next;
+    }
+}
+
+/// The first position from `from` on where an intact entry of any epoch starts, with
+/// its epoch: how a file whose header is lost finds its entries.
+fn first_entry(bytes: &Bytes, from: usize) -> Option<(usize, u64)> {
+    let last = bytes.len().checked_sub(ENTRY_FIXED)?;
+    (from..=last).find_map(|at| {
+        // Cheap tests that most bytes fail before the CRC (there is no epoch to match):
+        // a length that fits, and a name made of a log name's characters.
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().ok()?) as usize;
+        let name_len = usize::from(u16::from_le_bytes([bytes[at + 24], bytes[at + 25]]));
+        let name = bytes.get(at + ENTRY_FIXED..at + ENTRY_FIXED + name_len)?;
+        if name_len == 0
+            || ENTRY_FIXED - 4 + name_len > len
+            || len > bytes.len() - at - 4
+            || !name
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return None;
+        }
+        let epoch = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().ok()?);
+        entry_at(bytes, at, epoch).map(|_| (at, epoch))
+    })
 }
 
 /// The entry at `at` if it is whole, intact and of `epoch`, and where it ends.
@@ -390,5 +460,31 @@ mod tests {
         h[13] ^= 0xff;
         assert_eq!(parse_header(&h), None);
         assert_eq!(parse_header(&[0u8; 10]), None);
+    }
+
+    #[test]
+    fn a_file_never_written_is_fresh_and_a_garbled_header_is_damage() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Created, cut before its header reached the disk: not damage.
+        std::fs::write(dir.path().join(FILE_NAMES[0]), [0u8; 100]).expect("write");
+        // A garbled header over bytes that are no entry: damage, nothing to read.
+        let mut garbled = vec![0xABu8; HEADER as usize + 300];
+        garbled[HEADER as usize..].fill(0x11);
+        std::fs::write(dir.path().join(FILE_NAMES[1]), &garbled).expect("write");
+        let (files, entries, damaged) = open(dir.path()).expect("open");
+        assert!(entries.is_empty());
+        assert_eq!(
+            damaged,
+            vec![Damaged {
+                file: FILE_NAMES[1],
+                skipped: 0..garbled.len() as u64,
+                header: true,
+            }]
+        );
+        let fresh = std::fs::read(dir.path().join(FILE_NAMES[0])).expect("read");
+        assert_eq!(parse_header(&fresh), Some(files[0].epoch));
+        // Left as it was for the caller to copy aside before voiding it.
+        let kept = std::fs::read(dir.path().join(FILE_NAMES[1])).expect("read");
+        assert_eq!(kept, garbled);
     }
 }

@@ -88,8 +88,10 @@
 //! data. The active (last) segment is scanned from its last index entry that points at
 //! a valid record; the scan checks every CRC and that offsets are dense, and the file is
 //! cut after the last good record. What was cut is returned in [`Recovery`]. Damage in
-//! the middle of a sealed segment cannot be cut without leaving a gap: reads there fail
-//! with [`Error::Corrupt`] instead of returning the bytes.
+//! the middle of a segment is salvaged (see `quarantine.rs`): records that check keep
+//! their offsets, lost ones read back as lost records. A read that meets damage while
+//! running (a bad block under a running broker) salvages the segment the same way,
+//! sealed or active, and goes on ([`Log::take_found_damage`]).
 //!
 //! # Limits
 //!
@@ -105,7 +107,7 @@ mod journal;
 pub mod latency;
 mod log;
 mod offset;
-mod quarantine;
+pub mod quarantine;
 mod segment;
 pub mod space;
 mod storage;

@@ -467,9 +467,9 @@ impl Log {
             .delete_segments(|seg, _| seg.next_offset <= offset)
     }
 
-    /// True when damage was found while running and not yet taken: a read of a sealed
-    /// segment met records that fail their CRC, and the segment was quarantined and
-    /// salvaged as recovery does on open (`lost` and `quarantined` of
+    /// True when damage was found while running and not yet taken: a read of a
+    /// segment (sealed or active) met records that fail their CRC, and the segment was
+    /// quarantined and salvaged as recovery does on open (`lost` and `quarantined` of
     /// [`Log::take_found_damage`]; see `quarantine.rs`). The read itself went on past
     /// the damage.
     pub fn has_found_damage(&self) -> bool {
@@ -669,7 +669,7 @@ pub(crate) struct LogInner {
     closed: AtomicBool,
     committer: Arc<dyn CommitQueue>,
     stats: Stats,
-    /// Damage found and repaired while reading (see [`LogInner::repair_sealed`]), not
+    /// Damage found and repaired while reading (see [`LogInner::repair`]), not
     /// yet taken by [`Log::take_found_damage`].
     found_damage: Mutex<Option<Recovery>>,
     /// Set with `found_damage`, so that a reader can look without a lock.
@@ -1380,9 +1380,7 @@ impl LogInner {
                     match self.read_segment(&snap, from, limit, out, &mut bytes) {
                         // Damage at rest, met while running: salvaged as on open, then
                         // read again from where this read got to.
-                        Err(Error::Corrupt { .. })
-                            if !repaired && self.repair_sealed(snap.base)? =>
-                        {
+                        Err(Error::Corrupt { .. }) if !repaired && self.repair(snap.base)? => {
                             repaired = true;
                             from = out.last().map_or(from, |r| r.offset + 1);
                             continue;
@@ -1398,21 +1396,129 @@ impl LogInner {
         }
     }
 
+    /// Repairs segment `base` after a read found damage in it, as recovery does on
+    /// open (see [`LogInner::repair_active`] and [`LogInner::repair_sealed`]), and
+    /// reports what was lost through [`Log::take_found_damage`]. False when there is
+    /// nothing to repair now.
+    fn repair(&self, base: Offset) -> Result<bool> {
+        let _one = self.repairing.lock();
+        // The writer's segment is its to repair; one that rolls meanwhile is repaired as
+        // a sealed one by the next read.
+        let active = self.writer.lock().base == base;
+        let repaired = if active {
+            self.repair_active(base)?
+        } else {
+            self.repair_sealed(base)?
+        };
+        let Some(recovery) = repaired else {
+            return Ok(false);
+        };
+        self.committer
+            .quarantined()
+            .fetch_add(recovery.quarantined.len() as u64, Ordering::Relaxed);
+        let mut found = self.found_damage.lock();
+        *found = Some(match found.take() {
+            Some(earlier) => earlier.merge(recovery),
+            None => recovery,
+        });
+        self.has_found_damage.store(true, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Salvages the active segment `base` after a read found damage in it.
+    ///
+    /// The writer's lock is held throughout, so nothing is appended meanwhile (the
+    /// committer waits on this log for as long as the salvage reads and rewrites the
+    /// segment, at most `segment_bytes`). Every record up to the writer's next offset
+    /// was written and published: those that do not check become lost records, as for
+    /// a sealed segment on open (quarantine copy, rewrite, indexes rebuilt), and the
+    /// writer and readers move to the rewritten file (reads in flight keep the old
+    /// one). `None` when there is nothing to do now: `base` is no longer the active
+    /// segment, a round written to it has not finished its journal sync (the rewrite
+    /// would hand its records to readers before they are durable; the next read tries
+    /// again), or its data checks after all.
+    ///
+    /// Once the segment is replaced the old writer's file is gone: if the rewritten
+    /// one cannot be opened, the log fails (read-only) rather than append to a file
+    /// that is no longer the segment.
+    fn repair_active(&self, base: Offset) -> Result<Option<Recovery>> {
+        let mut w = self.writer.lock();
+        if w.base != base || w.closed {
+            return Ok(None);
+        }
+        {
+            let st = self.state.lock();
+            let published = st.segments.last().is_some_and(|s| {
+                s.base == base && s.len == w.write_pos && s.next_offset == w.next_offset
+            });
+            if !published || !w.unpublished.is_empty() {
+                return Ok(None);
+            }
+        }
+        let paths = SegmentPaths::new(&self.dir, base);
+        let mut recovery = Recovery::default();
+        let end = w.next_offset;
+        if !salvage_segment(
+            &self.dir,
+            &self.name,
+            &paths,
+            base,
+            Some(end),
+            &mut recovery,
+        )? {
+            return Ok(None);
+        }
+        let interval = u64::from(self.config.index_interval_bytes.max(1));
+        let reopened = open_active(&self.dir, &self.name, base, interval, &mut recovery).and_then(
+            |(segment, writer)| {
+                if writer.next_offset == end {
+                    Ok((segment, writer))
+                } else {
+                    Err(Error::Corrupt {
+                        log: self.name.clone(),
+                        segment: base,
+                        position: writer.write_pos,
+                        reason: format!(
+                            "salvaged active segment ends at offset {}, expected {end}",
+                            writer.next_offset
+                        ),
+                    })
+                }
+            },
+        );
+        let (segment, mut writer) = match reopened {
+            Ok(reopened) => reopened,
+            Err(e) => {
+                self.fail(io::Error::other(format!(
+                    "active segment {base} could not be reopened after its salvage: {e}"
+                )));
+                return Err(e);
+            }
+        };
+        writer.last_timestamp = writer.last_timestamp.max(w.last_timestamp);
+        recovery.rebuilt_indexes.push(base);
+        *w = writer;
+        let mut st = self.state.lock();
+        if let Some(seg) = st.segments.last_mut().filter(|s| s.base == base) {
+            *seg = segment;
+        }
+        Ok(Some(recovery))
+    }
+
     /// Salvages sealed segment `base` after a read found damage in it: the same repair
     /// as on open (quarantine copy, rewrite with lost records, indexes rebuilt), then
     /// the segment readers see is swapped for the repaired one (reads in flight keep
-    /// the old file). False when there is nothing to repair: the active segment (its
-    /// writer owns it; damage there stays an error until a restart), a segment gone
-    /// meanwhile, or one whose data checks after all.
-    fn repair_sealed(&self, base: Offset) -> Result<bool> {
-        let _one = self.repairing.lock();
+    /// the old file). `None` when there is nothing to repair: the active segment (see
+    /// [`LogInner::repair_active`]), a segment gone meanwhile, or one whose data checks
+    /// after all.
+    fn repair_sealed(&self, base: Offset) -> Result<Option<Recovery>> {
         let (paths, next_base) = {
             let st = self.state.lock();
             let Some(i) = st.segments.iter().position(|s| s.base == base) else {
-                return Ok(false);
+                return Ok(None);
             };
             let Some(next) = st.segments.get(i + 1) else {
-                return Ok(false);
+                return Ok(None);
             };
             (SegmentPaths::new(&self.dir, base), next.base)
         };
@@ -1425,7 +1531,7 @@ impl LogInner {
             Some(next_base),
             &mut recovery,
         )? {
-            return Ok(false);
+            return Ok(None);
         }
         let interval = u64::from(self.config.index_interval_bytes.max(1));
         let repaired = open_sealed(
@@ -1436,22 +1542,11 @@ impl LogInner {
             interval,
             &mut recovery,
         )?;
-        {
-            let mut st = self.state.lock();
-            if let Some(seg) = st.segments.iter_mut().find(|s| s.base == base) {
-                *seg = repaired;
-            }
+        let mut st = self.state.lock();
+        if let Some(seg) = st.segments.iter_mut().find(|s| s.base == base) {
+            *seg = repaired;
         }
-        self.committer
-            .quarantined()
-            .fetch_add(recovery.quarantined.len() as u64, Ordering::Relaxed);
-        let mut found = self.found_damage.lock();
-        *found = Some(match found.take() {
-            Some(earlier) => earlier.merge(recovery),
-            None => recovery,
-        });
-        self.has_found_damage.store(true, Ordering::Release);
-        Ok(true)
+        Ok(Some(recovery))
     }
 
     /// Appends records `from..` of a cached chunk to `out`, within the same limits as

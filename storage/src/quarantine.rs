@@ -10,6 +10,10 @@
 //! `<storage dir>/quarantine/<log>/<file>.<unix ms>`, so nothing the disk held is
 //! thrown away by recovery.
 //!
+//! The copy and the atomic rewrite are public for the broker's other store (the session
+//! store's journal, checked before it is opened), so that damaged files of every store
+//! land in one quarantine directory the same way.
+//!
 //! Invariants: a rewrite never changes the offset or the bytes of a record that checks;
 //! the segment file is replaced atomically (temporary file, fsync, rename, directory
 //! fsync), after its quarantine copy is durable.
@@ -95,13 +99,10 @@ pub(crate) fn salvage(data: &[u8], base: Offset, end: Option<Offset>) -> Option<
     (!lost.is_empty()).then_some(Salvaged { bytes: out, lost })
 }
 
-/// Copies `file` (a file of log `log`) unchanged into the quarantine directory of
-/// `storage_dir`, durably. Returns the copy's path.
-pub(crate) fn quarantine_copy(
-    storage_dir: &Path,
-    log: &str,
-    file: &Path,
-) -> std::io::Result<PathBuf> {
+/// Copies `file` (a file of log `log`, or of another store under `storage_dir`)
+/// unchanged into the quarantine directory of `storage_dir`, as
+/// `quarantine/<log>/<file name>.<unix ms>`, durably. Returns the copy's path.
+pub fn quarantine_copy(storage_dir: &Path, log: &str, file: &Path) -> std::io::Result<PathBuf> {
     let dir = storage_dir.join(QUARANTINE_DIR).join(log);
     fs::create_dir_all(&dir)?;
     let name = file
@@ -125,8 +126,9 @@ pub(crate) fn quarantine_copy(
     Ok(copy)
 }
 
-/// Replaces `path` with `bytes` atomically and durably.
-pub(crate) fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Replaces `path` with `bytes` atomically and durably (through `<path stem>.salvage`,
+/// which a crash may leave behind).
+pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(TEMP_EXT);
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;

@@ -33,9 +33,10 @@ pub struct Storage {
     committer: Committer,
 }
 
-/// Damage in the middle of a journal file, found on open: entries that could not be
-/// read, with readable ones after them. The readable ones were replayed; the file was
-/// copied, as it was, into `<storage dir>/quarantine/journal/` first. Records of a log
+/// Damage in a journal file, found on open: entries that could not be read, with
+/// readable ones after them, or an unreadable header. The readable entries were
+/// replayed; the file was copied, as it was, into `<storage dir>/quarantine/journal/`
+/// first (one copy per file, however many damaged places it has). Records of a log
 /// that only the damaged entries held are lost: a log whose replay stopped at a gap
 /// because of it reports the quarantined copy and the gap (`Recovery::quarantined`,
 /// `Recovery::journal_gap`).
@@ -45,6 +46,9 @@ pub struct JournalDamage {
     pub file: PathBuf,
     /// Its bytes that were skipped.
     pub skipped: std::ops::Range<u64>,
+    /// Its header was unreadable (`skipped` starts at 0): the epoch of its entries was
+    /// taken from the first intact one, and the file was given a fresh header.
+    pub header: bool,
     /// Its copy in the quarantine directory.
     pub quarantined: PathBuf,
 }
@@ -81,23 +85,32 @@ impl Storage {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let (files, entries, damaged) = journal::open(&dir).map_err(io_err(&dir))?;
         let shared = Arc::new(CommitShared::new(files, &dir));
-        let mut journal_damage = Vec::new();
+        let mut journal_damage: Vec<JournalDamage> = Vec::new();
         for d in damaged {
-            // Copied aside before the journal is voided below.
+            // Copied aside (once per file) before the journal is voided below.
             let file = dir.join(d.file);
-            let quarantined = crate::quarantine::quarantine_copy(&dir, "journal", &file)
-                .map_err(io_err(&file))?;
-            shared
-                .quarantined
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let copied = journal_damage.iter().find(|j| j.file == file);
+            let quarantined = match copied {
+                Some(j) => j.quarantined.clone(),
+                None => {
+                    let copy = crate::quarantine::quarantine_copy(&dir, "journal", &file)
+                        .map_err(io_err(&file))?;
+                    shared
+                        .quarantined
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    copy
+                }
+            };
             journal_damage.push(JournalDamage {
                 file,
                 skipped: d.skipped,
+                header: d.header,
                 quarantined,
             });
         }
         let mut recovered = HashMap::new();
-        if !entries.is_empty() {
+        let entries_empty = entries.is_empty();
+        if !entries_empty {
             for (name, entries) in journal::by_log(entries) {
                 if let Some(mut recovery) = replay(&dir, &name, &entries, &shared)? {
                     if recovery.journal_gap.is_some() {
@@ -108,7 +121,10 @@ impl Storage {
                     recovered.insert(name, recovery);
                 }
             }
-            // Every log holds its records durably now: void the journal.
+        }
+        if !entries_empty || !journal_damage.is_empty() {
+            // Every log holds its records durably now: void the journal (and give a
+            // file whose header was damaged a fresh one, now that it is copied aside).
             shared.reset_journal().map_err(io_err(&dir))?;
         }
         let committer = Committer::start(shared, journal_bytes).map_err(io_err(&dir))?;

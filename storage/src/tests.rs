@@ -831,6 +831,79 @@ async fn damage_found_by_a_read_while_running_is_quarantined_and_read_past() {
     assert_eq!(log.append(vec![rec(n)]).await.expect("append"), n);
 }
 
+/// Damage in the middle of the *active* segment under a running log (a bad block under
+/// the segment being appended to): the read that meets it salvages the segment as
+/// recovery does on open, reports it once, and reads past it; later reads and appends
+/// go on without a restart, and a restart finds nothing more to repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_the_active_segment_found_while_running_is_salvaged_without_a_restart() {
+    for durability in [Durability::Fsync, Durability::Buffered] {
+        let dir = temp();
+        let config = LogConfig {
+            durability,
+            sync_interval: Duration::from_millis(10),
+            segment_bytes: 1 << 20,
+            index_interval_bytes: 256,
+            ..LogConfig::default()
+        };
+        let storage = Storage::open(dir.path()).expect("open");
+        let (log, _) = storage.open_log("q", config).expect("open log");
+        let n = 1500;
+        append_n(&log, 0..n, 5).await;
+        let segments = segment_files(&dir.path().join("q"), "log");
+        assert_eq!(segments.len(), 1, "one segment: the active one");
+        // Far from the readers' in-memory tail (its newest 32 KiB).
+        let len = fs::metadata(&segments[0]).expect("meta").len();
+        let at = len / 5;
+        assert!(len - at > 40 * 1024, "{len}");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&segments[0])
+            .expect("open");
+        f.write_all_at(&[0xEE; 32], at).expect("overwrite");
+        drop(f);
+
+        let all = read_all(&log);
+        assert_eq!(all.len() as u64, n, "every offset read, none skipped");
+        let found = log.take_found_damage().expect("damage reported");
+        assert_eq!(found.lost.len(), 1, "{found:?}");
+        let lost = found.lost[0].clone();
+        assert!(!lost.is_empty() && lost.end - lost.start <= 2, "{lost:?}");
+        for r in &all {
+            if lost.contains(&r.offset) {
+                assert!(r.headers.is_empty() && r.payload.is_empty(), "{}", r.offset);
+            } else {
+                assert_records(std::slice::from_ref(r), r.offset..r.offset + 1);
+            }
+        }
+        assert_eq!(found.quarantined.len(), 1);
+        assert!(found.quarantined[0].starts_with(dir.path().join("quarantine").join("q")));
+        assert_eq!(
+            fs::read(&found.quarantined[0]).expect("copy").len() as u64,
+            len
+        );
+        assert_eq!(storage.quarantined_total(), 1);
+        // Appends go on into the rewritten segment, and everything reads back.
+        append_n(&log, n..n + 100, 7).await;
+        let all = read_all(&log);
+        assert_eq!(all.len() as u64, n + 100);
+        assert_records(&all[lost.end as usize..], lost.end..n + 100);
+        assert_eq!(log.take_found_damage(), None, "reported once");
+        assert_eq!(storage.quarantined_total(), 1);
+        drop(log);
+        drop(storage);
+        // A restart finds the segment whole: the lost records stay lost records.
+        let storage = Storage::open(dir.path()).expect("reopen");
+        let (log, recovery) = storage.open_log("q", config).expect("open log");
+        assert!(recovery.is_clean(), "{durability:?}: {recovery:?}");
+        let all = read_all(&log);
+        assert_eq!(all.len() as u64, n + 100);
+        assert!(all[lost.start as usize].payload.is_empty());
+        assert_records(&all[..lost.start as usize], 0..lost.start);
+        assert_eq!(storage.quarantined_total(), 0);
+    }
+}
+
 /// The runtime hook (`Storage::inject_sync_failure`, which the broker's
 /// `ROOST_TEST_FAIL_FSYNC_QUEUE` sets) fails the fdatasyncs of the logs it names only,
 /// from when it is set, through the same path as a real failure.
@@ -1515,4 +1588,75 @@ async fn damage_in_the_middle_of_the_journal_is_quarantined_and_what_follows_is_
     assert_eq!(recovery.quarantined, vec![damage[0].quarantined.clone()]);
     // Still appendable where it ends.
     assert_eq!(log.append(vec![rec(end)]).await.expect("append"), end);
+}
+
+/// A journal file whose header is damaged (its epoch unreadable) after a power cut took
+/// the active segments: the file is copied into quarantine before it gets a fresh
+/// header, counted, reported with `header`, and its entries (found by the epoch they
+/// carry themselves) are replayed: nothing the journal held is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_journal_header_is_quarantined_and_its_entries_are_replayed() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let p0 = storage.open_log("p-0", small()).expect("open").0;
+    let p1 = storage.open_log("p-1", small()).expect("open").0;
+    append_n(&p0, 0..200, 3).await;
+    append_n(&p1, 0..40, 4).await;
+    drop((p0, p1));
+    let copy = temp();
+    copy_dir(dir.path(), copy.path());
+    drop(storage);
+    lose_active_segment(&copy.path().join("p-0"), 0);
+    lose_active_segment(&copy.path().join("p-1"), 0);
+    let needle = b"h199";
+    let path = journal::FILE_NAMES
+        .iter()
+        .map(|name| copy.path().join(name))
+        .find(|p| {
+            let bytes = fs::read(p).expect("journal");
+            bytes.windows(needle.len()).any(|w| w == needle)
+        })
+        .expect("the records are in a journal file");
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .write_all_at(&[0xEE; 16], 4)
+        .expect("damage the header");
+
+    let restored = Storage::open(copy.path()).expect("reopen");
+    assert_eq!(restored.quarantined_total(), 1);
+    let damage = restored.journal_damage();
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!(damage[0].file, path);
+    assert!(damage[0].header, "{damage:?}");
+    assert_eq!(
+        damage[0].skipped,
+        0..journal::HEADER,
+        "the first entry is intact"
+    );
+    assert!(
+        damage[0]
+            .quarantined
+            .starts_with(copy.path().join("quarantine").join("journal"))
+    );
+    let kept = fs::read(&damage[0].quarantined).expect("copy");
+    assert_eq!(&kept[4..20], &[0xEE; 16], "the copy is the file as it was");
+    for (name, n) in [("p-0", 200), ("p-1", 40)] {
+        let (log, recovery) = restored.open_log(name, small()).expect("open");
+        assert_records(&read_all(&log), 0..n);
+        assert!(recovery.replayed > 0, "{name}: {recovery:?}");
+        assert_eq!(recovery.journal_gap, None, "{name}: {recovery:?}");
+        assert_eq!(log.append(vec![rec(n)]).await.expect("append"), n);
+    }
+    drop(restored);
+    // The file got a good header: a second open finds nothing to repair or replay.
+    let again = Storage::open(copy.path()).expect("reopen");
+    assert!(again.journal_damage().is_empty());
+    assert_eq!(again.quarantined_total(), 0);
+    for (name, n) in [("p-0", 201), ("p-1", 41)] {
+        let (log, recovery) = again.open_log(name, small()).expect("open");
+        assert!(recovery.is_clean(), "{name}: {recovery:?}");
+        assert_records(&read_all(&log), 0..n);
+    }
 }

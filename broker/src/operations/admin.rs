@@ -1042,7 +1042,7 @@ fn render_metrics(
     let name = "roost_storage_quarantined_total";
     let _ = writeln!(
         out,
-        "# HELP {name} Damaged store files moved aside into a quarantine directory at startup (queue files, or the whole session store).\n# TYPE {name} counter\n{name} {}",
+        "# HELP {name} Damaged store files moved or copied aside into a quarantine directory (queue segments and journal files, at startup or found while reading; session store journal files, or the whole session store, at startup).\n# TYPE {name} counter\n{name} {}",
         broker.queues.storage().quarantined_total() + state_quarantined
     );
     let name = "roost_storage_fsync_seconds";

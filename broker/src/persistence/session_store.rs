@@ -52,6 +52,8 @@ use roost_engine::session::InflightState;
 use roost_engine::store::{Op, SessionStore, StoreError, StoreRoom, Ticket};
 use roost_storage::space::SpaceGuard;
 
+use super::fjall_journal;
+
 /// When an acknowledged write counts as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -114,8 +116,9 @@ pub struct Store {
     failed: Arc<AtomicBool>,
     /// The durations of the writer's fdatasyncs, for `/metrics`.
     syncs: Arc<SyncLatency>,
-    /// Where a damaged store was moved aside at this start.
-    quarantined: Option<std::path::PathBuf>,
+    /// What of a damaged store was moved or copied aside at this start: damaged journal
+    /// files (copies), the whole directory.
+    quarantined: Vec<std::path::PathBuf>,
     /// Whether there is room for new state (kept current by the writer).
     room: Arc<StoreRoom>,
 }
@@ -168,6 +171,12 @@ impl Store {
 
     /// Opens (or creates) the store in `dir` and loads its contents.
     ///
+    /// Its journal is checked first ([`fjall_journal::repair`]): a journal file with
+    /// damage is copied into `quarantine/<dir name>/` beside `dir` and keeps only its
+    /// intact batches, so that every batch after the damage is still replayed (fjall
+    /// would silently stop at the damage and drop them); each is logged at warn level
+    /// and counted in `roost_storage_quarantined_total`.
+    ///
     /// A store damaged beyond what the database can open or read (a table file
     /// overwritten, a checksum that does not match) does not keep roost from starting:
     /// the whole directory is moved aside to `quarantine/state-<ms>` beside it (logged
@@ -185,8 +194,27 @@ impl Store {
         sync_interval: Duration,
         reserve: Option<u64>,
     ) -> Result<(Store, Loaded), StoreError> {
-        let (spaces, loaded, quarantined) = match open_spaces(dir) {
-            Ok((spaces, loaded)) => (spaces, loaded, None),
+        let mut quarantined = Vec::new();
+        let journal = fjall_journal::repair(dir).map_err(|e| {
+            StoreError::Database(format!(
+                "cannot check the session store's journal in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        for d in journal {
+            tracing::warn!(
+                "session store journal {} is damaged in bytes {:?}: copied to {} and cut \
+                 out; the {} intact batches after the damage are kept, the writes only \
+                 the damaged bytes held are lost",
+                d.file.display(),
+                d.damaged,
+                d.quarantined.display(),
+                d.kept_after
+            );
+            quarantined.push(d.quarantined);
+        }
+        let (spaces, loaded) = match open_spaces(dir) {
+            Ok(opened) => opened,
             Err(e) if is_damage(&e) => {
                 let aside = quarantine(dir).map_err(|io| {
                     StoreError::Database(format!("{e}; and moving it aside failed: {io}"))
@@ -196,8 +224,8 @@ impl Store {
                     dir.display(),
                     aside.display()
                 );
-                let (spaces, loaded) = open_spaces(dir).map_err(db_err)?;
-                (spaces, loaded, Some(aside))
+                quarantined.push(aside);
+                open_spaces(dir).map_err(db_err)?
             }
             Err(e) => return Err(db_err(e)),
         };
@@ -250,9 +278,10 @@ impl Store {
         ))
     }
 
-    /// Where a damaged store was moved aside at this start, if it was.
-    pub fn quarantined(&self) -> Option<&Path> {
-        self.quarantined.as_deref()
+    /// What of a damaged store was moved or copied aside at this start: each is one
+    /// count of `roost_storage_quarantined_total`.
+    pub fn quarantined(&self) -> &[std::path::PathBuf] {
+        &self.quarantined
     }
 
     /// The durations of this store's fdatasyncs (the `store="state"` series of
@@ -936,6 +965,94 @@ mod tests {
             "sequence numbers continue after the highest stored"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A journal batch in the middle of the store's journal is overwritten (a bad
+    /// block): the store opens with everything but that batch, the file is copied into
+    /// quarantine, and the batches after the damage are all there. Without the check,
+    /// fjall either stops at the damage and silently drops every batch after it (a
+    /// batch start overwritten: a bad tag) or fails the open, and the whole store is
+    /// moved aside (a checksum that does not match).
+    #[test]
+    fn a_journal_damaged_in_the_middle_keeps_every_batch_after_the_damage() {
+        // (bytes before the key `r/20`, bytes overwritten): the item's key only (its
+        // batch's checksum fails), or from its batch's start (13 bytes of Start, 21
+        // of the item's header before its key) on.
+        for (back, len) in [(0, 6), (34, 40)] {
+            journal_damaged_at(back, len);
+        }
+    }
+
+    fn journal_damaged_at(back: usize, len: usize) {
+        let data = tempfile::tempdir().expect("temp dir");
+        let dir = data.path().join("state");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let n = 40;
+        {
+            let (store, _) =
+                Store::open(&dir, Durability::Fsync, Duration::from_secs(1)).expect("open");
+            for i in 0..n {
+                // One round, one journal batch each.
+                let topic = format!("r/{i}");
+                let ops = vec![Op::PutRetained(
+                    topic.as_str().into(),
+                    encode_retained(&message(&topic, b"retained payload")),
+                )];
+                rt.block_on(store.submit(ops).wait()).expect("stored");
+            }
+        }
+        let journals: Vec<_> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+            .collect();
+        let needle = b"r/20";
+        let (file, at) = journals
+            .iter()
+            .find_map(|p| {
+                let bytes = std::fs::read(p).expect("read");
+                let at = bytes.windows(needle.len()).position(|w| w == needle)?;
+                Some((p.clone(), at - back))
+            })
+            .expect("the write of r/20 is in a journal file");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xEE; len], at as u64).expect("damage");
+        drop(f);
+
+        let (store, loaded) =
+            Store::open(&dir, Durability::Fsync, Duration::from_secs(1)).expect("reopen");
+        let mut topics: Vec<String> = loaded
+            .retained
+            .iter()
+            .map(|m| m.topic.to_string())
+            .collect();
+        topics.sort();
+        let mut want: Vec<String> = (0..n)
+            .filter(|&i| i != 20)
+            .map(|i| format!("r/{i}"))
+            .collect();
+        want.sort();
+        assert_eq!(
+            topics, want,
+            "every batch but the damaged one ({back}, {len})"
+        );
+        assert_eq!(store.quarantined().len(), 1, "{:?}", store.quarantined());
+        let copy = &store.quarantined()[0];
+        assert!(copy.starts_with(data.path().join("quarantine").join("state")));
+        assert_eq!(
+            &std::fs::read(copy).expect("copy")[at..at + len],
+            &vec![0xEE; len][..]
+        );
+        drop(store);
+        let (store, loaded) =
+            Store::open(&dir, Durability::Fsync, Duration::from_secs(1)).expect("again");
+        assert!(store.quarantined().is_empty(), "repaired once");
+        assert_eq!(loaded.retained.len(), want.len());
     }
 
     /// Free bytes of the file system holding `dir`.
