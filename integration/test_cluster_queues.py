@@ -240,6 +240,54 @@ def test_delivery_counts_and_settings_survive_a_failover(c3):
         assert p is None or p.type != w.PUBLISH, "delivered past max_deliveries"
 
 
+def test_a_nacks_backoff_and_a_dead_letter_survive_a_failover(c3):
+    """A nack's backoff is replicated with the partition: the next leader does not
+    deliver the message again before the backoff the old leader gave it is over. A
+    message the old leader dead-lettered is settled on every replica: the next leader
+    does not dead-letter it a second time (its dead-letter queue stays empty; the
+    copy lives on the node that moved it)."""
+    q, leader = placed_queue(c3[1], {"max_deliveries": 5, "ack_timeout_ms": 60000,
+                                     "backoff_initial_ms": 4000, "backoff_max_ms": 4000})
+    log = history.History()
+    home = next(i for i in (1, 2, 3) if i != leader)
+    assert produce(c3[home], q, 2, log) == 0
+    con = consumer(c3[home], q)
+    got = {}
+    deadline = time.monotonic() + 15
+    while len(got) < 2 and time.monotonic() < deadline:
+        p = con.recv(0.2)
+        if p is not None and p.type == w.PUBLISH:
+            got[p.payload] = p
+    assert sorted(got) == [b"m0", b"m1"], got
+    nacked = time.monotonic()
+    con.ack(w.PUBACK, got[b"m0"].pid, rc=0x80)  # again in 4 s
+    con.publish(f"$queue/{q}/$reject", b"", qos=0,
+                properties=[(w.USER_PROPERTY,
+                             ("message-id", dict(got[b"m1"].user_props())["message-id"]))])
+    time.sleep(1.0)  # replicated asynchronously, like a settle
+    c3[leader].kill()
+    p = None
+    while time.monotonic() < nacked + 10:
+        p = con.recv(0.2)
+        if p is not None and p.type == w.PUBLISH:
+            break
+    assert p is not None and p.type == w.PUBLISH, "m0 never came again"
+    came = time.monotonic() - nacked
+    assert p.payload == b"m0", f"{p.payload!r} came again after it was dead-lettered"
+    assert dict(p.user_props())["delivery-count"] == "2"
+    assert came >= 3.7, f"the next leader delivered m0 again {came:.1f} s after the nack"
+    con.ack(w.PUBACK, p.pid)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        p = con.recv(0.2)
+        assert p is None or p.type != w.PUBLISH, f"{p.payload!r} came again"
+    # Nor was it dead-lettered a second time by the next leader.
+    for i in (1, 2, 3):
+        if i != leader:
+            _, info = c3[i].api("GET", f"/api/v1/queues/{q}")
+            assert info.get("dead_letters") == 0, (i, info.get("dead_letters"))
+
+
 def placed_queue(node, settings):
     q = f"ra{uuid.uuid4().hex[:6]}"
     code, body = node.api("PUT", f"/api/v1/queues/{q}", {"partitions": 1, **settings})

@@ -45,24 +45,107 @@ pub enum Item {
         /// Where the offset goes.
         answer: ProduceAnswer,
     },
-    /// Group `key` settled these offsets.
-    Settle {
+    /// A change of group `key`'s progress.
+    Group {
         /// The group.
         key: GroupKey,
-        /// The offsets.
-        offsets: Vec<u64>,
+        /// What changed.
+        change: Change,
         /// Proposals of it that failed so far.
         tries: u32,
     },
-    /// Group `key` delivered these (offset, delivery count)s.
-    Delivered {
-        /// The group.
-        key: GroupKey,
-        /// (offset, count).
-        counts: Vec<(u64, u32)>,
-        /// Proposals of it that failed so far.
-        tries: u32,
-    },
+}
+
+impl Item {
+    /// A group change not tried yet.
+    pub fn group(key: &GroupKey, change: Change) -> Item {
+        Item::Group {
+            key: key.clone(),
+            change,
+            tries: 0,
+        }
+    }
+}
+
+/// A change of a group's progress, as [`Op::Settle`], [`Op::Delivered`] and
+/// [`Op::Nacked`] carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// These offsets were settled.
+    Settle(Vec<u64>),
+    /// These (offset, delivery count)s were delivered.
+    Delivered(Vec<(u64, u32)>),
+    /// These (offset, delivery count, redelivery time)s were nacked.
+    Nacked(Vec<(u64, u32, u64)>),
+}
+
+impl Change {
+    /// About how many bytes it takes in an entry.
+    fn bytes(&self) -> usize {
+        match self {
+            Change::Settle(v) => v.len() * 8,
+            Change::Delivered(v) => v.len() * 12,
+            Change::Nacked(v) => v.len() * 20,
+        }
+    }
+
+    /// The change of group `key` as an entry's change.
+    fn op(&self, key: &GroupKey) -> Op {
+        let group = key.group.to_string();
+        let filter = key.filter.as_deref().map(str::to_owned);
+        match self.clone() {
+            Change::Settle(offsets) => Op::Settle {
+                group,
+                filter,
+                offsets,
+            },
+            Change::Delivered(counts) => Op::Delivered {
+                group,
+                filter,
+                counts,
+            },
+            Change::Nacked(retries) => Op::Nacked {
+                group,
+                filter,
+                retries,
+            },
+        }
+    }
+
+    /// Adds it to `op` if that is the same kind of change of the same group.
+    fn join(&self, key: &GroupKey, op: &mut Op) -> bool {
+        let same = |group: &str, filter: &Option<String>| {
+            *key.group == *group && key.filter.as_deref() == filter.as_deref()
+        };
+        match (self, op) {
+            (
+                Change::Settle(v),
+                Op::Settle {
+                    group,
+                    filter,
+                    offsets,
+                },
+            ) if same(group, filter) => offsets.extend_from_slice(v),
+            (
+                Change::Delivered(v),
+                Op::Delivered {
+                    group,
+                    filter,
+                    counts,
+                },
+            ) if same(group, filter) => counts.extend_from_slice(v),
+            (
+                Change::Nacked(v),
+                Op::Nacked {
+                    group,
+                    filter,
+                    retries,
+                },
+            ) if same(group, filter) => retries.extend_from_slice(v),
+            _ => return false,
+        }
+        true
+    }
 }
 
 #[derive(Default)]
@@ -121,8 +204,7 @@ impl Outbox {
         while let Some(item) = w.items.front() {
             let size = match item {
                 Item::Produce { bytes, .. } => *bytes,
-                Item::Settle { offsets, .. } => offsets.len() * 8,
-                Item::Delivered { counts, .. } => counts.len() * 12,
+                Item::Group { change, .. } => change.bytes(),
             };
             if items > 0 && (bytes + size > MAX_BATCH_BYTES || items >= MAX_BATCH_ITEMS) {
                 break;
@@ -137,43 +219,13 @@ impl Outbox {
                     ops.push(op);
                     answers.push(answer);
                 }
-                Item::Settle {
-                    key,
-                    offsets,
-                    tries,
-                } => {
-                    match ops.last_mut() {
-                        Some(Op::Settle {
-                            group,
-                            filter,
-                            offsets: to,
-                        }) if same_group(&key, group, filter) => to.extend_from_slice(&offsets),
-                        _ => ops.push(Op::Settle {
-                            group: key.group.to_string(),
-                            filter: key.filter.as_deref().map(str::to_owned),
-                            offsets: offsets.clone(),
-                        }),
+                Item::Group { key, change, tries } => {
+                    // Joined with the change before it when that is of the same kind
+                    // and group (their order within the entry is kept either way).
+                    if !ops.last_mut().is_some_and(|op| change.join(&key, op)) {
+                        ops.push(change.op(&key));
                     }
-                    again.push(Item::Settle {
-                        key,
-                        offsets,
-                        tries,
-                    });
-                }
-                Item::Delivered { key, counts, tries } => {
-                    match ops.last_mut() {
-                        Some(Op::Delivered {
-                            group,
-                            filter,
-                            counts: to,
-                        }) if same_group(&key, group, filter) => to.extend_from_slice(&counts),
-                        _ => ops.push(Op::Delivered {
-                            group: key.group.to_string(),
-                            filter: key.filter.as_deref().map(str::to_owned),
-                            counts: counts.clone(),
-                        }),
-                    }
-                    again.push(Item::Delivered { key, counts, tries });
+                    again.push(Item::Group { key, change, tries });
                 }
             }
         }
@@ -184,10 +236,6 @@ impl Outbox {
             again,
         })
     }
-}
-
-fn same_group(key: &GroupKey, group: &str, filter: &Option<String>) -> bool {
-    *key.group == *group && key.filter.as_deref() == filter.as_deref()
 }
 
 impl Batch {
@@ -237,37 +285,26 @@ impl Batch {
         }
         let mut again = Vec::new();
         for item in self.again {
-            match item {
-                Item::Settle {
+            let Item::Group { key, change, tries } = item else {
+                continue;
+            };
+            if tries + 1 < MAX_TRIES {
+                again.push(Item::Group {
                     key,
-                    offsets,
-                    tries,
-                } if tries + 1 < MAX_TRIES => again.push(Item::Settle {
-                    key,
-                    offsets,
+                    change,
                     tries: tries + 1,
-                }),
-                Item::Delivered { key, counts, tries } if tries + 1 < MAX_TRIES => {
-                    again.push(Item::Delivered {
-                        key,
-                        counts,
-                        tries: tries + 1,
-                    })
-                }
-                Item::Settle { key, offsets, .. } => tracing::warn!(
-                    group = %key.group,
-                    offsets = offsets.len(),
-                    "settles not replicated after {MAX_TRIES} tries ({why}): those messages \
-                     may be delivered again after a failover"
-                ),
-                Item::Delivered { key, counts, .. } => tracing::warn!(
-                    group = %key.group,
-                    counts = counts.len(),
-                    "delivery counts not replicated after {MAX_TRIES} tries ({why}): they \
-                     start over after a failover"
-                ),
-                Item::Produce { .. } => {}
+                });
+                continue;
             }
+            let (what, lost) = match change {
+                Change::Settle(_) => ("settles", "those messages may be delivered again"),
+                Change::Delivered(_) => ("delivery counts", "they start over"),
+                Change::Nacked(_) => ("nack backoffs", "those messages may come sooner"),
+            };
+            tracing::warn!(
+                group = %key.group,
+                "{what} not replicated after {MAX_TRIES} tries ({why}): {lost} after a failover"
+            );
         }
         again
     }
@@ -299,11 +336,10 @@ mod tests {
     }
 
     fn settle(group: &str, offsets: &[u64]) -> Item {
-        Item::Settle {
-            key: GroupKey::new(group, None),
-            offsets: offsets.to_vec(),
-            tries: 0,
-        }
+        Item::group(
+            &GroupKey::new(group, None),
+            Change::Settle(offsets.to_vec()),
+        )
     }
 
     #[test]

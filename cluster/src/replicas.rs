@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::consensus::Consensus;
 use crate::consumers::Consumers;
 use crate::link::Links;
-use crate::outbox::{Item, Outbox};
+use crate::outbox::{Change, Item, Outbox};
 use crate::raft::partition::lag::Lag;
 use crate::raft::partition::machine::op_of;
 use crate::raft::partition::types::{GroupId, Op, OpOutcome};
@@ -656,21 +656,22 @@ impl Replicator for QueueReplicator {
     }
 
     fn settled(&self, key: &GroupKey, offsets: &[(u32, u64)]) {
-        self.send_by_partition(offsets.iter().copied(), |offsets| Item::Settle {
-            key: key.clone(),
-            offsets,
-            tries: 0,
+        self.send_by_partition(offsets.iter().copied(), |offsets| {
+            Item::group(key, Change::Settle(offsets))
         });
     }
 
     fn delivered(&self, key: &GroupKey, counts: &[(u32, u64, u32)]) {
         self.send_by_partition(counts.iter().map(|&(p, o, n)| (p, (o, n))), |counts| {
-            Item::Delivered {
-                key: key.clone(),
-                counts,
-                tries: 0,
-            }
+            Item::group(key, Change::Delivered(counts))
         });
+    }
+
+    fn nacked(&self, key: &GroupKey, retries: &[(u32, u64, u32, u64)]) {
+        self.send_by_partition(
+            retries.iter().map(|&(p, o, n, due)| (p, (o, n, due))),
+            |retries| Item::group(key, Change::Nacked(retries)),
+        );
     }
 
     fn joined(&self, key: &GroupKey, consumer: &str, window: u32) {

@@ -392,6 +392,8 @@ pub(crate) enum Nack {
     Retry {
         /// Redelivery time.
         due: u64,
+        /// Deliveries so far.
+        count: u32,
     },
     /// Delivered `count` times, the maximum: the caller dead-letters it.
     DeadLetter {
@@ -777,7 +779,10 @@ impl Group {
                     due,
                 },
             );
-            Nack::Retry { due }
+            Nack::Retry {
+                due,
+                count: f.count,
+            }
         }
     }
 
@@ -917,11 +922,12 @@ impl Group {
     }
 
     /// Another replica's leader delivered `offset` of partition `p` for the `count`-th
-    /// time: kept like a restored count ([`Group::replay_delivered`]), so that if this
-    /// replica comes to lead the partition it delivers it again first, as delivery
+    /// time (and, after a nack, redelivers it at `due`, else 0): kept like a restored
+    /// count ([`Group::replay_delivered`]), so that if this replica comes to lead the
+    /// partition it delivers it again first (not before `due`), as delivery
     /// `count + 1`. What is settled, or held or being dead-lettered here, is left as it
-    /// is; a count only grows.
-    pub fn learn_delivered(&mut self, p: usize, offset: u64, count: u32) {
+    /// is; a count and its due time only grow.
+    pub fn learn_delivered(&mut self, p: usize, offset: u64, count: u32, due: u64) {
         let Some(c) = self.cursors.get_mut(p) else {
             return;
         };
@@ -934,8 +940,9 @@ impl Group {
             return;
         }
         c.undelay(offset);
-        let r = c.retry.entry(offset).or_insert(Retry { count, due: 0 });
+        let r = c.retry.entry(offset).or_insert(Retry { count, due });
         r.count = r.count.max(count);
+        r.due = r.due.max(due);
         c.advance_next();
     }
 

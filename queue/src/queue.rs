@@ -1668,16 +1668,19 @@ impl Queue {
             return false;
         };
         let now = now_ms();
-        let (found, dead) = self.with_state(|q, st| {
+        let (found, dead, retries) = self.with_state(|q, st| {
             let settings = st.settings;
-            let (mut found, mut dead) = (false, Vec::new());
+            let (mut found, mut dead, mut retries) = (false, Vec::new(), Vec::new());
             for k in Queue::settle_targets(st, key, consumer, p, o) {
                 let Some(slot) = st.groups.get_mut(&k) else {
                     continue;
                 };
                 match slot.group.nack(p, o, consumer, now, &settings) {
                     Nack::Ignored => {}
-                    Nack::Retry { .. } => found = true,
+                    Nack::Retry { due, count } => {
+                        found = true;
+                        retries.push((k, due, count));
+                    }
                     Nack::DeadLetter { count } => {
                         found = true;
                         dead.push(DeadItem {
@@ -1693,8 +1696,13 @@ impl Queue {
             if found {
                 q.dispatch_all(st, now);
             }
-            (found, dead)
+            (found, dead, retries)
         });
+        if let Some(r) = self.replicator() {
+            for (k, due, count) in retries {
+                r.nacked(&k, &[(p as u32, o, count, due)]);
+            }
+        }
         self.dead_letter(dead);
         found
     }
@@ -1844,6 +1852,11 @@ impl Queue {
             change
         });
         if let Some(change) = change {
+            // Every replica learns that the message left the group (else a new leader
+            // would dead-letter it again).
+            if let (Some(r), Progress::Settle(k, offsets)) = (self.replicator(), &change) {
+                r.settled(k, offsets);
+            }
             let _queued = self.append_progress(vec![change]);
         }
     }

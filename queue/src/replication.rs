@@ -27,6 +27,10 @@ pub trait Replicator: Send + Sync + 'static {
     /// partition this node leads): every replica must learn the counts, so that
     /// `max_deliveries` holds after a failover.
     fn delivered(&self, key: &GroupKey, counts: &[(u32, u64, u32)]);
+    /// Group `key` had these (partition, offset, delivery count, redelivery time in ms
+    /// since the epoch)s nacked here: every replica must learn the backoff, so that a
+    /// new leader does not deliver them again before it is over.
+    fn nacked(&self, key: &GroupKey, retries: &[(u32, u64, u32, u64)]);
     /// A consumer here joined group `key` (window as [`crate::Queue::join`] takes it):
     /// the leaders of the partitions elsewhere deliver to it through this node.
     fn joined(&self, key: &GroupKey, consumer: &str, window: u32);

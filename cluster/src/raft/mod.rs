@@ -68,11 +68,11 @@ impl Default for Timing {
 
 impl Timing {
     /// The election timeouts of the queue partitions' groups: three quarters of the
-    /// control plane's. A partition's failover waits for its leader's lease (the
-    /// longest election timeout) to run out, and producers wait for it, so it is
-    /// shorter there; the control plane's changes can wait (placements, members).
-    /// Still two heartbeats above the heartbeat interval at the shortest, so a
-    /// leader that stalls for less than 100 ms keeps its partitions.
+    /// control plane's, at least two heartbeat intervals (100-150 ms by default). A
+    /// partition's failover waits for its leader's lease (the longest election
+    /// timeout) to run out, and its producers wait with it, so it is shorter there;
+    /// the control plane's changes (placements, members) can wait. A leader that
+    /// stalls for less than the shortest keeps its partitions.
     pub fn partition_election_ms(&self) -> (u64, u64) {
         let min = (self.election_min_ms * 3 / 4).max(self.heartbeat_ms * 2);
         let max = (self.election_max_ms * 3 / 4).max(min + 1);

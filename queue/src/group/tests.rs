@@ -74,7 +74,7 @@ fn nack_backs_off_exponentially_then_dead_letters() {
         let d = drain(&mut g, 0, 1, now);
         assert_eq!(d, [("a".to_string(), 0, n)]);
         let due = now + S.backoff(n);
-        assert_eq!(g.nack(0, 0, "a", now, &S), Nack::Retry { due });
+        assert_eq!(g.nack(0, 0, "a", now, &S), Nack::Retry { due, count: n });
         assert!(
             drain(&mut g, 0, 1, due - 1).is_empty(),
             "not before the backoff"
@@ -687,4 +687,25 @@ fn a_handover_ends_when_the_old_owner_leaves_or_times_out() {
         got.iter().map(|d| d.1).collect::<Vec<_>>(),
         (0..10).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn a_replica_keeps_the_counts_and_backoffs_its_leader_made_and_honours_them_when_it_leads() {
+    // What the leader did: offset 0 delivered twice and nacked (due at 500), offset 1
+    // delivered once, offset 2 settled.
+    let mut g = Group::new(&[0]);
+    g.learn_delivered(0, 0, 2, 500);
+    g.learn_delivered(0, 1, 1, 0);
+    g.learn_delivered(0, 1, 1, 0);
+    g.replay_settled(0, 2);
+    // A count or a due time learned later never lowers them.
+    g.learn_delivered(0, 0, 1, 100);
+    // This replica leads now and a consumer joins.
+    g.join(id("a"), Window::Fixed(10));
+    assert_eq!(
+        drain(&mut g, 0, 4, 499),
+        [("a".to_string(), 1, 2), ("a".to_string(), 3, 1)],
+        "offset 0 waits for its backoff; 2 was settled"
+    );
+    assert_eq!(drain(&mut g, 0, 4, 500), [("a".to_string(), 0, 3)]);
 }

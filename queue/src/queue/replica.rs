@@ -164,21 +164,22 @@ impl Queue {
     }
 
     /// Applies delivery counts the replicated log of partition `p` committed: group
-    /// `key` (declared here if new) delivered these (offset, count)s. The leader that
-    /// made them has them in flight already; another replica keeps them (see
-    /// `Group::learn_delivered`) and records them in its progress, so a restart keeps
-    /// them too.
-    pub fn apply_delivered(&self, key: &GroupKey, p: u32, counts: &[(u64, u32)]) {
+    /// `key` (declared here if new) delivered these (offset, count, redelivery time:
+    /// after a nack, else 0)s. The leader that made them has them in flight already;
+    /// another replica keeps them (see `Group::learn_delivered`) and records the
+    /// counts in its progress, so a restart keeps them too (the backoff, as on one
+    /// node, lives in memory only).
+    pub fn apply_delivered(&self, key: &GroupKey, p: u32, counts: &[(u64, u32, u64)]) {
         if p >= self.partitions() || self.is_led(p as usize) {
             return;
         }
         let append = self.with_state(|q, st| {
             q.ensure_group(st, key);
             let slot = st.groups.get_mut(key)?;
-            for &(o, n) in counts {
-                slot.group.learn_delivered(p as usize, o, n);
+            for &(o, n, due) in counts {
+                slot.group.learn_delivered(p as usize, o, n, due);
             }
-            let items = counts.iter().map(|&(o, n)| (p, o, n)).collect();
+            let items = counts.iter().map(|&(o, n, _)| (p, o, n)).collect();
             Some(q.append_progress(vec![super::Progress::Delivered(key.clone(), items)]))
         });
         // Not awaited, as a leader's own delivery counts are not.

@@ -64,7 +64,18 @@ impl PartMachine {
                 counts,
             } => {
                 let key = GroupKey::new(&group, filter.as_deref());
+                let counts: Vec<(u64, u32, u64)> =
+                    counts.into_iter().map(|(o, n)| (o, n, 0)).collect();
                 self.queue.apply_delivered(&key, self.partition, &counts);
+                OpOutcome::Done
+            }
+            Op::Nacked {
+                group,
+                filter,
+                retries,
+            } => {
+                let key = GroupKey::new(&group, filter.as_deref());
+                self.queue.apply_delivered(&key, self.partition, &retries);
                 OpOutcome::Done
             }
             Op::Batch { .. } => return Err("a batch inside a batch".into()),
@@ -115,7 +126,7 @@ pub fn message_of(op: Op) -> Option<NewMessage> {
             dedup_id: dedup_id.map(Bytes::from),
             deliver_at,
         }),
-        Op::Settle { .. } | Op::Delivered { .. } | Op::Batch { .. } => None,
+        Op::Settle { .. } | Op::Delivered { .. } | Op::Nacked { .. } | Op::Batch { .. } => None,
     }
 }
 

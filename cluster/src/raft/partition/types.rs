@@ -71,6 +71,16 @@ pub enum Op {
         /// (offset, delivery count).
         counts: Vec<(u64, u32)>,
     },
+    /// Group (`group`, `filter`) had these offsets nacked: each is delivered again,
+    /// not before the given time.
+    Nacked {
+        /// The group's name.
+        group: String,
+        /// The group's filter.
+        filter: Option<String>,
+        /// (offset, delivery count, redelivery time in ms since the epoch).
+        retries: Vec<(u64, u32, u64)>,
+    },
     /// These changes in this order, in one entry: what one node had to propose to the
     /// partition while its previous proposal was being committed (one entry, one
     /// fdatasync per replica, however many produces and settles came meanwhile).
@@ -90,7 +100,7 @@ impl Op {
     pub fn produces(&self) -> u64 {
         match self {
             Op::Produce { .. } => 1,
-            Op::Settle { .. } | Op::Delivered { .. } => 0,
+            Op::Settle { .. } | Op::Delivered { .. } | Op::Nacked { .. } => 0,
             Op::Batch { ops, .. } => ops.iter().map(Op::produces).sum(),
         }
     }
@@ -99,7 +109,7 @@ impl Op {
     pub fn early(&self) -> Option<u64> {
         match self {
             Op::Produce { early, .. } | Op::Batch { early, .. } => *early,
-            Op::Settle { .. } | Op::Delivered { .. } => None,
+            Op::Settle { .. } | Op::Delivered { .. } | Op::Nacked { .. } => None,
         }
     }
 }
