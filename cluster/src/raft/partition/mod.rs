@@ -93,10 +93,11 @@ impl PartitionRaft {
             election_timeout_min: timing.election_ms.0,
             election_timeout_max: timing.election_ms.1,
             snapshot_policy: SnapshotPolicy::Never,
-            // Entries are batches (up to `outbox::MAX_BATCH_BYTES` of messages, a
-            // third more as JSON): a follower that is behind gets at most this many
-            // per message, well under the link's frame limit.
-            max_payload_entries: 64,
+            // Entries are batches (up to `outbox::MAX_BATCH_BYTES` of messages, or
+            // one larger message; a third more as JSON): a follower that is behind
+            // gets at most this many per message, under the link's 64 MiB frame with
+            // messages up to the default `max_packet_size` (1 MiB).
+            max_payload_entries: 32,
             ..Config::default()
         }
         .validate()
