@@ -320,7 +320,12 @@ fn put_key(b: &mut BytesMut, k: &GroupKey) {
 
 impl Progress {
     pub(crate) fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(64);
+        // A settle of a batch carries 12 bytes per message: sized at once, not grown.
+        let ids = match self {
+            Progress::Settle(_, ids) => ids.len(),
+            _ => 0,
+        };
+        let mut b = BytesMut::with_capacity(64 + 12 * ids);
         match self {
             Progress::Declare(k) => {
                 b.put_u8(1);

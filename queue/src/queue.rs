@@ -943,7 +943,7 @@ impl Queue {
             },
             None => Record::now(headers, msg.payload),
         };
-        let append = log.append(vec![record]);
+        let append = log.append_one(record);
         Ok((partition, append, reservation, size, meta.key))
     }
 
@@ -1460,9 +1460,15 @@ impl Queue {
     }
 
     fn append_progress(&self, changes: Vec<Progress>) -> Append {
+        // One clock reading for the batch: its records are written in one go.
+        let timestamp = now_ms();
         let records = changes
             .iter()
-            .map(|c| Record::now(Bytes::new(), c.encode()))
+            .map(|c| Record {
+                timestamp,
+                headers: Bytes::new(),
+                payload: c.encode(),
+            })
             .collect();
         self.inner.progress.append(records)
     }
@@ -1570,7 +1576,7 @@ impl Queue {
                 Some(k) => {
                     let st = &mut *st;
                     if let Some(slot) = st.groups.get_mut(k) {
-                        let mut offsets = Vec::new();
+                        let mut offsets = Vec::with_capacity(ids.len());
                         let mut moves = Vec::new();
                         for (p, o) in ids.iter().filter_map(locate) {
                             // The floor is the least committed offset of all groups: an
