@@ -285,6 +285,11 @@ struct State {
     touched: Vec<usize>,
     /// Scratch for the partitions a dispatch takes from [`Fresh`].
     listed: Vec<usize>,
+    /// Scratch for one group's deliveries of a dispatch (partition, offset, count):
+    /// grown from empty each time, it was reallocated several times per dispatch
+    /// (past 1 KiB each time glibc consolidates its free lists first); its record
+    /// takes an exact copy.
+    delivered: Vec<(u32, u64, u32)>,
     /// Per partition: offsets above `floors` delivered to no group, present or future
     /// (dead letters a redrive moved back). Offsets reaching the floor raise it.
     dropped: Vec<BTreeSet<u64>>,
@@ -547,6 +552,7 @@ impl Queue {
             floor_of: Vec::new(),
             touched: Vec::new(),
             listed: Vec::new(),
+            delivered: Vec::new(),
             dropped: vec![BTreeSet::new(); logs.len()],
         };
         let mut ledger = Ledger::default();
@@ -1059,8 +1065,9 @@ impl Queue {
         let newest = self.inner.last_values.lock();
         let no_drops = BTreeSet::new();
         let mut counts = Vec::new();
+        let mut delivered = std::mem::take(&mut st.delivered);
         for (key, slot) in st.groups.iter_mut() {
-            let mut delivered = Vec::new();
+            delivered.clear();
             for i in 0..n {
                 let p = (start + i) % n;
                 if !self.is_led(p) {
@@ -1082,9 +1089,10 @@ impl Queue {
                 );
             }
             if !delivered.is_empty() {
-                counts.push(Progress::Delivered(key.clone(), delivered));
+                counts.push(Progress::Delivered(key.clone(), delivered.to_vec()));
             }
         }
+        st.delivered = delivered;
         if !counts.is_empty() {
             self.record_delivered(counts);
         }
@@ -1119,8 +1127,9 @@ impl Queue {
         let newest = self.inner.last_values.lock();
         let no_drops = BTreeSet::new();
         let mut counts = Vec::new();
+        let mut delivered = std::mem::take(&mut st.delivered);
         for (key, slot) in st.groups.iter_mut() {
-            let mut delivered = Vec::new();
+            delivered.clear();
             for (&p, &end) in parts.iter().zip(&ends) {
                 let Some(log) = logs.get(p).filter(|_| self.is_led(p)) else {
                     continue;
@@ -1141,9 +1150,10 @@ impl Queue {
                 );
             }
             if !delivered.is_empty() {
-                counts.push(Progress::Delivered(key.clone(), delivered));
+                counts.push(Progress::Delivered(key.clone(), delivered.to_vec()));
             }
         }
+        st.delivered = delivered;
         if !counts.is_empty() {
             self.record_delivered(counts);
         }
