@@ -320,7 +320,14 @@ fn put_key(b: &mut BytesMut, k: &GroupKey) {
 
 impl Progress {
     pub(crate) fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(64);
+        // A settle of a batch carries 12 bytes per message, a dispatch's delivery
+        // counts 16: sized at once, not grown.
+        let per_message = match self {
+            Progress::Settle(_, ids) => 12 * ids.len(),
+            Progress::Delivered(_, items) => 16 * items.len(),
+            _ => 0,
+        };
+        let mut b = BytesMut::with_capacity(64 + per_message);
         match self {
             Progress::Declare(k) => {
                 b.put_u8(1);

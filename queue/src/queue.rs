@@ -285,6 +285,11 @@ struct State {
     touched: Vec<usize>,
     /// Scratch for the partitions a dispatch takes from [`Fresh`].
     listed: Vec<usize>,
+    /// Scratch for one group's deliveries of a dispatch (partition, offset, count):
+    /// grown from empty each time, it was reallocated several times per dispatch
+    /// (past 1 KiB each time glibc consolidates its free lists first); its record
+    /// takes an exact copy.
+    delivered: Vec<(u32, u64, u32)>,
     /// Per partition: offsets above `floors` delivered to no group, present or future
     /// (dead letters a redrive moved back). Offsets reaching the floor raise it.
     dropped: Vec<BTreeSet<u64>>,
@@ -547,6 +552,7 @@ impl Queue {
             floor_of: Vec::new(),
             touched: Vec::new(),
             listed: Vec::new(),
+            delivered: Vec::new(),
             dropped: vec![BTreeSet::new(); logs.len()],
         };
         let mut ledger = Ledger::default();
@@ -943,7 +949,7 @@ impl Queue {
             },
             None => Record::now(headers, msg.payload),
         };
-        let append = log.append(vec![record]);
+        let append = log.append_one(record);
         Ok((partition, append, reservation, size, meta.key))
     }
 
@@ -1059,8 +1065,9 @@ impl Queue {
         let newest = self.inner.last_values.lock();
         let no_drops = BTreeSet::new();
         let mut counts = Vec::new();
+        let mut delivered = std::mem::take(&mut st.delivered);
         for (key, slot) in st.groups.iter_mut() {
-            let mut delivered = Vec::new();
+            delivered.clear();
             for i in 0..n {
                 let p = (start + i) % n;
                 if !self.is_led(p) {
@@ -1082,9 +1089,10 @@ impl Queue {
                 );
             }
             if !delivered.is_empty() {
-                counts.push(Progress::Delivered(key.clone(), delivered));
+                counts.push(Progress::Delivered(key.clone(), delivered.to_vec()));
             }
         }
+        st.delivered = delivered;
         if !counts.is_empty() {
             self.record_delivered(counts);
         }
@@ -1119,8 +1127,9 @@ impl Queue {
         let newest = self.inner.last_values.lock();
         let no_drops = BTreeSet::new();
         let mut counts = Vec::new();
+        let mut delivered = std::mem::take(&mut st.delivered);
         for (key, slot) in st.groups.iter_mut() {
-            let mut delivered = Vec::new();
+            delivered.clear();
             for (&p, &end) in parts.iter().zip(&ends) {
                 let Some(log) = logs.get(p).filter(|_| self.is_led(p)) else {
                     continue;
@@ -1141,9 +1150,10 @@ impl Queue {
                 );
             }
             if !delivered.is_empty() {
-                counts.push(Progress::Delivered(key.clone(), delivered));
+                counts.push(Progress::Delivered(key.clone(), delivered.to_vec()));
             }
         }
+        st.delivered = delivered;
         if !counts.is_empty() {
             self.record_delivered(counts);
         }
@@ -1460,9 +1470,15 @@ impl Queue {
     }
 
     fn append_progress(&self, changes: Vec<Progress>) -> Append {
+        // One clock reading for the batch: its records are written in one go.
+        let timestamp = now_ms();
         let records = changes
             .iter()
-            .map(|c| Record::now(Bytes::new(), c.encode()))
+            .map(|c| Record {
+                timestamp,
+                headers: Bytes::new(),
+                payload: c.encode(),
+            })
             .collect();
         self.inner.progress.append(records)
     }
@@ -1570,7 +1586,7 @@ impl Queue {
                 Some(k) => {
                     let st = &mut *st;
                     if let Some(slot) = st.groups.get_mut(k) {
-                        let mut offsets = Vec::new();
+                        let mut offsets = Vec::with_capacity(ids.len());
                         let mut moves = Vec::new();
                         for (p, o) in ids.iter().filter_map(locate) {
                             // The floor is the least committed offset of all groups: an

@@ -316,13 +316,23 @@ impl Log {
     /// Fails at once if the log is read-only or closed, or if a record is larger than
     /// 512 MiB framed.
     pub fn append(&self, records: Vec<Record>) -> Append {
+        self.enqueue(Batch::Many(records))
+    }
+
+    /// [`Log::append`] of one record, without a vector of its own (a queue produce
+    /// appends one message at a time).
+    pub fn append_one(&self, record: Record) -> Append {
+        self.enqueue(Batch::One(record))
+    }
+
+    fn enqueue(&self, records: Batch) -> Append {
         let done = |r| Append {
             state: AppendState::Done(Some(r)),
         };
         if let Err(e) = self.inner.check_writable() {
             return done(Err(e));
         }
-        for r in &records {
+        for r in records.as_slice() {
             let size = format::frame_len(r.headers.len(), r.payload.len());
             if size > MAX_FRAME {
                 return done(Err(Error::RecordTooLarge {
@@ -510,14 +520,31 @@ impl Log {
 
 /// An append waiting for the committer.
 pub(crate) struct PendingAppend {
-    records: Vec<Record>,
+    records: Batch,
     pub(crate) tx: oneshot::Sender<Result<Offset>>,
+}
+
+/// The records of one append: one (no vector to allocate, and for the committer to
+/// free) or many.
+enum Batch {
+    One(Record),
+    Many(Vec<Record>),
+}
+
+impl Batch {
+    fn as_slice(&self) -> &[Record] {
+        match self {
+            Batch::One(r) => std::slice::from_ref(r),
+            Batch::Many(v) => v,
+        }
+    }
 }
 
 impl PendingAppend {
     /// Bytes its records take framed in a segment.
     pub(crate) fn framed_bytes(&self) -> u64 {
         self.records
+            .as_slice()
             .iter()
             .map(|r| format::frame_len(r.headers.len(), r.payload.len()) as u64)
             .sum()
@@ -979,7 +1006,7 @@ impl LogInner {
         let mut records = 0u64;
         for a in appends.drain(..) {
             let first = w.next_offset;
-            for r in &a.records {
+            for r in a.records.as_slice() {
                 if let Err(e) = self.push_record(&mut w, buf, r, journal.as_deref_mut()) {
                     done.push((a.tx, first));
                     return Err(e);

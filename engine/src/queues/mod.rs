@@ -88,14 +88,9 @@ impl QueueSink {
 
 impl DeliverySink for QueueSink {
     fn offer(&self, d: QueueDelivery) -> bool {
-        let Some(sender) = self.sender.upgrade() else {
-            return false;
-        };
-        let Some(permit) = sender.try_reserve() else {
-            return false;
-        };
-        permit.send(to_delivery(d, self));
-        true
+        // Built before looking for room: one lock per delivery, and a refusal is rare
+        // (the group's window stops offering first).
+        self.sender.try_send(to_delivery(d, self)).is_ok()
     }
 }
 
@@ -320,46 +315,100 @@ fn start_produce(
 ) {
     // Only a 3.x producer tries again, so only it keeps a copy (cheap: shared bytes).
     let again = (!v5).then(|| (queue.clone(), message.clone()));
-    let first = queue.produce(message);
+    let produced = Produced {
+        token: ack.unwrap_or_default(),
+        first: queue.produce(message),
+        again,
+        retry: None,
+    };
     match ack {
-        // One future, built in its box: every queue publish allocates it, so it stays
-        // small (under the 1 KiB past which glibc consolidates its free lists first).
-        Some(token) => {
-            qio.work().produces.push(Box::pin(
-                async move { (token, produced(first, again).await) },
-            ));
-        }
+        // Every queue publish allocates this future, so it is a plain struct (about a
+        // third of a KiB): as an `async` block around an `async fn` it was over 1 KiB,
+        // which cost a copy into its box and glibc a consolidation of its free lists.
+        Some(_) => qio.work().produces.push(Box::pin(produced)),
         None => {
-            tokio::spawn(produced(first, again));
+            tokio::spawn(produced);
         }
     }
 }
 
-/// The acknowledgement's reason code once the produce `first` is stored; a 3.x
-/// producer's produce is tried `again` while the queue is full or the disk is.
-async fn produced(
+/// The acknowledgement of a produce: its token and reason code once the produce
+/// `first` is stored; a 3.x producer's produce is tried `again` while the queue is full
+/// or the disk is.
+struct Produced {
+    token: AckToken,
     first: roost_queue::Produce,
     again: Option<(roost_queue::Queue, roost_queue::NewMessage)>,
-) -> ReasonCode {
-    let mut result = first.await;
-    if let Some((queue, message)) = again {
-        loop {
-            match &result {
-                Err(roost_queue::ProduceError::QuotaExceeded { .. }) => {
-                    queue.wait_for_room(message.payload.len() as u64).await;
+    /// The tries after the first (boxed: rare, and inline its waits for room or a timer
+    /// would more than double every produce's future).
+    retry: Option<std::pin::Pin<Box<dyn Future<Output = ProduceResult> + Send>>>,
+}
+
+type ProduceResult = Result<MessageId, roost_queue::ProduceError>;
+
+impl Future for Produced {
+    type Output = (AckToken, ReasonCode);
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let result = match this.retry.as_mut() {
+            Some(retry) => std::task::ready!(retry.as_mut().poll(cx)),
+            None => {
+                let result = std::task::ready!(std::pin::Pin::new(&mut this.first).poll(cx));
+                match this.again.take() {
+                    Some((queue, message)) if must_retry(&result) => {
+                        let no_space = result.as_ref().is_err_and(|e| e.is_no_space());
+                        let retry = this
+                            .retry
+                            .insert(Box::pin(produce_again(queue, message, no_space)));
+                        std::task::ready!(retry.as_mut().poll(cx))
+                    }
+                    _ => result,
                 }
-                // The disk is full: nothing says when space returns, so look again
-                // now and then (the PUBACK waits; the producer's window stops it).
-                Err(e) if e.is_no_space() => tokio::time::sleep(NO_SPACE_RETRY).await,
-                _ => break,
             }
-            // Boxed: rare, and inline it would enlarge every produce's future.
-            result = Box::pin(queue.produce(message.clone())).await;
-        }
+        };
+        let reason = match result {
+            Ok(_) => ReasonCode::Success,
+            Err(e) => produce_reason(&e),
+        };
+        Poll::Ready((this.token, reason))
     }
+}
+
+/// A 3.x produce that failed with this is tried again (it has no reason code to
+/// report it with).
+fn must_retry(result: &ProduceResult) -> bool {
     match result {
-        Ok(_) => ReasonCode::Success,
-        Err(e) => produce_reason(&e),
+        Err(roost_queue::ProduceError::QuotaExceeded { .. }) => true,
+        Err(e) => e.is_no_space(),
+        Ok(_) => false,
+    }
+}
+
+/// Tries a refused 3.x produce again, each time once the queue has room (or, with the
+/// disk full (`no_space`), after [`NO_SPACE_RETRY`]), until it is stored or fails
+/// otherwise.
+async fn produce_again(
+    queue: roost_queue::Queue,
+    message: roost_queue::NewMessage,
+    mut no_space: bool,
+) -> ProduceResult {
+    loop {
+        if no_space {
+            // The disk is full: nothing says when space returns, so look again now
+            // and then (the PUBACK waits; the producer's window stops it).
+            tokio::time::sleep(NO_SPACE_RETRY).await;
+        } else {
+            queue.wait_for_room(message.payload.len() as u64).await;
+        }
+        let result = queue.produce(message.clone()).await;
+        if !must_retry(&result) {
+            return result;
+        }
+        no_space = result.as_ref().is_err_and(|e| e.is_no_space());
     }
 }
 
@@ -717,5 +766,12 @@ mod tests {
             decode_headers(&encode_headers(&props, "a/b")),
             (props, "a/b".to_owned())
         );
+    }
+
+    /// Every queue publish allocates a [`Produced`]: past 1 KiB glibc's malloc
+    /// consolidates its free lists first (and the future is copied into its box).
+    #[test]
+    fn a_produce_future_stays_small() {
+        assert!(std::mem::size_of::<Produced>() <= 512);
     }
 }
