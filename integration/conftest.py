@@ -334,3 +334,18 @@ def wait_for(pred, timeout=5.0, interval=0.05):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes several seconds (timers)")
+
+
+@pytest.fixture
+def netns_c3():
+    """A 3-node roost cluster, each node in its own network namespace (root only; see
+    `cluster.py`), started and stable; removed after the test."""
+    from cluster import Cluster
+
+    c = Cluster(3, netns=True)
+    try:
+        c.start()
+        c.wait_stable()
+        yield c
+    finally:
+        c.cleanup()

@@ -21,7 +21,7 @@ import pytest
 
 import history
 from broker import IS_MOSQUITTO
-from cluster import Cluster, can_use_netns
+from cluster import can_use_netns
 from paced import PacedProducer
 from test_cluster_queues import consumer, drain
 
@@ -35,17 +35,6 @@ RATE = 50           # produces per second each
 GAP_GOAL = 0.300    # seconds
 
 
-@pytest.fixture
-def c3():
-    c = Cluster(3, netns=True)
-    try:
-        c.start()
-        c.wait_stable()
-        yield c
-    finally:
-        c.cleanup()
-
-
 def leaders(node, q):
     code, info = node.api("GET", f"/api/v1/queues/{q}")
     assert code == 200, info
@@ -53,8 +42,8 @@ def leaders(node, q):
 
 
 @pytest.mark.timeout(90)
-def test_node_lost_under_load_loses_nothing_and_writes_go_on(c3):
-    c = c3
+def test_node_lost_under_load_loses_nothing_and_writes_go_on(netns_c3):
+    c = netns_c3
     q = f"nl{uuid.uuid4().hex[:6]}"
     code, body = c[1].api("PUT", f"/api/v1/queues/{q}", {"partitions": 6})
     assert code in (200, 201), body

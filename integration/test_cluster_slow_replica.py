@@ -18,7 +18,7 @@ import pytest
 
 import history
 from broker import IS_MOSQUITTO
-from cluster import Cluster, can_use_netns
+from cluster import can_use_netns
 from paced import PacedProducer
 from test_cluster_queues import consumer, drain
 
@@ -49,20 +49,9 @@ def wait_for(what, check, timeout):
     raise AssertionError(f"{what} within {timeout}s")
 
 
-@pytest.fixture
-def c3():
-    c = Cluster(3, netns=True)
-    try:
-        c.start()
-        c.wait_stable()
-        yield c
-    finally:
-        c.cleanup()
-
-
 @pytest.mark.timeout(90)
-def test_slow_replica_leaves_in_sync_produce_stays_fast_and_it_returns(c3):
-    c = c3
+def test_slow_replica_leaves_in_sync_produce_stays_fast_and_it_returns(netns_c3):
+    c = netns_c3
     q = f"sl{uuid.uuid4().hex[:6]}"
     # replication_factor: the cluster's default, 3.
     code, body = c[1].api("PUT", f"/api/v1/queues/{q}", {"partitions": 1})

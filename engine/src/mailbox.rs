@@ -165,7 +165,7 @@ impl<T, C> Sender<T, C> {
     /// Queues a delivery if there is room now (one lock, where reserving and then
     /// sending takes two).
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
-        self.shared.try_send(item, false)
+        self.shared.try_send(item, false, false)
     }
 
     /// Queues a delivery, waiting for room. Fails (giving the delivery back) once the
@@ -177,7 +177,7 @@ impl<T, C> Sender<T, C> {
             let notified = self.shared.room.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            match self.shared.try_send(item, true) {
+            match self.shared.try_send(item, true, false) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Closed(back)) => return Err(back),
                 Err(TrySendError::Full(back)) => item = back,
@@ -228,11 +228,12 @@ impl<T, C> Sender<T, C> {
 }
 
 impl<T, C> Shared<T, C> {
-    /// With `wait`, a full mailbox counts the caller as waiting for room.
-    fn try_send(&self, item: T, wait: bool) -> Result<(), TrySendError<T>> {
+    /// With `wait`, a full mailbox counts the caller as waiting for room; with `weak`
+    /// (a [`WeakSender`]), it is closed also when no sender is alive.
+    fn try_send(&self, item: T, wait: bool, weak: bool) -> Result<(), TrySendError<T>> {
         let waker = {
             let mut state = self.state.lock();
-            if state.refuses() {
+            if state.refuses() || (weak && state.senders == 0) {
                 return Err(TrySendError::Closed(item));
             }
             if !state.has_room(self.capacity) {
@@ -307,21 +308,7 @@ impl<T, C> WeakSender<T, C> {
     /// upgraded sender do, under one lock instead of three (a `$queue/` sink offers
     /// every delivery this way).
     pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
-        let waker = {
-            let mut state = self.shared.state.lock();
-            if state.senders == 0 || state.refuses() {
-                return Err(TrySendError::Closed(item));
-            }
-            if !state.has_room(self.shared.capacity) {
-                return Err(TrySendError::Full(item));
-            }
-            state.items.push_back(item);
-            state.item_waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-        Ok(())
+        self.shared.try_send(item, false, true)
     }
 
     /// A sender, unless every sender is gone already.

@@ -1035,6 +1035,23 @@ async fn log_names_are_checked_and_logs_can_be_deleted() {
 
 /// Copies a storage directory as it is now (page cache included): what `kill -9` of
 /// the process leaves on disk.
+/// The directory of a storage with logs `p-0` and `p-1` (`small()`), `p0.0` records
+/// appended to p-0 in appends of `p0.1`, then `p1` likewise to p-1, copied while it is
+/// open: what a power cut leaves before it takes the active segments.
+async fn two_logs_copied(p0: (u64, usize), p1: (u64, usize)) -> tempfile::TempDir {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let l0 = storage.open_log("p-0", small()).expect("open").0;
+    let l1 = storage.open_log("p-1", small()).expect("open").0;
+    append_n(&l0, 0..p0.0, p0.1).await;
+    append_n(&l1, 0..p1.0, p1.1).await;
+    drop((l0, l1));
+    let copy = temp();
+    copy_dir(dir.path(), copy.path());
+    drop(storage);
+    copy
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).expect("mkdir");
     for entry in fs::read_dir(from).expect("read dir") {
@@ -1515,17 +1532,8 @@ async fn an_idle_log_holds_only_its_data_files_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damage_in_the_middle_of_the_journal_is_quarantined_and_what_follows_is_replayed() {
-    let dir = temp();
-    let storage = Storage::open(dir.path()).expect("open");
-    let p0 = storage.open_log("p-0", small()).expect("open").0;
-    let p1 = storage.open_log("p-1", small()).expect("open").0;
-    append_n(&p0, 0..300, 3).await;
-    // After every entry of p-0 in the journal.
-    append_n(&p1, 0..30, 3).await;
-    drop((p0, p1));
-    let copy = temp();
-    copy_dir(dir.path(), copy.path());
-    drop(storage);
+    // p-1's entries come after every entry of p-0 in the journal.
+    let copy = two_logs_copied((300, 3), (30, 3)).await;
     // A power cut takes both logs' active segments.
     let active = segment_files(&copy.path().join("p-0"), "log")
         .pop()
@@ -1596,16 +1604,7 @@ async fn damage_in_the_middle_of_the_journal_is_quarantined_and_what_follows_is_
 /// carry themselves) are replayed: nothing the journal held is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_journal_header_is_quarantined_and_its_entries_are_replayed() {
-    let dir = temp();
-    let storage = Storage::open(dir.path()).expect("open");
-    let p0 = storage.open_log("p-0", small()).expect("open").0;
-    let p1 = storage.open_log("p-1", small()).expect("open").0;
-    append_n(&p0, 0..200, 3).await;
-    append_n(&p1, 0..40, 4).await;
-    drop((p0, p1));
-    let copy = temp();
-    copy_dir(dir.path(), copy.path());
-    drop(storage);
+    let copy = two_logs_copied((200, 3), (40, 4)).await;
     lose_active_segment(&copy.path().join("p-0"), 0);
     lose_active_segment(&copy.path().join("p-1"), 0);
     let needle = b"h199";
