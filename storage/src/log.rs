@@ -1168,6 +1168,13 @@ impl LogInner {
                 }
             }
         }
+        // The newest records were not cached (a write too large for it): what the cache
+        // holds is no longer the tail. Readers of those older records read the file, as
+        // for any record before the tail (and meet damage there, if any).
+        if st.tail.back().is_some_and(|b| b.end != w.next_offset) {
+            st.tail.clear();
+            st.tail_bytes = 0;
+        }
         if let Some(seg) = st.segments.last_mut().filter(|s| s.base == w.base) {
             seg.len = w.write_pos;
             seg.next_offset = w.next_offset;

@@ -831,6 +831,35 @@ async fn damage_found_by_a_read_while_running_is_quarantined_and_read_past() {
     assert_eq!(log.append(vec![rec(n)]).await.expect("append"), n);
 }
 
+/// The readers' in-memory tail holds the newest records only: once a write too large
+/// for it comes, the older records it held are read from the file again (where damage,
+/// if any, is met), not served from memory while the tail has moved on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_cache_lets_go_of_records_once_newer_ones_are_not_cached() {
+    let dir = temp();
+    let storage = Storage::open(dir.path()).expect("open");
+    let (log, _) = storage
+        .open_log("q", LogConfig::default())
+        .expect("open log");
+    // Small writes (cached), then one over half the cache (not cached).
+    append_n(&log, 0..100, 5).await;
+    let big: Vec<Record> = (100..600).map(rec).collect();
+    log.append(big).await.expect("append");
+    let segments = segment_files(&dir.path().join("q"), "log");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&segments[0])
+        .expect("open");
+    f.write_all_at(&[0xEE; 32], 200).expect("overwrite");
+    drop(f);
+    let all = read_all(&log);
+    assert_eq!(all.len(), 600);
+    let found = log
+        .take_found_damage()
+        .expect("the damaged records were read from the file");
+    assert_eq!(found.lost.len(), 1, "{found:?}");
+}
+
 /// Damage in the middle of the *active* segment under a running log (a bad block under
 /// the segment being appended to): the read that meets it salvages the segment as
 /// recovery does on open, reports it once, and reads past it; later reads and appends
