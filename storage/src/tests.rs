@@ -797,33 +797,7 @@ async fn damage_found_by_a_read_while_running_is_quarantined_and_read_past() {
     drop(f);
     assert_eq!(log.take_found_damage(), None);
 
-    let all = read_all(&log);
-    assert_eq!(all.len() as u64, n, "every offset read, none skipped");
-    let found = log.take_found_damage().expect("damage reported");
-    assert_eq!(found.lost.len(), 1, "{found:?}");
-    let lost = found.lost[0].clone();
-    assert!(
-        !lost.is_empty() && lost.end - lost.start <= 2,
-        "32 bytes cost at most two records: {lost:?}"
-    );
-    for r in &all {
-        if lost.contains(&r.offset) {
-            assert!(
-                r.headers.is_empty() && r.payload.is_empty(),
-                "lost {}",
-                r.offset
-            );
-        } else {
-            assert_records(std::slice::from_ref(r), r.offset..r.offset + 1);
-        }
-    }
-    assert_eq!(found.quarantined.len(), 1);
-    assert!(found.quarantined[0].starts_with(dir.path().join("quarantine").join("q")));
-    assert_eq!(
-        fs::read(&found.quarantined[0]).expect("copy").len() as u64,
-        len
-    );
-    assert_eq!(storage.quarantined_total(), 1);
+    assert_salvaged(&storage, &log, dir.path(), n, len);
     // Reported once; reading again finds nothing more to repair.
     assert_eq!(read_all(&log).len() as u64, n);
     assert_eq!(log.take_found_damage(), None);
@@ -892,26 +866,7 @@ async fn damage_in_the_active_segment_found_while_running_is_salvaged_without_a_
         f.write_all_at(&[0xEE; 32], at).expect("overwrite");
         drop(f);
 
-        let all = read_all(&log);
-        assert_eq!(all.len() as u64, n, "every offset read, none skipped");
-        let found = log.take_found_damage().expect("damage reported");
-        assert_eq!(found.lost.len(), 1, "{found:?}");
-        let lost = found.lost[0].clone();
-        assert!(!lost.is_empty() && lost.end - lost.start <= 2, "{lost:?}");
-        for r in &all {
-            if lost.contains(&r.offset) {
-                assert!(r.headers.is_empty() && r.payload.is_empty(), "{}", r.offset);
-            } else {
-                assert_records(std::slice::from_ref(r), r.offset..r.offset + 1);
-            }
-        }
-        assert_eq!(found.quarantined.len(), 1);
-        assert!(found.quarantined[0].starts_with(dir.path().join("quarantine").join("q")));
-        assert_eq!(
-            fs::read(&found.quarantined[0]).expect("copy").len() as u64,
-            len
-        );
-        assert_eq!(storage.quarantined_total(), 1);
+        let lost = assert_salvaged(&storage, &log, dir.path(), n, len);
         // Appends go on into the rewritten segment, and everything reads back.
         append_n(&log, n..n + 100, 7).await;
         let all = read_all(&log);
@@ -1079,6 +1034,47 @@ async fn two_logs_copied(p0: (u64, usize), p1: (u64, usize)) -> tempfile::TempDi
     copy_dir(dir.path(), copy.path());
     drop(storage);
     copy
+}
+
+/// After 32 bytes of log `q`'s segment (`len` bytes long, `n` records) were damaged
+/// while it ran: reading it all gives every offset, the damage reported once as one run
+/// of at most two lost records (empty placeholders), every other record whole, and one
+/// quarantine copy of the whole file, counted. Returns the lost run.
+fn assert_salvaged(
+    storage: &Storage,
+    log: &Log,
+    dir: &Path,
+    n: u64,
+    len: u64,
+) -> std::ops::Range<u64> {
+    let all = read_all(log);
+    assert_eq!(all.len() as u64, n, "every offset read, none skipped");
+    let found = log.take_found_damage().expect("damage reported");
+    assert_eq!(found.lost.len(), 1, "{found:?}");
+    let lost = found.lost[0].clone();
+    assert!(
+        !lost.is_empty() && lost.end - lost.start <= 2,
+        "32 bytes cost at most two records: {lost:?}"
+    );
+    for r in &all {
+        if lost.contains(&r.offset) {
+            assert!(
+                r.headers.is_empty() && r.payload.is_empty(),
+                "lost {}",
+                r.offset
+            );
+        } else {
+            assert_records(std::slice::from_ref(r), r.offset..r.offset + 1);
+        }
+    }
+    assert_eq!(found.quarantined.len(), 1);
+    assert!(found.quarantined[0].starts_with(dir.join("quarantine").join("q")));
+    assert_eq!(
+        fs::read(&found.quarantined[0]).expect("copy").len() as u64,
+        len
+    );
+    assert_eq!(storage.quarantined_total(), 1);
+    lost
 }
 
 fn copy_dir(from: &Path, to: &Path) {
