@@ -307,7 +307,7 @@ impl Client {
             );
         }
         self.conn.tick(now);
-        read_retained(broker, &mut self.conn, now);
+        read_retained(broker, &mut self.conn);
     }
 
     /// Carries out pending events, waits for what routing asked the publisher to wait
@@ -438,7 +438,6 @@ fn run_events(
         return false;
     }
     let mut overflowed = false;
-    let now = crate::clock::now();
     // PUBACKs of queue deliveries that arrived together settle together: one lock, one
     // dispatch and one progress record per group instead of one each.
     let mut acks = queues::PendingAcks::default();
@@ -507,17 +506,19 @@ fn run_events(
     acks.settle(broker, conn.client_id());
     conn.recycle_events(events);
     // The first step of new subscriptions' retained messages goes out with their SUBACK.
-    read_retained(broker, conn, now);
+    read_retained(broker, conn);
     overflowed
 }
 
 /// Takes one step of the oldest unfinished reading of retained messages, if the
 /// connection has room for more; the shell comes back for the next step once this one
 /// is written (see [`Connection::retained_wanted`]).
-fn read_retained(broker: &Broker, conn: &mut Connection, now: Instant) {
+fn read_retained(broker: &Broker, conn: &mut Connection) {
     let Some((scan, max)) = conn.retained_wanted() else {
         return;
     };
+    // The clock is read only here: a batch of events is most often a few PUBACKs.
+    let now = crate::clock::now();
     let mut found = Vec::new();
     let done = broker.read_retained(scan, max, now, &mut found);
     conn.deliver_retained(found, done, now);

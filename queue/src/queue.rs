@@ -1471,7 +1471,11 @@ impl Queue {
 
     fn append_progress(&self, changes: Vec<Progress>) -> Append {
         // One clock reading for the batch: its records are written in one go.
-        let timestamp = now_ms();
+        self.append_progress_at(changes, now_ms())
+    }
+
+    /// [`Queue::append_progress`] stamped `timestamp` (a caller that read the clock).
+    fn append_progress_at(&self, changes: Vec<Progress>, timestamp: u64) -> Append {
         let records = changes
             .iter()
             .map(|c| Record {
@@ -1668,7 +1672,7 @@ impl Queue {
         }
         Settled {
             found: !changes.is_empty(),
-            append: (!changes.is_empty()).then(|| self.append_progress(changes)),
+            append: (!changes.is_empty()).then(|| self.append_progress_at(changes, now)),
         }
     }
 

@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,8 +56,6 @@ pub(crate) struct CommitShared {
     /// Which journal files are free to be written (their checkpoint is done).
     laps: Mutex<Laps>,
     laps_wake: Condvar,
-    /// Appends queued on any log and not yet taken by a writer.
-    pub(crate) queued: AtomicUsize,
     /// Every data-file fdatasync of this storage: the journal's and each log's.
     pub(crate) syncs: SyncLatency,
     /// Test hook: the next journal write fails.
@@ -134,7 +132,6 @@ impl CommitShared {
                 failed: None,
             }),
             laps_wake: Condvar::new(),
-            queued: AtomicUsize::new(0),
             syncs: SyncLatency::new(),
             #[cfg(test)]
             journal_fault: std::sync::atomic::AtomicBool::new(false),
@@ -191,10 +188,6 @@ impl CommitShared {
 }
 
 impl CommitQueue for CommitShared {
-    fn queued(&self) -> &AtomicUsize {
-        &self.queued
-    }
-
     fn syncs(&self) -> &SyncLatency {
         &self.syncs
     }
@@ -564,7 +557,7 @@ fn journal_thread(shared: &CommitShared, capacity: u64) {
     let mut written: Vec<(Arc<LogInner>, usize)> = Vec::new();
     let mut last_start: Option<Instant> = None;
     loop {
-        {
+        let waiting = {
             let mut q = shared.journal.lock();
             while q.ready.is_empty() && !q.stopping {
                 shared.journal_wake.wait(&mut q);
@@ -573,11 +566,18 @@ fn journal_thread(shared: &CommitShared, capacity: u64) {
                 q.stopped = true;
                 break;
             }
-        }
+            // Counted here, once a round, rather than by every append on a counter
+            // that the workers and this thread would pass back and forth. (A log's
+            // pending lock is never held while this queue's is taken.)
+            q.ready
+                .iter()
+                .map(|log| log.pending_appends())
+                .sum::<usize>()
+        };
         if let Some(start) = last_start {
             let due = start + SYNC_GAP;
             let now = Instant::now();
-            if now < due && shared.queued.load(Ordering::Relaxed) < FULL_BATCH {
+            if now < due && waiting < FULL_BATCH {
                 std::thread::sleep(due - now);
             }
         }
@@ -586,11 +586,9 @@ fn journal_thread(shared: &CommitShared, capacity: u64) {
         jbuf.clear();
         let mut round = space::Round::default();
         for log in batch.drain(..) {
-            let taken = log.take_pending(&mut appends);
-            if taken == 0 {
+            if log.take_pending(&mut appends) == 0 {
                 continue;
             }
-            shared.queued.fetch_sub(taken, Ordering::Relaxed);
             if refuse_no_space(shared, &mut appends, &mut round) {
                 continue;
             }
@@ -701,12 +699,10 @@ fn run(shared: &CommitShared) {
 
         let mut round = space::Round::default();
         for log in batch.drain(..) {
-            let taken = log.take_pending(&mut appends);
-            if taken == 0 {
+            if log.take_pending(&mut appends) == 0 {
                 // Being interval-synced: that sync puts it back on the ready queue.
                 continue;
             }
-            shared.queued.fetch_sub(taken, Ordering::Relaxed);
             if refuse_no_space(shared, &mut appends, &mut round) {
                 continue;
             }

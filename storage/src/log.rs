@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -345,10 +345,6 @@ impl Log {
         let schedule = {
             let mut p = self.inner.pending.lock();
             p.appends.push(PendingAppend { records, tx });
-            self.inner
-                .committer
-                .queued()
-                .fetch_add(1, Ordering::Relaxed);
             !std::mem::replace(&mut p.scheduled, true)
         };
         if schedule && !self.inner.committer.schedule(self.inner.clone()) {
@@ -357,11 +353,6 @@ impl Log {
                 p.scheduled = false;
                 std::mem::take(&mut p.appends)
             };
-            let n = stranded.len();
-            self.inner
-                .committer
-                .queued()
-                .fetch_sub(n, Ordering::Relaxed);
             for a in stranded {
                 let _ = a.tx.send(Err(Error::Closed));
             }
@@ -652,14 +643,11 @@ pub(crate) struct Writer {
 }
 
 /// What a log needs of the group committer (`commit.rs`, which implements it for its
-/// shared state): the count of queued appends, and the way onto a writer's ready queue.
+/// shared state): sync timing and faults, and the way onto a writer's ready queue.
 /// A trait so that this file does not name the committer: the committer's queues hold
 /// logs and each log holds its committer, and only one of the two files may name the
 /// other without an import circle.
 pub(crate) trait CommitQueue: Send + Sync {
-    /// Appends queued on any log and not yet taken by a writer.
-    fn queued(&self) -> &AtomicUsize;
-
     /// Where the fdatasyncs of the storage's data files are timed.
     fn syncs(&self) -> &SyncLatency;
 
@@ -933,8 +921,6 @@ impl LogInner {
         w.closed = true;
         drop(w);
         let stranded = std::mem::take(&mut self.pending.lock().appends);
-        let n = stranded.len();
-        self.committer.queued().fetch_sub(n, Ordering::Relaxed);
         for a in stranded {
             let _ = a.tx.send(Err(Error::Closed));
         }
@@ -958,6 +944,11 @@ impl LogInner {
         into.len()
     }
 
+    /// Appends queued on this log and not yet taken by its writer.
+    pub(crate) fn pending_appends(&self) -> usize {
+        self.pending.lock().appends.len()
+    }
+
     /// Marks the log busy for an interval sync; false if it is busy already.
     pub(crate) fn begin_sync(&self) -> bool {
         !std::mem::replace(&mut self.pending.lock().busy, true)
@@ -978,9 +969,6 @@ impl LogInner {
             p.scheduled = false;
             std::mem::take(&mut p.appends)
         };
-        self.committer
-            .queued()
-            .fetch_sub(stranded.len(), Ordering::Relaxed);
         for a in stranded {
             let _ = a.tx.send(Err(Error::Closed));
         }

@@ -27,7 +27,7 @@ pub fn new_message(msg: &Message, subtopic: &str) -> Result<NewMessage, ProduceE
         headers: encode_headers(&msg.properties, ""),
         payload: msg.payload.clone(),
         dedup_id: dedup_id(msg),
-        deliver_at: deliver_at(msg, roost_queue::now_ms())?,
+        deliver_at: deliver_at(msg, roost_queue::now_ms)?,
     })
 }
 
@@ -41,7 +41,7 @@ pub fn captured_message(msg: &Message) -> NewMessage {
         headers: encode_stored(&msg.properties, &msg.topic, msg.retain),
         payload: msg.payload.clone(),
         dedup_id: dedup_id(msg),
-        deliver_at: deliver_at(msg, roost_queue::now_ms()).ok().flatten(),
+        deliver_at: deliver_at(msg, roost_queue::now_ms).ok().flatten(),
     }
 }
 
@@ -51,7 +51,8 @@ fn dedup_id(msg: &Message) -> Option<Bytes> {
 
 /// When a message may be delivered: `deliver-at` (Unix ms) or now + `delay-ms`; the
 /// later if both are given.
-fn deliver_at(msg: &Message, now: u64) -> Result<Option<u64>, ProduceError> {
+/// `now` is read only for a `delay-ms` (most produces carry neither property).
+fn deliver_at(msg: &Message, now: impl FnOnce() -> u64) -> Result<Option<u64>, ProduceError> {
     let number = |name: &str, why: &'static str| {
         user_property(msg, name)
             .map(|v| {
@@ -66,7 +67,7 @@ fn deliver_at(msg: &Message, now: u64) -> Result<Option<u64>, ProduceError> {
         "deliver-at",
         "deliver-at is not a Unix time in milliseconds",
     )?;
-    Ok(match (delay.map(|d| now.saturating_add(d)), at) {
+    Ok(match (delay.map(|d| now().saturating_add(d)), at) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     })
