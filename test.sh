@@ -20,6 +20,9 @@ for arg in "$@"; do
 done
 
 need_apt=()
+# The roost binary links jemalloc, built from source by its crate with cc and make.
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
 # Network namespaces for the cluster tests' real network cuts (integration/cluster.py).
