@@ -620,6 +620,9 @@ pub(crate) struct Writer {
     index_file_len: u64,
     time_file_len: u64,
     write_pos: u64,
+    /// Where the active segment's writeback was last asked for (`Fsync` logs; see
+    /// [`WRITEBACK_CHUNK`]).
+    writeback_from: u64,
     next_offset: Offset,
     last_timestamp: Option<u64>,
     indexer: Indexer,
@@ -641,6 +644,54 @@ pub(crate) struct Writer {
     /// Where the tail's next chunk is copied to.
     arena: bytes::BytesMut,
 }
+
+/// An `Fsync` log's records are durable in the journal; its segment is synced when the
+/// journal's lap is checkpointed or the segment rolls. Left to that, a segment's dirty
+/// pages pile up for a whole lap and go to the disk all at once, and the journal's
+/// fdatasyncs wait behind them (3-9 ms instead of 0.3 ms for 40 ms every second at 300K
+/// msg/s: the PUBACK p99.9 of 40-50 ms). So the writer asks the kernel to start writing
+/// the segment back each time this much more of it is written (without waiting for it,
+/// and promising nothing: durability still comes from the journal and those syncs).
+const WRITEBACK_CHUNK: u64 = 1 << 20;
+
+/// Starts writeback of the active segment's whole pages written since the last call,
+/// once they add up to [`WRITEBACK_CHUNK`] (see there).
+fn start_writeback(w: &mut Writer) {
+    // The page the next write continues is left out: writing it back now could make
+    // that write wait for the device.
+    let end = w.write_pos & !(PAGE - 1);
+    if w.writeback_from > end {
+        w.writeback_from = end;
+    }
+    if end - w.writeback_from < WRITEBACK_CHUNK {
+        return;
+    }
+    sync_file_range_write(&w.data, w.writeback_from, end - w.writeback_from);
+    w.writeback_from = end;
+}
+
+/// The smallest page size of the platforms roost runs on.
+const PAGE: u64 = 4096;
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: asks for writeback of the range and
+/// returns without waiting for it. A failure is ignored: this is only a hint, and a
+/// real write error shows at the next fdatasync.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn sync_file_range_write(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain system call on a descriptor this `File` keeps open; no memory is
+    // passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_file_range_write(_: &File, _: u64, _: u64) {}
 
 /// What a log needs of the group committer (`commit.rs`, which implements it for its
 /// shared state): sync timing and faults, and the way onto a writer's ready queue.
@@ -1090,6 +1141,9 @@ impl LogInner {
             w.write_pos += len;
             self.stats.writes.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+            if self.config.durability == Durability::Fsync {
+                start_writeback(w);
+            }
         }
         if w.index_written < w.new_index.len() {
             let mut b = Vec::new();
@@ -1307,6 +1361,7 @@ impl LogInner {
         w.index_file_len = 0;
         w.time_file_len = 0;
         w.write_pos = 0;
+        w.writeback_from = 0;
         w.indexer.last_index_pos = 0;
         w.last_time_rel = None;
         w.dirty = false;
@@ -1976,6 +2031,7 @@ fn open_active(
         index_file_len: index_bytes.len() as u64,
         time_file_len: time_bytes.len() as u64,
         write_pos: scan.end,
+        writeback_from: scan.end,
         next_offset: scan.next_offset,
         last_timestamp: scan.max_timestamp,
         indexer,
