@@ -287,6 +287,17 @@ class Cluster:
             _ip("-n", ns, "route", "del", "prohibit", dst, check=False)
         self.cuts.clear()
 
+    def __enter__(self):
+        """Started and stable (see `start`); removed again if starting fails."""
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
     def cleanup(self):
         for node_id in list(self.delayers):
             self.unslow(node_id)

@@ -342,10 +342,23 @@ def netns_c3():
     `cluster.py`), started and stable; removed after the test."""
     from cluster import Cluster
 
-    c = Cluster(3, netns=True)
-    try:
-        c.start()
-        c.wait_stable()
+    with Cluster(3, netns=True) as c:
         yield c
-    finally:
+
+
+@pytest.fixture
+def cluster_of():
+    """`cluster_of(n)`: an n-node roost cluster, each node in its own network namespace,
+    started and stable; every one made is removed after the test."""
+    from cluster import Cluster
+
+    made = []
+
+    def make(n):
+        c = Cluster(n, netns=True)
+        made.append(c)
+        return c.start()
+
+    yield make
+    for c in made:
         c.cleanup()

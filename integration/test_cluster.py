@@ -27,12 +27,8 @@ pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="a roost cluster")
 
 @pytest.fixture(scope="module")
 def c3():
-    c = Cluster(3)
-    try:
-        c.start()
+    with Cluster(3) as c:
         yield c
-    finally:
-        c.cleanup()
 
 
 def tid():

@@ -19,7 +19,7 @@ import pytest
 
 import mqttraw as w
 from broker import IS_MOSQUITTO
-from cluster import Cluster, can_use_netns
+from cluster import can_use_netns
 from conftest import wait_for
 from pahoclient import connect_props
 
@@ -27,20 +27,6 @@ pytestmark = [
     pytest.mark.skipif(IS_MOSQUITTO, reason="a roost cluster"),
     pytest.mark.skipif(not can_use_netns(), reason="needs root and `ip` for network namespaces"),
 ]
-
-
-@pytest.fixture
-def cluster_of():
-    made_clusters = []
-
-    def make(n):
-        c = Cluster(n, netns=True)
-        made_clusters.append(c)
-        return c.start()
-
-    yield make
-    for c in made_clusters:
-        c.cleanup()
 
 
 def new_leader_after(c, killed, among, timeout=5.0):

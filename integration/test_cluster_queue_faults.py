@@ -17,29 +17,13 @@ import pytest
 import history
 import mqttraw as w
 from broker import IS_MOSQUITTO
-from cluster import Cluster, can_use_netns
+from cluster import can_use_netns
 from test_cluster_queues import consumer, drain, ends, produce
 
 pytestmark = [
     pytest.mark.skipif(IS_MOSQUITTO, reason="a roost cluster"),
     pytest.mark.skipif(not can_use_netns(), reason="needs root and `ip` for network namespaces"),
 ]
-
-
-@pytest.fixture
-def cluster_of():
-    made = []
-
-    def make(n):
-        c = Cluster(n, netns=True)
-        made.append(c)
-        c.start()
-        c.wait_stable()
-        return c
-
-    yield make
-    for c in made:
-        c.cleanup()
 
 
 def replicated_queue(node, replicas):

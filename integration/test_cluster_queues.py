@@ -23,13 +23,8 @@ pytestmark = pytest.mark.skipif(IS_MOSQUITTO, reason="a roost cluster")
 
 @pytest.fixture
 def c3():
-    c = Cluster(3)
-    try:
-        c.start()
-        c.wait_stable()
+    with Cluster(3) as c:
         yield c
-    finally:
-        c.cleanup()
 
 
 def produce(node, queue, n, log, start=0, version=5, key=None):
